@@ -1,0 +1,599 @@
+"""QueueCoordinator actor: owns one queue shard — accepted messages, retries, expiry, events.
+
+It never opens a socket. Submissions become log records, written and fsync'd as one group
+commit per batch before the submitter hears "accepted"; the same records, applied to
+:class:`cluster.core.queue.QueueState`, drive the scheduling indexes and the event files.
+A dispatch loop asks SiteThrottle actors how many messages each site may take now and hands
+those to RelayPool actors in batches (one streaming call per relay per round); results come
+back on the same stream and become records in turn.
+
+Restart: Ray re-runs ``__init__``, which replays the snapshot and log from disk. Messages that
+were in flight on the old instance come back as ready and are sent again (at-least-once, the
+duplicates bounded by what was in flight). Callers retry: every mutating call is idempotent
+(submissions carry client-made message ids; a repeated id is answered, not queued again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import ray
+
+from cluster.adapters.eventlog import EventLog
+from cluster.adapters.spool import SpoolLog
+from cluster.config import Config
+from cluster.core import queue as q
+from cluster.core.replies import dns_failure
+from cluster.core.sites import SiteInfo, SiteLimits, site_for, stable_hash, throttle_actor_name
+
+__all__ = ["QueueCoordinator", "limits_to_wire"]
+
+log = logging.getLogger("raymta.coordinator")
+
+
+def limits_to_wire(lim: SiteLimits) -> dict[str, Any]:
+    return {"rates": [str(r) for r in lim.rates], "max_connections": lim.max_connections,
+            "deliveries_per_connection": lim.deliveries_per_connection, "tls": lim.tls,
+            "dedicated": lim.dedicated, "sources": list(lim.sources)}
+
+
+class _Route:
+    __slots__ = ("ok", "site", "hosts", "port", "expires_at", "fail_kind", "permanent", "text")
+
+    def __init__(self, raw: list[Any], domain: str, cfg: Config) -> None:
+        self.expires_at = 0.0
+        self.site: SiteInfo | None = None
+        self.hosts: list[Any] = []
+        self.port = 0
+        self.fail_kind = ""
+        self.permanent = False
+        self.text = ""
+        if raw[0] == "ok":
+            self.ok = True
+            _, self.hosts, self.port, self.expires_at, static = raw
+            self.site = site_for(domain, [h[1] for h in self.hosts], cfg.site_defaults, cfg.sites,
+                                 cfg.route_for(domain) if static else None)
+        else:
+            self.ok = False
+            _, self.fail_kind, self.permanent, self.text, self.expires_at = raw
+
+
+class QueueCoordinator:
+    def __init__(self, config: Config, shard: int = 0) -> None:
+        self.cfg = config
+        self.shard = shard
+        self.ns = config.cluster.namespace
+        base = Path(config.spool.directory).resolve() / f"shard-{shard}"
+        sc = config.spool
+        self.log = SpoolLog(base / "log", segment_bytes=sc.segment_bytes, fsync=sc.fsync)
+        self.events = EventLog(base / "events", file_bytes=sc.event_file_bytes,
+                               files_kept=sc.event_files_kept)
+        qc = config.queue
+        self.state = q.QueueState(status_cache=qc.status_cache,
+                                  idempotency_window=qc.idempotency_window)
+        self.epoch = 1
+        t0 = time.time()
+        snap, records = self.log.recover()
+        if snap is not None:
+            self.state.restore(snap)
+        replay_events = []
+        for _epoch, lsn, rec in records:
+            ev = self.state.apply(rec, lsn)
+            if ev is not None and ev["seq"] > self.events.last_seq:
+                replay_events.append(ev)
+        self.events.write(replay_events)
+        self._drop_orphan_bodies()
+        self.recovered = {"records": len(records), "snapshot_lsn": snap["lsn"] if snap else 0,
+                          "live": len(self.state.messages), "seconds": time.time() - t0,
+                          "events_rewritten": len(replay_events)}
+        log.info("shard %d recovered %s", shard, self.recovered)
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
+        self._pending: list[tuple[list[Any], asyncio.Future | None]] = []
+        self._pending_msgs = 0
+        self._pending_ids: set[str] = set()
+        self._pending_idem: dict[str, list[str]] = {}
+        self._commit_wake: asyncio.Event | None = None
+        self._dispatch_wake: asyncio.Event | None = None
+        self._routes: dict[str, _Route] = {}
+        self._resolving: set[str] = set()
+        self._site_inflight: dict[str, int] = {}
+        self._site_retry: dict[str, float] = {}
+        self._relays: list[str] = []
+        self._relays_checked = 0.0
+        self._handles: dict[str, Any] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
+        self._rng = random.Random()
+        self._last_housekeeping = 0.0
+        self.counters = {"dispatched": 0, "requeued_after_relay_loss": 0, "commits": 0,
+                         "snapshots": 0}
+
+    def _drop_orphan_bodies(self) -> None:
+        # A body whose accept records were cut off with a torn tail belongs to no message.
+        for bid in [b for b, body in self.state.bodies.items() if body.refs <= 0]:
+            self.state.body_bytes -= len(self.state.bodies.pop(bid).data)
+
+    # ------------------------------------------------------------------ plumbing
+    def _spawn(self, coro: Any) -> asyncio.Task:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    def _ensure_started(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self._commit_wake = asyncio.Event()
+        self._dispatch_wake = asyncio.Event()
+        self._spawn(self._commit_loop())
+        self._spawn(self._dispatch_loop())
+
+    def _handle(self, name: str) -> Any:
+        h = self._handles.get(name)
+        if h is None:
+            h = ray.get_actor(name, namespace=self.ns)
+            self._handles[name] = h
+        return h
+
+    async def start(self) -> dict[str, Any]:
+        """Start the background loops (also done lazily by every call); returns recovery info."""
+        self._ensure_started()
+        return self.recovered
+
+    # ------------------------------------------------------------------ group commit
+    def _enqueue(self, records: list[Any], fut: asyncio.Future | None = None) -> None:
+        self._pending.append((records, fut))
+        assert self._commit_wake is not None
+        self._commit_wake.set()
+
+    async def _commit_loop(self) -> None:
+        assert self._commit_wake is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._commit_wake.wait()
+            self._commit_wake.clear()
+            if not self._pending:
+                continue
+            batch, self._pending = self._pending, []
+            records = [r for recs, _ in batch for r in recs]
+            frames, first = self.log.assign(records, self.epoch)
+            try:
+                await loop.run_in_executor(self._io, self.log.write, frames, first)
+            except Exception as e:  # disk full, I/O error: nothing of this batch is accepted
+                log.error("spool write failed: %s", e)
+                self.log.next_lsn = first
+                for _, fut in batch:
+                    if fut is not None and not fut.done():
+                        fut.set_exception(RuntimeError(f"spool write failed: {e}"))
+                self._clear_pending_marks(batch)
+                continue
+            self.counters["commits"] += 1
+            evs = []
+            for i, rec in enumerate(records):
+                ev = self.state.apply(rec, first + i)
+                if ev is not None:
+                    evs.append(ev)
+            self._clear_pending_marks(batch)
+            try:
+                self.events.write(evs)
+            except OSError as e:
+                log.error("event file write failed (events will be rewritten on restart): %s", e)
+            for _, fut in batch:
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+            assert self._dispatch_wake is not None
+            self._dispatch_wake.set()
+            if self.log.bytes_since_snapshot > self.cfg.spool.compact_bytes:
+                await self._snapshot()
+
+    def _clear_pending_marks(self, batch: list[tuple[list[Any], Any]]) -> None:
+        for recs, _ in batch:
+            for r in recs:
+                if r[0] == q.REC_ACCEPT:
+                    self._pending_ids.discard(r[1])
+                    self._pending_msgs -= 1
+                    if r[11]:
+                        self._pending_idem.pop(r[11], None)
+
+    async def _snapshot(self) -> None:
+        snap = self.state.snapshot()
+        loop = asyncio.get_running_loop()
+        size = await loop.run_in_executor(self._io, self.log.write_snapshot, snap)
+        self.counters["snapshots"] += 1
+        log.info("shard %d snapshot at lsn %d: %d bytes", self.shard, snap["lsn"], size)
+
+    async def compact(self) -> dict[str, Any]:
+        """Write a snapshot now and drop the log it covers (operators, tests)."""
+        self._ensure_started()
+        # wait until no commit is in progress: run through the commit loop's executor order
+        await self._snapshot()
+        return {"disk_bytes": self.log.disk_bytes(), "lsn": self.state.last_lsn}
+
+    # ------------------------------------------------------------------ submission
+    async def submit(self, payload: bytes) -> list[dict[str, Any]]:
+        """Queue prepared messages; returns one result per message after they are durable.
+
+        payload: msgpack list of ``[body_id, body, sender, [[id, rcpt, domain], ...], tags,
+        metadata, idempotency_key, not_before, max_age, smtputf8]`` (built by the client).
+        A result is ``{"ids": [...]}`` (``"duplicate": True`` when an idempotency key or the
+        ids were seen before) or ``{"error": "..."}``."""
+        self._ensure_started()
+        items = msgpack.unpackb(payload, raw=False)
+        now = time.time()
+        qc = self.cfg.queue
+        results: list[dict[str, Any]] = []
+        records: list[Any] = []
+        added_bytes = 0
+        for it in items:
+            body_id, body, sender, rcpts, tags, meta, idem, not_before, max_age, utf8 = it
+            ids = [r[0] for r in rcpts]
+            if idem:
+                prev = self.state.lookup_idempotency(idem, now) or self._pending_idem.get(idem)
+                if prev:
+                    results.append({"ids": prev, "duplicate": True})
+                    continue
+            if all(i in self.state.messages or i in self.state.finished or i in self._pending_ids
+                   for i in ids):
+                results.append({"ids": ids, "duplicate": True})  # a retried call
+                continue
+            live = len(self.state.messages) + self._pending_msgs
+            if live + len(ids) > qc.max_messages or \
+                    self.state.body_bytes + added_bytes + len(body) > qc.max_bytes:
+                results.append({"error": f"queue full on shard {self.shard} ({live} messages, "
+                                         f"{self.state.body_bytes + added_bytes} body bytes): "
+                                         "retry later"})
+                continue
+            if len(body) > qc.max_message_size:
+                results.append({"error": f"body: {len(body)} bytes exceeds the limit of "
+                                         f"{qc.max_message_size}"})
+                continue
+            expires_at = now + (max_age if max_age else qc.retry.max_age)
+            records.append(q.body_record(body_id, body))
+            added_bytes += len(body)
+            for mid, rcpt, domain in rcpts:
+                records.append(q.accept_record(mid, body_id, sender, rcpt, domain, now, not_before,
+                                               expires_at, tags, meta, idem, utf8))
+                self._pending_ids.add(mid)
+                self._pending_msgs += 1
+            if idem:
+                self._pending_idem[idem] = ids
+            results.append({"ids": ids})
+        if records:
+            fut = asyncio.get_running_loop().create_future()
+            self._enqueue(records, fut)
+            try:
+                await fut
+            except RuntimeError as e:
+                return [r if "error" in r or r.get("duplicate") else {"error": str(e)}
+                        for r in results]
+        return results
+
+    # ------------------------------------------------------------------ dispatch
+    async def _dispatch_loop(self) -> None:
+        assert self._dispatch_wake is not None
+        interval = self.cfg.queue.dispatch_interval
+        while True:
+            try:
+                await asyncio.wait_for(self._dispatch_wake.wait(), timeout=interval)
+            except asyncio.TimeoutError:
+                pass
+            self._dispatch_wake.clear()
+            try:
+                await self._dispatch_round()
+            except Exception:
+                log.exception("dispatch round failed")
+                await asyncio.sleep(0.5)
+            await asyncio.sleep(interval / 4)  # let results and submissions in between rounds
+
+    async def _dispatch_round(self) -> None:
+        now = time.time()
+        st = self.state
+        st.promote_due(now)
+        if now - self._last_housekeeping > 1.0:
+            self._last_housekeeping = now
+            self._housekeeping(now)
+        if not st.ready:
+            return
+        # 1. routes for domains we have none for (or whose TTL ran out)
+        need = [d for d in st.ready if d not in self._resolving and
+                (d not in self._routes or self._routes[d].expires_at <= now)]
+        if need:
+            self._resolving.update(need)
+            self._spawn(self._resolve(need))
+        # 2. domains whose lookup failed: bounce or defer what is ready for them
+        recs: list[Any] = []
+        demand: dict[str, list[Any]] = {}   # site → [ready, domains, info]
+        for domain in list(st.ready):
+            r = self._routes.get(domain)
+            if r is None or r.expires_at <= now and domain in self._resolving:
+                continue
+            if not r.ok:
+                recs.extend(self._dns_fail_records(domain, r, now))
+                continue
+            assert r.site is not None
+            d = demand.get(r.site.key)
+            if d is None:
+                demand[r.site.key] = [len(st.ready[domain]), [domain], r.site]
+            else:
+                d[0] += len(st.ready[domain])
+                d[1].append(domain)
+        if recs:
+            self._enqueue(recs)
+        if not demand:
+            return
+        # 3. grants, one call per throttle actor
+        shared = self.cfg.delivery.throttle_actors
+        by_throttle: dict[str, dict[str, tuple[int, int, SiteLimits]]] = {}
+        for site, (ready, _domains, info) in demand.items():
+            if self._site_retry.get(site, 0.0) > now:
+                continue
+            tname = throttle_actor_name(site, info.limits.dedicated, shared)
+            by_throttle.setdefault(tname, {})[site] = (ready, self._site_inflight.get(site, 0),
+                                                       info.limits)
+        if not by_throttle:
+            return
+        names = list(by_throttle)
+        replies = await asyncio.gather(*(self._grant(n, by_throttle[n]) for n in names))
+        # 4. take messages and batch them per relay
+        budget = self.cfg.queue.dispatch_batch
+        per_relay: dict[str, dict[str, Any]] = {}
+        taken_ids: dict[str, list[str]] = {}
+        now = time.time()
+        for tname, grants in zip(names, replies):
+            for site, (n, retry_after) in grants.items():
+                self._site_retry[site] = retry_after
+                n = min(n, budget)
+                if n <= 0:
+                    continue
+                ready, domains, info = demand[site]
+                msgs = self._take(domains, n, now)
+                if not msgs:
+                    continue
+                budget -= len(msgs)
+                relay = self._relay_for(site, info.limits)
+                if relay is None:
+                    st.requeue([m.id for m in msgs])
+                    continue
+                route = self._routes[msgs[0].domain]
+                for m in msgs:
+                    m.site = site
+                self._site_inflight[site] = self._site_inflight.get(site, 0) + len(msgs)
+                per_relay.setdefault(relay, {})[site] = {
+                    "hosts": route.hosts, "port": route.port,
+                    "limits": limits_to_wire(info.limits), "throttle": tname,
+                    "items": [[m.id, m.attempts + 1, m.sender, m.rcpt, st.body(m.body_id),
+                               bool(m.smtputf8)] for m in msgs]}
+                taken_ids.setdefault(relay, []).extend(m.id for m in msgs)
+        for relay, batch in per_relay.items():
+            self.counters["dispatched"] += len(taken_ids[relay])
+            self._spawn(self._deliver(relay, batch, taken_ids[relay]))
+
+    def _take(self, domains: list[str], n: int, now: float) -> list[q.QueuedMessage]:
+        """Up to n ready messages over the site's domains, round robin so none starves."""
+        out: list[q.QueuedMessage] = []
+        active = list(domains)
+        while len(out) < n and active:
+            share = max(1, (n - len(out)) // len(active))
+            nxt = []
+            for d in active:
+                got = self.state.take_ready(d, min(share, n - len(out)), now)
+                out.extend(got)
+                if got and d in self.state.ready:
+                    nxt.append(d)
+                if len(out) >= n:
+                    break
+            active = nxt
+        return out
+
+    async def _grant(self, tname: str, demand: dict[str, tuple[int, int, SiteLimits]]
+                     ) -> dict[str, tuple[int, float]]:
+        try:
+            if tname.startswith("throttle:") and not tname.startswith("throttle:pool:"):
+                await self._ensure_dedicated(tname)
+            h = self._handle(tname)
+            return await asyncio.wait_for(h.grant.remote(self.shard, demand), timeout=10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+            log.warning("grant from %s failed: %s", tname, e)
+            self._handles.pop(tname, None)
+            return {}
+
+    async def _ensure_dedicated(self, tname: str) -> None:
+        if tname in self._handles:
+            return
+        from actors.remote import ensure_throttle
+        self._handles[tname] = await asyncio.get_running_loop().run_in_executor(
+            None, ensure_throttle, self.cfg, tname)
+
+    def _relay_for(self, site: str, limits: SiteLimits) -> str | None:
+        now = time.time()
+        if not self._relays or now - self._relays_checked > 10:
+            self._relays_checked = now
+            from actors.remote import list_relays
+            self._relays = list_relays(self.ns)
+        cands = [r for r in self._relays
+                 if not limits.sources or r.rsplit(":", 1)[-1] in limits.sources]
+        if not cands:
+            log.error("no relay pool for site %s (sources %s)", site, limits.sources)
+            return None
+        return cands[stable_hash(site) % len(cands)]
+
+    async def _deliver(self, relay: str, batch: dict[str, Any], ids: list[str]) -> None:
+        pending = set(ids)
+        site_of = {i[0]: site for site, spec in batch.items() for i in spec["items"]}
+        try:
+            h = self._handle(relay)
+            gen = h.deliver.options(num_returns="streaming").remote(
+                msgpack.packb(batch, use_bin_type=True))
+            async for ref in gen:
+                results = msgpack.unpackb(await ref, raw=False)
+                self._on_results(results, site_of)
+                for r in results:
+                    pending.discard(r[0])
+        except (ray.exceptions.RayError, ValueError) as e:
+            log.warning("relay %s lost with %d messages in flight: %s", relay, len(pending), e)
+            self._handles.pop(relay, None)
+            self._relays_checked = 0.0
+        finally:
+            if pending:
+                for mid in pending:
+                    site = site_of[mid]
+                    self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
+                n = self.state.requeue(pending)
+                self.counters["requeued_after_relay_loss"] += n
+                assert self._dispatch_wake is not None
+                self._dispatch_wake.set()
+
+    def _on_results(self, results: list[list[Any]], site_of: dict[str, str]) -> None:
+        now = time.time()
+        retry = self.cfg.queue.retry
+        recs = []
+        for mid, outcome, code, enhanced, text, category, _host in results:
+            site = site_of.get(mid, "")
+            self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
+            m = self.state.inflight.get(mid)
+            if m is None:
+                continue
+            attempt = m.attempts + 1
+            if outcome == "delivered":
+                recs.append(q.delivered_record(mid, attempt, code, text, site, now))
+            elif outcome == "permanent":
+                recs.append(q.final_record(mid, attempt, "bounce", code, enhanced, text, site,
+                                           category, now))
+            else:
+                recs.append(self._retry_record(m, attempt, code, enhanced, text, site, category,
+                                               now, "throttle" if category == "throttle"
+                                               else "normal"))
+        del retry
+        if recs:
+            self._enqueue(recs)
+
+    def _retry_record(self, m: q.QueuedMessage, attempt: int, code: int | None,
+                      enhanced: str | None, text: str, site: str, category: str, now: float,
+                      kind: str) -> list[Any]:
+        if m.cancel_requested:
+            return q.final_record(m.id, attempt, "cancelled", code, enhanced,
+                                  f"cancelled by request; last reply: {text}", site, category,
+                                  now)
+        next_at = self.cfg.queue.retry.next_attempt_at(now, attempt, self._rng.random(), kind)
+        if next_at >= m.expires_at:
+            return q.final_record(m.id, attempt, "expired", code, enhanced,
+                                  f"message expired after {attempt} attempts; last reply: {text}",
+                                  site, "expired", now)
+        return q.transient_record(m.id, attempt, next_at, code, enhanced, text, site, category,
+                                  now)
+
+    def _dns_fail_records(self, domain: str, r: _Route, now: float) -> list[Any]:
+        c = dns_failure(r.fail_kind, r.text)
+        recs = []
+        for m in self.state.take_ready(domain, 1 << 30, now):
+            attempt = m.attempts + 1
+            if r.permanent:
+                recs.append(q.final_record(m.id, attempt, "bounce", c.code, c.enhanced, c.text,
+                                           "", c.category, now))
+            else:
+                recs.append(self._retry_record(m, attempt, c.code, c.enhanced, c.text, "",
+                                               c.category, now, "dns"))
+        return recs
+
+    async def _resolve(self, domains: list[str]) -> None:
+        shared = self.cfg.delivery.throttle_actors
+        groups: dict[str, list[str]] = {}
+        for d in domains:
+            groups.setdefault(f"throttle:pool:{stable_hash(d) % shared}", []).append(d)
+        try:
+            for tname, ds in groups.items():
+                try:
+                    res = await asyncio.wait_for(self._handle(tname).resolve.remote(ds),
+                                                 timeout=self.cfg.dns.timeout * 3 + 5)
+                except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+                    log.warning("MX lookup via %s failed: %s", tname, e)
+                    self._handles.pop(tname, None)
+                    continue
+                for d, raw in res.items():
+                    self._routes[d] = _Route(raw, d, self.cfg)
+        finally:
+            self._resolving.difference_update(domains)
+            assert self._dispatch_wake is not None
+            self._dispatch_wake.set()
+
+    def _housekeeping(self, now: float) -> None:
+        st = self.state
+        recs = []
+        for m in st.due_expiries(now):
+            recs.append(q.final_record(m.id, m.attempts, "expired", m.last_code, None,
+                                       f"message expired in queue after {m.attempts} attempts"
+                                       + (f"; last reply: {m.last_text}" if m.last_text else ""),
+                                       m.site, "expired", now))
+        if recs:
+            self._enqueue(recs)
+        stale = st.stale_inflight(now, self.cfg.queue.inflight_timeout)
+        if stale:
+            log.warning("%d messages in flight past inflight_timeout: retrying", len(stale))
+            for mid in stale:
+                site = st.inflight[mid].site
+                self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
+            st.requeue(stale)
+        st.prune_idempotency(now)
+        for d in [d for d, r in self._routes.items() if r.expires_at < now - 60]:
+            del self._routes[d]
+        for s in [s for s, t in self._site_retry.items() if t < now - 60]:
+            del self._site_retry[s]
+
+    # ------------------------------------------------------------------ queries and control
+    async def status(self, ids: list[str]) -> list[dict[str, Any] | None]:
+        self._ensure_started()
+        return [self.state.status(i) for i in ids]
+
+    async def cancel(self, ids: list[str]) -> list[str]:
+        """Cancel queued messages. In-flight ones are cancelled if that attempt fails."""
+        self._ensure_started()
+        now = time.time()
+        out, recs = [], []
+        for mid in ids:
+            m = self.state.messages.get(mid)
+            if m is None:
+                fin = self.state.finished.get(mid)
+                out.append(f"already {fin['state']}" if fin else "unknown")
+            elif m.state == q.INFLIGHT:
+                m.cancel_requested = True
+                out.append("cancel pending (in flight)")
+            else:
+                recs.append(q.final_record(mid, m.attempts, "cancelled", None, None,
+                                           "cancelled by request", m.site, "cancelled", now))
+                out.append("cancelled")
+        if recs:
+            fut = asyncio.get_running_loop().create_future()
+            self._enqueue(recs, fut)
+            await fut
+        return out
+
+    async def events(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+        self._ensure_started()
+        return self.events_log_read(since, limit)
+
+    def events_log_read(self, since: int, limit: int) -> list[dict[str, Any]]:
+        return self.events.read(since, limit)
+
+    async def stats(self) -> dict[str, Any]:
+        self._ensure_started()
+        return {"shard": self.shard, "pid": os.getpid(), "epoch": self.epoch,
+                "lsn": self.state.last_lsn, **self.state.counts(), **self.counters,
+                "pending_commit": self._pending_msgs, "recovered": self.recovered,
+                "disk_bytes": self.log.disk_bytes(),
+                "site_inflight": {s: n for s, n in self._site_inflight.items() if n}}
+
+    async def ping(self) -> int:
+        self._ensure_started()
+        return os.getpid()
+
+    async def config(self) -> Config:
+        return self.cfg

@@ -1,0 +1,312 @@
+"""RelayPool actor: the only part of raymta that talks SMTP to the outside world.
+
+One per node and egress source (``relay:<node>:<source>``). It takes batches of messages from
+coordinators (grouped by site), keeps up to the site's connection limit open per site — each
+connection under a lease from the site's SiteThrottle — reuses a connection for up to the site's
+deliveries-per-connection, walks MX hosts in preference order, and streams back one classified
+result per message. Replies that concern the whole site (421, "try again later") go to the
+throttle as feedback.
+
+Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
+calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
+by what was in flight here). Leases of a dead incarnation are dropped by the throttle when the
+restarted pool first asks, or expire after ``delivery.lease_ttl``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import msgpack
+import ray
+
+from cluster.adapters.smtp import ConnectFailure, SmtpConnection, connect_site
+from cluster.config import Config, EgressSource
+from cluster.core.replies import Classification, Outcome, classify, connection_failure
+from cluster.core.sites import SiteLimits
+
+__all__ = ["RelayPool"]
+
+log = logging.getLogger("raymta.relay")
+
+_RESULT_FLUSH = 0.02   # seconds a result waits to be batched with others
+_LEASE_RETRY = (0.05, 1.0)
+
+
+class _Call:
+    """The results owed to one streaming ``deliver`` call."""
+
+    __slots__ = ("expected", "done", "results", "event")
+
+    def __init__(self) -> None:
+        self.expected = 0
+        self.done = 0
+        self.results: list[list[Any]] = []
+        self.event = asyncio.Event()
+
+    def add(self, result: list[Any]) -> None:
+        self.results.append(result)
+        self.done += 1
+        self.event.set()
+
+
+@dataclass
+class _Site:
+    name: str
+    hosts: list[list[Any]]
+    port: int
+    limits: SiteLimits
+    throttle: str
+    queue: deque = field(default_factory=deque)          # (item, call)
+    workers: int = 0
+    leases: set[int] = field(default_factory=set)
+    refused: set[int] = field(default_factory=set)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    delivered: int = 0
+    failed: int = 0
+
+
+def _result(item: list[Any], c: Classification, host: str) -> list[Any]:
+    # [id, outcome, code, enhanced, text, category, host]
+    return [item[0], c.outcome.value, c.code, c.enhanced, c.text, c.category, host]
+
+
+class RelayPool:
+    def __init__(self, config: Config, name: str, source: EgressSource) -> None:
+        self.cfg = config
+        self.name = name
+        self.source = source
+        self.incarnation = uuid.uuid4().hex[:12]
+        self.sites: dict[str, _Site] = {}
+        self._throttles: dict[str, Any] = {}
+        self._feedback: list[tuple[str, str, str, str]] = []   # throttle, site, kind, text
+        self._tasks: set[asyncio.Task] = set()
+        self._started = False
+        self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
+                         "connect_failures": 0}
+
+    # ------------------------------------------------------------------ plumbing
+    def _spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _ensure_started(self) -> None:
+        if not self._started:
+            self._started = True
+            self._spawn(self._renew_loop())
+            self._spawn(self._feedback_loop())
+
+    def _throttle(self, name: str) -> Any:
+        h = self._throttles.get(name)
+        if h is None:
+            h = ray.get_actor(name, namespace=self.cfg.cluster.namespace)
+            self._throttles[name] = h
+        return h
+
+    # ------------------------------------------------------------------ the work
+    async def deliver(self, payload: bytes) -> AsyncIterator[bytes]:
+        """Deliver a batch; yields msgpack'd lists of results as they come (streaming call).
+
+        payload: msgpack ``{site: {"hosts", "port", "limits" (pickled by caller as fields),
+        "throttle", "items": [[id, attempt, sender, rcpt, body, smtputf8], ...]}}``."""
+        self._ensure_started()
+        batch = msgpack.unpackb(payload, raw=False)
+        call = _Call()
+        for site_name, spec in batch.items():
+            s = self._site(site_name, spec)
+            for item in spec["items"]:
+                s.queue.append((item, call))
+                call.expected += 1
+            self._start_workers(s)
+        while call.done < call.expected or call.results:
+            if not call.results:
+                call.event.clear()
+                await call.event.wait()
+                await asyncio.sleep(_RESULT_FLUSH)
+            out, call.results = call.results, []
+            if out:
+                yield msgpack.packb(out, use_bin_type=True)
+
+    def _site(self, name: str, spec: dict[str, Any]) -> _Site:
+        lim = spec["limits"]
+        limits = SiteLimits(rates=tuple(_rates(lim["rates"])),
+                            max_connections=lim["max_connections"],
+                            deliveries_per_connection=lim["deliveries_per_connection"],
+                            tls=lim["tls"], dedicated=lim["dedicated"],
+                            sources=tuple(lim["sources"]))
+        s = self.sites.get(name)
+        if s is None:
+            s = self.sites[name] = _Site(name, spec["hosts"], spec["port"], limits,
+                                         spec["throttle"])
+        else:  # newest route and limits win (DNS TTL expiry, config change)
+            s.hosts, s.port, s.limits, s.throttle = spec["hosts"], spec["port"], limits, \
+                spec["throttle"]
+        return s
+
+    def _start_workers(self, s: _Site) -> None:
+        s.wake.set()
+        want = min(s.limits.max_connections, len(s.queue)) - s.workers
+        for _ in range(max(0, want)):
+            s.workers += 1
+            self._spawn(self._worker(s))
+
+    async def _lease(self, s: _Site) -> int | None:
+        delay = _LEASE_RETRY[0]
+        while s.queue:
+            try:
+                ref = self._throttle(s.throttle).acquire.remote(
+                    s.name, s.limits, self.name, self.incarnation, 1)
+                got = await asyncio.wait_for(ref, timeout=30)
+            except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+                log.warning("lease for %s from %s failed: %s", s.name, s.throttle, e)
+                self._throttles.pop(s.throttle, None)
+                got = []
+            if got:
+                s.leases.add(got[0])
+                return got[0]
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LEASE_RETRY[1])
+        return None
+
+    async def _worker(self, s: _Site) -> None:
+        try:
+            while s.queue:
+                lease = await self._lease(s)
+                if lease is None:
+                    return
+                try:
+                    await self._connection(s, lease)
+                finally:
+                    s.leases.discard(lease)
+                    s.refused.discard(lease)
+                    self._spawn(self._release(s, lease))
+        except Exception:  # a bug here must not strand messages: fail what is queued
+            log.exception("relay worker for %s crashed", s.name)
+            c = connection_failure("internal relay error")
+            while s.queue and s.workers <= 1:
+                item, call = s.queue.popleft()
+                call.add(_result(item, c, ""))
+        finally:
+            s.workers -= 1
+            if s.queue and s.workers == 0:
+                self._start_workers(s)
+
+    async def _release(self, s: _Site, lease: int) -> None:
+        try:
+            await self._throttle(s.throttle).release.remote(s.name, [lease])
+        except ray.exceptions.RayError:
+            pass  # the lease expires on its own
+
+    async def _connection(self, s: _Site, lease: int) -> None:
+        d = self.cfg.delivery
+        try:
+            conn = await connect_site(s.hosts, s.port, ehlo_name=self.source.ehlo_name,
+                                      bind_address=self.source.bind_address, tls=s.limits.tls,
+                                      connect_timeout=d.connect_timeout,
+                                      command_timeout=d.command_timeout)
+        except ConnectFailure as e:
+            self.counters["connect_failures"] += 1
+            c = classify(e.code, e.text, phase="greeting") if e.code else \
+                connection_failure(e.text)
+            if c.outcome != Outcome.TRANSIENT:
+                c = connection_failure(e.text)   # no host answered: always worth retrying
+            if e.all_421:
+                self._feedback.append((s.throttle, s.name, "backoff", e.text))
+            # Postfix marks the destination dead and defers its queue; so do we.
+            while s.queue:
+                item, call = s.queue.popleft()
+                call.add(_result(item, c, ""))
+                self.counters["transient"] += 1
+            return
+        self.counters["connections"] += 1
+        host = f"{conn.host}[{conn.address}]"
+        try:
+            while conn.usable and conn.sent < s.limits.deliveries_per_connection:
+                if lease in s.refused:
+                    return
+                if not s.queue:
+                    s.wake.clear()
+                    try:
+                        await asyncio.wait_for(s.wake.wait(), timeout=d.idle_timeout)
+                    except asyncio.TimeoutError:
+                        return
+                    continue
+                item, call = s.queue.popleft()
+                _id, _attempt, sender, rcpt, body, smtputf8 = item
+                a = await conn.send(sender, rcpt, body, smtputf8)
+                c = classify(a.code, a.text, phase=a.phase) if a.code is not None else \
+                    connection_failure(a.text)
+                call.add(_result(item, c, host))
+                if c.outcome == Outcome.DELIVERED:
+                    s.delivered += 1
+                    self.counters["delivered"] += 1
+                elif c.outcome == Outcome.TRANSIENT:
+                    self.counters["transient"] += 1
+                else:
+                    self.counters["permanent"] += 1
+                if c.site_backoff:
+                    self._feedback.append((s.throttle, s.name, "backoff", c.text))
+                    return
+        finally:
+            await conn.close()
+
+    # ------------------------------------------------------------------ background loops
+    async def _renew_loop(self) -> None:
+        period = max(self.cfg.delivery.lease_ttl / 3, 0.5)
+        while True:
+            await asyncio.sleep(period)
+            by_throttle: dict[str, dict[str, tuple[SiteLimits, list[int]]]] = {}
+            for s in self.sites.values():
+                if s.leases:
+                    by_throttle.setdefault(s.throttle, {})[s.name] = (s.limits, sorted(s.leases))
+            for tname, held in by_throttle.items():
+                try:
+                    refused = await asyncio.wait_for(
+                        self._throttle(tname).renew.remote(self.name, self.incarnation, held),
+                        timeout=period)
+                except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+                    log.warning("lease renewal with %s failed: %s", tname, e)
+                    self._throttles.pop(tname, None)
+                    continue
+                for site, ids in refused.items():
+                    if site in self.sites:
+                        self.sites[site].refused.update(ids)
+            # forget idle sites so the table stays bounded
+            for name in [n for n, s in self.sites.items()
+                         if not s.queue and not s.workers and not s.leases]:
+                del self.sites[name]
+
+    async def _feedback_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            if not self._feedback:
+                continue
+            items, self._feedback = self._feedback, []
+            by_throttle: dict[str, list[tuple[str, str, str]]] = {}
+            for tname, site, kind, text in items:
+                by_throttle.setdefault(tname, []).append((site, kind, text))
+            for tname, fb in by_throttle.items():
+                try:
+                    await asyncio.wait_for(self._throttle(tname).feedback.remote(fb), timeout=10)
+                except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError):
+                    self._throttles.pop(tname, None)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"name": self.name, "incarnation": self.incarnation, **self.counters,
+                "sites": {n: {"queued": len(s.queue), "connections": s.workers,
+                              "leases": len(s.leases)} for n, s in self.sites.items()}}
+
+    async def ping(self) -> str:
+        return self.name
+
+
+def _rates(texts: list[str]) -> list[Any]:
+    from cluster.core.ratespec import RateSpec
+    return [RateSpec.parse(t) for t in texts]

@@ -1,0 +1,126 @@
+"""SiteThrottle actor: the rate and concurrency authority for destination sites, and MX lookup.
+
+A thin shell over :class:`cluster.core.throttle.ThrottleBook` (grants, leases, backoff) and
+:class:`cluster.adapters.dns.MxResolver` (MX lookups with a TTL cache). Hot sites have an actor
+of their own (``throttle:<site>``); the long tail shares ``throttle:pool:<k>``.
+
+Everything it holds is soft state: if it dies, Ray restarts it empty, coordinators re-report
+their in-flight counts on the next grant round and relays re-register the connections they hold
+(:meth:`renew`), so limits hold again within one renewal period. Every method is safe to retry.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from typing import Any
+
+from cluster.adapters.dns import DnsFailure, MxResolver, Route
+from cluster.config import Config
+from cluster.core.sites import SiteLimits
+from cluster.core.throttle import ThrottleBook
+
+__all__ = ["SiteThrottle"]
+
+
+class SiteThrottle:
+    def __init__(self, config: Config, name: str) -> None:
+        self.cfg = config
+        self.name = name
+        d = config.delivery
+        self.book = ThrottleBook(lease_ttl=d.lease_ttl, backoff=d.site_backoff,
+                                 backoff_max=d.site_backoff_max)
+        self._resolver: MxResolver | None = None
+        self.started = time.time()
+
+    def _dns(self) -> MxResolver:
+        if self._resolver is None:
+            dc = self.cfg.dns
+            self._resolver = MxResolver(list(dc.nameservers) or None, dc.port, timeout=dc.timeout,
+                                        min_ttl=dc.min_ttl, max_ttl=dc.max_ttl)
+        return self._resolver
+
+    # ------------------------------------------------------------------ routing
+    async def resolve(self, domains: list[str]) -> dict[str, list[Any]]:
+        """Route per domain: ``["ok", [[pref, mx name, [addresses]], ...], port, expires_at,
+        static]`` or ``["fail", kind, permanent, text, expires_at]``."""
+        now = time.time()
+        out: dict[str, list[Any]] = {}
+        to_lookup: list[str] = []
+        static_hosts: dict[str, tuple[str, int]] = {}
+        for d in domains:
+            r = self.cfg.route_for(d)
+            if r is None:
+                to_lookup.append(d)
+                continue
+            try:
+                ipaddress.ip_address(r.host)
+                out[d] = ["ok", [[0, r.host, [r.host]]], r.port, now + 3600, True]
+            except ValueError:
+                static_hosts[d] = (r.host, r.port)
+                to_lookup.append(r.host)
+        results = await self._dns().resolve_many(to_lookup, now) if to_lookup else {}
+        for d in domains:
+            if d in out:
+                continue
+            if d in static_hosts:
+                host, port = static_hosts[d]
+                res = results[host]
+                if isinstance(res, Route):
+                    addrs = [a for h in res.hosts if h.name == host for a in h.addresses] or \
+                        [a for h in res.hosts for a in h.addresses]
+                    out[d] = ["ok", [[0, host, addrs]], port, res.expires_at, True]
+                    continue
+            else:
+                res = results[d]
+            if isinstance(res, Route):
+                out[d] = ["ok", [[h.preference, h.name, list(h.addresses)] for h in res.hosts],
+                          self.cfg.delivery.smtp_port, res.expires_at, False]
+            else:
+                assert isinstance(res, DnsFailure)
+                out[d] = ["fail", res.kind, res.permanent, str(res), res.expires_at]
+        return out
+
+    # ------------------------------------------------------------------ grants and leases
+    async def grant(self, shard: int, demand: dict[str, tuple[int, int, SiteLimits]]
+                    ) -> dict[str, tuple[int, float]]:
+        """For each site: how many of its ready messages the shard may dispatch now."""
+        now = time.time()
+        out = {}
+        for site, (ready, inflight, limits) in demand.items():
+            g = self.book.grant(shard, site, limits, ready, inflight, now)
+            out[site] = (g.count, g.retry_after)
+        return out
+
+    async def acquire(self, site: str, limits: SiteLimits, pool: str, incarnation: str,
+                      n: int = 1) -> list[int]:
+        return self.book.acquire(site, limits, pool, incarnation, n, time.time())
+
+    async def release(self, site: str, lease_ids: list[int]) -> None:
+        self.book.release(site, lease_ids)
+
+    async def renew(self, pool: str, incarnation: str,
+                    held: dict[str, tuple[SiteLimits, list[int]]]) -> dict[str, list[int]]:
+        now = time.time()
+        self.book.bump_ids(i for _, ids in held.values() for i in ids)
+        refused = {}
+        for site, (limits, ids) in held.items():
+            r = self.book.renew(site, limits, pool, incarnation, ids, now)
+            if r:
+                refused[site] = r
+        self.book.forget_idle(now)
+        return refused
+
+    async def feedback(self, items: list[tuple[str, str, str]]) -> None:
+        """Replies that concern a whole site: ``(site, kind, text)``; kind "backoff"."""
+        now = time.time()
+        for site, kind, _text in items:
+            if kind == "backoff":
+                self.book.back_off(site, now)
+
+    async def stats(self) -> dict[str, Any]:
+        return {"name": self.name, "sites": self.book.snapshot(time.time()),
+                "dns_cache": self._resolver.cache_info() if self._resolver else {}}
+
+    async def ping(self) -> str:
+        return self.name

@@ -1,0 +1,110 @@
+"""Event files: every queue state change as one JSON line, rotated by size, read by cursor.
+
+Owns: ``events-<first seq>.jsonl`` files in a shard's ``events/`` directory. An event's ``seq``
+is the log sequence number of the record that produced it, so after a crash the coordinator
+rewrites exactly the events whose records are durable but whose lines were not yet written
+(:attr:`EventLog.last_seq`). Bounded: at most ``files_kept`` files of ``file_bytes`` each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["EventLog"]
+
+
+class EventLog:
+    def __init__(self, directory: str | os.PathLike[str], *, file_bytes: int = 64 << 20,
+                 files_kept: int = 16) -> None:
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file_bytes = file_bytes
+        self.files_kept = files_kept
+        self._fh: Any = None
+        self._size = 0
+        self.last_seq = 0
+        files = self._files()
+        if files:
+            self.last_seq = self._last_seq_in(files[-1][1])
+            self._fh = open(files[-1][1], "ab")
+            self._size = self._fh.tell()
+
+    def _files(self) -> list[tuple[int, Path]]:
+        out = []
+        for p in self.dir.glob("events-*.jsonl"):
+            try:
+                out.append((int(p.stem[7:]), p))
+            except ValueError:
+                continue
+        return sorted(out)
+
+    @staticmethod
+    def _last_seq_in(path: Path) -> int:
+        data = path.read_bytes()
+        good = data.rfind(b"\n") + 1
+        if good != len(data):  # a half-written last line from a crash: drop it
+            with open(path, "r+b") as fh:
+                fh.truncate(good)
+        last = 0
+        for line in data[:good].splitlines()[-1:]:
+            last = json.loads(line)["seq"]
+        if last == 0:
+            try:
+                last = int(path.stem[7:]) - 1
+            except ValueError:
+                last = 0
+        return last
+
+    def write(self, events: list[dict[str, Any]]) -> None:
+        """Append events (seq ascending); events at or below :attr:`last_seq` are skipped."""
+        lines = []
+        for ev in events:
+            if ev["seq"] <= self.last_seq:
+                continue
+            lines.append(json.dumps(ev, separators=(",", ":"), default=str).encode() + b"\n")
+            self.last_seq = ev["seq"]
+        if not lines:
+            return
+        if self._fh is None or self._size >= self.file_bytes:
+            self._rotate(json.loads(lines[0])["seq"])
+        data = b"".join(lines)
+        self._fh.write(data)
+        self._fh.flush()
+        self._size += len(data)
+
+    def _rotate(self, first_seq: int) -> None:
+        if self._fh is not None:
+            self._fh.close()
+        self._fh = open(self.dir / f"events-{first_seq:020d}.jsonl", "ab")
+        self._size = self._fh.tell()
+        files = self._files()
+        for _, p in files[: max(0, len(files) - self.files_kept)]:
+            p.unlink()
+
+    def read(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Events with seq > since, oldest first, at most ``limit``."""
+        files = self._files()
+        start = 0
+        for i, (first, _) in enumerate(files):
+            if first <= since + 1:
+                start = i
+        out: list[dict[str, Any]] = []
+        for _, p in files[start:]:
+            with open(p, "rb") as fh:
+                for line in fh:
+                    if not line.endswith(b"\n"):
+                        break
+                    ev = json.loads(line)
+                    if ev["seq"] > since:
+                        out.append(ev)
+                        if len(out) >= limit:
+                            return out
+        return out
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

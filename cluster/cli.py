@@ -1,0 +1,315 @@
+"""The ``raymta`` command: up, down, demo, submit, status, events.
+
+``raymta demo`` is the embedded default: a local Ray bound to loopback, a DNS server and SMTP
+sinks on loopback, a spool in a local directory; it sends N messages to M domains, shows a
+progress bar, and prints what happened. Nothing it does leaves the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "demo_config", "run_demo"]
+
+
+def _loopback_env() -> None:
+    from cluster.deploy import LOOPBACK_ENV
+    for k, v in LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def _attach(address: str, config: str | None) -> Any:
+    _loopback_env()
+    from cluster.client import MailCluster
+    return MailCluster.connect(address, config=config)
+
+
+# ---------------------------------------------------------------------------------------- up
+def cmd_up(args: argparse.Namespace) -> int:
+    _loopback_env()
+    import ray
+
+    from cluster.config import load_config
+    from cluster.deploy import deploy
+    cfg = load_config(args.config)
+    try:
+        ray.init(address=args.address, namespace=cfg.cluster.namespace, log_to_driver=False)
+    except ConnectionError:
+        if args.address != "auto":
+            raise
+        print("no running Ray cluster: starting a head node on 127.0.0.1")
+        subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
+                        "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True)
+        ray.init(address="auto", namespace=cfg.cluster.namespace, log_to_driver=False)
+    handles = deploy(cfg, detached=True)
+    print(f"raymta deployed in namespace {cfg.cluster.namespace!r}:")
+    for name in sorted(handles):
+        print(f"  {name}")
+    print(f"spool: {Path(cfg.spool.directory).resolve()}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    _loopback_env()
+    import ray
+    ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+    n = 0
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        if a["namespace"] == args.namespace and a["name"].split(":")[0] in (
+                "coordinator", "throttle", "relay"):
+            ray.kill(ray.get_actor(a["name"], namespace=args.namespace), no_restart=True)
+            n += 1
+    print(f"stopped {n} raymta actors (the spool stays on disk)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- demo
+def demo_config(spool: str, dns_port: int, smtp_port: int, *, retry: str = "2s") -> Any:
+    from cluster.config import parse_config
+    return parse_config({
+        "spool": {"directory": spool},
+        "queue": {"retry_initial": retry, "retry_max_delay": "10s", "dns_retry_initial": "1s",
+                  "max_age": "10m"},
+        "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"},
+        "delivery": {"smtp_port": smtp_port, "connect_timeout": "3s", "idle_timeout": "2s",
+                     "site_backoff": "2s"},
+        "egress": [{"name": "default", "ehlo_name": "demo.raymta.test"}],
+        "site_defaults": {"rate": "2000/s", "max_connections": 8},
+    })
+
+
+def run_demo(n: int, domains: int, spool: str | None, *, quiet: bool = False) -> dict[str, Any]:
+    """Run the embedded demo; returns the summary (also printed)."""
+    _loopback_env()
+    from tqdm import tqdm
+
+    from cluster.client import MailCluster
+    from cluster.devservers import LoopbackDNS, SinkGroup
+
+    tmp = None
+    if spool is None:
+        tmp = tempfile.mkdtemp(prefix="raymta-demo-")
+        spool = tmp
+    sinks = SinkGroup(["127.0.0.2", "127.0.0.3", "127.0.0.4"]).start()
+    dns = LoopbackDNS().start()
+    mc = None
+    try:
+        # two MX hosts per domain (sites roll up by MX set), one null MX, one missing domain
+        for i, s in enumerate(sinks.sinks):
+            dns.add_a(f"mx{i + 1}.sinks.test", s.host)
+        names = [f"demo{i}.test" for i in range(domains)]
+        for i, d in enumerate(names):
+            a, b = i % 3 + 1, (i + 1) % 3 + 1
+            dns.add_mx(d, [(10, f"mx{a}.sinks.test"), (20, f"mx{b}.sinks.test")])
+        dns.add_null_mx("nullmx.test")
+        # sinks: 1 in 50 recipients is unknown (550), 1 in 20 deferred once (451)
+        def rcpt_reply(rcpt: str, attempt: int) -> tuple[int, str] | None:
+            if rcpt.startswith("unknown"):
+                return (550, "5.1.1 user unknown")
+            if rcpt.startswith("greylist") and attempt == 1:
+                return (451, "4.7.1 greylisted, try again later")
+            return None
+        for s in sinks.sinks:
+            s.rcpt_reply = rcpt_reply
+        cfg = demo_config(spool, dns.port, sinks.port)
+        print(f"starting local Ray and raymta (spool {spool}) ...", flush=True)
+        t_start = time.time()
+        mc = MailCluster.connect(config=cfg)
+        msgs = []
+        for i in range(n):
+            d = names[i % domains]
+            local = "unknown" if i % 50 == 7 else "greylist" if i % 20 == 3 else "user"
+            rcpt = f"{local}{i}@{d}" if i != n - 1 else f"user{i}@nullmx.test"
+            msgs.append({"sender": "bounces@demo.raymta.test", "recipients": [rcpt],
+                         "from": "Demo <news@demo.raymta.test>", "to": rcpt,
+                         "subject": f"raymta demo message {i}",
+                         "text": f"Hello {rcpt}, this is message {i} of {n}.\n",
+                         "tags": {"campaign": "demo"}})
+        t0 = time.time()
+        accepted = 0
+        for k in range(0, n, 1000):
+            res = mc.submit(msgs[k:k + 1000])
+            accepted += sum(1 for r in res if r.accepted)
+        t_sub = time.time() - t0
+        done = 0
+        with tqdm(total=accepted, desc="delivering", unit="msg", disable=quiet) as bar:
+            deadline = time.time() + 300
+            while time.time() < deadline:
+                st = mc.stats()
+                now_done = st["delivered"] + st["bounced"] + st["expired"]
+                bar.update(now_done - done)
+                done = now_done
+                if st["live"] == 0:
+                    break
+                time.sleep(0.2)
+        t_all = time.time() - t0
+        st = mc.stats()
+        summary = {"submitted": n, "accepted": accepted, "delivered": st["delivered"],
+                   "deferred_then_delivered": st["transient"], "bounced": st["bounced"],
+                   "expired": st["expired"], "still_queued": st["live"],
+                   "received_by_sinks": len(sinks.received),
+                   "submit_seconds": round(t_sub, 2), "total_seconds": round(t_all, 2),
+                   "accepted_per_s": round(accepted / t_sub, 1) if t_sub else None,
+                   "delivered_per_s": round(st["delivered"] / t_all, 1) if t_all else None,
+                   "startup_seconds": round(t0 - t_start, 2)}
+        width = max(len(k) for k in summary)
+        print("\nraymta demo summary")
+        print("-" * (width + 14))
+        for k, v in summary.items():
+            print(f"{k:<{width}}  {v:>10}")
+        return summary
+    finally:
+        if mc is not None:
+            mc.close()
+        dns.stop()
+        sinks.stop()
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    s = run_demo(args.messages, args.domains, args.spool)
+    ok = s["still_queued"] == 0 and s["delivered"] + s["bounced"] + s["expired"] == s["accepted"]
+    return 0 if ok else 1
+
+
+# ---------------------------------------------------------------------------------------- submit
+def _read_submissions(paths: list[str], sender: str | None, to: list[str]) -> list[dict[str, Any]]:
+    import email
+    import email.policy
+    import email.utils
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        path = Path(p)
+        if path.suffix in (".jsonl", ".json"):
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    m = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{p}:{n}: not JSON: {e}") from None
+                if sender and "sender" not in m:
+                    m["sender"] = sender
+                if to and "recipients" not in m:
+                    m["recipients"] = to
+                out.append(m)
+        else:
+            raw = path.read_bytes()
+            rcpts = list(to)
+            if not rcpts:
+                hdr = email.message_from_bytes(raw, policy=email.policy.compat32)
+                rcpts = [a for _, a in email.utils.getaddresses(
+                    hdr.get_all("To", []) + hdr.get_all("Cc", [])) if a]
+            m = {"raw": raw, "recipients": rcpts}
+            if sender:
+                m["sender"] = sender
+            out.append(m)
+    return out
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    msgs = _read_submissions(args.files, args.sender, args.to or [])
+    mc = _attach(args.address, args.config)
+    res = mc.submit(msgs)
+    bad = 0
+    for r in res:
+        if r.accepted:
+            print(f"[{r.index}] accepted {' '.join(r.ids)}" + (" (duplicate)" if r.duplicate
+                                                               else ""))
+        else:
+            bad += 1
+            print(f"[{r.index}] refused: {r.error}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import ray
+    mc = _attach(args.address, args.config)
+    if args.ids:
+        for mid, st in zip(args.ids, mc.status(args.ids)):
+            print(mid, json.dumps(st))
+        return 0
+    st = mc.stats()
+    shards = st.pop("shards")
+    print(json.dumps({k: v for k, v in st.items()}, indent=1))
+    for s in shards:
+        print(f"shard {s['shard']}: live={s['live']} ready={s['ready']} "
+              f"inflight={s['inflight']} deferred={s['deferred']} lsn={s['lsn']}")
+    ns = mc.cfg.cluster.namespace
+    for a in sorted(ray.util.list_named_actors(all_namespaces=True), key=lambda a: a["name"]):
+        if a["namespace"] != ns or a["name"].split(":")[0] not in ("throttle", "relay"):
+            continue
+        info = ray.get(ray.get_actor(a["name"], namespace=ns).stats.remote())
+        print(a["name"], json.dumps(info, default=str)[:2000])
+    return 0
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    cursor: dict[int, int] = {}
+    while True:
+        evs = mc.events(cursor or args.since)
+        for ev in evs:
+            print(json.dumps(ev))
+        cursor = mc.next_cursor(evs, cursor) if evs else cursor or {
+            s: args.since for s in range(len(mc.coordinators))}
+        if not args.follow:
+            return 0
+        time.sleep(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="raymta", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="TOML config file (default: built-in defaults)")
+        p.add_argument("--address", default="auto",
+                       help="Ray address: auto (default), or ray://host:10001")
+
+    p = sub.add_parser("up", help="start or attach to Ray and deploy raymta's actors")
+    common(p)
+    p.set_defaults(fn=cmd_up)
+    p = sub.add_parser("down", help="stop raymta's actors (the spool stays)")
+    p.add_argument("--address", default="auto")
+    p.add_argument("--namespace", default="raymta")
+    p.set_defaults(fn=cmd_down)
+    p = sub.add_parser("demo", help="embedded demo: local Ray, DNS and SMTP sinks on loopback")
+    p.add_argument("-n", "--messages", type=int, default=5000)
+    p.add_argument("-d", "--domains", type=int, default=20)
+    p.add_argument("--spool", help="spool directory (default: a temporary one, removed after)")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("submit", help="submit .eml files or JSON-lines files of messages")
+    common(p)
+    p.add_argument("files", nargs="+")
+    p.add_argument("--sender", help="envelope sender (default: the From address)")
+    p.add_argument("--to", action="append", help="recipient (repeatable; default: To/Cc)")
+    p.set_defaults(fn=cmd_submit)
+    p = sub.add_parser("status", help="queue, throttle and relay state, or messages by id")
+    common(p)
+    p.add_argument("ids", nargs="*")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("events", help="print events as JSON lines")
+    common(p)
+    p.add_argument("--since", type=int, default=0)
+    p.add_argument("--follow", action="store_true")
+    p.set_defaults(fn=cmd_events)
+    args = ap.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,227 @@
+"""The sender's API: ``MailCluster`` — submit messages, follow them, wait, cancel.
+
+Validation and MIME rendering happen here, in the submitter's process (pure
+``cluster.core.message``), so a bad message is refused with a precise error before anything
+crosses the network, and one bad message never rejects the rest of its batch. Good messages are
+split one per recipient (the body stored once per shard), given time-ordered ids, and sent to
+their queue shard in batches; :meth:`MailCluster.submit` returns only after the shard has made
+them durable. Retried calls are safe: the ids are made here, and a shard answers a repeated id
+instead of queueing it twice.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import msgpack
+import ray
+
+from cluster.config import Config, load_config
+from cluster.core.message import PreparedMessage, ValidationError, new_message_id, validate_batch
+from cluster.core.sites import stable_hash
+
+__all__ = ["MailCluster", "SubmitResult", "SubmitError"]
+
+
+class SubmitError(RuntimeError):
+    """The cluster could not take a batch at all (not a per-message validation error)."""
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    """Outcome for one submitted message (in input order)."""
+
+    index: int
+    ids: list[str] = field(default_factory=list)   # one per recipient, when accepted
+    error: str | None = None                       # "field: reason" when refused
+    duplicate: bool = False                        # idempotency key (or ids) seen before
+
+    @property
+    def accepted(self) -> bool:
+        return self.error is None
+
+
+def shard_of(msg_id: str, shards: int) -> int:
+    return stable_hash(msg_id) % shards
+
+
+class MailCluster:
+    def __init__(self, cfg: Config, coordinators: list[Any], *, owns_ray: bool = False,
+                 handles: dict[str, Any] | None = None) -> None:
+        self.cfg = cfg
+        self.coordinators = coordinators
+        self.owns_ray = owns_ray
+        self.handles = handles or {}
+
+    # ------------------------------------------------------------------ connecting
+    @classmethod
+    def connect(cls, address: str | None = None, *, config: Config | str | None = None,
+                spool_dir: str | None = None, num_cpus: int | None = None,
+                dashboard: bool = False) -> "MailCluster":
+        """``connect()``: embedded local Ray with raymta deployed (stopped by :meth:`close`).
+        ``connect("auto")``: the Ray cluster this process runs in (after ``raymta up``).
+        ``connect("ray://host:10001")``: through the Ray client.
+
+        With Ray's token authentication on (the 2.60 default), a remote cluster's token must
+        be available to this process: ``RAY_AUTH_TOKEN`` or ``~/.ray/auth_token``."""
+        cfg = config if isinstance(config, Config) else load_config(config)
+        if spool_dir is not None:
+            cfg = cfg.with_spool(spool_dir)
+        if address is None:
+            from cluster.deploy import deploy, init_local_ray
+            init_local_ray(num_cpus, dashboard=dashboard, namespace=cfg.cluster.namespace)
+            try:
+                handles = deploy(cfg)
+            except BaseException:
+                ray.shutdown()
+                raise
+            coords = [handles[f"coordinator:{s}"] for s in range(cfg.queue.shards)]
+            return cls(cfg, coords, owns_ray=True, handles=handles)
+        if not ray.is_initialized():
+            ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
+        ns = cfg.cluster.namespace
+        try:
+            first = ray.get_actor("coordinator:0", namespace=ns)
+        except ValueError:
+            raise SubmitError(f"no raymta deployment in namespace {ns!r} at {address}: "
+                              "run `raymta up` first") from None
+        cfg = ray.get(first.config.remote())
+        coords = [first] + [ray.get_actor(f"coordinator:{s}", namespace=ns)
+                            for s in range(1, cfg.queue.shards)]
+        return cls(cfg, coords)
+
+    def close(self) -> None:
+        if self.owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> "MailCluster":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ submission
+    def submit(self, messages: Iterable[dict[str, Any]] | dict[str, Any], *,
+               timeout: float = 300.0) -> list[SubmitResult]:
+        """Validate and queue messages; returns one :class:`SubmitResult` per message.
+
+        Accepted ids are returned only after the shard has written them to disk."""
+        msgs = [messages] if isinstance(messages, dict) else list(messages)
+        now = time.time()
+        prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
+        shards = len(self.coordinators)
+        results: list[SubmitResult | None] = [None] * len(msgs)
+        # per shard: list of (input index, item)
+        per_shard: dict[int, list[tuple[int, list[Any]]]] = {}
+        for i, p in enumerate(prepared):
+            if isinstance(p, ValidationError):
+                results[i] = SubmitResult(i, error=str(p))
+                continue
+            assert isinstance(p, PreparedMessage)
+            groups: dict[int, list[list[str]]] = {}
+            for addr in p.recipients:
+                mid = new_message_id(now)
+                groups.setdefault(shard_of(mid, shards), []).append(
+                    [mid, str(addr), addr.ascii_domain])
+            for shard, rcpts in groups.items():
+                per_shard.setdefault(shard, []).append((i, [
+                    rcpts[0][0], p.body, p.sender, rcpts, p.tags or None, p.metadata or None,
+                    p.idempotency_key, p.not_before, p.max_age, p.smtputf8]))
+        refs = []
+        for shard, items in per_shard.items():
+            for start in range(0, len(items), 1000):
+                chunk = items[start:start + 1000]
+                payload = msgpack.packb([it for _, it in chunk], use_bin_type=True)
+                refs.append((chunk, self.coordinators[shard].submit.remote(payload)))
+        merged: dict[int, SubmitResult] = {}
+        for chunk, ref in refs:
+            try:
+                answers = ray.get(ref, timeout=timeout)
+            except ray.exceptions.GetTimeoutError:
+                raise SubmitError(f"queue shard did not answer within {timeout}s; the batch "
+                                  "may or may not be queued: resubmit with the same "
+                                  "idempotency keys") from None
+            for (i, _), a in zip(chunk, answers):
+                prev = merged.get(i)
+                if "error" in a:
+                    merged[i] = SubmitResult(i, error=a["error"])
+                elif prev is None or prev.error is None:
+                    ids = (prev.ids if prev else []) + list(a["ids"])
+                    merged[i] = SubmitResult(i, ids=ids, duplicate=bool(a.get("duplicate")))
+        for i, r in merged.items():
+            results[i] = r
+        return [r if r is not None else SubmitResult(i, error="internal: no answer")
+                for i, r in enumerate(results)]
+
+    # ------------------------------------------------------------------ following messages
+    def _by_shard(self, ids: list[str]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for mid in ids:
+            out.setdefault(shard_of(mid, len(self.coordinators)), []).append(mid)
+        return out
+
+    def status(self, ids: str | list[str]) -> Any:
+        """State of one message (dict or None) or of a list of them."""
+        single = isinstance(ids, str)
+        lst = [ids] if isinstance(ids, str) else list(ids)
+        found: dict[str, Any] = {}
+        for shard, group in self._by_shard(lst).items():
+            for mid, st in zip(group, ray.get(self.coordinators[shard].status.remote(group))):
+                found[mid] = st
+        out = [found.get(m) for m in lst]
+        return out[0] if single else out
+
+    def cancel(self, ids: str | list[str]) -> Any:
+        single = isinstance(ids, str)
+        lst = [ids] if isinstance(ids, str) else list(ids)
+        found: dict[str, str] = {}
+        for shard, group in self._by_shard(lst).items():
+            for mid, st in zip(group, ray.get(self.coordinators[shard].cancel.remote(group))):
+                found[mid] = st
+        out = [found[m] for m in lst]
+        return out[0] if single else out
+
+    def events(self, since: int | dict[int, int] = 0, limit: int = 10_000
+               ) -> list[dict[str, Any]]:
+        """Events after ``since`` (a seq, or per-shard seqs), oldest first per shard.
+
+        Each event carries ``shard`` and ``seq``; pass ``next_cursor(events)`` back in."""
+        out: list[dict[str, Any]] = []
+        for shard, c in enumerate(self.coordinators):
+            s = since.get(shard, 0) if isinstance(since, dict) else since
+            for ev in ray.get(c.events.remote(s, limit)):
+                ev["shard"] = shard
+                out.append(ev)
+        return out
+
+    @staticmethod
+    def next_cursor(events: list[dict[str, Any]], cursor: dict[int, int] | None = None
+                    ) -> dict[int, int]:
+        cur = dict(cursor or {})
+        for ev in events:
+            cur[ev["shard"]] = max(cur.get(ev["shard"], 0), ev["seq"])
+        return cur
+
+    def stats(self) -> dict[str, Any]:
+        per = ray.get([c.stats.remote() for c in self.coordinators])
+        total: dict[str, Any] = {}
+        for s in per:
+            for k, v in s.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (
+                        "shard", "pid", "epoch", "lsn"):
+                    total[k] = total.get(k, 0) + v
+        total["shards"] = per
+        return total
+
+    def wait_until_idle(self, timeout: float = 60.0, poll: float = 0.2) -> bool:
+        """Wait until no message is queued, deferred or in flight; False on timeout."""
+        deadline = time.time() + timeout
+        while True:
+            st = self.stats()
+            if st.get("live", 0) == 0 and st.get("pending_commit", 0) == 0:
+                return True
+            if time.time() >= deadline:
+                return False
+            time.sleep(poll)

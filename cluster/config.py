@@ -1,0 +1,512 @@
+"""Typed raymta configuration: one TOML file, frozen dataclasses, documented defaults.
+
+Owns: the schema of the config file, its defaults, and the translation of strings such as
+``"100/s"`` or ``"5m"`` into typed values. Every bad value raises :class:`ConfigError` naming
+the key (dotted path) and the problem. Pure: reads a file only in :func:`load_config`.
+
+The defaults follow KumoMTA / Postfix / PowerMTA practice (see ../shared/DESIGN.md):
+first retry after 10 minutes, doubling, capped at 4 hours, give up after 5 days; per site
+10 connections, 100 deliveries per connection, 100 messages/s.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from cluster.core.ratespec import RateSpec, parse_duration
+from cluster.core.retry import RetryPolicy
+from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
+
+__all__ = [
+    "ConfigError",
+    "SpoolConfig",
+    "QueueConfig",
+    "DnsConfig",
+    "DeliveryConfig",
+    "EgressSource",
+    "SiteLimits",
+    "SiteOverride",
+    "StaticRoute",
+    "ClusterConfig",
+    "Config",
+    "load_config",
+    "parse_config",
+    "parse_size",
+]
+
+
+class ConfigError(ValueError):
+    """A config value is wrong: ``key`` is the dotted path, ``problem`` what is wrong with it."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"config {key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "k": 1000, "kib": 1024, "mb": 1000**2, "m": 1000**2,
+               "mib": 1024**2, "gb": 1000**3, "g": 1000**3, "gib": 1024**3}
+
+
+def parse_size(value: str | int) -> int:
+    """``"10MB"`` → 10_000_000, ``"64MiB"`` → 67108864, ints pass through."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"size must not be negative, got {value}")
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"expected a size such as '10MB', got {value!r}")
+    text = value.strip().lower().replace(" ", "")
+    num = text.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = text[len(num):]
+    if unit not in _SIZE_UNITS or not num:
+        raise ValueError(f"cannot parse size {value!r} (use e.g. '10MB', '64MiB', 1048576)")
+    try:
+        n = float(num)
+    except ValueError:
+        raise ValueError(f"cannot parse size {value!r}") from None
+    if n < 0:
+        raise ValueError(f"size must not be negative, got {value!r}")
+    return int(n * _SIZE_UNITS[unit])
+
+
+@dataclass(frozen=True)
+class SpoolConfig:
+    #: where the queue log, snapshots and event files live (one sub-directory per shard)
+    directory: str = "./raymta-spool"
+    #: a log segment is closed and a new one started past this size
+    segment_bytes: int = 64 * 1024 * 1024
+    #: compact (snapshot + drop old segments) when the log holds this much more than the live queue
+    compact_bytes: int = 256 * 1024 * 1024
+    #: event files rotate past this size; this many are kept
+    event_file_bytes: int = 64 * 1024 * 1024
+    event_files_kept: int = 16
+    #: fsync each group commit (turn off only for throwaway benchmarks of the non-durable path)
+    fsync: bool = True
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: largest accepted message (rendered bytes); RFC 5321 §4.5.3.1.7 lets us set this
+    max_message_size: int = 10_000_000
+    #: backpressure: submissions are refused past this many live messages / body bytes per shard
+    max_messages: int = 2_000_000
+    max_bytes: int = 4 * 1024**3
+    #: how often the coordinator looks for work when nothing wakes it
+    dispatch_interval: float = 0.02
+    #: most messages handed to relays in one dispatch round (per shard)
+    dispatch_batch: int = 2000
+    #: a message handed to a relay with no result after this long is considered lost and retried
+    inflight_timeout: float = 600.0
+    #: how many finished messages `status()` still knows about (older ones: see events)
+    status_cache: int = 200_000
+    #: how long an idempotency key is remembered
+    idempotency_window: float = 86400.0
+    #: queue shards (message id hash); the replication issue raises this
+    shards: int = 1
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    #: empty = the system resolver (production); tests and the demo set a loopback server
+    nameservers: tuple[str, ...] = ()
+    port: int = 53
+    timeout: float = 5.0
+    min_ttl: float = 5.0
+    max_ttl: float = 3600.0
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    #: the port MX hosts are contacted on (RFC 5321 §4.5.4: 25); tests run sinks elsewhere
+    smtp_port: int = 25
+    connect_timeout: float = 30.0
+    command_timeout: float = 60.0
+    #: a warm connection with nothing to send is closed after this long
+    idle_timeout: float = 5.0
+    #: connection leases held by relays expire if not renewed within this time
+    lease_ttl: float = 20.0
+    #: a site told to slow down (421, "try again later") pauses this long, doubling to the max
+    site_backoff: float = 30.0
+    site_backoff_max: float = 600.0
+    #: shared SiteThrottle actors for the long tail of sites
+    throttle_actors: int = 2
+
+
+@dataclass(frozen=True)
+class EgressSource:
+    name: str = "default"
+    #: local address outgoing connections bind to ("" = let the kernel choose)
+    bind_address: str = ""
+    #: name sent in EHLO (RFC 5321 §4.1.1.1); should resolve back to bind_address in production
+    ehlo_name: str = "localhost"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    #: Ray namespace the actors live in
+    namespace: str = "raymta"
+    #: copies of each queue shard (the replication issue uses it)
+    replicas: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    spool: SpoolConfig = field(default_factory=SpoolConfig)
+    queue: QueueConfig = field(default_factory=QueueConfig)
+    dns: DnsConfig = field(default_factory=DnsConfig)
+    delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    egress: tuple[EgressSource, ...] = (EgressSource(),)
+    site_defaults: SiteLimits = field(default_factory=SiteLimits)
+    sites: tuple[SiteOverride, ...] = ()
+    routes: tuple[StaticRoute, ...] = ()
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def with_spool(self, directory: str) -> "Config":
+        return replace(self, spool=replace(self.spool, directory=directory))
+
+    def route_for(self, domain: str) -> StaticRoute | None:
+        for r in self.routes:
+            if r.domain == domain:
+                return r
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing
+
+
+def _check_keys(section: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    for k in section:
+        if k not in allowed:
+            raise ConfigError(f"{where}.{k}" if where else k,
+                              f"unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _table(raw: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    v = raw.get(key, {})
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where}{key}", f"expected a table, got {type(v).__name__}")
+    return v
+
+
+def _dur(v: Any, key: str, *, positive: bool = True) -> float:
+    try:
+        d = parse_duration(v)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(key, str(e)) from None
+    if positive and d <= 0:
+        raise ConfigError(key, f"must be greater than zero, got {v!r}")
+    return d
+
+
+def _int(v: Any, key: str, *, minimum: int = 0, maximum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ConfigError(key, f"expected an integer, got {v!r}")
+    if v < minimum or (maximum is not None and v > maximum):
+        rng = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise ConfigError(key, f"must be {rng}, got {v}")
+    return v
+
+
+def _float(v: Any, key: str, *, minimum: float = 0.0) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ConfigError(key, f"expected a number, got {v!r}")
+    if v < minimum:
+        raise ConfigError(key, f"must be >= {minimum}, got {v}")
+    return float(v)
+
+
+def _bool(v: Any, key: str) -> bool:
+    if not isinstance(v, bool):
+        raise ConfigError(key, f"expected true or false, got {v!r}")
+    return v
+
+
+def _str(v: Any, key: str) -> str:
+    if not isinstance(v, str):
+        raise ConfigError(key, f"expected a string, got {v!r}")
+    return v
+
+
+def _size(v: Any, key: str) -> int:
+    try:
+        return parse_size(v)
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def _parse_spool(raw: Mapping[str, Any]) -> SpoolConfig:
+    w = "spool"
+    _check_keys(raw, {f.name for f in fields(SpoolConfig)}, w)
+    d = SpoolConfig()
+    return SpoolConfig(
+        directory=_str(raw.get("directory", d.directory), f"{w}.directory"),
+        segment_bytes=_size(raw.get("segment_bytes", d.segment_bytes), f"{w}.segment_bytes"),
+        compact_bytes=_size(raw.get("compact_bytes", d.compact_bytes), f"{w}.compact_bytes"),
+        event_file_bytes=_size(raw.get("event_file_bytes", d.event_file_bytes),
+                               f"{w}.event_file_bytes"),
+        event_files_kept=_int(raw.get("event_files_kept", d.event_files_kept),
+                              f"{w}.event_files_kept", minimum=1),
+        fsync=_bool(raw.get("fsync", d.fsync), f"{w}.fsync"),
+    )
+
+
+_RETRY_KEYS = {"retry_initial": "initial", "retry_factor": "factor", "retry_max_delay": "max_delay",
+               "retry_jitter": "jitter", "max_age": "max_age", "dns_retry_initial": "dns_initial"}
+
+
+def _parse_queue(raw: Mapping[str, Any]) -> QueueConfig:
+    w = "queue"
+    scalar = {f.name for f in fields(QueueConfig)} - {"retry"}
+    _check_keys(raw, scalar | set(_RETRY_KEYS), w)
+    d = QueueConfig()
+    r = d.retry
+    retry_kwargs: dict[str, float] = {}
+    for key, attr in _RETRY_KEYS.items():
+        if key in raw:
+            if attr in ("factor", "jitter"):
+                retry_kwargs[attr] = _float(raw[key], f"{w}.{key}")
+            else:
+                retry_kwargs[attr] = _dur(raw[key], f"{w}.{key}")
+    try:
+        retry = replace(r, **retry_kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{w}.retry_*", str(e)) from None
+    return QueueConfig(
+        retry=retry,
+        max_message_size=_size(raw.get("max_message_size", d.max_message_size),
+                               f"{w}.max_message_size"),
+        max_messages=_int(raw.get("max_messages", d.max_messages), f"{w}.max_messages", minimum=1),
+        max_bytes=_size(raw.get("max_bytes", d.max_bytes), f"{w}.max_bytes"),
+        dispatch_interval=_dur(raw.get("dispatch_interval", d.dispatch_interval),
+                               f"{w}.dispatch_interval"),
+        dispatch_batch=_int(raw.get("dispatch_batch", d.dispatch_batch), f"{w}.dispatch_batch",
+                            minimum=1),
+        inflight_timeout=_dur(raw.get("inflight_timeout", d.inflight_timeout),
+                              f"{w}.inflight_timeout"),
+        status_cache=_int(raw.get("status_cache", d.status_cache), f"{w}.status_cache"),
+        idempotency_window=_dur(raw.get("idempotency_window", d.idempotency_window),
+                                f"{w}.idempotency_window"),
+        shards=_int(raw.get("shards", d.shards), f"{w}.shards", minimum=1, maximum=256),
+    )
+
+
+def _parse_dns(raw: Mapping[str, Any]) -> DnsConfig:
+    w = "dns"
+    _check_keys(raw, {f.name for f in fields(DnsConfig)}, w)
+    d = DnsConfig()
+    ns = raw.get("nameservers", list(d.nameservers))
+    if isinstance(ns, str):
+        ns = [ns]
+    if not isinstance(ns, list):
+        raise ConfigError(f"{w}.nameservers", f"expected a list of IP addresses, got {ns!r}")
+    for i, a in enumerate(ns):
+        try:
+            ipaddress.ip_address(a)
+        except (ValueError, TypeError):
+            raise ConfigError(f"{w}.nameservers[{i}]", f"not an IP address: {a!r}") from None
+    return DnsConfig(
+        nameservers=tuple(ns),
+        port=_int(raw.get("port", d.port), f"{w}.port", minimum=1, maximum=65535),
+        timeout=_dur(raw.get("timeout", d.timeout), f"{w}.timeout"),
+        min_ttl=_dur(raw.get("min_ttl", d.min_ttl), f"{w}.min_ttl", positive=False),
+        max_ttl=_dur(raw.get("max_ttl", d.max_ttl), f"{w}.max_ttl"),
+    )
+
+
+def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
+    w = "delivery"
+    _check_keys(raw, {f.name for f in fields(DeliveryConfig)}, w)
+    d = DeliveryConfig()
+    kw: dict[str, Any] = {}
+    for f in fields(DeliveryConfig):
+        if f.name not in raw:
+            continue
+        key = f"{w}.{f.name}"
+        if f.name == "smtp_port":
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=65535)
+        elif f.name == "throttle_actors":
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=64)
+        else:
+            kw[f.name] = _dur(raw[f.name], key)
+    out = replace(d, **kw)
+    if out.site_backoff_max < out.site_backoff:
+        raise ConfigError(f"{w}.site_backoff_max", "must be >= delivery.site_backoff")
+    return out
+
+
+def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
+    if raw is None:
+        return (EgressSource(),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("egress", "expected a non-empty array of tables ([[egress]])")
+    out = []
+    seen: set[str] = set()
+    for i, e in enumerate(raw):
+        w = f"egress[{i}]"
+        if not isinstance(e, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(e, {"name", "bind_address", "ehlo_name"}, w)
+        name = _str(e.get("name", "default"), f"{w}.name")
+        if not name or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"{w}.name", f"use letters, digits, '-', '_' or '.', got {name!r}")
+        if name in seen:
+            raise ConfigError(f"{w}.name", f"duplicate egress source {name!r}")
+        seen.add(name)
+        bind = _str(e.get("bind_address", ""), f"{w}.bind_address")
+        if bind:
+            try:
+                ipaddress.ip_address(bind)
+            except ValueError:
+                raise ConfigError(f"{w}.bind_address", f"not an IP address: {bind!r}") from None
+        ehlo = _str(e.get("ehlo_name", "localhost"), f"{w}.ehlo_name")
+        if not ehlo or any(c.isspace() for c in ehlo):
+            raise ConfigError(f"{w}.ehlo_name", f"must be a host name, got {ehlo!r}")
+        out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo))
+    return tuple(out)
+
+
+_LIMIT_KEYS = {"rate", "max_connections", "deliveries_per_connection", "tls", "dedicated",
+               "sources"}
+
+
+def _parse_limits(raw: Mapping[str, Any], base: SiteLimits, w: str,
+                  egress: tuple[EgressSource, ...]) -> SiteLimits:
+    kw: dict[str, Any] = {}
+    if "rate" in raw:
+        rates = raw["rate"]
+        if isinstance(rates, str):
+            rates = [rates]
+        if not isinstance(rates, list) or not rates:
+            raise ConfigError(f"{w}.rate", "expected a rate such as '100/s' or a list of them")
+        parsed = []
+        for i, r in enumerate(rates):
+            try:
+                parsed.append(RateSpec.parse(_str(r, f"{w}.rate[{i}]")))
+            except ValueError as e:
+                raise ConfigError(f"{w}.rate[{i}]" if len(rates) > 1 else f"{w}.rate",
+                                  str(e)) from None
+        kw["rates"] = tuple(parsed)
+    if "max_connections" in raw:
+        kw["max_connections"] = _int(raw["max_connections"], f"{w}.max_connections", minimum=1,
+                                     maximum=10_000)
+    if "deliveries_per_connection" in raw:
+        kw["deliveries_per_connection"] = _int(raw["deliveries_per_connection"],
+                                               f"{w}.deliveries_per_connection", minimum=1)
+    if "tls" in raw:
+        tls = _str(raw["tls"], f"{w}.tls")
+        if tls not in ("opportunistic", "required", "disabled"):
+            raise ConfigError(f"{w}.tls", f"expected opportunistic, required or disabled, got {tls!r}")
+        kw["tls"] = tls
+    if "dedicated" in raw:
+        kw["dedicated"] = _bool(raw["dedicated"], f"{w}.dedicated")
+    if "sources" in raw:
+        src = raw["sources"]
+        if not isinstance(src, list) or not all(isinstance(s, str) for s in src):
+            raise ConfigError(f"{w}.sources", "expected a list of egress source names")
+        known = {e.name for e in egress}
+        for s in src:
+            if s not in known:
+                raise ConfigError(f"{w}.sources", f"unknown egress source {s!r}")
+        kw["sources"] = tuple(src)
+    return replace(base, **kw)
+
+
+def _parse_sites(raw: Any, defaults: SiteLimits,
+                 egress: tuple[EgressSource, ...]) -> tuple[SiteOverride, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("site", "expected an array of tables ([[site]])")
+    out = []
+    for i, s in enumerate(raw):
+        w = f"site[{i}]"
+        if not isinstance(s, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(s, _LIMIT_KEYS | {"domain", "mx_suffix"}, w)
+        domain = _str(s.get("domain", ""), f"{w}.domain").lower().rstrip(".")
+        suffix = _str(s.get("mx_suffix", ""), f"{w}.mx_suffix").lower().rstrip(".")
+        if bool(domain) == bool(suffix):
+            raise ConfigError(w, "give exactly one of 'domain' or 'mx_suffix'")
+        out.append(SiteOverride(limits=_parse_limits(s, defaults, w, egress), domain=domain,
+                                mx_suffix=suffix))
+    return tuple(out)
+
+
+def _parse_routes(raw: Any) -> tuple[StaticRoute, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        raise ConfigError("routes", "expected a table of domain = \"host:port\"")
+    out = []
+    for domain, target in raw.items():
+        w = f"routes.{domain}"
+        t = _str(target, w)
+        host, sep, port_s = t.rpartition(":")
+        if not sep or not host or not port_s.isdigit():
+            raise ConfigError(w, f"expected 'host:port', got {t!r}")
+        port = int(port_s)
+        if not 1 <= port <= 65535:
+            raise ConfigError(w, f"port out of range in {t!r}")
+        out.append(StaticRoute(domain=domain.lower().rstrip("."), host=host.strip("[]"), port=port))
+    return tuple(out)
+
+
+def _parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig:
+    w = "cluster"
+    _check_keys(raw, {f.name for f in fields(ClusterConfig)}, w)
+    d = ClusterConfig()
+    return ClusterConfig(
+        namespace=_str(raw.get("namespace", d.namespace), f"{w}.namespace"),
+        replicas=_int(raw.get("replicas", d.replicas), f"{w}.replicas", minimum=1, maximum=7),
+    )
+
+
+_TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster"}
+
+
+def parse_config(raw: Mapping[str, Any]) -> Config:
+    """Build a :class:`Config` from a parsed TOML document (a dict)."""
+    _check_keys(raw, _TOP, "")
+    egress = _parse_egress(raw.get("egress"))
+    sd_raw = _table(raw, "site_defaults", "")
+    _check_keys(sd_raw, _LIMIT_KEYS, "site_defaults")
+    site_defaults = _parse_limits(sd_raw, SiteLimits(), "site_defaults", egress)
+    return Config(
+        spool=_parse_spool(_table(raw, "spool", "")),
+        queue=_parse_queue(_table(raw, "queue", "")),
+        dns=_parse_dns(_table(raw, "dns", "")),
+        delivery=_parse_delivery(_table(raw, "delivery", "")),
+        egress=egress,
+        site_defaults=site_defaults,
+        sites=_parse_sites(raw.get("site"), site_defaults, egress),
+        routes=_parse_routes(raw.get("routes")),
+        cluster=_parse_cluster(_table(raw, "cluster", "")),
+    )
+
+
+def load_config(path: str | os.PathLike[str] | None) -> Config:
+    """Read a TOML config file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), f"not UTF-8: {e}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), f"invalid TOML: {e}") from None
+    return parse_config(raw)

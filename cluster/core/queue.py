@@ -1,0 +1,409 @@
+"""The queue as a state machine over log records (event sourcing), plus its scheduling indexes.
+
+Owns: what a queued message is, the durable record types, how each record changes the queue,
+the event each record produces, and the soft indexes (ready per domain, deferred by next attempt
+time, expiry) the coordinator schedules from. The same :meth:`QueueState.apply` runs for live
+records and for records replayed from disk, so the queue rebuilt after a restart is the queue
+that was lost, and the event stream can never disagree with the queue.
+
+Pure: no I/O, no clock (every time is an argument or inside a record), no Ray.
+
+Record layout (msgpack arrays, first element the type):
+
+========  ===================================================================================
+``b``     body:      [b, body_id, bytes]
+``a``     accept:    [a, id, body_id, sender, rcpt, domain, created, not_before, expires_at,
+                      tags, metadata, idempotency_key, smtputf8]
+``t``     transient: [t, id, attempt, next_at, code, enhanced, text, site, category, ts]
+``d``     delivered: [d, id, attempt, code, text, site, ts]
+``f``     final:     [f, id, attempt, kind, code, enhanced, text, site, category, ts]
+                     kind: "bounce" | "expired" | "cancelled"
+========  ===================================================================================
+A message state machine: accepted → (ready | deferred) → inflight → delivered | transient
+(→ deferred) | bounced; any live, not inflight message → expired | cancelled.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+__all__ = [
+    "REC_BODY", "REC_ACCEPT", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
+    "QueuedMessage", "QueueState", "StateError",
+    "accept_record", "body_record", "transient_record", "delivered_record", "final_record",
+]
+
+REC_BODY = "b"
+REC_ACCEPT = "a"
+REC_TRANSIENT = "t"
+REC_DELIVERED = "d"
+REC_FINAL = "f"
+
+QUEUED = "queued"      # ready to send now
+DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
+INFLIGHT = "inflight"  # handed to a relay, no result yet
+
+
+class StateError(ValueError):
+    """A record does not fit the queue (corrupt or foreign log)."""
+
+
+def body_record(body_id: str, body: bytes) -> list[Any]:
+    return [REC_BODY, body_id, body]
+
+
+def accept_record(msg_id: str, body_id: str, sender: str, rcpt: str, domain: str, created: float,
+                  not_before: float | None, expires_at: float, tags: dict[str, str] | None,
+                  metadata: dict[str, Any] | None, idempotency_key: str | None,
+                  smtputf8: bool) -> list[Any]:
+    return [REC_ACCEPT, msg_id, body_id, sender, rcpt, domain, created, not_before, expires_at,
+            tags or None, metadata or None, idempotency_key, smtputf8]
+
+
+def transient_record(msg_id: str, attempt: int, next_at: float, code: int | None,
+                     enhanced: str | None, text: str, site: str, category: str,
+                     ts: float) -> list[Any]:
+    return [REC_TRANSIENT, msg_id, attempt, next_at, code, enhanced, text, site, category, ts]
+
+
+def delivered_record(msg_id: str, attempt: int, code: int | None, text: str, site: str,
+                     ts: float) -> list[Any]:
+    return [REC_DELIVERED, msg_id, attempt, code, text, site, ts]
+
+
+def final_record(msg_id: str, attempt: int, kind: str, code: int | None, enhanced: str | None,
+                 text: str, site: str, category: str, ts: float) -> list[Any]:
+    return [REC_FINAL, msg_id, attempt, kind, code, enhanced, text, site, category, ts]
+
+
+class QueuedMessage:
+    """One recipient's copy of a message, live in the queue."""
+
+    __slots__ = ("id", "body_id", "sender", "rcpt", "domain", "created", "not_before",
+                 "expires_at", "tags", "metadata", "idempotency_key", "smtputf8", "attempts",
+                 "next_at", "state", "last_code", "last_text", "site", "cancel_requested",
+                 "dispatched_at")
+
+    def __init__(self, rec: list[Any]) -> None:
+        (_, self.id, self.body_id, self.sender, self.rcpt, self.domain, self.created,
+         self.not_before, self.expires_at, self.tags, self.metadata, self.idempotency_key,
+         self.smtputf8) = rec
+        self.attempts = 0
+        self.next_at: float = self.not_before or 0.0
+        self.state = QUEUED
+        self.last_code: int | None = None
+        self.last_text = ""
+        self.site = ""
+        self.cancel_requested = False
+        self.dispatched_at = 0.0
+
+    def to_snapshot(self) -> list[Any]:
+        return [self.id, self.body_id, self.sender, self.rcpt, self.domain, self.created,
+                self.not_before, self.expires_at, self.tags, self.metadata,
+                self.idempotency_key, self.smtputf8, self.attempts, self.next_at,
+                self.last_code, self.last_text, self.site]
+
+    @classmethod
+    def from_snapshot(cls, row: list[Any]) -> "QueuedMessage":
+        m = cls([REC_ACCEPT, *row[:12]])
+        m.attempts, m.next_at, m.last_code, m.last_text, m.site = row[12:17]
+        return m
+
+
+@dataclass
+class _Body:
+    data: bytes
+    refs: int
+
+
+_EVENT_TYPES = {REC_ACCEPT: "Reception", REC_TRANSIENT: "TransientFailure",
+                REC_DELIVERED: "Delivery"}
+_FINAL_EVENT = {"bounce": "Bounce", "expired": "Expiration", "cancelled": "AdminBounce"}
+
+
+class QueueState:
+    """Live messages, their bodies and the scheduling indexes of one queue shard."""
+
+    def __init__(self, *, status_cache: int = 200_000, idempotency_window: float = 86400.0) -> None:
+        self.messages: dict[str, QueuedMessage] = {}
+        self.bodies: dict[str, _Body] = {}
+        self.body_bytes = 0
+        self.ready: dict[str, deque[str]] = {}          # domain → ids, FIFO
+        self.ready_count = 0
+        self._deferred: list[tuple[float, str]] = []    # (next_at, id), lazily cleaned
+        self._expiry: list[tuple[float, str]] = []      # (expires_at, id), lazily cleaned
+        self.inflight: dict[str, QueuedMessage] = {}
+        self.idempotency: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
+        self.idempotency_window = idempotency_window
+        self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.status_cache = status_cache
+        self.last_lsn = 0
+        self.counters = {"accepted": 0, "delivered": 0, "transient": 0, "bounced": 0,
+                         "expired": 0, "cancelled": 0}
+
+    # ------------------------------------------------------------------ applying records
+    def apply(self, rec: list[Any], lsn: int) -> dict[str, Any] | None:
+        """Apply one durable record; return the event it produces (None for bodies)."""
+        if lsn <= self.last_lsn:
+            raise StateError(f"record lsn {lsn} not after {self.last_lsn}")
+        self.last_lsn = lsn
+        kind = rec[0]
+        if kind == REC_BODY:
+            _, body_id, data = rec
+            if body_id not in self.bodies:
+                self.bodies[body_id] = _Body(bytes(data), 0)
+                self.body_bytes += len(data)
+            return None
+        if kind == REC_ACCEPT:
+            return self._apply_accept(rec, lsn)
+        msg_id = rec[1]
+        m = self.messages.get(msg_id)
+        if m is None:
+            # A result for a message that already finished (e.g. a duplicate delivery report
+            # after a restart): harmless, nothing to change, no event.
+            return None
+        if kind == REC_TRANSIENT:
+            _, _, attempt, next_at, code, enhanced, text, site, category, ts = rec
+            self.inflight.pop(msg_id, None)
+            m.attempts = max(m.attempts, attempt)
+            m.last_code, m.last_text, m.site = code, text, site
+            self._defer(m, next_at)
+            self.counters["transient"] += 1
+            return self._event("TransientFailure", lsn, m, ts, attempt=attempt, code=code,
+                               enhanced=enhanced, text=text, site=site, category=category,
+                               next_attempt=next_at)
+        if kind == REC_DELIVERED:
+            _, _, attempt, code, text, site, ts = rec
+            m.attempts = max(m.attempts, attempt)
+            self.counters["delivered"] += 1
+            ev = self._event("Delivery", lsn, m, ts, attempt=attempt, code=code, text=text,
+                             site=site)
+            self._finish(m, "delivered", ev)
+            return ev
+        if kind == REC_FINAL:
+            _, _, attempt, fkind, code, enhanced, text, site, category, ts = rec
+            m.attempts = max(m.attempts, attempt)
+            self.counters[{"bounce": "bounced", "expired": "expired",
+                           "cancelled": "cancelled"}[fkind]] += 1
+            ev = self._event(_FINAL_EVENT[fkind], lsn, m, ts, attempt=attempt, code=code,
+                             enhanced=enhanced, text=text, site=site, category=category)
+            self._finish(m, {"bounce": "bounced"}.get(fkind, fkind), ev)
+            return ev
+        raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
+
+    def _apply_accept(self, rec: list[Any], lsn: int) -> dict[str, Any]:
+        m = QueuedMessage(rec)
+        if m.id in self.messages:
+            raise StateError(f"message {m.id} accepted twice (lsn {lsn})")
+        body = self.bodies.get(m.body_id)
+        if body is None:
+            raise StateError(f"message {m.id} refers to unknown body {m.body_id} (lsn {lsn})")
+        body.refs += 1
+        self.messages[m.id] = m
+        if m.idempotency_key:
+            ent = self.idempotency.get(m.idempotency_key)
+            if ent is None:
+                self.idempotency[m.idempotency_key] = (m.created, [m.id])
+            else:
+                ent[1].append(m.id)
+        heapq.heappush(self._expiry, (m.expires_at, m.id))
+        if m.not_before and m.not_before > m.created:
+            self._defer(m, m.not_before)
+        else:
+            self._make_ready(m)
+        self.counters["accepted"] += 1
+        return self._event("Reception", lsn, m, m.created, size=len(body.data))
+
+    def _event(self, etype: str, lsn: int, m: QueuedMessage, ts: float,
+               **extra: Any) -> dict[str, Any]:
+        ev: dict[str, Any] = {"seq": lsn, "type": etype, "ts": ts, "id": m.id,
+                              "sender": m.sender, "recipient": m.rcpt, "domain": m.domain}
+        if m.tags:
+            ev["tags"] = m.tags
+        ev.update(extra)
+        return ev
+
+    def _finish(self, m: QueuedMessage, state: str, ev: dict[str, Any]) -> None:
+        self.messages.pop(m.id, None)
+        self.inflight.pop(m.id, None)
+        if m.state == QUEUED:
+            q = self.ready.get(m.domain)
+            if q is not None:
+                try:
+                    q.remove(m.id)
+                    self.ready_count -= 1
+                except ValueError:
+                    pass
+                if not q:
+                    del self.ready[m.domain]
+        m.state = state
+        body = self.bodies.get(m.body_id)
+        if body is not None:
+            body.refs -= 1
+            if body.refs <= 0:
+                del self.bodies[m.body_id]
+                self.body_bytes -= len(body.data)
+        if self.status_cache:
+            self.finished[m.id] = {"id": m.id, "state": state, "recipient": m.rcpt,
+                                   "attempts": ev.get("attempt", m.attempts),
+                                   "code": ev.get("code"), "text": ev.get("text", ""),
+                                   "site": ev.get("site", m.site), "ts": ev["ts"]}
+            while len(self.finished) > self.status_cache:
+                self.finished.popitem(last=False)
+
+    def _make_ready(self, m: QueuedMessage) -> None:
+        m.state = QUEUED
+        q = self.ready.get(m.domain)
+        if q is None:
+            q = self.ready[m.domain] = deque()
+        q.append(m.id)
+        self.ready_count += 1
+
+    def _defer(self, m: QueuedMessage, next_at: float) -> None:
+        m.state = DEFERRED
+        m.next_at = next_at
+        heapq.heappush(self._deferred, (next_at, m.id))
+
+    # ------------------------------------------------------------------ scheduling (soft)
+    def promote_due(self, now: float) -> int:
+        """Move deferred messages whose time has come to the ready queues."""
+        n = 0
+        h = self._deferred
+        while h and h[0][0] <= now:
+            at, mid = heapq.heappop(h)
+            m = self.messages.get(mid)
+            if m is None or m.state != DEFERRED or m.next_at != at:
+                continue
+            self._make_ready(m)
+            n += 1
+        return n
+
+    def next_due(self) -> float | None:
+        while self._deferred:
+            at, mid = self._deferred[0]
+            m = self.messages.get(mid)
+            if m is None or m.state != DEFERRED or m.next_at != at:
+                heapq.heappop(self._deferred)
+                continue
+            return at
+        return None
+
+    def due_expiries(self, now: float, limit: int = 10_000) -> list[QueuedMessage]:
+        """Live messages past their expiry that are not in flight (those expire on result)."""
+        out: list[QueuedMessage] = []
+        h = self._expiry
+        while h and h[0][0] <= now and len(out) < limit:
+            _, mid = heapq.heappop(h)
+            m = self.messages.get(mid)
+            if m is None:
+                continue
+            if m.state == INFLIGHT:
+                continue  # decided when its result comes back
+            out.append(m)
+        return out
+
+    def take_ready(self, domain: str, n: int, now: float) -> list[QueuedMessage]:
+        """Pop up to n ready messages of ``domain`` and mark them in flight."""
+        q = self.ready.get(domain)
+        out: list[QueuedMessage] = []
+        while q and len(out) < n:
+            mid = q.popleft()
+            self.ready_count -= 1
+            m = self.messages.get(mid)
+            if m is None or m.state != QUEUED:
+                continue
+            m.state = INFLIGHT
+            m.dispatched_at = now
+            self.inflight[mid] = m
+            out.append(m)
+        if q is not None and not q:
+            del self.ready[domain]
+        return out
+
+    def requeue(self, ids: Iterable[str], front: bool = True) -> int:
+        """Put in-flight messages back to ready (their relay died without a result)."""
+        n = 0
+        for mid in ids:
+            m = self.inflight.pop(mid, None)
+            if m is None or mid not in self.messages:
+                continue
+            m.state = QUEUED
+            q = self.ready.get(m.domain)
+            if q is None:
+                q = self.ready[m.domain] = deque()
+            if front:
+                q.appendleft(mid)
+            else:
+                q.append(mid)
+            self.ready_count += 1
+            n += 1
+        return n
+
+    def stale_inflight(self, now: float, timeout: float) -> list[str]:
+        return [mid for mid, m in self.inflight.items() if now - m.dispatched_at > timeout]
+
+    def body(self, body_id: str) -> bytes:
+        return self.bodies[body_id].data
+
+    def lookup_idempotency(self, key: str, now: float) -> list[str] | None:
+        ent = self.idempotency.get(key)
+        if ent is None or now - ent[0] > self.idempotency_window:
+            return None
+        return list(ent[1])
+
+    def prune_idempotency(self, now: float) -> None:
+        while self.idempotency:
+            key, (ts, _) = next(iter(self.idempotency.items()))
+            if now - ts <= self.idempotency_window:
+                break
+            self.idempotency.popitem(last=False)
+
+    # ------------------------------------------------------------------ views
+    def status(self, msg_id: str) -> dict[str, Any] | None:
+        m = self.messages.get(msg_id)
+        if m is not None:
+            return {"id": m.id, "state": m.state, "recipient": m.rcpt, "attempts": m.attempts,
+                    "next_attempt": m.next_at if m.state == DEFERRED else None,
+                    "code": m.last_code, "text": m.last_text, "site": m.site,
+                    "created": m.created, "expires_at": m.expires_at}
+        return self.finished.get(msg_id)
+
+    def counts(self) -> dict[str, int]:
+        deferred = sum(1 for m in self.messages.values() if m.state == DEFERRED)
+        return {"live": len(self.messages), "ready": self.ready_count,
+                "inflight": len(self.inflight), "deferred": deferred,
+                "bodies": len(self.bodies), "body_bytes": self.body_bytes, **self.counters}
+
+    # ------------------------------------------------------------------ snapshots
+    def snapshot(self) -> dict[str, Any]:
+        """Everything hard about the queue, as plain data (msgpack-able)."""
+        return {
+            "lsn": self.last_lsn,
+            "bodies": [[bid, b.data] for bid, b in self.bodies.items()],
+            "messages": [m.to_snapshot() for m in self.messages.values()],
+            "idempotency": [[k, ts, ids] for k, (ts, ids) in self.idempotency.items()],
+            "counters": dict(self.counters),
+        }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        if self.messages or self.bodies or self.last_lsn:
+            raise StateError("restore into a non-empty queue state")
+        for bid, data in snap["bodies"]:
+            self.bodies[bid] = _Body(bytes(data), 0)
+            self.body_bytes += len(data)
+        for row in snap["messages"]:
+            m = QueuedMessage.from_snapshot(row)
+            self.messages[m.id] = m
+            self.bodies[m.body_id].refs += 1
+            heapq.heappush(self._expiry, (m.expires_at, m.id))
+            if m.next_at and m.next_at > m.created:
+                self._defer(m, m.next_at)
+            else:
+                self._make_ready(m)
+        for k, ts, ids in snap["idempotency"]:
+            self.idempotency[k] = (ts, list(ids))
+        self.counters.update(snap.get("counters", {}))
+        self.last_lsn = snap["lsn"]

@@ -1,0 +1,105 @@
+"""Site rollup: which destination *site* a recipient domain belongs to, and that site's limits.
+
+A site is the set of MX hosts a domain resolves to: every domain hosted by the same provider
+shares one site, one set of rate limits and one connection budget (KumoMTA's "site_name").
+Owns: the site key, the limit lookup (per-domain and per-MX-suffix overrides) and the choice of
+the SiteThrottle actor that is the authority for a site. Pure: no DNS, no Ray.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Sequence
+
+from cluster.core.ratespec import RateSpec
+
+__all__ = ["SiteLimits", "SiteOverride", "StaticRoute", "SiteInfo", "site_key", "site_for",
+           "throttle_actor_name", "stable_hash"]
+
+
+@dataclass(frozen=True)
+class SiteLimits:
+    #: message rates; every one applies (e.g. ("100/s", "20000/h"))
+    rates: tuple[RateSpec, ...] = (RateSpec.parse("100/s"),)
+    max_connections: int = 10
+    deliveries_per_connection: int = 100
+    #: "opportunistic" (STARTTLS when offered), "required" (fail if not), "disabled"
+    tls: str = "opportunistic"
+    #: this site gets a SiteThrottle actor of its own (named after the site)
+    dedicated: bool = False
+    #: egress source names allowed for this site (empty = all)
+    sources: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SiteOverride:
+    """Limits for sites matching ``domain`` (exact recipient domain) or ``mx_suffix``."""
+
+    limits: SiteLimits
+    domain: str = ""
+    mx_suffix: str = ""
+
+
+@dataclass(frozen=True)
+class StaticRoute:
+    """Deliver a domain's mail to a fixed host:port instead of its MX (smart host, tests)."""
+
+    domain: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    key: str
+    limits: SiteLimits
+
+
+def stable_hash(text: str) -> int:
+    """A hash that is the same in every process (Python's hash() is salted per process)."""
+    return zlib.crc32(text.encode("utf-8"))
+
+
+def site_key(mx_hosts: Sequence[str]) -> str:
+    """The site of a set of MX host names: sorted, de-duplicated, comma-joined.
+
+    Order and preference do not matter: two domains whose MX sets are equal are one site."""
+    return ",".join(sorted({h.lower().rstrip(".") for h in mx_hosts}))
+
+
+def _suffix_match(host: str, suffix: str) -> bool:
+    suffix = suffix.lstrip(".*")
+    return host == suffix or host.endswith("." + suffix)
+
+
+def site_for(domain: str, mx_hosts: Sequence[str], defaults: SiteLimits,
+             overrides: Sequence[SiteOverride], static_route: StaticRoute | None = None) -> SiteInfo:
+    """The site and limits for ``domain`` whose MX host names are ``mx_hosts``.
+
+    A domain override gives the domain a site of its own (``domain:<name>``) so its limits never
+    leak to other domains sharing the MX set; an MX-suffix override applies to the whole site.
+    A static route is a site of its own (``route:host:port``). First matching override wins."""
+    domain = domain.lower().rstrip(".")
+    for o in overrides:
+        if o.domain and o.domain == domain:
+            return SiteInfo(f"domain:{domain}", o.limits)
+    if static_route is not None:
+        key = f"route:{static_route.host}:{static_route.port}"
+    else:
+        key = site_key(mx_hosts)
+    hosts = [h.lower().rstrip(".") for h in mx_hosts]
+    for o in overrides:
+        if o.mx_suffix and any(_suffix_match(h, o.mx_suffix) for h in hosts):
+            return SiteInfo(key, o.limits)
+    return SiteInfo(key, defaults)
+
+
+def throttle_actor_name(site: str, dedicated: bool, shared_actors: int) -> str:
+    """The SiteThrottle actor that is the authority for ``site``.
+
+    Hot (dedicated) sites have their own actor, named after the site so the dashboard shows it;
+    the long tail is hashed over a fixed pool, since every actor process costs ~50 MiB."""
+    if dedicated:
+        return f"throttle:{site}"
+    return f"throttle:pool:{stable_hash(site) % shared_actors}"

@@ -1,0 +1,177 @@
+"""Per-site throttle state: message-rate grants, in-flight caps, connection leases, backoff.
+
+Owns the arithmetic behind "send up to N to site S now" and "you may hold connection L to S".
+A SiteThrottle actor holds one :class:`ThrottleBook` and does the I/O around it. Pure: no clock
+(``now`` is an argument), no Ray, no sockets. Everything here is *soft* state: after a restart
+the book starts empty, relays re-register the connections they hold (:meth:`renew`), and
+coordinators report their absolute in-flight counts with every grant request, so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from cluster.core.ratespec import Gcra, MultiLimiter
+from cluster.core.sites import SiteLimits
+
+__all__ = ["ThrottleBook", "SiteBook", "Grant", "max_inflight"]
+
+
+def max_inflight(limits: SiteLimits) -> int:
+    """Messages a site may have handed to relays at once: enough to keep every allowed
+    connection busy between two dispatch rounds, never the whole queue."""
+    return limits.max_connections * min(limits.deliveries_per_connection, 50)
+
+
+@dataclass
+class Grant:
+    count: int
+    retry_after: float  # when asking again could give more (0 = any time)
+
+
+@dataclass
+class SiteBook:
+    limits: SiteLimits
+    limiter: MultiLimiter
+    inflight: dict[int, int] = field(default_factory=dict)          # shard → messages
+    leases: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # id → pool, inc, exp
+    backoff_until: float = 0.0
+    backoff_level: int = 0
+    last_backoff: float = 0.0
+    granted: int = 0
+    last_used: float = 0.0
+
+
+class ThrottleBook:
+    def __init__(self, *, lease_ttl: float = 20.0, backoff: float = 30.0,
+                 backoff_max: float = 600.0, idle_forget: float = 3600.0) -> None:
+        self.sites: dict[str, SiteBook] = {}
+        self.lease_ttl = lease_ttl
+        self.backoff = backoff
+        self.backoff_max = backoff_max
+        self.idle_forget = idle_forget
+        self._ids = itertools.count(1)
+
+    def _site(self, site: str, limits: SiteLimits, now: float) -> SiteBook:
+        b = self.sites.get(site)
+        if b is None or b.limits != limits:
+            old = b
+            b = SiteBook(limits, MultiLimiter([Gcra(r) for r in limits.rates]))
+            if old is not None:  # limits changed: keep what is real (leases, in flight, backoff)
+                b.inflight, b.leases = old.inflight, old.leases
+                b.backoff_until, b.backoff_level = old.backoff_until, old.backoff_level
+            self.sites[site] = b
+        b.last_used = now
+        return b
+
+    # ------------------------------------------------------------------ message grants
+    def grant(self, shard: int, site: str, limits: SiteLimits, ready: int, inflight: int,
+              now: float) -> Grant:
+        """How many of ``ready`` messages shard may hand to relays for ``site`` right now."""
+        b = self._site(site, limits, now)
+        b.inflight[shard] = inflight
+        if now < b.backoff_until:
+            return Grant(0, b.backoff_until)
+        room = max_inflight(limits) - sum(b.inflight.values())
+        want = min(ready, room)
+        if want <= 0:
+            return Grant(0, 0.0)  # results will free room; ask again next round
+        n = b.limiter.take(now, want)
+        b.granted += n
+        b.inflight[shard] = inflight + n
+        retry = 0.0 if n == want else now + max(b.limiter.wait_time(now), 0.001)
+        return Grant(n, retry)
+
+    # ------------------------------------------------------------------ connection leases
+    def _expire_leases(self, b: SiteBook, now: float) -> None:
+        dead = [lid for lid, (_, _, exp) in b.leases.items() if exp <= now]
+        for lid in dead:
+            del b.leases[lid]
+
+    def acquire(self, site: str, limits: SiteLimits, pool: str, incarnation: str, n: int,
+                now: float) -> list[int]:
+        """Up to ``n`` new connection leases for ``pool``; fewer (or none) at the site's cap.
+
+        Leases held by an earlier incarnation of the same pool died with it: dropped."""
+        b = self._site(site, limits, now)
+        self._expire_leases(b, now)
+        for lid in [lid for lid, (p, inc, _) in b.leases.items() if p == pool and inc != incarnation]:
+            del b.leases[lid]
+        if now < b.backoff_until:
+            return []
+        free = limits.max_connections - len(b.leases)
+        out = []
+        for _ in range(max(0, min(n, free))):
+            lid = next(self._ids)
+            b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
+            out.append(lid)
+        return out
+
+    def release(self, site: str, lease_ids: Iterable[int]) -> None:
+        b = self.sites.get(site)
+        if b is None:
+            return
+        for lid in lease_ids:
+            b.leases.pop(lid, None)
+
+    def renew(self, site: str, limits: SiteLimits, pool: str, incarnation: str,
+              lease_ids: Iterable[int], now: float) -> list[int]:
+        """Extend leases; adopt unknown ones (this book restarted) while under the cap.
+
+        Returns the lease ids refused: the relay must close those connections."""
+        b = self._site(site, limits, now)
+        self._expire_leases(b, now)
+        refused = []
+        for lid in lease_ids:
+            cur = b.leases.get(lid)
+            if cur is not None and cur[0] == pool:
+                b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
+            elif cur is None and len(b.leases) < limits.max_connections:
+                b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
+            else:
+                refused.append(lid)
+        return refused
+
+    def bump_ids(self, lease_ids: Iterable[int]) -> None:
+        """Never hand out an id a relay still holds from before a restart."""
+        top = max(lease_ids, default=0)
+        cur = next(self._ids)
+        self._ids = itertools.count(max(cur, top + 1))
+
+    # ------------------------------------------------------------------ feedback
+    def back_off(self, site: str, now: float) -> float:
+        """The site asked us to slow down (421, "try again later"): pause it, doubling."""
+        b = self.sites.get(site)
+        if b is None:
+            return 0.0
+        if now - b.last_backoff > 2 * self.backoff_max:
+            b.backoff_level = 0
+        delay = min(self.backoff * (2 ** b.backoff_level), self.backoff_max)
+        if now < b.backoff_until:  # already paused: reports from the same burst count once
+            return b.backoff_until
+        b.backoff_level += 1
+        b.last_backoff = now
+        b.backoff_until = now + delay
+        return b.backoff_until
+
+    def forget_idle(self, now: float) -> int:
+        """Drop books of sites unused for a long time (bounded memory for the long tail)."""
+        idle = [s for s, b in self.sites.items()
+                if now - b.last_used > self.idle_forget and not b.leases
+                and not any(b.inflight.values())]
+        for s in idle:
+            del self.sites[s]
+        return len(idle)
+
+    def snapshot(self, now: float) -> dict[str, dict]:
+        out = {}
+        for s, b in self.sites.items():
+            self._expire_leases(b, now)
+            out[s] = {"connections": len(b.leases), "inflight": sum(b.inflight.values()),
+                      "granted": b.granted,
+                      "backoff_remaining": max(0.0, b.backoff_until - now),
+                      "max_connections": b.limits.max_connections,
+                      "rates": [str(r) for r in b.limits.rates]}
+        return out

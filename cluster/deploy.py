@@ -1,0 +1,60 @@
+"""Cluster wiring: start (or attach to) Ray and deploy raymta's actors from a config.
+
+Owns the environment raymta needs from Ray (loopback-only defaults for the embedded cluster)
+and the set of actors a deployment consists of. Idempotent: deploying again attaches to the
+actors that exist (names are stable) and creates only what is missing, e.g. relays for nodes
+that joined.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ray
+
+from cluster.config import Config
+
+__all__ = ["LOOPBACK_ENV", "init_local_ray", "deploy", "wait_ready"]
+
+#: what the embedded default sets so Ray binds and advertises 127.0.0.1 only
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False,
+                   namespace: str = "raymta", **kwargs: Any) -> Any:
+    """Start a new local Ray (never attach to a leftover cluster), bound to loopback."""
+    for k, v in LOOPBACK_ENV.items():
+        os.environ.setdefault(k, v)
+    return ray.init(address="local", num_cpus=num_cpus, namespace=namespace,
+                    include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                    log_to_driver=kwargs.pop("log_to_driver", False), **kwargs)
+
+
+def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
+    """Create or attach to every actor; returns the handles by name."""
+    from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
+                               ensure_throttle, relay_name)
+    handles: dict[str, Any] = {}
+    for k in range(cfg.delivery.throttle_actors):
+        name = f"throttle:pool:{k}"
+        handles[name] = ensure_throttle(cfg, name, detached=detached)
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        for src in cfg.egress:
+            handles[relay_name(node["NodeID"], src.name)] = ensure_relay(
+                cfg, node["NodeID"], src, detached=detached)
+    for shard in range(cfg.queue.shards):
+        handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, detached=detached)
+    wait_ready(handles)
+    return handles
+
+
+def wait_ready(handles: dict[str, Any], timeout: float = 120.0) -> None:
+    refs = {name: h.ping.remote() for name, h in handles.items()}
+    for name, ref in refs.items():
+        ray.get(ref, timeout=timeout)
+    for name, h in handles.items():
+        if name.startswith("coordinator:"):
+            ray.get(h.start.remote(), timeout=timeout)
