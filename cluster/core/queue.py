@@ -168,6 +168,7 @@ class QueueState:
         if kind == REC_TRANSIENT:
             _, _, attempt, next_at, code, enhanced, text, site, category, ts = rec
             self.inflight.pop(msg_id, None)
+            self._unready(m)
             m.attempts = max(m.attempts, attempt)
             m.last_code, m.last_text, m.site = code, text, site
             self._defer(m, next_at)
@@ -229,16 +230,7 @@ class QueueState:
     def _finish(self, m: QueuedMessage, state: str, ev: dict[str, Any]) -> None:
         self.messages.pop(m.id, None)
         self.inflight.pop(m.id, None)
-        if m.state == QUEUED:
-            q = self.ready.get(m.domain)
-            if q is not None:
-                try:
-                    q.remove(m.id)
-                    self.ready_count -= 1
-                except ValueError:
-                    pass
-                if not q:
-                    del self.ready[m.domain]
+        self._unready(m)
         m.state = state
         body = self.bodies.get(m.body_id)
         if body is not None:
@@ -253,6 +245,21 @@ class QueueState:
                                    "site": ev.get("site", m.site), "ts": ev["ts"]}
             while len(self.finished) > self.status_cache:
                 self.finished.popitem(last=False)
+
+    def _unready(self, m: QueuedMessage) -> None:
+        """Take a queued message out of its ready queue (O(n) in that queue: rare path —
+        dispatched messages leave the ready queue when taken)."""
+        if m.state != QUEUED:
+            return
+        q = self.ready.get(m.domain)
+        if q is not None:
+            try:
+                q.remove(m.id)
+                self.ready_count -= 1
+            except ValueError:
+                pass
+            if not q:
+                del self.ready[m.domain]
 
     def _make_ready(self, m: QueuedMessage) -> None:
         m.state = QUEUED
@@ -326,7 +333,9 @@ class QueueState:
     def requeue(self, ids: Iterable[str], front: bool = True) -> int:
         """Put in-flight messages back to ready (their relay died without a result)."""
         n = 0
-        for mid in ids:
+        ids = list(ids)
+        # appendleft reverses: walk backwards so the batch keeps its order at the front
+        for mid in (reversed(ids) if front else ids):
             m = self.inflight.pop(mid, None)
             if m is None or mid not in self.messages:
                 continue
@@ -399,7 +408,8 @@ class QueueState:
             self.messages[m.id] = m
             self.bodies[m.body_id].refs += 1
             heapq.heappush(self._expiry, (m.expires_at, m.id))
-            if m.next_at and m.next_at > m.created:
+            # as _apply_accept / the transient record left it: tried or scheduled → deferred
+            if m.attempts > 0 or (m.not_before and m.not_before > m.created):
                 self._defer(m, m.next_at)
             else:
                 self._make_ready(m)

@@ -1,0 +1,502 @@
+"""MX resolution: turn a recipient domain into a delivery :class:`Route` (RFC 5321 §5.1, RFC 7505).
+
+Role: the DNS I/O adapter the SiteThrottle actors use to learn where a domain's mail goes.
+Owns: the MX → A/AAAA lookup sequence, implicit MX (no MX: the domain's own address records,
+preference 0), null MX (RFC 7505: "0 ." means the domain accepts no mail), the mapping of DNS
+outcomes to permanent/transient :class:`DnsFailure` kinds, and a bounded TTL cache of routes,
+failures (negative caching) and MX host addresses.
+Must not: decide what a failure *means* for a message (bounce, defer, for how long: that is the
+pure core's retry/bounce policy), filter addresses by policy (a route to a loopback or private
+address is reported as DNS says it; refusing to deliver there is the delivery policy's call,
+and the tests and demo deliberately route to loopback sinks), open SMTP connections, or touch
+the system resolver configuration when explicit nameservers are given.
+
+Time is an argument (``now``, seconds since the epoch as from :func:`time.time`): every
+``expires_at`` is ``now`` plus a TTL, so the cache can be tested without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+__all__ = [
+    "DnsFailure",
+    "FailureKind",
+    "MxHost",
+    "MxResolver",
+    "Route",
+    "normalize_domain",
+]
+
+FailureKind = Literal["nxdomain", "null_mx", "servfail", "timeout", "no_address"]
+
+#: negative-cache time for a permanent failure when the answer carried no SOA (RFC 2308 §5
+#: lets a resolver pick; 300 s is what dnspython and most stub resolvers use)
+DEFAULT_NEGATIVE_TTL = 300.0
+#: negative-cache time for a transient failure (SERVFAIL, timeout, MX hosts without address):
+#: short, so a recovered zone is noticed quickly, long enough to stop a retry storm
+DEFAULT_TRANSIENT_TTL = 10.0
+#: at most this many lookups in flight per :meth:`MxResolver.resolve_many` call
+RESOLVE_MANY_CONCURRENCY = 64
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class MxHost:
+    """One mail exchanger of a route."""
+
+    preference: int
+    #: lowercased, no trailing dot
+    name: str
+    #: A addresses then AAAA addresses, as text
+    addresses: tuple[str, ...]
+
+    @property
+    def global_addresses(self) -> tuple[str, ...]:
+        """The addresses that are globally routable (not loopback, private, link-local...)."""
+        return tuple(a for a in self.addresses if _is_global(a))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a domain's mail goes, valid until ``expires_at``."""
+
+    domain: str
+    #: ascending preference (RFC 5321 §5.1); equal preferences in answer order, or shuffled
+    #: when the resolver was given an ``rng``
+    hosts: tuple[MxHost, ...]
+    #: no MX records: the domain's own A/AAAA records, as an implicit MX of preference 0
+    implicit: bool
+    #: ``now`` + the smallest TTL of the records used, clamped to [min_ttl, max_ttl]
+    expires_at: float
+
+    @property
+    def has_global_address(self) -> bool:
+        """Whether any host has a globally routable address.
+
+        A route whose every address is loopback/private (e.g. ``MX 0 localhost`` tricks, or an
+        implicit MX on ``::1``) cannot reach the domain's real mail servers; whether to refuse
+        it is the delivery policy's decision, not the resolver's.
+        """
+        return any(h.global_addresses for h in self.hosts)
+
+
+class DnsFailure(Exception):
+    """A domain has no usable route now (``permanent=False``) or ever (``permanent=True``).
+
+    ``kind``: ``nxdomain`` (permanent), ``null_mx`` (permanent, RFC 7505), ``servfail`` and
+    ``timeout`` (transient), ``no_address`` (MX hosts exist but none has an address:
+    transient; no MX and the domain itself has no address: permanent).
+    ``expires_at``: the failure is negative-cached until then.
+    """
+
+    def __init__(self, kind: FailureKind, domain: str, *, permanent: bool,
+                 expires_at: float, detail: str = "") -> None:
+        self.kind: FailureKind = kind
+        self.domain = domain
+        self.permanent = permanent
+        self.expires_at = expires_at
+        self.detail = detail
+        super().__init__(f"{kind}: {domain}" + (f": {detail}" if detail else ""))
+
+    def copy(self) -> DnsFailure:
+        """A fresh instance (raising a cached instance again would grow its traceback)."""
+        return DnsFailure(self.kind, self.domain, permanent=self.permanent,
+                          expires_at=self.expires_at, detail=self.detail)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # keyword-only arguments: teach pickle (Ray) how to rebuild us
+        return (_rebuild_failure, (self.kind, self.domain, self.permanent, self.expires_at,
+                                   self.detail))
+
+    def __repr__(self) -> str:
+        return (f"DnsFailure(kind={self.kind!r}, domain={self.domain!r}, "
+                f"permanent={self.permanent!r}, expires_at={self.expires_at!r})")
+
+
+def _rebuild_failure(kind: FailureKind, domain: str, permanent: bool, expires_at: float,
+                     detail: str) -> DnsFailure:
+    return DnsFailure(kind, domain, permanent=permanent, expires_at=expires_at, detail=detail)
+
+
+def normalize_domain(domain: str) -> str:
+    """Lowercase, strip surrounding space and one trailing dot; U-labels become A-labels."""
+    d = domain.strip().rstrip(".").lower()
+    if not d.isascii():
+        d = dns.name.from_text(d).to_text(omit_final_dot=True).lower()
+    return d
+
+
+def _is_global(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_global
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True)
+class _Lookup:
+    """Outcome of one (name, type) query."""
+
+    records: tuple[Any, ...]  # rdata objects; empty for NODATA / NXDOMAIN / errors
+    #: seconds the outcome may be cached (record TTL, or the negative TTL from the SOA)
+    ttl: float
+    #: "nxdomain", "servfail", "timeout" or None (answered, possibly with no records)
+    error: str | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class _HostEntry:
+    """Addresses of one MX host, cached across domains (many domains share MX hosts)."""
+
+    addresses: tuple[str, ...]
+    #: now + smallest raw TTL of the A/AAAA outcomes (unclamped)
+    deadline: float
+    #: the cache entry is valid until then (clamped TTL; short when a lookup failed)
+    valid_until: float
+    #: a transient failure ("servfail"/"timeout") hid part of the answer
+    error: str | None
+    detail: str = ""
+
+
+class _LRU:
+    """An LRU map of entries with an expiry; expired entries are dropped on access."""
+
+    def __init__(self, size: int) -> None:
+        self.size = max(1, size)
+        self._d: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str, now: float, expiry: Callable[[Any], float]) -> Any | None:
+        v = self._d.get(key)
+        if v is None:
+            return None
+        if now >= expiry(v):
+            del self._d[key]
+            return None
+        self._d.move_to_end(key)
+        return v
+
+    def put(self, key: str, value: Any) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+class MxResolver:
+    """Resolves domains to :class:`Route`\\ s, with a TTL-bounded LRU cache.
+
+    ``nameservers=None`` uses the system resolver configuration (production). Given a list of
+    IP addresses, the resolver asks exactly those, on ``port``, and never reads
+    ``/etc/resolv.conf`` (tests, the demo, a dedicated local resolver).
+
+    ``timeout`` bounds one whole lookup (dnspython's *lifetime*); a single UDP try waits at
+    most 2 s of it so a lost datagram is retried. ``rng``: when given, MX hosts of equal
+    preference are shuffled once per lookup (RFC 5321 §5.1 asks senders to spread load over
+    equal-preference hosts); without it their order is the answer's order (deterministic).
+
+    Concurrent lookups of the same domain (or the same MX host) share one query. Not
+    thread-safe: use from one event loop (an actor's).
+    """
+
+    negative_ttl: float = DEFAULT_NEGATIVE_TTL
+    transient_ttl: float = DEFAULT_TRANSIENT_TTL
+
+    def __init__(self, nameservers: list[str] | None = None, port: int = 53, *,
+                 timeout: float = 5.0, min_ttl: float = 5.0, max_ttl: float = 3600.0,
+                 cache_size: int = 100_000, use_ipv6: bool = True,
+                 rng: random.Random | None = None) -> None:
+        if min_ttl < 0 or max_ttl < min_ttl:
+            raise ValueError(f"need 0 <= min_ttl <= max_ttl, got {min_ttl}, {max_ttl}")
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        if nameservers is None:
+            res = dns.asyncresolver.Resolver()  # system configuration (production)
+        else:
+            if not nameservers:
+                raise ValueError("nameservers: give at least one address, or None for the "
+                                 "system resolver")
+            for ns in nameservers:
+                ipaddress.ip_address(ns)  # ValueError: a name would need the system resolver
+            res = dns.asyncresolver.Resolver(configure=False)
+            res.port = port
+            # explicit Nameserver objects: the port is bound here, not looked up later
+            res.nameservers = [dns.nameserver.Do53Nameserver(ns, port) for ns in nameservers]
+        res.lifetime = timeout
+        res.timeout = min(timeout, 2.0)
+        res.cache = None  # we cache routes ourselves, with the caller's clock
+        self._resolver = res
+        self.timeout = timeout
+        self.min_ttl = float(min_ttl)
+        self.max_ttl = float(max_ttl)
+        self.use_ipv6 = use_ipv6
+        self._rng = rng
+        self._routes = _LRU(cache_size)
+        self._hosts = _LRU(cache_size)
+        self._inflight: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        self._hits = 0
+        self._misses = 0
+        self._queries = 0
+
+    # ------------------------------------------------------------------ public API
+    async def resolve(self, domain: str, now: float) -> Route:
+        """The route for ``domain``; raises :class:`DnsFailure`. Cached until ``expires_at``."""
+        res = await self._resolve_cached(domain, now)
+        if isinstance(res, DnsFailure):
+            raise res.copy()
+        return res
+
+    async def resolve_many(self, domains: list[str], now: float
+                           ) -> dict[str, Route | DnsFailure]:
+        """Resolve concurrently; keys are the domains exactly as given."""
+        sem = asyncio.Semaphore(RESOLVE_MANY_CONCURRENCY)
+        unique = list(dict.fromkeys(domains))
+
+        async def one(d: str) -> Route | DnsFailure:
+            async with sem:
+                return await self._resolve_cached(d, now)
+
+        results = await asyncio.gather(*(one(d) for d in unique))
+        return dict(zip(unique, results))
+
+    def cache_info(self) -> dict[str, Any]:
+        return {"routes": len(self._routes), "hosts": len(self._hosts),
+                "max_size": self._routes.size, "hits": self._hits, "misses": self._misses,
+                "queries": self._queries, "inflight": len(self._inflight)}
+
+    def clear_cache(self) -> None:
+        self._routes.clear()
+        self._hosts.clear()
+
+    # ------------------------------------------------------------------ caching layer
+    async def _resolve_cached(self, domain: str, now: float) -> Route | DnsFailure:
+        try:
+            key = normalize_domain(domain)
+            if not key:
+                raise ValueError("empty domain")
+            qname = dns.name.from_text(key)
+        except (ValueError, dns.exception.DNSException, UnicodeError) as e:
+            # a name that cannot be encoded can never resolve
+            return DnsFailure("nxdomain", domain, permanent=True,
+                              expires_at=now + self._clamp(self.negative_ttl),
+                              detail=f"invalid domain name ({e})")
+        hit = self._routes.get(key, now, _expires_at)
+        if hit is not None:
+            self._hits += 1
+            return hit  # type: ignore[no-any-return]
+        self._misses += 1
+        res = await self._single_flight(("route", key),
+                                        lambda: self._lookup_route(key, qname, now))
+        return res
+
+    async def _single_flight(self, key: tuple[str, str],
+                             make: Callable[[], Awaitable[_T]]) -> _T:
+        """Run ``make()`` once for concurrent callers with the same key."""
+        loop = asyncio.get_running_loop()
+        task = self._inflight.get(key)
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(make())  # type: ignore[arg-type]
+            self._inflight[key] = task
+
+            def done(t: asyncio.Task[Any], key: tuple[str, str] = key) -> None:
+                if self._inflight.get(key) is t:
+                    del self._inflight[key]
+                if not t.cancelled():
+                    t.exception()  # retrieved: no "never retrieved" warning
+
+            task.add_done_callback(done)
+        # shield: one caller being cancelled must not cancel the lookup the others wait on
+        return await asyncio.shield(task)
+
+    # ------------------------------------------------------------------ lookups
+    async def _lookup_route(self, key: str, qname: dns.name.Name,
+                            now: float) -> Route | DnsFailure:
+        res = await self._route_uncached(key, qname, now)
+        self._routes.put(key, res)
+        return res
+
+    async def _route_uncached(self, key: str, qname: dns.name.Name,
+                              now: float) -> Route | DnsFailure:
+        mx = await self._query(qname, dns.rdatatype.MX)
+        if mx.error == "nxdomain":
+            return self._permanent("nxdomain", key, now, mx.ttl, "domain does not exist")
+        if mx.error is not None:
+            return self._transient(mx.error, key, now, mx.detail)
+        if not mx.records:
+            return await self._implicit_route(key, qname, now, mx.ttl)
+
+        # RFC 7505 §3: a single "0 ." MX means "no mail"; never fall back to A/AAAA. An MX set
+        # whose every exchange is the root name says the same, and a root exchange mixed with
+        # real ones (a misconfiguration §3 forbids) is simply unusable, so it is skipped.
+        real = [rd for rd in mx.records if rd.exchange != dns.name.root]
+        if not real:
+            return self._permanent("null_mx", key, now, mx.ttl,
+                                   "null MX: domain accepts no mail (RFC 7505)")
+
+        prefs: dict[str, int] = {}
+        for rd in real:
+            name = rd.exchange.to_text(omit_final_dot=True).lower()
+            if name not in prefs or rd.preference < prefs[name]:
+                prefs[name] = int(rd.preference)
+        names = list(prefs)
+        entries = await asyncio.gather(*(self._host(n, now) for n in names))
+
+        hosts: list[MxHost] = []
+        deadline = now + mx.ttl
+        errors: list[str] = []
+        for name, entry in zip(names, entries):
+            deadline = min(deadline, entry.deadline)
+            if entry.error:
+                errors.append(f"{name}: {entry.error} {entry.detail}".rstrip())
+            if entry.addresses:
+                hosts.append(MxHost(prefs[name], name, entry.addresses))
+        if not hosts:
+            detail = "no MX host has an address"
+            if errors:
+                detail += " (" + "; ".join(errors) + ")"
+            return self._transient("no_address", key, now, detail)
+        if self._rng is not None:
+            self._rng.shuffle(hosts)
+        hosts.sort(key=lambda h: h.preference)  # stable: ties keep answer (or shuffled) order
+        expires = now + self._clamp(deadline - now)
+        if errors:
+            # part of the answer was hidden by a transient failure: look again soon rather
+            # than route to backups for a whole TTL
+            expires = min(expires, now + self._transient_ttl())
+        return Route(key, tuple(hosts), False, expires)
+
+    async def _implicit_route(self, key: str, qname: dns.name.Name, now: float,
+                              nodata_ttl: float) -> Route | DnsFailure:
+        """RFC 5321 §5.1: no MX → the domain itself is the MX, preference 0."""
+        addrs, ttl, error, detail = await self._addresses(qname)
+        if addrs:
+            # the route also rests on the *absence* of MX records: the negative TTL counts
+            expires = now + self._clamp(min(ttl, nodata_ttl))
+            if error:
+                expires = min(expires, now + self._transient_ttl())
+            return Route(key, (MxHost(0, key, addrs),), True, expires)
+        if error in ("servfail", "timeout"):
+            return self._transient(error, key, now, detail)
+        # The domain exists (the MX query said NOERROR) but has neither MX nor an address:
+        # there is nowhere to deliver (RFC 5321 §5.1, last paragraph: an error). That is a
+        # property of the published zone rather than a failure of a server, so permanent.
+        return self._permanent("no_address", key, now, min(ttl, nodata_ttl),
+                               "no MX and no A/AAAA records")
+
+    async def _host(self, name: str, now: float) -> _HostEntry:
+        hit = self._hosts.get(name, now, _valid_until)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        return await self._single_flight(("host", name), lambda: self._lookup_host(name, now))
+
+    async def _lookup_host(self, name: str, now: float) -> _HostEntry:
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as e:
+            return _HostEntry((), now + self.negative_ttl, now + self._clamp(self.negative_ttl),
+                              None, str(e))
+        addrs, ttl, error, detail = await self._addresses(qname)
+        valid = now + (self._transient_ttl() if error else self._clamp(ttl))
+        entry = _HostEntry(addrs, now + ttl, valid, error if error != "nxdomain" else None,
+                           detail)
+        self._hosts.put(name, entry)
+        return entry
+
+    async def _addresses(self, qname: dns.name.Name
+                         ) -> tuple[tuple[str, ...], float, str | None, str]:
+        """A then AAAA of ``qname``, concurrently: (addresses, min TTL, worst error, detail).
+
+        The error is "servfail"/"timeout" if any query failed transiently, else "nxdomain" if
+        the name does not exist, else None.
+        """
+        types = [dns.rdatatype.A] + ([dns.rdatatype.AAAA] if self.use_ipv6 else [])
+        results = await asyncio.gather(*(self._query(qname, t) for t in types))
+        addrs = tuple(rd.address for r in results for rd in r.records)
+        ttl = min(r.ttl for r in results)
+        transient = [r for r in results if r.error in ("servfail", "timeout")]
+        if transient:
+            return addrs, ttl, transient[0].error, transient[0].detail
+        if any(r.error == "nxdomain" for r in results):
+            return addrs, ttl, "nxdomain", "name does not exist"
+        return addrs, ttl, None, ""
+
+    async def _query(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> _Lookup:
+        self._queries += 1
+        try:
+            ans = await self._resolver.resolve(qname, rdtype, raise_on_no_answer=False,
+                                               search=False)
+        except dns.resolver.NXDOMAIN as e:
+            return _Lookup((), _nxdomain_ttl(e), "nxdomain")
+        except dns.resolver.NoNameservers as e:
+            # every server answered SERVFAIL/REFUSED/garbage (or could not be reached)
+            return _Lookup((), 0.0, "servfail", _short(e))
+        except dns.exception.Timeout as e:
+            return _Lookup((), 0.0, "timeout", _short(e))
+        except (dns.exception.DNSException, OSError) as e:
+            return _Lookup((), 0.0, "servfail", f"{type(e).__name__}: {_short(e)}")
+        ttl = float(ans.chaining_result.minimum_ttl)
+        if ans.rrset is None:
+            return _Lookup((), ttl)  # NOERROR, no records of this type (NODATA)
+        return _Lookup(tuple(ans.rrset), ttl)
+
+    # ------------------------------------------------------------------ helpers
+    def _clamp(self, ttl: float) -> float:
+        return min(max(ttl, self.min_ttl), self.max_ttl)
+
+    def _transient_ttl(self) -> float:
+        return min(self.transient_ttl, self.max_ttl)
+
+    def _permanent(self, kind: FailureKind, domain: str, now: float, ttl: float,
+                   detail: str) -> DnsFailure:
+        return DnsFailure(kind, domain, permanent=True, expires_at=now + self._clamp(ttl),
+                          detail=detail)
+
+    def _transient(self, kind: str, domain: str, now: float, detail: str) -> DnsFailure:
+        assert kind in ("servfail", "timeout", "no_address"), kind
+        return DnsFailure(kind, domain, permanent=False,  # type: ignore[arg-type]
+                          expires_at=now + self._transient_ttl(), detail=detail)
+
+
+def _expires_at(v: Route | DnsFailure) -> float:
+    return v.expires_at
+
+
+def _valid_until(v: _HostEntry) -> float:
+    return v.valid_until
+
+
+def _nxdomain_ttl(e: dns.resolver.NXDOMAIN) -> float:
+    """RFC 2308 §5: negative TTL = min(SOA TTL, SOA MINIMUM) from the authority section."""
+    try:
+        responses: dict[Any, dns.message.QueryMessage] = e.kwargs.get("responses", {})
+        ttls = [float(r.resolve_chaining().minimum_ttl) for r in responses.values()]
+    except Exception:  # noqa: BLE001 - a malformed response: use the default
+        ttls = []
+    return min(ttls) if ttls else DEFAULT_NEGATIVE_TTL
+
+
+def _short(e: BaseException) -> str:
+    s = str(e)
+    return s if len(s) <= 300 else s[:297] + "..."

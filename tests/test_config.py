@@ -1,0 +1,108 @@
+"""Config: documented defaults, typed values, and errors that name the key and the problem."""
+
+import pytest
+
+from cluster.config import Config, ConfigError, load_config, parse_config, parse_size
+from cluster.core.ratespec import RateSpec
+
+
+def test_defaults_follow_the_design_card():
+    c = Config()
+    assert c.queue.retry.max_age == 5 * 86400
+    assert c.site_defaults.max_connections == 10
+    assert c.site_defaults.deliveries_per_connection == 100
+    assert c.site_defaults.rates == (RateSpec.parse("100/s"),)
+    assert c.delivery.smtp_port == 25
+    assert c.egress[0].name == "default"
+
+
+def test_full_config_parses_to_typed_values(tmp_path):
+    p = tmp_path / "raymta.toml"
+    p.write_text("""
+[spool]
+directory = "/var/spool/raymta"
+segment_bytes = "32MiB"
+[queue]
+retry_initial = "5m"
+retry_max_delay = "2h"
+max_age = "3d"
+max_message_size = "20MB"
+[dns]
+nameservers = ["127.0.0.1"]
+port = 5353
+[delivery]
+smtp_port = 2525
+[[egress]]
+name = "ip1"
+bind_address = "127.0.0.1"
+ehlo_name = "mta1.example.com"
+[site_defaults]
+rate = ["100/s", "20000/h"]
+[[site]]
+mx_suffix = "google.com"
+max_connections = 5
+deliveries_per_connection = 50
+tls = "required"
+dedicated = true
+[[site]]
+domain = "example.org"
+rate = "5/m"
+[routes]
+"smarthost.test" = "127.0.0.5:2526"
+""")
+    c = load_config(p)
+    assert c.spool.segment_bytes == 32 * 1024 * 1024
+    assert c.queue.retry.initial == 300 and c.queue.retry.max_delay == 7200
+    assert c.queue.retry.max_age == 3 * 86400
+    assert c.queue.max_message_size == 20_000_000
+    assert c.dns.nameservers == ("127.0.0.1",) and c.dns.port == 5353
+    assert c.delivery.smtp_port == 2525
+    assert c.egress[0].bind_address == "127.0.0.1"
+    assert c.site_defaults.rates == (RateSpec.parse("100/s"), RateSpec.parse("20000/h"))
+    g = c.sites[0]
+    assert g.mx_suffix == "google.com" and g.limits.max_connections == 5 and g.limits.dedicated
+    assert g.limits.rates == c.site_defaults.rates  # inherits what it does not set
+    assert c.sites[1].limits.rates == (RateSpec.parse("5/m"),)
+    assert c.route_for("smarthost.test").port == 2526
+
+
+@pytest.mark.parametrize("raw, key, words", [
+    ({"queue": {"retry_initial": "soon"}}, "queue.retry_initial", "soon"),
+    ({"queue": {"max_age": "-5"}}, "queue.max_age", ""),
+    ({"queue": {"shards": 0}}, "queue.shards", "between"),
+    ({"queue": {"typo_key": 1}}, "queue.typo_key", "unknown key"),
+    ({"spool": {"fsync": "yes"}}, "spool.fsync", "true or false"),
+    ({"spool": {"segment_bytes": "lots"}}, "spool.segment_bytes", "size"),
+    ({"dns": {"nameservers": ["resolver.example"]}}, "dns.nameservers[0]", "not an IP"),
+    ({"dns": {"port": 70000}}, "dns.port", "between"),
+    ({"delivery": {"smtp_port": "25"}}, "delivery.smtp_port", "integer"),
+    ({"site_defaults": {"rate": "fast"}}, "site_defaults.rate", "fast"),
+    ({"site_defaults": {"tls": "maybe"}}, "site_defaults.tls", "opportunistic"),
+    ({"site_defaults": {"max_connections": 0}}, "site_defaults.max_connections", "between"),
+    ({"site": [{"max_connections": 3}]}, "site[0]", "exactly one"),
+    ({"site": [{"domain": "a.test", "sources": ["nope"]}]}, "site[0].sources", "unknown egress"),
+    ({"egress": [{"name": "a"}, {"name": "a"}]}, "egress[1].name", "duplicate"),
+    ({"egress": [{"bind_address": "somewhere"}]}, "egress[0].bind_address", "not an IP"),
+    ({"routes": {"x.test": "host-without-port"}}, "routes.x.test", "host:port"),
+    ({"nonsense": {}}, "nonsense", "unknown key"),
+])
+def test_bad_values_name_the_key_and_the_problem(raw, key, words):
+    with pytest.raises(ConfigError) as ei:
+        parse_config(raw)
+    assert ei.value.key == key
+    assert words in str(ei.value)
+
+
+def test_unreadable_and_invalid_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[queue\n")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("text, n", [("10MB", 10_000_000), ("64MiB", 64 << 20), (1024, 1024),
+                                     ("1.5k", 1500), ("2 GiB", 2 << 30)])
+def test_sizes(text, n):
+    assert parse_size(text) == n

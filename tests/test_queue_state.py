@@ -1,0 +1,169 @@
+"""Queue state machine: records in, indexes and events out; replay rebuilds the same queue."""
+
+import random
+
+import pytest
+
+from cluster.core import queue as q
+
+
+def accept(qs, lsn, mid, *, domain="a.test", body="b1", created=100.0, not_before=None,
+           expires=1e9, idem=None):
+    evs = []
+    if body not in qs.bodies:
+        evs.append(qs.apply(q.body_record(body, b"hello"), lsn))
+        lsn += 1
+    evs.append(qs.apply(q.accept_record(mid, body, "s@x.test", f"u@{domain}", domain, created,
+                                        not_before, expires, {"c": "1"}, None, idem, False), lsn))
+    return lsn + 1, evs
+
+
+def test_accept_makes_ready_and_reception_event():
+    qs = q.QueueState()
+    lsn, evs = accept(qs, 1, "m1")
+    assert evs[0] is None and evs[1]["type"] == "Reception" and evs[1]["seq"] == 2
+    assert qs.ready_count == 1 and qs.counts()["live"] == 1
+    assert qs.status("m1")["state"] == "queued"
+
+
+def test_body_stored_once_and_freed_with_last_message():
+    qs = q.QueueState()
+    lsn, _ = accept(qs, 1, "m1")
+    lsn, _ = accept(qs, lsn, "m2")
+    assert len(qs.bodies) == 1 and qs.bodies["b1"].refs == 2
+    got = qs.take_ready("a.test", 10, 200.0)
+    assert [m.id for m in got] == ["m1", "m2"]
+    qs.apply(q.delivered_record("m1", 1, 250, "ok", "s", 201.0), lsn)
+    assert "b1" in qs.bodies
+    qs.apply(q.final_record("m2", 1, "bounce", 550, "5.1.1", "unknown", "s", "hard", 202.0),
+             lsn + 1)
+    assert not qs.bodies and qs.body_bytes == 0
+    assert qs.status("m1")["state"] == "delivered"
+    assert qs.status("m2")["state"] == "bounced"
+
+
+@pytest.mark.parametrize("rec, etype, state", [
+    (q.delivered_record("m1", 1, 250, "ok", "s", 1.0), "Delivery", "delivered"),
+    (q.final_record("m1", 1, "bounce", 550, "5.1.1", "x", "s", "hard", 1.0), "Bounce", "bounced"),
+    (q.final_record("m1", 1, "expired", None, None, "x", "s", "expired", 1.0), "Expiration",
+     "expired"),
+    (q.final_record("m1", 0, "cancelled", None, None, "x", "s", "cancelled", 1.0), "AdminBounce",
+     "cancelled"),
+    (q.transient_record("m1", 1, 500.0, 451, "4.3.0", "later", "s", "soft", 1.0),
+     "TransientFailure", "deferred"),
+])
+def test_each_record_type_produces_its_event(rec, etype, state):
+    qs = q.QueueState()
+    lsn, _ = accept(qs, 1, "m1")
+    qs.take_ready("a.test", 1, 1.0)
+    ev = qs.apply(rec, lsn)
+    assert ev["type"] == etype and ev["id"] == "m1" and ev["recipient"] == "u@a.test"
+    assert qs.status("m1")["state"] == state
+
+
+def test_transient_defers_until_next_attempt():
+    qs = q.QueueState()
+    lsn, _ = accept(qs, 1, "m1")
+    qs.take_ready("a.test", 1, 100.0)
+    qs.apply(q.transient_record("m1", 1, 160.0, 451, None, "later", "s", "soft", 100.0), lsn)
+    assert qs.promote_due(159.9) == 0 and qs.ready_count == 0
+    assert qs.next_due() == 160.0
+    assert qs.promote_due(160.0) == 1 and qs.ready_count == 1
+    assert qs.status("m1")["attempts"] == 1
+
+
+def test_not_before_defers_and_expiry_ignores_inflight():
+    qs = q.QueueState()
+    lsn, _ = accept(qs, 1, "m1", not_before=150.0, expires=300.0)
+    lsn, _ = accept(qs, lsn, "m2", expires=300.0)
+    assert qs.ready_count == 1
+    qs.take_ready("a.test", 1, 100.0)           # m2 in flight
+    exp = qs.due_expiries(301.0)
+    assert [m.id for m in exp] == ["m1"]
+
+
+def test_requeue_returns_inflight_to_front():
+    qs = q.QueueState()
+    lsn = 1
+    for i in range(3):
+        lsn, _ = accept(qs, lsn, f"m{i}")
+    got = qs.take_ready("a.test", 2, 1.0)
+    assert qs.requeue([m.id for m in got]) == 2
+    assert [m.id for m in qs.take_ready("a.test", 3, 2.0)] == ["m0", "m1", "m2"]
+
+
+def test_lsn_must_increase_and_unknown_record_is_an_error():
+    qs = q.QueueState()
+    accept(qs, 5, "m1")
+    with pytest.raises(q.StateError):
+        qs.apply(q.body_record("b2", b"x"), 3)
+    with pytest.raises(q.StateError, match="unknown record"):
+        qs.apply(["z", "m1"], 100)
+
+
+def test_idempotency_keys_are_remembered_within_the_window():
+    qs = q.QueueState(idempotency_window=100.0)
+    accept(qs, 1, "m1", idem="k1", created=10.0)
+    assert qs.lookup_idempotency("k1", 50.0) == ["m1"]
+    assert qs.lookup_idempotency("k1", 200.0) is None
+    qs.prune_idempotency(200.0)
+    assert not qs.idempotency
+
+
+def test_status_cache_is_bounded():
+    qs = q.QueueState(status_cache=10)
+    lsn = 1
+    for i in range(30):
+        lsn, _ = accept(qs, lsn, f"m{i}", body=f"b{i}")
+    qs.take_ready("a.test", 30, 1.0)
+    for i in range(30):
+        qs.apply(q.delivered_record(f"m{i}", 1, 250, "ok", "s", 2.0), lsn)
+        lsn += 1
+    assert len(qs.finished) == 10 and qs.status("m0") is None and qs.status("m29")
+
+
+def _random_history(seed):
+    rng = random.Random(seed)
+    recs = []
+    live = []
+    n = 0
+    for step in range(400):
+        r = rng.random()
+        if r < 0.4 or not live:
+            mid = f"m{n}"
+            n += 1
+            recs.append(q.body_record(f"b{mid}", b"x" * rng.randint(1, 50)))
+            recs.append(q.accept_record(mid, f"b{mid}", "s@x", f"u@d{n % 5}.test",
+                                        f"d{n % 5}.test", 1.0, None, 1e9, None, None, None,
+                                        False))
+            live.append(mid)
+        else:
+            mid = live[rng.randrange(len(live))]
+            k = rng.random()
+            if k < 0.4:
+                recs.append(q.transient_record(mid, 1, rng.uniform(0, 100), 451, None, "t", "s",
+                                               "soft", 2.0))
+            else:
+                recs.append(q.delivered_record(mid, 1, 250, "ok", "s", 3.0) if k < 0.8 else
+                            q.final_record(mid, 1, "bounce", 550, None, "no", "s", "hard", 3.0))
+                live.remove(mid)
+    return recs
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_snapshot_plus_tail_equals_full_replay(seed):
+    recs = _random_history(seed)
+    full = q.QueueState()
+    for i, r in enumerate(recs, 1):
+        full.apply(r, i)
+    cut = len(recs) // 2
+    a = q.QueueState()
+    for i, r in enumerate(recs[:cut], 1):
+        a.apply(r, i)
+    b = q.QueueState()
+    b.restore(a.snapshot())
+    for i, r in enumerate(recs[cut:], cut + 1):
+        b.apply(r, i)
+    assert b.snapshot()["messages"] == full.snapshot()["messages"]
+    assert b.snapshot()["bodies"] == full.snapshot()["bodies"]
+    assert b.counts() == full.counts()
