@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import uuid
 from collections import deque
@@ -303,8 +304,8 @@ class RelayPool:
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases)} for n, s in self.sites.items()}}
 
-    async def ping(self) -> str:
-        return self.name
+    async def ping(self) -> int:
+        return os.getpid()
 
 
 def _rates(texts: list[str]) -> list[Any]:

@@ -12,6 +12,7 @@ their in-flight counts on the next grant round and relays re-register the connec
 from __future__ import annotations
 
 import ipaddress
+import os
 import time
 from typing import Any
 
@@ -122,5 +123,5 @@ class SiteThrottle:
         return {"name": self.name, "sites": self.book.snapshot(time.time()),
                 "dns_cache": self._resolver.cache_info() if self._resolver else {}}
 
-    async def ping(self) -> str:
-        return self.name
+    async def ping(self) -> int:
+        return os.getpid()

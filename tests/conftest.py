@@ -1,0 +1,134 @@
+"""Shared fixtures: real DNS and SMTP servers on loopback, and real local Ray clusters.
+
+Every server and cluster a fixture starts is stopped when it ends. Ray is always started fresh
+with ``address="local"`` bound to 127.0.0.1 (never attached to a leftover cluster); token
+authentication stays on (Ray 2.60's default).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
+
+# The pipeline topology: addresses of sinks (all on one port) and what each stands for.
+MAIN_SINKS = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
+LIMITED_SINK = "127.0.0.5"      # limited.test: 2 connections, 50/s
+GREET421_SINK = "127.0.0.6"     # primary MX of failover.test: answers 421 on connect
+SECONDARY_SINK = "127.0.0.7"    # secondary MX of failover.test and primarydown.test
+DOWN_ADDRESS = "127.0.0.8"      # primary MX of primarydown.test: nothing listens here
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
+    deadline = time.time() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
+
+
+def raw_message(i: int, rcpt: str, *, size: int = 600) -> bytes:
+    body = (f"Line {i} of a test message.\r\n" * max(1, size // 28))
+    return (f"From: Sender <sender@origin.test>\r\nTo: <{rcpt}>\r\n"
+            f"Subject: test {i}\r\nMessage-ID: <m{i}.{rcpt}@origin.test>\r\n"
+            f"Date: Sat, 28 Nov 2026 05:00:00 +0000\r\nX-Seq: {i}\r\n\r\n{body}"
+            ".leading dot line survives dot-stuffing\r\n").encode()
+
+
+@pytest.fixture(scope="module")
+def dns_server():
+    from cluster.devservers import LoopbackDNS
+    d = LoopbackDNS().start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def sinks():
+    from cluster.devservers import SinkGroup
+    g = SinkGroup(MAIN_SINKS + [LIMITED_SINK, GREET421_SINK, SECONDARY_SINK]).start()
+    try:
+        yield g
+    finally:
+        g.stop()
+
+
+def pipeline_zone(dns: Any, domains: int = 20) -> list[str]:
+    for i, a in enumerate(MAIN_SINKS):
+        dns.add_a(f"mx{i + 1}.sinks.test", a)
+    names = [f"d{i}.test" for i in range(domains)]
+    for i, d in enumerate(names):
+        a, b = i % 3 + 1, (i + 1) % 3 + 1
+        dns.add_mx(d, [(10, f"mx{a}.sinks.test"), (20, f"mx{b}.sinks.test")])
+    dns.add_a("mx.limited.test", LIMITED_SINK)
+    dns.add_mx("limited.test", [(10, "mx.limited.test")])
+    dns.add_a("greet421.sinks.test", GREET421_SINK)
+    dns.add_a("secondary.sinks.test", SECONDARY_SINK)
+    dns.add_a("down.sinks.test", DOWN_ADDRESS)
+    dns.add_mx("failover.test", [(10, "greet421.sinks.test"), (20, "secondary.sinks.test")])
+    dns.add_mx("primarydown.test", [(5, "down.sinks.test"), (50, "secondary.sinks.test")])
+    dns.add_mx("faults.test", [(10, "mx1.sinks.test")])
+    dns.add_null_mx("nullmx.test")
+    dns.add_a("mx.servfail.test", MAIN_SINKS[0])
+    dns.add_mx("servfail.test", [(10, "mx.servfail.test")])
+    dns.set_servfail("servfail.test")
+    return names
+
+
+def pipeline_config(spool: str, dns_port: int, smtp_port: int, **queue: Any) -> Any:
+    from cluster.config import parse_config
+    q = {"retry_initial": "1s", "retry_max_delay": "3s", "dns_retry_initial": "1s",
+         "max_age": "10m", "inflight_timeout": "60s"}
+    q.update(queue)
+    return parse_config({
+        "spool": {"directory": spool},
+        "queue": q,
+        "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "1s", "min_ttl": 1},
+        "delivery": {"smtp_port": smtp_port, "connect_timeout": "2s", "command_timeout": "10s",
+                     "idle_timeout": "1s", "site_backoff": "1s", "site_backoff_max": "5s",
+                     "lease_ttl": "6s"},
+        "egress": [{"name": "default", "ehlo_name": "relay.raymta.test"}],
+        "site_defaults": {"rate": "5000/s", "max_connections": 6},
+        "site": [{"domain": "limited.test", "rate": "50/s,burst=5", "max_connections": 2,
+                  "deliveries_per_connection": 40}],
+    })
+
+
+def faults_reply(rcpt: str, attempt: int) -> tuple[int, str] | None:
+    """Per-recipient faults by local part (the sinks apply them)."""
+    local = rcpt.split("@", 1)[0].lower()
+    if local.startswith("tempfail") and attempt <= 2:
+        return (451, "4.3.0 mailbox temporarily unavailable, try again")
+    if local.startswith("unknown"):
+        return (550, "5.1.1 <%s>: Recipient address rejected: User unknown" % rcpt)
+    return None
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory, dns_server, sinks):
+    """A local Ray with raymta deployed against the loopback DNS and sinks."""
+    from cluster.client import MailCluster
+    names = pipeline_zone(dns_server)
+    sinks.rcpt_reply = faults_reply
+    sinks.by_address(GREET421_SINK).greeting_code = 421
+    spool = str(tmp_path_factory.mktemp("spool"))
+    cfg = pipeline_config(spool, dns_server.port, sinks.port)
+    mc = MailCluster.connect(config=cfg, num_cpus=2)
+    try:
+        yield {"mc": mc, "dns": dns_server, "sinks": sinks, "domains": names, "cfg": cfg,
+               "spool": spool}
+    finally:
+        mc.close()

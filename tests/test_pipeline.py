@@ -1,0 +1,252 @@
+"""The delivery pipeline end to end: real local Ray, real SMTP sinks and DNS on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+
+from tests.conftest import (GREET421_SINK, LIMITED_SINK, MAIN_SINKS, SECONDARY_SINK, raw_message,
+                            wait_for)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def events_for(mc, ids):
+    want = set(ids)
+    return [e for e in mc.events(0, limit=1_000_000) if e["id"] in want]
+
+
+def submit_ok(mc, msgs):
+    res = mc.submit(msgs)
+    bad = [r.error for r in res if not r.accepted]
+    assert not bad, bad
+    return res
+
+
+def test_5000_messages_to_20_domains_arrive_once_and_byte_identical(pipeline):
+    mc, sinks, domains = pipeline["mc"], pipeline["sinks"], pipeline["domains"]
+    n = 5000
+    sent: dict[str, bytes] = {}
+    msgs = []
+    for i in range(n):
+        rcpt = f"user{i}@{domains[i % len(domains)]}"
+        raw = raw_message(i, rcpt)
+        sent[rcpt] = raw
+        msgs.append({"sender": "bounces@origin.test", "recipients": [rcpt], "raw": raw})
+    ids = []
+    t0 = time.time()
+    for k in range(0, n, 1000):
+        ids += [i for r in submit_ok(mc, msgs[k:k + 1000]) for i in r.ids]
+    assert len(ids) == n and len(set(ids)) == n
+    assert mc.wait_until_idle(timeout=180), mc.stats()
+    elapsed = time.time() - t0
+    got = [r for r in sinks.received if r.rcpt_to in sent]
+    counts = Counter(r.rcpt_to for r in got)
+    assert len(counts) == n, f"{n - len(counts)} recipients never received their message"
+    assert max(counts.values()) == 1, f"duplicates: {sum(c - 1 for c in counts.values())}"
+    for r in got:
+        assert r.data == sent[r.rcpt_to], f"{r.rcpt_to}: body differs"
+        assert r.mail_from == "bounces@origin.test"
+    # every domain went to the MX hosts its zone names (preference 10 first)
+    by_sink = Counter(r.sink for r in got)
+    assert set(by_sink) <= set(MAIN_SINKS), by_sink
+    evs = events_for(mc, ids)
+    kinds = Counter(e["type"] for e in evs)
+    assert kinds["Reception"] == n and kinds["Delivery"] == n, kinds
+    st = mc.status(ids[0])
+    assert st["state"] == "delivered" and st["attempts"] == 1 and st["code"] == 250
+    print(f"\n5000 messages end to end in {elapsed:.1f}s ({n / elapsed:.0f} msgs/s)")
+
+
+def test_site_limits_hold_for_connections_and_rate(pipeline):
+    mc, sinks = pipeline["mc"], pipeline["sinks"]
+    sink = sinks.by_address(LIMITED_SINK)
+    n = 300
+    rcpts = [f"user{i}@limited.test" for i in range(n)]
+    t0 = time.time()
+    submit_ok(mc, [{"sender": "s@origin.test", "recipients": [r], "raw": raw_message(i, r)}
+                   for i, r in enumerate(rcpts)])
+    wait_for(lambda: sum(1 for r in sink.received if r.rcpt_to in set(rcpts)) >= n, 120,
+             "the limited site to receive everything")
+    got = sorted(r.at for r in sink.received if r.rcpt_to.endswith("@limited.test"))
+    assert len(got) == n
+    assert sink.max_concurrent_sessions <= 2, sink.max_concurrent_sessions
+    # GCRA: from idle, at most burst (5) + 50/s × w in any window of length w
+    worst = 0.0
+    for w in (0.2, 0.5, 1.0, 2.0, 4.0):
+        j = 0
+        for i in range(len(got)):
+            while got[i] - got[j] > w:
+                j += 1
+            excess = (i - j + 1) - (5 + 50 * w)
+            worst = max(worst, excess)
+    assert worst <= 3, f"a window saw {worst:.1f} messages beyond burst + 50/s"
+    span = got[-1] - got[0]
+    assert span >= (n - 5) / 50 * 0.9, f"{n} messages in {span:.1f}s: faster than 50/s"
+    print(f"\nlimited site: {n} in {span:.1f}s ({n / span:.1f}/s), max sessions "
+          f"{sink.max_concurrent_sessions}, worst window excess {worst:.1f}")
+    del t0
+
+
+def test_transient_permanent_and_mx_failover(pipeline):
+    mc, sinks = pipeline["mc"], pipeline["sinks"]
+    plan = {"tempfail1@faults.test": "delivered", "tempfail2@faults.test": "delivered",
+            "unknown1@faults.test": "bounced", "someone@failover.test": "delivered",
+            "someone@primarydown.test": "delivered", "other@faults.test": "delivered"}
+    res = submit_ok(mc, [{"sender": "s@origin.test", "recipients": [r], "raw": raw_message(i, r)}
+                         for i, r in enumerate(plan)])
+    ids = {r.ids[0]: rc for r, rc in zip(res, plan)}
+    wait_for(lambda: all(s and s["state"] in ("delivered", "bounced")
+                         for s in mc.status(list(ids))), 90, "all six to finish")
+    for mid, st in zip(ids, mc.status(list(ids))):
+        assert st["state"] == plan[ids[mid]], (ids[mid], st)
+    evs = events_for(mc, ids)
+    by = {rc: [e for e in evs if e["id"] == mid] for mid, rc in ids.items()}
+    # 451 twice, then delivered on the third attempt
+    t = [e["type"] for e in by["tempfail1@faults.test"]]
+    assert t == ["Reception", "TransientFailure", "TransientFailure", "Delivery"], t
+    tf = by["tempfail1@faults.test"][1]
+    assert tf["code"] == 451 and tf["enhanced"] == "4.3.0" and tf["next_attempt"] > tf["ts"]
+    assert by["tempfail1@faults.test"][-1]["attempt"] == 3
+    # 550 5.1.1: one Bounce, no retry
+    u = by["unknown1@faults.test"]
+    assert [e["type"] for e in u] == ["Reception", "Bounce"]
+    assert u[1]["code"] == 550 and u[1]["enhanced"] == "5.1.1" and u[1]["category"] == "hard"
+    assert sinks.counts_by_rcpt()["unknown1@faults.test"] == 0
+    # 421 greeting on the primary MX → the secondary; primary down → the secondary
+    sec = sinks.by_address(SECONDARY_SINK)
+    got = {r.rcpt_to for r in sec.received}
+    assert {"someone@failover.test", "someone@primarydown.test"} <= got
+    assert not sinks.by_address(GREET421_SINK).received
+    assert sinks.by_address(GREET421_SINK).sessions_total >= 1  # it was tried first
+    for rc in ("someone@failover.test", "someone@primarydown.test"):
+        assert [e["type"] for e in by[rc]] == ["Reception", "Delivery"], by[rc]
+
+
+def test_null_mx_and_nxdomain_bounce_at_once_servfail_is_retried(pipeline):
+    mc, dns, sinks = pipeline["mc"], pipeline["dns"], pipeline["sinks"]
+    rcpts = ["a@nullmx.test", "b@no-such-domain.test", "c@servfail.test"]
+    t0 = time.time()
+    res = submit_ok(mc, [{"sender": "s@origin.test", "recipients": [r], "raw": raw_message(i, r)}
+                         for i, r in enumerate(rcpts)])
+    ids = [r.ids[0] for r in res]
+    wait_for(lambda: all(s["state"] == "bounced" for s in mc.status(ids[:2])), 30,
+             "null MX and NXDOMAIN to bounce")
+    assert time.time() - t0 < 15
+    evs = events_for(mc, ids)
+    null_b = [e for e in evs if e["id"] == ids[0] and e["type"] == "Bounce"][0]
+    nx_b = [e for e in evs if e["id"] == ids[1] and e["type"] == "Bounce"][0]
+    assert null_b["attempt"] == 1 and null_b["enhanced"] == "5.1.10", null_b
+    assert nx_b["attempt"] == 1 and nx_b["category"] == "hard", nx_b
+    wait_for(lambda: any(e["id"] == ids[2] and e["type"] == "TransientFailure"
+                         for e in mc.events(0, limit=1_000_000)), 30, "SERVFAIL to defer")
+    assert mc.status(ids[2])["state"] in ("deferred", "queued", "inflight")
+    dns.set_servfail("servfail.test", False)
+    wait_for(lambda: mc.status(ids[2])["state"] == "delivered", 60,
+             "the SERVFAIL domain to deliver once DNS answers")
+    assert sinks.counts_by_rcpt()["c@servfail.test"] == 1
+
+
+def test_malformed_submissions_get_clear_errors_and_good_ones_deliver(pipeline):
+    mc, sinks = pipeline["mc"], pipeline["sinks"]
+    good = [{"sender": "s@origin.test", "recipients": [f"good{i}@d1.test"],
+             "from": "S <s@origin.test>", "subject": f"good {i}", "text": "hello\n"}
+            for i in range(3)]
+    big = "x" * 11_000_000
+    bad = [  # (submission, words the error must contain)
+        ({"recipients": ["a@d1.test"], "subject": "no sender, no From", "text": "x"}, "sender"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"],
+          "raw": b"Subject: x\r\n\r\nbody\r\n"}, "From"),
+        ({"sender": "not an address", "recipients": ["a@d1.test"], "from": "a@b.test",
+          "text": "x"}, "sender"),
+        ({"sender": "s@origin.test", "recipients": ["nobody"], "from": "s@origin.test",
+          "text": "x"}, "recipient"),
+        ({"sender": "s@origin.test", "recipients": [], "from": "s@origin.test", "text": "x"},
+         "recipients"),
+        ({"sender": "s@origin.test", "recipients": 42, "from": "s@origin.test", "text": "x"},
+         "recipients"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test",
+          "subject": "hi\r\nBcc: victim@x.test", "text": "x"}, "subject"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test",
+          "text": big}, "over the limit"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"],
+          "raw": "From: s@origin.test\r\nSubject: caf\u00e9\r\n\r\nx\r\n".encode()}, "8-bit"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test",
+          "text": "x", "colour": "red"}, "colour"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test"},
+         "'text' and/or 'html'"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "raw": b"From: s@o.test\r\n",
+          "text": "x"}, "raw"),
+        ({"sender": "s@origin.test", "recipients": ["a@xn--zz-.test"], "from": "s@origin.test",
+          "text": "x"}, "recipient"),
+        ({"sender": "s@origin.test", "recipients": ["a" * 65 + "@d1.test"],
+          "from": "s@origin.test", "text": "x"}, "recipient"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"],
+          "raw": b"From: s@origin.test\r\n\r\n" + b"y" * 1200 + b"\r\n"}, "998"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"],
+          "raw": b"From: s@origin.test\r\n\r\nnul\x00byte\r\n"}, "NUL"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test",
+          "text": "x", "tags": ["not", "a", "dict"]}, "tags"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test",
+          "text": "x", "not_before": "next tuesday"}, "not_before"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test",
+          "text": "x", "max_age": -1}, "max_age"),
+        ({"sender": "s@origin.test", "recipients": ["a@d1.test"], "from": "s@origin.test",
+          "text": "x", "headers": {"Bad Name": "v"}}, "header"),
+        ("not even a dict", "dict"),
+    ]
+    batch = [good[0]] + [b for b, _ in bad[:10]] + [good[1]] + [b for b, _ in bad[10:]] + \
+        [good[2]]
+    res = mc.submit(batch)
+    assert len(res) == len(batch)
+    errors = [r for r in res if not r.accepted]
+    assert len(errors) == len(bad)
+    bad_iter = iter(bad)
+    good_ids = []
+    for sub, r in zip(batch, res):
+        if any(sub is g for g in good):
+            assert r.accepted, r.error
+            good_ids += r.ids
+            continue
+        _, words = next(bad_iter)
+        assert not r.accepted
+        assert words.lower() in r.error.lower(), (words, r.error)
+    assert len({r.error for r in errors}) >= 15   # distinct, specific messages
+    wait_for(lambda: all(s["state"] == "delivered" for s in mc.status(good_ids)), 60,
+             "the good messages to deliver")
+    for i in range(3):
+        assert sinks.counts_by_rcpt()[f"good{i}@d1.test"] == 1
+
+
+def test_cancel_and_scheduled_send(pipeline):
+    mc, sinks = pipeline["mc"], pipeline["sinks"]
+    later = time.time() + 4
+    res = submit_ok(mc, [
+        {"sender": "s@origin.test", "recipients": ["sched@d2.test"], "from": "s@origin.test",
+         "text": "x", "not_before": later},
+        {"sender": "s@origin.test", "recipients": ["cancelme@d2.test"], "from": "s@origin.test",
+         "text": "x", "not_before": time.time() + 30},
+    ])
+    sched, cancel = res[0].ids[0], res[1].ids[0]
+    assert mc.status(sched)["state"] == "deferred"
+    assert mc.cancel(cancel) == "cancelled"
+    assert mc.status(cancel)["state"] == "cancelled"
+    wait_for(lambda: mc.status(sched)["state"] == "delivered", 30, "the scheduled message")
+    at = [r.at for r in sinks.received if r.rcpt_to == "sched@d2.test"]
+    assert len(at) == 1 and at[0] >= later - 0.05
+    assert sinks.counts_by_rcpt()["cancelme@d2.test"] == 0
+    types = [e["type"] for e in events_for(mc, [cancel])]
+    assert types == ["Reception", "AdminBounce"]
+
+
+def test_idempotency_key_queues_once(pipeline):
+    mc = pipeline["mc"]
+    m = {"sender": "s@origin.test", "recipients": ["idem@d3.test"], "from": "s@origin.test",
+         "text": "x", "idempotency_key": "order-4711"}
+    a = mc.submit([m])[0]
+    b = mc.submit([m])[0]
+    assert a.accepted and b.accepted and b.duplicate and a.ids == b.ids
+    wait_for(lambda: mc.status(a.ids[0])["state"] == "delivered", 30, "delivery")
+    assert pipeline["sinks"].counts_by_rcpt()["idem@d3.test"] == 1
