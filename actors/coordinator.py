@@ -431,7 +431,8 @@ class QueueCoordinator:
         site_of = {i[0]: site for site, spec in batch.items() for i in spec["items"]}
         try:
             h = self._handle(relay)
-            gen = h.deliver.options(num_returns="streaming").remote(
+            # never retried by Ray: a re-run would resend the whole batch; we requeue instead
+            gen = h.deliver.options(num_returns="streaming", max_task_retries=0).remote(
                 msgpack.packb(batch, use_bin_type=True))
             async for ref in gen:
                 results = msgpack.unpackb(await ref, raw=False)

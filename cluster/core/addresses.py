@@ -15,16 +15,24 @@ from __future__ import annotations
 
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 try:  # IDNA2008 (RFC 5890-5893); the stdlib "idna" codec only implements IDNA2003 (RFC 3490)
     import idna as _idna
 except ImportError:  # pragma: no cover - idna ships with requests, so it is normally present
     _idna = None
 
-__all__ = ["Address", "AddressError", "NULL_REVERSE_PATH", "parse_address",
-           "MAX_LOCAL_OCTETS", "MAX_DOMAIN_OCTETS", "MAX_LABEL_OCTETS", "MAX_ADDRESS_OCTETS"]
+__all__ = [
+    "MAX_ADDRESS_OCTETS",
+    "MAX_DOMAIN_OCTETS",
+    "MAX_LABEL_OCTETS",
+    "MAX_LOCAL_OCTETS",
+    "NULL_REVERSE_PATH",
+    "Address",
+    "AddressError",
+    "parse_address",
+]
 
 #: RFC 5321 §4.5.3.1.1: "The maximum total length of a user name or other local-part is 64 octets."
 MAX_LOCAL_OCTETS = 64
@@ -135,7 +143,7 @@ def parse_address(text: str, *, field: str = "recipient", allow_smtputf8: bool =
     return address
 
 
-def _parse(s: str, fail, allow_smtputf8: bool, allow_empty: bool) -> Address:
+def _parse(s: str, fail: _Fail, allow_smtputf8: bool, allow_empty: bool) -> Address:
     _check_characters(s, fail)
     if s[:1].isspace():
         raise fail("leading whitespace")
@@ -188,9 +196,8 @@ def _parse(s: str, fail, allow_smtputf8: bool, allow_empty: bool) -> Address:
         local = local_given
 
     non_ascii_local = not local.isascii()
-    if non_ascii_local:
-        if not allow_smtputf8:
-            raise fail("non-ASCII local part requires SMTPUTF8 (RFC 6531)")
+    if non_ascii_local and not allow_smtputf8:
+        raise fail("non-ASCII local part requires SMTPUTF8 (RFC 6531)")
     n = len(local_given.encode("utf-8"))
     if n > MAX_LOCAL_OCTETS:
         raise fail(f"local part too long ({n} octets, max {MAX_LOCAL_OCTETS}; "
@@ -204,9 +211,9 @@ def _parse(s: str, fail, allow_smtputf8: bool, allow_empty: bool) -> Address:
     else:
         domain, ascii_domain = _parse_domain(domain_given, fail)
 
-    n = len(f"{local_given}@{ascii_domain}".encode("utf-8"))
+    n = len(f"{local_given}@{ascii_domain}".encode())
     if non_ascii_local:  # may be sent with the U-label domain (RFC 6531 §3.3)
-        n = max(n, len(f"{local_given}@{domain}".encode("utf-8")))
+        n = max(n, len(f"{local_given}@{domain}".encode()))
     if n > MAX_ADDRESS_OCTETS:
         raise fail(f"address too long ({n} octets, max {MAX_ADDRESS_OCTETS}; "
                    "RFC 5321 §4.5.3.1.3)")

@@ -13,17 +13,17 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Iterable
 
 __all__ = [
-    "parse_duration",
-    "format_duration",
-    "RateSpec",
+    "UNLIMITED",
     "Gcra",
     "MultiLimiter",
-    "UNLIMITED",
+    "RateSpec",
+    "format_duration",
+    "parse_duration",
 ]
 
 #: what an empty :class:`MultiLimiter` reports as available ("no limit")
@@ -47,7 +47,7 @@ _PLAIN_NUMBER = re.compile(rf"\s*({_NUMBER})\s*")
 _DURATION_TERM = re.compile(rf"\s*({_NUMBER})\s*([a-z]+)\s*")
 
 
-def parse_duration(value: str | int | float) -> float:
+def parse_duration(value: str | float) -> float:
     """Seconds in ``value``: a number of seconds, or text such as ``"250ms"``, ``"10s"``,
     ``"5m"``, ``"2h"``, ``"5d"``, ``"1w"`` or a sum of terms (``"1h30m"``, ``"1h 30m"``).
 
@@ -113,7 +113,7 @@ def format_duration(seconds: float) -> str:
 
 
 # "limit / period [, option=value ...]"; the period is a bare unit ("h") or a duration ("5m").
-_RATE = re.compile(r"\s*(\d+)\s*/\s*([^,]+?)\s*(?:,(.*))?", re.S)
+_RATE = re.compile(r"\s*(\d+)\s*/\s*([^,]+?)\s*(?:,(.*))?", re.DOTALL)
 _OPTION = re.compile(r"\s*([a-z_]+)\s*=\s*(\S+?)\s*")
 _BURST_OPTIONS = ("burst", "max_burst")  # max_burst: KumoMTA's spelling
 _PERIOD_NAMES = {1.0: "s", 60.0: "min", 3600.0: "h", 86400.0: "d"}
@@ -232,7 +232,7 @@ class Gcra:
     Time that runs backwards (``now`` earlier than a previous call) counts as no time passing.
     """
 
-    __slots__ = ("spec", "_anchor", "_backlog")
+    __slots__ = ("_anchor", "_backlog", "spec")
 
     def __init__(self, spec: RateSpec) -> None:
         self.spec = spec
@@ -272,7 +272,14 @@ class Gcra:
             return 0.0
         # one event conforms once the backlog has drained to burst - 1 cells
         excess = self._outstanding(now) - (self.spec.burst - 1)
-        return max(0.0, excess * self.spec.emission_interval)
+        at = now + max(0.0, excess * self.spec.emission_interval)
+        # ``now + wait`` rounds to the float grid of ``now`` (2.4e-7 s at Unix times): step up
+        # to the first representable time at which the event really conforms.
+        for _ in range(64):
+            if self.available(at) >= 1:
+                break
+            at = math.nextafter(at, math.inf)
+        return at - now
 
     def __repr__(self) -> str:
         return f"Gcra({str(self.spec)!r}, backlog={self._backlog:.3f} at {self._anchor})"

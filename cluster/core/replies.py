@@ -23,24 +23,24 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 __all__ = [
-    "Outcome",
+    "AUTO_REPLY",
     "CATEGORIES",
-    "PHASES",
-    "Reply",
-    "parse_reply",
-    "Classification",
-    "classify",
-    "bounce_category",
-    "enhanced_category",
-    "Rule",
+    "CAUSE_RULES",
     "ENHANCED_CODES",
     "ENHANCED_SUBJECTS",
-    "CAUSE_RULES",
+    "PHASES",
     "TEXT_RULES",
-    "AUTO_REPLY",
-    "dns_failure",
+    "Classification",
+    "Outcome",
+    "Reply",
+    "Rule",
+    "bounce_category",
+    "classify",
     "connection_failure",
+    "dns_failure",
+    "enhanced_category",
     "expired",
+    "parse_reply",
 ]
 
 
@@ -69,15 +69,18 @@ PHASES = frozenset({"connect", "connection", "greeting", "ehlo", "starttls", "ma
 
 # RFC 5321 §4.2: Reply-code = %x32-35 %x30-35 %x30-39, then SP or "-" (continuation).
 # Servers in the wild also send 1xx/3xx codes and second digits above 5 (570, 571): accepted.
-_CODE_LINE = re.compile(r"(?P<code>[1-5]\d\d)(?:(?P<sep>[ -])(?P<rest>.*)|$)", re.S)
+_CODE_LINE = re.compile(r"(?P<code>[1-5]\d\d)(?:(?P<sep>[ -])(?P<rest>.*)|$)", re.DOTALL)
 # RFC 3463 §2: class.subject.detail, class 2/4/5, subject and detail 1-3 digits.
 _ENH = r"[245]\.\d{1,3}\.\d{1,3}"
-_ENH_LEAD = re.compile(rf"#?(?P<enh>{_ENH})(?!\d|\.\d)[\s:;,-]*", re.S)
+_ENH_LEAD = re.compile(rf"#?(?P<enh>{_ENH})(?!\d|\.\d)[\s:;,-]*", re.DOTALL)
 _ENH_ANY = re.compile(rf"(?<![\w.])#?(?P<enh>{_ENH})(?!\d|\.\d)")
-_ENH_FULL = re.compile(rf"(?P<c>[245])\.(?P<s>\d{{1,3}})\.(?P<d>\d{{1,3}})")
+_ENH_FULL = re.compile(r"(?P<c>[245])\.(?P<s>\d{1,3})\.(?P<d>\d{1,3})")
 # What bounce reports and MTA logs put in front of a reply (RFC 3464 §2.3.6 Diagnostic-Code
 # "smtp; 550 ...", Postfix "host x said: 550 ...", Exchange "#550 ...", "Remote host said:").
-_PREFIX = re.compile(r"(?:(?:e?smtp|x-[\w.-]+)\s*;\s*|[#:]\s*|.{0,200}?\bsaid:\s*)", re.I | re.S)
+_PREFIX = re.compile(r"(?:e?smtp\s*;\s*|[#:]\s*|.{0,200}?\bsaid:\s*)", re.IGNORECASE | re.DOTALL)
+# Other RFC 3464 diagnostic types ("X-Unix; 255", "X-Postfix; ..."): what follows is not an
+# SMTP reply, so a number there is not a reply code.
+_NON_SMTP_DIAG = re.compile(r"x-[\w.-]+\s*;\s*", re.IGNORECASE)
 # A second reply embedded in text: "220-laposte 421 4.2.1 Service refused".
 _EMBEDDED = re.compile(rf"(?<!\S)(?P<code>[45]\d\d)[ -](?P<enh>{_ENH})(?!\d|\.\d)\s*")
 
@@ -104,8 +107,8 @@ def _norm_enhanced(enh: str) -> str:
 def parse_reply(line: str) -> Reply:
     """Parse a reply as a server sent it, or as a log or DSN quotes it.
 
-    Handles single and multi-line replies (RFC 5321 §4.2.1: ``550-...`` lines then ``550 ...``;
-    texts are joined with a space), enhanced codes after the basic code (RFC 2034 §3), texts
+    Handles single and multi-line replies (RFC 5321 §4.2: ``550-...`` lines then ``550 ...``;
+    texts are joined with a space), enhanced codes after the basic code (RFC 2034), texts
     with no code, enhanced codes without a basic code (``"5.2.2 Mailbox full"``,
     ``"... #5.1.1"``) and the usual quoting prefixes (``"smtp; 550 ..."``, ``"said: 550 ..."``).
     """
@@ -114,6 +117,11 @@ def parse_reply(line: str) -> Reply:
     if not lines:
         return Reply(None, None, "")
     first = lines[0]
+    diag = _NON_SMTP_DIAG.match(first)
+    if diag:
+        text = " ".join([first[diag.end():], *lines[1:]]).strip()
+        a = _ENH_ANY.search(text)
+        return Reply(None, _norm_enhanced(a["enh"]) if a else None, text)
     if not _CODE_LINE.match(first) and not _ENH_LEAD.match(first):
         p = _PREFIX.match(first)
         if p and (_CODE_LINE.match(first, p.end()) or _ENH_LEAD.match(first, p.end())):
@@ -129,7 +137,10 @@ def parse_reply(line: str) -> Reply:
                 code = c
             ln = (m["rest"] or "").strip()
         e = _ENH_LEAD.match(ln)
-        if e and (code is None or e["enh"][0] == str(code)[0] or _mismatch_ok(code)):
+        # Servers do send "554 4.4.7" and "552 4.2.2": a failure reply keeps an enhanced code
+        # of the other failure class (the basic code decides the outcome, the enhanced code
+        # still carries the detail).
+        if e and (code is None or code >= 400 or e["enh"][0] == str(code)[0]):
             enhanced = enhanced or _norm_enhanced(e["enh"])
             ln = ln[e.end():]
             # "2.1.5 250 OK": an enhanced code followed by a basic code of the same class
@@ -149,7 +160,8 @@ def parse_reply(line: str) -> Reply:
             code, enhanced = int(emb["code"]), _norm_enhanced(emb["enh"])
             text = text[emb.end():]
     if enhanced is None:
-        # RFC 2034 puts it first, but quoted texts carry it anywhere ("... #5.1.1").
+        # RFC 2034 puts it right after the basic code, but quoted texts carry it anywhere
+        # ("... #5.1.1"); only one of the reply's class is believed there.
         for a in _ENH_ANY.finditer(text):
             if code is None or a["enh"][0] == str(code)[0]:
                 enhanced = _norm_enhanced(a["enh"])
@@ -159,18 +171,12 @@ def parse_reply(line: str) -> Reply:
     return Reply(code, enhanced, text.strip())
 
 
-def _mismatch_ok(code: int) -> bool:
-    # Servers do send "554 4.4.7" and "552 4.2.2"; the enhanced code still carries the detail.
-    return code >= 400
-
-
 def _unflatten(text: str, code: int, enhanced: str) -> str:
     # Multi-line replies flattened into one line by a log: drop the repeated "550-5.7.26 "
     # line prefixes so the rules see the sentence.
-    c, s, _ = enhanced.split(".")
-    pat = re.compile(rf"(?<!\S){code}(?:-|\s+(?=[245]\.{s}\.))(?:\s*[245]\.{s}\.\d{{1,3}}"
-                     rf"(?![\w.]))?\s*")
-    del c
+    subject = enhanced.split(".")[1]
+    pat = re.compile(rf"(?<!\S){code}(?:-|\s+(?=[245]\.{subject}\.))"
+                     rf"(?:\s*[245]\.{subject}\.\d{{1,3}}(?![\w.]))?\s*")
     return " ".join(pat.sub(" ", text).split())
 
 
@@ -188,23 +194,28 @@ class Rule(NamedTuple):
 
 
 def _r(pattern: str, category: str | tuple[str, str] | None, site_backoff: bool = False) -> Rule:
-    return Rule(re.compile(pattern, re.I), category, site_backoff)
+    return Rule(re.compile(pattern, re.IGNORECASE), category, site_backoff)
 
 
 #: Auto-replies are not bounces (sisimai "vacation"); only checked for text without any code.
 AUTO_REPLY = re.compile(
     r"\b(?:out of (?:the )?office|on (?:vacation|holiday|leave)|i am (?:currently )?away|"
     r"i will be (?:away|out|traveling|travelling|on)|auto(?:matic)?[- ]?(?:reply|response)|"
-    r"away (?:from|until) )", re.I)
+    r"away (?:from|until) )", re.IGNORECASE)
 
 #: Texts that name their cause plainly. Checked first, in order; they outrank the enhanced
 #: code because servers put generic codes on specific refusals (5.1.1 on a rate limit, 5.1.0
 #: on an SPF failure, 5.7.1 on everything).
 CAUSE_RULES: tuple[Rule, ...] = (
+    # --- an explicit spam verdict (checked before authentication: Gmail's auth refusals say
+    # "to protect our users from spam", which is not a verdict)
+    _r(r"\b(?:rejected|blocked|refused|identified|classified|detected|flagged) (?:as|due to|"
+       r"because of|for) (?:\w+ )?spam\b|\bspam (?:detected|classification|content)|"
+       r"\bscored as spam", "block"),
     # --- sender authentication (RFC 7208 SPF, RFC 6376 DKIM, RFC 7489 DMARC, RFC 8617 ARC)
     _r(r"\b(?:spf|dkim|dmarc|arc)\b|sender policy framework|domainkeys|\bunauthenticated\b|"
        r"\bauthenticat(?:e|ed|ion)\b|\bsmtp auth", "policy"),
-    # --- relaying refused (RFC 5321 §3.6.2, §7.1): our sender is not allowed to use the host
+    # --- relaying refused (RFC 5321 §3.6): our sender is not allowed to use the host
     _r(r"\brelay(?:ing)?\b.{0,20}\b(?:denied|not permitted|not allowed|prohibited|refused)|"
        r"\b(?:unable|not configured|not allowed|not permitted|denied) to relay\b|\bno relay",
        "policy"),
@@ -212,7 +223,7 @@ CAUSE_RULES: tuple[Rule, ...] = (
        r"failed the check", "policy"),
     # --- the recipient's own filters: about this sender, not the address
     _r(r"recipient(?:'s)? (?:preferences|filter)|blocked by the recipient|"
-       r"rejected by (?:the )?recipient", "policy"),
+       r"rejected by (?:the )?recipient|\bfiltered\b|\bcontent filter", "policy"),
     # --- RFC 5322 / RFC 5321 compliance of the message or the session
     _r(r"\brfc[- ]?(?:5322|2822|822|5321|2821)\b|\bnot (?:rfc[- ]?)?compliant|non-?compliant|"
        r"multiple (?:addresses in from|\w+ headers?)|duplicate header|8-?bit data|"
@@ -232,7 +243,7 @@ CAUSE_RULES: tuple[Rule, ...] = (
     _r(r"\breputation\b|\b(?:user|spam) complaints\b", ("throttle", "block"), True),
     # --- blocklists (DNSBL/RBL, RFC 5782) and named list operators
     _r(r"\b(?:dnsbl|dnsrbl|uribl|surbl|spamhaus|spamcop|sorbs|barracuda|mailspike|uceprotect|"
-       r"spamrats|abuseat|senderscore|proofpoint\.com/dnsbl)|rbl\b|\bblocked using\b|"
+       r"spamrats|abuseat|senderscore)|rbl\b|\bblocked using\b|"
        r"\b(?:block|black|deny|ban)[- ]?list(?:ed|ing)?\b|\blisted (?:at|on|in|by)\b", "block"),
     # --- reverse DNS / PTR of our IP (RFC 7372 X.7.25; RFC 1912 §2.1)
     _r(r"\bptr\b|\breverse (?:dns|lookup|mapping|resolution)|\brdns\b|ip name lookup failed|"
@@ -241,18 +252,23 @@ CAUSE_RULES: tuple[Rule, ...] = (
     # --- our IP is refused ("Access from ip address ... blocked", "banned sending IP")
     _r(r"\bip(?: address)?\b.{0,40}?\b(?:blocked|banned|blacklisted|blocklisted|rejected|"
        r"forbidden|not allowed|refused|denied)|\b(?:blocked|banned|forbidden|invalid)\b.{0,20}?"
-       r"\b(?:ip|client)\b|\bconnections? (?:from .{0,60})?(?:are |is )?(?:being )?"
-       r"(?:rejected|refused|not accepted)", "block"),
+       r"\b(?:ip|client)\b|\bconnections? from .{0,60}?\b(?:rejected|refused|not accepted)|"
+       r"\bconnections? (?:are |is )?not accepted from|\b(?:not accepted|refused|rejected|"
+       r"not allowed) from (?:this|your|the) (?:ip|host|server|network|client)\b", "block"),
+    # --- our sender address or domain is refused (RFC 3463 X.1.7, X.1.8): never the recipient
+    _r(r"\bsender (?:address |domain )?(?:rejected|denied|refused|unknown|invalid|not allowed)|"
+       r"\bdomain of sender address|\bsender (?:domain )?(?:does not exist|not found)", "policy"),
     # --- the recipient mailbox is known not to exist (Microsoft DBEB: "550 5.4.1 Recipient
     # address rejected: Access denied" is sent for addresses not in the directory)
     _r(r"recipient address rejected: access denied", "hard"),
     # --- spam and malware judgements on our message
     _r(r"\b(?:spam|junk|ube|uce|bulk mail)\b|\bvirus|\bmalware|\bphish|\binfected\b|"
-       r"\bcontent rejected\b|\bmessage ?scor|\bscored as", "block"),
+       r"\bcontent rejected\b|\b(?:message|mail) ?scor|\bscored as", "block"),
 )
 
-#: Texts consulted when no cause rule matched and the enhanced code is absent or undecided
-#: (X.0.0, X.1.0, X.7.1, ... and the generic "soft" of every 4xx). First match wins.
+#: Texts consulted when no cause rule matched and the enhanced code is absent or does not
+#: decide (undecided X.1.0, X.4.4, X.7.1; the catch-all X.Y.0 of every subject; the generic
+#: "soft" of every 4xx). First match with a category wins; flags accumulate.
 TEXT_RULES: tuple[Rule, ...] = (
     # --- flags only: the site asks us to come back later (sets site_backoff, no category)
     _r(r"\btry (?:again )?later\b|\bplease try again\b|\bcome back later\b", None, True),
@@ -271,7 +287,8 @@ TEXT_RULES: tuple[Rule, ...] = (
        r"\brecipient not found|\bno (?:mailbox|account) (?:here|by that name|found)|"
        r"address rejected|\bnot our customer|\bno longer (?:on|at|with|valid|available|active)|"
        r"\bhas (?:moved|been replaced)|\breplaced by\b|\bno forwarding address|"
-       r"\bunrout(?:e)?able (?:address|domain)", "hard"),
+       r"\bunrout(?:e)?able (?:address|domain)|(?:mailbox|account|user|recipient|address)"
+       r"(?: \w+)? (?:is |has been )?(?:disabled|deactivated|inactive|closed|terminated)", "hard"),
     _r(r"\b(?:host|domain)(?: or domain name| name)? (?:is )?(?:unknown|not found|"
        r"not reachable|does ?n[o']t exist|invalid)|\b(?:unknown|invalid|no such) (?:host|domain)|"
        r"\bdomain name not found|\bnxdomain\b|null mx|"
@@ -281,8 +298,9 @@ TEXT_RULES: tuple[Rule, ...] = (
        r"\bexceed(?:s|ed)? (?:the )?(?:storage|quota|mailbox)|\b(?:out of|insufficient) "
        r"(?:disk|storage|system storage)|\bdisk quota|\bstorage space|\bsystem full", "soft"),
     # --- message too large (X.2.3, X.3.4)
-    _r(r"\btoo (?:large|big)\b|\bsize (?:exceeds|limit)|\bexceeds? (?:the )?(?:fixed )?"
-       r"(?:maximum|max|size|limit)|\blength exceeds", "soft"),
+    _r(r"\b(?:message|mail|e-?mail|data)\b.{0,20}?\btoo (?:large|big)\b|"
+       r"\bsize (?:exceeds|limit)|\bexceeds? (?:the )?(?:fixed )?(?:maximum|max|size|limit)|"
+       r"\blength exceeds", "soft"),
     # --- delayed / expired at some hop (X.4.7)
     _r(r"\bexpired\b|\btimeout exceeded\b|\bhas been delayed\b|\bwill be retried\b|"
        r"\bunable to deliver in\b", "soft"),
@@ -299,7 +317,7 @@ TEXT_RULES: tuple[Rule, ...] = (
        r"\binternal (?:server )?error|\binsufficient (?:system )?resources|\blocal error|"
        r"\bmailer ?error|\bx-unix\b|\bprocmail\b|\bpipe to\b|\bcould not load\b", "soft"),
     # --- policy refusals that name no cause (content, access, generic policy)
-    _r(r"\bpolic(?:y|ies)\b|\bfiltered\b|\bprohibited\b|\bnot permitted\b|\bnot allowed\b|"
+    _r(r"\bpolic(?:y|ies)\b|\bprohibited\b|\bnot permitted\b|\bnot allowed\b|"
        r"\baccess denied\b|\bsecurity\b|\bcontent\b|\bnot accepted\b|\brefused\b",
        "policy"),
 )
@@ -412,8 +430,8 @@ ENHANCED_SUBJECTS: dict[str, tuple[str | None, str | None]] = {
 _CODE_DEFAULTS: dict[int, str] = {
     421: "throttle",   # service not available, closing channel: the site wants a pause
     500: "policy", 501: "policy", 502: "policy", 503: "policy", 504: "policy",  # our command
-    521: "hard",       # host does not accept mail (RFC 7504 §3.1)
-    556: "hard",       # domain does not accept mail (RFC 7504 §3.2)
+    521: "hard",       # host does not accept mail (RFC 7504)
+    556: "hard",       # domain does not accept mail (RFC 7504)
     551: "hard",       # user not local (RFC 5321 §3.4)
     530: "policy", 534: "policy", 535: "policy", 538: "policy",  # authentication/TLS required
 }
@@ -424,6 +442,8 @@ _PHASE_DEFAULTS: dict[str, str] = {
     "connect": "block", "connection": "block", "greeting": "block", "ehlo": "block",
     "starttls": "policy", "mail": "policy", "data": "policy",
 }
+
+_TOO_MANY_RECIPIENTS = re.compile(r"too many recipients", re.IGNORECASE)
 
 _PERMANENCE_BY_CATEGORY = {
     "hard": "permanent", "block": "permanent", "policy": "permanent", "expired": "permanent",
@@ -499,8 +519,8 @@ def classify(code: int | None, text: str = "", *, enhanced: str | None = None,
     else the category (hard/block/policy bounce; soft/throttle/unknown retry).
 
     Category, first that decides: a :data:`CAUSE_RULES` match; the enhanced code
-    (:data:`ENHANCED_CODES`) unless undecided (or a 4xx's generic "soft"); a
-    :data:`TEXT_RULES` match; the enhanced subject; the basic code; the phase; "unknown".
+    (:data:`ENHANCED_CODES`) unless undecided, a catch-all X.Y.0 or a 4xx's generic "soft";
+    a :data:`TEXT_RULES` match; the enhanced subject; the basic code; the phase; "unknown".
     """
     if phase not in PHASES:
         raise ValueError(f"unknown SMTP phase {phase!r} (known: {', '.join(sorted(PHASES))})")
@@ -515,12 +535,10 @@ def classify(code: int | None, text: str = "", *, enhanced: str | None = None,
     if code is None:
         code = parsed.code
     if enhanced is None and parsed.enhanced is not None:
-        # an enhanced code of another class than the reply's is kept only from the text's
-        # leading position (it was sent with the reply, e.g. "554 4.4.7")
         enhanced = parsed.enhanced
-    body = parsed.text or (text or "").strip()
+    body = parsed.text
 
-    # The reply's class: the basic code's, else the enhanced code's (RFC 3463 §3.1).
+    # The reply's class: the basic code's, else the enhanced code's (RFC 3463 §2).
     klass: int | None = None
     if code is not None and code // 100 in (2, 4, 5):
         klass = code // 100
@@ -539,7 +557,7 @@ def classify(code: int | None, text: str = "", *, enhanced: str | None = None,
         outcome = Outcome.PERMANENT
         # RFC 5321 §4.5.3.1.10: RFC 821 wrongly listed "too many recipients" as 552; clients
         # SHOULD treat a 552 in this case as temporary (the rest go in a new transaction).
-        if code == 552 and phase == "rcpt" and re.search(r"too many recipients", body, re.I):
+        if code == 552 and phase == "rcpt" and _TOO_MANY_RECIPIENTS.search(body):
             outcome = Outcome.TRANSIENT
     elif klass == 4:
         outcome = Outcome.TRANSIENT
@@ -549,8 +567,14 @@ def classify(code: int | None, text: str = "", *, enhanced: str | None = None,
     return Classification(outcome, category, code, enhanced, body, site_backoff)
 
 
+# Addresses are masked before the rules run: a local part such as "userunknown@" or
+# "filtered@" is not a statement by the server.
+_ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+
+
 def _category(klass: int | None, transient: bool | None, code: int | None,
               enhanced: str | None, body: str, phase: str) -> tuple[str, bool]:
+    body = _ADDRESS.sub("addr", body)
     backoff = False
     for rule in CAUSE_RULES:
         if rule.pattern.search(body):
@@ -567,8 +591,9 @@ def _category(klass: int | None, transient: bool | None, code: int | None,
         exact = entry[col] if entry is not None else None
         # X.4.5 congestion and X.7.28 mail flood ask for a slower pace
         backoff = backoff or f"{s}.{d}" in ("4.5", "7.28")
-        # a 4xx's "soft" only says "temporary": let the text say what is wrong
-        if exact is not None and not (klass == 4 and exact == "soft"):
+        # A 4xx's "soft" only says "temporary", and X.Y.0 is the catch-all of its subject
+        # (RFC 3463 §3: "other or undefined"): let the text say what is wrong first.
+        if exact is not None and not (klass == 4 and exact == "soft") and d != "0":
             return exact, backoff
 
     for rule in TEXT_RULES:
@@ -581,9 +606,9 @@ def _category(klass: int | None, transient: bool | None, code: int | None,
     if exact is not None:
         return exact, backoff
     if enhanced is not None:
-        sub = ENHANCED_SUBJECTS.get(enhanced.split(".")[1])
-        if sub is not None and sub[col] is not None and not (klass == 4 and backoff):
-            return sub[col], backoff
+        sub = ENHANCED_SUBJECTS.get(enhanced.split(".")[1], (None, None))[col]
+        if sub is not None and not (klass == 4 and backoff):
+            return sub, backoff
     if code is not None and code in _CODE_DEFAULTS:
         return _CODE_DEFAULTS[code], backoff
     if backoff:
@@ -638,8 +663,8 @@ def dns_failure(kind: str, text: str = "", *, permanent: bool | None = None) -> 
 
 # RFC 3463 §3.5: X.4.1 no answer from host, X.4.2 bad connection, X.4.0 other network trouble
 _CONNECTION_CODES = (
-    (re.compile(r"lost|reset|closed|broken|eof|disconnect", re.I), "4.4.2"),
-    (re.compile(r"time[d ]?out|refused|unreachable|no route|connect", re.I), "4.4.1"),
+    (re.compile(r"lost|reset|closed|broken|eof|disconnect", re.IGNORECASE), "4.4.2"),
+    (re.compile(r"time[d ]?out|refused|unreachable|no route|connect", re.IGNORECASE), "4.4.1"),
 )
 
 

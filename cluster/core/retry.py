@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["RetryPolicy", "RETRY_KINDS"]
+__all__ = ["RETRY_KINDS", "RetryPolicy"]
 
 #: "normal": the site answered with a transient failure; "throttle": it asked us to slow down
 #: (same schedule as normal; SiteThrottle does the site-wide pausing); "dns": the route could

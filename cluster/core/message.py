@@ -1,0 +1,795 @@
+"""The submission model: validate what a sender hands raymta and render the wire message.
+
+Role: turn one submission dict (see ``prepare``) into a :class:`PreparedMessage` holding the final
+bytes the recipient's server will receive plus the validated envelope and queueing options, or
+raise a :class:`ValidationError` that names the field (and, for a raw message, the line) at fault.
+Owns: the submission format and its limits, the checks a message must pass before it is queued
+(RFC 5322 syntax and line limits, RFC 6532 8-bit headers, header injection), MIME rendering of
+structured submissions (stdlib ``email``, policy SMTP), Message-ID/Date completion, and the
+time-ordered ids (ULIDs) used for message ids.
+Must not: import Ray, touch the network or the disk, read the clock (``now`` is an argument) or
+change a raw message beyond line-ending normalisation and the prepended Message-ID/Date fields.
+Delivery-time concerns (DKIM signing, dot-stuffing, 8BITMIME negotiation) live elsewhere.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email import errors as email_errors
+from email import policy as email_policy
+from email.headerregistry import Address as HeaderAddress
+from email.headerregistry import Group
+from email.message import EmailMessage
+from email.utils import format_datetime, parsedate_to_datetime
+
+from cluster.core.addresses import Address, AddressError, parse_address
+
+__all__ = [
+    "DEFAULT_MAX_SIZE",
+    "MAX_IDEMPOTENCY_KEY",
+    "MAX_LINE_OCTETS",
+    "MAX_METADATA_BYTES",
+    "MAX_RECIPIENTS",
+    "MAX_TAGS",
+    "MAX_TAG_KEY",
+    "MAX_TAG_VALUE",
+    "SUBMISSION_KEYS",
+    "PreparedMessage",
+    "ValidationError",
+    "message_id_time",
+    "new_message_id",
+    "parse_duration",
+    "prepare",
+    "validate_batch",
+]
+
+MAX_RECIPIENTS = 1000
+MAX_TAGS = 32
+MAX_TAG_KEY = 64
+MAX_TAG_VALUE = 256
+MAX_METADATA_BYTES = 4096
+MAX_IDEMPOTENCY_KEY = 200
+#: RFC 5322 §2.1.1: "Each line of characters MUST be no more than 998 characters ... excluding
+#: the CRLF."
+MAX_LINE_OCTETS = 998
+DEFAULT_MAX_SIZE = 10_000_000
+
+_STRUCTURED_KEYS = ("from", "to", "cc", "reply_to", "subject", "text", "html", "headers")
+SUBMISSION_KEYS = frozenset(("sender", "recipients", "raw", *_STRUCTURED_KEYS, "tags",
+                             "metadata", "idempotency_key", "not_before", "max_age", "smtputf8"))
+
+# RFC 5322 §3.6: fields that may occur at most once in a message.
+_SINGLETON_FIELDS = {"date": "Date", "from": "From", "sender": "Sender", "reply-to": "Reply-To",
+                     "to": "To", "cc": "Cc", "bcc": "Bcc", "message-id": "Message-ID",
+                     "in-reply-to": "In-Reply-To", "references": "References",
+                     "subject": "Subject"}
+# Extra ``headers`` a structured submission may not set, and why.
+_RESERVED_HEADERS = {
+    "from": "use the 'from' field", "to": "use the 'to' field", "cc": "use the 'cc' field",
+    "reply-to": "use the 'reply_to' field", "subject": "use the 'subject' field",
+    "bcc": "a Bcc header would disclose blind recipients: list them in 'recipients' only",
+    "mime-version": "set by raymta", "content-type": "set by raymta from 'text'/'html' "
+    "(submit a 'raw' message for another MIME structure)",
+    "content-transfer-encoding": "set by raymta",
+    # RFC 5321 §4.4: Return-Path is added at final delivery; an originator SHOULD NOT send one.
+    "return-path": "added by the final delivery server (RFC 5321 §4.4)",
+}
+# RFC 5322 §3.6.8 field-name = 1*ftext; ftext = %d33-57 / %d59-126 (printable ASCII but ":")
+_FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")
+_INJECTION_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL"}
+_MSG_ID = re.compile(r"<[^<>@\s]+@[^<>@\s]+>\Z")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
+_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+class ValidationError(ValueError):
+    """A submission that cannot be queued: ``field`` says where, ``reason`` says what.
+
+    ``index`` is the position in the batch when the error came from :func:`validate_batch`.
+    """
+
+    def __init__(self, field: str, reason: str, *, index: int | None = None) -> None:
+        super().__init__(field, reason)
+        self.field = field
+        self.reason = reason
+        self.index = index
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class PreparedMessage:
+    body: bytes               # final wire bytes, CRLF, what the recipient's server will receive
+    sender: str               # normalized envelope sender ("" for null reverse-path)
+    recipients: tuple[Address, ...]  # deduped, validated
+    tags: dict[str, str]
+    metadata: dict
+    idempotency_key: str | None
+    not_before: float | None
+    max_age: float | None
+    smtputf8: bool
+    added_headers: tuple[str, ...]   # e.g. ("Message-ID", "Date")
+
+
+# --------------------------------------------------------------------------- entry points
+
+def prepare(submission: dict, *, now: float, max_size: int = DEFAULT_MAX_SIZE) -> PreparedMessage:
+    """Validate one submission and render its wire bytes.
+
+    Keys: ``sender``, ``recipients`` (required), then either ``raw`` (a complete RFC 5322
+    message, bytes or str) or the structured fields ``from``, ``to``, ``cc``, ``reply_to``,
+    ``subject``, ``text``, ``html``, ``headers``; and the options ``tags``, ``metadata``,
+    ``idempotency_key``, ``not_before``, ``max_age``, ``smtputf8``. A key set to None counts as
+    absent. ``now`` (epoch seconds) dates the message; ``max_size`` bounds the final bytes.
+    """
+    _check_max_size(max_size)
+    if not isinstance(submission, dict):
+        raise ValidationError("submission", f"must be a dict, not {type(submission).__name__}")
+    for key in submission:
+        if key not in SUBMISSION_KEYS:
+            raise ValidationError(str(key), _unknown_key_reason(key))
+    sub = {k: v for k, v in submission.items() if v is not None}
+
+    smtputf8 = sub.get("smtputf8", False)
+    if not isinstance(smtputf8, bool):
+        raise ValidationError("smtputf8", f"must be true or false, not {_type(smtputf8)}")
+
+    structured = [k for k in _STRUCTURED_KEYS if k in sub]
+    if "raw" in sub and structured:
+        raise ValidationError("raw", "cannot be combined with the structured fields "
+                              f"{', '.join(map(repr, structured))}: give either a complete "
+                              "message in 'raw' or build one from fields")
+    if "raw" not in sub and "text" not in sub and "html" not in sub:
+        raise ValidationError("text", "missing: give 'text' and/or 'html', or a complete "
+                              "message in 'raw'")
+
+    recipients = _recipients(sub.get("recipients"), smtputf8)
+    sender = None
+    if "sender" in sub:
+        sender = _address(sub["sender"], "sender", smtputf8, allow_empty=True)
+    tags = _tags(sub.get("tags"))
+    metadata = _metadata(sub.get("metadata"))
+    idem = _idempotency_key(sub.get("idempotency_key"))
+    not_before = _not_before(sub.get("not_before"))
+    max_age = _max_age(sub.get("max_age"))
+
+    if "raw" in sub:
+        body, sender, added = _prepare_raw(sub["raw"], sender, smtputf8, now, max_size)
+    else:
+        body, sender, added = _prepare_structured(sub, sender, smtputf8, now, max_size)
+    if len(body) > max_size:
+        raise ValidationError("body", _too_big(len(body), max_size))
+    return PreparedMessage(body=body, sender=str(sender), recipients=recipients, tags=tags,
+                           metadata=metadata, idempotency_key=idem, not_before=not_before,
+                           max_age=max_age, smtputf8=smtputf8, added_headers=added)
+
+
+def validate_batch(submissions: list, *, now: float, max_size: int = DEFAULT_MAX_SIZE
+                   ) -> list[PreparedMessage | ValidationError]:
+    """:func:`prepare` every submission; one result per input, in order.
+
+    A bad submission yields its :class:`ValidationError` (with ``index`` set) in its slot and
+    never affects the others; a non-dict element gets an error naming its index.
+    """
+    _check_max_size(max_size)
+    if not isinstance(submissions, (list, tuple)):
+        raise ValidationError("submissions", f"must be a list, not {_type(submissions)}")
+    out: list[PreparedMessage | ValidationError] = []
+    for i, sub in enumerate(submissions):
+        if not isinstance(sub, dict):
+            out.append(ValidationError(f"submissions[{i}]", "must be a dict, not "
+                                       f"{_type(sub)}", index=i))
+            continue
+        try:
+            out.append(prepare(sub, now=now, max_size=max_size))
+        except ValidationError as e:
+            out.append(ValidationError(e.field, e.reason, index=i))
+        except Exception as e:  # noqa: BLE001 - one odd submission must not sink its batch
+            out.append(ValidationError("submission", "could not be processed: "
+                                       f"{type(e).__name__}: {e}", index=i))
+    return out
+
+
+# --------------------------------------------------------------------------- ULIDs
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_CROCKFORD_VALUE = {c: i for i, c in enumerate(_CROCKFORD)}
+
+
+def new_message_id(now: float) -> str:
+    """A ULID: 26 Crockford base32 characters, 48-bit millisecond time then 80 random bits.
+
+    Ids sort (as strings) by their millisecond; ids within one millisecond are random."""
+    ms = round(now * 1000)
+    if not 0 <= ms < 1 << 48:
+        raise ValueError(f"now={now!r} is outside the ULID time range")
+    value = (ms << 80) | secrets.randbits(80)
+    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+
+
+def message_id_time(mid: str) -> float:
+    """The creation time (epoch seconds, millisecond precision) encoded in a ULID.
+
+    Also accepts a Message-ID built from one (``<ULID@domain>``)."""
+    if not isinstance(mid, str):
+        raise TypeError(f"not a ULID: {mid!r}")
+    ulid = mid.strip().removeprefix("<").split("@", 1)[0].upper()
+    # 26 characters carry 130 bits for a 128-bit value: the first is at most "7".
+    if len(ulid) != 26 or ulid[0] > "7" or any(c not in _CROCKFORD_VALUE for c in ulid):
+        raise ValueError(f"not a ULID: {mid!r}")
+    ms = 0
+    for c in ulid[:10]:  # 50 bits: two zero bits, then the 48-bit millisecond time
+        ms = ms * 32 + _CROCKFORD_VALUE[c]
+    return ms / 1000
+
+
+# --------------------------------------------------------------------------- options
+
+def _check_max_size(max_size: object) -> None:
+    """A bad limit is the caller's bug, not the submitter's: TypeError/ValueError."""
+    if isinstance(max_size, bool) or not isinstance(max_size, int):
+        raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
+    if max_size <= 0:
+        raise ValueError(f"max_size must be positive, not {max_size}")
+
+
+def _type(value: object) -> str:
+    return type(value).__name__
+
+
+def _unknown_key_reason(key: object) -> str:
+    reason = "unknown key"
+    if isinstance(key, str):
+        close = difflib.get_close_matches(key, sorted(SUBMISSION_KEYS), n=1)
+        if close:
+            reason += f" (did you mean {close[0]!r}?)"
+    if key == "attachments":
+        reason += " (attachments are not supported: submit a complete MIME message in 'raw')"
+    return reason
+
+
+def _address(value: object, field: str, smtputf8: bool, *, allow_empty: bool = False) -> Address:
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, not {_type(value)}")
+    try:
+        return parse_address(value, field=field, allow_smtputf8=smtputf8,
+                             allow_empty=allow_empty)
+    except AddressError as e:
+        hint = " (set smtputf8: true)" if "SMTPUTF8" in e.reason else ""
+        raise ValidationError(field, f"{e.reason}{hint} ({value!r})") from None
+
+
+def _recipients(value: object, smtputf8: bool) -> tuple[Address, ...]:
+    if value is None:
+        raise ValidationError("recipients", "missing")
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValidationError("recipients", "must be a list of addresses or a single address "
+                              f"string, not {_type(value)}")
+    if not items:
+        raise ValidationError("recipients", "must not be empty")
+    if len(items) > MAX_RECIPIENTS:
+        raise ValidationError("recipients", f"{len(items)} recipients, over the limit of "
+                              f"{MAX_RECIPIENTS} per message: split the submission")
+    seen: dict[tuple[str, str], Address] = {}
+    for i, item in enumerate(items):
+        field = "recipients" if isinstance(value, str) else f"recipients[{i}]"
+        addr = _address(item, field, smtputf8)
+        # RFC 5321 §2.4: the local part is case-sensitive, the domain is not (lowercased).
+        seen.setdefault((addr.local, addr.ascii_domain), addr)
+    return tuple(seen.values())
+
+
+def _check_utf8(value: str, field: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValidationError(field, f"not encodable as UTF-8: {e.reason} at character "
+                              f"{e.start}") from None
+
+
+def _check_text(value: str, field: str, *, allow_tab: bool = True) -> None:
+    """No line breaks, NUL or other controls in a one-line value (header injection guard)."""
+    _check_utf8(value, field)
+    for ch in value:
+        cp = ord(ch)
+        if cp < 0x20 and not (allow_tab and ch == "\t") or cp == 0x7F:
+            name = {0: "NUL", 9: "TAB", 10: "LF", 13: "CR", 0x7F: "DEL"}.get(cp)
+            what = f"U+{cp:04X}" + (f" ({name})" if name else "")
+            if ch in "\r\n":
+                raise ValidationError(field, f"contains {what}: line breaks are not allowed "
+                                      "in a header value (header injection)")
+            raise ValidationError(field, f"contains control character {what}")
+
+
+def _tags(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("tags", f"must be a dict of string to string, not {_type(value)}")
+    if len(value) > MAX_TAGS:
+        raise ValidationError("tags", f"{len(value)} tags, over the limit of {MAX_TAGS}")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise ValidationError("tags", f"keys must be strings, not {_type(k)} ({k!r})")
+        field = f"tags[{k!r}]"
+        if not k or len(k) > MAX_TAG_KEY:
+            raise ValidationError(field, f"key must be 1-{MAX_TAG_KEY} characters")
+        if not isinstance(v, str):
+            raise ValidationError(field, f"value must be a string, not {_type(v)}")
+        if len(v) > MAX_TAG_VALUE:
+            raise ValidationError(field, f"value is {len(v)} characters, over the limit of "
+                                  f"{MAX_TAG_VALUE}")
+        _check_text(k, field, allow_tab=False)
+        _check_text(v, field, allow_tab=False)
+        out[k] = v
+    return out
+
+
+def _metadata(value: object) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("metadata", f"must be a dict, not {_type(value)}")
+    try:
+        encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValidationError("metadata", f"not JSON-serialisable: {e}") from None
+    try:
+        size = len(encoded.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValidationError("metadata", f"not encodable as UTF-8: {e.reason}") from None
+    if size > MAX_METADATA_BYTES:
+        raise ValidationError("metadata", f"{size} bytes as JSON, over the limit of "
+                              f"{MAX_METADATA_BYTES}")
+    return json.loads(encoded)  # a private copy, exactly what will be stored
+
+
+def _idempotency_key(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValidationError("idempotency_key", f"must be a string, not {_type(value)}")
+    if not value:
+        raise ValidationError("idempotency_key", "must not be empty")
+    if len(value) > MAX_IDEMPOTENCY_KEY:
+        raise ValidationError("idempotency_key", f"{len(value)} characters, over the limit of "
+                              f"{MAX_IDEMPOTENCY_KEY}")
+    _check_text(value, "idempotency_key", allow_tab=False)
+    return value
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+def _not_before(value: object) -> float | None:
+    if value is None:
+        return None
+    t = _number(value)
+    if t is None and isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValidationError("not_before", "datetime has no timezone")
+        t = value.timestamp()
+    elif t is None and isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ValidationError("not_before", f"not an ISO-8601 date-time: {value!r} "
+                                  "(e.g. '2025-01-31T09:00:00Z')") from None
+        if dt.tzinfo is None:
+            raise ValidationError("not_before", f"ISO-8601 date-time without a timezone: "
+                                  f"{value!r} (add 'Z' or an offset such as '+02:00')")
+        t = dt.timestamp()
+    elif t is None:
+        raise ValidationError("not_before", "must be epoch seconds or an ISO-8601 string, "
+                              f"not {_type(value)}")
+    if not math.isfinite(t) or t < 0:
+        raise ValidationError("not_before", f"must be a finite time after 1970, not {value!r}")
+    return t
+
+
+def parse_duration(text: str) -> float:
+    """``"90s"``, ``"2h"``, ``"1h30m"``, ``"5d"``, ``"250ms"``, ``"1w"`` -> seconds.
+
+    Units: ms, s, m, h, d, w; parts add up. Raises ValueError on anything else."""
+    compact = re.sub(r"\s+", "", text).lower()
+    if not _DURATION.fullmatch(compact):
+        raise ValueError(f"not a duration: {text!r} (use a number and a unit: ms, s, m, h, d, "
+                         "w, e.g. '2h' or '1h30m')")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(compact))
+
+
+def _max_age(value: object) -> float | None:
+    if value is None:
+        return None
+    seconds = _number(value)
+    if seconds is None:
+        if not isinstance(value, str):
+            raise ValidationError("max_age", "must be seconds or a duration string like '2h', "
+                                  f"not {_type(value)}")
+        try:
+            seconds = parse_duration(value)
+        except ValueError as e:
+            raise ValidationError("max_age", str(e)) from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValidationError("max_age", f"must be a positive duration, not {value!r}")
+    return seconds
+
+
+def _too_big(size: int, max_size: int) -> str:
+    return f"message is {size} bytes, over the limit of {max_size}"
+
+
+def _added_fields(now: float, domain: str, missing: Iterable[str]) -> list[tuple[str, str]]:
+    """Values for the absent Message-ID / Date fields, in that fixed order."""
+    missing = set(missing)
+    out = []
+    if "Message-ID" in missing:
+        # RFC 5322 §3.6.4: msg-id = "<" id-left "@" id-right ">"
+        out.append(("Message-ID", f"<{new_message_id(now)}@{domain}>"))
+    if "Date" in missing:
+        # RFC 5322 §3.3 date-time, §3.6.1 orig-date
+        out.append(("Date", format_datetime(datetime.fromtimestamp(now, UTC))))
+    return out
+
+
+def _msgid_domain(sender: Address | None) -> str:
+    return sender.ascii_domain if sender is not None and not sender.is_null else "raymta.invalid"
+
+
+# --------------------------------------------------------------------------- raw messages
+
+@dataclass
+class _Field:
+    name: str       # as written
+    value: str      # unfolded, decoded (UTF-8, invalid bytes replaced)
+    line: int       # 1-based line of the field's first line in the submitted message
+
+
+def _line_of(data: bytes, pos: int) -> int:
+    return data.count(b"\n", 0, pos) + 1
+
+
+def _first_long_line(text: bytes) -> tuple[int, int] | None:
+    """(line number, length) of the first line of LF-separated ``text`` over the limit."""
+    lengths = list(map(len, text.split(b"\n")))  # C speed; a regex scan would be quadratic
+    if max(lengths) <= MAX_LINE_OCTETS:
+        return None
+    return next((n, length) for n, length in enumerate(lengths, 1)
+                if length > MAX_LINE_OCTETS)
+
+
+def _prepare_raw(raw: object, sender: Address | None, smtputf8: bool, now: float,
+                 max_size: int) -> tuple[bytes, Address, tuple[str, ...]]:
+    if isinstance(raw, str):
+        try:
+            data = raw.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValidationError("raw", f"not encodable as UTF-8: {e.reason} at character "
+                                  f"{e.start}") from None
+    elif isinstance(raw, (bytes, bytearray, memoryview)):
+        data = bytes(raw)
+    else:
+        raise ValidationError("raw", f"must be bytes or str, not {_type(raw)}")
+    if not data:
+        raise ValidationError("raw", "empty message")
+    if len(data) > max_size:  # normalisation only ever adds bytes
+        raise ValidationError("body", _too_big(len(data), max_size))
+
+    # RFC 5322 §2.1/§3.5: no NUL anywhere; CR and LF only together as CRLF (§2.3).
+    pos = data.find(b"\x00")
+    if pos >= 0:
+        raise ValidationError("raw", f"line {_line_of(data, pos)}: NUL byte (not allowed "
+                              "anywhere in a message, RFC 5322 §2.1)")
+    text = data.replace(b"\r\n", b"\n")  # one LF per line; bare LFs are normalised to CRLF
+    pos = text.find(b"\r")
+    if pos >= 0:
+        raise ValidationError("raw", f"line {_line_of(text, pos)}: bare CR (a CR must be "
+                              "followed by LF, RFC 5322 §2.3)")
+    long_line = _first_long_line(text)
+    if long_line:
+        n, length = long_line
+        raise ValidationError("raw", f"line {n}: {length} octets, over the {MAX_LINE_OCTETS}-"
+                              "octet line limit (RFC 5322 §2.1.1)")
+
+    fields = _parse_header_section(text, smtputf8)
+    by_name: dict[str, _Field] = {}
+    for f in fields:
+        key = f.name.lower()
+        if key in _SINGLETON_FIELDS and key in by_name:
+            raise ValidationError("raw", f"line {f.line}: second {f.name!r} header field "
+                                  f"(RFC 5322 §3.6 allows at most one; the first is on line "
+                                  f"{by_name[key].line})")
+        by_name.setdefault(key, f)
+    if "from" not in by_name:
+        raise ValidationError("raw", "missing From header field (required, RFC 5322 §3.6)")
+    if sender is None:
+        sender = _sender_from_headers(by_name, smtputf8)
+
+    missing = [n for n in ("Message-ID", "Date") if n.lower() not in by_name]
+    added = _added_fields(now, _msgid_domain(sender), missing)
+    if not text.endswith(b"\n"):
+        text += b"\n"
+    prefix = "".join(f"{n}: {v}\r\n" for n, v in added).encode("ascii")
+    return prefix + text.replace(b"\n", b"\r\n"), sender, tuple(n for n, _ in added)
+
+
+def _parse_header_section(text: bytes, smtputf8: bool) -> list[_Field]:
+    """Check the header section (RFC 5322 §2.2, §3.6) of LF-separated ``text``."""
+    fields: list[_Field] = []
+    # The header section ends at the first empty line (RFC 5322 §2.1); without one, the whole
+    # message is headers (a message without a body).
+    if text.startswith(b"\n"):
+        head = b""  # an empty header section
+    else:
+        end = text.find(b"\n\n")
+        head = text if end < 0 else text[:end + 1]
+    lines = head.split(b"\n") if head else []
+    if head.endswith(b"\n"):
+        lines.pop()
+    for n, line in enumerate(lines, 1):
+        if line[:1] in (b" ", b"\t"):
+            # RFC 5322 §2.2.3 folding: a continuation of the previous field
+            if not fields:
+                raise ValidationError("raw", f"line {n}: starts with whitespace but there is no "
+                                      "header field before it to continue (RFC 5322 §2.2.3)")
+            if not line.strip(b" \t"):
+                raise ValidationError("raw", f"line {n}: whitespace-only line in the header "
+                                      "section (obsolete folding, RFC 5322 §3.2.2/§4.2; end "
+                                      "the headers with an empty line)")
+            name = fields[-1].name
+        else:
+            m = _FIELD_NAME.match(line)
+            if not m and n == 1 and line.startswith(b"From "):
+                raise ValidationError("raw", "line 1: mbox 'From ' separator line: remove it, "
+                                      "a message starts with its header fields")
+            if not m:
+                colon = line.find(b":")
+                if colon > 0:
+                    bad = line[:colon].decode("utf-8", "replace")
+                    raise ValidationError("raw", f"line {n}: invalid header field name {bad!r} "
+                                          "(printable ASCII without spaces, RFC 5322 §2.2)")
+                raise ValidationError("raw", f"line {n}: not a header field ('Name: value') or "
+                                      "folded continuation line; the header section must end "
+                                      "with an empty line before the body (RFC 5322 §2.1, "
+                                      "§2.2)")
+            name = m.group(1).decode("ascii")
+        if not line.isascii():
+            if not smtputf8:
+                raise ValidationError("raw", f"line {n}: 8-bit byte in the {name!r} header "
+                                      "field needs smtputf8 (RFC 6532), or encode it (RFC 2047)")
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValidationError("raw", f"line {n}: {name!r} header field is not valid "
+                                      "UTF-8 (RFC 6532 §3.2)") from None
+        value = line.decode("utf-8", "replace")
+        if line[:1] in (b" ", b"\t"):
+            fields[-1].value += value
+        else:
+            fields.append(_Field(name, value[len(name) + 1:].strip(), n))
+    return fields
+
+
+def _sender_from_headers(by_name: dict[str, _Field], smtputf8: bool) -> Address:
+    """Envelope sender from Sender (if present) else From (RFC 5322 §3.6.2)."""
+    field = by_name.get("sender") or by_name["from"]
+    header = email_policy.SMTPUTF8.header_factory(field.name, field.value)
+    addrs = list(header.addresses)
+    where = f"the {field.name} header field (line {field.line})"
+    if len(addrs) != 1:
+        raise ValidationError("sender", f"missing, and {where} holds {len(addrs)} addresses: "
+                              "give 'sender'")
+    spec = addrs[0].addr_spec
+    try:
+        return parse_address(spec, field="sender", allow_smtputf8=smtputf8)
+    except AddressError as e:
+        raise ValidationError("sender", f"missing, and the address in {where} is unusable: "
+                              f"{e.reason} ({spec!r})") from None
+
+
+# --------------------------------------------------------------------------- structured messages
+
+def _header_addresses(value: object, field: str, smtputf8: bool, *, single: bool = False
+                      ) -> tuple[list[HeaderAddress | Group], list[Address]]:
+    """Parse display addresses (``"Name <a@b.example>"``, lists thereof) for a header.
+
+    Returns the header objects to render and the validated addresses they hold."""
+    if single:
+        if not isinstance(value, str):
+            raise ValidationError(field, f"must be a string, not {_type(value)}")
+        items = [(field, value)]
+    elif isinstance(value, str):
+        items = [(field, value)]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"{field}[{i}]", v) for i, v in enumerate(value)]
+    else:
+        raise ValidationError(field, f"must be a string or a list of strings, not "
+                              f"{_type(value)}")
+    out: list[HeaderAddress | Group] = []
+    addrs: list[Address] = []
+    for where, item in items:
+        if not isinstance(item, str):
+            raise ValidationError(where, f"must be a string, not {_type(item)}")
+        _check_text(item, where)
+        header = email_policy.SMTPUTF8.header_factory("To", item)
+        for defect in header.defects:
+            # "Dr. Bob" (obsolete period in a phrase) is harmless; non-ASCII local parts are
+            # judged by parse_address below.
+            if not isinstance(defect, (email_errors.ObsoleteHeaderDefect,
+                                       email_errors.NonASCIILocalPartDefect)):
+                raise ValidationError(where, f"not a valid address list: {defect} ({item!r})")
+        for group in header.groups:
+            members = []
+            for a in group.addresses:
+                addr = _address(a.addr_spec, where, smtputf8)
+                addrs.append(addr)
+                members.append(_header_address(addr, a.display_name))
+            if group.display_name is None:
+                out.extend(members)
+            else:
+                out.append(Group(group.display_name, members))
+    if single and (len(out) != 1 or isinstance(out[0], Group)):
+        raise ValidationError(field, f"must be exactly one address, got {value!r}")
+    return out, addrs
+
+
+def _header_address(addr: Address, display_name: str = "") -> HeaderAddress:
+    """A header mailbox for a validated address (A-label domain unless SMTPUTF8 is needed)."""
+    local = addr.local
+    if local.startswith('"'):
+        local = re.sub(r"\\(.)", r"\1", local[1:-1])
+    domain = addr.domain if addr.needs_smtputf8 else addr.ascii_domain
+    return HeaderAddress(display_name=display_name, username=local, domain=domain)
+
+
+def _prepare_structured(sub: dict, sender: Address | None, smtputf8: bool, now: float,
+                        max_size: int) -> tuple[bytes, Address, tuple[str, ...]]:
+    for key in ("subject", "text", "html"):
+        if key in sub and not isinstance(sub[key], str):
+            raise ValidationError(key, f"must be a string, not {_type(sub[key])}")
+    text, html = sub.get("text"), sub.get("html")
+    for key in ("text", "html"):
+        if key in sub:
+            _check_utf8(sub[key], key)
+    size = sum(len(s.encode("utf-8")) for s in (text, html) if s is not None)
+    if size > max_size:  # every content-transfer-encoding is at least as long as its input
+        raise ValidationError("body", _too_big(size, max_size))
+    for key in ("text", "html"):
+        if key in sub and "\x00" in sub[key]:
+            raise ValidationError(key, "contains a NUL character (RFC 5322 §2.1)")
+
+    from_, from_addrs = _header_addresses(sub["from"], "from", smtputf8, single=True) \
+        if "from" in sub else ([], [])
+    to = cc = reply_to = []
+    if "to" in sub:
+        to, _ = _header_addresses(sub["to"], "to", smtputf8)
+    if "cc" in sub:
+        cc, _ = _header_addresses(sub["cc"], "cc", smtputf8)
+    if "reply_to" in sub:
+        reply_to, _ = _header_addresses(sub["reply_to"], "reply_to", smtputf8)
+    if "subject" in sub:
+        _check_text(sub["subject"], "subject")
+    extra = _extra_headers(sub.get("headers"))
+
+    if sender is None:
+        if not from_addrs:
+            raise ValidationError("sender", "missing (and no 'from' to take it from)")
+        sender = from_addrs[0]
+    if not from_:
+        if sender.is_null:
+            raise ValidationError("from", "missing: a From header is required (RFC 5322 "
+                                  "§3.6) and the sender is the null reverse-path")
+        from_ = [_header_address(sender)]
+
+    # policy SMTP: CRLF line ends, RFC 2047 encoded words for non-ASCII header text, folding at
+    # 78. Without SMTPUTF8 the body is kept 7-bit too (quoted-printable/base64), so the message
+    # can be relayed to any server, 8BITMIME (RFC 6152) or not.
+    policy = email_policy.SMTPUTF8 if smtputf8 else email_policy.SMTP.clone(cte_type="7bit")
+    msg = EmailMessage(policy=policy)
+    given = {name.lower() for name in extra}
+    missing = [n for n in ("Message-ID", "Date") if n.lower() not in given]
+    added = _added_fields(now, _msgid_domain(sender), missing)
+    for name, value in added:
+        msg[name] = value
+    msg["From"] = from_
+    if to:
+        msg["To"] = to
+    if cc:
+        msg["Cc"] = cc
+    if reply_to:
+        msg["Reply-To"] = reply_to
+    if "subject" in sub:
+        msg["Subject"] = sub["subject"]
+    for name, value in extra.items():
+        msg[name] = value
+        defects = getattr(msg[name], "defects", ())
+        if defects:
+            raise ValidationError(f"headers[{name!r}]", f"invalid value: {defects[0]}")
+    if text is not None:
+        msg.set_content(text)
+        if html is not None:
+            msg.add_alternative(html, subtype="html")
+            for part in msg.iter_parts():
+                del part["MIME-Version"]  # RFC 2045 §4: only the top-level entity needs it
+            # The stdlib would draw the boundary from `random`; use a fresh ULID (80 bits from
+            # `secrets`) instead: unguessable, so no body can contain it (RFC 2046 §5.1.1),
+            # and "=_" cannot even start a line of quoted-printable or base64 text.
+            msg.set_boundary(f"=_raymta_{new_message_id(now)}")
+    else:
+        msg.set_content(html, subtype="html")
+    body = bytes(msg)
+    if len(body) > max_size:
+        raise ValidationError("body", _too_big(len(body), max_size))
+    # The stdlib folds and encodes; check its output against the same rules as a raw message.
+    try:
+        _parse_header_section(body.replace(b"\r\n", b"\n"), smtputf8)
+    except ValidationError as e:  # pragma: no cover - a stdlib rendering fault
+        raise ValidationError("headers", f"rendered message: {e.reason}") from None
+    if _first_long_line(body.replace(b"\r\n", b"\n")):  # pragma: no cover
+        raise ValidationError("headers", f"rendered message has a line over {MAX_LINE_OCTETS} "
+                              "octets")
+    return body, sender, tuple(n for n, _ in added)
+
+
+def _extra_headers(value: object) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError("headers", f"must be a dict of header name to value, not "
+                              f"{_type(value)}")
+    out: dict[str, str] = {}
+    seen: dict[str, str] = {}
+    for name, v in value.items():
+        if not isinstance(name, str):
+            raise ValidationError("headers", f"header names must be strings, not {_type(name)} "
+                                  f"({name!r})")
+        field = f"headers[{name!r}]"
+        if not name:
+            raise ValidationError(field, "empty header name")
+        for ch in name:
+            # RFC 5322 §2.2 / §3.6.8: field-name = 1*ftext, printable US-ASCII except ":"
+            if ch in _INJECTION_NAMES:
+                raise ValidationError(field, f"header name contains {_INJECTION_NAMES[ch]} "
+                                      "(header injection)")
+            if ch == ":":
+                raise ValidationError(field, "header name contains ':' (RFC 5322 §2.2)")
+            if ch.isspace():
+                raise ValidationError(field, "header name contains whitespace (RFC 5322 §2.2)")
+            if not "!" <= ch <= "~":
+                raise ValidationError(field, f"header name contains {ch!r}: only printable "
+                                      "ASCII is allowed (RFC 5322 §2.2)")
+        key = name.lower()
+        if key in _RESERVED_HEADERS:
+            raise ValidationError(field, f"not allowed here: {_RESERVED_HEADERS[key]}")
+        if key in seen:
+            raise ValidationError(field, f"duplicate of header {seen[key]!r} (names are "
+                                  "case-insensitive)")
+        seen[key] = name
+        if not isinstance(v, str):
+            raise ValidationError(field, f"value must be a string, not {_type(v)}")
+        _check_text(v, field)
+        if key == "message-id" and not _MSG_ID.match(v.strip()):
+            raise ValidationError(field, f"not a msg-id '<id@domain>' (RFC 5322 §3.6.4): {v!r}")
+        if key == "date":
+            try:
+                ok = parsedate_to_datetime(v) is not None
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValidationError(field, f"not an RFC 5322 date-time (§3.3): {v!r}")
+        out[name] = v
+    return out
