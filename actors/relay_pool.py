@@ -199,6 +199,14 @@ class RelayPool:
             if s.queue and s.workers == 0:
                 self._start_workers(s)
 
+    def _defer_queued(self, s: _Site, c: Classification) -> None:
+        """Hand every message still queued here for the site back as a transient failure:
+        the coordinator's retry schedule, not this relay's memory, holds deferred mail."""
+        while s.queue:
+            item, call = s.queue.popleft()
+            call.add(_result(item, c, ""))
+            self.counters["transient"] += 1
+
     async def _release(self, s: _Site, lease: int) -> None:
         try:
             await self._throttle(s.throttle).release.remote(s.name, [lease])
@@ -221,10 +229,7 @@ class RelayPool:
             if e.all_421:
                 self._feedback.append((s.throttle, s.name, "backoff", e.text))
             # Postfix marks the destination dead and defers its queue; so do we.
-            while s.queue:
-                item, call = s.queue.popleft()
-                call.add(_result(item, c, ""))
-                self.counters["transient"] += 1
+            self._defer_queued(s, c)
             return
         self.counters["connections"] += 1
         host = f"{conn.host}[{conn.address}]"
@@ -254,6 +259,7 @@ class RelayPool:
                     self.counters["permanent"] += 1
                 if c.site_backoff:
                     self._feedback.append((s.throttle, s.name, "backoff", c.text))
+                    self._defer_queued(s, c)
                     return
         finally:
             await conn.close()

@@ -81,7 +81,7 @@ def demo_config(spool: str, dns_port: int, smtp_port: int, *, retry: str = "2s")
                   "max_age": "10m"},
         "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"},
         "delivery": {"smtp_port": smtp_port, "connect_timeout": "3s", "idle_timeout": "2s",
-                     "site_backoff": "2s"},
+                     "site_backoff": "2s", "site_backoff_max": "10s"},
         "egress": [{"name": "default", "ehlo_name": "demo.raymta.test"}],
         "site_defaults": {"rate": "2000/s", "max_connections": 8},
     })

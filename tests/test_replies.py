@@ -418,3 +418,16 @@ def test_enhanced_code_table_agrees_with_the_registry_corpus():
     print("\n".join(misses))
     assert total > 100
     assert ok / total >= 0.97
+
+
+@pytest.mark.parametrize("code, text, phase, backoff", [
+    (451, "4.7.1 greylisted, try again later", "rcpt", False),
+    (450, "4.2.0 Greylisted for 300 seconds, please try again later", "rcpt", False),
+    (451, "4.3.0 mailbox temporarily unavailable, try again", "rcpt", False),
+    (421, "4.7.0 too many connections from your IP", "greeting", True),
+    (450, "4.2.1 rate limited, slow down", "rcpt", True),
+    (451, "4.7.500 Server busy. Please try again later.", "rcpt", True),
+    (550, "5.7.1 rate limit exceeded", "rcpt", False),   # permanent: nothing to pause for
+])
+def test_only_pace_replies_pause_the_whole_site(code, text, phase, backoff):
+    assert classify(code, text, phase=phase).site_backoff is backoff

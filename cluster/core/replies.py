@@ -563,7 +563,12 @@ def classify(code: int | None, text: str = "", *, enhanced: str | None = None,
         outcome = Outcome.TRANSIENT
     else:
         outcome = Outcome(_PERMANENCE_BY_CATEGORY[category])
-    site_backoff = outcome is Outcome.TRANSIENT and (code == 421 or backoff)
+    # A site pauses only when the server closes the channel (421) or the reply is about our
+    # pace (category throttle). Per-recipient soft failures — greylisting (RFC 6647), a busy
+    # mailbox — also say "try again later" but concern one recipient: pausing the whole site
+    # for them would starve every other recipient there (Postfix defers only the recipient).
+    site_backoff = outcome is Outcome.TRANSIENT and (
+        code == 421 or (backoff and category == "throttle"))
     return Classification(outcome, category, code, enhanced, body, site_backoff)
 
 
