@@ -105,6 +105,7 @@ class QueueCoordinator:
         self._routes: dict[str, _Route] = {}
         self._resolving: set[str] = set()
         self._site_inflight: dict[str, int] = {}
+        self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
         self._relays: list[str] = []
         self._relays_checked = 0.0
@@ -366,6 +367,7 @@ class QueueCoordinator:
                 route = self._routes[msgs[0].domain]
                 for m in msgs:
                     m.site = site
+                    self._inflight_site[m.id] = site
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + len(msgs)
                 per_relay.setdefault(relay, {})[site] = {
                     "hosts": route.hosts, "port": route.port,
@@ -426,43 +428,58 @@ class QueueCoordinator:
             return None
         return cands[stable_hash(site) % len(cands)]
 
+    def _settle(self, mid: str) -> str | None:
+        """The message is no longer out at a relay: free its place in the site's count."""
+        site = self._inflight_site.pop(mid, None)
+        if site is not None:
+            self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
+        return site
+
+    def _requeue(self, ids: list[str]) -> int:
+        back = [mid for mid in ids if self._settle(mid) is not None]
+        n = self.state.requeue(back)
+        assert self._dispatch_wake is not None
+        self._dispatch_wake.set()
+        return n
+
     async def _deliver(self, relay: str, batch: dict[str, Any], ids: list[str]) -> None:
-        pending = set(ids)
-        site_of = {i[0]: site for site, spec in batch.items() for i in spec["items"]}
+        """Hand a batch to a relay. Results arrive through :meth:`report`; this call's end
+        (or its failure, when the relay process dies) only tells that the batch is done."""
         try:
             h = self._handle(relay)
             # never retried by Ray: a re-run would resend the whole batch; we requeue instead
-            gen = h.deliver.options(num_returns="streaming", max_task_retries=0).remote(
-                msgpack.packb(batch, use_bin_type=True))
-            async for ref in gen:
-                results = msgpack.unpackb(await ref, raw=False)
-                self._on_results(results, site_of)
-                for r in results:
-                    pending.discard(r[0])
+            await h.deliver.options(max_task_retries=0).remote(
+                msgpack.packb(batch, use_bin_type=True), f"coordinator:{self.shard}")
         except (ray.exceptions.RayError, ValueError) as e:
-            log.warning("relay %s lost with %d messages in flight: %s", relay, len(pending), e)
             self._handles.pop(relay, None)
             self._relays_checked = 0.0
-        finally:
-            if pending:
-                for mid in pending:
-                    site = site_of[mid]
-                    self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
-                n = self.state.requeue(pending)
-                self.counters["requeued_after_relay_loss"] += n
-                assert self._dispatch_wake is not None
-                self._dispatch_wake.set()
+            # results already sent may still be on their way: those messages are requeued
+            # now and settled as they arrive (report accepts results for queued messages)
+            lost = [mid for mid in ids if mid in self._inflight_site]
+            n = self._requeue(lost)
+            self.counters["requeued_after_relay_loss"] += n
+            log.warning("relay %s lost with %d messages in flight: %s", relay, n, e)
 
-    def _on_results(self, results: list[list[Any]], site_of: dict[str, str]) -> None:
+    async def report(self, payload: bytes) -> None:
+        """Results from a relay: ``[[id, outcome, code, enhanced, text, category, host]]``."""
+        self._ensure_started()
+        self._on_results(msgpack.unpackb(payload, raw=False))
+
+    def _on_results(self, results: list[list[Any]]) -> None:
         now = time.time()
-        retry = self.cfg.queue.retry
         recs = []
         for mid, outcome, code, enhanced, text, category, _host in results:
-            site = site_of.get(mid, "")
-            self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
-            m = self.state.inflight.get(mid)
+            site = self._settle(mid)
+            m = self.state.messages.get(mid)
             if m is None:
-                continue
+                continue   # finished already (a duplicate report)
+            if site is None:
+                # not out at a relay by our account: a result from before a restart or from a
+                # batch we gave up on. A delivery or bounce is still the truth about the
+                # message; a transient failure is not worth a retry record.
+                if outcome == "transient" or m.state == q.INFLIGHT:
+                    continue
+                site = m.site
             attempt = m.attempts + 1
             if outcome == "delivered":
                 recs.append(q.delivered_record(mid, attempt, code, text, site, now))
@@ -473,7 +490,6 @@ class QueueCoordinator:
                 recs.append(self._retry_record(m, attempt, code, enhanced, text, site, category,
                                                now, "throttle" if category == "throttle"
                                                else "normal"))
-        del retry
         if recs:
             self._enqueue(recs)
 
@@ -539,10 +555,7 @@ class QueueCoordinator:
         stale = st.stale_inflight(now, self.cfg.queue.inflight_timeout)
         if stale:
             log.warning("%d messages in flight past inflight_timeout: retrying", len(stale))
-            for mid in stale:
-                site = st.inflight[mid].site
-                self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
-            st.requeue(stale)
+            self._requeue(stale)
         st.prune_idempotency(now)
         for d in [d for d, r in self._routes.items() if r.expires_at < now - 60]:
             del self._routes[d]

@@ -22,7 +22,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import msgpack
 import ray
@@ -85,7 +85,7 @@ class RelayPool:
         self.source = source
         self.incarnation = uuid.uuid4().hex[:12]
         self.sites: dict[str, _Site] = {}
-        self._throttles: dict[str, Any] = {}
+        self._handles: dict[str, Any] = {}
         self._feedback: list[tuple[str, str, str, str]] = []   # throttle, site, kind, text
         self._tasks: set[asyncio.Task] = set()
         self._started = False
@@ -104,19 +104,26 @@ class RelayPool:
             self._spawn(self._renew_loop())
             self._spawn(self._feedback_loop())
 
-    def _throttle(self, name: str) -> Any:
-        h = self._throttles.get(name)
+    def _actor(self, name: str) -> Any:
+        # named-actor handles (throttles and coordinators), looked up once
+        h = self._handles.get(name)
         if h is None:
             h = ray.get_actor(name, namespace=self.cfg.cluster.namespace)
-            self._throttles[name] = h
+            self._handles[name] = h
         return h
 
     # ------------------------------------------------------------------ the work
-    async def deliver(self, payload: bytes) -> AsyncIterator[bytes]:
-        """Deliver a batch; yields msgpack'd lists of results as they come (streaming call).
+    async def deliver(self, payload: bytes, reply_to: str) -> int:
+        """Deliver a batch; results are pushed to the coordinator ``reply_to`` as they come.
 
-        payload: msgpack ``{site: {"hosts", "port", "limits" (pickled by caller as fields),
-        "throttle", "items": [[id, attempt, sender, rcpt, body, smtputf8], ...]}}``."""
+        payload: msgpack ``{site: {"hosts", "port", "limits", "throttle",
+        "items": [[id, attempt, sender, rcpt, body, smtputf8], ...]}}``. Returns the number of
+        messages handled, after the last result was sent: the caller uses the return (or the
+        error if this process dies) only to learn that the batch is finished.
+
+        Results go by fire-and-forget calls to the *named* coordinator rather than back on this
+        call, so that they reach a coordinator restarted meanwhile (Ray queues calls to a
+        restarting actor) and nothing here ever waits on a caller that has died."""
         self._ensure_started()
         batch = msgpack.unpackb(payload, raw=False)
         call = _Call()
@@ -133,7 +140,17 @@ class RelayPool:
                 await asyncio.sleep(_RESULT_FLUSH)
             out, call.results = call.results, []
             if out:
-                yield msgpack.packb(out, use_bin_type=True)
+                self._report(reply_to, out)
+        return call.expected
+
+    def _report(self, coordinator: str, results: list[list[Any]]) -> None:
+        try:
+            h = self._actor(coordinator)
+            h.report.remote(msgpack.packb(results, use_bin_type=True))
+        except (ray.exceptions.RayError, ValueError) as e:
+            # coordinator gone for good: its successor re-sends these messages (at-least-once)
+            log.warning("could not report %d results to %s: %s", len(results), coordinator, e)
+            self._handles.pop(coordinator, None)
 
     def _site(self, name: str, spec: dict[str, Any]) -> _Site:
         lim = spec["limits"]
@@ -162,12 +179,12 @@ class RelayPool:
         delay = _LEASE_RETRY[0]
         while s.queue:
             try:
-                ref = self._throttle(s.throttle).acquire.remote(
+                ref = self._actor(s.throttle).acquire.remote(
                     s.name, s.limits, self.name, self.incarnation, 1)
                 got = await asyncio.wait_for(ref, timeout=30)
             except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
                 log.warning("lease for %s from %s failed: %s", s.name, s.throttle, e)
-                self._throttles.pop(s.throttle, None)
+                self._handles.pop(s.throttle, None)
                 got = []
             if got:
                 s.leases.add(got[0])
@@ -209,7 +226,7 @@ class RelayPool:
 
     async def _release(self, s: _Site, lease: int) -> None:
         try:
-            await self._throttle(s.throttle).release.remote(s.name, [lease])
+            await self._actor(s.throttle).release.remote(s.name, [lease])
         except ray.exceptions.RayError:
             pass  # the lease expires on its own
 
@@ -276,11 +293,11 @@ class RelayPool:
             for tname, held in by_throttle.items():
                 try:
                     refused = await asyncio.wait_for(
-                        self._throttle(tname).renew.remote(self.name, self.incarnation, held),
+                        self._actor(tname).renew.remote(self.name, self.incarnation, held),
                         timeout=period)
                 except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
                     log.warning("lease renewal with %s failed: %s", tname, e)
-                    self._throttles.pop(tname, None)
+                    self._handles.pop(tname, None)
                     continue
                 for site, ids in refused.items():
                     if site in self.sites:
@@ -301,9 +318,9 @@ class RelayPool:
                 by_throttle.setdefault(tname, []).append((site, kind, text))
             for tname, fb in by_throttle.items():
                 try:
-                    await asyncio.wait_for(self._throttle(tname).feedback.remote(fb), timeout=10)
+                    await asyncio.wait_for(self._actor(tname).feedback.remote(fb), timeout=10)
                 except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError):
-                    self._throttles.pop(tname, None)
+                    self._handles.pop(tname, None)
 
     async def stats(self) -> dict[str, Any]:
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
