@@ -43,7 +43,7 @@ import dns.rdatatype
 import dns.rrset
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-__all__ = ["LoopbackDNS", "Received", "ReplyFault", "SinkGroup", "SmtpSink"]
+__all__ = ["self_signed_tls_context", "LoopbackDNS", "Received", "ReplyFault", "SinkGroup", "SmtpSink"]
 
 #: a fault hook: (recipient, attempt number for it, from 1) -> (code, text) to send, or None
 ReplyFault = Callable[[str, int], tuple[int, str] | None]
@@ -529,6 +529,8 @@ class Received:
     sink: str
     #: time.time() at the end of DATA
     at: float
+    #: the session had switched to TLS with STARTTLS before this transaction
+    tls: bool = False
 
 
 class _Stats:
@@ -620,8 +622,9 @@ class _SinkHandler:
         peer: tuple[Any, ...] = session.peer  # type: ignore[assignment]  # str|None in stubs
         name = sink.name
         append = sink.received.append  # list.append is atomic under the GIL
+        tls = session.ssl is not None
         for rcpt in envelope.rcpt_tos:
-            append(Received(mail_from, rcpt, data, sid, peer, name, at))
+            append(Received(mail_from, rcpt, data, sid, peer, name, at, tls))
         return f"250 2.0.0 OK {sid}"
 
 
@@ -675,6 +678,40 @@ class _SinkSMTP(SMTP):
         self.loop.call_soon(close)
 
 
+def self_signed_tls_context(hostname: str = "sink.test") -> Any:
+    """A server-side SSLContext with a throwaway self-signed certificate (for STARTTLS tests)."""
+    import datetime
+    import ssl
+    import tempfile
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as d:
+        cp, kp = f"{d}/cert.pem", f"{d}/key.pem"
+        with open(cp, "wb") as fh:
+            fh.write(cert.public_bytes(serialization.Encoding.PEM))
+        with open(kp, "wb") as fh:
+            fh.write(key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+        ctx.load_cert_chain(cp, kp)
+    return ctx
+
+
 class SmtpSink:
     """An SMTP server on a loopback address that records what it accepts.
 
@@ -688,12 +725,15 @@ class SmtpSink:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, name: str | None = None,
                  hostname: str = "sink.test", use_uvloop: bool = True,
-                 data_size_limit: int = 40 * 1024 * 1024, _stats: _Stats | None = None) -> None:
+                 data_size_limit: int = 40 * 1024 * 1024, _stats: _Stats | None = None,
+                 tls_context: Any = None) -> None:
         self.host = host
         self.port = port
         self.name = name if name is not None else host
         self.hostname = hostname
         self.data_size_limit = data_size_limit
+        #: an ssl.SSLContext (server side) to offer STARTTLS with; None: not offered
+        self.tls_context = tls_context
         self.received: list[Received] = []
         self.session_log: list[tuple[float, float]] = []
         self.rcpt_reply: ReplyFault | None = None
@@ -794,7 +834,8 @@ class SmtpSink:
             self._next_session += 1
             return _SinkSMTP(self, self._handler, self._next_session, loop=loop,
                              hostname=self.hostname, data_size_limit=self.data_size_limit,
-                             enable_SMTPUTF8=True, decode_data=False)
+                             enable_SMTPUTF8=True, decode_data=False,
+                             tls_context=self.tls_context)
 
         assert self._sock is not None
         self._server = await loop.create_server(factory, sock=self._sock, backlog=512)

@@ -103,7 +103,9 @@ def pipeline_config(spool: str, dns_port: int, smtp_port: int, **queue: Any) -> 
         "egress": [{"name": "default", "ehlo_name": "relay.raymta.test"}],
         "site_defaults": {"rate": "5000/s", "max_connections": 6},
         "site": [{"domain": "limited.test", "rate": "50/s,burst=5", "max_connections": 2,
-                  "deliveries_per_connection": 40}],
+                  "deliveries_per_connection": 40, "dedicated": True},
+                 {"domain": "requiretls.test", "tls": "required"},
+                 {"domain": "tlsok.test", "tls": "required"}],
     })
 
 

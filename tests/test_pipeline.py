@@ -250,3 +250,44 @@ def test_idempotency_key_queues_once(pipeline):
     assert a.accepted and b.accepted and b.duplicate and a.ids == b.ids
     wait_for(lambda: mc.status(a.ids[0])["state"] == "delivered", 30, "delivery")
     assert pipeline["sinks"].counts_by_rcpt()["idem@d3.test"] == 1
+
+
+def test_starttls_opportunistic_and_required(pipeline):
+    from cluster.devservers import SmtpSink, self_signed_tls_context
+    mc, dns, sinks = pipeline["mc"], pipeline["dns"], pipeline["sinks"]
+    tls_sink = SmtpSink("127.0.0.9", sinks.port, tls_context=self_signed_tls_context()).start()
+    try:
+        dns.add_a("mx.tls.sinks.test", "127.0.0.9")
+        dns.add_mx("tls.test", [(10, "mx.tls.sinks.test")])          # opportunistic (default)
+        dns.add_mx("tlsok.test", [(10, "mx.tls.sinks.test")])        # required, offered
+        dns.add_mx("requiretls.test", [(10, "secondary.sinks.test")])  # required, not offered
+        rcpts = ["a@tls.test", "b@tlsok.test", "c@requiretls.test", "d@d4.test"]
+        res = submit_ok(mc, [{"sender": "s@origin.test", "recipients": [r],
+                              "raw": raw_message(i, r)} for i, r in enumerate(rcpts)])
+        ids = [r.ids[0] for r in res]
+        wait_for(lambda: all(mc.status(i)["state"] == "delivered" for i in ids[:2] + ids[3:]),
+                 60, "TLS deliveries")
+        got = {r.rcpt_to: r for r in tls_sink.received}
+        assert got["a@tls.test"].tls and got["b@tlsok.test"].tls
+        plain = [r for r in sinks.received if r.rcpt_to == "d@d4.test"]
+        assert len(plain) == 1 and not plain[0].tls     # no STARTTLS offered: plaintext
+        wait_for(lambda: any(e["id"] == ids[2] and e["type"] == "TransientFailure"
+                             for e in mc.events(0, limit=1_000_000)), 30,
+                 "the TLS-required site without STARTTLS to defer")
+        ev = [e for e in events_for(mc, [ids[2]]) if e["type"] == "TransientFailure"][0]
+        assert "STARTTLS" in ev["text"]
+        assert sinks.counts_by_rcpt()["c@requiretls.test"] == 0
+        assert mc.cancel(ids[2]) in ("cancelled", "cancel pending (in flight)")
+    finally:
+        tls_sink.stop()
+
+
+def test_hot_site_has_its_own_throttle_actor(pipeline):
+    import ray
+    h = ray.get_actor("throttle:domain:limited.test", namespace="raymta")
+    st = ray.get(h.stats.remote())
+    assert st["name"] == "throttle:domain:limited.test"
+    assert st["sites"]["domain:limited.test"]["max_connections"] == 2
+    assert st["sites"]["domain:limited.test"]["granted"] >= 300
+    shared = ray.get(ray.get_actor("throttle:pool:0", namespace="raymta").stats.remote())
+    assert "domain:limited.test" not in shared["sites"]
