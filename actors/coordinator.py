@@ -114,6 +114,8 @@ class QueueCoordinator:
         self._started = False
         self._rng = random.Random()
         self._last_housekeeping = 0.0
+        from actors.metrics import CoordinatorMetrics
+        self.metrics = CoordinatorMetrics(shard)
         self.counters = {"dispatched": 0, "requeued_after_relay_loss": 0, "commits": 0,
                          "snapshots": 0}
 
@@ -167,6 +169,7 @@ class QueueCoordinator:
             batch, self._pending = self._pending, []
             records = [r for recs, _ in batch for r in recs]
             frames, first = self.log.assign(records, self.epoch)
+            t_commit = time.time()
             try:
                 await loop.run_in_executor(self._io, self.log.write, frames, first)
             except Exception as e:  # disk full, I/O error: nothing of this batch is accepted
@@ -178,12 +181,14 @@ class QueueCoordinator:
                 self._clear_pending_marks(batch)
                 continue
             self.counters["commits"] += 1
+            self.metrics.commit_seconds.set(time.time() - t_commit, self.metrics.tags)
             evs = []
             for i, rec in enumerate(records):
                 ev = self.state.apply(rec, first + i)
                 if ev is not None:
                     evs.append(ev)
             self._clear_pending_marks(batch)
+            self.metrics.count_events(ev["type"] for ev in evs)
             try:
                 self.events.write(evs)
             except OSError as e:
@@ -557,6 +562,7 @@ class QueueCoordinator:
             log.warning("%d messages in flight past inflight_timeout: retrying", len(stale))
             self._requeue(stale)
         st.prune_idempotency(now)
+        self.metrics.set_queue(st.counts())
         for d in [d for d, r in self._routes.items() if r.expires_at < now - 60]:
             del self._routes[d]
         for s in [s for s, t in self._site_retry.items() if t < now - 60]:

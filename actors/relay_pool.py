@@ -89,6 +89,8 @@ class RelayPool:
         self._feedback: list[tuple[str, str, str, str]] = []   # throttle, site, kind, text
         self._tasks: set[asyncio.Task] = set()
         self._started = False
+        from actors.metrics import RelayMetrics
+        self.metrics = RelayMetrics(name)
         self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
                          "connect_failures": 0}
 
@@ -141,6 +143,7 @@ class RelayPool:
             out, call.results = call.results, []
             if out:
                 self._report(reply_to, out)
+                self.metrics.count_results(r[1] for r in out)
         return call.expected
 
     def _report(self, coordinator: str, results: list[list[Any]]) -> None:
@@ -239,6 +242,7 @@ class RelayPool:
                                       command_timeout=d.command_timeout)
         except ConnectFailure as e:
             self.counters["connect_failures"] += 1
+            self.metrics.connect_failures.inc(1, self.metrics.tags)
             c = classify(e.code, e.text, phase="greeting") if e.code else \
                 connection_failure(e.text)
             if c.outcome != Outcome.TRANSIENT:
@@ -302,6 +306,8 @@ class RelayPool:
                 for site, ids in refused.items():
                     if site in self.sites:
                         self.sites[site].refused.update(ids)
+            self.metrics.connections.set(sum(len(s.leases) for s in self.sites.values()),
+                                         self.metrics.tags)
             # forget idle sites so the table stays bounded
             for name in [n for n, s in self.sites.items()
                          if not s.queue and not s.workers and not s.leases]:

@@ -33,6 +33,8 @@ class SiteThrottle:
                                  backoff_max=d.site_backoff_max)
         self._resolver: MxResolver | None = None
         self.started = time.time()
+        from actors.metrics import ThrottleMetrics
+        self.metrics = ThrottleMetrics(name)
 
     def _dns(self) -> MxResolver:
         if self._resolver is None:
@@ -110,7 +112,15 @@ class SiteThrottle:
             if r:
                 refused[site] = r
         self.book.forget_idle(now)
+        self._export(now)
         return refused
+
+    def _export(self, now: float) -> None:
+        snap = self.book.snapshot(now)
+        t = self.metrics.tags
+        self.metrics.sites.set(len(snap), t)
+        self.metrics.paused.set(sum(1 for s in snap.values() if s["backoff_remaining"] > 0), t)
+        self.metrics.leases.set(sum(s["connections"] for s in snap.values()), t)
 
     async def feedback(self, items: list[tuple[str, str, str]]) -> None:
         """Replies that concern a whole site: ``(site, kind, text)``; kind "backoff"."""

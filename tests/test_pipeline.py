@@ -291,3 +291,29 @@ def test_hot_site_has_its_own_throttle_actor(pipeline):
     assert st["sites"]["domain:limited.test"]["granted"] >= 300
     shared = ray.get(ray.get_actor("throttle:pool:0", namespace="raymta").stats.remote())
     assert "domain:limited.test" not in shared["sites"]
+
+
+def test_metrics_reach_rays_prometheus_endpoint(pipeline):
+    """Operators see raymta on the Ray dashboard: the actors' metrics are exported."""
+    import urllib.request
+
+    import ray
+    port = ray.nodes()[0]["MetricsExportPort"]
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def delivered(text: str) -> float:
+        # Ray prefixes application metrics with "ray_"
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("ray_raymta_events_total{") and 'type="Delivery"' in line)
+
+    def ready() -> str | None:
+        t = scrape()
+        names = ("ray_raymta_events_total", "ray_raymta_delivery_results_total",
+                 "ray_raymta_queue_messages")
+        return t if all(n in t for n in names) and delivered(t) >= 5000 else None
+
+    wait_for(ready, 60, "raymta metrics (>= 5000 deliveries) on the Ray metrics endpoint",
+             poll=2)
