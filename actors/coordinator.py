@@ -100,6 +100,7 @@ class QueueCoordinator:
         self._pending_msgs = 0
         self._pending_ids: set[str] = set()
         self._pending_idem: dict[str, list[str]] = {}
+        self._snapshot_waiters: list[asyncio.Future] = []
         self._commit_wake: asyncio.Event | None = None
         self._dispatch_wake: asyncio.Event | None = None
         self._routes: dict[str, _Route] = {}
@@ -165,6 +166,8 @@ class QueueCoordinator:
             await self._commit_wake.wait()
             self._commit_wake.clear()
             if not self._pending:
+                if self._snapshot_waiters:
+                    await self._snapshot_safely()
                 continue
             batch, self._pending = self._pending, []
             records = [r for recs, _ in batch for r in recs]
@@ -198,8 +201,30 @@ class QueueCoordinator:
                     fut.set_result(None)
             assert self._dispatch_wake is not None
             self._dispatch_wake.set()
-            if self.log.bytes_since_snapshot > self.cfg.spool.compact_bytes:
+            await self._snapshot_safely()
+
+    async def _snapshot_safely(self) -> None:
+        try:
+            await self._maybe_snapshot()
+        except Exception:
+            # the log is intact without it; compaction is retried after the next commit
+            log.exception("snapshot failed")
+
+    async def _maybe_snapshot(self) -> None:
+        """Snapshot between commits only: then the state is exactly the log's end."""
+        want = self._snapshot_waiters
+        if want or self.log.bytes_since_snapshot > self.cfg.spool.compact_bytes:
+            self._snapshot_waiters = []
+            try:
                 await self._snapshot()
+            except Exception as e:
+                for fut in want:
+                    if not fut.done():
+                        fut.set_exception(e)
+                raise
+            for fut in want:
+                if not fut.done():
+                    fut.set_result(None)
 
     def _clear_pending_marks(self, batch: list[tuple[list[Any], Any]]) -> None:
         for recs, _ in batch:
@@ -220,8 +245,11 @@ class QueueCoordinator:
     async def compact(self) -> dict[str, Any]:
         """Write a snapshot now and drop the log it covers (operators, tests)."""
         self._ensure_started()
-        # wait until no commit is in progress: run through the commit loop's executor order
-        await self._snapshot()
+        fut = asyncio.get_running_loop().create_future()
+        self._snapshot_waiters.append(fut)
+        assert self._commit_wake is not None
+        self._commit_wake.set()
+        await fut
         return {"disk_bytes": self.log.disk_bytes(), "lsn": self.state.last_lsn}
 
     # ------------------------------------------------------------------ submission
@@ -320,8 +348,8 @@ class QueueCoordinator:
         demand: dict[str, list[Any]] = {}   # site → [ready, domains, info]
         for domain in list(st.ready):
             r = self._routes.get(domain)
-            if r is None or r.expires_at <= now and domain in self._resolving:
-                continue
+            if r is None:
+                continue   # first lookup under way; an expired route serves while it refreshes
             if not r.ok:
                 recs.extend(self._dns_fail_records(domain, r, now))
                 continue

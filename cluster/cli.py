@@ -39,8 +39,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     import ray
 
     from cluster.config import load_config
-    from cluster.deploy import deploy
+    from cluster.deploy import deploy, join_with_token
     cfg = load_config(args.config)
+    join_with_token()
     try:
         ray.init(address=args.address, namespace=cfg.cluster.namespace, log_to_driver=False)
     except ConnectionError:
@@ -61,6 +62,9 @@ def cmd_up(args: argparse.Namespace) -> int:
 def cmd_down(args: argparse.Namespace) -> int:
     _loopback_env()
     import ray
+
+    from cluster.deploy import join_with_token
+    join_with_token()
     ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
@@ -305,8 +309,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--follow", action="store_true")
     p.set_defaults(fn=cmd_events)
     args = ap.parse_args(argv)
+    from cluster.client import SubmitError
+    from cluster.config import ConfigError
     try:
         return int(args.fn(args) or 0)
+    except (ConfigError, SubmitError, FileNotFoundError) as e:
+        print(f"raymta: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -80,6 +80,8 @@ class MailCluster:
             coords = [handles[f"coordinator:{s}"] for s in range(cfg.queue.shards)]
             return cls(cfg, coords, owns_ray=True, handles=handles)
         if not ray.is_initialized():
+            from cluster.deploy import join_with_token
+            join_with_token()
             ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
         ns = cfg.cluster.namespace
         try:

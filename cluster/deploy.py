@@ -15,7 +15,7 @@ import ray
 
 from cluster.config import Config
 
-__all__ = ["LOOPBACK_ENV", "init_local_ray", "deploy", "wait_ready"]
+__all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "wait_ready"]
 
 #: what the embedded default sets so Ray binds and advertises 127.0.0.1 only
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -29,6 +29,19 @@ def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False,
     return ray.init(address="local", num_cpus=num_cpus, namespace=namespace,
                     include_dashboard=dashboard, dashboard_host="127.0.0.1",
                     log_to_driver=kwargs.pop("log_to_driver", False), **kwargs)
+
+
+def join_with_token() -> None:
+    """Before ``ray.init(address=...)`` of an existing cluster: use Ray's auth token if any.
+
+    Ray 2.60 turns token auth on by itself only for a cluster it discovers (address "auto"
+    without ``RAY_ADDRESS``); given an address ("host:port", "ray://...", ``RAY_ADDRESS``) it
+    sends no token unless ``RAY_AUTH_MODE=token``, and a token-auth cluster refuses it. So when
+    ``RAY_AUTH_MODE`` is unset and a token exists (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
+    or ``~/.ray/auth_token``), turn token mode on for this process; an explicit mode wins."""
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available)
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:

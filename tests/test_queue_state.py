@@ -167,3 +167,4 @@ def test_snapshot_plus_tail_equals_full_replay(seed):
     assert b.snapshot()["messages"] == full.snapshot()["messages"]
     assert b.snapshot()["bodies"] == full.snapshot()["bodies"]
     assert b.counts() == full.counts()
+    assert list(b.finished.items()) == list(full.finished.items())

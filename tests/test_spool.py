@@ -96,3 +96,23 @@ def test_write_is_fsynced(tmp_path, monkeypatch):
     calls.clear()
     write(log, [["r", i] for i in range(100)])
     assert len(calls) == 1   # one fsync for the whole batch: group commit
+
+
+def test_failed_write_leaves_no_partial_frame(tmp_path, monkeypatch):
+    log = SpoolLog(tmp_path)
+    log.recover()
+    write(log, [["r", 1]])
+    frames, first = log.assign([["r", "lost"]], 1)
+    real = os.fsync
+
+    def broken(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError):
+        log.write(frames, first)
+    monkeypatch.setattr(os, "fsync", real)
+    assert log.next_lsn == first
+    write(log, [["r", 2]])                 # the lsn is reused, the file has no garbage
+    log.close()
+    _, recs = SpoolLog(tmp_path).recover()
+    assert [(lsn, r) for _, lsn, r in recs] == [(1, ["r", 1]), (2, ["r", 2])]

@@ -170,10 +170,22 @@ class SpoolLog:
             if self.fsync:
                 os.fsync(self._fh.fileno())
             self._open_segment(self.dir / f"seg-{first_lsn:020d}.log")
-        self._fh.write(frames)
-        self._fh.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
+        start = self._seg_size
+        try:
+            self._fh.write(frames)
+            self._fh.flush()
+            if self.fsync:
+                os.fsync(self._fh.fileno())
+        except BaseException:
+            # never leave a partial frame behind: later frames would sit after garbage and be
+            # cut off as a torn tail on recovery. The caller reuses these lsns.
+            try:
+                self._fh.truncate(start)
+                self._fh.seek(start)
+            except OSError:
+                pass
+            self.next_lsn = first_lsn
+            raise
         self._seg_size += len(frames)
         self.bytes_since_snapshot += len(frames)
 

@@ -395,6 +395,9 @@ class QueueState:
             "messages": [m.to_snapshot() for m in self.messages.values()],
             "idempotency": [[k, ts, ids] for k, (ts, ids) in self.idempotency.items()],
             "counters": dict(self.counters),
+            # the bounded status cache, so status() answers the same after a restart
+            "finished": [[f["id"], f["state"], f["recipient"], f["attempts"], f["code"],
+                          f["text"], f["site"], f["ts"]] for f in self.finished.values()],
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -416,4 +419,8 @@ class QueueState:
         for k, ts, ids in snap["idempotency"]:
             self.idempotency[k] = (ts, list(ids))
         self.counters.update(snap.get("counters", {}))
+        for mid, state, rcpt, attempts, code, text, site, ts in snap.get("finished", []):
+            self.finished[mid] = {"id": mid, "state": state, "recipient": rcpt,
+                                  "attempts": attempts, "code": code, "text": text,
+                                  "site": site, "ts": ts}
         self.last_lsn = snap["lsn"]
