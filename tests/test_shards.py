@@ -1,0 +1,48 @@
+"""A queue split over two shards: messages spread over both, every one delivered once."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+import pytest
+
+from tests.conftest import MAIN_SINKS, pipeline_config, raw_message
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_two_shards_share_the_work(tmp_path, dns_server):
+    from cluster.client import MailCluster
+    from cluster.devservers import SinkGroup
+    with SinkGroup(MAIN_SINKS) as sinks:
+        for i, a in enumerate(MAIN_SINKS):
+            dns_server.add_a(f"mx{i + 1}.shard.test", a)
+        for i in range(6):
+            dns_server.add_mx(f"s{i}.test", [(10, f"mx{i % 3 + 1}.shard.test")])
+        base = pipeline_config(str(tmp_path), dns_server.port, sinks.port)
+        cfg = replace(base, queue=replace(base.queue, shards=2))
+        with MailCluster.connect(config=cfg, num_cpus=2) as mc:
+            n = 1000
+            rcpts = [f"u{i}@s{i % 6}.test" for i in range(n)]
+            res = mc.submit([{"sender": "s@origin.test", "recipients": [r],
+                              "raw": raw_message(i, r)} for i, r in enumerate(rcpts)])
+            assert all(r.accepted for r in res)
+            # one message with several recipients spreads over the shards too
+            multi = mc.submit([{"sender": "s@origin.test", "from": "s@origin.test",
+                                "recipients": [f"multi{k}@s1.test" for k in range(20)],
+                                "text": "one body, twenty recipients\n"}])[0]
+            assert multi.accepted and len(multi.ids) == 20
+            assert mc.wait_until_idle(timeout=120), mc.stats()
+            st = mc.stats()
+            per_shard = [s["accepted"] for s in st["shards"]]
+            assert len(per_shard) == 2 and min(per_shard) > 300, per_shard
+            assert st["delivered"] == n + 20
+            counts = Counter(r.rcpt_to for r in sinks.received)
+            assert all(counts[r] == 1 for r in rcpts)
+            assert all(counts[f"multi{k}@s1.test"] == 1 for k in range(20))
+            assert {s["state"] for s in mc.status(multi.ids)} == {"delivered"}
+            evs = mc.events(0, limit=100_000)
+            assert {e["shard"] for e in evs} == {0, 1}
+            cursor = mc.next_cursor(evs)
+            assert mc.events(cursor) == []
