@@ -48,6 +48,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         if args.address != "auto":
             raise
         print("no running Ray cluster: starting a head node on 127.0.0.1")
+        if os.environ.get("RAY_AUTH_MODE", "") != "disabled":
+            # `ray start` turns token auth on only when a token exists: make sure one does
+            subprocess.run(["ray", "get-auth-token", "--generate"], check=True,
+                           stdout=subprocess.DEVNULL)
         subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
                         "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True)
         ray.init(address="auto", namespace=cfg.cluster.namespace, log_to_driver=False)
@@ -272,6 +276,16 @@ def cmd_events(args: argparse.Namespace) -> int:
         time.sleep(1)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    # bench/ lives in the source checkout beside the packages, not in the installed package
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "run_all.py").exists():
+        raise FileNotFoundError(f"{root / 'bench'}: run `raymta bench` from a source checkout")
+    sys.path.insert(0, str(root))
+    from bench.run_all import main as bench_main
+    return int(bench_main(args.bench_args) or 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="raymta", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -308,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--follow", action="store_true")
     p.set_defaults(fn=cmd_events)
+    p = sub.add_parser("bench", help="raymta vs Postfix vs the physical limit (bench/run_all.py)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER,
+                   help="passed on, e.g. --messages 20000 --rounds 3")
+    p.set_defaults(fn=cmd_bench)
     args = ap.parse_args(argv)
     from cluster.client import SubmitError
     from cluster.config import ConfigError

@@ -1,0 +1,210 @@
+"""raymta throughput on one machine: durable acceptance, end-to-end delivery, CPU per message.
+
+Starts a receiving SMTP server (Postfix's ``smtp-sink`` on 127.0.0.2, or the aiosmtpd
+fallback), a loopback DNS server publishing MX records for 100 test domains, and raymta on an
+embedded local Ray; submits N messages (~2 KB, 3 big domains take 60 %) in batches of 100 from
+a few threads; waits until the receiver has them all; prints and saves
+``bench/results/throughput-<timestamp>.json`` (with delivered-over-time samples).
+
+    python bench/throughput.py --messages 50000 [--timeout 600] [--profile]
+
+``--profile`` samples the coordinator, relay and throttle processes with py-spy while they
+deliver and prints their hottest frames (raw collapsed stacks are saved in bench/results/,
+``flamegraph.pl`` or speedscope turn them into flame graphs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import common as c
+
+__all__ = ["main", "run_raymta"]
+
+
+# ---------------------------------------------------------------------------------- profiling
+def _profiler(handles: dict[str, Any], out_dir: Path, seconds: float
+              ) -> Callable[[], None]:
+    """A hook that runs py-spy on the coordinator, relay and throttle processes."""
+    import ray
+
+    targets = {name: ray.get(h.ping.remote()) for name, h in handles.items()
+               if name.startswith(("coordinator:", "relay:", "throttle:"))}
+
+    def run() -> None:
+        if not shutil.which("py-spy"):
+            print("py-spy not found: no profile (pip install py-spy)", file=sys.stderr)
+            return
+        time.sleep(1.0)   # let delivery get going
+        procs = []
+        for name, pid in targets.items():
+            path = out_dir / f"pyspy-{name.split(':')[0]}-{pid}.txt"
+            procs.append((name, path, subprocess.Popen(
+                ["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                 "--rate", "50", "--nonblocking", "--format", "raw", "--output", str(path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        for name, path, p in procs:
+            try:
+                p.wait(timeout=seconds + 60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        print(f"py-spy profiles in {out_dir}")
+        for name, path, _ in procs:
+            if path.exists():
+                _print_profile(name, path)
+
+    return run
+
+
+#: frames on every stack (thread and event-loop plumbing, Ray's wrappers): not informative
+_GENERIC = ("threading.py", "asyncio/", "concurrent/futures", "tracing_helper",
+            "auto_init_hook", "worker.py", "<module>", "runpy.py")
+
+
+def top_frames(path: Path, top: int = 12) -> tuple[list[tuple[str, float]],
+                                                   list[tuple[str, float]]]:
+    """(self, inclusive) shares of samples per frame from py-spy's raw (collapsed) output."""
+    own: collections.Counter[str] = collections.Counter()
+    incl: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        k = int(count)
+        frames = stack.split(";")
+        total += k
+        own[frames[-1]] += k
+        for f in set(frames):
+            incl[f] += k
+    if not total:
+        return [], []
+    return ([(f, n / total) for f, n in own.most_common(top)],
+            [(f, n / total) for f, n in incl.most_common()
+             if not any(g in f for g in _GENERIC)][:top])
+
+
+def _print_profile(name: str, path: Path) -> None:
+    own, incl = top_frames(path)
+    print(f"\n{name}: top frames by own samples")
+    for f, share in own:
+        print(f"  {share:6.1%}  {f[:110]}")
+    print(f"{name}: top frames including callees")
+    for f, share in incl:
+        print(f"  {share:6.1%}  {f[:110]}")
+
+
+# ---------------------------------------------------------------------------------- the run
+def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100,
+               timeout: float = 600.0, receiver: str = "auto", max_connections: int = 10,
+               num_cpus: int = 2, progress: bool = True, profile: bool = False,
+               profile_seconds: float = 10.0) -> dict[str, Any]:
+    """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta)."""
+    from cluster.client import MailCluster
+
+    workload = c.make_workload(n, domains=domains)
+    spool = tempfile.mkdtemp(prefix="raymta-bench-")
+    recv = c.make_receiver(receiver)
+    dns = mc = None
+    try:
+        recv.start()
+        dns = c.start_dns(workload.domains, recv.host)
+        cfg = c.raymta_config(spool, dns.port, recv.port, max_connections=max_connections)
+        t = time.time()
+        mc = MailCluster.connect(config=cfg, num_cpus=num_cpus)
+        startup = time.time() - t
+        during = None
+        if profile:
+            c.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+            during = _profiler(mc.handles, c.RESULTS_DIR, profile_seconds)
+        res = c.drive_raymta(mc, workload, recv, threads=threads, batch=batch,
+                             timeout=timeout, progress=progress, during=during)
+        res.update(startup_seconds=round(startup, 2), domains=domains,
+                   message_bytes=round(workload.raw_bytes / n),
+                   max_connections_per_site=max_connections, ray_num_cpus=num_cpus,
+                   dns_queries=dns.query_count(), ray_nodes=1)
+        return res
+    finally:
+        if mc is not None:
+            mc.close()
+        if dns is not None:
+            dns.stop()
+        recv.stop()
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def print_raymta(res: dict[str, Any]) -> None:
+    lat = res["batch_latency_ms"]
+    rows = [
+        ("messages", f"{res['messages']:,}"),
+        ("receiver", res["receiver"] + (" (SINK-BOUND)" if res["receiver"] == "aiosmtpd"
+                                        else "")),
+        ("accepted (durable) msgs/s", res["accepted_per_s"]),
+        ("delivered end-to-end msgs/s", res["delivered_per_s"]),
+        ("delivered msgs/s between 10% and 90%", res["delivered_per_s_10_90"]),
+        ("submit batch latency p50/p95/p99 ms",
+         f"{lat['p50']} / {lat['p95']} / {lat['p99']}"),
+        ("CPU s / 1000 msgs, Ray processes", res["cpu_ray_s_per_1000"]),
+        ("CPU s / 1000 msgs, client (driver)", res["cpu_client_s_per_1000"]),
+        ("delivered / bounced / expired",
+         f"{res['delivered']} / {res['bounced']} / {res['expired']}"),
+        ("deferred attempts", res["deferred_attempts"]),
+        ("still queued", res["still_queued"]),
+        ("received by sink", res["received_by_sink"]),
+        ("seconds end to end (startup)",
+         f"{res['seconds_end_to_end']} ({res.get('startup_seconds')})"),
+    ]
+    w = max(len(k) for k, _ in rows)
+    print(f"\nraymta throughput ({res.get('ray_nodes', 1)} Ray node(s))")
+    print("-" * (w + 24))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v}")
+    top = list(res["cpu_by_process"].items())[:8]
+    print("CPU by process (s): " + ", ".join(f"{k} {v}" for k, v in top))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("-n", "--messages", type=int, default=50_000)
+    ap.add_argument("--domains", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=4, help="concurrent submitting threads")
+    ap.add_argument("--batch", type=int, default=100, help="messages per submit call")
+    ap.add_argument("--max-connections", type=int, default=10, help="per destination site")
+    ap.add_argument("--timeout", type=float, default=600.0, help="hard limit for the run (s)")
+    ap.add_argument("--receiver", choices=["auto", "smtp-sink", "aiosmtpd"], default="auto")
+    ap.add_argument("--no-install", action="store_true",
+                    help="do not apt-get install postfix when smtp-sink is missing")
+    ap.add_argument("--profile", action="store_true",
+                    help="py-spy the coordinator, relay and throttles while delivering")
+    ap.add_argument("--profile-seconds", type=float, default=10.0)
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.receiver != "aiosmtpd":
+        c.ensure_postfix(install=not args.no_install)
+    machine = c.machine_info()
+    res = run_raymta(args.messages, domains=args.domains, threads=args.threads,
+                     batch=args.batch, timeout=args.timeout, receiver=args.receiver,
+                     max_connections=args.max_connections, progress=not args.quiet,
+                     profile=args.profile, profile_seconds=args.profile_seconds)
+    res["machine"] = machine
+    print_raymta(res)
+    path = c.write_result("throughput", res)
+    print(f"results: {path}")
+    return 0 if c.check_counts(res) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
