@@ -27,11 +27,13 @@ from typing import Any
 import msgpack
 import ray
 
+from actors.loop import use_uvloop
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.spool import SpoolLog
 from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.replies import dns_failure
+from cluster.core.throttle import max_inflight
 from cluster.core.sites import SiteInfo, SiteLimits, site_for, stable_hash, throttle_actor_name
 
 __all__ = ["QueueCoordinator", "limits_to_wire"]
@@ -68,6 +70,7 @@ class _Route:
 
 class QueueCoordinator:
     def __init__(self, config: Config, shard: int = 0) -> None:
+        use_uvloop()
         self.cfg = config
         self.shard = shard
         self.ns = config.cluster.namespace
@@ -321,12 +324,15 @@ class QueueCoordinator:
             except asyncio.TimeoutError:
                 pass
             self._dispatch_wake.clear()
+            started = time.monotonic()
             try:
                 await self._dispatch_round()
             except Exception:
                 log.exception("dispatch round failed")
                 await asyncio.sleep(0.5)
-            await asyncio.sleep(interval / 4)  # let results and submissions in between rounds
+            # at most one round per interval: every round costs a grant call per throttle, and
+            # commits (which wake us) come far more often than that under load
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
 
     async def _dispatch_round(self) -> None:
         now = time.time()
@@ -370,6 +376,8 @@ class QueueCoordinator:
         for site, (ready, _domains, info) in demand.items():
             if self._site_retry.get(site, 0.0) > now:
                 continue
+            if self._site_inflight.get(site, 0) >= max_inflight(info.limits):
+                continue   # full by our own count alone: the throttle could only say no
             tname = throttle_actor_name(site, info.limits.dedicated, shared)
             by_throttle.setdefault(tname, {})[site] = (ready, self._site_inflight.get(site, 0),
                                                        info.limits)

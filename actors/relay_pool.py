@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 import ray
 
+from actors.loop import use_uvloop
 from cluster.adapters.smtp import ConnectFailure, SmtpConnection, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
@@ -80,6 +81,7 @@ def _result(item: list[Any], c: Classification, host: str) -> list[Any]:
 
 class RelayPool:
     def __init__(self, config: Config, name: str, source: EgressSource) -> None:
+        use_uvloop()
         self.cfg = config
         self.name = name
         self.source = source

@@ -16,6 +16,7 @@ import os
 import time
 from typing import Any
 
+from actors.loop import use_uvloop
 from cluster.adapters.dns import DnsFailure, MxResolver, Route
 from cluster.config import Config
 from cluster.core.sites import SiteLimits
@@ -26,6 +27,7 @@ __all__ = ["SiteThrottle"]
 
 class SiteThrottle:
     def __init__(self, config: Config, name: str) -> None:
+        use_uvloop()
         self.cfg = config
         self.name = name
         d = config.delivery
