@@ -25,6 +25,7 @@ LIMITED_SINK = "127.0.0.5"      # limited.test: 2 connections, 50/s
 GREET421_SINK = "127.0.0.6"     # primary MX of failover.test: answers 421 on connect
 SECONDARY_SINK = "127.0.0.7"    # secondary MX of failover.test and primarydown.test
 DOWN_ADDRESS = "127.0.0.8"      # primary MX of primarydown.test: nothing listens here
+EGRESS_ADDRESS = "127.0.0.42"   # the egress source's bind address
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.1) -> Any:
@@ -100,7 +101,9 @@ def pipeline_config(spool: str, dns_port: int, smtp_port: int, **queue: Any) -> 
         "delivery": {"smtp_port": smtp_port, "connect_timeout": "2s", "command_timeout": "10s",
                      "idle_timeout": "1s", "site_backoff": "1s", "site_backoff_max": "5s",
                      "lease_ttl": "6s"},
-        "egress": [{"name": "default", "ehlo_name": "relay.raymta.test"}],
+        # a distinctive source address: the sinks see it as the peer of every session
+        "egress": [{"name": "default", "ehlo_name": "relay.raymta.test",
+                    "bind_address": EGRESS_ADDRESS}],
         "site_defaults": {"rate": "5000/s", "max_connections": 6},
         "site": [{"domain": "limited.test", "rate": "50/s,burst=5", "max_connections": 2,
                   "deliveries_per_connection": 40, "dedicated": True},

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from tests.conftest import (GREET421_SINK, LIMITED_SINK, MAIN_SINKS, SECONDARY_SINK, raw_message,
+from tests.conftest import (EGRESS_ADDRESS, GREET421_SINK, LIMITED_SINK, MAIN_SINKS, SECONDARY_SINK, raw_message,
                             wait_for)
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,6 +50,8 @@ def test_5000_messages_to_20_domains_arrive_once_and_byte_identical(pipeline):
         assert r.data == sent[r.rcpt_to], f"{r.rcpt_to}: body differs"
         assert r.mail_from == "bounces@origin.test"
     # every domain went to the MX hosts its zone names (preference 10 first)
+    # every session came from the configured egress source's address
+    assert {r.peer[0] for r in got} == {EGRESS_ADDRESS}
     by_sink = Counter(r.sink for r in got)
     assert set(by_sink) <= set(MAIN_SINKS), by_sink
     evs = events_for(mc, ids)
