@@ -164,26 +164,24 @@ class MailCluster:
             out.setdefault(shard_of(mid, len(self.coordinators)), []).append(mid)
         return out
 
-    def status(self, ids: str | list[str]) -> Any:
-        """State of one message (dict or None) or of a list of them."""
+    def _fan_out(self, method: str, ids: str | list[str]) -> Any:
+        """Call a per-id coordinator method on each id's shard; answers in input order."""
         single = isinstance(ids, str)
         lst = [ids] if isinstance(ids, str) else list(ids)
         found: dict[str, Any] = {}
         for shard, group in self._by_shard(lst).items():
-            for mid, st in zip(group, ray.get(self.coordinators[shard].status.remote(group))):
-                found[mid] = st
+            call = getattr(self.coordinators[shard], method)
+            found.update(zip(group, ray.get(call.remote(group))))
         out = [found.get(m) for m in lst]
         return out[0] if single else out
 
+    def status(self, ids: str | list[str]) -> Any:
+        """State of one message (dict or None) or of a list of them."""
+        return self._fan_out("status", ids)
+
     def cancel(self, ids: str | list[str]) -> Any:
-        single = isinstance(ids, str)
-        lst = [ids] if isinstance(ids, str) else list(ids)
-        found: dict[str, str] = {}
-        for shard, group in self._by_shard(lst).items():
-            for mid, st in zip(group, ray.get(self.coordinators[shard].cancel.remote(group))):
-                found[mid] = st
-        out = [found[m] for m in lst]
-        return out[0] if single else out
+        """Cancel queued messages: "cancelled", "cancel pending (in flight)", "already …"."""
+        return self._fan_out("cancel", ids)
 
     def events(self, since: int | dict[int, int] = 0, limit: int = 10_000
                ) -> list[dict[str, Any]]:

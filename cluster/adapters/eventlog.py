@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from cluster.adapters.spool import numbered_files
+
 __all__ = ["EventLog"]
 
 
@@ -33,13 +35,7 @@ class EventLog:
             self._size = self._fh.tell()
 
     def _files(self) -> list[tuple[int, Path]]:
-        out = []
-        for p in self.dir.glob("events-*.jsonl"):
-            try:
-                out.append((int(p.stem[7:]), p))
-            except ValueError:
-                continue
-        return sorted(out)
+        return numbered_files(self.dir, "events-", ".jsonl")
 
     @staticmethod
     def _last_seq_in(path: Path) -> int:

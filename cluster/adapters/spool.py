@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import msgpack
 
-__all__ = ["SpoolLog", "SpoolCorrupt", "encode_frame", "iter_frames"]
+__all__ = ["SpoolLog", "SpoolCorrupt", "encode_frame", "iter_frames", "numbered_files"]
 
 _HDR = struct.Struct("<IIQQ")
 _MAX_FRAME = 64 * 1024 * 1024
@@ -63,6 +63,17 @@ def iter_frames(data: bytes) -> Iterator[tuple[int, int, Any, int]]:
         off = end
 
 
+def numbered_files(directory: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
+    """``<prefix><number><suffix>`` files in a directory, sorted by number; others ignored."""
+    out = []
+    for p in directory.glob(f"{prefix}*{suffix}"):
+        try:
+            out.append((int(p.name[len(prefix):len(p.name) - len(suffix)]), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -87,22 +98,10 @@ class SpoolLog:
 
     # ------------------------------------------------------------------ recovery
     def _segments(self) -> list[tuple[int, Path]]:
-        out = []
-        for p in self.dir.glob("seg-*.log"):
-            try:
-                out.append((int(p.stem[4:]), p))
-            except ValueError:
-                continue
-        return sorted(out)
+        return numbered_files(self.dir, "seg-", ".log")
 
     def _snapshots(self) -> list[tuple[int, Path]]:
-        out = []
-        for p in self.dir.glob("snap-*.msgpack"):
-            try:
-                out.append((int(p.stem[5:]), p))
-            except ValueError:
-                continue
-        return sorted(out)
+        return numbered_files(self.dir, "snap-", ".msgpack")
 
     def recover(self) -> tuple[dict[str, Any] | None, list[tuple[int, int, Any]]]:
         """Read the newest snapshot and every record after it; repair a torn tail.
