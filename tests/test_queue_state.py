@@ -78,6 +78,8 @@ def test_not_before_defers_and_expiry_ignores_inflight():
     lsn, _ = accept(qs, lsn, "m2", expires=300.0)
     assert qs.ready_count == 1
     qs.take_ready("a.test", 1, 100.0)           # m2 in flight
+    c = qs.counts()
+    assert (c["live"], c["ready"], c["inflight"], c["deferred"]) == (2, 0, 1, 1)
     exp = qs.due_expiries(301.0)
     assert [m.id for m in exp] == ["m1"]
 
@@ -168,3 +170,6 @@ def test_snapshot_plus_tail_equals_full_replay(seed):
     assert b.snapshot()["bodies"] == full.snapshot()["bodies"]
     assert b.counts() == full.counts()
     assert list(b.finished.items()) == list(full.finished.items())
+    for qs in (full, b):   # the derived deferred count agrees with a full scan
+        assert qs.counts()["deferred"] == sum(1 for m in qs.messages.values()
+                                              if m.state == q.DEFERRED)

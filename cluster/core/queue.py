@@ -381,7 +381,8 @@ class QueueState:
         return self.finished.get(msg_id)
 
     def counts(self) -> dict[str, int]:
-        deferred = sum(1 for m in self.messages.values() if m.state == DEFERRED)
+        # every live message is exactly one of queued (in a ready queue), in flight, deferred
+        deferred = len(self.messages) - self.ready_count - len(self.inflight)
         return {"live": len(self.messages), "ready": self.ready_count,
                 "inflight": len(self.inflight), "deferred": deferred,
                 "bodies": len(self.bodies), "body_bytes": self.body_bytes, **self.counters}
