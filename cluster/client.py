@@ -82,7 +82,20 @@ class MailCluster:
         if not ray.is_initialized():
             from cluster.deploy import join_with_token
             join_with_token()
-            ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
+            # The Ray client's head starts a server process per client session; on a busy head
+            # that start can fail ("Starting Ray client server failed"): try a few times.
+            attempts = 3 if address.startswith("ray://") else 1
+            for attempt in range(1, attempts + 1):
+                try:
+                    ray.init(address=address, namespace=cfg.cluster.namespace,
+                             log_to_driver=False)
+                    break
+                except (ConnectionError, RuntimeError) as e:
+                    if attempt == attempts:
+                        raise SubmitError(f"cannot connect to {address} after {attempts} "
+                                          f"attempts: {e}") from e
+                    ray.shutdown()
+                    time.sleep(2.0 * attempt)
         ns = cfg.cluster.namespace
         try:
             first = ray.get_actor("coordinator:0", namespace=ns)

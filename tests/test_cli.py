@@ -204,7 +204,8 @@ def head(tmp_path_factory, dns_server, sinks):
         print(f"\nray start --head: {time.time() - t0:.1f}s (session {sid}, "
               f"gcs 127.0.0.1:{gcs_port}, client 127.0.0.1:{client_port})")
         yield {"address": f"127.0.0.1:{gcs_port}", "client": f"ray://127.0.0.1:{client_port}",
-               "config": cfg, "spool": spool, "work": work, "sinks": sinks, "sid": sid}
+               "config": cfg, "spool": spool, "work": work, "sinks": sinks, "sid": sid,
+               "temp_dir": temp_dir}
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -402,7 +403,11 @@ def test_ray_client_path_submits_and_delivers(deployed):
     p = subprocess.run([sys.executable, "-c", CLIENT_SCRIPT, deployed["client"],
                         str(deployed["config"]), rcpt], cwd=deployed["work"], env=child_env(),
                        capture_output=True, text=True, timeout=180)
-    assert p.returncode == 0, show(p)
+    if p.returncode != 0:   # say why the head's client server failed, before it is removed
+        logs = sorted(Path(deployed["temp_dir"]).rglob("ray_client_server*.err"))
+        tails = "\n".join(f"== {f}\n" + "\n".join(f.read_text().splitlines()[-20:])
+                          for f in logs)
+        raise AssertionError(show(p) + "\n" + tails)
     out = json.loads(p.stdout.strip().splitlines()[-1])
     assert len(out["ids"]) == 1 and out["status"]["state"] == "delivered", out
     wait_for(lambda: deployed["sinks"].counts_by_rcpt()[rcpt] == 1, 30, "the sink to get it")
