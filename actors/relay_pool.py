@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import msgpack
 import ray
 
 from actors.loop import use_uvloop
-from cluster.adapters.smtp import ConnectFailure, SmtpConnection, connect_site
+from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
 from cluster.core.sites import SiteLimits
