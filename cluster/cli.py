@@ -276,6 +276,20 @@ def cmd_events(args: argparse.Namespace) -> int:
         time.sleep(1)
 
 
+def cmd_listen(args: argparse.Namespace) -> int:
+    from cluster.ingress_smtp import SmtpIngress
+    mc = _attach(args.address, args.config)
+    with SmtpIngress(mc, args.host, args.port):
+        print(f"raymta SMTP ingress on {args.host}:{args.port} (no AUTH: keep it on a trusted "
+              "network); Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # bench/ lives in the source checkout beside the packages, not in the installed package
     root = Path(__file__).resolve().parents[1]
@@ -322,6 +336,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--follow", action="store_true")
     p.set_defaults(fn=cmd_events)
+    p = sub.add_parser("listen", help="SMTP submission ingress into raymta (no AUTH)")
+    common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=2525)
+    p.set_defaults(fn=cmd_listen)
     p = sub.add_parser("bench", help="raymta vs Postfix vs the physical limit (bench/run_all.py)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="passed on, e.g. --messages 20000 --rounds 3")

@@ -319,3 +319,55 @@ def test_metrics_reach_rays_prometheus_endpoint(pipeline):
 
     wait_for(ready, 60, "raymta metrics (>= 5000 deliveries) on the Ray metrics endpoint",
              poll=2)
+
+
+def test_smtp_ingress_queues_durably_and_refuses_bad_mail(pipeline):
+    import asyncio
+    import socket
+
+    import aiosmtplib
+
+    from cluster.ingress_smtp import SmtpIngress
+    mc, sinks = pipeline["mc"], pipeline["sinks"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    raw = raw_message(1, "viasmtp@d5.test")
+
+    async def talk():
+        c = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, start_tls=False)
+        await c.connect()
+        await c.ehlo()
+        out = {}
+        await c.mail("s@origin.test")
+        await c.rcpt("viasmtp@d5.test")
+        await c.rcpt("second@d6.test")
+        out["good"] = await c.data(raw)
+        await c.mail("s@origin.test")
+        try:
+            await c.rcpt("not an address")
+        except aiosmtplib.SMTPRecipientRefused as e:
+            out["bad_rcpt"] = (e.code, e.message)
+        await c.rset()
+        await c.mail("s@origin.test")
+        await c.rcpt("x@d5.test")
+        try:
+            await c.data(b"Subject: no From header\r\n\r\nbody\r\n")
+        except aiosmtplib.SMTPDataError as e:
+            out["bad_data"] = (e.code, e.message)
+        await c.quit()
+        return out
+
+    with SmtpIngress(mc, "127.0.0.1", port):
+        out = asyncio.run(talk())
+    code, text = out["good"]
+    assert code == 250 and "queued as" in text and "+1 more" in text
+    mid = text.split("queued as ")[1].split()[0]
+    assert mc.status(mid) is not None          # durable in the queue when 250 was sent
+    assert out["bad_rcpt"][0] == 553
+    assert out["bad_data"][0] == 554 and "From" in out["bad_data"][1]
+    wait_for(lambda: sinks.counts_by_rcpt()["viasmtp@d5.test"] == 1 and
+             sinks.counts_by_rcpt()["second@d6.test"] == 1, 30, "SMTP-submitted mail")
+    got = [r for r in sinks.received if r.rcpt_to == "viasmtp@d5.test"][0]
+    assert got.data == raw
+    assert sinks.counts_by_rcpt()["x@d5.test"] == 0
