@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
@@ -181,7 +182,15 @@ class RelayPool:
 
     async def _lease(self, s: _Site) -> int | None:
         delay = _LEASE_RETRY[0]
+        # Waiting longer than this would let the coordinator time the messages out and send
+        # them again while they still sit here: hand them back as deferred instead.
+        give_up = time.monotonic() + self.cfg.queue.inflight_timeout / 2
         while s.queue:
+            if time.monotonic() > give_up:
+                self._defer_queued(s, classify(
+                    451, "4.4.5 raymta: no connection slot for this site in time (site paused "
+                    "or at its connection limit)", phase="connection"))
+                return None
             try:
                 ref = self._actor(s.throttle).acquire.remote(
                     s.name, s.limits, self.name, self.incarnation, 1)
