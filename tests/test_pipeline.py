@@ -371,3 +371,17 @@ def test_smtp_ingress_queues_durably_and_refuses_bad_mail(pipeline):
     got = [r for r in sinks.received if r.rcpt_to == "viasmtp@d5.test"][0]
     assert got.data == raw
     assert sinks.counts_by_rcpt()["x@d5.test"] == 0
+
+
+def test_smtputf8_message_to_an_internationalised_address(pipeline):
+    mc, sinks = pipeline["mc"], pipeline["sinks"]
+    rcpt = "jos\u00e9@d7.test"
+    raw = ("From: Ren\u00e9e <s@origin.test>\r\nTo: " + rcpt + "\r\nSubject: caf\u00e9\r\n"
+           "Message-ID: <utf8@origin.test>\r\nDate: Sat, 28 Nov 2026 05:00:00 +0000\r\n\r\n"
+           "bonjour\r\n").encode("utf-8")
+    res = submit_ok(mc, [{"sender": "s@origin.test", "recipients": [rcpt], "raw": raw,
+                          "smtputf8": True}])
+    mid = res[0].ids[0]
+    wait_for(lambda: mc.status(mid)["state"] == "delivered", 30, "SMTPUTF8 delivery")
+    got = [r for r in sinks.received if r.rcpt_to == rcpt]
+    assert len(got) == 1 and got[0].data == raw
