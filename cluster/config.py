@@ -154,7 +154,7 @@ class EgressSource:
 class ClusterConfig:
     #: Ray namespace the actors live in
     namespace: str = "raymta"
-    #: copies of each queue shard (the replication issue uses it)
+    #: copies of each queue shard; only 1 until replication is built (an error otherwise)
     replicas: int = 1
 
 
@@ -465,10 +465,13 @@ def _parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig:
     w = "cluster"
     _check_keys(raw, {f.name for f in fields(ClusterConfig)}, w)
     d = ClusterConfig()
-    return ClusterConfig(
-        namespace=_str(raw.get("namespace", d.namespace), f"{w}.namespace"),
-        replicas=_int(raw.get("replicas", d.replicas), f"{w}.replicas", minimum=1, maximum=7),
-    )
+    replicas = _int(raw.get("replicas", d.replicas), f"{w}.replicas", minimum=1, maximum=7)
+    if replicas != 1:
+        # say so rather than let an operator believe the queue is replicated
+        raise ConfigError(f"{w}.replicas", "queue replication is not built yet: each shard "
+                          "has one copy on its node's disk; only 1 is accepted")
+    return ClusterConfig(namespace=_str(raw.get("namespace", d.namespace), f"{w}.namespace"),
+                         replicas=replicas)
 
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster"}

@@ -85,6 +85,7 @@ rate = "5/m"
     ({"egress": [{"bind_address": "somewhere"}]}, "egress[0].bind_address", "not an IP"),
     ({"routes": {"x.test": "host-without-port"}}, "routes.x.test", "host:port"),
     ({"nonsense": {}}, "nonsense", "unknown key"),
+    ({"cluster": {"replicas": 3}}, "cluster.replicas", "not built yet"),
 ])
 def test_bad_values_name_the_key_and_the_problem(raw, key, words):
     with pytest.raises(ConfigError) as ei:
