@@ -362,9 +362,9 @@ class QueueCoordinator:
             assert r.site is not None
             d = demand.get(r.site.key)
             if d is None:
-                demand[r.site.key] = [len(st.ready[domain]), [domain], r.site]
+                demand[r.site.key] = [st.ready_live[domain], [domain], r.site]
             else:
-                d[0] += len(st.ready[domain])
+                d[0] += st.ready_live[domain]
                 d[1].append(domain)
         if recs:
             self._enqueue(recs)

@@ -173,3 +173,43 @@ def test_snapshot_plus_tail_equals_full_replay(seed):
     for qs in (full, b):   # the derived deferred count agrees with a full scan
         assert qs.counts()["deferred"] == sum(1 for m in qs.messages.values()
                                               if m.state == q.DEFERRED)
+
+
+def test_expiring_a_large_ready_backlog_is_linear():
+    """Lazy removal: 50,000 queued messages of one domain expire without O(n²) work."""
+    import time as _t
+    qs = q.QueueState(status_cache=0)
+    lsn = 1
+    qs.apply(q.body_record("b", b"x"), lsn)
+    n = 50_000
+    for i in range(n):
+        lsn += 1
+        qs.apply(q.accept_record(f"m{i}", "b", "s@x", "u@big.test", "big.test", 1.0, None,
+                                 100.0, None, None, None, False), lsn)
+    t0 = _t.perf_counter()
+    # newest first: the worst order for removal by search (each id at the far end)
+    for m in reversed(qs.due_expiries(200.0, limit=n)):
+        lsn += 1
+        qs.apply(q.final_record(m.id, 0, "expired", None, None, "x", "", "expired", 200.0), lsn)
+    took = _t.perf_counter() - t0
+    assert qs.counts()["live"] == 0 and qs.ready_count == 0
+    assert "big.test" not in qs.ready and not qs.ready_live
+    assert took < 5.0, f"{took:.1f}s to expire {n}: removal is not O(1)"
+
+
+def test_stale_ready_entries_are_skipped_and_counts_stay_exact():
+    qs = q.QueueState()
+    lsn = 1
+    for i in range(4):
+        lsn, _ = accept(qs, lsn, f"m{i}")
+    # m1 fails transiently while still queued (e.g. a late result after a restart) and comes
+    # back later; m2 is cancelled while queued
+    qs.apply(q.transient_record("m1", 1, 50.0, 451, None, "x", "s", "soft", 10.0), lsn)
+    qs.apply(q.final_record("m2", 0, "cancelled", None, None, "x", "", "cancelled", 10.0),
+             lsn + 1)
+    assert qs.ready_count == 2 and qs.ready_live["a.test"] == 2
+    qs.promote_due(60.0)
+    assert qs.ready_count == 3
+    got = [m.id for m in qs.take_ready("a.test", 10, 61.0)]
+    assert sorted(got) == ["m0", "m1", "m3"] and len(got) == 3
+    assert qs.ready_count == 0 and "a.test" not in qs.ready

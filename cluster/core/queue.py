@@ -131,7 +131,11 @@ class QueueState:
         self.messages: dict[str, QueuedMessage] = {}
         self.bodies: dict[str, _Body] = {}
         self.body_bytes = 0
-        self.ready: dict[str, deque[str]] = {}          # domain → ids, FIFO
+        # domain → ids, FIFO. Removal is lazy: a message leaving the queued state stays in
+        # its deque and is skipped when popped, so expiring or cancelling a large backlog is
+        # O(1) per message. ready_live counts the real (queued) entries per domain.
+        self.ready: dict[str, deque[str]] = {}
+        self.ready_live: dict[str, int] = {}
         self.ready_count = 0
         self._deferred: list[tuple[float, str]] = []    # (next_at, id), lazily cleaned
         self._expiry: list[tuple[float, str]] = []      # (expires_at, id), lazily cleaned
@@ -247,27 +251,32 @@ class QueueState:
                 self.finished.popitem(last=False)
 
     def _unready(self, m: QueuedMessage) -> None:
-        """Take a queued message out of its ready queue (O(n) in that queue: rare path —
-        dispatched messages leave the ready queue when taken)."""
+        """A queued message leaves its ready queue (its id stays there, stale, until popped)."""
         if m.state != QUEUED:
             return
-        q = self.ready.get(m.domain)
-        if q is not None:
-            try:
-                q.remove(m.id)
-                self.ready_count -= 1
-            except ValueError:
-                pass
-            if not q:
-                del self.ready[m.domain]
+        m.state = DEFERRED   # the caller sets the real state; anything but QUEUED marks stale
+        self.ready_count -= 1
+        self._drop_live(m.domain)
 
-    def _make_ready(self, m: QueuedMessage) -> None:
+    def _drop_live(self, domain: str) -> None:
+        n = self.ready_live[domain] - 1
+        if n:
+            self.ready_live[domain] = n
+        else:   # nothing real left: drop the deque and whatever stale ids it still holds
+            del self.ready_live[domain]
+            self.ready.pop(domain, None)
+
+    def _make_ready(self, m: QueuedMessage, front: bool = False) -> None:
         m.state = QUEUED
         q = self.ready.get(m.domain)
         if q is None:
             q = self.ready[m.domain] = deque()
-        q.append(m.id)
+        if front:
+            q.appendleft(m.id)
+        else:
+            q.append(m.id)
         self.ready_count += 1
+        self.ready_live[m.domain] = self.ready_live.get(m.domain, 0) + 1
 
     def _defer(self, m: QueuedMessage, next_at: float) -> None:
         m.state = DEFERRED
@@ -318,16 +327,16 @@ class QueueState:
         out: list[QueuedMessage] = []
         while q and len(out) < n:
             mid = q.popleft()
-            self.ready_count -= 1
             m = self.messages.get(mid)
-            if m is None or m.state != QUEUED:
-                continue
+            if m is None or m.state != QUEUED or m.domain != domain:
+                continue   # stale: finished, deferred or taken since it was queued here
             m.state = INFLIGHT
             m.dispatched_at = now
             self.inflight[mid] = m
             out.append(m)
-        if q is not None and not q:
-            del self.ready[domain]
+            self.ready_count -= 1
+            self._drop_live(domain)
+            q = self.ready.get(domain)
         return out
 
     def requeue(self, ids: Iterable[str], front: bool = True) -> int:
@@ -339,15 +348,7 @@ class QueueState:
             m = self.inflight.pop(mid, None)
             if m is None or mid not in self.messages:
                 continue
-            m.state = QUEUED
-            q = self.ready.get(m.domain)
-            if q is None:
-                q = self.ready[m.domain] = deque()
-            if front:
-                q.appendleft(mid)
-            else:
-                q.append(mid)
-            self.ready_count += 1
+            self._make_ready(m, front)
             n += 1
         return n
 
