@@ -44,3 +44,18 @@ def test_a_torn_last_line_is_dropped_on_open(tmp_path):
     assert again.last_seq == 2
     again.write([ev(3)])
     assert [e["seq"] for e in again.read(0)] == [1, 2, 3]
+
+
+def test_read_seeks_near_the_cursor_and_agrees_with_a_full_scan(tmp_path):
+    log = EventLog(tmp_path, file_bytes=1 << 20)
+    for start in range(1, 5001, 100):
+        log.write([ev(i) for i in range(start, start + 100)])
+    for since in (0, 1, 255, 256, 257, 1000, 4999, 5000):
+        got = [e["seq"] for e in log.read(since, limit=20)]
+        assert got == list(range(since + 1, min(since + 21, 5001))), since
+    log.close()
+    again = EventLog(tmp_path, file_bytes=1 << 20)   # index rebuilt from the file
+    again.write([ev(5001)])
+    assert [e["seq"] for e in again.read(4998)] == [4999, 5000, 5001]
+    seqs, offs = again._index[next(tmp_path.glob("events-*.jsonl")).name]
+    assert len(seqs) == len(offs) > 10   # sparse: one entry per 256 lines

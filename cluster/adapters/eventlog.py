@@ -8,6 +8,7 @@ rewrites exactly the events whose records are durable but whose lines were not y
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 from pathlib import Path
@@ -16,6 +17,9 @@ from typing import Any
 from cluster.adapters.spool import numbered_files
 
 __all__ = ["EventLog"]
+
+#: one (seq, byte offset) index entry per this many lines: read(since) seeks instead of scanning
+_STRIDE = 256
 
 
 class EventLog:
@@ -27,12 +31,19 @@ class EventLog:
         self.files_kept = files_kept
         self._fh: Any = None
         self._size = 0
+        self._lines = 0                                   # lines in the active file
+        # file name → ([seq, ...], [offset, ...]) every _STRIDE lines; old files are immutable
+        self._index: dict[str, tuple[list[int], list[int]]] = {}
         self.last_seq = 0
         files = self._files()
         if files:
             self.last_seq = self._last_seq_in(files[-1][1])
             self._fh = open(files[-1][1], "ab")
             self._size = self._fh.tell()
+            self._active = files[-1][1].name
+            self._file_index(files[-1][1])
+            with open(files[-1][1], "rb") as fh:
+                self._lines = sum(1 for _ in fh)
 
     def _files(self) -> list[tuple[int, Path]]:
         return numbered_files(self.dir, "events-", ".jsonl")
@@ -56,29 +67,62 @@ class EventLog:
 
     def write(self, events: list[dict[str, Any]]) -> None:
         """Append events (seq ascending); events at or below :attr:`last_seq` are skipped."""
-        lines = []
+        rows: list[tuple[int, bytes]] = []
+        last = self.last_seq
         for ev in events:
-            if ev["seq"] <= self.last_seq:
+            if ev["seq"] <= last:
                 continue
-            lines.append(json.dumps(ev, separators=(",", ":"), default=str).encode() + b"\n")
-            self.last_seq = ev["seq"]
-        if not lines:
+            last = ev["seq"]
+            rows.append((last, json.dumps(ev, separators=(",", ":"), default=str).encode()
+                         + b"\n"))
+        if not rows:
             return
         if self._fh is None or self._size >= self.file_bytes:
-            self._rotate(json.loads(lines[0])["seq"])
-        data = b"".join(lines)
+            self._rotate(rows[0][0])
+        seqs, offs = self._index[self._active]
+        off = self._size
+        for seq, line in rows:
+            if self._lines % _STRIDE == 0:
+                seqs.append(seq)
+                offs.append(off)
+            self._lines += 1
+            off += len(line)
+        data = b"".join(line for _, line in rows)
         self._fh.write(data)
         self._fh.flush()
         self._size += len(data)
+        self.last_seq = last
 
     def _rotate(self, first_seq: int) -> None:
         if self._fh is not None:
             self._fh.close()
-        self._fh = open(self.dir / f"events-{first_seq:020d}.jsonl", "ab")
+        path = self.dir / f"events-{first_seq:020d}.jsonl"
+        self._fh = open(path, "ab")
         self._size = self._fh.tell()
+        self._active = path.name
+        self._index[path.name] = ([], [])
+        self._lines = 0
         files = self._files()
         for _, p in files[: max(0, len(files) - self.files_kept)]:
             p.unlink()
+            self._index.pop(p.name, None)
+
+    def _file_index(self, path: Path) -> tuple[list[int], list[int]]:
+        idx = self._index.get(path.name)
+        if idx is None:
+            seqs: list[int] = []
+            offs: list[int] = []
+            off = 0
+            with open(path, "rb") as fh:
+                for n, line in enumerate(fh):
+                    if not line.endswith(b"\n"):
+                        break
+                    if n % _STRIDE == 0:
+                        seqs.append(json.loads(line)["seq"])
+                        offs.append(off)
+                    off += len(line)
+            idx = self._index[path.name] = (seqs, offs)
+        return idx
 
     def read(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
         """Events with seq > since, oldest first, at most ``limit``."""
@@ -88,8 +132,13 @@ class EventLog:
             if first <= since + 1:
                 start = i
         out: list[dict[str, Any]] = []
-        for _, p in files[start:]:
+        for k, (_, p) in enumerate(files[start:]):
             with open(p, "rb") as fh:
+                if k == 0:   # seek near `since` instead of reading the file from its start
+                    seqs, offs = self._file_index(p)
+                    i = bisect.bisect_right(seqs, since) - 1
+                    if i >= 0:
+                        fh.seek(offs[i])
                 for line in fh:
                     if not line.endswith(b"\n"):
                         break
