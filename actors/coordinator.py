@@ -34,17 +34,12 @@ from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.replies import dns_failure
 from cluster.core.throttle import max_inflight
-from cluster.core.sites import SiteInfo, SiteLimits, site_for, stable_hash, throttle_actor_name
+from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
+                                throttle_actor_name)
 
-__all__ = ["QueueCoordinator", "limits_to_wire"]
+__all__ = ["QueueCoordinator"]
 
 log = logging.getLogger("raymta.coordinator")
-
-
-def limits_to_wire(lim: SiteLimits) -> dict[str, Any]:
-    return {"rates": [str(r) for r in lim.rates], "max_connections": lim.max_connections,
-            "deliveries_per_connection": lim.deliveries_per_connection, "tls": lim.tls,
-            "dedicated": lim.dedicated, "sources": list(lim.sources)}
 
 
 class _Route:
@@ -634,9 +629,6 @@ class QueueCoordinator:
 
     async def events(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
         self._ensure_started()
-        return self.events_log_read(since, limit)
-
-    def events_log_read(self, since: int, limit: int) -> list[dict[str, Any]]:
         return self.events.read(since, limit)
 
     async def stats(self) -> dict[str, Any]:

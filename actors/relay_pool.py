@@ -31,7 +31,7 @@ from actors.loop import use_uvloop
 from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
-from cluster.core.sites import SiteLimits
+from cluster.core.sites import SiteLimits, limits_from_wire
 
 __all__ = ["RelayPool"]
 
@@ -65,6 +65,7 @@ class _Site:
     port: int
     limits: SiteLimits
     throttle: str
+    limits_wire: dict[str, Any]                          # what limits was built from
     queue: deque = field(default_factory=deque)          # (item, call)
     workers: int = 0
     leases: set[int] = field(default_factory=set)
@@ -158,19 +159,16 @@ class RelayPool:
             self._handles.pop(coordinator, None)
 
     def _site(self, name: str, spec: dict[str, Any]) -> _Site:
-        lim = spec["limits"]
-        limits = SiteLimits(rates=tuple(_rates(lim["rates"])),
-                            max_connections=lim["max_connections"],
-                            deliveries_per_connection=lim["deliveries_per_connection"],
-                            tls=lim["tls"], dedicated=lim["dedicated"],
-                            sources=tuple(lim["sources"]))
+        wire = spec["limits"]
         s = self.sites.get(name)
         if s is None:
-            s = self.sites[name] = _Site(name, spec["hosts"], spec["port"], limits,
-                                         spec["throttle"])
-        else:  # newest route and limits win (DNS TTL expiry, config change)
-            s.hosts, s.port, s.limits, s.throttle = spec["hosts"], spec["port"], limits, \
-                spec["throttle"]
+            s = self.sites[name] = _Site(name, spec["hosts"], spec["port"],
+                                         limits_from_wire(wire), spec["throttle"], wire)
+            return s
+        # newest route and limits win (DNS TTL expiry, config change); parse only on change
+        s.hosts, s.port, s.throttle = spec["hosts"], spec["port"], spec["throttle"]
+        if wire != s.limits_wire:
+            s.limits, s.limits_wire = limits_from_wire(wire), wire
         return s
 
     def _start_workers(self, s: _Site) -> None:
@@ -345,8 +343,3 @@ class RelayPool:
 
     async def ping(self) -> int:
         return os.getpid()
-
-
-def _rates(texts: list[str]) -> list[Any]:
-    from cluster.core.ratespec import RateSpec
-    return [RateSpec.parse(t) for t in texts]

@@ -43,3 +43,12 @@ def test_throttle_names_dedicated_or_hashed_stably():
     names = {throttle_actor_name(f"site{i}", False, 4) for i in range(200)}
     assert names == {f"throttle:pool:{k}" for k in range(4)}
     assert throttle_actor_name("site7", False, 4) == throttle_actor_name("site7", False, 4)
+
+
+def test_limits_round_trip_through_the_wire_form():
+    from cluster.core.sites import limits_from_wire, limits_to_wire
+    lim = SiteLimits(rates=(RateSpec.parse("50/s,burst=5"), RateSpec.parse("20000/h")),
+                     max_connections=3, deliveries_per_connection=40, tls="required",
+                     dedicated=True, sources=("ip1", "ip2"))
+    assert limits_from_wire(limits_to_wire(lim)) == lim
+    assert limits_from_wire(limits_to_wire(GOOGLE)) == GOOGLE

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from cluster.core.ratespec import RateSpec
 
 __all__ = ["SiteLimits", "SiteOverride", "StaticRoute", "SiteInfo", "site_key", "site_for",
-           "throttle_actor_name", "stable_hash"]
+           "throttle_actor_name", "stable_hash", "limits_to_wire", "limits_from_wire"]
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,20 @@ class SiteLimits:
     dedicated: bool = False
     #: egress source names allowed for this site (empty = all)
     sources: tuple[str, ...] = ()
+
+
+def limits_to_wire(lim: SiteLimits) -> dict[str, Any]:
+    """Plain data (msgpack-able) for a batch sent to a relay; :func:`limits_from_wire` reverses."""
+    return {"rates": [str(r) for r in lim.rates], "max_connections": lim.max_connections,
+            "deliveries_per_connection": lim.deliveries_per_connection, "tls": lim.tls,
+            "dedicated": lim.dedicated, "sources": list(lim.sources)}
+
+
+def limits_from_wire(w: dict[str, Any]) -> SiteLimits:
+    return SiteLimits(rates=tuple(RateSpec.parse(r) for r in w["rates"]),
+                      max_connections=w["max_connections"],
+                      deliveries_per_connection=w["deliveries_per_connection"], tls=w["tls"],
+                      dedicated=w["dedicated"], sources=tuple(w["sources"]))
 
 
 @dataclass(frozen=True)
