@@ -24,6 +24,8 @@ from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 
 __all__ = [
     "ConfigError",
+    "ReplicationConfig",
+    "BackupConfig",
     "SpoolConfig",
     "QueueConfig",
     "DnsConfig",
@@ -90,6 +92,11 @@ class SpoolConfig:
     event_files_kept: int = 16
     #: fsync each group commit (turn off only for throwaway benchmarks of the non-durable path)
     fsync: bool = True
+    #: give every Ray node its own sub-directory (``node-<id>``) of ``directory``: set this when
+    #: ``directory`` is one filesystem shared by all nodes but should behave like local disks
+    #: (a copy that moves to another node then starts empty and catches up). Node ids change
+    #: when Ray restarts, so a restarted cluster finds no copies: for tests of node loss.
+    per_node: bool = False
 
 
 @dataclass(frozen=True)
@@ -110,8 +117,8 @@ class QueueConfig:
     status_cache: int = 200_000
     #: how long an idempotency key is remembered
     idempotency_window: float = 86400.0
-    #: queue shards (message id hash); the replication issue raises this
-    shards: int = 1
+    #: queue shards (message id hash), each with its own leader and copies
+    shards: int = 4
 
 
 @dataclass(frozen=True)
@@ -154,8 +161,35 @@ class EgressSource:
 class ClusterConfig:
     #: Ray namespace the actors live in
     namespace: str = "raymta"
-    #: copies of each queue shard; only 1 until replication is built (an error otherwise)
-    replicas: int = 1
+    #: copies of each queue shard (the leader's own included); a batch is acknowledged once it
+    #: is fsync'd on a majority of them. 1 = no replication (a single disk).
+    replicas: int = 3
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    #: a submission not durable on a quorum within this long is answered with an error (it may
+    #: still commit later: retry with the same ids or idempotency key)
+    ack_timeout: float = 5.0
+    #: a starting leader retries claiming its shard (copies may still be starting) this long
+    #: before it reports "no quorum" to callers; it keeps retrying after that
+    claim_timeout: float = 60.0
+    #: recent frames kept in the leader's memory for replicas that fall behind (older ones are
+    #: read back from its disk)
+    tail_bytes: int = 64 * 1024 * 1024
+    #: largest append sent to a replica in one call
+    batch_bytes: int = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    #: where each shard leader writes a snapshot every ``interval`` ("" = <spool>/backups);
+    #: on several nodes this should be shared storage
+    directory: str = ""
+    #: 0 turns periodic backups off (``raymta backup`` still works)
+    interval: float = 900.0
+    #: backups kept per shard (older ones are deleted)
+    keep: int = 8
 
 
 @dataclass(frozen=True)
@@ -169,6 +203,8 @@ class Config:
     sites: tuple[SiteOverride, ...] = ()
     routes: tuple[StaticRoute, ...] = ()
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)
+    backup: BackupConfig = field(default_factory=BackupConfig)
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -257,6 +293,31 @@ def _parse_spool(raw: Mapping[str, Any]) -> SpoolConfig:
         event_files_kept=_int(raw.get("event_files_kept", d.event_files_kept),
                               f"{w}.event_files_kept", minimum=1),
         fsync=_bool(raw.get("fsync", d.fsync), f"{w}.fsync"),
+        per_node=_bool(raw.get("per_node", d.per_node), f"{w}.per_node"),
+    )
+
+
+def _parse_replication(raw: Mapping[str, Any]) -> ReplicationConfig:
+    w = "replication"
+    _check_keys(raw, {f.name for f in fields(ReplicationConfig)}, w)
+    d = ReplicationConfig()
+    return ReplicationConfig(
+        ack_timeout=_dur(raw.get("ack_timeout", d.ack_timeout), f"{w}.ack_timeout"),
+        claim_timeout=_dur(raw.get("claim_timeout", d.claim_timeout), f"{w}.claim_timeout"),
+        tail_bytes=_size(raw.get("tail_bytes", d.tail_bytes), f"{w}.tail_bytes"),
+        batch_bytes=_size(raw.get("batch_bytes", d.batch_bytes), f"{w}.batch_bytes"),
+    )
+
+
+def _parse_backup(raw: Mapping[str, Any]) -> BackupConfig:
+    w = "backup"
+    _check_keys(raw, {f.name for f in fields(BackupConfig)}, w)
+    d = BackupConfig()
+    interval = raw.get("interval", d.interval)
+    return BackupConfig(
+        directory=_str(raw.get("directory", d.directory), f"{w}.directory"),
+        interval=0.0 if interval in (0, "0", "off") else _dur(interval, f"{w}.interval"),
+        keep=_int(raw.get("keep", d.keep), f"{w}.keep", minimum=1),
     )
 
 
@@ -466,15 +527,12 @@ def _parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig:
     _check_keys(raw, {f.name for f in fields(ClusterConfig)}, w)
     d = ClusterConfig()
     replicas = _int(raw.get("replicas", d.replicas), f"{w}.replicas", minimum=1, maximum=7)
-    if replicas != 1:
-        # say so rather than let an operator believe the queue is replicated
-        raise ConfigError(f"{w}.replicas", "queue replication is not built yet: each shard "
-                          "has one copy on its node's disk; only 1 is accepted")
     return ClusterConfig(namespace=_str(raw.get("namespace", d.namespace), f"{w}.namespace"),
                          replicas=replicas)
 
 
-_TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster"}
+_TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
+        "replication", "backup"}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -494,6 +552,8 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         sites=_parse_sites(raw.get("site"), site_defaults, egress),
         routes=_parse_routes(raw.get("routes")),
         cluster=_parse_cluster(_table(raw, "cluster", "")),
+        replication=_parse_replication(_table(raw, "replication", "")),
+        backup=_parse_backup(_table(raw, "backup", "")),
     )
 
 

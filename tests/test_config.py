@@ -85,7 +85,10 @@ rate = "5/m"
     ({"egress": [{"bind_address": "somewhere"}]}, "egress[0].bind_address", "not an IP"),
     ({"routes": {"x.test": "host-without-port"}}, "routes.x.test", "host:port"),
     ({"nonsense": {}}, "nonsense", "unknown key"),
-    ({"cluster": {"replicas": 3}}, "cluster.replicas", "not built yet"),
+    ({"cluster": {"replicas": 9}}, "cluster.replicas", "between"),
+    ({"replication": {"ack_timeout": "never"}}, "replication.ack_timeout", "never"),
+    ({"backup": {"keep": 0}}, "backup.keep", ""),
+    ({"spool": {"per_node": 1}}, "spool.per_node", "true or false"),
 ])
 def test_bad_values_name_the_key_and_the_problem(raw, key, words):
     with pytest.raises(ConfigError) as ei:

@@ -11,6 +11,13 @@ Layout of a shard directory::
 
 Frame: ``<u32 payload length><u32 crc32(epoch, lsn, payload)><u64 epoch><u64 lsn><payload>``,
 payload a msgpack record. The epoch field is the fencing token a replicated shard writes with.
+Snapshot file: ``<u64 lsn><u64 epoch of the frame at lsn><u32 crc32(payload)><payload>``,
+payload the msgpack state.
+
+Besides the records, the log knows its *shape* (snapshot lsn and epoch, the runs of equal
+epoch after it, the end): what replication compares between copies. It can cut its tail back
+(:meth:`truncate_after`), take a snapshot from elsewhere (:meth:`install_snapshot`) and hand
+out raw frames for another copy (:meth:`read_frames`).
 
 Failure behaviour: a torn or corrupt frame at the *end of the last segment* (a crash during a
 write) is cut off on open: it was never acknowledged, because acknowledgement follows fsync.
@@ -28,14 +35,35 @@ from typing import Any, Iterator
 
 import msgpack
 
-__all__ = ["SpoolLog", "SpoolCorrupt", "encode_frame", "iter_frames", "numbered_files"]
+__all__ = ["SpoolLog", "SpoolCorrupt", "Compacted", "encode_frame", "iter_frames",
+           "iter_headers", "numbered_files", "pack_snapshot", "unpack_snapshot"]
 
 _HDR = struct.Struct("<IIQQ")
+_SNAP_HDR = struct.Struct("<QQI")
 _MAX_FRAME = 64 * 1024 * 1024
 
 
 class SpoolCorrupt(RuntimeError):
     """Acknowledged data on disk failed its checksum or is out of order."""
+
+
+class Compacted(LookupError):
+    """Frames asked for are covered by a snapshot and no longer in the log."""
+
+
+def pack_snapshot(lsn: int, epoch: int, payload: bytes) -> bytes:
+    return _SNAP_HDR.pack(lsn, epoch, zlib.crc32(payload)) + payload
+
+
+def unpack_snapshot(data: bytes, where: str = "snapshot") -> tuple[int, int, bytes]:
+    """(lsn, epoch, msgpack payload) of a snapshot file's bytes; raises on a bad checksum."""
+    if len(data) < _SNAP_HDR.size:
+        raise SpoolCorrupt(f"{where}: {len(data)} bytes is too short for a snapshot")
+    lsn, epoch, crc = _SNAP_HDR.unpack_from(data)
+    payload = data[_SNAP_HDR.size:]
+    if zlib.crc32(payload) != crc:
+        raise SpoolCorrupt(f"{where}: snapshot checksum mismatch")
+    return lsn, epoch, payload
 
 
 def _crc(epoch: int, lsn: int, payload: bytes) -> int:
@@ -63,6 +91,22 @@ def iter_frames(data: bytes) -> Iterator[tuple[int, int, Any, int]]:
         off = end
 
 
+def iter_headers(data: bytes, off: int = 0) -> Iterator[tuple[int, int, int, int]]:
+    """Yield (epoch, lsn, start offset, end offset) of each valid frame, checking checksums
+    but not decoding payloads; stop at the first bad one."""
+    n = len(data)
+    mv = memoryview(data)
+    while off + _HDR.size <= n:
+        length, crc, epoch, lsn = _HDR.unpack_from(data, off)
+        end = off + _HDR.size + length
+        if length > _MAX_FRAME or end > n:
+            return
+        if _crc(epoch, lsn, mv[off + _HDR.size:end]) != crc:
+            return
+        yield epoch, lsn, off, end
+        off = end
+
+
 def numbered_files(directory: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
     """``<prefix><number><suffix>`` files in a directory, sorted by number; others ignored."""
     out = []
@@ -83,7 +127,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class SpoolLog:
-    """One shard's log. Not thread-safe: one writer (the shard leader's commit loop) at a time."""
+    """One copy of a shard's log. Not thread-safe: one writer at a time (the commit loop of a
+    shard leader, or a replica's I/O thread)."""
 
     def __init__(self, directory: str | os.PathLike[str], *, segment_bytes: int = 64 << 20,
                  fsync: bool = True) -> None:
@@ -95,6 +140,23 @@ class SpoolLog:
         self._seg_size = 0
         self.next_lsn = 1
         self.bytes_since_snapshot = 0
+        self.snap_lsn = 0
+        self.snap_epoch = 0
+        self.snapshot_bytes = 0
+        #: [[epoch, first lsn], ...] of the frames after the snapshot
+        self.runs: list[list[int]] = []
+
+    @property
+    def end(self) -> int:
+        return self.next_lsn - 1
+
+    @property
+    def last_epoch(self) -> int:
+        return self.runs[-1][0] if self.runs else self.snap_epoch
+
+    def _note(self, epoch: int, lsn: int) -> None:
+        if not self.runs or self.runs[-1][0] != epoch:
+            self.runs.append([epoch, lsn])
 
     # ------------------------------------------------------------------ recovery
     def _segments(self) -> list[tuple[int, Path]]:
@@ -103,34 +165,45 @@ class SpoolLog:
     def _snapshots(self) -> list[tuple[int, Path]]:
         return numbered_files(self.dir, "snap-", ".msgpack")
 
-    def recover(self) -> tuple[dict[str, Any] | None, list[tuple[int, int, Any]]]:
+    def recover(self, *, decode: bool = True
+                ) -> tuple[dict[str, Any] | None, list[tuple[int, int, Any]]]:
         """Read the newest snapshot and every record after it; repair a torn tail.
 
         Returns ``(snapshot or None, [(epoch, lsn, record), ...])`` and leaves the log open for
-        appending after the last valid record."""
+        appending after the last valid record. ``decode=False`` (a replica, which never looks
+        inside records) checks every frame but returns no snapshot and no records."""
         for p in self.dir.glob("*.tmp"):
             p.unlink()
         snap = None
         snap_lsn = 0
+        self.runs = []
         snaps = self._snapshots()
         if snaps:
             snap_lsn, sp = snaps[-1]
-            snap = msgpack.unpackb(sp.read_bytes(), raw=False, strict_map_key=False)
-            if snap.get("lsn") != snap_lsn:
-                raise SpoolCorrupt(f"{sp}: snapshot says lsn {snap.get('lsn')}")
+            data = sp.read_bytes()
+            lsn, self.snap_epoch, payload = unpack_snapshot(data, str(sp))
+            if lsn != snap_lsn:
+                raise SpoolCorrupt(f"{sp}: snapshot says lsn {lsn}")
+            self.snapshot_bytes = len(data)
+            if decode:
+                snap = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        self.snap_lsn = snap_lsn
         records: list[tuple[int, int, Any]] = []
         segs = self._segments()
         last_lsn = snap_lsn
         for i, (first, path) in enumerate(segs):
             data = path.read_bytes()
             good_end = 0
-            for epoch, lsn, rec, end in iter_frames(data):
+            for epoch, lsn, start, end in iter_headers(data):
                 good_end = end
                 if lsn <= snap_lsn:
                     continue
                 if lsn != last_lsn + 1:
                     raise SpoolCorrupt(f"{path}: lsn {lsn} follows {last_lsn}")
-                records.append((epoch, lsn, rec))
+                if decode:
+                    records.append((epoch, lsn, msgpack.unpackb(
+                        data[start + _HDR.size:end], raw=False, strict_map_key=False)))
+                self._note(epoch, lsn)
                 last_lsn = lsn
             if good_end != len(data):
                 if i != len(segs) - 1:
@@ -163,7 +236,32 @@ class SpoolLog:
         return frames, first
 
     def write(self, frames: bytes, first_lsn: int) -> None:
-        """Append encoded frames and make them durable (one fsync). Blocking: run in a thread."""
+        """Append encoded frames (made by :meth:`assign`) and make them durable (one fsync).
+        Blocking: run in a thread."""
+        self._write(frames, first_lsn, list(self._headers(frames, first_lsn)))
+
+    def append_frames(self, frames: bytes) -> int:
+        """Append frames made elsewhere (another copy's), which must continue this log; checks
+        each frame and returns the new end lsn. Blocking: run in a thread."""
+        first = self.next_lsn
+        hdrs = list(self._headers(frames, first))
+        self.next_lsn = first + len(hdrs)
+        self._write(frames, first, hdrs)
+        return self.end
+
+    @staticmethod
+    def _headers(frames: bytes, first: int) -> Iterator[tuple[int, int]]:
+        expect = first
+        end = 0
+        for epoch, lsn, _start, end in iter_headers(frames):
+            if lsn != expect:
+                raise SpoolCorrupt(f"frame lsn {lsn} where {expect} was expected")
+            expect += 1
+            yield epoch, lsn
+        if end != len(frames):
+            raise SpoolCorrupt(f"bad frame at offset {end} of {len(frames)} bytes received")
+
+    def _write(self, frames: bytes, first_lsn: int, hdrs: list[tuple[int, int]]) -> None:
         if self._seg_size >= self.segment_bytes:
             self._fh.flush()
             if self.fsync:
@@ -185,40 +283,132 @@ class SpoolLog:
                 pass
             self.next_lsn = first_lsn
             raise
+        for epoch, lsn in hdrs:
+            self._note(epoch, lsn)
         self._seg_size += len(frames)
         self.bytes_since_snapshot += len(frames)
 
-    # ------------------------------------------------------------------ compaction
-    def write_snapshot(self, state: dict[str, Any]) -> int:
-        """Write a snapshot of the state as of ``state['lsn']`` and drop what it covers.
+    # ------------------------------------------------------------------ reading, cutting back
+    def read_frames(self, from_lsn: int, max_bytes: int = 8 << 20) -> bytes:
+        """Raw frames from ``from_lsn`` on: at least one if there is one, and no more than
+        ``max_bytes`` beyond that. Raises :class:`Compacted` if a snapshot covers
+        ``from_lsn``. Blocking."""
+        if from_lsn <= self.snap_lsn:
+            raise Compacted(f"lsn {from_lsn} is covered by the snapshot at {self.snap_lsn}")
+        if from_lsn > self.end:
+            return b""
+        self._fh.flush()
+        out: list[bytes] = []
+        size = 0
+        segs = self._segments()
+        for i, (_first, path) in enumerate(segs):
+            if i + 1 < len(segs) and segs[i + 1][0] <= from_lsn:
+                continue
+            data = path.read_bytes()
+            begin = stop = -1
+            for _e, lsn, start, end in iter_headers(data):
+                if lsn < from_lsn:
+                    continue
+                if size and size + (end - start) > max_bytes:
+                    break
+                if begin < 0:
+                    begin = start
+                stop = end
+                size += end - start
+                from_lsn = lsn + 1
+            if begin >= 0:
+                out.append(data[begin:stop])
+            if size >= max_bytes or from_lsn > self.end:
+                break
+        return b"".join(out)
 
-        Order: start a new segment (so older segments hold only lsns ≤ snapshot lsn... or
-        fewer), write snap-N.tmp, fsync, rename, fsync the directory, then delete older
-        segments and snapshots. A crash at any step leaves either the old snapshot with all
-        its segments or the new one: never a gap. Blocking: run in a thread."""
+    def truncate_after(self, lsn: int) -> None:
+        """Cut the log back so that ``lsn`` is its last frame (a divergent tail from an old
+        epoch that was never committed). Blocking."""
+        if lsn >= self.end:
+            return
+        if lsn < self.snap_lsn:
+            raise ValueError(f"cannot cut back to {lsn}: the snapshot covers up to "
+                             f"{self.snap_lsn}")
+        self._fh.close()
+        self._fh = None
+        for first, path in self._segments():
+            if first > lsn:
+                path.unlink()   # every frame in it is after lsn
+                continue
+            data = path.read_bytes()
+            for _e, flsn, start, _end in iter_headers(data):
+                if flsn == lsn + 1:
+                    with open(path, "r+b") as fh:
+                        fh.truncate(start)
+                        os.fsync(fh.fileno())
+                    break
+        self.next_lsn = lsn + 1
+        self.runs = [r for r in self.runs if r[1] <= lsn]
+        remaining = self._segments()
+        self._open_segment(remaining[-1][1] if remaining
+                           else self.dir / f"seg-{self.next_lsn:020d}.log")
+        self.bytes_since_snapshot = sum(p.stat().st_size for _, p in self._segments())
+
+    # ------------------------------------------------------------------ compaction
+    def write_snapshot(self, state: dict[str, Any], epoch: int | None = None) -> int:
+        """Write a snapshot of the state as of ``state['lsn']`` (the log's end) and drop what it
+        covers. Returns the snapshot's size. Blocking: run in a thread."""
         lsn = state["lsn"]
-        if lsn != self.next_lsn - 1:
-            raise ValueError(f"snapshot lsn {lsn} is not the log end {self.next_lsn - 1}")
+        if lsn != self.end:
+            raise ValueError(f"snapshot lsn {lsn} is not the log end {self.end}")
+        ep = self.last_epoch if epoch is None else epoch
+        return self.install_snapshot(pack_snapshot(
+            lsn, ep, msgpack.packb(state, use_bin_type=True)))
+
+    def install_snapshot(self, data: bytes) -> int:
+        """Make a snapshot (the bytes of a snapshot file, from this copy or another) the base
+        of the log: frames it covers are dropped; a log that ended before it continues after
+        it. Order: write snap-N.tmp, fsync, rename, fsync the directory, then drop covered
+        segments and older snapshots; a crash at any step leaves the old snapshot with all its
+        segments, or the new one: never a gap. Returns the snapshot's size. Blocking."""
+        lsn, epoch, _ = unpack_snapshot(data)
+        if lsn < self.snap_lsn:
+            raise ValueError(f"snapshot at lsn {lsn} is older than the one held ({self.snap_lsn})")
         self._fh.flush()
         if self.fsync:
             os.fsync(self._fh.fileno())
-        self._open_segment(self.dir / f"seg-{self.next_lsn:020d}.log")
+        old_end = self.end
+        if old_end <= lsn:
+            # every frame held is covered: continue in a fresh segment after the snapshot
+            self.next_lsn = lsn + 1
+            self._open_segment(self.dir / f"seg-{self.next_lsn:020d}.log")
         tmp = self.dir / f"snap-{lsn:020d}.tmp"
         with open(tmp, "wb") as fh:
-            fh.write(msgpack.packb(state, use_bin_type=True))
+            fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if self.fsync:
+                os.fsync(fh.fileno())
         final = self.dir / f"snap-{lsn:020d}.msgpack"
         os.replace(tmp, final)
         _fsync_dir(self.dir)
-        for first, p in self._segments():
-            if first <= lsn:
+        segs = self._segments()
+        for i, (first, p) in enumerate(segs[:-1]):
+            if segs[i + 1][0] <= lsn + 1:   # every frame in it is ≤ lsn
                 p.unlink()
         for s_lsn, p in self._snapshots():
             if s_lsn < lsn:
                 p.unlink()
-        self.bytes_since_snapshot = 0
-        return final.stat().st_size
+        runs = []
+        for i, (ep, first) in enumerate(self.runs):
+            run_end = self.runs[i + 1][1] - 1 if i + 1 < len(self.runs) else old_end
+            if run_end > lsn:
+                runs.append([ep, max(first, lsn + 1)])
+        self.runs = runs
+        self.snap_lsn, self.snap_epoch = lsn, epoch
+        self.bytes_since_snapshot = sum(p.stat().st_size for _, p in self._segments())
+        self.snapshot_bytes = len(data)
+        return len(data)
+
+    def snapshot_file(self) -> bytes | None:
+        """The bytes of the newest snapshot (to install on another copy), if any."""
+        snaps = self._snapshots()
+        return snaps[-1][1].read_bytes() if snaps else None
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())

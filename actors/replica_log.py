@@ -1,0 +1,108 @@
+"""ReplicaLog actor: a dumb, durable, fenced copy of one queue shard's log.
+
+One per shard and copy slot (``replica:<shard>:<slot>``, slots 1..R-1; slot 0 is the leader's
+own copy), placed on another node than the leader and its sibling replicas where the cluster
+has nodes to spare. It never interprets records: it stores frames, compares nothing but epochs
+and lsns, and answers the shard leader. All the rules are in
+:class:`cluster.adapters.copystore.CopyStore` and :mod:`cluster.core.replication`.
+
+Replies are plain lists (no exceptions across Ray): ``["ok", value]`` or
+``["refused", reason, promised epoch, text]`` — a "stale" refusal tells a leader it has been
+superseded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from actors.loop import use_uvloop
+from cluster.adapters.copystore import CopyStore
+from cluster.config import Config
+from cluster.core.replication import Members, Refused
+
+__all__ = ["ReplicaLog", "copy_directory"]
+
+log = logging.getLogger("raymta.replica")
+
+
+def copy_directory(cfg: Config, shard: int, slot: int) -> Path:
+    """Where copy ``slot`` of ``shard`` lives on the node this runs on."""
+    base = Path(cfg.spool.directory)
+    if cfg.spool.per_node:
+        import ray
+        base = base / f"node-{ray.get_runtime_context().get_node_id()[:12]}"
+    return base.resolve() / f"shard-{shard}" / f"copy-{slot}"
+
+
+class ReplicaLog:
+    def __init__(self, config: Config, shard: int, slot: int) -> None:
+        use_uvloop()
+        self.shard, self.slot = shard, slot
+        sc = config.spool
+        self.store = CopyStore(copy_directory(config, shard, slot), slot,
+                               segment_bytes=sc.segment_bytes, fsync=sc.fsync)
+        self.store.recover(decode=False)
+        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="replica")
+        log.info("replica %d:%d at %s: end %d, promised %d", shard, slot, self.store.dir,
+                 self.store.log.end, self.store.fence.promised)
+
+    async def _run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        try:
+            v = await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+        except Refused as r:
+            return r.to_wire()
+        return ["ok", v]
+
+    async def claim(self, epoch: int, leader: str) -> list[Any]:
+        """Promise an epoch; the value is this copy's :class:`CopyInfo` (wire form)."""
+        r = await self._run(self.store.claim, epoch, leader)
+        if r[0] == "ok":
+            r[1] = r[1].to_wire()
+        return r
+
+    async def sync(self, epoch: int, leader: str, keep_to: int, members: list[Any]) -> list[Any]:
+        r = await self._run(self.store.sync, epoch, leader, keep_to, Members.from_wire(members))
+        if r[0] == "ok":
+            r[1] = r[1].to_wire()
+        return r
+
+    async def install(self, epoch: int, leader: str, snapshot: bytes,
+                      members: list[Any]) -> list[Any]:
+        r = await self._run(self.store.install, epoch, leader, snapshot,
+                            Members.from_wire(members))
+        if r[0] == "ok":
+            r[1] = r[1].to_wire()
+        return r
+
+    async def set_members(self, epoch: int, leader: str, members: list[Any]) -> list[Any]:
+        return await self._run(self.store.set_members, epoch, leader, Members.from_wire(members))
+
+    async def append(self, epoch: int, leader: str, first: int, frames: bytes) -> list[Any]:
+        """Durably append frames (fsync'd before the reply); the value is the new end lsn."""
+        return await self._run(self.store.append, epoch, leader, first, frames)
+
+    async def compact(self, epoch: int, leader: str, snapshot: bytes) -> list[Any]:
+        return await self._run(self.store.compact, epoch, leader, snapshot)
+
+    async def read(self, from_lsn: int, max_bytes: int = 8 << 20) -> bytes:
+        """Raw frames (a starting leader adopting this copy's log reads them)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._io, self.store.read, from_lsn, max_bytes)
+
+    async def snapshot_file(self) -> bytes | None:
+        return await asyncio.get_running_loop().run_in_executor(self._io,
+                                                                 self.store.snapshot_file)
+
+    async def stats(self) -> dict[str, Any]:
+        st = await asyncio.get_running_loop().run_in_executor(self._io, self.store.stats)
+        import ray
+        return {**st, "shard": self.shard, "pid": os.getpid(),
+                "node": ray.get_runtime_context().get_node_id()}
+
+    async def ping(self) -> int:
+        return os.getpid()
