@@ -1,13 +1,18 @@
 """QueueCoordinator actor: owns one queue shard — accepted messages, retries, expiry, events.
 
 It never opens a socket. Submissions become log records, written and fsync'd as one group
-commit per batch before the submitter hears "accepted"; the same records, applied to
+commit per batch — on this leader's own copy and on enough ReplicaLog copies that a majority
+of the shard's R copies hold it — before the submitter hears "accepted"; the same records,
+applied to
 :class:`cluster.core.queue.QueueState`, drive the scheduling indexes and the event files.
 A dispatch loop asks SiteThrottle actors how many messages each site may take now and hands
 those to RelayPool actors in batches (one streaming call per relay per round); results come
 back on the same stream and become records in turn.
 
-Restart: Ray re-runs ``__init__``, which replays the snapshot and log from disk. Messages that
+Start and restart (here or on another node): the leader claims a new epoch from a majority of
+the copies, adopts the log that is furthest ahead among them, replays it and commits an epoch
+record before it serves (docs/replication.md). Until then calls wait, and after
+``replication.claim_timeout`` they are answered with the reason it cannot serve. Messages that
 were in flight on the old instance come back as ready and are sent again (at-least-once, the
 duplicates bounded by what was in flight). Callers retry: every mutating call is idempotent
 (submissions carry client-made message ids; a repeated id is answered, not queued again).
@@ -28,8 +33,9 @@ import msgpack
 import ray
 
 from actors.loop import use_uvloop
+from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
-from cluster.adapters.spool import SpoolLog
+from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
 from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.replies import dns_failure
@@ -66,34 +72,34 @@ class _Route:
 class QueueCoordinator:
     def __init__(self, config: Config, shard: int = 0) -> None:
         use_uvloop()
+        from actors.replica_log import copy_directory
         self.cfg = config
         self.shard = shard
         self.ns = config.cluster.namespace
-        base = Path(config.spool.directory).resolve() / f"shard-{shard}"
         sc = config.spool
-        self.log = SpoolLog(base / "log", segment_bytes=sc.segment_bytes, fsync=sc.fsync)
-        self.events = EventLog(base / "events", file_bytes=sc.event_file_bytes,
+        copy_dir = copy_directory(config, shard, 0)
+        # this leader's own copy of the shard's log (slot 0); the others are ReplicaLog actors
+        self.copy = CopyStore(copy_dir, 0, segment_bytes=sc.segment_bytes, fsync=sc.fsync)
+        self.copy.recover(decode=False)
+        self.log = self.copy.log
+        self.events = EventLog(copy_dir.parent / "events", file_bytes=sc.event_file_bytes,
                                files_kept=sc.event_files_kept)
         qc = config.queue
         self.state = q.QueueState(status_cache=qc.status_cache,
                                   idempotency_window=qc.idempotency_window)
-        self.epoch = 1
-        t0 = time.time()
-        snap, records = self.log.recover()
-        if snap is not None:
-            self.state.restore(snap)
-        replay_events = []
-        for _epoch, lsn, rec in records:
-            ev = self.state.apply(rec, lsn)
-            if ev is not None and ev["seq"] > self.events.last_seq:
-                replay_events.append(ev)
-        self.events.write(replay_events)
-        self._drop_orphan_bodies()
-        self.recovered = {"records": len(records), "snapshot_lsn": snap["lsn"] if snap else 0,
-                          "live": len(self.state.messages), "seconds": time.time() - t0,
-                          "events_rewritten": len(replay_events)}
-        log.info("shard %d recovered %s", shard, self.recovered)
+        self.epoch = 0
+        self.recovered: dict[str, Any] = {}
+        self._serving: asyncio.Event | None = None
+        self._not_serving = "starting: claiming the shard from its copies"
+        self._stalled = ""
+        self._fatal = ""
+        self._last_backup = time.time()
+        self._snapshot_size = 0
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
+        rc = config.replication
+        self.repl = Replicator(shard, config.cluster.replicas, self.copy, self._io,
+                               self._replica_handle, tail_bytes=rc.tail_bytes,
+                               batch_bytes=rc.batch_bytes)
         self._pending: list[tuple[list[Any], asyncio.Future | None]] = []
         self._pending_msgs = 0
         self._pending_ids: set[str] = set()
@@ -136,8 +142,81 @@ class QueueCoordinator:
         self._started = True
         self._commit_wake = asyncio.Event()
         self._dispatch_wake = asyncio.Event()
+        self._serving = asyncio.Event()
+        self._spawn(self._startup())
+
+    def _replica_handle(self, slot: int) -> Any:
+        return ray.get_actor(f"replica:{self.shard}:{slot}", namespace=self.ns)
+
+    async def _startup(self) -> None:
+        """Claim the shard, adopt and replay the log, commit an epoch record, then serve."""
+        t0 = time.time()
+        attempt = 0
+        while True:
+            try:
+                claim = await self.repl.establish()
+                break
+            except NoQuorum as e:
+                attempt += 1
+                self._not_serving = f"no quorum: {e}"
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning("shard %d cannot serve yet: %s", self.shard, e)
+                await asyncio.sleep(min(0.25 * attempt, 2.0))
+        self.epoch = claim["epoch"]
+        loop = asyncio.get_running_loop()
+        snap, records = await loop.run_in_executor(self._io, self._replay)
+        self.recovered = {**claim, "records": len(records),
+                          "snapshot_lsn": snap["lsn"] if snap else 0,
+                          "live": len(self.state.messages), "seconds": time.time() - t0}
+        self.repl.start()
         self._spawn(self._commit_loop())
+        # the epoch record: committing it on a quorum commits everything adopted before it
+        fut = loop.create_future()
+        self._enqueue([[q.REC_EPOCH, self.epoch, time.time()]], fut)
+        try:
+            await fut
+        except Exception as e:
+            self._not_serving = f"could not commit the epoch record: {e}"
+            log.error("shard %d: %s", self.shard, self._not_serving)
+            return
+        self.recovered["seconds"] = round(time.time() - t0, 3)
+        log.info("shard %d serving: %s", self.shard, self.recovered)
+        self._not_serving = ""
+        assert self._serving is not None
+        self._serving.set()
         self._spawn(self._dispatch_loop())
+
+    def _replay(self) -> tuple[Any, list[Any]]:
+        """Rebuild the queue and the events from the local copy (blocking, I/O thread)."""
+        self.log.close()
+        snap, records = self.log.recover(decode=True)
+        self.state = q.QueueState(status_cache=self.cfg.queue.status_cache,
+                                  idempotency_window=self.cfg.queue.idempotency_window)
+        if snap is not None:
+            self.state.restore(snap)
+        replay_events = []
+        for _epoch, lsn, rec in records:
+            ev = self.state.apply(rec, lsn)
+            if ev is not None and ev["seq"] > self.events.last_seq:
+                replay_events.append(ev)
+        self.events.write(replay_events)
+        self._drop_orphan_bodies()
+        self._snapshot_size = self.log.snapshot_bytes
+        return snap, records
+
+    async def _until_serving(self) -> None:
+        """Wait until the shard serves; raise with the reason if it does not in time."""
+        self._ensure_started()
+        assert self._serving is not None
+        if self._fatal:
+            raise RuntimeError(f"shard {self.shard}: {self._fatal}")
+        if self._serving.is_set():
+            return
+        try:
+            await asyncio.wait_for(self._serving.wait(), self.cfg.replication.claim_timeout)
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"shard {self.shard} is not serving: "
+                               f"{self._not_serving}") from None
 
     def _handle(self, name: str) -> Any:
         h = self._handles.get(name)
@@ -147,8 +226,9 @@ class QueueCoordinator:
         return h
 
     async def start(self) -> dict[str, Any]:
-        """Start the background loops (also done lazily by every call); returns recovery info."""
-        self._ensure_started()
+        """Start (also done lazily by every call) and wait until the shard serves; returns what
+        the start found (epoch, adopted copy, records replayed)."""
+        await self._until_serving()
         return self.recovered
 
     # ------------------------------------------------------------------ group commit
@@ -159,7 +239,7 @@ class QueueCoordinator:
 
     async def _commit_loop(self) -> None:
         assert self._commit_wake is not None
-        loop = asyncio.get_running_loop()
+        ack_timeout = self.cfg.replication.ack_timeout
         while True:
             await self._commit_wake.wait()
             self._commit_wake.clear()
@@ -170,17 +250,33 @@ class QueueCoordinator:
             batch, self._pending = self._pending, []
             records = [r for recs, _ in batch for r in recs]
             frames, first = self.log.assign(records, self.epoch)
+            last = first + len(records) - 1
             t_commit = time.time()
+            commit = asyncio.ensure_future(self.repl.commit(frames, first, last))
             try:
-                await loop.run_in_executor(self._io, self.log.write, frames, first)
-            except Exception as e:  # disk full, I/O error: nothing of this batch is accepted
-                log.error("spool write failed: %s", e)
-                self.log.next_lsn = first
-                for _, fut in batch:
-                    if fut is not None and not fut.done():
-                        fut.set_exception(RuntimeError(f"spool write failed: {e}"))
-                self._clear_pending_marks(batch)
-                continue
+                try:
+                    await asyncio.wait_for(asyncio.shield(commit), ack_timeout)
+                except asyncio.TimeoutError:
+                    # no quorum in time: tell the submitters (their batch may still commit:
+                    # they retry with the same ids), refuse new submissions fast, and wait
+                    self._stalled = (f"shard {self.shard}: batch at lsn {first} not durable on "
+                                     f"a quorum after {ack_timeout:g}s; copies: " +
+                                     ", ".join(f"{c['name']} {c['state']}"
+                                               for c in self.repl.lag()[1:]))
+                    log.error("%s", self._stalled)
+                    for _, fut in batch:
+                        if fut is not None and not fut.done():
+                            fut.set_exception(RuntimeError(self._stalled))
+                    await commit
+                    log.warning("shard %d: quorum is back after %.1fs", self.shard,
+                                time.time() - t_commit)
+                    self._stalled = ""
+            except Fenced as e:
+                self._die(f"superseded by a newer leader: {e}", batch)
+                return
+            except Exception as e:  # the leader's own disk failed: step down, Ray restarts us
+                self._die(f"spool write failed: {e}", batch)
+                return
             self.counters["commits"] += 1
             self.metrics.commit_seconds.set(time.time() - t_commit, self.metrics.tags)
             evs = []
@@ -201,6 +297,19 @@ class QueueCoordinator:
             self._dispatch_wake.set()
             await self._snapshot_safely()
 
+    def _die(self, why: str, batch: list[tuple[list[Any], Any]]) -> None:
+        """Stop serving for good: fail everything waiting, and end the process so that Ray
+        starts a fresh instance (which claims a new epoch) if this one is still wanted."""
+        self._fatal = why
+        log.critical("shard %d leader stops: %s", self.shard, why)
+        pending = batch + self._pending
+        self._pending = []
+        for _, fut in pending:
+            if fut is not None and not fut.done():
+                fut.set_exception(RuntimeError(f"shard {self.shard}: {why}"))
+        self.repl.stop()
+        asyncio.get_running_loop().call_later(0.2, os._exit, 1)
+
     async def _snapshot_safely(self) -> None:
         try:
             await self._maybe_snapshot()
@@ -211,7 +320,10 @@ class QueueCoordinator:
     async def _maybe_snapshot(self) -> None:
         """Snapshot between commits only: then the state is exactly the log's end."""
         want = self._snapshot_waiters
-        if want or self.log.bytes_since_snapshot > self.cfg.spool.compact_bytes:
+        # compact when the log outgrows both the threshold and twice the last snapshot: the
+        # snapshot (which every replica receives too) then costs at most half the log writes
+        limit = max(self.cfg.spool.compact_bytes, 2 * self._snapshot_size)
+        if want or self.log.bytes_since_snapshot > limit:
             self._snapshot_waiters = []
             try:
                 await self._snapshot()
@@ -237,12 +349,16 @@ class QueueCoordinator:
         snap = self.state.snapshot()
         loop = asyncio.get_running_loop()
         size = await loop.run_in_executor(self._io, self.log.write_snapshot, snap)
+        self._snapshot_size = size
         self.counters["snapshots"] += 1
         log.info("shard %d snapshot at lsn %d: %d bytes", self.shard, snap["lsn"], size)
+        data = await loop.run_in_executor(self._io, self.log.snapshot_file)
+        if data is not None:
+            self._spawn(self.repl.compact(data))
 
     async def compact(self) -> dict[str, Any]:
         """Write a snapshot now and drop the log it covers (operators, tests)."""
-        self._ensure_started()
+        await self._until_serving()
         fut = asyncio.get_running_loop().create_future()
         self._snapshot_waiters.append(fut)
         assert self._commit_wake is not None
@@ -258,8 +374,13 @@ class QueueCoordinator:
         metadata, idempotency_key, not_before, max_age, smtputf8]`` (built by the client).
         A result is ``{"ids": [...]}`` (``"duplicate": True`` when an idempotency key or the
         ids were seen before) or ``{"error": "..."}``."""
-        self._ensure_started()
         items = msgpack.unpackb(payload, raw=False)
+        try:
+            await self._until_serving()
+        except RuntimeError as e:
+            return [{"error": str(e)} for _ in items]
+        if self._stalled:   # no quorum right now: say so at once rather than after a timeout
+            return [{"error": self._stalled} for _ in items]
         now = time.time()
         qc = self.cfg.queue
         results: list[dict[str, Any]] = []
@@ -269,12 +390,20 @@ class QueueCoordinator:
             body_id, body, sender, rcpts, tags, meta, idem, not_before, max_age, utf8 = it
             ids = [r[0] for r in rcpts]
             if idem:
-                prev = self.state.lookup_idempotency(idem, now) or self._pending_idem.get(idem)
+                prev = self.state.lookup_idempotency(idem, now)
                 if prev:
                     results.append({"ids": prev, "duplicate": True})
                     continue
-            if all(i in self.state.messages or i in self.state.finished or i in self._pending_ids
-                   for i in ids):
+                if idem in self._pending_idem:
+                    # the first submission is not durable yet: only its answer may say so
+                    results.append({"error": f"idempotency key {idem!r}: the first submission "
+                                             "with this key is still being committed; retry"})
+                    continue
+            if any(i in self._pending_ids for i in ids):
+                results.append({"error": "these message ids are still being committed by an "
+                                         "earlier call; retry"})
+                continue
+            if all(i in self.state.messages or i in self.state.finished for i in ids):
                 results.append({"ids": ids, "duplicate": True})  # a retried call
                 continue
             live = len(self.state.messages) + self._pending_msgs
@@ -498,7 +627,7 @@ class QueueCoordinator:
 
     async def report(self, payload: bytes) -> None:
         """Results from a relay: ``[[id, outcome, code, enhanced, text, category, host]]``."""
-        self._ensure_started()
+        await self._until_serving()
         self._on_results(msgpack.unpackb(payload, raw=False))
 
     def _on_results(self, results: list[list[Any]]) -> None:
@@ -594,6 +723,10 @@ class QueueCoordinator:
             self._requeue(stale)
         st.prune_idempotency(now)
         self.metrics.set_queue(st.counts())
+        bi = self.cfg.backup.interval
+        if bi and now - self._last_backup > bi:
+            self._last_backup = now
+            self._spawn(self._periodic_backup())
         for d in [d for d, r in self._routes.items() if r.expires_at < now - 60]:
             del self._routes[d]
         for s in [s for s, t in self._site_retry.items() if t < now - 60]:
@@ -601,12 +734,12 @@ class QueueCoordinator:
 
     # ------------------------------------------------------------------ queries and control
     async def status(self, ids: list[str]) -> list[dict[str, Any] | None]:
-        self._ensure_started()
+        await self._until_serving()
         return [self.state.status(i) for i in ids]
 
     async def cancel(self, ids: list[str]) -> list[str]:
         """Cancel queued messages. In-flight ones are cancelled if that attempt fails."""
-        self._ensure_started()
+        await self._until_serving()
         now = time.time()
         out, recs = [], []
         for mid in ids:
@@ -628,12 +761,16 @@ class QueueCoordinator:
         return out
 
     async def events(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
-        self._ensure_started()
+        await self._until_serving()
         return self.events.read(since, limit)
 
     async def stats(self) -> dict[str, Any]:
         self._ensure_started()
         return {"shard": self.shard, "pid": os.getpid(), "epoch": self.epoch,
+                "serving": not self._not_serving and not self._fatal,
+                "not_serving": self._fatal or self._not_serving or self._stalled,
+                "node": ray.get_runtime_context().get_node_id(),
+                "replication": self.repl.lag(),
                 "lsn": self.state.last_lsn, **self.state.counts(), **self.counters,
                 "pending_commit": self._pending_msgs, "recovered": self.recovered,
                 "disk_bytes": self.log.disk_bytes(),
@@ -642,6 +779,89 @@ class QueueCoordinator:
     async def ping(self) -> int:
         self._ensure_started()
         return os.getpid()
+
+    async def replication(self) -> dict[str, Any]:
+        """Each copy of this shard: state, acknowledged lsn, lag in records and seconds."""
+        self._ensure_started()
+        return {"shard": self.shard, "epoch": self.epoch, "lsn": self.repl._end,
+                "committed": self.repl.committed, "members_version": list(
+                    self.repl.members.version), "copies": self.repl.lag(),
+                **self.repl.counters}
+
+    # ------------------------------------------------------------------ backups
+    async def backup(self, write: bool = False) -> Any:
+        """A snapshot of the queue as of now, for ``raymta backup`` (returned as bytes) or,
+        with ``write``, written under the configured backup directory (returns the path)."""
+        await self._until_serving()
+        data = msgpack.packb({"format": "raymta-backup-1", "shard": self.shard,
+                              "shards": self.cfg.queue.shards, "epoch": self.epoch,
+                              "lsn": self.state.last_lsn, "taken_at": time.time(),
+                              "state": self.state.snapshot()}, use_bin_type=True)
+        if not write:
+            return data
+        return await asyncio.get_running_loop().run_in_executor(None, self._write_backup, data)
+
+    def _backup_root(self) -> Path:
+        d = self.cfg.backup.directory
+        return Path(d) if d else Path(self.cfg.spool.directory) / "backups"
+
+    def _write_backup(self, data: bytes) -> str:
+        root = self._backup_root()
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        d = root / stamp
+        d.mkdir(parents=True, exist_ok=True)
+        final = d / f"shard-{self.shard}.msgpack"
+        tmp = d / f".shard-{self.shard}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+        # keep the newest `keep` backups of this shard
+        mine = sorted(root.glob(f"*/shard-{self.shard}.msgpack"))
+        for old in mine[:-self.cfg.backup.keep]:
+            old.unlink(missing_ok=True)
+            try:
+                old.parent.rmdir()
+            except OSError:
+                pass
+        log.info("shard %d backup: %s (%d bytes)", self.shard, final, len(data))
+        return str(final)
+
+    async def _periodic_backup(self) -> None:
+        try:
+            await self.backup(write=True)
+        except Exception:
+            log.exception("shard %d periodic backup failed", self.shard)
+
+    async def restore(self, payload: bytes) -> dict[str, Any]:
+        """Queue messages from a backup: msgpack ``[[body_id, body, [row, ...]], ...]`` with
+        rows as in a snapshot. Ids already known are skipped; attempts and the next attempt
+        time carry over. Returns counts."""
+        await self._until_serving()
+        items = msgpack.unpackb(payload, raw=False)
+        recs: list[Any] = []
+        added = skipped = 0
+        for body_id, body, rows in items:
+            new = [r for r in rows if r[0] not in self.state.messages and
+                   r[0] not in self.state.finished and r[0] not in self._pending_ids]
+            skipped += len(rows) - len(new)
+            if not new:
+                continue
+            recs.append(q.body_record(body_id, body))
+            for (mid, bid, sender, rcpt, domain, created, not_before, expires_at, tags, meta,
+                 idem, utf8, attempts, next_at, *_rest) in new:
+                recs.append(q.accept_record(mid, bid, sender, rcpt, domain, created, not_before,
+                                            expires_at, tags, meta, idem, utf8)
+                            + [attempts, next_at])
+                self._pending_ids.add(mid)
+                self._pending_msgs += 1
+                added += 1
+        if recs:
+            fut = asyncio.get_running_loop().create_future()
+            self._enqueue(recs, fut)
+            await fut
+        return {"shard": self.shard, "restored": added, "skipped": skipped}
 
     async def config(self) -> Config:
         return self.cfg

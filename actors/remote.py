@@ -2,7 +2,13 @@
 
 Actor classes stay plain Python (testable without Ray); this module applies ``ray.remote`` with
 the options every kind needs, and finds or creates actors by their parseable names:
-``coordinator:<shard>``, ``throttle:pool:<k>`` / ``throttle:<site>``, ``relay:<node>:<source>``.
+``coordinator:<shard>``, ``replica:<shard>:<slot>``, ``throttle:pool:<k>`` / ``throttle:<site>``,
+``relay:<node>:<source>``.
+
+Placement: the copies of a shard (its leader is copy 0) go to distinct nodes, in distinct
+regions first (a node's region is its ``region`` label, or a ``region:<name>`` resource), by
+:func:`cluster.core.replication.place_copies`. The affinity is soft: when a node dies, Ray
+restarts its actors elsewhere, and the copy catches up there.
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.coordinator import QueueCoordinator
 from actors.relay_pool import RelayPool
+from actors.replica_log import ReplicaLog
 from actors.site_throttle import SiteThrottle
 from cluster.config import Config, EgressSource
 
-__all__ = ["coordinator_name", "relay_name", "ensure_coordinator", "ensure_throttle",
-           "ensure_relay", "list_relays", "RemoteCoordinator", "RemoteThrottle", "RemoteRelay"]
+__all__ = ["coordinator_name", "replica_name", "relay_name", "ensure_coordinator",
+           "ensure_replica", "ensure_throttle", "ensure_relay", "list_relays", "node_regions",
+           "shard_placement", "RemoteCoordinator", "RemoteReplica", "RemoteThrottle",
+           "RemoteRelay"]
 
 # Every actor is restarted by Ray for ever; calls into a restarting actor wait and are retried
 # (every method is idempotent or harmless to repeat). num_cpus=0: these actors are I/O bound
@@ -29,19 +38,59 @@ _COMMON: dict[str, Any] = dict(num_cpus=0, max_restarts=-1, max_task_retries=-1,
 RemoteCoordinator = ray.remote(**_COMMON)(QueueCoordinator)
 RemoteThrottle = ray.remote(**_COMMON)(SiteThrottle)
 RemoteRelay = ray.remote(**_COMMON)(RelayPool)
+RemoteReplica = ray.remote(**_COMMON)(ReplicaLog)
 
 
 def coordinator_name(shard: int) -> str:
     return f"coordinator:{shard}"
 
 
+def replica_name(shard: int, slot: int) -> str:
+    return f"replica:{shard}:{slot}"
+
+
+def node_regions() -> list[tuple[str, str]]:
+    """``[(node id, region)]`` of the live nodes ("" where a node says nothing)."""
+    out = []
+    for n in ray.nodes():
+        if not n.get("Alive"):
+            continue
+        region = (n.get("Labels") or {}).get("region", "")
+        if not region:
+            region = next((k.split(":", 1)[1] for k in n.get("Resources", {})
+                           if k.startswith("region:")), "")
+        out.append((n["NodeID"], region))
+    return out
+
+
+def shard_placement(cfg: Config, shard: int) -> list[str | None]:
+    from cluster.core.replication import place_copies
+    return place_copies(node_regions(), shard, cfg.cluster.replicas)
+
+
+def _affinity(node: str | None) -> dict[str, Any]:
+    if node is None:
+        return {}
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+
+
+def ensure_replica(cfg: Config, shard: int, slot: int, node: str | None = None, *,
+                   detached: bool = False) -> Any:
+    opts: dict[str, Any] = dict(name=replica_name(shard, slot), namespace=cfg.cluster.namespace,
+                                get_if_exists=True, **_affinity(node))
+    if detached:
+        opts["lifetime"] = "detached"
+    return RemoteReplica.options(**opts).remote(cfg, shard, slot)
+
+
 def relay_name(node_id: str, source: str) -> str:
     return f"relay:{node_id[:12]}:{source}"
 
 
-def ensure_coordinator(cfg: Config, shard: int, *, detached: bool = False) -> Any:
+def ensure_coordinator(cfg: Config, shard: int, node: str | None = None, *,
+                       detached: bool = False) -> Any:
     opts: dict[str, Any] = dict(name=coordinator_name(shard), namespace=cfg.cluster.namespace,
-                                get_if_exists=True)
+                                get_if_exists=True, **_affinity(node))
     if detached:
         opts["lifetime"] = "detached"
     return RemoteCoordinator.options(**opts).remote(cfg, shard)

@@ -136,8 +136,13 @@ class MailCluster:
                 continue
             assert isinstance(p, PreparedMessage)
             groups: dict[int, list[list[str]]] = {}
+            # an idempotency key is remembered by one shard: all the message's ids are made to
+            # hash there (ids stay routable by hash alone; a few extra draws, ~shards each)
+            home = shard_of(p.idempotency_key, shards) if p.idempotency_key else None
             for addr in p.recipients:
                 mid = new_message_id(now)
+                while home is not None and shard_of(mid, shards) != home:
+                    mid = new_message_id(now)
                 groups.setdefault(shard_of(mid, shards), []).append(
                     [mid, str(addr), addr.ascii_domain])
             for shard, rcpts in groups.items():

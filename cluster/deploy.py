@@ -47,7 +47,8 @@ def join_with_token() -> None:
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
     from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
-                               ensure_throttle, relay_name)
+                               ensure_replica, ensure_throttle, relay_name, replica_name,
+                               shard_placement)
     handles: dict[str, Any] = {}
     for k in range(cfg.delivery.throttle_actors):
         name = f"throttle:pool:{k}"
@@ -59,7 +60,12 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
             handles[relay_name(node["NodeID"], src.name)] = ensure_relay(
                 cfg, node["NodeID"], src, detached=detached)
     for shard in range(cfg.queue.shards):
-        handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, detached=detached)
+        nodes = shard_placement(cfg, shard)
+        for slot in range(1, cfg.cluster.replicas):
+            handles[replica_name(shard, slot)] = ensure_replica(cfg, shard, slot, nodes[slot],
+                                                                detached=detached)
+        handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, nodes[0],
+                                                              detached=detached)
     wait_ready(handles)
     return handles
 
@@ -68,6 +74,6 @@ def wait_ready(handles: dict[str, Any], timeout: float = 120.0) -> None:
     refs = {name: h.ping.remote() for name, h in handles.items()}
     for name, ref in refs.items():
         ray.get(ref, timeout=timeout)
-    for name, h in handles.items():
-        if name.startswith("coordinator:"):
-            ray.get(h.start.remote(), timeout=timeout)
+    # every shard leader claims its shard from its copies and replays its log: in parallel
+    ray.get([h.start.remote() for name, h in handles.items()
+             if name.startswith("coordinator:")], timeout=timeout)

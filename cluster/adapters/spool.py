@@ -300,6 +300,7 @@ class SpoolLog:
         self._fh.flush()
         out: list[bytes] = []
         size = 0
+        full = False
         segs = self._segments()
         for i, (_first, path) in enumerate(segs):
             if i + 1 < len(segs) and segs[i + 1][0] <= from_lsn:
@@ -310,6 +311,7 @@ class SpoolLog:
                 if lsn < from_lsn:
                     continue
                 if size and size + (end - start) > max_bytes:
+                    full = True    # stop here: frames of a later segment would leave a gap
                     break
                 if begin < 0:
                     begin = start
@@ -318,7 +320,7 @@ class SpoolLog:
                 from_lsn = lsn + 1
             if begin >= 0:
                 out.append(data[begin:stop])
-            if size >= max_bytes or from_lsn > self.end:
+            if full or size >= max_bytes or from_lsn > self.end:
                 break
         return b"".join(out)
 
@@ -332,7 +334,10 @@ class SpoolLog:
                              f"{self.snap_lsn}")
         self._fh.close()
         self._fh = None
-        for first, path in self._segments():
+        segs = self._segments()
+        # drop whole segments first, newest first, so that a crash at any point leaves a
+        # contiguous log (a prefix of the old one), never a gap between segments
+        for first, path in segs:
             if first > lsn:
                 path.unlink()   # every frame in it is after lsn
                 continue
@@ -374,10 +379,6 @@ class SpoolLog:
         if self.fsync:
             os.fsync(self._fh.fileno())
         old_end = self.end
-        if old_end <= lsn:
-            # every frame held is covered: continue in a fresh segment after the snapshot
-            self.next_lsn = lsn + 1
-            self._open_segment(self.dir / f"seg-{self.next_lsn:020d}.log")
         tmp = self.dir / f"snap-{lsn:020d}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(data)
@@ -387,6 +388,12 @@ class SpoolLog:
         final = self.dir / f"snap-{lsn:020d}.msgpack"
         os.replace(tmp, final)
         _fsync_dir(self.dir)
+        if old_end <= lsn:
+            # every frame held is covered: continue in a fresh segment after the snapshot
+            # (only once the snapshot is durable: opened before, a crash would leave an empty
+            # seg-<lsn+1> that the old log, recovered, appends lsns <= lsn to)
+            self.next_lsn = lsn + 1
+            self._open_segment(self.dir / f"seg-{self.next_lsn:020d}.log")
         segs = self._segments()
         for i, (first, p) in enumerate(segs[:-1]):
             if segs[i + 1][0] <= lsn + 1:   # every frame in it is ≤ lsn

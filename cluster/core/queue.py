@@ -18,7 +18,9 @@ Record layout (msgpack arrays, first element the type):
 ``d``     delivered: [d, id, attempt, code, text, site, ts]
 ``f``     final:     [f, id, attempt, kind, code, enhanced, text, site, category, ts]
                      kind: "bounce" | "expired" | "cancelled"
+``e``     epoch:     [e, epoch, ts] — a new shard leader's first record (no queue change)
 ========  ===================================================================================
+An accept record restored from a backup carries two more fields, ``attempts, next_at``.
 A message state machine: accepted → (ready | deferred) → inflight → delivered | transient
 (→ deferred) | bounced; any live, not inflight message → expired | cancelled.
 """
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 __all__ = [
-    "REC_BODY", "REC_ACCEPT", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
+    "REC_BODY", "REC_ACCEPT", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL", "REC_EPOCH",
     "QueuedMessage", "QueueState", "StateError",
     "accept_record", "body_record", "transient_record", "delivered_record", "final_record",
 ]
@@ -41,6 +43,7 @@ REC_ACCEPT = "a"
 REC_TRANSIENT = "t"
 REC_DELIVERED = "d"
 REC_FINAL = "f"
+REC_EPOCH = "e"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -90,9 +93,11 @@ class QueuedMessage:
     def __init__(self, rec: list[Any]) -> None:
         (_, self.id, self.body_id, self.sender, self.rcpt, self.domain, self.created,
          self.not_before, self.expires_at, self.tags, self.metadata, self.idempotency_key,
-         self.smtputf8) = rec
+         self.smtputf8) = rec[:13]
         self.attempts = 0
         self.next_at: float = self.not_before or 0.0
+        if len(rec) > 13:   # restored from a backup: where the message had got to
+            self.attempts, self.next_at = int(rec[13]), float(rec[14])
         self.state = QUEUED
         self.last_code: int | None = None
         self.last_text = ""
@@ -155,6 +160,8 @@ class QueueState:
             raise StateError(f"record lsn {lsn} not after {self.last_lsn}")
         self.last_lsn = lsn
         kind = rec[0]
+        if kind == REC_EPOCH:
+            return None
         if kind == REC_BODY:
             _, body_id, data = rec
             if body_id not in self.bodies:
@@ -215,8 +222,8 @@ class QueueState:
             else:
                 ent[1].append(m.id)
         heapq.heappush(self._expiry, (m.expires_at, m.id))
-        if m.not_before and m.not_before > m.created:
-            self._defer(m, m.not_before)
+        if m.attempts > 0 or (m.not_before and m.not_before > m.created):
+            self._defer(m, m.next_at)
         else:
             self._make_ready(m)
         self.counters["accepted"] += 1

@@ -90,7 +90,9 @@ def agreement(leader: LogShape, copy: LogShape) -> int | None:
     """The highest lsn up to which ``copy`` holds exactly the leader's frames.
 
     The copy keeps its frames up to that lsn and gets the leader's after it. ``None``: the copy
-    ends before the leader's snapshot, so it needs the snapshot installed first.
+    ends before the leader's snapshot, or its frame at the leader's snapshot lsn is not the
+    leader's (an uncommitted tail of an old epoch reaching under that snapshot), so it needs
+    the snapshot installed first.
 
     Relies on two invariants the protocol keeps: one leader per epoch writes each lsn once
     (so equal epochs at an lsn mean equal frames up to it), and a snapshot covers committed
@@ -112,6 +114,10 @@ def agreement(leader: LogShape, copy: LogShape) -> int | None:
         a, b = leader.epoch_at(start), copy.epoch_at(start)
         if a is not None and a == b:
             return nxt - 1
+    if lo > copy.snap_lsn and copy.epoch_at(lo) != leader.snap_epoch:
+        # lo is the leader's snapshot and the copy's own frame there is another epoch's: the
+        # frames under that snapshot can't be compared, so the copy takes the snapshot
+        return None
     return lo
 
 
