@@ -337,9 +337,12 @@ class SpoolLog:
         segs = self._segments()
         # drop whole segments first, newest first, so that a crash at any point leaves a
         # contiguous log (a prefix of the old one), never a gap between segments
-        for first, path in segs:
+        for first, path in reversed(segs):
             if first > lsn:
                 path.unlink()   # every frame in it is after lsn
+        _fsync_dir(self.dir)
+        for first, path in segs:
+            if first > lsn:
                 continue
             data = path.read_bytes()
             for _e, flsn, start, _end in iter_headers(data):
