@@ -116,6 +116,9 @@ def ensure_relay(cfg: Config, node_id: str, source: EgressSource, *,
 
 
 def list_relays(namespace: str) -> list[str]:
+    """Relay pools on live nodes (a relay is pinned to its node: on a dead node it is gone)."""
+    alive = {n["NodeID"][:12] for n in ray.nodes() if n.get("Alive")}
     names = ray.util.list_named_actors(all_namespaces=True)
     return sorted(a["name"] for a in names
-                  if a.get("namespace") == namespace and a["name"].startswith("relay:"))
+                  if a.get("namespace") == namespace and a["name"].startswith("relay:")
+                  and a["name"].split(":")[1] in alive)
