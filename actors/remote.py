@@ -68,16 +68,23 @@ def shard_placement(cfg: Config, shard: int) -> list[str | None]:
     return place_copies(node_regions(), shard, cfg.cluster.replicas)
 
 
-def _affinity(node: str | None) -> dict[str, Any]:
+def _affinity(node: str | None, siblings: list[str | None] = ()) -> dict[str, Any]:
+    """Run on ``node``; if it is gone (now or at a restart), on a node without a sibling copy
+    of the same shard, else anywhere. (Ray's soft NodeAffinity does not hold actors with
+    num_cpus=0 to the node; a label selector with fallbacks does.)"""
     if node is None:
         return {}
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=True)}
+    others = sorted({n for n in siblings if n and n != node} | {node})
+    return {"label_selector": {"ray.io/node-id": node},
+            "fallback_strategy": [
+                {"label_selector": {"ray.io/node-id": f"!in({','.join(others)})"}},
+                {"label_selector": {"ray.io/node-id": f"!in({node})"}}]}
 
 
-def ensure_replica(cfg: Config, shard: int, slot: int, node: str | None = None, *,
-                   detached: bool = False) -> Any:
+def ensure_replica(cfg: Config, shard: int, slot: int, node: str | None = None,
+                   siblings: list[str | None] = (), *, detached: bool = False) -> Any:
     opts: dict[str, Any] = dict(name=replica_name(shard, slot), namespace=cfg.cluster.namespace,
-                                get_if_exists=True, **_affinity(node))
+                                get_if_exists=True, **_affinity(node, siblings))
     if detached:
         opts["lifetime"] = "detached"
     return RemoteReplica.options(**opts).remote(cfg, shard, slot)
@@ -87,10 +94,10 @@ def relay_name(node_id: str, source: str) -> str:
     return f"relay:{node_id[:12]}:{source}"
 
 
-def ensure_coordinator(cfg: Config, shard: int, node: str | None = None, *,
-                       detached: bool = False) -> Any:
+def ensure_coordinator(cfg: Config, shard: int, node: str | None = None,
+                       siblings: list[str | None] = (), *, detached: bool = False) -> Any:
     opts: dict[str, Any] = dict(name=coordinator_name(shard), namespace=cfg.cluster.namespace,
-                                get_if_exists=True, **_affinity(node))
+                                get_if_exists=True, **_affinity(node, siblings))
     if detached:
         opts["lifetime"] = "detached"
     return RemoteCoordinator.options(**opts).remote(cfg, shard)

@@ -62,9 +62,9 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     for shard in range(cfg.queue.shards):
         nodes = shard_placement(cfg, shard)
         for slot in range(1, cfg.cluster.replicas):
-            handles[replica_name(shard, slot)] = ensure_replica(cfg, shard, slot, nodes[slot],
-                                                                detached=detached)
-        handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, nodes[0],
+            handles[replica_name(shard, slot)] = ensure_replica(
+                cfg, shard, slot, nodes[slot], nodes, detached=detached)
+        handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, nodes[0], nodes,
                                                               detached=detached)
     wait_ready(handles)
     return handles
