@@ -262,6 +262,42 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replicas(args: argparse.Namespace) -> int:
+    """Each shard's copies: state, acknowledged lsn, lag in records and seconds."""
+    mc = _attach(args.address, args.config)
+    reps = mc.replication()
+    if args.json:
+        print(json.dumps(reps, indent=1))
+        return 0
+    print(f"{'copy':<16} {'state':<12} {'member':<6} {'acked lsn':>10} {'lag rec':>8} "
+          f"{'lag s':>7}  note")
+    for rep in reps:
+        print(f"shard {rep['shard']}: epoch {rep['epoch']}, log end {rep['lsn']}, committed "
+              f"{rep['committed']}, membership v{rep['members_version']}")
+        for c in rep["copies"]:
+            print(f"  {c['name']:<14} {c['state']:<12} {'yes' if c['member'] else 'no':<6} "
+                  f"{c['acked']:>10} {c['lag_records']:>8} {c['lag_seconds']:>7.2f}  "
+                  f"{c.get('error', '')[:80]}")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    res = mc.backup(args.out)
+    print(f"backed up {res['messages']} queued messages ({res['bytes']} bytes) of "
+          f"{len(res['files'])} shards to {res['directory']}")
+    print(f"restore with: raymta restore {res['directory']}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    res = mc.restore(args.dir)
+    print(f"restored {res['restored']} messages from {res['files']} shard files "
+          f"({res['skipped']} already queued here were skipped)")
+    return 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     mc = _attach(args.address, args.config)
     cursor: dict[int, int] = {}
@@ -341,6 +377,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=2525)
     p.set_defaults(fn=cmd_listen)
+    p = sub.add_parser("replicas", help="each shard's copies: state and replication lag")
+    common(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_replicas)
+    p = sub.add_parser("backup", help="snapshot every shard's queue into a directory")
+    common(p)
+    p.add_argument("out", nargs="?", default="./raymta-backups",
+                   help="directory (a time-stamped sub-directory is made in it)")
+    p.set_defaults(fn=cmd_backup)
+    p = sub.add_parser("restore", help="queue a backup's messages into an empty cluster")
+    common(p)
+    p.add_argument("dir", help="a backup directory (holding shard-<n>.msgpack files)")
+    p.set_defaults(fn=cmd_restore)
     p = sub.add_parser("bench", help="raymta vs Postfix vs the physical limit (bench/run_all.py)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="passed on, e.g. --messages 20000 --rounds 3")
