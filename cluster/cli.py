@@ -252,7 +252,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in st.items()}, indent=1))
     for s in shards:
         print(f"shard {s['shard']}: live={s['live']} ready={s['ready']} "
-              f"inflight={s['inflight']} deferred={s['deferred']} lsn={s['lsn']}")
+              f"inflight={s['inflight']} deferred={s['deferred']} lsn={s['lsn']} "
+              f"epoch={s['epoch']} " + ("serving" if s["serving"] else
+                                       f"NOT SERVING: {s['not_serving']}"))
+        for c in s["replication"][1:]:
+            if c["state"] != "streaming" or c["lag_seconds"] > 1:
+                print(f"  {c['name']}: {c['state']}, {c['lag_records']} records / "
+                      f"{c['lag_seconds']}s behind {c.get('error', '')}")
     ns = mc.cfg.cluster.namespace
     for a in sorted(ray.util.list_named_actors(all_namespaces=True), key=lambda a: a["name"]):
         if a["namespace"] != ns or a["name"].split(":")[0] not in ("throttle", "relay"):
