@@ -66,3 +66,16 @@ def test_backoff_pauses_grants_and_doubles():
     assert b.back_off("s", 5.0) == 11.0          # same burst of complaints counts once
     assert b.back_off("s", 12.0) == 32.0         # 20 s
     assert b.back_off("s", 40.0) == 65.0         # capped at 25 s
+
+
+def test_a_shard_that_stops_reporting_does_not_hold_the_others_back():
+    # shard 0 filled the site, then its messages finished and it had nothing more to ask for:
+    # its last report (300 in flight) must not keep shard 1 at zero for ever
+    lim = SiteLimits(rates=(RateSpec.parse("100000/s"),), max_connections=6)
+    b = ThrottleBook(report_ttl=5.0)
+    assert b.grant(0, "s", lim, ready=1000, inflight=0, now=100.0).count == max_inflight(lim)
+    assert b.grant(1, "s", lim, ready=50, inflight=0, now=101.0).count == 0   # full, truly
+    assert b.grant(1, "s", lim, ready=50, inflight=0, now=104.9).count == 0   # still recent
+    g = b.grant(1, "s", lim, ready=50, inflight=0, now=105.5)                 # shard 0 went quiet
+    assert g.count == 50
+    assert b.snapshot(105.5)["s"]["inflight"] == 50

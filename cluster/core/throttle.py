@@ -5,6 +5,8 @@ A SiteThrottle actor holds one :class:`ThrottleBook` and does the I/O around it.
 (``now`` is an argument), no Ray, no sockets. Everything here is *soft* state: after a restart
 the book starts empty, relays re-register the connections they hold (:meth:`renew`), and
 coordinators report their absolute in-flight counts with every grant request, so nothing leaks.
+A shard that stops asking (nothing more ready for the site) stops reporting: its last count is
+forgotten after ``report_ttl``, so it can never hold the other shards back for good.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Grant:
 class SiteBook:
     limits: SiteLimits
     limiter: MultiLimiter
-    inflight: dict[int, int] = field(default_factory=dict)          # shard → messages
+    inflight: dict[int, tuple[int, float]] = field(default_factory=dict)  # shard → (n, reported)
     leases: dict[int, tuple[str, str, float]] = field(default_factory=dict)  # id → pool, inc, exp
     backoff_until: float = 0.0
     backoff_level: int = 0
@@ -46,8 +48,10 @@ class SiteBook:
 
 class ThrottleBook:
     def __init__(self, *, lease_ttl: float = 20.0, backoff: float = 30.0,
-                 backoff_max: float = 600.0, idle_forget: float = 3600.0) -> None:
+                 backoff_max: float = 600.0, idle_forget: float = 3600.0,
+                 report_ttl: float = 5.0) -> None:
         self.sites: dict[str, SiteBook] = {}
+        self.report_ttl = report_ttl
         self.lease_ttl = lease_ttl
         self.backoff = backoff
         self.backoff_max = backoff_max
@@ -71,18 +75,24 @@ class ThrottleBook:
               now: float) -> Grant:
         """How many of ``ready`` messages shard may hand to relays for ``site`` right now."""
         b = self._site(site, limits, now)
-        b.inflight[shard] = inflight
+        b.inflight[shard] = (inflight, now)
         if now < b.backoff_until:
             return Grant(0, b.backoff_until)
-        room = max_inflight(limits) - sum(b.inflight.values())
+        room = max_inflight(limits) - self.site_inflight(b, now)
         want = min(ready, room)
         if want <= 0:
             return Grant(0, 0.0)  # results will free room; ask again next round
         n = b.limiter.take(now, want)
         b.granted += n
-        b.inflight[shard] = inflight + n
+        b.inflight[shard] = (inflight + n, now)
         retry = 0.0 if n == want else now + max(b.limiter.wait_time(now), 0.001)
         return Grant(n, retry)
+
+    def site_inflight(self, b: SiteBook, now: float) -> int:
+        """Messages out at relays for the site, by the shards' recent reports."""
+        for shard in [s for s, (_, t) in b.inflight.items() if now - t > self.report_ttl]:
+            del b.inflight[shard]
+        return sum(n for n, _ in b.inflight.values())
 
     # ------------------------------------------------------------------ connection leases
     def _expire_leases(self, b: SiteBook, now: float) -> None:
@@ -160,7 +170,7 @@ class ThrottleBook:
         """Drop books of sites unused for a long time (bounded memory for the long tail)."""
         idle = [s for s, b in self.sites.items()
                 if now - b.last_used > self.idle_forget and not b.leases
-                and not any(b.inflight.values())]
+                and not self.site_inflight(b, now)]
         for s in idle:
             del self.sites[s]
         return len(idle)
@@ -169,7 +179,7 @@ class ThrottleBook:
         out = {}
         for s, b in self.sites.items():
             self._expire_leases(b, now)
-            out[s] = {"connections": len(b.leases), "inflight": sum(b.inflight.values()),
+            out[s] = {"connections": len(b.leases), "inflight": self.site_inflight(b, now),
                       "granted": b.granted,
                       "backoff_remaining": max(0.0, b.backoff_until - now),
                       "max_connections": b.limits.max_connections,
