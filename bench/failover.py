@@ -651,6 +651,13 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
         t_claimed = t0 + new_epoch_seen if new_epoch_seen is not None else None
         early = [r for r in dup_rcpts if r in shard_rcpt and t_claimed is not None
                  and all_at[r][0] < t_claimed]
+        # when the first copy of each killed-shard duplicate arrived: before the kill (its
+        # result died with the old leader), while the leader was down (its result was sent to
+        # the restarting leader), or after the new leader had its epoch
+        dup_first = collections.Counter(
+            "before kill" if all_at[r][0] < t_kill else
+            "kill -> new epoch" if t_claimed is None or all_at[r][0] < t_claimed else
+            "after new epoch" for r in dup_rcpts if r in shard_rcpt)
         # the killed shard's backlog at the kill: acked before it, not received before it;
         # those received before the new leader even had its epoch were out at relays
         backlog = [r for r in shard_rcpt if acked_rcpt[r][0] < t_kill
@@ -706,6 +713,7 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
             "duplicates_killed_shard": dup_killed,
             "duplicates_other_shard": dups - dup_killed,
             "duplicates_first_copy_before_new_epoch": len(early),
+            "killed_shard_duplicates_by_first_copy": dict(dup_first),
             "killed_shard_backlog_at_kill": len(backlog),
             "killed_shard_received_before_new_epoch": inflight_min,
             "duplicate_arrivals_s": {r: [round(x - t_kill, 3) for x in all_at[r]]
@@ -798,8 +806,10 @@ def print_table(results: list[dict[str, Any]]) -> None:
             ("  LOST", f"{r['lost']}"),
             ("  duplicates", f"{r['duplicates']}: killed shard {r['duplicates_killed_shard']}"
                              f", other shard {r['duplicates_other_shard']}; of resubmitted "
-                             f"messages {r['duplicates_of_resubmitted']}; first copy before "
-                             f"the new epoch {r['duplicates_first_copy_before_new_epoch']}"),
+                             f"messages {r['duplicates_of_resubmitted']}"),
+            ("  killed-shard dups' 1st copy", ", ".join(
+                f"{k} {v}" for k, v in r["killed_shard_duplicates_by_first_copy"].items())
+             or "-"),
             ("  killed shard at kill", f"backlog {r['killed_shard_backlog_at_kill']:,} (acked, "
                                        f"not yet received), of which "
                                        f"{r['killed_shard_received_before_new_epoch']:,} "

@@ -139,13 +139,17 @@ def _non_head(cluster: Any) -> dict[str, Any]:
 
 
 def _replace_node(regions: dict[str, Any], node: Any) -> None:
-    """Remove a node abruptly, add a fresh one in its region, redeploy (relay for it)."""
+    """Add a fresh node in the region of ``node``, then remove ``node`` abruptly (as an
+    autoscaler replacing a failed machine would), and redeploy (a relay for the new node).
+    The new node is up first, so the lost node's actors restart on a node without a sibling
+    copy: with no spare node, two copies of a shard would share a node until moved."""
     from cluster.deploy import deploy
     cluster = regions["cluster"]
     region = next((n["Labels"].get("region", "") for n in ray.nodes()
                    if n["NodeID"] == node.node_id), "")
-    cluster.remove_node(node, allow_graceful=False)
     cluster.add_node(num_cpus=1, labels={"region": region})
+    cluster.wait_for_nodes()
+    cluster.remove_node(node, allow_graceful=False)
     # keep the handles that created the actors: for non-detached actors they are what keeps
     # them alive (the ones deploy returns for actors that exist already are not)
     for name, h in deploy(regions["cfg"]).items():
@@ -227,9 +231,13 @@ def test_leader_node_removed_restarts_elsewhere_and_recovers(regions):
 def test_replica_node_removed_writes_go_on_and_replacement_catches_up(regions):
     mc, sinks, cluster = regions["mc"], regions["sinks"], regions["cluster"]
     workers = _non_head(cluster)
-    # a replica on a worker node (that node may also hold the other shard's leader)
-    shard, slot = next((s, k) for s in range(2) for k in (1, 2)
-                       if _node_of(mc, f"replica:{s}:{k}") in workers)
+    # a replica on a worker node (that node may also hold the other shard's leader); every
+    # shard keeps its three copies on three nodes, so one node's loss costs each one copy
+    where = {(s, k): _node_of(mc, f"replica:{s}:{k}" if k else f"coordinator:{s}")
+             for s in range(2) for k in range(3)}
+    for s in range(2):
+        assert len({where[(s, k)] for k in range(3)}) == 3, where
+    shard, slot = next((s, k) for s in range(2) for k in (1, 2) if where[(s, k)] in workers)
     victim_id = _node_of(mc, f"replica:{shard}:{slot}")
     old = next(c for c in _copies(mc, shard) if c["slot"] == slot)
     msgs = _messages("rn", 3000, regions["domains"])
