@@ -73,7 +73,13 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
 def wait_ready(handles: dict[str, Any], timeout: float = 120.0) -> None:
     refs = {name: h.ping.remote() for name, h in handles.items()}
     for name, ref in refs.items():
-        ray.get(ref, timeout=timeout)
+        try:
+            ray.get(ref, timeout=timeout)
+        except ray.exceptions.ActorUnschedulableError:
+            if not name.startswith("relay:"):
+                raise
+            # a relay for a node that died while we deployed: it has nowhere to run
+            ray.kill(handles.pop(name), no_restart=True)
     # every shard leader claims its shard from its copies and replays its log: in parallel
     ray.get([h.start.remote() for name, h in handles.items()
              if name.startswith("coordinator:")], timeout=timeout)

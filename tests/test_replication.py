@@ -150,6 +150,8 @@ def _replace_node(regions: dict[str, Any], node: Any) -> None:
     cluster.add_node(num_cpus=1, labels={"region": region})
     cluster.wait_for_nodes()
     cluster.remove_node(node, allow_graceful=False)
+    wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == node.node_id),
+             60, "Ray to see the removed node dead")
     # keep the handles that created the actors: for non-detached actors they are what keeps
     # them alive (the ones deploy returns for actors that exist already are not)
     for name, h in deploy(regions["cfg"]).items():
