@@ -16,8 +16,9 @@ deliveries flowing, the leader of a shard dies:
   the same region and raymta is redeployed (a relay for it; the leader restarts on another node,
   with an empty local copy, and adopts a replica's log).
 
-Measured from the kill: the first acknowledged submission for the killed shard, deliveries of
-that shard resuming, every acknowledged recipient received (lost must be 0) and duplicates;
+Measured from the kill: the first acknowledged submission for the killed shard (two probe
+threads submit one message per call from the kill on, so a call is waiting on the new leader
+when it starts serving), deliveries of that shard resuming, every acknowledged recipient received (lost must be 0) and duplicates;
 replication lag before the kill (steady full load) and overall.
 
     python bench/failover.py [--messages 20000] [--scenario both] [--timeout 300]
@@ -78,12 +79,12 @@ RESUME_NOTE = (
     "wait behind the shard's backlog; 'stall end' (end of the longest pause in the killed "
     "shard's deliveries after the kill) is shown too.")
 ACK_NOTE = (
-    "first ack = the first answer in which the killed shard accepted messages, at least "
-    f"{NEW_LEADER_GUARD:g} s after the kill (so from the new leader: the old one is dead by "
-    "then), counting batches that were in flight at the kill and that Ray retried on the "
-    "restarted leader; 'new batch' = the first such batch SENT after the kill (a sender "
-    "whose calls were all stuck sees this); 'reachable' = the restarted leader answered the "
-    "sampler (Ray's restart done; claim, replay and the epoch record still to come).")
+    "first ack = end of the first submit call SENT after the kill that the killed shard "
+    "accepted (only the new leader can have answered it). From the kill on, two probe threads "
+    "submit one message per call besides the batches of 100: a call on the killed shard waits "
+    "for the new leader, so the probe times the failover to within one small commit. "
+    "'reachable' = the restarted leader answered the sampler (Ray's restart done; claim, "
+    "replay and the epoch record still to come).")
 
 
 # ====================================================================== what the sink received
@@ -231,6 +232,8 @@ class Batch:
     shards: dict[int, int]
     #: an exception (nothing known accepted) or the first refusal's text
     error: str | None = None
+    #: a one-message call of the probe started at the kill
+    probe: bool = False
 
 
 class Submitter:
@@ -258,6 +261,8 @@ class Submitter:
         self.batches: list[Batch] = []
         self.crashed: list[str] = []
         self.deadline = float("inf")
+        #: messages from this index on wait for :meth:`release` (kept for after the kill)
+        self.limit = len(messages)
         self._stop = threading.Event()
         self._pool: list[threading.Thread] = []
 
@@ -280,69 +285,104 @@ class Submitter:
     def done(self) -> bool:
         return len(self.acked) == len(self.messages)
 
-    def _take(self) -> list[int]:
+    def _take(self, n: int) -> list[int]:
         with self.lock:
             out: list[int] = []
-            while len(out) < self.batch and self.retry:
+            while len(out) < n and self.retry:
                 out.append(self.retry.popleft())
-            while len(out) < self.batch and self.todo:
+            while len(out) < n and self.todo and self.todo[0] < self.limit:
                 out.append(self.todo.popleft())
             if out:
                 self.inflight += 1
             return out
 
+    def hold_from(self, index: int) -> None:
+        self.limit = index
+
+    def release(self) -> None:
+        self.limit = len(self.messages)
+
+    def _finished(self) -> bool:
+        with self.lock:
+            return not self.inflight and not self.retry and not self.todo
+
     def _worker(self) -> None:
-        from cluster.client import shard_of
         while not self._stop.is_set() and time.time() < self.deadline:
-            idx = self._take()
+            idx = self._take(self.batch)
             if not idx:
-                with self.lock:
-                    if not self.inflight and not self.retry and not self.todo:
-                        return
+                if self._finished():
+                    return
                 time.sleep(0.05)
                 continue
-            t_sent = time.time()
+            self._submit(idx)
+
+    def probe(self, shard: int, threads: int = 2) -> None:
+        """From now on, ``threads`` more threads submit ONE message per call until one of them
+        is accepted by ``shard``. A call that lands on a shard whose leader is down waits for
+        the new leader, so its answer times the failover to within one small commit (the
+        batches of 100 in flight at the kill can only say when the whole batch was answered,
+        and part of it may have been answered by the old leader before the kill)."""
+        hit = threading.Event()
+
+        def run() -> None:
+            while not (hit.is_set() or self._stop.is_set()) and time.time() < self.deadline:
+                idx = self._take(1)
+                if not idx:
+                    return
+                if self._submit(idx, probe=True).get(shard):
+                    hit.set()
+
+        for k in range(threads):
+            t = threading.Thread(target=run, name=f"failover-probe-{k}", daemon=True)
+            t.start()
+            self._pool.append(t)
+
+    def _submit(self, idx: list[int], probe: bool = False) -> dict[int, int]:
+        """One submit call for these messages; returns accepted ids per shard."""
+        from cluster.client import shard_of
+        per_shard: collections.Counter[int] = collections.Counter()
+        t_sent = time.time()
+        try:
             try:
-                try:
-                    res = self.mc.submit([self.messages[i] for i in idx],
-                                         timeout=self.call_timeout)
-                except Exception as e:  # noqa: BLE001 - a sender retries the whole batch
-                    err = f"{type(e).__name__}: {e}"[:300]
-                    with self.lock:
-                        self.batches.append(Batch(t_sent, time.time(), len(idx), 0, {}, err))
-                        self.errors[err] += 1
-                        for i in idx:
-                            self.refusals[i] += 1
-                        self.retry.extend(idx)
-                    time.sleep(0.25)
-                    continue
-                t_done = time.time()
-                per_shard: collections.Counter[int] = collections.Counter()
-                first_err = None
+                res = self.mc.submit([self.messages[i] for i in idx],
+                                     timeout=self.call_timeout)
+            except Exception as e:  # noqa: BLE001 - a sender retries the whole batch
+                err = f"{type(e).__name__}: {e}"[:300]
                 with self.lock:
-                    for i, r in zip(idx, res):
-                        if r.accepted:
-                            mid = r.ids[0]
-                            s = shard_of(mid, SHARDS)
-                            per_shard[s] += 1
-                            self.acked[i] = (t_done, mid, s, t_sent)
-                        else:
-                            self.refusals[i] += 1
-                            self.retry.append(i)
-                            self.errors[str(r.error)[:300]] += 1
-                            first_err = first_err or str(r.error)[:300]
-                    self.batches.append(Batch(t_sent, t_done, len(idx), sum(per_shard.values()),
-                                              dict(per_shard), first_err))
-                if first_err:
-                    time.sleep(0.25)   # back off a little, as a sender would
-            except Exception:  # noqa: BLE001 - never lose the batch to a bug here
-                with self.lock:
-                    self.crashed.append(traceback.format_exc()[-1500:])
-                    self.retry.extend(i for i in idx if i not in self.acked)
+                    self.batches.append(Batch(t_sent, time.time(), len(idx), 0, {}, err, probe))
+                    self.errors[err] += 1
+                    for i in idx:
+                        self.refusals[i] += 1
+                    self.retry.extend(idx)
                 time.sleep(0.25)
-            finally:
-                with self.lock:
-                    self.inflight -= 1
+                return {}
+            t_done = time.time()
+            first_err = None
+            with self.lock:
+                for i, r in zip(idx, res):
+                    if r.accepted:
+                        mid = r.ids[0]
+                        s = shard_of(mid, SHARDS)
+                        per_shard[s] += 1
+                        self.acked[i] = (t_done, mid, s, t_sent)
+                    else:
+                        self.refusals[i] += 1
+                        self.retry.append(i)
+                        self.errors[str(r.error)[:300]] += 1
+                        first_err = first_err or str(r.error)[:300]
+                self.batches.append(Batch(t_sent, t_done, len(idx), sum(per_shard.values()),
+                                          dict(per_shard), first_err, probe))
+            if first_err:
+                time.sleep(0.25)   # back off a little, as a sender would
+        except Exception:  # noqa: BLE001 - never lose the batch to a bug here
+            with self.lock:
+                self.crashed.append(traceback.format_exc()[-1500:])
+                self.retry.extend(i for i in idx if i not in self.acked)
+            time.sleep(0.25)
+        finally:
+            with self.lock:
+                self.inflight -= 1
+        return dict(per_shard)
 
 
 # ====================================================================== sampling
@@ -444,6 +484,49 @@ def _stats(h: Any, timeout: float = 60.0) -> dict[str, Any]:
     return ray.get(h.stats.remote(), timeout=timeout)
 
 
+def _start_cluster(attempts: int = 2) -> Any:
+    """Three raylets, one per region, health checks tuned. On a busy machine a raylet can
+    time out while starting: then everything started is stopped and it is tried once more."""
+    from ray.cluster_utils import Cluster
+    for attempt in range(1, attempts + 1):
+        cluster = None
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={
+                "num_cpus": 1, "include_dashboard": False, "labels": {"region": HEAD_REGION},
+                "_system_config": HEALTH})
+            for region in WORKER_REGIONS:
+                cluster.add_node(num_cpus=1, labels={"region": region})
+            cluster.wait_for_nodes()
+            return cluster
+        except Exception as e:  # noqa: BLE001 - Ray raises plain Exception here
+            if cluster is not None:
+                try:
+                    cluster.shutdown()
+                except Exception:  # noqa: BLE001 - best effort before the retry
+                    pass
+            if attempt == attempts:
+                raise
+            print(f"the Ray cluster did not start ({type(e).__name__}: {e}); trying again",
+                  file=sys.stderr, flush=True)
+            time.sleep(5.0)
+    raise AssertionError("unreachable")
+
+
+def _totals(mc: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """``MailCluster.stats()``'s totals, bounded in time ({} when a shard does not answer)."""
+    import ray
+    try:
+        per = ray.get([h.stats.remote() for h in mc.coordinators], timeout=timeout)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
+        return {}
+    total: dict[str, Any] = {}
+    for st in per:
+        for k, v in st.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                total[k] = total.get(k, 0) + v
+    return total
+
+
 def _placement(handles: dict[str, Any]) -> dict[str, str]:
     """``{actor: "region/node"}`` for every copy of every shard."""
     import ray
@@ -470,7 +553,6 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
                  ) -> dict[str, Any]:
     """One fresh cluster, one failure of ``kind`` during an ``n``-message run."""
     import ray
-    from ray.cluster_utils import Cluster
 
     from cluster.client import MailCluster
     from cluster.deploy import deploy
@@ -498,12 +580,7 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
         out["replication_config"] = {"ack_timeout": cfg.replication.ack_timeout,
                                      "claim_timeout": cfg.replication.claim_timeout}
         t = time.time()
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False, "labels": {"region": HEAD_REGION},
-            "_system_config": HEALTH})
-        for region in WORKER_REGIONS:
-            cluster.add_node(num_cpus=1, labels={"region": region})
-        cluster.wait_for_nodes()
+        cluster = _start_cluster()
         ray.init(address=cluster.address, namespace=cfg.cluster.namespace, log_to_driver=False)
         handles = deploy(cfg)
         coords = [handles[f"coordinator:{s}"] for s in range(SHARDS)]
@@ -532,7 +609,11 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
         t0 = time.time()
         hard_deadline = t0 + timeout + 120
         sampler = LagSampler(mc, rcpts, t0).start()
-        sub = Submitter(mc, workload.messages, threads=threads).start(hard_deadline)
+        sub = Submitter(mc, workload.messages, threads=threads)
+        # keep at least half of the workload for after the kill, even when deliveries are
+        # slow to start (small runs): then the submitters wait
+        sub.hold_from(min(n, max(int(n * (kill_at + 0.2)), int(n * kill_at) + 1)))
+        sub.start(hard_deadline)
         flowing = max(50, n // 100)
 
         def loaded() -> bool:
@@ -543,7 +624,7 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
         if not _wait(loaded, t0 + timeout):
             raise RuntimeError(f"load did not build up in {timeout:.0f}s: acked "
                                f"{len(sub.acked)}, received {rcpts.count()} (sink count "
-                               f"{recv.count()}), raymta {mc.stats()}")
+                               f"{recv.count()}), raymta {_totals(mc)}")
         out["at_kill"] = {"acked": len(sub.acked), "received": rcpts.count(),
                           "epoch": before["epoch"], "pid": before["pid"],
                           "node": before["node"][:8], "seconds_into_run":
@@ -556,12 +637,16 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
         if kind == "leader-kill":
             t_kill = time.time()
             os.kill(before["pid"], signal.SIGKILL)
+            sub.release()
+            sub.probe(shard)
         else:
             assert victim_node is not None
             region = region_of.get(victim_node.node_id, "")
             t_kill = time.time()
             cluster.remove_node(victim_node, allow_graceful=False)
             t_removed = time.time()
+            sub.release()
+            sub.probe(shard)
             new = cluster.add_node(num_cpus=1, labels={"region": region})
             t_added = time.time()
             try:
@@ -589,7 +674,7 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
             got = {r for _, r in rcpts.events}
             if not acked <= got:
                 return False
-            st = mc.stats()
+            st = _totals(mc, timeout=10.0)
             return st.get("live", 1) == 0 and st.get("pending_commit", 1) == 0
         drained = _wait(_drained, end, 1.0)
         time.sleep(1.0)   # let the sink's last appends be read
@@ -601,7 +686,7 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
 
         # ------------------------------------------------------------- figures
         after = _stats(coords[shard])
-        st = mc.stats()
+        st = _totals(mc)
         out["placement_after"] = _placement(handles)
         out["copies_sharing_a_node_after"] = _shared_nodes(out["placement_after"])
         rcpt_of = [m["recipients"][0] for m in workload.messages]
@@ -621,12 +706,11 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
                                        and r not in acked_rcpt)
 
         b_new = [b for b in sub.batches if b.t_sent >= t_kill and b.shards.get(shard)]
-        b_led = [b for b in sub.batches
-                 if b.t_done >= t_kill + NEW_LEADER_GUARD and b.shards.get(shard)]
         b_any = [b for b in sub.batches if b.t_done >= t_kill and b.shards.get(shard)]
-        first_ack = min((b.t_done for b in b_led), default=None)
-        first_ack_new = min((b.t_done for b in b_new), default=None)
+        first_ack = min((b.t_done for b in b_new), default=None)
+        first_ack_batch = min((b.t_done for b in b_new if not b.probe), default=None)
         first_ack_any = min((b.t_done for b in b_any), default=None)
+        probes = [b for b in sub.batches if b.probe]
         reachable = next((s[0] for s in sampler.lag if s[1] == shard and s[2] is not None
                           and s[0] >= t_kill - t0 + NEW_LEADER_GUARD), None)
         # deliveries of the killed shard
@@ -688,8 +772,10 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
             st_ for s in sampler.lag if s[0] >= t_kill - t0 for st_ in s[7]
             if st_ != "streaming")
         out.update({
-            "t_first_ack_s": first_ack_s, "t_first_ack_new_batch_s": rel(first_ack_new),
+            "t_first_ack_s": first_ack_s, "t_first_ack_full_batch_s": rel(first_ack_batch),
             "t_first_answer_any_s": rel(first_ack_any),
+            "probe_calls": [[round(b.t_sent - t_kill, 3), round(b.t_done - t_kill, 3), b.shards,
+                             b.error] for b in probes],
             "t_leader_reachable_s": round(reachable - (t_kill - t0), 3)
             if reachable is not None else None,
             "t_deliveries_resume_s": resume_s,
@@ -734,7 +820,7 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
             "killed_shard_deliveries_per_250ms": {str(k * 0.25): v
                                                   for k, v in sorted(timeline.items())},
             "batch_log": [[round(b.t_sent - t0, 3), round(b.t_done - t0, 3), b.size,
-                           b.accepted, b.shards, b.error] for b in sub.batches],
+                           b.accepted, b.shards, b.error, b.probe] for b in sub.batches],
             "lag_samples": sampler.lag, "delivered_series": sampler.delivered,
         })
         out["targets"] = {
@@ -791,11 +877,11 @@ def print_table(results: list[dict[str, Any]]) -> None:
             (r["scenario"], f"shard {r['killed_shard']}: epoch {r['epoch_before']} -> "
                             f"{r['epoch_after']}, leader {r['leader_node_before']} -> "
                             f"{r['leader_node_after']}"),
-            ("  first ack after kill", f"{_f(r['t_first_ack_s'])} s  (new batch: "
-                                       f"{_f(r['t_first_ack_new_batch_s'])} s; leader "
-                                       f"reachable {_f(r['t_leader_reachable_s'])} s, new "
-                                       f"epoch {_f(r['t_new_epoch_seen_s'])} s, its start "
-                                       f"{_f((r['recovered'] or {}).get('seconds'))} s)"),
+            ("  first ack after kill", f"{_f(r['t_first_ack_s'])} s  (first batch of 100 sent "
+                                       f"after the kill: {_f(r['t_first_ack_full_batch_s'])} s)"),
+            ("  restart", f"leader reachable {_f(r['t_leader_reachable_s'])} s, new epoch "
+                          f"{_f(r['t_new_epoch_seen_s'])} s, its own start (claim, replay, "
+                          f"epoch record) {_f((r['recovered'] or {}).get('seconds'))} s"),
             ("  deliveries resume", f"{_f(r['t_deliveries_resume_s'])} s  (stall of the shard's "
                                     f"deliveries: {_f(r['stall']['from_s'])} -> "
                                     f"{_f(r['stall']['to_s'])} s)"),
