@@ -184,6 +184,10 @@ class QueueCoordinator:
         self._not_serving = ""
         assert self._serving is not None
         self._serving.set()
+        if self.state.messages and claim["epoch"] > 1:
+            # results that relays sent to the old instance are queued by Ray for this one:
+            # let them in before handing messages out again (fewer duplicates)
+            await asyncio.sleep(0.5)
         self._spawn(self._dispatch_loop())
 
     def _replay(self) -> tuple[Any, list[Any]]:
@@ -645,6 +649,7 @@ class QueueCoordinator:
                 if outcome == "transient" or m.state == q.INFLIGHT:
                     continue
                 site = m.site
+                self.state.hold(mid, now)   # not to be sent again while its record commits
             attempt = m.attempts + 1
             if outcome == "delivered":
                 recs.append(q.delivered_record(mid, attempt, code, text, site, now))

@@ -44,15 +44,17 @@ _LEASE_RETRY = (0.05, 1.0)
 class _Call:
     """The results owed to one streaming ``deliver`` call."""
 
-    __slots__ = ("expected", "done", "results", "event")
+    __slots__ = ("expected", "done", "results", "event", "holding")
 
-    def __init__(self) -> None:
+    def __init__(self, holding: set[str]) -> None:
         self.expected = 0
         self.done = 0
         self.results: list[list[Any]] = []
         self.event = asyncio.Event()
+        self.holding = holding
 
     def add(self, result: list[Any]) -> None:
+        self.holding.discard(result[0])
         self.results.append(result)
         self.done += 1
         self.event.set()
@@ -94,6 +96,9 @@ class RelayPool:
         self._started = False
         from actors.metrics import RelayMetrics
         self.metrics = RelayMetrics(name)
+        #: ids queued or being sent here, so a batch repeated by a restarted leader is not
+        #: sent twice (bounded: every id leaves with its result or its call)
+        self._holding: set[str] = set()
         self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
                          "connect_failures": 0}
 
@@ -131,22 +136,34 @@ class RelayPool:
         restarting actor) and nothing here ever waits on a caller that has died."""
         self._ensure_started()
         batch = msgpack.unpackb(payload, raw=False)
-        call = _Call()
+        call = _Call(self._holding)
+        mine: list[str] = []
         for site_name, spec in batch.items():
             s = self._site(site_name, spec)
             for item in spec["items"]:
+                if item[0] in self._holding:
+                    # already here from an earlier batch (a shard leader that restarted hands
+                    # out again what its predecessor had sent): that one's result will come
+                    self.counters["duplicates_skipped"] = \
+                        self.counters.get("duplicates_skipped", 0) + 1
+                    continue
+                self._holding.add(item[0])
+                mine.append(item[0])
                 s.queue.append((item, call))
                 call.expected += 1
             self._start_workers(s)
-        while call.done < call.expected or call.results:
-            if not call.results:
-                call.event.clear()
-                await call.event.wait()
-                await asyncio.sleep(_RESULT_FLUSH)
-            out, call.results = call.results, []
-            if out:
-                self._report(reply_to, out)
-                self.metrics.count_results(r[1] for r in out)
+        try:
+            while call.done < call.expected or call.results:
+                if not call.results:
+                    call.event.clear()
+                    await call.event.wait()
+                    await asyncio.sleep(_RESULT_FLUSH)
+                out, call.results = call.results, []
+                if out:
+                    self._report(reply_to, out)
+                    self.metrics.count_results(r[1] for r in out)
+        finally:
+            self._holding.difference_update(mine)
         return call.expected
 
     def _report(self, coordinator: str, results: list[list[Any]]) -> None:

@@ -213,3 +213,17 @@ def test_stale_ready_entries_are_skipped_and_counts_stay_exact():
     got = [m.id for m in qs.take_ready("a.test", 10, 61.0)]
     assert sorted(got) == ["m0", "m1", "m3"] and len(got) == 3
     assert qs.ready_count == 0 and "a.test" not in qs.ready
+
+
+def test_hold_keeps_a_message_with_a_known_outcome_from_being_sent_again():
+    # a restarted leader gets a "delivered" for a message it replayed as ready: until that
+    # record commits, the message must not be taken for another attempt
+    qs = q.QueueState()
+    lsn, _ = accept(qs, 1, "m1")
+    lsn, _ = accept(qs, lsn, "m2")
+    assert qs.hold("m1", 150.0)
+    assert not qs.hold("m1", 150.0) and not qs.hold("nope", 150.0)
+    assert [m.id for m in qs.take_ready("a.test", 10, 151.0)] == ["m2"]
+    assert qs.counts()["inflight"] == 2 and qs.ready_count == 0
+    qs.apply(q.delivered_record("m1", 1, 250, "ok", "s", 152.0), lsn)
+    assert qs.status("m1")["state"] == "delivered" and qs.counts()["live"] == 1

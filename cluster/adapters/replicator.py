@@ -47,7 +47,7 @@ _RAY_ERRORS = (ray.exceptions.RayError, ValueError, asyncio.TimeoutError, Connec
 
 class _Driver:
     __slots__ = ("slot", "handle", "synced", "member", "acked", "acked_at", "wake", "error",
-                 "down_since", "task", "uuid", "installs")
+                 "down_since", "task", "uuid", "installs", "sending_since")
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
@@ -62,6 +62,7 @@ class _Driver:
         self.task: asyncio.Task | None = None
         self.uuid = ""
         self.installs = 0
+        self.sending_since = 0.0
 
 
 class Replicator:
@@ -321,7 +322,12 @@ class Replicator:
                 if not frames:
                     await asyncio.sleep(0.01)
                     continue
-                end = await self._call(d, "append", self.epoch, self.leader_id, first, frames)
+                d.sending_since = time.time()
+                try:
+                    end = await self._call(d, "append", self.epoch, self.leader_id, first,
+                                           frames)
+                finally:
+                    d.sending_since = 0.0
                 d.acked = int(end)
                 d.acked_at = time.time()
                 d.error = ""
@@ -442,8 +448,10 @@ class Replicator:
                 oldest = self._written[0][1] if self._written else now
                 first_unacked = next((ts for lsn, ts in self._written if lsn > d.acked), oldest)
                 secs = now - first_unacked
-            state = ("streaming" if d.synced and d.member else
-                     "catching up" if d.synced else "down")
+            state = ("down" if not d.synced else
+                     # an append unanswered this long: its node may be gone (Ray has not said)
+                     "stalled" if d.sending_since and now - d.sending_since > 2.0 else
+                     "streaming" if d.member else "catching up")
             out.append({"slot": d.slot, "name": f"replica:{self.shard}:{d.slot}",
                         "state": state, "member": d.member, "acked": d.acked,
                         "lag_records": behind, "lag_seconds": round(secs, 3),

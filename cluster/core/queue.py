@@ -257,6 +257,19 @@ class QueueState:
             while len(self.finished) > self.status_cache:
                 self.finished.popitem(last=False)
 
+    def hold(self, msg_id: str, now: float) -> bool:
+        """Take a queued message out of its ready queue because its outcome is already known
+        (a result that reached a restarted leader) and its record is on the way: it must not
+        be handed out again meanwhile. It counts as in flight until the record applies."""
+        m = self.messages.get(msg_id)
+        if m is None or m.state != QUEUED:
+            return False
+        self._unready(m)
+        m.state = INFLIGHT
+        m.dispatched_at = now
+        self.inflight[msg_id] = m
+        return True
+
     def _unready(self, m: QueuedMessage) -> None:
         """A queued message leaves its ready queue (its id stays there, stale, until popped)."""
         if m.state != QUEUED:
