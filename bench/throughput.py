@@ -111,7 +111,8 @@ def _print_profile(name: str, path: Path) -> None:
 def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100,
                timeout: float = 600.0, receiver: str = "auto", max_connections: int = 10,
                num_cpus: int = 2, progress: bool = True, profile: bool = False,
-               profile_seconds: float = 10.0) -> dict[str, Any]:
+               profile_seconds: float = 10.0, shards: int | None = None,
+               replicas: int | None = None) -> dict[str, Any]:
     """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta)."""
     from cluster.client import MailCluster
 
@@ -123,6 +124,11 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
         recv.start()
         dns = c.start_dns(workload.domains, recv.host)
         cfg = c.raymta_config(spool, dns.port, recv.port, max_connections=max_connections)
+        from dataclasses import replace
+        if shards:
+            cfg = replace(cfg, queue=replace(cfg.queue, shards=shards))
+        if replicas:
+            cfg = replace(cfg, cluster=replace(cfg.cluster, replicas=replicas))
         t = time.time()
         mc = MailCluster.connect(config=cfg, num_cpus=num_cpus)
         startup = time.time() - t
@@ -191,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="py-spy the coordinator, relay and throttles while delivering")
     ap.add_argument("--profile-seconds", type=float, default=10.0)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--shards", type=int, help="queue shards (default: the config's, 4)")
+    ap.add_argument("--replicas", type=int, help="copies per shard (default: the config's, 3)")
     args = ap.parse_args(argv)
     if args.receiver != "aiosmtpd":
         c.ensure_postfix(install=not args.no_install)
@@ -198,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     res = run_raymta(args.messages, domains=args.domains, threads=args.threads,
                      batch=args.batch, timeout=args.timeout, receiver=args.receiver,
                      max_connections=args.max_connections, progress=not args.quiet,
-                     profile=args.profile, profile_seconds=args.profile_seconds)
+                     profile=args.profile, profile_seconds=args.profile_seconds,
+                     shards=args.shards, replicas=args.replicas)
+    res["shards"], res["replicas"] = args.shards, args.replicas
     res["machine"] = machine
     print_raymta(res)
     path = c.write_result("throughput", res)
