@@ -520,6 +520,10 @@ class QueueCoordinator:
         now = time.time()
         for tname, grants in zip(names, replies):
             for site, (n, retry_after) in grants.items():
+                if n <= 0 and not retry_after:
+                    # full (in flight at its cap, the other shards' share included): results
+                    # take a while to free room; asking every round only costs Ray calls
+                    retry_after = now + 4 * self.cfg.queue.dispatch_interval
                 self._site_retry[site] = retry_after
                 n = min(n, budget)
                 if n <= 0:
