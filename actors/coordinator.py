@@ -732,6 +732,7 @@ class QueueCoordinator:
             self._requeue(stale)
         st.prune_idempotency(now)
         self.metrics.set_queue(st.counts())
+        self.metrics.set_replication(self.epoch, self.repl.lag())
         bi = self.cfg.backup.interval
         if bi and now - self._last_backup > bi:
             self._last_backup = now

@@ -25,12 +25,27 @@ class CoordinatorMetrics:
         self.body_bytes = Gauge("raymta_queue_body_bytes", "message bytes held by the queue",
                                 tag_keys=("shard",))
         self.commit_seconds = Gauge("raymta_commit_seconds",
-                                    "duration of the last group commit (write + fsync)",
-                                    tag_keys=("shard",))
+                                    "duration of the last group commit (write + fsync on a "
+                                    "quorum of copies)", tag_keys=("shard",))
+        self.epoch = Gauge("raymta_shard_epoch", "the shard leader's epoch (rises at failover)",
+                           tag_keys=("shard",))
+        self.lag_records = Gauge("raymta_replica_lag_records",
+                                 "log records a copy has not acknowledged yet",
+                                 tag_keys=("shard", "copy"))
+        self.lag_seconds = Gauge("raymta_replica_lag_seconds",
+                                 "age of the oldest record a copy has not acknowledged",
+                                 tag_keys=("shard", "copy"))
 
     def count_events(self, types: Iterable[str]) -> None:
         for etype, n in _Tally(types).items():
             self.events.inc(n, {**self.tags, "type": etype})
+
+    def set_replication(self, epoch: int, copies: list[dict]) -> None:
+        self.epoch.set(epoch, self.tags)
+        for c in copies[1:]:
+            tags = {**self.tags, "copy": str(c["slot"])}
+            self.lag_records.set(c["lag_records"], tags)
+            self.lag_seconds.set(c["lag_seconds"], tags)
 
     def set_queue(self, counts: dict[str, int]) -> None:
         for state in ("ready", "inflight", "deferred", "live"):

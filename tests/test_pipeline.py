@@ -314,7 +314,8 @@ def test_metrics_reach_rays_prometheus_endpoint(pipeline):
     def ready() -> str | None:
         t = scrape()
         names = ("ray_raymta_events_total", "ray_raymta_delivery_results_total",
-                 "ray_raymta_queue_messages")
+                 "ray_raymta_queue_messages", "ray_raymta_replica_lag_seconds",
+                 "ray_raymta_replica_lag_records", "ray_raymta_shard_epoch")
         return t if all(n in t for n in names) and delivered(t) >= 5000 else None
 
     wait_for(ready, 60, "raymta metrics (>= 5000 deliveries) on the Ray metrics endpoint",
