@@ -237,6 +237,11 @@ class QueueCoordinator:
 
     # ------------------------------------------------------------------ group commit
     def _enqueue(self, records: list[Any], fut: asyncio.Future | None = None) -> None:
+        if fut is not None and self._stalled:
+            # a caller waits for this: say now that it cannot be made durable, write nothing
+            self._clear_pending_marks([(records, fut)])
+            fut.set_exception(RuntimeError(self._stalled))
+            return
         self._pending.append((records, fut))
         assert self._commit_wake is not None
         self._commit_wake.set()
@@ -271,6 +276,7 @@ class QueueCoordinator:
                     for _, fut in batch:
                         if fut is not None and not fut.done():
                             fut.set_exception(RuntimeError(self._stalled))
+                    self._refuse_waiting_calls()
                     await commit
                     log.warning("shard %d: quorum is back after %.1fs", self.shard,
                                 time.time() - t_commit)
@@ -300,6 +306,20 @@ class QueueCoordinator:
             assert self._dispatch_wake is not None
             self._dispatch_wake.set()
             await self._snapshot_safely()
+
+    def _refuse_waiting_calls(self) -> None:
+        """No quorum: calls whose records wait behind the stuck batch (submissions, cancels,
+        restores) are answered with the reason now, and their records are dropped (never
+        written: the error is final). Results from relays stay queued."""
+        keep = []
+        for recs, fut in self._pending:
+            if fut is None:
+                keep.append((recs, fut))
+                continue
+            self._clear_pending_marks([(recs, fut)])
+            if not fut.done():
+                fut.set_exception(RuntimeError(self._stalled))
+        self._pending = keep
 
     def _die(self, why: str, batch: list[tuple[list[Any], Any]]) -> None:
         """Stop serving for good: fail everything waiting, and end the process so that Ray
@@ -728,8 +748,9 @@ class QueueCoordinator:
             self._enqueue(recs)
         stale = st.stale_inflight(now, self.cfg.queue.inflight_timeout)
         if stale:
-            log.warning("%d messages in flight past inflight_timeout: retrying", len(stale))
-            self._requeue(stale)
+            n = self._requeue(stale)
+            if n:
+                log.warning("%d messages in flight past inflight_timeout: retrying", n)
         st.prune_idempotency(now)
         self.metrics.set_queue(st.counts())
         self.metrics.set_replication(self.epoch, self.repl.lag())
