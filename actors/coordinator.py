@@ -36,6 +36,7 @@ from actors.loop import use_uvloop
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
+from cluster.adapters.spool import write_atomic
 from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.replies import dns_failure
@@ -842,12 +843,7 @@ class QueueCoordinator:
         d = root / stamp
         d.mkdir(parents=True, exist_ok=True)
         final = d / f"shard-{self.shard}.msgpack"
-        tmp = d / f".shard-{self.shard}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
+        write_atomic(final, data)
         # keep the newest `keep` backups of this shard
         mine = sorted(root.glob(f"*/shard-{self.shard}.msgpack"))
         for old in mine[:-self.cfg.backup.keep]:

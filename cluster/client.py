@@ -243,6 +243,7 @@ class MailCluster:
     def backup(self, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         """Snapshot every shard into ``out_dir/<UTC time>/shard-<n>.msgpack``; returns where
         and how much. Each file is written atomically (``.tmp``, fsync, rename)."""
+        from cluster.adapters.spool import write_atomic
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         d = Path(out_dir) / stamp
         d.mkdir(parents=True, exist_ok=False)
@@ -253,12 +254,7 @@ class MailCluster:
             doc = msgpack.unpackb(data, raw=False)
             messages += len(doc["state"]["messages"])
             final = d / f"shard-{shard}.msgpack"
-            tmp = d / f".shard-{shard}.tmp"
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, final)
+            write_atomic(final, data)
             files.append(str(final))
         return {"directory": str(d), "files": files, "messages": messages,
                 "bytes": sum(len(x) for x in datas)}

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgpack
 
-from cluster.adapters.spool import SpoolLog, unpack_snapshot
+from cluster.adapters.spool import SpoolLog, skip_frames, unpack_snapshot, write_atomic
 from cluster.core.replication import CopyInfo, Fence, LogShape, Members, Refused
 
 __all__ = ["CopyStore", "DirectoryBusy"]
@@ -69,21 +69,9 @@ class CopyStore:
 
     # ------------------------------------------------------------------ meta
     def _save_meta(self) -> None:
-        tmp = self.dir / "meta.tmp"
-        data = msgpack.packb({"uuid": self.uuid, "promised": self.fence.promised,
-                              "leader": self.fence.leader,
-                              "members": self.members.to_wire()}, use_bin_type=True)
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if self.fsync:
-                os.fsync(fh.fileno())
-        os.replace(tmp, self.dir / "meta.msgpack")
-        fd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.dir / "meta.msgpack", msgpack.packb(
+            {"uuid": self.uuid, "promised": self.fence.promised, "leader": self.fence.leader,
+             "members": self.members.to_wire()}, use_bin_type=True), fsync=self.fsync)
 
     def recover(self, *, decode: bool = False) -> tuple[Any, list[Any]]:
         return self.log.recover(decode=decode)
@@ -140,7 +128,7 @@ class CopyStore:
         Frames this copy already has (a retried call) are skipped."""
         skip = self.fence.check_append(epoch, leader, first, self.log.end)
         if skip:
-            frames = _drop_frames(frames, skip)
+            frames = skip_frames(frames, skip)
         if frames:
             self.log.append_frames(frames)
         return self.log.end
@@ -175,13 +163,3 @@ class CopyStore:
             fcntl.flock(self._lock_fh.fileno(), fcntl.LOCK_UN)
         finally:
             self._lock_fh.close()
-
-
-def _drop_frames(frames: bytes, n: int) -> bytes:
-    from cluster.adapters.spool import iter_headers
-    i = 0
-    for _e, _lsn, _start, end in iter_headers(frames):
-        i += 1
-        if i == n:
-            return frames[end:]
-    return b""

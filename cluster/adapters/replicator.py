@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import ray
 
-from cluster.adapters.copystore import CopyStore, _drop_frames
-from cluster.adapters.spool import Compacted
+from cluster.adapters.copystore import CopyStore
+from cluster.adapters.spool import Compacted, skip_frames
 from cluster.core.replication import (CopyInfo, Members, Refused, agreement, can_replace,
                                       majority, plan_claim)
 
@@ -293,7 +293,7 @@ class Replicator:
                     continue
                 if size and size + len(frames) > self.batch_bytes:
                     break
-                part = frames if first >= lsn else _drop_frames(frames, lsn - first)
+                part = frames if first >= lsn else skip_frames(frames, lsn - first)
                 out.append(part)
                 size += len(part)
             return b"".join(out)

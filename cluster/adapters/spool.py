@@ -35,8 +35,8 @@ from typing import Any, Iterator
 
 import msgpack
 
-__all__ = ["SpoolLog", "SpoolCorrupt", "Compacted", "encode_frame", "iter_frames",
-           "iter_headers", "numbered_files", "pack_snapshot", "unpack_snapshot"]
+__all__ = ["SpoolLog", "SpoolCorrupt", "Compacted", "encode_frame", "iter_headers",
+           "skip_frames", "numbered_files", "pack_snapshot", "unpack_snapshot", "write_atomic"]
 
 _HDR = struct.Struct("<IIQQ")
 _SNAP_HDR = struct.Struct("<QQI")
@@ -75,22 +75,6 @@ def encode_frame(epoch: int, lsn: int, record: Any) -> bytes:
     return _HDR.pack(len(payload), _crc(epoch, lsn, payload), epoch, lsn) + payload
 
 
-def iter_frames(data: bytes) -> Iterator[tuple[int, int, Any, int]]:
-    """Yield (epoch, lsn, record, end offset) for each valid frame; stop at the first bad one."""
-    off = 0
-    n = len(data)
-    while off + _HDR.size <= n:
-        length, crc, epoch, lsn = _HDR.unpack_from(data, off)
-        end = off + _HDR.size + length
-        if length > _MAX_FRAME or end > n:
-            return
-        payload = data[off + _HDR.size:end]
-        if _crc(epoch, lsn, payload) != crc:
-            return
-        yield epoch, lsn, msgpack.unpackb(payload, raw=False, strict_map_key=False), end
-        off = end
-
-
 def iter_headers(data: bytes, off: int = 0) -> Iterator[tuple[int, int, int, int]]:
     """Yield (epoch, lsn, start offset, end offset) of each valid frame, checking checksums
     but not decoding payloads; stop at the first bad one."""
@@ -105,6 +89,32 @@ def iter_headers(data: bytes, off: int = 0) -> Iterator[tuple[int, int, int, int
             return
         yield epoch, lsn, off, end
         off = end
+
+
+def skip_frames(frames: bytes, n: int) -> bytes:
+    """``frames`` without its first ``n`` frames."""
+    if n <= 0:
+        return frames
+    i = 0
+    for _e, _lsn, _start, end in iter_headers(frames):
+        i += 1
+        if i == n:
+            return frames[end:]
+    return b""
+
+
+def write_atomic(path: Path, data: bytes, *, fsync: bool = True) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old file or the new one:
+    write a ``.tmp`` beside it, fsync, rename, fsync the directory."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        if fsync:
+            os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    if fsync:
+        _fsync_dir(path.parent)
 
 
 def numbered_files(directory: Path, prefix: str, suffix: str) -> list[tuple[int, Path]]:
@@ -145,6 +155,7 @@ class SpoolLog:
         self.snapshot_bytes = 0
         #: [[epoch, first lsn], ...] of the frames after the snapshot
         self.runs: list[list[int]] = []
+        self._assigned_epoch = 0
 
     @property
     def end(self) -> int:
@@ -233,12 +244,13 @@ class SpoolLog:
         first = self.next_lsn
         frames = b"".join(encode_frame(epoch, first + i, r) for i, r in enumerate(records))
         self.next_lsn = first + len(records)
+        self._assigned_epoch = epoch
         return frames, first
 
     def write(self, frames: bytes, first_lsn: int) -> None:
-        """Append encoded frames (made by :meth:`assign`) and make them durable (one fsync).
-        Blocking: run in a thread."""
-        self._write(frames, first_lsn, list(self._headers(frames, first_lsn)))
+        """Append encoded frames (made by :meth:`assign`, all of its epoch) and make them
+        durable (one fsync). Blocking: run in a thread."""
+        self._write(frames, first_lsn, [(self._assigned_epoch, first_lsn)])
 
     def append_frames(self, frames: bytes) -> int:
         """Append frames made elsewhere (another copy's), which must continue this log; checks
@@ -262,6 +274,8 @@ class SpoolLog:
             raise SpoolCorrupt(f"bad frame at offset {end} of {len(frames)} bytes received")
 
     def _write(self, frames: bytes, first_lsn: int, hdrs: list[tuple[int, int]]) -> None:
+        """``hdrs``: (epoch, lsn) of the frames, or at least of each one where the epoch
+        changes (that is all the epoch runs need)."""
         if self._seg_size >= self.segment_bytes:
             self._fh.flush()
             if self.fsync:
@@ -382,15 +396,7 @@ class SpoolLog:
         if self.fsync:
             os.fsync(self._fh.fileno())
         old_end = self.end
-        tmp = self.dir / f"snap-{lsn:020d}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            if self.fsync:
-                os.fsync(fh.fileno())
-        final = self.dir / f"snap-{lsn:020d}.msgpack"
-        os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        write_atomic(self.dir / f"snap-{lsn:020d}.msgpack", data, fsync=self.fsync)
         if old_end <= lsn:
             # every frame held is covered: continue in a fresh segment after the snapshot
             # (only once the snapshot is durable: opened before, a crash would leave an empty
