@@ -100,7 +100,7 @@ class QueueCoordinator:
         rc = config.replication
         self.repl = Replicator(shard, config.cluster.replicas, self.copy, self._io,
                                self._replica_handle, tail_bytes=rc.tail_bytes,
-                               batch_bytes=rc.batch_bytes)
+                               batch_bytes=rc.batch_bytes, transport=rc.transport)
         self._pending: list[tuple[list[Any], asyncio.Future | None]] = []
         self._pending_msgs = 0
         self._pending_ids: set[str] = set()

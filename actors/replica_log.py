@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from actors.loop import use_uvloop
 from cluster.adapters.copystore import CopyStore
+from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core.replication import Members, Refused
 
@@ -48,6 +49,7 @@ class ReplicaLog:
                                segment_bytes=sc.segment_bytes, fsync=sc.fsync)
         self.store.recover(decode=False)
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="replica")
+        self._stream: StreamServer | None = None
         log.info("replica %d:%d at %s: end %d, promised %d", shard, slot, self.store.dir,
                  self.store.log.end, self.store.fence.promised)
 
@@ -86,6 +88,15 @@ class ReplicaLog:
         """Durably append frames (fsync'd before the reply); the value is the new end lsn."""
         return await self._run(self.store.append, epoch, leader, first, frames)
 
+    async def endpoint(self) -> list[Any]:
+        """``[host, port, token]`` of this copy's append stream (started on first call): the
+        leader sends appends over it rather than as Ray calls (cluster/adapters/stream.py)."""
+        if self._stream is None:
+            import ray
+            self._stream = StreamServer({"append": self.append},
+                                        host=ray.util.get_node_ip_address())
+        return list(await self._stream.start())
+
     async def compact(self, epoch: int, leader: str, snapshot: bytes) -> list[Any]:
         return await self._run(self.store.compact, epoch, leader, snapshot)
 
@@ -102,6 +113,7 @@ class ReplicaLog:
         st = await asyncio.get_running_loop().run_in_executor(self._io, self.store.stats)
         import ray
         return {**st, "shard": self.shard, "pid": os.getpid(),
+                "stream": self._stream.counters if self._stream else None,
                 "node": ray.get_runtime_context().get_node_id()}
 
     async def ping(self) -> int:

@@ -87,6 +87,7 @@ rate = "5/m"
     ({"nonsense": {}}, "nonsense", "unknown key"),
     ({"cluster": {"replicas": 9}}, "cluster.replicas", "between"),
     ({"replication": {"ack_timeout": "never"}}, "replication.ack_timeout", "never"),
+    ({"replication": {"transport": "carrier-pigeon"}}, "replication.transport", "carrier-pigeon"),
     ({"backup": {"keep": 0}}, "backup.keep", ""),
     ({"spool": {"per_node": 1}}, "spool.per_node", "true or false"),
 ])

@@ -12,7 +12,8 @@ from tests.conftest import MAIN_SINKS, pipeline_config, raw_message
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_two_shards_share_the_work(tmp_path, dns_server):
+@pytest.mark.parametrize("transport", ["stream", "ray"])
+def test_two_shards_share_the_work(tmp_path, dns_server, transport):
     from cluster.client import MailCluster
     from cluster.devservers import SinkGroup
     with SinkGroup(MAIN_SINKS) as sinks:
@@ -21,7 +22,8 @@ def test_two_shards_share_the_work(tmp_path, dns_server):
         for i in range(6):
             dns_server.add_mx(f"s{i}.test", [(10, f"mx{i % 3 + 1}.shard.test")])
         base = pipeline_config(str(tmp_path), dns_server.port, sinks.port)
-        cfg = replace(base, queue=replace(base.queue, shards=2))
+        cfg = replace(base, queue=replace(base.queue, shards=2),
+                      replication=replace(base.replication, transport=transport))
         with MailCluster.connect(config=cfg, num_cpus=2) as mc:
             n = 1000
             rcpts = [f"u{i}@s{i % 6}.test" for i in range(n)]
@@ -46,3 +48,14 @@ def test_two_shards_share_the_work(tmp_path, dns_server):
             assert {e["shard"] for e in evs} == {0, 1}
             cursor = mc.next_cursor(evs)
             assert mc.events(cursor) == []
+            # the appends went the configured way: over a stream to each replica, or Ray calls
+            repl = mc.replication()
+            assert [r["copies"][0]["state"] for r in repl] == ["leader", "leader"]
+            streams = [r["streams"] for r in repl]
+            want = cfg.cluster.replicas - 1 if transport == "stream" else 0
+            assert streams == [want, want], repl
+            import ray
+            rs = ray.get([ray.get_actor(f"replica:{s}:{k}", namespace=cfg.cluster.namespace)
+                          .stats.remote() for s in range(2) for k in range(1, cfg.cluster.replicas)])
+            served = [r["stream"]["requests"] if r["stream"] else 0 for r in rs]
+            assert all(n > 0 for n in served) if transport == "stream" else served == [0] * len(rs)

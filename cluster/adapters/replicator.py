@@ -26,6 +26,7 @@ import ray
 
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.spool import Compacted, skip_frames
+from cluster.adapters.stream import StreamClient, StreamError
 from cluster.core.replication import (CopyInfo, Members, Refused, agreement, can_replace,
                                       majority, plan_claim)
 
@@ -47,7 +48,8 @@ _RAY_ERRORS = (ray.exceptions.RayError, ValueError, asyncio.TimeoutError, Connec
 
 class _Driver:
     __slots__ = ("slot", "handle", "synced", "member", "acked", "acked_at", "wake", "error",
-                 "down_since", "task", "uuid", "installs", "sending_since")
+                 "down_since", "task", "uuid", "installs", "sending_since", "stream",
+                 "stream_retry_at")
 
     def __init__(self, slot: int) -> None:
         self.slot = slot
@@ -63,12 +65,21 @@ class _Driver:
         self.uuid = ""
         self.installs = 0
         self.sending_since = 0.0
+        self.stream: StreamClient | None = None
+        self.stream_retry_at = 0.0
+
+    def drop_stream(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
 
 
 class Replicator:
     def __init__(self, shard: int, r: int, local: CopyStore, io: concurrent.futures.Executor,
                  get_handle: Callable[[int], Any], *, tail_bytes: int = 64 << 20,
-                 batch_bytes: int = 8 << 20, call_timeout: float = 10.0) -> None:
+                 batch_bytes: int = 8 << 20, call_timeout: float = 10.0,
+                 transport: str = "stream") -> None:
+        self.transport = transport
         self.shard = shard
         self.r = r
         self.local = local
@@ -88,7 +99,7 @@ class Replicator:
         self._written: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
         self._waiters: list[tuple[int, asyncio.Future]] = []
         self.drivers = {s: _Driver(s) for s in range(1, r)}
-        self.counters = {"installs": 0, "syncs": 0, "refusals": 0, "replaced": 0}
+        self.counters = {"installs": 0, "syncs": 0, "refusals": 0, "replaced": 0, "streams": 0}
 
     # ------------------------------------------------------------------ helpers
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -105,6 +116,9 @@ class Replicator:
         h = await self._handle(d)
         r = await asyncio.wait_for(getattr(h, method).remote(*args),
                                    timeout or self.call_timeout)
+        return self._reply(d, r)
+
+    def _reply(self, d: _Driver, r: Any) -> Any:
         if isinstance(r, list) and r and r[0] == "refused":
             self.counters["refusals"] += 1
             _, reason, promised, text = r
@@ -113,6 +127,26 @@ class Replicator:
                             f"this leader holds {self.epoch}")
             raise Refused(reason, promised, text)
         return r[1] if isinstance(r, list) and r and r[0] == "ok" else r
+
+    async def _append(self, d: _Driver, first: int, frames: bytes) -> Any:
+        """Append over the replica's stream when there is one (cheap), else as a Ray call.
+        A broken stream raises StreamError (a ConnectionError): the driver resyncs."""
+        if self.transport == "stream":
+            if (d.stream is None or d.stream.closed) and time.time() >= d.stream_retry_at:
+                try:
+                    host, port, token = await self._call(d, "endpoint", timeout=5.0)
+                    d.stream = await StreamClient.connect(host, port, token)
+                    self.counters["streams"] += 1
+                except (StreamError, *_RAY_ERRORS) as e:
+                    d.stream = None
+                    d.stream_retry_at = time.time() + 5.0
+                    log.warning("replica %d:%d: no append stream (%s): using Ray calls",
+                                self.shard, d.slot, e)
+            if d.stream is not None and not d.stream.closed:
+                r = await d.stream.call("append", self.epoch, self.leader_id, first, frames,
+                                        timeout=self.call_timeout)
+                return self._reply(d, r)
+        return await self._call(d, "append", self.epoch, self.leader_id, first, frames)
 
     def _fence(self, why: str) -> None:
         if not self.fenced:
@@ -233,6 +267,7 @@ class Replicator:
 
     def stop(self) -> None:
         for d in self.drivers.values():
+            d.drop_stream()
             if d.task is not None:
                 d.task.cancel()
 
@@ -324,8 +359,7 @@ class Replicator:
                     continue
                 d.sending_since = time.time()
                 try:
-                    end = await self._call(d, "append", self.epoch, self.leader_id, first,
-                                           frames)
+                    end = await self._append(d, first, frames)
                 finally:
                     d.sending_since = 0.0
                 d.acked = int(end)
@@ -348,6 +382,7 @@ class Replicator:
                     log.warning("replica %d:%d unreachable: %s", self.shard, d.slot, e)
                 d.synced = False
                 d.handle = None
+                d.drop_stream()
                 d.error = f"{type(e).__name__}: {e}"[:300]
                 if not d.down_since:
                     d.down_since = time.time()
