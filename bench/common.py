@@ -6,7 +6,7 @@ Importing this module first makes the repository importable (the scripts run as
 
 - :func:`make_workload`: N raw RFC 5322 messages (~2 KB) to 100 domains, skewed like real
   traffic: 3 big domains take 60 % of the mail, the other 97 share the rest Zipf-style.
-- :func:`start_dns`: a :class:`cluster.devservers.LoopbackDNS` answering MX ``mx.<domain>``
+- :func:`start_dns`: a :class:`cluster.devservers.LoopbackDNS`, in its own process, answering MX ``mx.<domain>``
   and A records for every workload domain, all pointing at the receiver's address (each
   domain is its own raymta *site*, as with real, distinct providers).
 - :class:`Receiver`: where mail ends up. :class:`SmtpSinkProcess` is Postfix's C
@@ -163,18 +163,80 @@ def wait_listening(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.05)
 
 
-def start_dns(domains: Sequence[str], mx_address: str) -> Any:
-    """A started LoopbackDNS: every domain has MX ``mx.<domain>`` whose A is ``mx_address``."""
-    from cluster.devservers import LoopbackDNS
-    dns = LoopbackDNS("127.0.0.1", ttl=3600).start()
-    try:
-        for d in domains:
-            dns.add_mx(d, [(10, f"mx.{d}")])
-            dns.add_a(f"mx.{d}", mx_address)
-    except BaseException:
-        dns.stop()
-        raise
-    return dns
+_DNS_CHILD = """
+import json, sys
+from cluster.devservers import LoopbackDNS
+spec = json.loads(sys.stdin.readline())
+dns = LoopbackDNS("127.0.0.1", ttl=3600).start()
+try:
+    for d in spec["domains"]:
+        dns.add_mx(d, [(10, "mx." + d)])
+        dns.add_a("mx." + d, spec["mx_address"])
+    print(dns.port, flush=True)
+    for line in sys.stdin:
+        if line.strip() != "count":
+            break
+        print(dns.query_count(), flush=True)
+finally:
+    dns.stop()
+"""
+
+#: pids of helper processes the bench starts (DNS): not counted as raymta's CPU
+HELPER_PIDS: set[int] = set()
+
+
+class DnsProcess:
+    """A LoopbackDNS in its own process: every domain has MX ``mx.<domain>`` whose A is
+    ``mx_address``. In the bench driver's process its thread would wait for the GIL behind the
+    submitting threads (measured: deliveries held back for seconds while MX lookups queued);
+    a real resolver is never in the submitter's process either."""
+
+    def __init__(self, domains: Sequence[str], mx_address: str) -> None:
+        self.domains = list(domains)
+        self.mx_address = mx_address
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> "DnsProcess":
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]) +
+                   os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.proc = subprocess.Popen([sys.executable, "-c", _DNS_CHILD], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env)
+        HELPER_PIDS.add(self.proc.pid)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"domains": self.domains,
+                                          "mx_address": self.mx_address}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line.strip().isdigit():
+            self.stop()
+            raise RuntimeError(f"bench DNS server did not start (said {line!r})")
+        self.port = int(line)
+        return self
+
+    def query_count(self) -> int:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write("count\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        HELPER_PIDS.discard(self.proc.pid)
+        self.proc = None
+
+
+def start_dns(domains: Sequence[str], mx_address: str) -> DnsProcess:
+    """A started :class:`DnsProcess` answering for ``domains``."""
+    return DnsProcess(domains, mx_address).start()
 
 
 # ====================================================================== Postfix package
@@ -726,18 +788,16 @@ def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: in
     Measures per-batch submit latency, accepted msgs/s (into the durable queue), delivered
     msgs/s end to end (first submit to last message at the receiver), and the CPU of every
     Ray process (the tree under this driver, less the receiver) and of this driver (less the
-    receiver's and DNS threads). ``during`` is called once, in a thread, when delivery has
+    receiver's threads). ``during`` is called once, in a thread, when delivery has
     started (profilers hook in there)."""
     from tqdm import tqdm
 
     n = len(workload)
     deadline = time.time() + timeout
     me = os.getpid()
-    dns_tids = {t.native_id for t in threading.enumerate()
-                if t.name.startswith("LoopbackDNS") and t.native_id is not None}
     ray_cpu = CpuMeter(lambda: [p.pid for p in all_procs().values() if p.ppid == me],
-                       receiver.exclude_pids).start()
-    client_cpu = SelfCpu(lambda: receiver.exclude_tids() | dns_tids).start()
+                       lambda: set(receiver.exclude_pids()) | HELPER_PIDS).start()
+    client_cpu = SelfCpu(receiver.exclude_tids).start()
     base = receiver.count()
     t0 = time.time()
     sampler = Sampler(lambda: receiver.count() - base, 0.25, t0).start()
