@@ -113,6 +113,7 @@ class QueueCoordinator:
         self._site_inflight: dict[str, int] = {}
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
+        self._limits_wire: dict[SiteLimits, dict[str, Any]] = {}
         self._results_seen = 0              # results from relays since _rate_at
         self._result_rate = 0.0             # results/s, smoothed
         self._rate_at = time.monotonic()
@@ -542,15 +543,15 @@ class QueueCoordinator:
             return
         # 3. grants, one call per throttle actor
         shared = self.cfg.delivery.throttle_actors
-        by_throttle: dict[str, dict[str, tuple[int, int, SiteLimits]]] = {}
+        by_throttle: dict[str, list[list[Any]]] = {}
         for site, (ready, _domains, info) in demand.items():
             if self._site_retry.get(site, 0.0) > now:
                 continue
             if self._site_inflight.get(site, 0) >= max_inflight(info.limits):
                 continue   # full by our own count alone: the throttle could only say no
             tname = throttle_actor_name(site, info.limits.dedicated, shared)
-            by_throttle.setdefault(tname, {})[site] = (ready, self._site_inflight.get(site, 0),
-                                                       info.limits)
+            by_throttle.setdefault(tname, []).append(
+                [site, ready, self._site_inflight.get(site, 0), self._wire(info.limits)])
         if not by_throttle:
             return
         names = list(by_throttle)
@@ -586,7 +587,7 @@ class QueueCoordinator:
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + len(msgs)
                 per_relay.setdefault(relay, {})[site] = {
                     "hosts": route.hosts, "port": route.port,
-                    "limits": limits_to_wire(info.limits), "throttle": tname,
+                    "limits": self._wire(info.limits), "throttle": tname,
                     "items": [[m.id, m.attempts + 1, m.sender, m.rcpt, st.body(m.body_id),
                                bool(m.smtputf8)] for m in msgs]}
                 taken_ids.setdefault(relay, []).extend(m.id for m in msgs)
@@ -611,13 +612,21 @@ class QueueCoordinator:
             active = nxt
         return out
 
-    async def _grant(self, tname: str, demand: dict[str, tuple[int, int, SiteLimits]]
-                     ) -> dict[str, tuple[int, float]]:
+    def _wire(self, limits: SiteLimits) -> dict[str, Any]:
+        w = self._limits_wire.get(limits)
+        if w is None:
+            if len(self._limits_wire) > 10_000:   # bounded: limits come from the config
+                self._limits_wire.clear()
+            w = self._limits_wire[limits] = limits_to_wire(limits)
+        return w
+
+    async def _grant(self, tname: str, demand: list[list[Any]]) -> dict[str, tuple[int, float]]:
         try:
             if tname.startswith("throttle:") and not tname.startswith("throttle:pool:"):
                 await self._ensure_dedicated(tname)
             h = self._handle(tname)
-            return await asyncio.wait_for(h.grant.remote(self.shard, demand), timeout=10)
+            return await asyncio.wait_for(
+                h.grant.remote(self.shard, msgpack.packb(demand, use_bin_type=True)), timeout=10)
         except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
             log.warning("grant from %s failed: %s", tname, e)
             self._handles.pop(tname, None)

@@ -16,10 +16,12 @@ import os
 import time
 from typing import Any
 
+import msgpack
+
 from actors.loop import use_uvloop
 from cluster.adapters.dns import DnsFailure, MxResolver, Route
 from cluster.config import Config
-from cluster.core.sites import SiteLimits
+from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ThrottleBook
 
 __all__ = ["SiteThrottle"]
@@ -35,6 +37,7 @@ class SiteThrottle:
                                  backoff_max=d.site_backoff_max)
         self._resolver: MxResolver | None = None
         self.started = time.time()
+        self._limits_cache: dict[bytes, SiteLimits] = {}
         from actors.metrics import ThrottleMetrics
         self.metrics = ThrottleMetrics(name)
 
@@ -87,15 +90,27 @@ class SiteThrottle:
         return out
 
     # ------------------------------------------------------------------ grants and leases
-    async def grant(self, shard: int, demand: dict[str, tuple[int, int, SiteLimits]]
-                    ) -> dict[str, tuple[int, float]]:
-        """For each site: how many of its ready messages the shard may dispatch now."""
+    async def grant(self, shard: int, demand: bytes) -> dict[str, tuple[int, float]]:
+        """For each site: how many of its ready messages the shard may dispatch now.
+
+        demand: msgpack ``[[site, ready, in flight, limits_to_wire(limits)], ...]`` (plain
+        bytes: Ray pickling SiteLimits objects for every site of every round cost more than
+        the grants themselves)."""
         now = time.time()
         out = {}
-        for site, (ready, inflight, limits) in demand.items():
-            g = self.book.grant(shard, site, limits, ready, inflight, now)
+        for site, ready, inflight, wire in msgpack.unpackb(demand, raw=False):
+            g = self.book.grant(shard, site, self._limits(wire), ready, inflight, now)
             out[site] = (g.count, g.retry_after)
         return out
+
+    def _limits(self, wire: dict[str, Any]) -> SiteLimits:
+        key = msgpack.packb(wire, use_bin_type=True)
+        lim = self._limits_cache.get(key)
+        if lim is None:
+            if len(self._limits_cache) > 10_000:   # bounded: limits come from the config
+                self._limits_cache.clear()
+            lim = self._limits_cache[key] = limits_from_wire(wire)
+        return lim
 
     async def acquire(self, site: str, limits: SiteLimits, pool: str, incarnation: str,
                       n: int = 1) -> list[int]:
