@@ -85,6 +85,7 @@ __all__ = [
     "percentiles",
     "raymta_config",
     "start_dns",
+    "probe_latency",
     "steady_rate",
     "submit_concurrently",
     "timestamp",
@@ -777,6 +778,52 @@ def submit_concurrently(mc: Any, messages: Sequence[dict[str, Any]], *, batch: i
         t.join(max(0.0, deadline - time.time()) + 5)
     rep.t_last = time.time()
     return rep
+
+
+def probe_latency(mc: Any, messages: Sequence[dict[str, Any]], *, rate: float = 1000.0,
+                  batch: int = 100, seconds: float = 5.0, timeout: float = 120.0
+                  ) -> dict[str, Any]:
+    """Submit latency at a steady offered load, not at saturation: one batch of ``batch``
+    messages every ``batch / rate`` seconds for ``seconds`` (open loop: a slow answer does not
+    slow the offered load; batches overlap), then wait until everything is delivered.
+
+    The closed-loop run's latencies only restate Little's law (4 threads × 100 messages in
+    flight ÷ the accept rate); this is what a sender submitting at ``rate`` sees."""
+    period = batch / rate
+    n_batches = max(1, int(seconds / period))
+    lat: list[float] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def one(k: int) -> None:
+        chunk = [messages[(k * batch + i) % len(messages)] for i in range(batch)]
+        t = time.time()
+        try:
+            res = mc.submit(chunk, timeout=timeout)
+            bad = [r.error for r in res if not r.accepted]
+        except Exception as e:  # noqa: BLE001 - reported, the probe goes on
+            bad = [f"{type(e).__name__}: {e}"]
+        with lock:
+            lat.append(time.time() - t)
+            errors.extend(bad[:3])
+
+    threads = []
+    t0 = time.time()
+    for k in range(n_batches):
+        delay = t0 + k * period - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        th = threading.Thread(target=one, args=(k,), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join(timeout)
+    offered_s = time.time() - t0
+    idle = mc.wait_until_idle(timeout=timeout)
+    p = percentiles([x * 1000 for x in lat])
+    return {"offered_msgs_per_s": rate, "batch": batch, "batches": n_batches,
+            "answered": len(lat), "errors": errors[:10], "seconds": round(offered_s, 2),
+            "latency_ms": {k: round(v, 1) for k, v in p.items()}, "drained": idle}
 
 
 def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: int = 4,

@@ -112,7 +112,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                timeout: float = 600.0, receiver: str = "auto", max_connections: int = 10,
                num_cpus: int = 2, progress: bool = True, profile: bool = False,
                profile_seconds: float = 10.0, shards: int | None = None,
-               replicas: int | None = None) -> dict[str, Any]:
+               replicas: int | None = None, probe_rate: float = 1000.0,
+               probe_seconds: float = 5.0) -> dict[str, Any]:
     """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta)."""
     from cluster.client import MailCluster
 
@@ -138,6 +139,9 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             during = _profiler(mc.handles, c.RESULTS_DIR, profile_seconds)
         res = c.drive_raymta(mc, workload, recv, threads=threads, batch=batch,
                              timeout=timeout, progress=progress, during=during)
+        if probe_rate > 0 and probe_seconds > 0:
+            res["latency_probe"] = c.probe_latency(mc, workload.messages, rate=probe_rate,
+                                                   batch=batch, seconds=probe_seconds)
         res.update(startup_seconds=round(startup, 2), domains=domains,
                    message_bytes=round(workload.raw_bytes / n),
                    max_connections_per_site=max_connections, ray_num_cpus=num_cpus,
@@ -161,8 +165,13 @@ def print_raymta(res: dict[str, Any]) -> None:
         ("accepted (durable) msgs/s", res["accepted_per_s"]),
         ("delivered end-to-end msgs/s", res["delivered_per_s"]),
         ("delivered msgs/s between 10% and 90%", res["delivered_per_s_10_90"]),
-        ("submit batch latency p50/p95/p99 ms",
+        ("submit batch latency p50/p95/p99 ms, saturated",
          f"{lat['p50']} / {lat['p95']} / {lat['p99']}"),
+        *([(f"submit latency p50/p95/p99 ms at {pr['offered_msgs_per_s']:g} msgs/s offered",
+            f"{pr['latency_ms']['p50']} / {pr['latency_ms']['p95']} / "
+            f"{pr['latency_ms']['p99']}" + (f" ({len(pr['errors'])} errors)"
+                                             if pr['errors'] else ""))]
+          if (pr := res.get("latency_probe")) else []),
         ("CPU s / 1000 msgs, Ray processes", res["cpu_ray_s_per_1000"]),
         ("CPU s / 1000 msgs, client (driver)", res["cpu_client_s_per_1000"]),
         ("delivered / bounced / expired",
@@ -199,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--shards", type=int, help="queue shards (default: the config's, 4)")
     ap.add_argument("--replicas", type=int, help="copies per shard (default: the config's, 3)")
+    ap.add_argument("--probe-rate", type=float, default=1000.0,
+                    help="after the run, submit batches at this many msgs/s (open loop) and "
+                         "report their latency; 0 skips it")
+    ap.add_argument("--probe-seconds", type=float, default=5.0)
     args = ap.parse_args(argv)
     if args.receiver != "aiosmtpd":
         c.ensure_postfix(install=not args.no_install)
@@ -207,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
                      batch=args.batch, timeout=args.timeout, receiver=args.receiver,
                      max_connections=args.max_connections, progress=not args.quiet,
                      profile=args.profile, profile_seconds=args.profile_seconds,
-                     shards=args.shards, replicas=args.replicas)
+                     shards=args.shards, replicas=args.replicas, probe_rate=args.probe_rate,
+                     probe_seconds=args.probe_seconds)
     res["shards"], res["replicas"] = args.shards, args.replicas
     res["machine"] = machine
     print_raymta(res)
