@@ -472,10 +472,11 @@ class QueueCoordinator:
         assert self._dispatch_wake is not None
         interval = self.cfg.queue.dispatch_interval
         while True:
-            try:
-                await asyncio.wait_for(self._dispatch_wake.wait(), timeout=interval)
-            except asyncio.TimeoutError:
-                pass
+            if not self._dispatch_wake.is_set():
+                try:
+                    await asyncio.wait_for(self._dispatch_wake.wait(), timeout=self._idle_wait())
+                except asyncio.TimeoutError:
+                    pass
             self._dispatch_wake.clear()
             started = time.monotonic()
             try:
@@ -486,6 +487,17 @@ class QueueCoordinator:
             # commits (which wake us) come far more often than rounds are worth: every round
             # costs a grant call per throttle and a deliver call per relay
             await asyncio.sleep(max(0.0, self._round_interval() - (time.monotonic() - started)))
+
+    def _idle_wait(self) -> float:
+        """How long a round may wait for a wake-up (a commit, a result, a route): not past the
+        next deferred message's time, and at most 1 s (housekeeping: expiry, stale in-flight,
+        metrics). With ready messages, the dispatch interval (site retry times pass)."""
+        st = self.state
+        if st.ready:
+            return self.cfg.queue.dispatch_interval
+        due = st.next_due()
+        wait = 1.0 if due is None else due - time.time()
+        return min(1.0, max(self.cfg.queue.dispatch_interval, wait))
 
     def _round_interval(self) -> float:
         """Time between dispatch rounds: ``queue.dispatch_interval`` while the relays hold

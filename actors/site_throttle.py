@@ -38,6 +38,9 @@ class SiteThrottle:
         self._resolver: MxResolver | None = None
         self.started = time.time()
         self._limits_cache: dict[bytes, SiteLimits] = {}
+        #: calls served, per method (operators: what the throttle spends its time on)
+        self.calls = dict.fromkeys(("resolve", "grant", "acquire", "release", "renew",
+                                    "feedback"), 0)
         from actors.metrics import ThrottleMetrics
         self.metrics = ThrottleMetrics(name)
 
@@ -52,6 +55,7 @@ class SiteThrottle:
     async def resolve(self, domains: list[str]) -> dict[str, list[Any]]:
         """Route per domain: ``["ok", [[pref, mx name, [addresses]], ...], port, expires_at,
         static]`` or ``["fail", kind, permanent, text, expires_at]``."""
+        self.calls["resolve"] += 1
         now = time.time()
         out: dict[str, list[Any]] = {}
         to_lookup: list[str] = []
@@ -96,6 +100,7 @@ class SiteThrottle:
         demand: msgpack ``[[site, ready, in flight, limits_to_wire(limits)], ...]`` (plain
         bytes: Ray pickling SiteLimits objects for every site of every round cost more than
         the grants themselves)."""
+        self.calls["grant"] += 1
         now = time.time()
         out = {}
         for site, ready, inflight, wire in msgpack.unpackb(demand, raw=False):
@@ -114,13 +119,16 @@ class SiteThrottle:
 
     async def acquire(self, site: str, limits: SiteLimits, pool: str, incarnation: str,
                       n: int = 1) -> list[int]:
+        self.calls["acquire"] += 1
         return self.book.acquire(site, limits, pool, incarnation, n, time.time())
 
     async def release(self, site: str, lease_ids: list[int]) -> None:
+        self.calls["release"] += 1
         self.book.release(site, lease_ids)
 
     async def renew(self, pool: str, incarnation: str,
                     held: dict[str, tuple[SiteLimits, list[int]]]) -> dict[str, list[int]]:
+        self.calls["renew"] += 1
         now = time.time()
         self.book.bump_ids(i for _, ids in held.values() for i in ids)
         refused = {}
@@ -141,13 +149,15 @@ class SiteThrottle:
 
     async def feedback(self, items: list[tuple[str, str, str]]) -> None:
         """Replies that concern a whole site: ``(site, kind, text)``; kind "backoff"."""
+        self.calls["feedback"] += 1
         now = time.time()
         for site, kind, _text in items:
             if kind == "backoff":
                 self.book.back_off(site, now)
 
     async def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "sites": self.book.snapshot(time.time()),
+        return {"name": self.name, "calls": dict(self.calls),
+                "sites": self.book.snapshot(time.time()),
                 "dns_cache": self._resolver.cache_info() if self._resolver else {}}
 
     async def ping(self) -> int:
