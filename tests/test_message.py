@@ -516,3 +516,25 @@ def test_ulids_sort_by_time_and_are_unique_over_100k() -> None:
     assert [message_id_time(i) for i in sorted(ids)] == times
     same_ms = [new_message_id(NOW) for _ in range(100_000)]
     assert len(set(same_ms)) == len(same_ms)
+
+
+def test_ulids_after_fork_differ_from_the_parents() -> None:
+    # the random bytes come from a pool: a forked child must not hand out the parent's
+    import os
+    new_message_id(NOW)                       # the parent's pool is filled
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                              # child: 100 ids, same millisecond as the parent's
+        try:
+            os.write(w, "".join(new_message_id(NOW) for _ in range(100)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    child = {data[i:i + 26].decode() for i in range(0, len(data), 26)}
+    parent = {new_message_id(NOW) for _ in range(100)}
+    assert len(child) == 100 and len(parent) == 100 and not child & parent

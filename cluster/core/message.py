@@ -14,11 +14,13 @@ Delivery-time concerns (DKIM signing, dot-stuffing, 8BITMIME negotiation) live e
 
 from __future__ import annotations
 
+import base64
 import difflib
 import json
 import math
+import os
 import re
-import secrets
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -205,6 +207,38 @@ _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CROCKFORD_VALUE = {c: i for i, c in enumerate(_CROCKFORD)}
 
 
+_B32_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
+                                     _CROCKFORD.encode("ascii"))
+
+
+class _RandomPool:
+    """80-bit random values from the OS, 4,096 at a time: one ``os.urandom`` call per id was
+    ~12 % of a submitting client's CPU. Thread-safe; a forked child starts a fresh pool, so
+    parent and child never hand out the same bytes."""
+
+    _STEP = 10
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buf = b""
+        self._pos = 0
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._buf, self._pos = b"", 0
+
+    def bits80(self) -> int:
+        with self._lock:
+            if self._pos + self._STEP > len(self._buf):
+                self._buf, self._pos = os.urandom(self._STEP * 4096), 0
+            b = self._buf[self._pos:self._pos + self._STEP]
+            self._pos += self._STEP
+        return int.from_bytes(b, "big")
+
+
+_RANDOM = _RandomPool()
+
+
 def new_message_id(now: float) -> str:
     """A ULID: 26 Crockford base32 characters, 48-bit millisecond time then 80 random bits.
 
@@ -212,8 +246,10 @@ def new_message_id(now: float) -> str:
     ms = round(now * 1000)
     if not 0 <= ms < 1 << 48:
         raise ValueError(f"now={now!r} is outside the ULID time range")
-    value = (ms << 80) | secrets.randbits(80)
-    return "".join(_CROCKFORD[(value >> shift) & 31] for shift in range(125, -1, -5))
+    value = (ms << 80) | _RANDOM.bits80()
+    # 160 bits in base32 are 32 characters of 5 bits each; the last 26 are the ULID's 130
+    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(
+        _B32_TO_CROCKFORD).decode("ascii")
 
 
 def message_id_time(mid: str) -> float:
