@@ -40,7 +40,7 @@ from cluster.adapters.spool import write_atomic
 from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.replies import dns_failure
-from cluster.core.throttle import max_inflight
+from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
 
@@ -470,7 +470,6 @@ class QueueCoordinator:
     # ------------------------------------------------------------------ dispatch
     async def _dispatch_loop(self) -> None:
         assert self._dispatch_wake is not None
-        interval = self.cfg.queue.dispatch_interval
         while True:
             if not self._dispatch_wake.is_set():
                 try:
@@ -500,22 +499,15 @@ class QueueCoordinator:
         return min(1.0, max(self.cfg.queue.dispatch_interval, wait))
 
     def _round_interval(self) -> float:
-        """Time between dispatch rounds: ``queue.dispatch_interval`` while the relays hold
-        little of this shard's mail, up to 0.25 s while what they hold lasts them a while.
-        The next round comes before they have finished a quarter of it, so they never run dry;
-        rounds every 20 ms under load were ~15 % of each leader's CPU and most of the
-        throttles' (measured, 4 shards)."""
-        base = self.cfg.queue.dispatch_interval
+        """Time to the next dispatch round (:func:`cluster.core.throttle.round_interval`)."""
         now = time.monotonic()
         dt = now - self._rate_at
         if dt >= 0.2:
             self._result_rate = 0.5 * self._result_rate + 0.5 * self._results_seen / dt
             self._results_seen = 0
             self._rate_at = now
-        held = len(self._inflight_site)
-        if not held or self._result_rate <= 0:
-            return base
-        return min(max(base, 0.25), max(base, held / self._result_rate / 4))
+        return round_interval(self.cfg.queue.dispatch_interval, len(self._inflight_site),
+                              self._result_rate)
 
     async def _dispatch_round(self) -> None:
         now = time.time()

@@ -32,6 +32,7 @@ from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
 from cluster.core.sites import SiteLimits, limits_from_wire
+from cluster.core.throttle import ideal_connections
 
 __all__ = ["RelayPool"]
 
@@ -42,12 +43,6 @@ log = logging.getLogger("raymta.relay")
 #: every 20 ms were ~20 % of the relay's CPU in Ray call overhead)
 _RESULT_FLUSH = 0.05
 _LEASE_RETRY = (0.05, 1.0)
-#: a site gets another connection for every this many messages queued for it here (up to its
-#: max_connections and at most deliveries_per_connection): KumoMTA's "ideal connection count".
-#: One connection per queued message (up to the cap) opened ~1 connection per 4 messages in the
-#: bench's 100-domain mix (907 connections for 3,898 messages, each a lease, a release, a
-#: connect and an EHLO).
-_QUEUED_PER_CONNECTION = 20
 
 
 class _Call:
@@ -237,8 +232,7 @@ class RelayPool:
 
     def _start_workers(self, s: _Site) -> None:
         s.wake.set()
-        per = max(1, min(s.limits.deliveries_per_connection, _QUEUED_PER_CONNECTION))
-        want = min(s.limits.max_connections, -(-len(s.queue) // per)) - s.workers
+        want = ideal_connections(len(s.queue), s.limits) - s.workers
         for _ in range(max(0, want)):
             s.workers += 1
             self._spawn(self._worker(s))

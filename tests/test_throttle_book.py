@@ -1,8 +1,11 @@
 """Throttle book: grants obey rates and in-flight caps; leases obey connection limits."""
 
+import pytest
+
 from cluster.core.ratespec import RateSpec
 from cluster.core.sites import SiteLimits
-from cluster.core.throttle import ThrottleBook, max_inflight
+from cluster.core.throttle import (MAX_ROUND_INTERVAL, QUEUED_PER_CONNECTION, ThrottleBook,
+                                   ideal_connections, max_inflight, round_interval)
 
 LIM = SiteLimits(rates=(RateSpec.parse("50/s,burst=5"),), max_connections=2,
                  deliveries_per_connection=100)
@@ -79,3 +82,32 @@ def test_a_shard_that_stops_reporting_does_not_hold_the_others_back():
     g = b.grant(1, "s", lim, ready=50, inflight=0, now=105.5)                 # shard 0 went quiet
     assert g.count == 50
     assert b.snapshot(105.5)["s"]["inflight"] == 50
+
+
+# ------------------------------------------------------------------ connection count, rounds
+
+
+@pytest.mark.parametrize("queued,max_conn,per_conn,want", [
+    (0, 10, 100, 0),                              # nothing queued: no connection
+    (1, 10, 100, 1),
+    (QUEUED_PER_CONNECTION, 10, 100, 1),
+    (QUEUED_PER_CONNECTION + 1, 10, 100, 2),      # one more per 20 queued ...
+    (10 * QUEUED_PER_CONNECTION, 10, 100, 10),
+    (5000, 10, 100, 10),                          # ... up to the site's max_connections
+    (5000, 2, 100, 2),
+    (10, 10, 3, 4),                               # short-lived connections: one per 3 queued
+    (10, 10, 1, 10),
+])
+def test_ideal_connections_grow_with_the_backlog(queued, max_conn, per_conn, want):
+    lim = SiteLimits(max_connections=max_conn, deliveries_per_connection=per_conn)
+    assert ideal_connections(queued, lim) == want
+
+
+def test_round_interval_is_short_when_relays_run_low_and_capped_when_they_hold_plenty():
+    base = 0.02
+    assert round_interval(base, 0, 500.0) == base            # nothing out: go now
+    assert round_interval(base, 1000, 0.0) == base           # no rate known yet (a start)
+    assert round_interval(base, 20, 1000.0) == base          # 20 ms of work out: every round
+    assert round_interval(base, 400, 1000.0) == pytest.approx(0.1)   # a quarter of 0.4 s
+    assert round_interval(base, 100_000, 10.0) == MAX_ROUND_INTERVAL  # capped
+    assert round_interval(0.5, 100_000, 10.0) == 0.5         # a slower configured base wins

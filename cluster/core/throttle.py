@@ -18,13 +18,43 @@ from typing import Iterable
 from cluster.core.ratespec import Gcra, MultiLimiter
 from cluster.core.sites import SiteLimits
 
-__all__ = ["ThrottleBook", "SiteBook", "Grant", "max_inflight"]
+__all__ = ["ThrottleBook", "SiteBook", "Grant", "max_inflight", "ideal_connections",
+           "round_interval", "QUEUED_PER_CONNECTION", "MAX_ROUND_INTERVAL"]
+
+#: a site gets another connection for every this many messages queued for it at a relay (up to
+#: its max_connections and at most deliveries_per_connection): KumoMTA's "ideal connection
+#: count". One connection per queued message (up to the cap) opened ~1 connection per 4
+#: messages in the bench's 100-domain mix (907 connections for 3,898 messages, each a lease, a
+#: release, a connect and an EHLO).
+QUEUED_PER_CONNECTION = 20
+
+#: longest pause between a shard's dispatch rounds while relays hold its mail
+MAX_ROUND_INTERVAL = 0.25
 
 
 def max_inflight(limits: SiteLimits) -> int:
     """Messages a site may have handed to relays at once: enough to keep every allowed
     connection busy between two dispatch rounds, never the whole queue."""
     return limits.max_connections * min(limits.deliveries_per_connection, 50)
+
+
+def ideal_connections(queued: int, limits: SiteLimits) -> int:
+    """Connections a relay should have open to a site with ``queued`` messages waiting."""
+    if queued <= 0:
+        return 0
+    per = max(1, min(limits.deliveries_per_connection, QUEUED_PER_CONNECTION))
+    return min(limits.max_connections, -(-queued // per))
+
+
+def round_interval(base: float, held: int, result_rate: float) -> float:
+    """Seconds between a shard's dispatch rounds: ``base`` while the relays hold little of its
+    mail (``held`` messages out, results coming back at ``result_rate`` per second), up to
+    :data:`MAX_ROUND_INTERVAL` while what they hold lasts them a while. The next round comes
+    before they have finished a quarter of it, so they never run dry; rounds every 20 ms under
+    load were ~15 % of each leader's CPU and most of the throttles' (measured, 4 shards)."""
+    if held <= 0 or result_rate <= 0:
+        return base
+    return min(max(base, MAX_ROUND_INTERVAL), max(base, held / result_rate / 4))
 
 
 @dataclass

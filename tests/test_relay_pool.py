@@ -1,0 +1,94 @@
+"""A RelayPool driven directly with deliver() batches, against a real SMTP sink.
+
+- It never sends a message it is still holding: a batch repeated by a restarted shard leader
+  (which hands out again what its predecessor had sent) is skipped, not sent twice.
+- It opens connections as the backlog for a site needs them, not one per message."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import pytest
+
+from tests.conftest import pipeline_config, raw_message, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _batch(site: str, port: int, items: list[list], **limits) -> bytes:
+    import msgpack
+    from cluster.core.sites import SiteLimits, limits_to_wire
+    return msgpack.packb({site: {
+        "hosts": [[10, "mx." + site.split(":", 1)[1], ["127.0.0.2"]]], "port": port,
+        "limits": limits_to_wire(SiteLimits(**limits)), "throttle": "throttle:pool:0",
+        "items": items}}, use_bin_type=True)
+
+
+def test_connections_follow_the_backlog_not_the_message_count(tmp_path, dns_server):
+    import ray
+    from actors.remote import list_relays
+    from cluster.client import MailCluster
+    from cluster.core.throttle import QUEUED_PER_CONNECTION
+    from cluster.devservers import SmtpSink
+
+    sink = SmtpSink("127.0.0.2").start()
+    try:
+        cfg = pipeline_config(str(tmp_path), dns_server.port, sink.port)
+        with MailCluster.connect(config=cfg, num_cpus=2):
+            relay = ray.get_actor(list_relays(cfg.cluster.namespace)[0],
+                                  namespace=cfg.cluster.namespace)
+
+            def items(tag, n):
+                return [[uuid.uuid4().hex, 1, "s@origin.test", f"{tag}{i}@conn.test",
+                         raw_message(i, f"{tag}{i}@conn.test"), False] for i in range(n)]
+            # 10 messages: one connection carries them all
+            assert ray.get(relay.deliver.remote(
+                _batch("domain:small.test", sink.port, items("a", 10), max_connections=10),
+                "coordinator:0"), timeout=60) == 10
+            assert sink.sessions_total == 1 and len(sink.received) == 10
+            # 3 × QUEUED_PER_CONNECTION at once: three connections, not ten
+            n = 3 * QUEUED_PER_CONNECTION
+            assert ray.get(relay.deliver.remote(
+                _batch("domain:big.test", sink.port, items("b", n), max_connections=10),
+                "coordinator:0"), timeout=60) == n
+            assert sink.sessions_total == 1 + 3, sink.sessions_total
+            assert len(sink.received) == 10 + n
+    finally:
+        sink.stop()
+
+
+def test_a_repeated_id_is_skipped_while_held_and_sent_again_once_finished(tmp_path, dns_server):
+    import ray
+    from actors.remote import list_relays
+    from cluster.client import MailCluster
+    from cluster.devservers import SmtpSink
+
+    sink = SmtpSink("127.0.0.2").start()
+    try:
+        cfg = pipeline_config(str(tmp_path), dns_server.port, sink.port)
+        # every DATA waits 1 s: the first batch is still at the relay when the second comes
+        sink.data_reply = lambda rcpt, attempt: time.sleep(1.0)
+        with MailCluster.connect(config=cfg, num_cpus=2) as mc:
+            relay = ray.get_actor(list_relays(cfg.cluster.namespace)[0],
+                                  namespace=cfg.cluster.namespace)
+            mid = uuid.uuid4().hex
+            rcpt = "dup@dedup.test"
+            batch = _batch("domain:dedup.test", sink.port,
+                           [[mid, 1, "s@origin.test", rcpt, raw_message(1, rcpt), False]])
+            # reply_to: a real coordinator; it ignores results for ids it does not hold
+            first = relay.deliver.remote(batch, "coordinator:0")
+            wait_for(lambda: sink.sessions_total >= 1, 30, "the first batch's session")
+            second = relay.deliver.remote(batch, "coordinator:0")
+            assert ray.get(second, timeout=30) == 0          # skipped: still held
+            assert ray.get(first, timeout=30) == 1
+            st = ray.get(relay.stats.remote())
+            assert st["duplicates_skipped"] == 1, st
+            assert [r.rcpt_to for r in sink.received] == [rcpt]
+            # finished: the id is no longer held, so a later batch sends it again
+            sink.data_reply = None
+            assert ray.get(relay.deliver.remote(batch, "coordinator:0"), timeout=30) == 1
+            assert [r.rcpt_to for r in sink.received] == [rcpt, rcpt]
+            assert mc.stats()["live"] == 0
+    finally:
+        sink.stop()
