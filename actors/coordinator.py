@@ -194,6 +194,8 @@ class QueueCoordinator:
             # let them in before handing messages out again (fewer duplicates)
             await asyncio.sleep(0.5)
         self._spawn(self._dispatch_loop())
+        if self.cfg.replication.rebalance_interval > 0 and self.cfg.cluster.replicas > 1:
+            self._spawn(self._rebalance_loop())
 
     def _replay(self) -> tuple[Any, list[Any]]:
         """Rebuild the queue and the events from the local copy (blocking, I/O thread)."""
@@ -798,6 +800,65 @@ class QueueCoordinator:
             del self._routes[d]
         for s in [s for s, t in self._site_retry.items() if t < now - 60]:
             del self._site_retry[s]
+
+    # ------------------------------------------------------------------ copies on distinct nodes
+    async def _rebalance_loop(self) -> None:
+        every = self.cfg.replication.rebalance_interval
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self._rebalance_once()
+            except Exception:   # never fatal: the copies stay where they are and still serve
+                log.exception("shard %d: rebalancing copies failed", self.shard)
+
+    async def rebalance(self) -> str:
+        """Check now that the copies sit on distinct nodes and move one if not (operators,
+        tests; the leader also does this every ``replication.rebalance_interval``)."""
+        await self._until_serving()
+        return await self._rebalance_once()
+
+    async def _rebalance_once(self) -> str:
+        """Move one replica off a node it shares with a sibling copy, to a live node without a
+        copy of this shard (:func:`cluster.core.replication.plan_move`), when every copy is a
+        caught-up member (the move costs one copy until the new one has caught up). Returns
+        what it did, for the log and tests."""
+        from actors.remote import ensure_replica, node_regions, replica_name
+        from cluster.core.replication import plan_move
+        loop = asyncio.get_running_loop()
+        nodes = await loop.run_in_executor(None, node_regions)
+        if len(nodes) < 2:
+            return "one node"
+        lag = self.repl.lag()
+        if any(not c["member"] or c["state"] not in ("leader", "streaming") for c in lag):
+            return "not every copy is a caught-up member"
+        copies = [(0, ray.get_runtime_context().get_node_id())]
+        handles = {}
+        for slot in range(1, self.cfg.cluster.replicas):
+            h = await loop.run_in_executor(None, self._replica_handle, slot)
+            st = await asyncio.wait_for(h.stats.remote(), 10)
+            copies.append((slot, st["node"]))
+            handles[slot] = h
+        plan = plan_move(copies, nodes)
+        if plan is None:
+            return "nothing to move"
+        slot, target = plan
+        name = replica_name(self.shard, slot)
+        where = dict(copies)[slot]
+        log.warning("shard %d: %s shares node %s with a sibling copy; moving it to node %s",
+                    self.shard, name, where[:12], target[:12])
+        ray.kill(handles[slot], no_restart=True)
+        for _ in range(100):   # the name is free once Ray has the actor dead
+            try:
+                await loop.run_in_executor(None, self._replica_handle, slot)
+            except ValueError:
+                break
+            await asyncio.sleep(0.1)
+        siblings = [n for s, n in copies if s != slot]
+        # detached: owned by nobody (a replica owned by this leader would die with it)
+        await loop.run_in_executor(None, lambda: ensure_replica(
+            self.cfg, self.shard, slot, target, siblings, detached=True))
+        self.counters["copies_moved"] = self.counters.get("copies_moved", 0) + 1
+        return f"moved {name} from {where[:12]} to {target[:12]}"
 
     # ------------------------------------------------------------------ queries and control
     async def status(self, ids: list[str]) -> list[dict[str, Any] | None]:

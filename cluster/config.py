@@ -183,6 +183,10 @@ class ReplicationConfig:
     #: cluster/adapters/stream.py; falls back to Ray calls while it cannot connect) or "ray"
     #: (every append an actor call: ~20 % more leader CPU at load, measured)
     transport: str = "stream"
+    #: how often a shard leader checks that its copies are on distinct nodes; when two share a
+    #: node (Ray restarted one next to a sibling after a node died) and a node without a copy
+    #: is alive, one replica moves there and catches up (0 = never)
+    rebalance_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -311,6 +315,8 @@ def _parse_replication(raw: Mapping[str, Any]) -> ReplicationConfig:
         tail_bytes=_size(raw.get("tail_bytes", d.tail_bytes), f"{w}.tail_bytes"),
         batch_bytes=_size(raw.get("batch_bytes", d.batch_bytes), f"{w}.batch_bytes"),
         transport=_transport(raw.get("transport", d.transport), f"{w}.transport"),
+        rebalance_interval=_dur(raw.get("rebalance_interval", d.rebalance_interval),
+                                f"{w}.rebalance_interval"),
     )
 
 

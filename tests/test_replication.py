@@ -57,7 +57,9 @@ def regions(tmp_path_factory, dns_server):
             queue=replace(base.queue, shards=2),
             cluster=replace(base.cluster, replicas=3),
             spool=replace(base.spool, per_node=True, compact_bytes=1_500_000),
-            replication=replace(base.replication, ack_timeout=3.0, claim_timeout=90.0),
+            # rebalancing is driven by its test (below), not by a timer under the others
+            replication=replace(base.replication, ack_timeout=3.0, claim_timeout=90.0,
+                                rebalance_interval=0),
             site_defaults=replace(base.site_defaults, rates=(RateSpec.parse("400/s"),)))
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": False, "labels": {"region": "us"},
@@ -296,8 +298,19 @@ def test_minority_of_copies_refuses_clearly_then_recovers(regions):
     mc, cfg = regions["mc"], regions["cfg"]
     shard = 1
     homes = {k: _node_of(mc, f"replica:{shard}:{k}") for k in (1, 2)}
+    pids = [ray.get(mc.handles[f"replica:{shard}:{k}"].stats.remote())["pid"] for k in (1, 2)]
     for k in (1, 2):
         ray.kill(mc.handles[f"replica:{shard}:{k}"], no_restart=True)
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    # ray.kill returns before the process has exited; until then it still answers appends on
+    # its stream (and they are durable on its disk): the minority starts when both are gone
+    wait_for(lambda: all(gone(p) for p in pids), 30, "both replica processes to exit")
     msgs = _messages("mn", 40, regions["domains"])
     t0 = time.time()
     res = mc.submit(msgs)
@@ -343,3 +356,56 @@ def test_idempotency_key_survives_leader_failover(regions):
     assert b.accepted and b.duplicate and b.ids == a.ids, (a, b)
     assert mc.status(a.ids[0])["state"] in ("deferred", "queued")
     assert mc.cancel(a.ids) == ["cancelled"]
+
+
+def test_crowded_copy_moves_to_a_new_node_and_catches_up(regions):
+    """A node dies with no spare: Ray restarts its copy next to a sibling (two copies of the
+    shard on one node). Once a node joins, the leader moves that copy there; it catches up."""
+    mc, sinks, cluster, cfg = regions["mc"], regions["sinks"], regions["cluster"], regions["cfg"]
+    ns = cfg.cluster.namespace
+    workers = _non_head(cluster)
+
+    def node(name: str) -> str:
+        return ray.get(ray.get_actor(name, namespace=ns).stats.remote(), timeout=120)["node"]
+
+    def copies_of(shard: int) -> list[str]:
+        return [node(f"coordinator:{shard}")] + [node(f"replica:{shard}:{k}") for k in (1, 2)]
+    shard, slot = next((s, k) for s in range(2) for k in (1, 2)
+                       if node(f"replica:{s}:{k}") in workers)
+    victim = workers[node(f"replica:{shard}:{slot}")]
+    region = next(n["Labels"].get("region", "") for n in ray.nodes()
+                  if n["NodeID"] == victim.node_id)
+    cluster.remove_node(victim, allow_graceful=False)          # no replacement yet
+    wait_for(lambda: not any(n["Alive"] for n in ray.nodes() if n["NodeID"] == victim.node_id),
+             60, "Ray to see the removed node dead")
+
+    def back() -> bool:
+        c = next(c for c in _copies(mc, shard) if c["slot"] == slot)
+        return c["state"] == "streaming" and c["lag_records"] == 0 and c["member"]
+    wait_for(back, 180, f"replica:{shard}:{slot} restarted and caught up", poll=0.5)
+    crowded = copies_of(shard)
+    assert len(set(crowded)) == 2, crowded                      # two copies share a node
+    leader = ray.get_actor(f"coordinator:{shard}", namespace=ns)
+    assert ray.get(leader.rebalance.remote(), timeout=60) == "nothing to move"  # no free node
+
+    cluster.add_node(num_cpus=1, labels={"region": region})
+    cluster.wait_for_nodes()
+    did = ray.get(leader.rebalance.remote(), timeout=120)
+    assert did.startswith("moved replica:"), did
+    moved = int(did.split()[1].rsplit(":", 1)[1])
+
+    def caught_up() -> bool:
+        c = next(c for c in _copies(mc, shard) if c["slot"] == moved)
+        return c["state"] == "streaming" and c["lag_records"] == 0 and c["member"]
+    wait_for(caught_up, 180, f"replica:{shard}:{moved} moved and caught up", poll=0.5)
+    spread = copies_of(shard)
+    assert len(set(spread)) == 3, spread
+    region_of = {n["NodeID"]: n["Labels"].get("region") for n in ray.nodes() if n["Alive"]}
+    assert {region_of[n] for n in spread} == {"us", "eu", "ap"}, spread
+    assert ray.get(leader.rebalance.remote(), timeout=60) == "nothing to move"
+    msgs = _messages("mv", 300, regions["domains"])
+    acked: dict[str, list[str]] = {}
+    _submit_all(mc, msgs, acked)
+    assert len(acked) == 300
+    _wait_all_delivered(mc, sinks, set(acked), 300)
+    print(f"\n{did}; copies of shard {shard}: {crowded} -> {spread}")

@@ -537,3 +537,26 @@ def test_agreement_matches_frame_by_frame_truth_over_random_histories():
     # the histories reached every kind of outcome
     for k in ("kept", "cut", "needs snapshot", "diverges under snapshot"):
         assert stats[k] > 0, stats
+
+
+# ------------------------------------------------------------------ moving a crowded copy
+from cluster.core.replication import plan_move  # noqa: E402
+
+
+@pytest.mark.parametrize("copies,nodes,want", [
+    # spread already: nothing to do
+    ([(0, "a"), (1, "b"), (2, "c")], [("a", "us"), ("b", "eu"), ("c", "ap"), ("d", "us")], None),
+    # two copies share b, but no node is free: nothing to do (R copies need R nodes)
+    ([(0, "a"), (1, "b"), (2, "b")], [("a", "us"), ("b", "eu")], None),
+    # b is crowded and d is free: the higher replica slot moves there
+    ([(0, "a"), (1, "b"), (2, "b")], [("a", "us"), ("b", "eu"), ("d", "us")], (2, "d")),
+    # the leader shares a node with replica 1: replica 1 moves, never the leader
+    ([(0, "a"), (1, "a"), (2, "c")], [("a", "us"), ("c", "eu"), ("d", "us")], (1, "d")),
+    # a free node in a region the shard does not use wins over one in a used region
+    ([(0, "a"), (1, "b"), (2, "b")],
+     [("a", "us"), ("b", "eu"), ("d", "us"), ("e", "eu"), ("f", "ap")], (2, "f")),
+    # all three on one node (a one-node cluster that grew): one move at a time
+    ([(0, "a"), (1, "a"), (2, "a")], [("a", ""), ("b", ""), ("c", "")], (2, "b")),
+])
+def test_plan_move(copies, nodes, want):
+    assert plan_move(copies, nodes) == want

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 __all__ = ["majority", "LogShape", "CopyInfo", "ClaimPlan", "Fence", "Refused", "plan_claim",
-           "agreement", "can_replace", "place_copies", "Members"]
+           "agreement", "can_replace", "place_copies", "plan_move", "Members"]
 
 
 def majority(r: int) -> int:
@@ -302,3 +302,26 @@ def place_copies(nodes: Sequence[tuple[str, str]], shard: int, r: int) -> list[s
         if len(used_regions) == len(regions):
             used_regions = set()
     return [picked[i % len(picked)] for i in range(r)]
+
+
+def plan_move(copies: Sequence[tuple[int, str]], nodes: Sequence[tuple[str, str]]
+              ) -> tuple[int, str] | None:
+    """One replica to move so that a shard's copies sit on more distinct nodes, or None.
+
+    ``copies``: ``[(slot, node id)]`` of the copies that run (slot 0 is the leader: never
+    moved, moving it is a failover); ``nodes``: ``[(node id, region)]`` of the live nodes.
+    When two copies share a node (Ray restarted one next to a sibling after its node died) and
+    a live node holds no copy of the shard, the replica on the crowded node moves there, to a
+    region the shard does not use yet when there is one. One move at a time: the moved copy
+    must catch up before it counts, so a shard never has two copies in flight."""
+    on: dict[str, list[int]] = {}
+    for slot, node in copies:
+        on.setdefault(node, []).append(slot)
+    crowded = sorted((slots for slots in on.values() if len(slots) > 1), key=lambda s: s[0])
+    free = sorted((nid, region) for nid, region in nodes if nid not in on)
+    if not crowded or not free:
+        return None
+    region_of = dict(nodes)
+    used = {region_of.get(node, "") for node in on}
+    target = next((nid for nid, region in free if region not in used), free[0][0])
+    return max(crowded[0]), target   # two slots share the node: at most one is the leader
