@@ -113,7 +113,6 @@ class QueueCoordinator:
         self._site_inflight: dict[str, int] = {}
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
-        self._limits_wire: dict[SiteLimits, dict[str, Any]] = {}
         self._results_seen = 0              # results from relays since _rate_at
         self._result_rate = 0.0             # results/s, smoothed
         self._rate_at = time.monotonic()
@@ -557,7 +556,7 @@ class QueueCoordinator:
                 continue   # full by our own count alone: the throttle could only say no
             tname = throttle_actor_name(site, info.limits.dedicated, shared)
             by_throttle.setdefault(tname, []).append(
-                [site, ready, self._site_inflight.get(site, 0), self._wire(info.limits)])
+                [site, ready, self._site_inflight.get(site, 0), limits_to_wire(info.limits)])
         if not by_throttle:
             return
         names = list(by_throttle)
@@ -593,7 +592,7 @@ class QueueCoordinator:
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + len(msgs)
                 per_relay.setdefault(relay, {})[site] = {
                     "hosts": route.hosts, "port": route.port,
-                    "limits": self._wire(info.limits), "throttle": tname,
+                    "limits": limits_to_wire(info.limits), "throttle": tname,
                     "items": [[m.id, m.attempts + 1, m.sender, m.rcpt, st.body(m.body_id),
                                bool(m.smtputf8)] for m in msgs]}
                 taken_ids.setdefault(relay, []).extend(m.id for m in msgs)
@@ -617,14 +616,6 @@ class QueueCoordinator:
                     break
             active = nxt
         return out
-
-    def _wire(self, limits: SiteLimits) -> dict[str, Any]:
-        w = self._limits_wire.get(limits)
-        if w is None:
-            if len(self._limits_wire) > 10_000:   # bounded: limits come from the config
-                self._limits_wire.clear()
-            w = self._limits_wire[limits] = limits_to_wire(limits)
-        return w
 
     async def _grant(self, tname: str, demand: list[list[Any]]) -> dict[str, tuple[int, float]]:
         try:

@@ -37,7 +37,6 @@ class SiteThrottle:
                                  backoff_max=d.site_backoff_max)
         self._resolver: MxResolver | None = None
         self.started = time.time()
-        self._limits_cache: dict[bytes, SiteLimits] = {}
         #: calls served, per method (operators: what the throttle spends its time on)
         self.calls = dict.fromkeys(("resolve", "grant", "acquire", "release", "renew",
                                     "feedback"), 0)
@@ -104,18 +103,9 @@ class SiteThrottle:
         now = time.time()
         out = {}
         for site, ready, inflight, wire in msgpack.unpackb(demand, raw=False):
-            g = self.book.grant(shard, site, self._limits(wire), ready, inflight, now)
+            g = self.book.grant(shard, site, limits_from_wire(wire), ready, inflight, now)
             out[site] = (g.count, g.retry_after)
         return out
-
-    def _limits(self, wire: dict[str, Any]) -> SiteLimits:
-        key = msgpack.packb(wire, use_bin_type=True)
-        lim = self._limits_cache.get(key)
-        if lim is None:
-            if len(self._limits_cache) > 10_000:   # bounded: limits come from the config
-                self._limits_cache.clear()
-            lim = self._limits_cache[key] = limits_from_wire(wire)
-        return lim
 
     async def acquire(self, site: str, limits: SiteLimits, pool: str, incarnation: str,
                       n: int = 1) -> list[int]:

@@ -52,3 +52,10 @@ def test_limits_round_trip_through_the_wire_form():
                      dedicated=True, sources=("ip1", "ip2"))
     assert limits_from_wire(limits_to_wire(lim)) == lim
     assert limits_from_wire(limits_to_wire(GOOGLE)) == GOOGLE
+    # both directions are cached: a wire dict that went through msgpack (a fresh, equal dict)
+    # parses to the very same object, and the same limits give the very same dict
+    import msgpack
+    w = msgpack.unpackb(msgpack.packb(limits_to_wire(lim)), raw=False)
+    assert w is not limits_to_wire(lim) and limits_from_wire(w) is limits_from_wire(
+        limits_to_wire(lim))
+    assert limits_to_wire(lim) is limits_to_wire(lim)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -13,7 +14,10 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def _server(**kw):
+@contextlib.asynccontextmanager
+async def serving(**kw):
+    """A started StreamServer with an ``append`` (records its calls) and a ``slow`` method;
+    closed on the way out."""
     calls = []
 
     async def append(epoch, leader, first, frames):
@@ -26,13 +30,15 @@ async def _server(**kw):
 
     srv = StreamServer({"append": append, "slow": slow}, **kw)
     host, port, token = await srv.start()
-    return srv, host, port, token, calls
+    try:
+        yield srv, host, port, token, calls
+    finally:
+        await srv.close()
 
 
 def test_round_trip_carries_bytes_and_answers_in_order():
     async def go():
-        srv, host, port, token, calls = await _server()
-        try:
+        async with serving() as (srv, host, port, token, calls):
             c = await StreamClient.connect(host, port, token)
             frames = bytes(range(256)) * 4000        # ~1 MB, over Ray's inline-argument size
             for first in (1, 11, 21):
@@ -40,28 +46,22 @@ def test_round_trip_carries_bytes_and_answers_in_order():
             c.close()
             assert calls == [(3, "leader-a", f, len(frames)) for f in (1, 11, 21)]
             assert srv.counters["connections"] == 1 and srv.counters["requests"] == 3
-        finally:
-            await srv.close()
     run(go())
 
 
 def test_wrong_token_is_refused_and_nothing_is_called():
     async def go():
-        srv, host, port, token, calls = await _server()
-        try:
+        async with serving() as (srv, host, port, token, calls):
             with pytest.raises(StreamError, match="refused"):
                 await StreamClient.connect(host, port, "0" * len(token))
             assert calls == [] and srv.counters["refused"] == 1
             assert srv.counters["connections"] == 0
-        finally:
-            await srv.close()
     run(go())
 
 
 def test_unknown_method_closes_the_connection():
     async def go():
-        srv, host, port, token, calls = await _server()
-        try:
+        async with serving() as (srv, host, port, token, calls):
             c = await StreamClient.connect(host, port, token)
             with pytest.raises(StreamError, match="drop_everything"):
                 await c.call("drop_everything", timeout=2)
@@ -69,28 +69,22 @@ def test_unknown_method_closes_the_connection():
             with pytest.raises(StreamError, match="closed"):
                 await c.call("append", 1, "x", 1, b"")
             assert calls == []
-        finally:
-            await srv.close()
     run(go())
 
 
 def test_message_over_the_servers_limit_closes_it():
     async def go():
-        srv, host, port, token, calls = await _server(max_message=1000)
-        try:
+        async with serving(max_message=1000) as (srv, host, port, token, calls):
             c = await StreamClient.connect(host, port, token)
             with pytest.raises(StreamError):
                 await c.call("append", 1, "x", 1, b"y" * 5000, timeout=2)
             assert calls == []
-        finally:
-            await srv.close()
     run(go())
 
 
 def test_a_timeout_closes_the_client_so_a_late_reply_cannot_answer_the_next_call():
     async def go():
-        srv, host, port, token, calls = await _server()
-        try:
+        async with serving() as (srv, host, port, token, calls):
             c = await StreamClient.connect(host, port, token)
             with pytest.raises(StreamError, match="slow"):
                 await c.call("slow", timeout=0.2)
@@ -98,18 +92,16 @@ def test_a_timeout_closes_the_client_so_a_late_reply_cannot_answer_the_next_call
             c2 = await StreamClient.connect(host, port, token)
             assert await c2.call("append", 2, "y", 5, b"z") == ["ok", 14]
             c2.close()
-        finally:
-            await srv.close()
     run(go())
 
 
 def test_server_gone_gives_a_stream_error():
     async def go():
-        srv, host, port, token, _ = await _server()
-        c = await StreamClient.connect(host, port, token)
-        await srv.close()
-        with pytest.raises(StreamError):
-            await c.call("append", 1, "x", 1, b"", timeout=2)
-        with pytest.raises(StreamError, match="cannot connect"):
-            await StreamClient.connect(host, port, token, timeout=2)
+        async with serving() as (srv, host, port, token, _):
+            c = await StreamClient.connect(host, port, token)
+            await srv.close()
+            with pytest.raises(StreamError):
+                await c.call("append", 1, "x", 1, b"", timeout=2)
+            with pytest.raises(StreamError, match="cannot connect"):
+                await StreamClient.connect(host, port, token, timeout=2)
     run(go())

@@ -8,6 +8,7 @@ the SiteThrottle actor that is the authority for a site. Pure: no DNS, no Ray.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,18 +33,31 @@ class SiteLimits:
     sources: tuple[str, ...] = ()
 
 
+@functools.lru_cache(maxsize=4096)
 def limits_to_wire(lim: SiteLimits) -> dict[str, Any]:
-    """Plain data (msgpack-able) for a batch sent to a relay; :func:`limits_from_wire` reverses."""
+    """Plain data (msgpack-able) for grants and relay batches; :func:`limits_from_wire`
+    reverses. Cached (limits come from the config; a leader sends them for every site of every
+    dispatch round): the dict is shared, callers must not change it."""
     return {"rates": [str(r) for r in lim.rates], "max_connections": lim.max_connections,
             "deliveries_per_connection": lim.deliveries_per_connection, "tls": lim.tls,
             "dedicated": lim.dedicated, "sources": list(lim.sources)}
 
 
 def limits_from_wire(w: dict[str, Any]) -> SiteLimits:
-    return SiteLimits(rates=tuple(RateSpec.parse(r) for r in w["rates"]),
-                      max_connections=w["max_connections"],
-                      deliveries_per_connection=w["deliveries_per_connection"], tls=w["tls"],
-                      dedicated=w["dedicated"], sources=tuple(w["sources"]))
+    """The SiteLimits a wire dict describes (cached: parsing rate specs for every site of every
+    grant request cost more than the grant)."""
+    return _limits_from_key((tuple(w["rates"]), w["max_connections"],
+                             w["deliveries_per_connection"], w["tls"], w["dedicated"],
+                             tuple(w["sources"])))
+
+
+@functools.lru_cache(maxsize=4096)
+def _limits_from_key(key: tuple[Any, ...]) -> SiteLimits:
+    rates, max_connections, per_connection, tls, dedicated, sources = key
+    return SiteLimits(rates=tuple(RateSpec.parse(r) for r in rates),
+                      max_connections=max_connections,
+                      deliveries_per_connection=per_connection, tls=tls, dedicated=dedicated,
+                      sources=sources)
 
 
 @dataclass(frozen=True)
