@@ -113,6 +113,11 @@ class QueueCoordinator:
         self._site_inflight: dict[str, int] = {}
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
+        #: per site: the in-flight count last told to its throttle, and what the throttle needs
+        #: to hear it again ([throttle name, limits]). A shard with nothing more ready for a
+        #: site still reports its count going down, or the throttle would hold the site's room
+        #: for it until the report expires (seconds in which the other shards may not send)
+        self._site_reported: dict[str, tuple[int, str, SiteLimits]] = {}
         self._results_seen = 0              # results from relays since _rate_at
         self._result_rate = 0.0             # results/s, smoothed
         self._rate_at = time.monotonic()
@@ -517,7 +522,7 @@ class QueueCoordinator:
         if now - self._last_housekeeping > 1.0:
             self._last_housekeeping = now
             self._housekeeping(now)
-        if not st.ready:
+        if not st.ready and not self._stale_reports():
             return
         # 1. routes for domains we have none for (or whose TTL ran out)
         need = [d for d in st.ready if d not in self._resolving and
@@ -544,19 +549,30 @@ class QueueCoordinator:
                 d[1].append(domain)
         if recs:
             self._enqueue(recs)
-        if not demand:
-            return
-        # 3. grants, one call per throttle actor
+        # 3. grants, one call per throttle actor; with them, in-flight counts that went down
+        # for sites with nothing ready here (ready 0: a report only)
         shared = self.cfg.delivery.throttle_actors
         by_throttle: dict[str, list[list[Any]]] = {}
         for site, (ready, _domains, info) in demand.items():
-            if self._site_retry.get(site, 0.0) > now:
-                continue
-            if self._site_inflight.get(site, 0) >= max_inflight(info.limits):
-                continue   # full by our own count alone: the throttle could only say no
+            inflight = self._site_inflight.get(site, 0)
+            if self._site_retry.get(site, 0.0) > now or inflight >= max_inflight(info.limits):
+                # not asking (paused, or full by our own count alone: the throttle could
+                # only say no); still say so when the count has gone down
+                ready = 0
+                if inflight == self._site_reported.get(site, (0,))[0]:
+                    continue
             tname = throttle_actor_name(site, info.limits.dedicated, shared)
             by_throttle.setdefault(tname, []).append(
-                [site, ready, self._site_inflight.get(site, 0), limits_to_wire(info.limits)])
+                [site, ready, inflight, limits_to_wire(info.limits)])
+            self._site_reported[site] = (inflight, tname, info.limits)
+        for site, tname, limits, inflight in self._stale_reports():
+            if site not in demand:
+                by_throttle.setdefault(tname, []).append(
+                    [site, 0, inflight, limits_to_wire(limits)])
+                self._site_reported[site] = (inflight, tname, limits)
+        for site in [x for x, (n, _, _) in self._site_reported.items()
+                     if n == 0 and x not in demand]:
+            del self._site_reported[site]
         if not by_throttle:
             return
         names = list(by_throttle)
@@ -573,6 +589,8 @@ class QueueCoordinator:
                     # take a while to free room; asking every round only costs Ray calls
                     retry_after = now + 4 * self.cfg.queue.dispatch_interval
                 self._site_retry[site] = retry_after
+                if site not in demand:
+                    continue   # a report only
                 n = min(n, budget)
                 if n <= 0:
                     continue
@@ -590,6 +608,7 @@ class QueueCoordinator:
                     m.site = site
                     self._inflight_site[m.id] = site
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + len(msgs)
+                self._site_reported[site] = (self._site_inflight[site], tname, info.limits)
                 per_relay.setdefault(relay, {})[site] = {
                     "hosts": route.hosts, "port": route.port,
                     "limits": limits_to_wire(info.limits), "throttle": tname,
@@ -599,6 +618,12 @@ class QueueCoordinator:
         for relay, batch in per_relay.items():
             self.counters["dispatched"] += len(taken_ids[relay])
             self._spawn(self._deliver(relay, batch, taken_ids[relay]))
+
+    def _stale_reports(self) -> list[tuple[str, str, SiteLimits, int]]:
+        """Sites whose in-flight count went down since the throttle last heard it."""
+        return [(site, tname, limits, self._site_inflight.get(site, 0))
+                for site, (n, tname, limits) in self._site_reported.items()
+                if self._site_inflight.get(site, 0) < n]
 
     def _take(self, domains: list[str], n: int, now: float) -> list[q.QueuedMessage]:
         """Up to n ready messages over the site's domains, round robin so none starves."""

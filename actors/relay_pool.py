@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import use_uvloop
+from actors.loop import LoopLag, use_uvloop
 from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
@@ -41,8 +41,13 @@ log = logging.getLogger("raymta.relay")
 #: seconds a result waits to be batched with others for the same coordinator (one report call
 #: per coordinator per flush, whatever the number of open deliver calls: per-call flushes
 #: every 20 ms were ~20 % of the relay's CPU in Ray call overhead)
-_RESULT_FLUSH = 0.05
+_RESULT_FLUSH = 0.1
 _LEASE_RETRY = (0.05, 1.0)
+#: lease requests within this many seconds go to a throttle as one call
+_ASK_GATHER = 0.005
+#: a site at its connection cap is asked for more leases at most this often while this relay
+#: has connections open to it (they drain its queue meanwhile)
+_CAP_RECHECK = 0.5
 
 
 class _Call:
@@ -79,6 +84,8 @@ class _Site:
     leases: set[int] = field(default_factory=set)
     refused: set[int] = field(default_factory=set)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    acquiring: bool = False       # a task is getting leases for this site
+    ask_after: float = 0.0        # at the site's cap: do not ask again before (monotonic)
     delivered: int = 0
     failed: int = 0
 
@@ -98,6 +105,11 @@ class RelayPool:
         self.sites: dict[str, _Site] = {}
         self._handles: dict[str, Any] = {}
         self._feedback: list[tuple[str, str, str, str]] = []   # throttle, site, kind, text
+        #: lease requests waiting to go out, per throttle: site -> (site, n, future); and
+        #: leases to give back, per throttle: site -> ids. Both go as one call per throttle.
+        self._asks: dict[str, dict[str, tuple[_Site, int, asyncio.Future]]] = {}
+        self._asks_due = False
+        self._releases: dict[str, dict[str, list[int]]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         from actors.metrics import RelayMetrics
@@ -113,6 +125,7 @@ class RelayPool:
         self._flushed: asyncio.Future | None = None
         self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
                          "connect_failures": 0}
+        self.loop_lag = LoopLag()
 
     # ------------------------------------------------------------------ plumbing
     def _spawn(self, coro: Any) -> None:
@@ -126,6 +139,7 @@ class RelayPool:
             self._spawn(self._renew_loop())
             self._spawn(self._feedback_loop())
             self._spawn(self._flush_loop())
+            self._spawn(self.loop_lag.run())
 
     def _add_result(self, coordinator: str, result: list[Any]) -> int:
         self._holding.discard(result[0])
@@ -232,49 +246,85 @@ class RelayPool:
 
     def _start_workers(self, s: _Site) -> None:
         s.wake.set()
-        want = ideal_connections(len(s.queue), s.limits) - s.workers
-        for _ in range(max(0, want)):
-            s.workers += 1
-            self._spawn(self._worker(s))
+        if s.acquiring or ideal_connections(len(s.queue), s.limits) <= s.workers:
+            return
+        if s.workers and time.monotonic() < s.ask_after:
+            return   # at the site's cap a moment ago; the open connections drain the queue
+        s.acquiring = True
+        self._spawn(self._acquire_for(s))
 
-    async def _lease(self, s: _Site) -> int | None:
+    async def _acquire_for(self, s: _Site) -> None:
+        """Get leases for the connections the site's queue calls for, and start a connection
+        worker on each. With none open and none to be had, retry with backoff; after half the
+        in-flight timeout hand the messages back (waiting longer would let the coordinator
+        time them out and send them again while they still sit here)."""
         delay = _LEASE_RETRY[0]
-        # Waiting longer than this would let the coordinator time the messages out and send
-        # them again while they still sit here: hand them back as deferred instead.
         give_up = time.monotonic() + self.cfg.queue.inflight_timeout / 2
-        while s.queue:
-            if time.monotonic() > give_up:
-                self._defer_queued(s, classify(
-                    451, "4.4.5 raymta: no connection slot for this site in time (site paused "
-                    "or at its connection limit)", phase="connection"))
-                return None
-            try:
-                ref = self._actor(s.throttle).acquire.remote(
-                    s.name, s.limits, self.name, self.incarnation, 1)
-                got = await asyncio.wait_for(ref, timeout=30)
-            except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
-                log.warning("lease for %s from %s failed: %s", s.name, s.throttle, e)
-                self._handles.pop(s.throttle, None)
-                got = []
-            if got:
-                s.leases.add(got[0])
-                return got[0]
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _LEASE_RETRY[1])
-        return None
-
-    async def _worker(self, s: _Site) -> None:
         try:
             while s.queue:
-                lease = await self._lease(s)
-                if lease is None:
+                want = ideal_connections(len(s.queue), s.limits) - s.workers
+                if want <= 0:
                     return
-                try:
-                    await self._connection(s, lease)
-                finally:
-                    s.leases.discard(lease)
-                    s.refused.discard(lease)
-                    self._spawn(self._release(s, lease))
+                got = await self._ask_leases(s, want)
+                for lease in got:
+                    s.leases.add(lease)
+                    s.workers += 1
+                    self._spawn(self._worker(s, lease))
+                if len(got) < want:
+                    s.ask_after = time.monotonic() + _CAP_RECHECK
+                if s.workers:
+                    if got and len(got) == want:
+                        continue   # the queue may have grown meanwhile
+                    return         # the open connections drain it
+                if time.monotonic() > give_up:
+                    self._defer_queued(s, classify(
+                        451, "4.4.5 raymta: no connection slot for this site in time (site "
+                        "paused or at its connection limit)", phase="connection"))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _LEASE_RETRY[1])
+        finally:
+            s.acquiring = False
+
+    def _ask_leases(self, s: _Site, n: int) -> asyncio.Future:
+        """Up to ``n`` leases for ``s``. Asks made within a few milliseconds of each other go
+        to each throttle as one call (at the start, 100 sites ask at once)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._asks.setdefault(s.throttle, {})[s.name] = (s, n, fut)
+        if not self._asks_due:
+            self._asks_due = True
+            loop.call_later(_ASK_GATHER, self._send_asks)
+        return fut
+
+    def _send_asks(self) -> None:
+        self._asks_due = False
+        asks, self._asks = self._asks, {}
+        for tname, per in asks.items():
+            self._spawn(self._send_ask(tname, per))
+
+    async def _send_ask(self, tname: str, per: dict[str, tuple[_Site, int, asyncio.Future]]
+                        ) -> None:
+        got: dict[str, list[int]] = {}
+        try:
+            req = msgpack.packb({site: [s.limits_wire, n] for site, (s, n, _) in per.items()},
+                                use_bin_type=True)
+            got = await asyncio.wait_for(
+                self._actor(tname).acquire.remote(self.name, self.incarnation, req), timeout=30)
+        except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+            log.warning("leases for %d sites from %s failed: %s", len(per), tname, e)
+            self._handles.pop(tname, None)
+        finally:
+            for site, (_s, _n, fut) in per.items():
+                if not fut.done():
+                    fut.set_result(got.get(site, []))
+
+    async def _worker(self, s: _Site, lease: int) -> None:
+        """One connection slot: connections to the site under one lease, one after another
+        while it has mail (a connection ends after the site's deliveries-per-connection)."""
+        try:
+            while s.queue and lease not in s.refused:
+                await self._connection(s, lease)
         except Exception:  # a bug here must not strand messages: fail what is queued
             log.exception("relay worker for %s crashed", s.name)
             c = connection_failure("internal relay error")
@@ -283,6 +333,9 @@ class RelayPool:
                 call.add(_result(item, c, ""))
         finally:
             s.workers -= 1
+            s.leases.discard(lease)
+            s.refused.discard(lease)
+            self._releases.setdefault(s.throttle, {}).setdefault(s.name, []).append(lease)
             if s.queue and s.workers == 0:
                 self._start_workers(s)
 
@@ -293,12 +346,6 @@ class RelayPool:
             item, call = s.queue.popleft()
             call.add(_result(item, c, ""))
             self.counters["transient"] += 1
-
-    async def _release(self, s: _Site, lease: int) -> None:
-        try:
-            await self._actor(s.throttle).release.remote(s.name, [lease])
-        except ray.exceptions.RayError:
-            pass  # the lease expires on its own
 
     async def _connection(self, s: _Site, lease: int) -> None:
         d = self.cfg.delivery
@@ -381,8 +428,16 @@ class RelayPool:
                 del self.sites[name]
 
     async def _feedback_loop(self) -> None:
+        """Every 0.1 s: leases given back and site feedback, one call per throttle each."""
         while True:
             await asyncio.sleep(0.1)
+            if self._releases:
+                releases, self._releases = self._releases, {}
+                for tname, leases in releases.items():
+                    try:
+                        self._actor(tname).release.remote(leases)
+                    except (ray.exceptions.RayError, ValueError):
+                        self._handles.pop(tname, None)   # the leases expire on their own
             if not self._feedback:
                 continue
             items, self._feedback = self._feedback, []
@@ -397,6 +452,7 @@ class RelayPool:
 
     async def stats(self) -> dict[str, Any]:
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
+                "loop_lag": self.loop_lag.snapshot(),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases)} for n, s in self.sites.items()}}
 

@@ -107,14 +107,26 @@ class SiteThrottle:
             out[site] = (g.count, g.retry_after)
         return out
 
-    async def acquire(self, site: str, limits: SiteLimits, pool: str, incarnation: str,
-                      n: int = 1) -> list[int]:
-        self.calls["acquire"] += 1
-        return self.book.acquire(site, limits, pool, incarnation, n, time.time())
+    async def acquire(self, pool: str, incarnation: str, request: bytes) -> dict[str, list[int]]:
+        """New connection leases for ``pool``, for several sites in one call.
 
-    async def release(self, site: str, lease_ids: list[int]) -> None:
+        request: msgpack ``{site: [limits_to_wire(limits), n]}``; returns ``{site: [lease
+        ids]}`` (up to ``n`` each, fewer or none at a site's cap or while it is paused). One
+        call per throttle for all the sites a relay wants connections to: a Ray call costs
+        ~2-5 ms of CPU on its two sides, a lease in the book a few microseconds."""
+        self.calls["acquire"] += 1
+        now = time.time()
+        out = {}
+        for site, (wire, n) in msgpack.unpackb(request, raw=False).items():
+            out[site] = self.book.acquire(site, limits_from_wire(wire), pool, incarnation, n,
+                                          now)
+        return out
+
+    async def release(self, leases: dict[str, list[int]]) -> None:
+        """Give back leases, ``{site: [lease ids]}``, several sites in one call."""
         self.calls["release"] += 1
-        self.book.release(site, lease_ids)
+        for site, ids in leases.items():
+            self.book.release(site, ids)
 
     async def renew(self, pool: str, incarnation: str,
                     held: dict[str, tuple[SiteLimits, list[int]]]) -> dict[str, list[int]]:

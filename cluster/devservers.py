@@ -586,6 +586,15 @@ class _SinkHandler:
     def __init__(self, sink: SmtpSink) -> None:
         self.sink = sink
 
+    async def handle_EHLO(self, server: _SinkSMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if self.sink.pipelining:
+            # aiosmtpd reads commands one line at a time, so it takes pipelined ones as they
+            # come (RFC 2920); it just does not say so
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
     async def handle_RCPT(self, server: _SinkSMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         sink = self.sink
@@ -739,6 +748,8 @@ class SmtpSink:
         self.rcpt_reply: ReplyFault | None = None
         self.data_reply: ReplyFault | None = None
         self.greeting_code: int = 220
+        #: offer PIPELINING in the EHLO reply (RFC 2920), as real MTAs do
+        self.pipelining: bool = True
         self._use_uvloop = use_uvloop
         self._owns_stats = _stats is None
         self._stats = _stats if _stats is not None else _Stats()
@@ -982,3 +993,11 @@ class SinkGroup:
     @greeting_code.setter
     def greeting_code(self, code: int) -> None:
         self._set_all("greeting_code", code)
+
+    @property
+    def pipelining(self) -> bool:
+        return self.sinks[0].pipelining
+
+    @pipelining.setter
+    def pipelining(self, on: bool) -> None:
+        self._set_all("pipelining", on)

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import msgpack
 import pytest
 import ray
 
-from cluster.core.sites import throttle_actor_name
+from cluster.core.sites import limits_to_wire, throttle_actor_name
 from tests.conftest import MAIN_SINKS, pipeline_config, raw_message, wait_for
 
 pytestmark = pytest.mark.timeout(300)
@@ -31,8 +32,8 @@ def test_relay_gives_messages_back_when_no_connection_slot_comes(tmp_path, dns_s
             name = throttle_actor_name("domain:busy.test", False, cfg.delivery.throttle_actors)
             throttle = ray.get_actor(name, namespace="raymta")
             # someone else (another relay, say) holds the site's only connection
-            held = ray.get(throttle.acquire.remote("domain:busy.test", limits, "other-relay",
-                                                   "x", 1))
+            req = msgpack.packb({"domain:busy.test": [limits_to_wire(limits), 1]})
+            held = ray.get(throttle.acquire.remote("other-relay", "x", req))["domain:busy.test"]
             assert len(held) == 1
             res = mc.submit([{"sender": "s@origin.test", "recipients": [f"w{i}@busy.test"],
                               "raw": raw_message(i, f"w{i}@busy.test")} for i in range(3)])
@@ -46,7 +47,7 @@ def test_relay_gives_messages_back_when_no_connection_slot_comes(tmp_path, dns_s
             assert all("no connection slot" in e["text"] for e in evs), evs
             assert mc.stats()["requeued_after_relay_loss"] == 0
             assert not [r for r in sinks.received if r.rcpt_to.endswith("@busy.test")]
-            ray.get(throttle.release.remote("domain:busy.test", held))
+            ray.get(throttle.release.remote({"domain:busy.test": held}))
             wait_for(lambda: all(s["state"] == "delivered" for s in mc.status(ids)), 60,
                      "delivery once the slot is free")
             assert sorted(r.rcpt_to for r in sinks.received) == sorted(

@@ -1,0 +1,244 @@
+"""The relay's SMTP client (cluster.adapters.smtp): session set-up with aiosmtplib, then
+transactions on raymta's own protocol, pipelined (RFC 2920) when the server offers it.
+
+Real sockets on loopback: the aiosmtpd sinks (with and without PIPELINING, with per-recipient
+faults and STARTTLS), and a raw asyncio server where the test needs to control every byte."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+
+from cluster.adapters.smtp import ConnectFailure, SmtpConnection, connect_site
+from cluster.devservers import SmtpSink, self_signed_tls_context
+
+pytestmark = pytest.mark.timeout(120)
+
+HOST = "127.0.0.6"
+BODY = (b"From: a@src.test\r\nTo: b@dst.test\r\nSubject: dots\r\n\r\n"
+        b".leading dot\r\nmiddle\r\n.\r\n..two\r\nlast line\r\n")
+
+
+@pytest.fixture
+def sink() -> Iterator[SmtpSink]:
+    s = SmtpSink(HOST, name="client-test").start()
+    try:
+        yield s
+    finally:
+        s.stop()
+
+
+async def _connect(port: int, *, tls: str = "disabled", timeout: float = 10.0
+                   ) -> SmtpConnection:
+    return await connect_site([(10, "mx.dst.test", [HOST])], port, ehlo_name="relay.test",
+                              tls=tls, connect_timeout=5, command_timeout=timeout)
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_transactions_deliver_exact_bytes_with_and_without_pipelining(
+        sink: SmtpSink, pipelining: bool) -> None:
+    sink.pipelining = pipelining
+
+    async def run() -> list:
+        conn = await _connect(sink.port)
+        assert conn.pipelining is pipelining and conn.eightbit and conn.smtputf8
+        out = [await conn.send("s@src.test", f"r{i}@dst.test", BODY) for i in range(5)]
+        # bare LF line ends and no final line end: sent as CRLF lines all the same
+        out.append(await conn.send("s@src.test", "lf@dst.test", b"Subject: lf\n\nline\n.x"))
+        assert conn.usable and conn.sent == 6
+        await conn.close()
+        assert not conn.usable
+        return out
+
+    attempts = asyncio.run(run())
+    assert [(a.phase, a.code) for a in attempts] == [("data", 250)] * 6
+    got = sink.received
+    assert [r.rcpt_to for r in got] == [f"r{i}@dst.test" for i in range(5)] + ["lf@dst.test"]
+    assert all(r.data == BODY for r in got[:5])      # dot-stuffed on the wire, unstuffed there
+    assert got[5].data == b"Subject: lf\r\n\r\nline\r\n.x\r\n"
+    assert len({r.session_id for r in got}) == 1      # one session for all six
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+def test_rejections_are_reported_by_step_and_the_session_goes_on(
+        sink: SmtpSink, pipelining: bool) -> None:
+    sink.pipelining = pipelining
+    sink.rcpt_reply = lambda rcpt, n: (550, "5.1.1 no such user\nsecond line") \
+        if rcpt.startswith("nobody") else None
+    sink.data_reply = lambda rcpt, n: (452, "4.3.1 out of storage") \
+        if rcpt.startswith("full") else None
+
+    async def run() -> list:
+        conn = await _connect(sink.port)
+        out = [await conn.send("s@src.test", "nobody@dst.test", BODY),
+               await conn.send("s@src.test", "full@dst.test", BODY),
+               await conn.send("s@src.test", "ok@dst.test", BODY)]
+        assert conn.usable
+        await conn.close()
+        return out
+
+    rcpt, data, ok = asyncio.run(run())
+    assert (rcpt.phase, rcpt.code) == ("rcpt", 550)
+    assert rcpt.text == "5.1.1 no such user\nsecond line"   # multi-line reply, joined
+    assert (data.phase, data.code, data.text) == ("data", 452, "4.3.1 out of storage")
+    assert (ok.phase, ok.code) == ("data", 250)
+    assert [r.rcpt_to for r in sink.received] == ["ok@dst.test"]
+
+
+def test_421_on_rcpt_reports_it_and_ends_the_session(sink: SmtpSink) -> None:
+    sink.rcpt_reply = lambda rcpt, n: (421, "4.7.0 too busy, closing")
+
+    async def run():
+        conn = await _connect(sink.port)
+        a = await conn.send("s@src.test", "x@dst.test", BODY)
+        return a, conn.usable
+
+    a, usable = asyncio.run(run())
+    assert (a.phase, a.code, a.text) == ("rcpt", 421, "4.7.0 too busy, closing")
+    assert not usable
+    assert sink.received == []
+
+
+def test_starttls_then_pipelined_transactions(sink: SmtpSink) -> None:
+    sink.tls_context = self_signed_tls_context()
+
+    async def run() -> list:
+        conn = await _connect(sink.port, tls="opportunistic")
+        assert conn.tls and conn.pipelining
+        out = [await conn.send("s@src.test", f"t{i}@dst.test", BODY) for i in range(3)]
+        await conn.close()
+        return out
+
+    assert [(a.phase, a.code) for a in asyncio.run(run())] == [("data", 250)] * 3
+    assert all(r.tls and r.data == BODY for r in sink.received)
+
+
+class _RawServer:
+    """An SMTP server scripted byte by byte: greets, answers EHLO in pieces, then answers
+    MAIL/RCPT/DATA per ``mode``. Records every line it got."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.lines: list[bytes] = []
+        self.server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> "_RawServer":
+        self.server = await asyncio.start_server(self._serve, HOST, 0)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        try:
+            w.write(b"220 raw.test ESMTP\r\n")
+            await r.readline()                       # EHLO
+            for piece in (b"250-raw.test\r\n250-PIPE", b"LINING\r\n250-8BITMIME\r\n",
+                          b"250 SIZE 1000000\r\n"):
+                w.write(piece)
+                await w.drain()
+                await asyncio.sleep(0.02)
+            while True:
+                line = await r.readline()
+                if not line:
+                    return
+                self.lines.append(line)
+                if line.startswith(b"MAIL"):
+                    # the three pipelined commands, answered in one packet split mid-reply
+                    rest = [await r.readline(), await r.readline()]
+                    self.lines.extend(rest)
+                    if self.mode == "silent":
+                        await asyncio.sleep(30)
+                        return
+                    if self.mode == "drop":
+                        w.write(b"250 2.1.0 ok\r\n")
+                        await w.drain()
+                        w.close()
+                        return
+                    w.write(b"250 2.1.0 ok\r\n250-2.1.5 recipient")
+                    await w.drain()
+                    await asyncio.sleep(0.02)
+                    w.write(b" ok\r\n250 2.1.5 really\r\n354 go ahead\r\n")
+                    body = b""
+                    while not body.endswith(b"\r\n.\r\n"):
+                        chunk = await r.readline()
+                        if not chunk:
+                            return
+                        body += chunk
+                    self.lines.append(body)
+                    w.write(b"250 2.0.0 queued as X\r\n")
+                elif line.startswith(b"QUIT"):
+                    w.write(b"221 bye\r\n")
+                    await w.drain()
+                    w.close()
+                    return
+                else:
+                    w.write(b"250 ok\r\n")
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+
+
+def test_pipelined_commands_go_in_one_write_and_split_replies_are_joined() -> None:
+    async def run():
+        async with _RawServer("ok") as srv:
+            conn = await _connect(srv.port)
+            assert conn.pipelining and conn.eightbit and not conn.smtputf8
+            a = await conn.send("s@src.test", "r@dst.test", b"Subject: x\r\n\r\n.hi\r\n")
+            await conn.close()
+            return a, srv.lines
+
+    a, lines = asyncio.run(run())
+    assert (a.phase, a.code, a.text) == ("data", 250, "2.0.0 queued as X")
+    assert lines[:3] == [b"MAIL FROM:<s@src.test> BODY=8BITMIME\r\n", b"RCPT TO:<r@dst.test>\r\n",
+                         b"DATA\r\n"]
+    assert lines[3] == b"Subject: x\r\n\r\n..hi\r\n.\r\n"
+    assert lines[4] == b"QUIT\r\n"
+
+
+def test_a_connection_lost_mid_transaction_is_a_connection_failure() -> None:
+    async def run():
+        async with _RawServer("drop") as srv:
+            conn = await _connect(srv.port)
+            a = await conn.send("s@src.test", "r@dst.test", BODY)
+            return a, conn.usable
+
+    a, usable = asyncio.run(run())
+    assert a.phase == "connection" and a.code is None
+    assert "lost during RCPT" in a.text and "127.0.0.6" in a.text
+    assert not usable
+
+
+def test_a_server_that_stops_answering_times_out() -> None:
+    async def run():
+        async with _RawServer("silent") as srv:
+            conn = await _connect(srv.port, timeout=0.5)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            a = await conn.send("s@src.test", "r@dst.test", BODY)
+            return a, loop.time() - t0, conn.usable
+
+    a, took, usable = asyncio.run(run())
+    assert a.phase == "connection" and a.code is None and "no reply within 0.5s" in a.text
+    assert 0.4 < took < 5 and not usable
+
+
+def test_no_host_answering_raises_connect_failure() -> None:
+    async def run():
+        import socket
+        with socket.socket() as s:   # a port nobody listens on
+            s.bind((HOST, 0))
+            port = s.getsockname()[1]
+        await _connect(port)
+
+    with pytest.raises(ConnectFailure) as e:
+        asyncio.run(run())
+    assert e.value.tried == [f"mx.dst.test[{HOST}]"] and not e.value.all_421
