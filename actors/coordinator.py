@@ -32,7 +32,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import use_uvloop
+from actors.loop import LoopLag, preload, use_uvloop
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
@@ -73,6 +73,8 @@ class _Route:
 class QueueCoordinator:
     def __init__(self, config: Config, shard: int = 0) -> None:
         use_uvloop()
+        preload("actors.remote", "actors.relay_pool", "actors.site_throttle",
+                "actors.replica_log")
         from actors.replica_log import copy_directory
         self.cfg = config
         self.shard = shard
@@ -113,6 +115,7 @@ class QueueCoordinator:
         self._site_inflight: dict[str, int] = {}
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
+        self.loop_lag = LoopLag()
         #: per site: the in-flight count last told to its throttle, and what the throttle needs
         #: to hear it again ([throttle name, limits]). A shard with nothing more ready for a
         #: site still reports its count going down, or the throttle would hold the site's room
@@ -153,6 +156,7 @@ class QueueCoordinator:
         self._dispatch_wake = asyncio.Event()
         self._serving = asyncio.Event()
         self._spawn(self._startup())
+        self._spawn(self.loop_lag.run())
 
     def _replica_handle(self, slot: int) -> Any:
         return ray.get_actor(f"replica:{self.shard}:{slot}", namespace=self.ns)
@@ -918,7 +922,8 @@ class QueueCoordinator:
                 "lsn": self.state.last_lsn, **self.state.counts(), **self.counters,
                 "pending_commit": self._pending_msgs, "recovered": self.recovered,
                 "disk_bytes": self.log.disk_bytes(),
-                "site_inflight": {s: n for s, n in self._site_inflight.items() if n}}
+                "site_inflight": {s: n for s, n in self._site_inflight.items() if n},
+                "loop_lag": self.loop_lag.snapshot()}
 
     async def ping(self) -> int:
         self._ensure_started()

@@ -310,3 +310,18 @@ def test_missing_corpus_fails_instead_of_skipping(tmp_path: Path) -> None:
     """A missing corpus is a failure, not a skip: CI must never pass without it."""
     with pytest.raises(pytest.fail.Exception, match="address corpus missing"):
         _require_corpus(tmp_path / "nowhere")
+
+
+def test_the_domain_cache_keeps_results_exact_and_bounded() -> None:
+    from cluster.core import addresses
+    a = parse_address("x@Bücher.Example", allow_smtputf8=True)
+    b = parse_address("y@Bücher.Example", allow_smtputf8=True)   # from the cache
+    assert (a.domain, a.ascii_domain) == (b.domain, b.ascii_domain) == \
+        ("bücher.example", "xn--bcher-kva.example")
+    with pytest.raises(AddressError, match="consecutive dots"):
+        parse_address("z@b..example")        # failures are never cached
+    with pytest.raises(AddressError, match="consecutive dots"):
+        parse_address("z@b..example")
+    for i in range(addresses._DOMAINS_MAX + 10):
+        parse_address(f"u@d{i}.example")
+    assert 0 < len(addresses._DOMAINS) <= addresses._DOMAINS_MAX

@@ -538,3 +538,17 @@ def test_ulids_after_fork_differ_from_the_parents() -> None:
     child = {data[i:i + 26].decode() for i in range(0, len(data), 26)}
     parent = {new_message_id(NOW) for _ in range(100)}
     assert len(child) == 100 and len(parent) == 100 and not child & parent
+
+
+def test_ids_made_to_hash_to_a_shard_stay_valid_distinct_ulids() -> None:
+    from cluster.client import id_for_shard, shard_of
+    now = 1_800_000_000.123
+    for shards in (2, 4, 7, 64, 2000):
+        seen = set()
+        for k in range(300):
+            mid = new_message_id(now)
+            got = id_for_shard(mid, k % shards, shards)
+            assert shard_of(got, shards) == k % shards
+            assert message_id_time(got) == message_id_time(mid)   # a ULID of the same time
+            seen.add(got)
+        assert len(seen) == 300
