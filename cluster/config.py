@@ -117,8 +117,11 @@ class QueueConfig:
     status_cache: int = 200_000
     #: how long an idempotency key is remembered
     idempotency_window: float = 86400.0
-    #: queue shards (message id hash), each with its own leader and copies
-    shards: int = 4
+    #: queue shards (message id hash), each with its own leader and copies. Fixed once the
+    #: spool exists. Each shard is R more processes (~1 % of a core each when idle, ~2-5 ms of
+    #: CPU per Ray call): about one per core of the cluster; on 2 cores, 2 shards delivered
+    #: ~1,500 msgs/s where 4 delivered ~1,100 (bench/throughput.py --shards)
+    shards: int = 2
 
 
 @dataclass(frozen=True)

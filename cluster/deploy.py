@@ -9,11 +9,12 @@ that joined.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import ray
 
-from cluster.config import Config
+from cluster.config import Config, ConfigError
 
 __all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "wait_ready"]
 
@@ -44,8 +45,29 @@ def join_with_token() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
+def check_spool_shards(cfg: Config) -> None:
+    """Refuse a spool that holds more shards than the config has (as far as this machine's
+    files show): those shards would have no leader and their mail would never be delivered.
+    The shard count is fixed once a spool exists; to change it, back up and restore."""
+    base = Path(cfg.spool.directory)
+    found: dict[int, Path] = {}
+    for d in list(base.glob("shard-*")) + list(base.glob("node-*/shard-*")):
+        tail = d.name.removeprefix("shard-")
+        if tail.isdigit() and int(tail) >= cfg.queue.shards and \
+                any(f.is_file() for f in d.rglob("*")):
+            found.setdefault(int(tail), d)
+    if found:
+        top = max(found)
+        raise ConfigError("queue.shards", (
+            f"{cfg.queue.shards}, but the spool holds shard {top} ({found[top]}), so it was "
+            f"made with at least {top + 1} shards: its mail would never be delivered. Set "
+            f"queue.shards = {top + 1}, or move the queue over with `raymta backup` (old "
+            f"count) and `raymta restore` (new count)"))
+
+
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
+    check_spool_shards(cfg)
     from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
                                ensure_replica, ensure_throttle, relay_name, replica_name,
                                shard_placement)

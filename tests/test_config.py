@@ -111,3 +111,25 @@ def test_unreadable_and_invalid_files_name_the_file(tmp_path):
                                      ("1.5k", 1500), ("2 GiB", 2 << 30)])
 def test_sizes(text, n):
     assert parse_size(text) == n
+
+
+def test_a_spool_with_more_shards_than_configured_is_refused(tmp_path):
+    from cluster.deploy import check_spool_shards
+    cfg = parse_config({"spool": {"directory": str(tmp_path)}, "queue": {"shards": 2}})
+    check_spool_shards(cfg)                                   # empty spool: fine
+    for s in range(4):
+        (tmp_path / f"shard-{s}" / "copy-0").mkdir(parents=True)
+    check_spool_shards(cfg)                                   # empty directories: fine
+    (tmp_path / "shard-1" / "copy-0" / "log-000001").write_bytes(b"x")
+    check_spool_shards(cfg)                                   # within the count: fine
+    (tmp_path / "shard-3" / "copy-0" / "log-000001").write_bytes(b"x")
+    with pytest.raises(ConfigError) as e:
+        check_spool_shards(cfg)
+    assert e.value.key == "queue.shards"
+    assert "shard 3" in str(e.value) and "queue.shards = 4" in str(e.value)
+    per_node = parse_config({"spool": {"directory": str(tmp_path / "pn"), "per_node": True},
+                             "queue": {"shards": 1}})
+    (tmp_path / "pn" / "node-abc" / "shard-1" / "copy-2").mkdir(parents=True)
+    (tmp_path / "pn" / "node-abc" / "shard-1" / "copy-2" / "snapshot").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="queue.shards = 2"):
+        check_spool_shards(per_node)
