@@ -115,7 +115,8 @@ class QueueCoordinator:
         self._site_inflight: dict[str, int] = {}
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
-        self.loop_lag = LoopLag()
+        from actors.metrics import loop_lag_reporter
+        self.loop_lag = LoopLag(report=loop_lag_reporter(f"coordinator:{shard}"))
         #: per site: the in-flight count last told to its throttle, and what the throttle needs
         #: to hear it again ([throttle name, limits]). A shard with nothing more ready for a
         #: site still reports its count going down, or the throttle would hold the site's room

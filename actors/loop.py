@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from typing import Callable
 
 __all__ = ["use_uvloop"]
 
@@ -29,16 +30,24 @@ class LoopLag:
     process waits about that long too). ``snapshot()``: the latest, mean and max (ms) over the
     last ``window`` samples (10 s by default); reading it changes nothing."""
 
-    def __init__(self, period: float = 0.25, window: int = 40) -> None:
+    def __init__(self, period: float = 0.25, window: int = 40,
+                 report: Callable[[float], None] | None = None) -> None:
         self.period = period
         self.samples: deque[float] = deque(maxlen=window)
+        #: called about once a second with the window's max (seconds): a metrics gauge
+        self.report = report
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        every = max(1, round(1.0 / self.period))
+        n = 0
         while True:
             t = loop.time()
             await asyncio.sleep(self.period)
             self.samples.append(max(0.0, loop.time() - t - self.period))
+            n += 1
+            if self.report is not None and n % every == 0:
+                self.report(max(self.samples))
 
     def snapshot(self) -> dict[str, float]:
         xs = list(self.samples)

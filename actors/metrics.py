@@ -11,7 +11,17 @@ from typing import Iterable
 
 from ray.util.metrics import Counter, Gauge
 
-__all__ = ["CoordinatorMetrics", "RelayMetrics", "ThrottleMetrics"]
+__all__ = ["CoordinatorMetrics", "RelayMetrics", "ThrottleMetrics", "loop_lag_reporter"]
+
+
+def loop_lag_reporter(actor: str):
+    """A callback for :class:`actors.loop.LoopLag`: the worst event-loop lag of the last
+    10 s, as ``raymta_loop_lag_seconds{actor=...}``."""
+    gauge = Gauge("raymta_loop_lag_seconds", "how late the actor's event loop ran a timer "
+                  "(worst of the last 10 s): every call and SMTP reply waits as long",
+                  tag_keys=("actor",))
+    tags = {"actor": actor}
+    return lambda seconds: gauge.set(seconds, tags)
 
 
 class CoordinatorMetrics:

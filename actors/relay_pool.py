@@ -126,7 +126,8 @@ class RelayPool:
         self._flushed: asyncio.Future | None = None
         self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
                          "connect_failures": 0}
-        self.loop_lag = LoopLag()
+        from actors.metrics import loop_lag_reporter
+        self.loop_lag = LoopLag(report=loop_lag_reporter(name))
 
     # ------------------------------------------------------------------ plumbing
     def _spawn(self, coro: Any) -> None:
@@ -369,20 +370,30 @@ class RelayPool:
             return
         self.counters["connections"] += 1
         host = f"{conn.host}[{conn.address}]"
+        limit = s.limits.deliveries_per_connection
+        carry: tuple[list[Any], _Call] | None = None   # next message, its envelope sent ahead
         try:
-            while conn.usable and conn.sent < s.limits.deliveries_per_connection:
+            while conn.usable and conn.sent < limit:
                 if lease in s.refused:
                     return
-                if not s.queue:
+                if carry is not None:
+                    (item, call), carry = carry, None
+                elif not s.queue:
                     s.wake.clear()
                     try:
                         await asyncio.wait_for(s.wake.wait(), timeout=d.idle_timeout)
                     except asyncio.TimeoutError:
                         return
                     continue
-                item, call = s.queue.popleft()
+                else:
+                    item, call = s.queue.popleft()
                 _id, _attempt, sender, rcpt, body, smtputf8 = item
-                a = await conn.send(sender, rcpt, body, smtputf8)
+                then = None
+                if conn.pipelining and s.queue and conn.sent + 1 < limit:
+                    # this connection takes the next one too: its envelope rides on this body
+                    carry = s.queue.popleft()
+                    then = (carry[0][2], carry[0][3], carry[0][5])
+                a = await conn.send(sender, rcpt, body, smtputf8, then=then)
                 c = classify(a.code, a.text, phase=a.phase) if a.code is not None else \
                     connection_failure(a.text)
                 call.add(_result(item, c, host))
@@ -395,9 +406,17 @@ class RelayPool:
                     self.counters["permanent"] += 1
                 if c.site_backoff:
                     self._feedback.append((s.throttle, s.name, "backoff", c.text))
+                    if carry is not None:
+                        s.queue.appendleft(carry)
+                        carry = None
                     self._defer_queued(s, c)
                     return
         finally:
+            if carry is not None:
+                # not sent here after all (connection lost, lease refused): back to the front
+                # of the queue for another connection; its body never went, so neither did it
+                s.queue.appendleft(carry)
+                s.wake.set()
             await conn.close()
 
     # ------------------------------------------------------------------ background loops

@@ -26,3 +26,18 @@ def test_loop_lag_sees_a_blocked_loop_and_keeps_a_bounded_window() -> None:
     assert quiet["max_ms"] < 30
     assert busy["max_ms"] >= 50 and busy["latest_ms"] < busy["max_ms"]
     assert kept == 5
+
+
+def test_loop_lag_reports_the_window_max_about_once_a_second() -> None:
+    got: list[float] = []
+
+    async def main() -> None:
+        lag = LoopLag(period=0.05, report=got.append)
+        task = asyncio.create_task(lag.run())
+        await asyncio.sleep(0.2)
+        time.sleep(0.08)
+        await asyncio.sleep(1.0)
+        task.cancel()
+
+    asyncio.run(main())
+    assert len(got) == 1 and got[0] >= 0.07

@@ -13,6 +13,7 @@ import pytest
 
 from cluster.adapters.smtp import ConnectFailure, SmtpConnection, connect_site
 from cluster.devservers import SmtpSink, self_signed_tls_context
+from tests.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -122,6 +123,7 @@ class _RawServer:
     def __init__(self, mode: str) -> None:
         self.mode = mode
         self.lines: list[bytes] = []
+        self.early: list[bytes] = []
         self.server: asyncio.AbstractServer | None = None
 
     async def __aenter__(self) -> "_RawServer":
@@ -175,6 +177,28 @@ class _RawServer:
                             return
                         body += chunk
                     self.lines.append(body)
+                    if self.mode == "ahead":
+                        # before answering the body: has the next envelope come already?
+                        try:
+                            early = await asyncio.wait_for(r.readline(), 0.3)
+                        except asyncio.TimeoutError:
+                            early = b""
+                        self.early.append(early)
+                        w.write(b"250 2.0.0 queued as X\r\n")
+                        if early.startswith(b"MAIL"):
+                            self.lines.append(early)
+                            rest = [await r.readline(), await r.readline()]
+                            self.lines.extend(rest)
+                            w.write(b"250 ok\r\n250 ok\r\n354 go ahead\r\n")
+                            body = b""
+                            while not body.endswith(b"\r\n.\r\n"):
+                                chunk = await r.readline()
+                                if not chunk:
+                                    return
+                                body += chunk
+                            self.lines.append(body)
+                            w.write(b"250 2.0.0 queued as Y\r\n")
+                        continue
                     w.write(b"250 2.0.0 queued as X\r\n")
                 elif line.startswith(b"QUIT"):
                     w.write(b"221 bye\r\n")
@@ -242,3 +266,50 @@ def test_no_host_answering_raises_connect_failure() -> None:
     with pytest.raises(ConnectFailure) as e:
         asyncio.run(run())
     assert e.value.tried == [f"mx.dst.test[{HOST}]"] and not e.value.all_421
+
+
+def test_the_next_envelope_rides_behind_a_body() -> None:
+    async def run():
+        async with _RawServer("ahead") as srv:
+            conn = await _connect(srv.port)
+            a = await conn.send("s@src.test", "r1@dst.test", b"one\r\n",
+                                then=("s@src.test", "r2@dst.test", False))
+            b = await conn.send("s@src.test", "r2@dst.test", b"two\r\n")
+            await conn.close()
+            return a, b, srv.early, srv.lines
+
+    a, b, early, lines = asyncio.run(run())
+    assert (a.code, a.text, b.code, b.text) == (250, "2.0.0 queued as X", 250,
+                                                "2.0.0 queued as Y")
+    # the server had the next MAIL before it answered the first body
+    assert early[0] == b"MAIL FROM:<s@src.test> BODY=8BITMIME\r\n"
+    assert lines[:8] == [b"MAIL FROM:<s@src.test> BODY=8BITMIME\r\n", b"RCPT TO:<r1@dst.test>\r\n",
+                         b"DATA\r\n", b"one\r\n.\r\n",
+                         b"MAIL FROM:<s@src.test> BODY=8BITMIME\r\n", b"RCPT TO:<r2@dst.test>\r\n",
+                         b"DATA\r\n", b"two\r\n.\r\n"]
+
+
+def test_an_announced_transaction_never_sent_delivers_nothing(sink: SmtpSink) -> None:
+    async def run():
+        conn = await _connect(sink.port)
+        a = await conn.send("s@src.test", "first@dst.test", BODY,
+                            then=("s@src.test", "second@dst.test", False))
+        await conn.close()         # the second is not sent: its DATA must never be ended
+        return a
+
+    assert asyncio.run(run()).code == 250
+    wait_for(lambda: sink.current_sessions == 0, 10, "the session to end")
+    assert [r.rcpt_to for r in sink.received] == ["first@dst.test"]
+
+
+def test_send_must_follow_the_announced_transaction(sink: SmtpSink) -> None:
+    async def run():
+        conn = await _connect(sink.port)
+        await conn.send("s@src.test", "first@dst.test", BODY,
+                        then=("s@src.test", "second@dst.test", False))
+        with pytest.raises(RuntimeError, match="announced"):
+            await conn.send("s@src.test", "other@dst.test", BODY)
+        return conn.usable
+
+    assert asyncio.run(run()) is False
+    assert [r.rcpt_to for r in sink.received] == ["first@dst.test"]
