@@ -239,6 +239,8 @@ def _describe(ch: str) -> str:
 
 def _check_characters(text: str, fail: _Fail) -> None:
     """Reject characters that are never valid anywhere in an envelope address."""
+    if text.isascii() and text.isprintable():
+        return   # printable ASCII: no controls, no DEL (the common case, checked in C)
     for ch in text:
         cp = ord(ch)
         if cp < 0x20 or cp == 0x7F or 0x80 <= cp <= 0x9F:

@@ -576,6 +576,7 @@ def _parse_header_section(text: bytes, smtputf8: bool) -> list[_Field]:
     lines = head.split(b"\n") if head else []
     if head.endswith(b"\n"):
         lines.pop()
+    all_ascii = head.isascii()
     for n, line in enumerate(lines, 1):
         if line[:1] in (b" ", b"\t"):
             # RFC 5322 §2.2.3 folding: a continuation of the previous field
@@ -603,7 +604,7 @@ def _parse_header_section(text: bytes, smtputf8: bool) -> list[_Field]:
                                       "with an empty line before the body (RFC 5322 §2.1, "
                                       "§2.2)")
             name = m.group(1).decode("ascii")
-        if not line.isascii():
+        if not all_ascii and not line.isascii():
             if not smtputf8:
                 raise ValidationError("raw", f"line {n}: 8-bit byte in the {name!r} header "
                                       "field needs smtputf8 (RFC 6532), or encode it (RFC 2047)")
@@ -612,7 +613,7 @@ def _parse_header_section(text: bytes, smtputf8: bool) -> list[_Field]:
             except UnicodeDecodeError:
                 raise ValidationError("raw", f"line {n}: {name!r} header field is not valid "
                                       "UTF-8 (RFC 6532 §3.2)") from None
-        value = line.decode("utf-8", "replace")
+        value = line.decode("ascii") if all_ascii else line.decode("utf-8", "replace")
         if line[:1] in (b" ", b"\t"):
             fields[-1].value += value
         else:
