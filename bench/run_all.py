@@ -87,7 +87,7 @@ def print_table(summary: dict[str, Any], n: int) -> None:
     print(f"\nmedians over rounds, {n:,} messages each "
           "(raymta p50/95/99: per 100-message submit batch with 4 submitters flat out; "
           "at 1k/s: batches of 100 offered at 1,000 msgs/s after the run; Postfix: per SMTP "
-          "message)")
+          "message when injected by Python, '-' when by smtp-source)")
     print(line.format(*cols))
     print(line.format(*("-" * w for w in widths)))
     for r in rows:
@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-install", action="store_true",
                     help="do not apt-get install postfix / pip install matplotlib")
     ap.add_argument("--no-chart", action="store_true")
+    ap.add_argument("--postfix-injector", choices=["auto", "smtp-source", "python"],
+                    default="auto", help="who submits to Postfix (auto: smtp-source, the "
+                    "lightest, when installed; python: aiosmtplib, with per-message latency)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     systems = [s for s in args.systems.split(",") if s]
@@ -180,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                     print_raymta(res)
                 elif system == "postfix":
                     res = run_postfix(args.messages, timeout=args.timeout,
-                                      progress=not args.quiet)
+                                      progress=not args.quiet,
+                                      injector=args.postfix_injector)
                     print_peer(res)
                 else:
                     res = run_physical(args.messages, timeout=args.timeout)
