@@ -535,7 +535,9 @@ def _placement(handles: dict[str, Any]) -> dict[str, str]:
     out = {}
     for name in sorted(handles):
         if name.startswith(("coordinator:", "replica:")):
-            nid = _stats(handles[name])["node"]
+            # by name, not the handle deploy returned: a leader's rebalancing may have moved
+            # the copy meanwhile (a new, detached actor under the same name)
+            nid = _stats(ray.get_actor(name))["node"]   # the driver's namespace
             out[name] = f"{region_of.get(nid, '?')}/{nid[:8]}"
     return out
 
