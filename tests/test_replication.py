@@ -12,6 +12,7 @@ sinks, that every acknowledged message arrived, counting duplicates.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -84,6 +85,19 @@ def regions(tmp_path_factory, dns_server):
 
 
 # ---------------------------------------------------------------------------- helpers
+def _on_every_shard(mc: Any, msgs: list[dict[str, Any]]) -> tuple[list[list[Any]], list[float]]:
+    """Submit ``msgs`` in one call per shard: a client's calls take turns over the shards, so
+    consecutive calls land on every one. Returns each call's results and its duration."""
+    n = len(mc.coordinators)
+    size = -(-len(msgs) // n)
+    out, took = [], []
+    for k in range(n):
+        t = time.time()
+        out.append(mc.submit(msgs[k * size:(k + 1) * size]))
+        took.append(time.time() - t)
+    return out, took
+
+
 def _submit_all(mc: Any, msgs: list[dict[str, Any]], acked: dict[str, list[str]],
                 chunk: int = 500, deadline: float = 180.0) -> int:
     """Submit until every message is acknowledged (errors are retried as new submissions,
@@ -271,7 +285,8 @@ def test_old_epoch_leader_is_refused(regions):
     # fail shard 0 over once: the old leader's epoch is the one a zombie would still hold
     st = ray.get(mc.handles["coordinator:0"].stats.remote())
     os.kill(st["pid"], signal.SIGKILL)
-    assert all(r.accepted for r in mc.submit(_messages("zy", 20, regions["domains"])))
+    calls, _ = _on_every_shard(mc, _messages("zy", 20, regions["domains"]))
+    assert all(r.accepted for call in calls for r in call)
     assert ray.get(mc.handles["coordinator:0"].stats.remote())["epoch"] > st["epoch"]
     h = mc.handles["replica:0:1"]
     rep = ray.get(h.stats.remote())
@@ -289,8 +304,8 @@ def test_old_epoch_leader_is_refused(regions):
     after = ray.get(h.stats.remote())
     assert after["promised"] == epoch and after["end"] >= end
     # the real leader goes on committing
-    res = mc.submit(_messages("zz", 20, regions["domains"]))
-    assert all(r.accepted for r in res)
+    calls, _ = _on_every_shard(mc, _messages("zz", 20, regions["domains"]))
+    assert all(r.accepted for call in calls for r in call)
 
 
 def test_minority_of_copies_refuses_clearly_then_recovers(regions):
@@ -311,20 +326,23 @@ def test_minority_of_copies_refuses_clearly_then_recovers(regions):
     # ray.kill returns before the process has exited; until then it still answers appends on
     # its stream (and they are durable on its disk): the minority starts when both are gone
     wait_for(lambda: all(gone(p) for p in pids), 30, "both replica processes to exit")
+    from cluster.client import shard_of
+    both_shards = functools.partial(_on_every_shard, mc)
     msgs = _messages("mn", 40, regions["domains"])
-    t0 = time.time()
-    res = mc.submit(msgs)
-    took = time.time() - t0
+    calls, took_each = both_shards(msgs)
+    res = [r for call in calls for r in call]
+    took = max(took_each)
     on_shard = [r for r in res if not r.accepted]
     ok = [r for r in res if r.accepted]
-    assert on_shard and ok      # shard 1's part refused, shard 0's accepted
+    assert len(on_shard) == 20 and len(ok) == 20   # shard 1's call refused, shard 0's accepted
+    assert {shard_of(r.ids[0], 2) for r in ok} == {0}
     for r in on_shard:
         assert "not durable on a quorum" in r.error and f"shard {shard}" in r.error, r.error
     # while stalled, refusals come at once, not after another timeout
-    t1 = time.time()
-    res2 = mc.submit(msgs[:10])
-    assert all(r.accepted or "quorum" in r.error for r in res2)
-    fast = time.time() - t1
+    calls2, took2 = both_shards(msgs[:10])
+    refused2 = [r for call in calls2 for r in call if not r.accepted]
+    assert len(refused2) == 5 and all("quorum" in r.error for r in refused2)
+    fast = max(took2)
     print(f"\nminority: refused after {took:.1f}s (ack_timeout {cfg.replication.ack_timeout}s),"
           f" then in {fast:.2f}s: {on_shard[0].error}")
     assert took < cfg.replication.ack_timeout + 10 and fast < 2.0
@@ -334,7 +352,8 @@ def test_minority_of_copies_refuses_clearly_then_recovers(regions):
         mc.handles[f"replica:{shard}:{k}"] = ensure_replica(cfg, shard, k, homes[k])
 
     def accepted_again() -> bool:
-        return all(r.accepted for r in mc.submit(_messages("mr", 20, regions["domains"])))
+        calls, _ = both_shards(_messages("mr", 20, regions["domains"]))
+        return all(r.accepted for call in calls for r in call)
     wait_for(accepted_again, 120, "shard 1 to accept again", poll=1.0)
 
 
