@@ -102,17 +102,27 @@ def test_421_on_rcpt_reports_it_and_ends_the_session(sink: SmtpSink) -> None:
     assert sink.received == []
 
 
-def test_starttls_then_pipelined_transactions(sink: SmtpSink) -> None:
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])   # the relay runs on uvloop
+def test_starttls_then_pipelined_transactions(sink: SmtpSink, loop: str) -> None:
     sink.tls_context = self_signed_tls_context()
 
     async def run() -> list:
         conn = await _connect(sink.port, tls="opportunistic")
         assert conn.tls and conn.pipelining
-        out = [await conn.send("s@src.test", f"t{i}@dst.test", BODY) for i in range(3)]
+        out = [await conn.send("s@src.test", f"t{i}@dst.test", BODY,
+                               then=("s@src.test", f"t{i + 1}@dst.test", False) if i < 2
+                               else None) for i in range(3)]
         await conn.close()
         return out
 
-    assert [(a.phase, a.code) for a in asyncio.run(run())] == [("data", 250)] * 3
+    factory = None
+    if loop == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        attempts = runner.run(run())
+    assert [(a.phase, a.code) for a in attempts] == [("data", 250)] * 3
+    assert [r.rcpt_to for r in sink.received] == [f"t{i}@dst.test" for i in range(3)]
     assert all(r.tls and r.data == BODY for r in sink.received)
 
 
