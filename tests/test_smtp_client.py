@@ -126,6 +126,17 @@ def test_starttls_then_pipelined_transactions(sink: SmtpSink, loop: str) -> None
     assert all(r.tls and r.data == BODY for r in sink.received)
 
 
+async def _read_body(r: asyncio.StreamReader) -> bytes | None:
+    """DATA content up to and including the CRLF.CRLF end, as sent; None if the client left."""
+    body = b""
+    while not body.endswith(b"\r\n.\r\n"):
+        chunk = await r.readline()
+        if not chunk:
+            return None
+        body += chunk
+    return body
+
+
 class _RawServer:
     """An SMTP server scripted byte by byte: greets, answers EHLO in pieces, then answers
     MAIL/RCPT/DATA per ``mode``. Records every line it got."""
@@ -180,12 +191,9 @@ class _RawServer:
                     await w.drain()
                     await asyncio.sleep(0.02)
                     w.write(b" ok\r\n250 2.1.5 really\r\n354 go ahead\r\n")
-                    body = b""
-                    while not body.endswith(b"\r\n.\r\n"):
-                        chunk = await r.readline()
-                        if not chunk:
-                            return
-                        body += chunk
+                    body = await _read_body(r)
+                    if body is None:
+                        return
                     self.lines.append(body)
                     if self.mode == "ahead":
                         # before answering the body: has the next envelope come already?
@@ -200,12 +208,9 @@ class _RawServer:
                             rest = [await r.readline(), await r.readline()]
                             self.lines.extend(rest)
                             w.write(b"250 ok\r\n250 ok\r\n354 go ahead\r\n")
-                            body = b""
-                            while not body.endswith(b"\r\n.\r\n"):
-                                chunk = await r.readline()
-                                if not chunk:
-                                    return
-                                body += chunk
+                            body = await _read_body(r)
+                            if body is None:
+                                return
                             self.lines.append(body)
                             w.write(b"250 2.0.0 queued as Y\r\n")
                         continue
