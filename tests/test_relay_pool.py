@@ -92,3 +92,40 @@ def test_a_repeated_id_is_skipped_while_held_and_sent_again_once_finished(tmp_pa
             assert mc.stats()["live"] == 0
     finally:
         sink.stop()
+
+
+def test_a_connection_closed_with_the_next_envelope_sent_ahead_loses_nothing(tmp_path,
+                                                                              dns_server):
+    """With PIPELINING the relay writes the next message's envelope behind a body. When the
+    server answers that body with 421 and closes, the next message was never sent: it must be
+    handed back (not counted as sent, not received), and no empty message may reach the sink."""
+    import ray
+    from actors.remote import list_relays
+    from cluster.client import MailCluster
+    from cluster.devservers import SmtpSink
+
+    sink = SmtpSink("127.0.0.2").start()
+    sink.data_reply = lambda rcpt, n: (421, "4.3.2 shutting down") \
+        if rcpt.startswith("drop") else None
+    try:
+        cfg = pipeline_config(str(tmp_path), dns_server.port, sink.port)
+        with MailCluster.connect(config=cfg, num_cpus=2):
+            relay = ray.get_actor(list_relays(cfg.cluster.namespace)[0],
+                                  namespace=cfg.cluster.namespace)
+            names = ["x0", "x1", "x2", "drop3", "x4", "x5"]
+            items = [[uuid.uuid4().hex, 1, "s@origin.test", f"{n}@ahead.test",
+                      raw_message(i, f"{n}@ahead.test"), False] for i, n in enumerate(names)]
+            before = ray.get(relay.stats.remote())
+            assert ray.get(relay.deliver.remote(
+                _batch("domain:ahead.test", sink.port, items, max_connections=1),
+                "coordinator:0"), timeout=60) == 6
+            after = ray.get(relay.stats.remote())
+            got = [r.rcpt_to for r in sink.received]
+            assert got == ["x0@ahead.test", "x1@ahead.test", "x2@ahead.test"], got
+            assert all(r.data.startswith(b"From: Sender") for r in sink.received)
+            done = {k: after[k] - before[k] for k in ("delivered", "transient", "permanent")}
+            # the 421 and the two behind it (the site backs off) are handed back as transient
+            assert done == {"delivered": 3, "transient": 3, "permanent": 0}, done
+            wait_for(lambda: sink.current_sessions == 0, 10, "the session to end")
+    finally:
+        sink.stop()
