@@ -527,7 +527,8 @@ class QueueCoordinator:
         if now - self._last_housekeeping > 1.0:
             self._last_housekeeping = now
             self._housekeeping(now)
-        if not st.ready and not self._stale_reports():
+        stale = self._stale_reports()
+        if not st.ready and not stale:
             return
         # 1. routes for domains we have none for (or whose TTL ran out)
         need = [d for d in st.ready if d not in self._resolving and
@@ -570,7 +571,7 @@ class QueueCoordinator:
             by_throttle.setdefault(tname, []).append(
                 [site, ready, inflight, limits_to_wire(info.limits)])
             self._site_reported[site] = (inflight, tname, info.limits)
-        for site, tname, limits, inflight in self._stale_reports():
+        for site, tname, limits, inflight in stale:
             if site not in demand:
                 by_throttle.setdefault(tname, []).append(
                     [site, 0, inflight, limits_to_wire(limits)])

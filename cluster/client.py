@@ -23,7 +23,7 @@ import msgpack
 import ray
 
 from cluster.config import Config, load_config
-from cluster.core.message import (PreparedMessage, ValidationError, message_id_time,
+from cluster.core.message import (PreparedMessage, ValidationError, id_for_shard,
                                   new_message_id, validate_batch)
 from cluster.core.sites import stable_hash
 
@@ -50,27 +50,6 @@ class SubmitResult:
 
 def shard_of(msg_id: str, shards: int) -> int:
     return stable_hash(msg_id) % shards
-
-
-_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-
-
-def id_for_shard(mid: str, shard: int, shards: int) -> str:
-    """``mid`` (a ULID) with its last random characters changed so that it hashes to ``shard``:
-    ~``shards`` crc32s instead of as many new ids (a ULID's base32 encoding was ~15 % of a
-    submitter's CPU when every id was drawn again)."""
-    for tail in _TAILS:
-        cand = mid[:-2] + tail
-        if stable_hash(cand) % shards == shard:
-            return cand
-    at = message_id_time(mid)
-    while True:   # more shards than 1,024 tails can reach: draw whole ids
-        cand = new_message_id(at)
-        if stable_hash(cand) % shards == shard:
-            return cand
-
-
-_TAILS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 
 
 class MailCluster:
@@ -165,15 +144,15 @@ class MailCluster:
                 results[i] = SubmitResult(i, error=str(p))
                 continue
             assert isinstance(p, PreparedMessage)
-            # The ids are drawn until they hash to one shard (ids stay routable by hash alone;
-            # ~shards draws each): the message's idempotency key's shard, which remembers the
-            # key, or else this call's shard, so that a batch is one call and one commit
-            # instead of one per shard (a Ray call costs ~2-5 ms of CPU on its two sides).
+            # Every id is made to hash to one shard (ids stay routable by hash alone): the
+            # message's idempotency key's shard, which remembers the key, or else this call's
+            # shard, so that a batch is one call and one commit instead of one per shard (a
+            # Ray call costs ~2-5 ms of CPU on its two sides).
             home = shard_of(p.idempotency_key, shards) if p.idempotency_key else batch_shard
             rcpts = []
             for addr in p.recipients:
                 mid = new_message_id(now)
-                if shards > 1 and shard_of(mid, shards) != home:
+                if shards > 1:
                     mid = id_for_shard(mid, home, shards)
                 rcpts.append([mid, str(addr), addr.ascii_domain])
             per_shard.setdefault(home, []).append((i, [

@@ -541,7 +541,8 @@ def test_ulids_after_fork_differ_from_the_parents() -> None:
 
 
 def test_ids_made_to_hash_to_a_shard_stay_valid_distinct_ulids() -> None:
-    from cluster.client import id_for_shard, shard_of
+    from cluster.client import shard_of
+    from cluster.core.message import id_for_shard
     now = 1_800_000_000.123
     for shards in (2, 4, 7, 64, 2000):
         seen = set()

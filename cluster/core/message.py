@@ -32,6 +32,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, parsedate_to_datetime
 
 from cluster.core.addresses import Address, AddressError, parse_address
+from cluster.core.sites import stable_hash
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
@@ -250,6 +251,27 @@ def new_message_id(now: float) -> str:
     # 160 bits in base32 are 32 characters of 5 bits each; the last 26 are the ULID's 130
     return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(
         _B32_TO_CROCKFORD).decode("ascii")
+
+
+def id_for_shard(mid: str, shard: int, shards: int) -> str:
+    """``mid`` (a ULID) with its last two random characters changed so that it hashes to
+    ``shard`` (``stable_hash(id) % shards``, how ids are routed): ~``shards`` crc32s instead of
+    as many new ids (base32-encoding whole ids was ~15 % of a submitter's CPU). The time part
+    is kept."""
+    if stable_hash(mid) % shards == shard:
+        return mid
+    for tail in _TAILS:
+        cand = mid[:-2] + tail
+        if stable_hash(cand) % shards == shard:
+            return cand
+    at = message_id_time(mid)
+    while True:   # more shards than 1,024 tails can reach: draw whole ids
+        cand = new_message_id(at)
+        if stable_hash(cand) % shards == shard:
+            return cand
+
+
+_TAILS = [a + b for a in _CROCKFORD for b in _CROCKFORD]
 
 
 def message_id_time(mid: str) -> float:
