@@ -488,12 +488,14 @@ def _start_cluster(attempts: int = 2) -> Any:
     """Three raylets, one per region, health checks tuned. On a busy machine a raylet can
     time out while starting: then everything started is stopped and it is tried once more."""
     from ray.cluster_utils import Cluster
+
+    from cluster.deploy import RAY_SYSTEM_CONFIG
     for attempt in range(1, attempts + 1):
         cluster = None
         try:
             cluster = Cluster(initialize_head=True, head_node_args={
                 "num_cpus": 1, "include_dashboard": False, "labels": {"region": HEAD_REGION},
-                "_system_config": HEALTH})
+                "_system_config": {**RAY_SYSTEM_CONFIG, **HEALTH}})
             for region in WORKER_REGIONS:
                 cluster.add_node(num_cpus=1, labels={"region": region})
             cluster.wait_for_nodes()

@@ -42,7 +42,7 @@ def run_on_nodes(nodes: int, n: int, *, cpus_per_node: int = 2, timeout: float =
     from ray.cluster_utils import Cluster
 
     from cluster.client import MailCluster
-    from cluster.deploy import deploy
+    from cluster.deploy import RAY_SYSTEM_CONFIG, deploy
 
     workload = c.make_workload(n)
     spool = tempfile.mkdtemp(prefix="raymta-scaling-")
@@ -55,7 +55,8 @@ def run_on_nodes(nodes: int, n: int, *, cpus_per_node: int = 2, timeout: float =
         cfg = c.raymta_config(spool, dns.port, recv.port)
         t = time.time()
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": cpus_per_node, "include_dashboard": False})
+            "num_cpus": cpus_per_node, "include_dashboard": False,
+            "_system_config": RAY_SYSTEM_CONFIG})
         for _ in range(nodes - 1):
             cluster.add_node(num_cpus=cpus_per_node)
         cluster.wait_for_nodes()

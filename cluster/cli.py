@@ -52,8 +52,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             # `ray start` turns token auth on only when a token exists: make sure one does
             subprocess.run(["ray", "get-auth-token", "--generate"], check=True,
                            stdout=subprocess.DEVNULL)
+        from cluster.deploy import RAY_SYSTEM_CONFIG
         subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
-                        "--dashboard-host=127.0.0.1", "--disable-usage-stats"], check=True)
+                        "--dashboard-host=127.0.0.1", "--disable-usage-stats",
+                        f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}"], check=True)
         ray.init(address="auto", namespace=cfg.cluster.namespace, log_to_driver=False)
     handles = deploy(cfg, detached=True)
     print(f"raymta deployed in namespace {cfg.cluster.namespace!r}:")

@@ -133,3 +133,21 @@ def test_a_spool_with_more_shards_than_configured_is_refused(tmp_path):
     (tmp_path / "pn" / "node-abc" / "shard-1" / "copy-2" / "snapshot").write_bytes(b"x")
     with pytest.raises(ConfigError, match="queue.shards = 2"):
         check_spool_shards(per_node)
+
+
+def test_cluster_yaml_starts_ray_with_the_embedded_system_config():
+    """A launched cluster (cluster.yaml) runs Ray with the same system settings as the
+    embedded default, so the two do not drift apart."""
+    import json
+    import shlex
+    from pathlib import Path
+
+    import yaml
+
+    from cluster.deploy import RAY_SYSTEM_CONFIG
+    root = Path(__file__).resolve().parent.parent
+    doc = yaml.safe_load((root / "cluster.yaml").read_text())
+    found = [json.loads(arg.split("=", 1)[1]) for cmd in doc["head_start_ray_commands"]
+             for arg in shlex.split(cmd) if arg.startswith("--system-config=")]
+    assert found == [RAY_SYSTEM_CONFIG]
+    assert RAY_SYSTEM_CONFIG["max_direct_call_object_size"] >= 1 << 20

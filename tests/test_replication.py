@@ -25,6 +25,7 @@ import pytest
 import ray
 
 from cluster.core.throttle import max_inflight
+from cluster.deploy import RAY_SYSTEM_CONFIG
 from tests.conftest import MAIN_SINKS, pipeline_config, raw_message, wait_for
 
 pytestmark = pytest.mark.timeout(900)
@@ -64,7 +65,7 @@ def regions(tmp_path_factory, dns_server):
             site_defaults=replace(base.site_defaults, rates=(RateSpec.parse("400/s"),)))
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": False, "labels": {"region": "us"},
-            "_system_config": HEALTH})
+            "_system_config": {**RAY_SYSTEM_CONFIG, **HEALTH}})
         for region in ("eu", "ap"):
             cluster.add_node(num_cpus=1, labels={"region": region})
         cluster.wait_for_nodes()
