@@ -325,3 +325,29 @@ def test_the_domain_cache_keeps_results_exact_and_bounded() -> None:
     for i in range(addresses._DOMAINS_MAX + 10):
         parse_address(f"u@d{i}.example")
     assert 0 < len(addresses._DOMAINS) <= addresses._DOMAINS_MAX
+
+
+def test_the_plain_address_fast_path_agrees_with_the_full_parser(
+        corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every corpus address (valid or not) and the unit tables: where the one-regex fast path
+    answers, the full parser gives the same Address; invalid ones never pass it."""
+    from cluster.core import addresses
+    fast_path = addresses._parse_plain
+    with open(corpus / "isemail_tests.csv", encoding="utf-8") as f:
+        texts = [ast.literal_eval(r["address_decoded_repr"]) for r in csv.DictReader(f)]
+    texts += [r["input"] for r in _pev_rows(corpus)]
+    texts += ["user@example.com", "<user@example.com>", "<user@example.com", "user@example.com>",
+              "a.b-c+d@sub.example.org", ".a@example.com", "a.@example.com", "a..b@example.com",
+              "x" * 64 + "@example.com", "x" * 65 + "@example.com",
+              "u@" + ".".join(["d" * 63] * 3) + ".com", "u@EXAMPLE.com", "u@example.com."]
+    answered = 0
+    for text in texts:
+        for smtputf8 in (False, True):
+            monkeypatch.setattr(addresses, "_parse_plain", lambda t: None)  # the full parser
+            ok, full = _accepts(text, allow_smtputf8=smtputf8)   # also warms the domain cache
+            monkeypatch.setattr(addresses, "_parse_plain", fast_path)
+            fast = fast_path(text)
+            if fast is not None:
+                answered += 1
+                assert ok and fast == full, text
+    assert answered > 50

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import re
 from typing import Any
 
 import pytest
@@ -553,3 +554,41 @@ def test_ids_made_to_hash_to_a_shard_stay_valid_distinct_ulids() -> None:
             assert message_id_time(got) == message_id_time(mid)   # a ULID of the same time
             seen.add(got)
         assert len(seen) == 300
+
+
+def test_the_plain_header_fast_path_agrees_with_the_line_by_line_check(monkeypatch) -> None:
+    """Every raw case here and every real message of the bounce and ARF corpora, with an
+    envelope sender given (the fast path's case): the same body, or the same error, whether
+    the header section is checked by the two-regex fast path or line by line."""
+    import cluster.core.message as message
+    from tests.conftest import CORPORA
+    raws = [c[1]["raw"] for c in MALFORMED if "raw" in c[1]] + [c[1] for c in RAW_LINE_ENDINGS]
+    raws += [RAW, b"From: a@example.com\r\nX: 1\r\n \t folded\r\n\r\nb\r\n",
+             b"From: a@example.com\r\nReceived: 1\r\nReceived: 2\r\n\r\nb\r\n",
+             b"From: a@example.com\r\nSubject: a\r\n \t \r\n\r\nb\r\n",
+             b"From: a@example.com\r\nDate: x\r\nDATE: y\r\n\r\nb\r\n",
+             b"Subject: no from\r\n\r\nb\r\n", b"From: a@example.com\r\n\r\n",
+             b"From: a@example.com\r\nno colon here\r\n\r\nb\r\n"]
+    files = sorted(p for sub in ("bounces", "arf") for p in (CORPORA / sub).rglob("*.eml"))
+    assert len(files) > 100, f"corpora missing under {CORPORA}"
+    raws += [p.read_bytes() for p in files]
+    fast_path = message._plain_header_names
+
+    def outcome(raw: Any) -> Any:
+        try:
+            p = prepare({"sender": "s@example.com", "recipients": ["r@example.org"],
+                         "raw": raw, "smtputf8": True}, now=NOW)
+            # an added Message-ID is new each time
+            return re.sub(rb"^Message-ID: <[0-9A-Z]{26}@", b"", p.body), p.added_headers
+        except ValidationError as e:
+            return e.field, e.reason
+
+    used = 0
+    for raw in raws:
+        monkeypatch.setattr(message, "_plain_header_names", lambda text: None)
+        slow = outcome(raw)
+        monkeypatch.setattr(message, "_plain_header_names", fast_path)
+        assert outcome(raw) == slow, raw[:200]
+        if isinstance(raw, bytes) and fast_path(raw.replace(b"\r\n", b"\n")) is not None:
+            used += 1
+    assert used > 50   # the fast path really was taken for most of them

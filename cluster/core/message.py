@@ -21,7 +21,7 @@ import math
 import os
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import errors as email_errors
@@ -563,26 +563,50 @@ def _prepare_raw(raw: object, sender: Address | None, smtputf8: bool, now: float
         raise ValidationError("raw", f"line {n}: {length} octets, over the {MAX_LINE_OCTETS}-"
                               "octet line limit (RFC 5322 §2.1.1)")
 
-    fields = _parse_header_section(text, smtputf8)
-    by_name: dict[str, _Field] = {}
-    for f in fields:
-        key = f.name.lower()
-        if key in _SINGLETON_FIELDS and key in by_name:
-            raise ValidationError("raw", f"line {f.line}: second {f.name!r} header field "
-                                  f"(RFC 5322 §3.6 allows at most one; the first is on line "
-                                  f"{by_name[key].line})")
-        by_name.setdefault(key, f)
-    if "from" not in by_name:
+    # the names of the header fields present (lowercased)
+    present: Collection[str] | None = _plain_header_names(text) if sender is not None else None
+    if present is None:
+        fields = _parse_header_section(text, smtputf8)
+        by_name: dict[str, _Field] = {}
+        for f in fields:
+            key = f.name.lower()
+            if key in _SINGLETON_FIELDS and key in by_name:
+                raise ValidationError("raw", f"line {f.line}: second {f.name!r} header field "
+                                      f"(RFC 5322 §3.6 allows at most one; the first is on "
+                                      f"line {by_name[key].line})")
+            by_name.setdefault(key, f)
+        present = by_name
+        if "from" in by_name and sender is None:
+            sender = _sender_from_headers(by_name, smtputf8)
+    if "from" not in present:
         raise ValidationError("raw", "missing From header field (required, RFC 5322 §3.6)")
-    if sender is None:
-        sender = _sender_from_headers(by_name, smtputf8)
+    assert sender is not None
 
-    missing = [n for n in ("Message-ID", "Date") if n.lower() not in by_name]
+    missing = [n for n in ("Message-ID", "Date") if n.lower() not in present]
     added = _added_fields(now, _msgid_domain(sender), missing)
     if not text.endswith(b"\n"):
         text += b"\n"
     prefix = "".join(f"{n}: {v}\r\n" for n, v in added).encode("ascii")
     return prefix + text.replace(b"\n", b"\r\n"), sender, tuple(n for n, _ in added)
+
+
+# A header section in the plain form: ASCII, every line a "Name: value" field (RFC 5322 §2.2)
+# or a folded continuation holding more than whitespace (§2.2.3), ended by an empty line.
+_PLAIN_HEADER_SECTION = re.compile(
+    rb"(?:[\x21-\x39\x3b-\x7e]+:[^\n]*\n(?:[ \t]+[^\s][^\n]*\n)*)+\n")
+_HEADER_FIELD_NAMES = re.compile(rb"^([\x21-\x39\x3b-\x7e]+):", re.MULTILINE)
+
+
+def _plain_header_names(text: bytes) -> set[str] | None:
+    """The lowercased field names of LF-separated ``text``'s header section when it is plain
+    ASCII with no field twice (the common case, two regex passes); None for anything else,
+    which :func:`_parse_header_section` then checks line by line (and explains)."""
+    m = _PLAIN_HEADER_SECTION.match(text)
+    if m is None or not text[:m.end()].isascii():
+        return None
+    names = _HEADER_FIELD_NAMES.findall(text, 0, m.end())
+    present = {n.decode("ascii").lower() for n in names}
+    return present if len(present) == len(names) else None
 
 
 def _parse_header_section(text: bytes, smtputf8: bool) -> list[_Field]:
