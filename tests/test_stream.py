@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import os
 
 import pytest
 
@@ -28,7 +30,10 @@ async def serving(**kw):
         await asyncio.sleep(5)
         return ["ok", 0]
 
-    srv = StreamServer({"append": append, "slow": slow}, **kw)
+    async def digest(label, data):
+        return [label, len(data), hashlib.sha256(data).hexdigest()]
+
+    srv = StreamServer({"append": append, "slow": slow, "digest": digest}, **kw)
     host, port, token = await srv.start()
     try:
         yield srv, host, port, token, calls
@@ -46,6 +51,20 @@ def test_round_trip_carries_bytes_and_answers_in_order():
             c.close()
             assert calls == [(3, "leader-a", f, len(frames)) for f in (1, 11, 21)]
             assert srv.counters["connections"] == 1 and srv.counters["requests"] == 3
+    run(go())
+
+
+def test_big_trailing_bytes_arrive_exactly_on_both_sides_of_the_unpacked_size():
+    """Big bytes at the end of a call are written unpacked, behind their own bin 32 header;
+    smaller ones are packed: the server gets them byte for byte on both sides of the line."""
+    async def go():
+        async with serving() as (srv, host, port, token, calls):
+            c = await StreamClient.connect(host, port, token)
+            for n in (0, 255, 256, 65535, 65536, 65537, 70_000, 1 << 20, (3 << 20) + 7):
+                data = os.urandom(n)
+                assert await c.call("digest", f"n={n}", data) == \
+                    [f"n={n}", n, hashlib.sha256(data).hexdigest()]
+            c.close()
     run(go())
 
 

@@ -71,7 +71,10 @@ def _crc(epoch: int, lsn: int, payload: bytes) -> int:
 
 
 def encode_frame(epoch: int, lsn: int, record: Any) -> bytes:
-    payload = msgpack.packb(record, use_bin_type=True)
+    return _frame(epoch, lsn, msgpack.packb(record, use_bin_type=True))
+
+
+def _frame(epoch: int, lsn: int, payload: bytes) -> bytes:
     return _HDR.pack(len(payload), _crc(epoch, lsn, payload), epoch, lsn) + payload
 
 
@@ -242,7 +245,8 @@ class SpoolLog:
     def assign(self, records: list[Any], epoch: int) -> tuple[bytes, int]:
         """Encode records with consecutive lsns; returns (frames, first lsn). Cheap, in memory."""
         first = self.next_lsn
-        frames = b"".join(encode_frame(epoch, first + i, r) for i, r in enumerate(records))
+        pack = msgpack.Packer(use_bin_type=True).pack   # one packer: packb makes one a record
+        frames = b"".join(_frame(epoch, first + i, pack(r)) for i, r in enumerate(records))
         self.next_lsn = first + len(records)
         self._assigned_epoch = epoch
         return frames, first
