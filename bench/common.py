@@ -75,6 +75,7 @@ __all__ = [
     "banner",
     "check_counts",
     "drive_raymta",
+    "intake_only",
     "ensure_postfix",
     "free_port",
     "have_smtp_sink",
@@ -736,8 +737,10 @@ class SubmitReport:
 
 def submit_concurrently(mc: Any, messages: Sequence[dict[str, Any]], *, batch: int = 100,
                         threads: int = 4, deadline: float,
-                        on_batch: Callable[[int], None] | None = None) -> SubmitReport:
-    """Submit ``messages`` in batches from ``threads`` threads; per-batch latencies."""
+                        on_batch: Callable[[int], None] | None = None,
+                        keep_ids: list[str] | None = None) -> SubmitReport:
+    """Submit ``messages`` in batches from ``threads`` threads; per-batch latencies. The ids
+    of accepted messages are added to ``keep_ids`` if given."""
     rep = SubmitReport()
     lock = threading.Lock()
     batches = iter(range(0, len(messages), batch))
@@ -763,6 +766,8 @@ def submit_concurrently(mc: Any, messages: Sequence[dict[str, Any]], *, batch: i
                 rep.latencies.append(dt)
                 rep.accepted += ok
                 rep.refused += len(chunk) - ok
+                if keep_ids is not None:
+                    keep_ids.extend(i for r in res for i in r.ids)
                 for r in res:
                     if not r.accepted and len(rep.errors) < 20:
                         rep.errors.append(str(r.error))
@@ -824,6 +829,44 @@ def probe_latency(mc: Any, messages: Sequence[dict[str, Any]], *, rate: float = 
     return {"offered_msgs_per_s": rate, "batch": batch, "batches": n_batches,
             "answered": len(lat), "errors": errors[:10], "seconds": round(offered_s, 2),
             "latency_ms": {k: round(v, 1) for k, v in p.items()}, "drained": idle}
+
+
+def intake_only(mc: Any, messages: Sequence[dict[str, Any]], *, receiver: Receiver,
+                threads: int = 4, batch: int = 100, hold: float = 3600.0,
+                timeout: float = 300.0) -> dict[str, Any]:
+    """The accept path alone: submit ``messages`` held for ``hold`` seconds (``not_before``),
+    so nothing is dispatched or delivered meanwhile, and time it until every batch is durable;
+    then cancel them all (so none is ever delivered) and wait until the queue is empty.
+
+    The main run's accepted rate is taken while the same cluster delivers, on the same cores;
+    this is what intake alone can do (a burst into an idle cluster)."""
+    me = os.getpid()
+    ray_cpu = CpuMeter(lambda: [p.pid for p in all_procs().values() if p.ppid == me],
+                       lambda: set(receiver.exclude_pids()) | HELPER_PIDS).start()
+    client_cpu = SelfCpu(receiver.exclude_tids).start()
+    until = time.time() + hold
+    held = [dict(m, not_before=until) for m in messages]
+    ids: list[str] = []
+    base = receiver.count()
+    rep = submit_concurrently(mc, held, batch=batch, threads=threads,
+                              deadline=time.time() + timeout, keep_ids=ids)
+    cpu = ray_cpu.stop()
+    client_s = client_cpu.stop()
+    cancelled = mc.cancel(ids) if ids else []
+    drained = mc.wait_until_idle(timeout=timeout)
+    n = max(1, rep.accepted)
+    n_cancelled = sum(1 for x in cancelled if x == "cancelled")
+    received = receiver.count() - base
+    lat = percentiles([x * 1000 for x in rep.latencies])
+    return {"messages": len(messages), "accepted": rep.accepted, "refused": rep.refused,
+            "errors": rep.errors[:10], "seconds": round(rep.seconds, 3),
+            "accepted_per_s": round(rep.accepted / rep.seconds, 1) if rep.seconds else None,
+            "batch_latency_ms": {k: round(v, 1) for k, v in lat.items()},
+            "cpu_ray_s_per_1000": round(cpu["total_s"] / n * 1000, 3),
+            "cpu_client_s_per_1000": round(client_s / n * 1000, 3),
+            "cpu_by_process": cpu["by_process"],
+            "cancelled": n_cancelled, "received_by_sink": received, "drained": drained,
+            "ok": rep.accepted == len(messages) == n_cancelled and received == 0 and drained}
 
 
 def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: int = 4,
@@ -925,6 +968,14 @@ def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: in
 
 def check_counts(res: dict[str, Any]) -> bool:
     """Print loudly unless everything submitted was delivered exactly once."""
+    io = res.get("intake_only")
+    if io is not None and not io.get("ok"):
+        print(banner(
+            f"{res['system']}: INTAKE-ONLY PHASE DOES NOT ADD UP: submitted {io['messages']}, "
+            f"accepted {io['accepted']}, cancelled {io['cancelled']}, received by sink "
+            f"{io['received_by_sink']} (must be 0), drained {io['drained']}"),
+            file=sys.stderr, flush=True)
+        return False
     if res.get("ok"):
         return True
     print(banner(

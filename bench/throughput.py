@@ -114,7 +114,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                num_cpus: int = 2, progress: bool = True, profile: bool = False,
                profile_seconds: float = 10.0, shards: int | None = None,
                replicas: int | None = None, probe_rate: float = 1000.0,
-               probe_seconds: float = 10.0, gc_freeze: bool = True) -> dict[str, Any]:
+               probe_seconds: float = 10.0, gc_freeze: bool = True,
+               intake: int | None = None) -> dict[str, Any]:
     """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta)."""
     from cluster.client import MailCluster
 
@@ -150,6 +151,10 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
         if probe_rate > 0 and probe_seconds > 0:
             res["latency_probe"] = c.probe_latency(mc, workload.messages, rate=probe_rate,
                                                    batch=batch, seconds=probe_seconds)
+        n_intake = min(n, 20_000) if intake is None else intake
+        if n_intake > 0:
+            res["intake_only"] = c.intake_only(mc, workload.messages[:n_intake], receiver=recv,
+                                               threads=threads, batch=batch)
         res.update(startup_seconds=round(startup, 2), domains=domains, gc_frozen=gc_freeze,
                    message_bytes=round(workload.raw_bytes / n),
                    max_connections_per_site=max_connections, ray_num_cpus=num_cpus,
@@ -182,6 +187,11 @@ def print_raymta(res: dict[str, Any]) -> None:
             f"{pr['latency_ms']['p99']}" + (f" ({len(pr['errors'])} errors)"
                                              if pr['errors'] else ""))]
           if (pr := res.get("latency_probe")) else []),
+        *([("accepted msgs/s, intake only (held, nothing delivering)",
+            f"{io['accepted_per_s']} ({io['accepted']:,} msgs; batch p50/p99 "
+            f"{io['batch_latency_ms']['p50']} / {io['batch_latency_ms']['p99']} ms; CPU s/1k "
+            f"{io['cpu_ray_s_per_1000']} + {io['cpu_client_s_per_1000']} client)")]
+          if (io := res.get("intake_only")) else []),
         ("CPU s / 1000 msgs, Ray processes", res["cpu_ray_s_per_1000"]),
         ("CPU s / 1000 msgs, client (driver)", res["cpu_client_s_per_1000"]),
         ("delivered / bounced / expired",
@@ -216,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="py-spy the coordinator, relay and throttles while delivering")
     ap.add_argument("--profile-seconds", type=float, default=10.0)
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    ap.add_argument("--shards", type=int, help="queue shards (default: the config's, 4)")
+    ap.add_argument("--shards", type=int, help="queue shards (default: the config's, 2)")
     ap.add_argument("--replicas", type=int, help="copies per shard (default: the config's, 3)")
     ap.add_argument("--probe-rate", type=float, default=1000.0,
                     help="after the run, submit batches at this many msgs/s (open loop) and "
@@ -225,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-gc-freeze", action="store_true",
                     help="leave the workload in Python's collector (full collections of the "
                     "submitting process then pause it for 100-200 ms)")
+    ap.add_argument("--intake", type=int, default=None,
+                    help="after the run, this many messages (default min(N, 20,000); 0 skips) "
+                    "are submitted held, with nothing delivering, to time the accept path "
+                    "alone, then cancelled")
     args = ap.parse_args(argv)
     if args.receiver != "aiosmtpd":
         c.ensure_postfix(install=not args.no_install)
@@ -234,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
                      max_connections=args.max_connections, progress=not args.quiet,
                      profile=args.profile, profile_seconds=args.profile_seconds,
                      shards=args.shards, replicas=args.replicas, probe_rate=args.probe_rate,
-                     probe_seconds=args.probe_seconds, gc_freeze=not args.no_gc_freeze)
+                     probe_seconds=args.probe_seconds, gc_freeze=not args.no_gc_freeze,
+                     intake=args.intake)
     res["shards"], res["replicas"] = args.shards, args.replicas
     res["machine"] = machine
     print_raymta(res)
