@@ -493,6 +493,20 @@ def test_ulid_format_and_time_round_trip() -> None:
         assert message_id_time(mid) == round(now * 1000) / 1000
     assert message_id_time("<" + new_message_id(NOW) + "@example.com>") == NOW
     assert message_id_time(new_message_id(NOW).lower()) == NOW
+    # the ULID spec's example: 01ARZ3NDEKTSV4RRFFQ69G5FAV was made at 1469922850259 ms
+    assert new_message_id(1469922850.259)[:10] == "01ARZ3NDEK"
+    assert new_message_id(0.0)[:10] == "0000000000"
+    assert new_message_id(2**48 / 1000 - 0.001)[:10] == "7ZZZZZZZZZ"
+
+
+def test_ulid_random_characters_are_uniform() -> None:
+    """Each of the 16 random characters is drawn evenly from the 32 (80 random bits)."""
+    from collections import Counter
+    ids = [new_message_id(NOW) for _ in range(50_000)]
+    for pos in (10, 17, 25):
+        counts = Counter(i[pos] for i in ids)
+        assert set(counts) == CROCKFORD
+        assert all(abs(n - 50_000 / 32) < 0.15 * 50_000 / 32 for n in counts.values()), counts
 
 
 @pytest.mark.parametrize("bad", ["", "short", "8" + "0" * 25, "0" * 25 + "!", "U" * 26])

@@ -213,31 +213,50 @@ _B32_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
 
 
 class _RandomPool:
-    """80-bit random values from the OS, 4,096 at a time: one ``os.urandom`` call per id was
-    ~12 % of a submitting client's CPU. Thread-safe; a forked child starts a fresh pool, so
-    parent and child never hand out the same bytes."""
+    """The 80 random bits of ULIDs, already as 16 Crockford base32 characters each, made
+    4,096 ids at a time: one ``os.urandom`` and one ``bytes.translate`` (each random byte's low
+    5 bits pick a character) instead of an ``os.urandom`` and a base32 encoding per id (making
+    an id took ~10 µs, ~8 % of a submitting client's CPU). Thread-safe; a forked child starts a
+    fresh pool, so parent and child never hand out the same bits."""
 
-    _STEP = 10
+    _CHARS = 16
+    _BATCH = 4096
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._buf = b""
+        self._buf = ""
         self._pos = 0
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._buf, self._pos = b"", 0
+        self._buf, self._pos = "", 0
 
-    def bits80(self) -> int:
+    def chars16(self) -> str:
         with self._lock:
-            if self._pos + self._STEP > len(self._buf):
-                self._buf, self._pos = os.urandom(self._STEP * 4096), 0
-            b = self._buf[self._pos:self._pos + self._STEP]
-            self._pos += self._STEP
-        return int.from_bytes(b, "big")
+            if self._pos >= len(self._buf):
+                raw = os.urandom(self._CHARS * self._BATCH)
+                self._buf = raw.translate(_BYTE_TO_CROCKFORD).decode("ascii")
+                self._pos = 0
+            out = self._buf[self._pos:self._pos + self._CHARS]
+            self._pos += self._CHARS
+        return out
 
 
+_BYTE_TO_CROCKFORD = bytes(ord(_CROCKFORD[b & 31]) for b in range(256))
 _RANDOM = _RandomPool()
+_LAST_MS: tuple[int, str] = (-1, "")
+
+
+def _time_chars(ms: int) -> str:
+    """The 10 ULID characters of a millisecond time (50 bits, the top two zero); the last one
+    is kept, as a batch's ids share their millisecond."""
+    global _LAST_MS
+    last = _LAST_MS
+    if last[0] == ms:
+        return last[1]
+    out = "".join(_CROCKFORD[(ms >> shift) & 31] for shift in range(45, -5, -5))
+    _LAST_MS = (ms, out)
+    return out
 
 
 def new_message_id(now: float) -> str:
@@ -247,10 +266,7 @@ def new_message_id(now: float) -> str:
     ms = round(now * 1000)
     if not 0 <= ms < 1 << 48:
         raise ValueError(f"now={now!r} is outside the ULID time range")
-    value = (ms << 80) | _RANDOM.bits80()
-    # 160 bits in base32 are 32 characters of 5 bits each; the last 26 are the ULID's 130
-    return base64.b32encode(value.to_bytes(20, "big"))[6:].translate(
-        _B32_TO_CROCKFORD).decode("ascii")
+    return _time_chars(ms) + _RANDOM.chars16()
 
 
 def id_for_shard(mid: str, shard: int, shards: int) -> str:
