@@ -14,7 +14,6 @@ Delivery-time concerns (DKIM signing, dot-stuffing, 8BITMIME negotiation) live e
 
 from __future__ import annotations
 
-import base64
 import difflib
 import json
 import math
@@ -206,10 +205,6 @@ def validate_batch(submissions: list, *, now: float, max_size: int = DEFAULT_MAX
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _CROCKFORD_VALUE = {c: i for i, c in enumerate(_CROCKFORD)}
-
-
-_B32_TO_CROCKFORD = bytes.maketrans(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567",
-                                     _CROCKFORD.encode("ascii"))
 
 
 class _RandomPool:
