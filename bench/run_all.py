@@ -15,6 +15,7 @@ time per system; matplotlib is pip-installed when missing, else the chart is ski
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
@@ -37,6 +38,8 @@ COLOURS = {"raymta": "tab:blue", "postfix": "tab:orange", "physical": "tab:green
 def _metric(res: dict[str, Any], key: str) -> Any:
     if key == "cpu_s_per_1000":
         return res.get("cpu_ray_s_per_1000", res.get("cpu_postfix_s_per_1000"))
+    if key == "intake_per_s":
+        return (res.get("intake_only") or {}).get("accepted_per_s")
     if key.startswith("probe_"):
         return ((res.get("latency_probe") or {}).get("latency_ms") or {}).get(key[6:])
     if key.startswith("p"):
@@ -47,8 +50,9 @@ def _metric(res: dict[str, Any], key: str) -> Any:
 
 def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Medians per system over its successful rounds, and raymta's ratios to the others."""
-    keys = ("delivered_per_s", "delivered_per_s_10_90", "accepted_per_s", "cpu_s_per_1000", "p50", "p95", "p99",
-            "probe_p50", "probe_p99", "seconds_end_to_end")
+    keys = ("delivered_per_s", "delivered_per_s_10_90", "accepted_per_s", "intake_per_s",
+            "cpu_s_per_1000", "p50", "p95", "p99", "probe_p50", "probe_p99",
+            "seconds_end_to_end")
     med: dict[str, dict[str, Any]] = {}
     for system, results in runs.items():
         good = [r for r in results if r.get("ok")]
@@ -67,8 +71,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def print_table(summary: dict[str, Any], n: int) -> None:
     med = summary["medians"]
-    cols = ("system", "ok/rounds", "delivered/s", "10-90% /s", "accepted/s", "CPU s/1k",
-            "p50 ms", "p95 ms", "p99 ms", "p50/p99 ms at 1k/s")
+    cols = ("system", "ok/rounds", "delivered/s", "10-90% /s", "accepted/s", "intake only/s",
+            "CPU s/1k", "p50 ms", "p95 ms", "p99 ms", "p50/p99 ms at 1k/s")
     rows = []
     for system in SYSTEMS:
         m = med.get(system)
@@ -79,15 +83,16 @@ def print_table(summary: dict[str, Any], n: int) -> None:
             return "-" if v is None else f"{v:,.{digits}f}"
         rows.append((system, f"{m['ok_rounds']}/{m['rounds']}", f(m["delivered_per_s"]),
                      f(m["delivered_per_s_10_90"]), f(m["accepted_per_s"]),
-                     f(m["cpu_s_per_1000"], 2), f(m["p50"]), f(m["p95"]), f(m["p99"]),
+                     f(m.get("intake_per_s")), f(m["cpu_s_per_1000"], 2), f(m["p50"]), f(m["p95"]), f(m["p99"]),
                      "-" if m.get("probe_p99") is None else
                      f"{m['probe_p50']:,.1f} / {m['probe_p99']:,.1f}"))
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *rows)]
     line = "  ".join(f"{{:>{w}}}" for w in widths)
     print(f"\nmedians over rounds, {n:,} messages each "
           "(raymta p50/95/99: per 100-message submit batch with 4 submitters flat out; "
-          "at 1k/s: batches of 100 offered at 1,000 msgs/s after the run; Postfix: per SMTP "
-          "message when injected by Python, '-' when by smtp-source)")
+          "at 1k/s: batches of 100 offered at 1,000 msgs/s after the run; intake only: "
+          "accepted/s with nothing delivering; Postfix: per SMTP message when injected by "
+          "Python, '-' when by smtp-source)")
     print(line.format(*cols))
     print(line.format(*("-" * w for w in widths)))
     for r in rows:
@@ -157,7 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                     default="auto", help="who submits to Postfix (auto: smtp-source, the "
                     "lightest, when installed; python: aiosmtplib, with per-message latency)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--table-of", metavar="SUMMARY_JSON",
+                    help="print the table of a saved summary-*.json (its medians recomputed "
+                    "from its rounds) and exit")
     args = ap.parse_args(argv)
+    if args.table_of:
+        saved = json.loads(Path(args.table_of).read_text())
+        print_table(summarize(saved["runs"]), saved["messages"])
+        return 0
     systems = [s for s in args.systems.split(",") if s]
     unknown = set(systems) - set(SYSTEMS)
     if unknown:

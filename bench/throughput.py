@@ -153,8 +153,9 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                                                    batch=batch, seconds=probe_seconds)
         n_intake = min(n, 20_000) if intake is None else intake
         if n_intake > 0:
-            res["intake_only"] = c.intake_only(mc, workload.messages[:n_intake], receiver=recv,
-                                               threads=threads, batch=batch)
+            res["intake_only"] = io = c.intake_only(mc, workload.messages[:n_intake],
+                                                    receiver=recv, threads=threads, batch=batch)
+            res["ok"] = bool(res.get("ok")) and io["ok"]   # a wrong intake phase fails the run
         res.update(startup_seconds=round(startup, 2), domains=domains, gc_frozen=gc_freeze,
                    message_bytes=round(workload.raw_bytes / n),
                    max_connections_per_site=max_connections, ray_num_cpus=num_cpus,

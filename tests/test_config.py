@@ -14,6 +14,7 @@ def test_defaults_follow_the_design_card():
     assert c.site_defaults.rates == (RateSpec.parse("100/s"),)
     assert c.delivery.smtp_port == 25
     assert c.egress[0].name == "default"
+    assert c.delivery.throttle_actors == 1
 
 
 def test_full_config_parses_to_typed_values(tmp_path):
