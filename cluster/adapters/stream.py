@@ -23,12 +23,14 @@ import asyncio
 import hmac
 import logging
 import secrets
+import socket
 import struct
 from typing import Any, Awaitable, Callable
 
 import msgpack
 
-__all__ = ["StreamServer", "StreamClient", "StreamError", "MAX_MESSAGE"]
+__all__ = ["StreamServer", "StreamClient", "BlockingStreamClient", "StreamError",
+           "MAX_MESSAGE"]
 
 log = logging.getLogger("raymta.stream")
 
@@ -53,9 +55,13 @@ _BIG = 64 << 10     # bytes over this (so over 65,535: msgpack's bin 32) go out 
 
 
 def _write(writer: asyncio.StreamWriter, obj: Any) -> None:
-    """Send ``obj`` as one length-prefixed msgpack message. A list whose last element is big
-    bytes (an append's frames) is written as its packed head and then those bytes as they are:
-    packing them would copy megabytes through msgpack's growing buffer (6 % of a shard leader's
+    writer.writelines(_encode(obj))
+
+
+def _encode(obj: Any) -> list[bytes]:
+    """``obj`` as one length-prefixed msgpack message, in parts. A list whose last element is
+    big bytes (an append's frames) is its packed head and then those bytes as they are: packing
+    them would copy megabytes through msgpack's growing buffer (6 % of a shard leader's
     profile samples at batches of 1,000). The reader sees the same msgpack either way."""
     tail = obj[-1] if isinstance(obj, list) and obj else None
     if isinstance(tail, (bytes, bytearray)) and len(tail) > _BIG:
@@ -67,7 +73,7 @@ def _write(writer: asyncio.StreamWriter, obj: Any) -> None:
     size = sum(map(len, parts))
     if size > MAX_MESSAGE:
         raise StreamError(f"message of {size} bytes is over the limit of {MAX_MESSAGE}")
-    writer.writelines([_LEN.pack(size), *parts])
+    return [_LEN.pack(size), *parts]
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -182,3 +188,65 @@ class StreamClient:
         if not self.closed:
             self.closed = True
             self._writer.close()
+
+
+class BlockingStreamClient:
+    """The client side for a thread that is not in an event loop (a sender's process): one
+    connection, one request at a time. Any failure closes it; a ``StreamError`` from
+    :meth:`call` does not say whether the server got the request."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.closed = False
+
+    @classmethod
+    def connect(cls, host: str, port: int, token: str, timeout: float = 5.0
+                ) -> "BlockingStreamClient":
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as e:
+            raise StreamError(f"cannot connect to {host}:{port}: {e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self = cls(sock)
+        try:
+            sock.sendall(b"".join(_encode(["hello", token])))
+            ok = self._read(1024)
+        except (OSError, ValueError, msgpack.UnpackException) as e:
+            self.close()
+            raise StreamError(f"{host}:{port} refused the stream: {e!r}") from None
+        if ok != ["ok"]:
+            self.close()
+            raise StreamError(f"{host}:{port} refused the stream: {ok!r}")
+        return self
+
+    def _recv_exactly(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._sock.recv(min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise ConnectionError("the stream was closed by the server")
+            buf += chunk
+        return bytes(buf)
+
+    def _read(self, limit: int) -> Any:
+        (n,) = _LEN.unpack(self._recv_exactly(4))
+        if n > limit:
+            raise StreamError(f"message of {n} bytes is over the limit of {limit}")
+        return msgpack.unpackb(self._recv_exactly(n), raw=False)
+
+    def call(self, method: str, *args: Any, timeout: float = 10.0) -> Any:
+        if self.closed:
+            raise StreamError("stream is closed")
+        try:
+            self._sock.settimeout(timeout)
+            for part in _encode([method, *args]):
+                self._sock.sendall(part)
+            return self._read(MAX_MESSAGE)
+        except (OSError, ValueError, msgpack.UnpackException) as e:
+            self.close()   # a late reply would answer the next request
+            raise StreamError(f"stream call {method} failed: {e!r}") from None
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._sock.close()

@@ -1,0 +1,180 @@
+"""Submitting over a shard leader's own stream (cluster/client.py ``_SubmitStream``) rather
+than by Ray calls, and what happens when that stream fails: real leaders on a local Ray, real
+sockets, the sinks counting what is delivered.
+
+The hard case is a request that reached the leader but whose answer never came back: the
+client cannot know whether the batch was committed, so it asks again by a Ray call with the
+same ids, and must end with every message accepted exactly once."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from tests.conftest import MAIN_SINKS, pipeline_config, raw_message, wait_for
+
+pytestmark = pytest.mark.timeout(300)
+
+_LEN = struct.Struct(">I")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+    return buf
+
+
+def _relay_message(src: socket.socket, dst: socket.socket | None) -> None:
+    """Read one length-prefixed message from ``src``; send it on to ``dst`` unless None."""
+    head = _recv_exactly(src, 4)
+    body = _recv_exactly(src, _LEN.unpack(head)[0])
+    if dst is not None:
+        dst.sendall(head + body)
+
+
+class AnswerDropper:
+    """A TCP relay in front of a leader's submit stream: it passes the hello and its answer,
+    then each request; the leader's answer to a request is swallowed and the client's
+    connection closed, so the client sees the request sent and no answer."""
+
+    def __init__(self, target: tuple[str, int], *, wait_for_answer: bool = True) -> None:
+        self.target = target
+        self.wait_for_answer = wait_for_answer
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.answers_dropped = 0
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        try:
+            with conn, socket.create_connection(self.target) as up:
+                _relay_message(conn, up)      # hello
+                _relay_message(up, conn)      # ["ok"]
+                _relay_message(conn, up)      # the submit request
+                self.answers_dropped += 1
+                if self.wait_for_answer:
+                    _relay_message(up, None)  # its answer: committed, and dropped
+                # else the client hears nothing more while the leader is still committing:
+                # its Ray call may find the ids still pending and has to ask again
+        except (OSError, ConnectionError):
+            pass
+
+    def close(self) -> None:
+        self._stop = True
+        self.listener.close()
+
+
+def _batch(tag: str, n: int) -> list[dict[str, Any]]:
+    return [{"sender": "s@origin.test", "recipients": [f"{tag}{i}@stream.test"],
+             "raw": raw_message(i, f"{tag}{i}@stream.test")} for i in range(n)]
+
+
+def _stream_calls(mc: Any) -> int:
+    return mc.stats()["submit_stream_calls"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, dns_server):
+    from cluster.client import MailCluster
+    from cluster.devservers import SinkGroup
+    with SinkGroup(MAIN_SINKS[:1]) as sinks:
+        dns_server.add_a("mx.stream.test", MAIN_SINKS[0])
+        dns_server.add_mx("stream.test", [(10, "mx.stream.test")])
+        cfg = pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port,
+                              sinks.port)
+        with MailCluster.connect(config=cfg, num_cpus=2) as mc:
+            yield {"mc": mc, "sinks": sinks, "cfg": cfg}
+
+
+def _delivered_once(env: dict[str, Any], tag: str, n: int) -> None:
+    want = {f"{tag}{i}@stream.test" for i in range(n)}
+    wait_for(lambda: want <= {r.rcpt_to for r in env["sinks"].received}, 60,
+             f"the {tag!r} batch delivered")
+    env["mc"].wait_until_idle(timeout=30)
+    got = Counter(r.rcpt_to for r in env["sinks"].received if r.rcpt_to in want)
+    assert got == Counter({w: 1 for w in want}), got
+
+
+def test_submits_go_over_the_leaders_stream_and_not_without_it(env):
+    from cluster.client import MailCluster
+    mc = env["mc"]
+    before = _stream_calls(mc)
+    res = mc.submit(_batch("a", 30)) + mc.submit(_batch("b", 30))   # one call per shard
+    assert all(r.accepted and not r.duplicate for r in res), res
+    assert _stream_calls(mc) == before + 2
+    # a client told not to (as through the Ray client) makes Ray calls: the streams see nothing
+    by_ray = MailCluster(env["cfg"], mc.coordinators, direct=False)
+    res2 = by_ray.submit(_batch("c", 30))
+    assert all(r.accepted for r in res2)
+    assert _stream_calls(mc) == before + 2
+    for tag in "abc":
+        _delivered_once(env, tag, 30)
+
+
+@pytest.mark.parametrize("wait_for_answer", [True, False], ids=["after-commit", "mid-commit"])
+def test_an_answer_lost_after_the_request_is_recovered_by_asking_again(env, wait_for_answer):
+    """The stream request reaches the leader but its answer never arrives (cut after the commit,
+    or while it is still committing): the client falls back to a Ray call with the same ids,
+    learns they are queued (duplicate; "still being committed" is asked again), and each
+    message is queued and delivered once."""
+    import ray
+
+    from cluster.client import shard_of
+    mc = env["mc"]
+    accepted0 = mc.stats()["accepted"]
+    droppers = []
+    try:
+        for st in mc._streams:
+            st.close()                              # no pooled connection bypasses the relay
+            host, port, token = ray.get(st._handle.submit_endpoint.remote())
+            d = AnswerDropper((host, port), wait_for_answer=wait_for_answer)
+            droppers.append(d)
+            st._endpoint = ["127.0.0.1", d.port, token]
+        tag = "d" if wait_for_answer else "f"
+        res = mc.submit(_batch(tag, 40))
+        assert all(r.accepted for r in res), res
+        assert all(r.duplicate for r in res), "the Ray call should have found them queued"
+        assert sum(d.answers_dropped for d in droppers) == 1
+        assert mc.stats()["accepted"] == accepted0 + 40      # queued once, not twice
+        assert len({shard_of(r.ids[0], 2) for r in res}) == 1
+    finally:
+        for d in droppers:
+            d.close()
+        for st in mc._streams:
+            st._endpoint = None                     # back to the leaders' real streams
+    _delivered_once(env, tag, 40)
+
+
+def test_a_stale_endpoint_is_replaced_by_asking_the_leader(env):
+    """A leader that moved has a new port: the client's old one refuses, it asks the leader
+    for the current one and submits over it."""
+    mc = env["mc"]
+    for st in mc._streams:
+        st.close()
+        with socket.create_server(("127.0.0.1", 0)) as s:   # a port with nothing behind it
+            dead = s.getsockname()[1]
+        st._endpoint = ["127.0.0.1", dead, "x" * 32]
+    before = _stream_calls(mc)
+    res = mc.submit(_batch("e", 20))
+    assert all(r.accepted and not r.duplicate for r in res), res
+    assert _stream_calls(mc) == before + 1
+    _delivered_once(env, "e", 20)
