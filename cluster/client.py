@@ -5,8 +5,9 @@ Validation and MIME rendering happen here, in the submitter's process (pure
 crosses the network, and one bad message never rejects the rest of its batch. Good messages are
 split one per recipient (the body stored once), given time-ordered ids that hash to one shard
 per call (calls take turns over the shards; a message with an idempotency key goes to the key's
-shard), and sent in one batch per shard; :meth:`MailCluster.submit` returns only after the
-shard has made them durable. Retried calls are safe: the ids are made here, and a shard answers a repeated id
+shard), and sent in one batch per shard, over the shard leader's own submit stream (a Ray call
+when it cannot be reached); :meth:`MailCluster.submit` returns only after the shard has made
+them durable. Retried calls are safe: the ids are made here, and a shard answers a repeated id
 instead of queueing it twice.
 """
 
@@ -102,8 +103,11 @@ class _SubmitStream:
         try:
             answers = conn.call("submit", payload, timeout=timeout)
         except StreamError:
+            # the leader may have died or moved: ask it again next time, and drop the other
+            # pooled connections to it rather than fail on each in turn
+            self.close()
             with self._lock:
-                self._endpoint = None   # ask the leader again next time: it may have moved
+                self._endpoint = None
             raise
         with self._lock:
             if len(self._idle) < 16:
