@@ -485,8 +485,9 @@ class QueueCoordinator:
         """``[host, port, token]`` of this leader's submit stream (started on first call): a
         sender's :meth:`submit` calls go over it rather than as Ray calls, which cost each
         side ~1.5-2.5 ms of CPU (cluster/adapters/stream.py; the token is handed out only here,
-        to callers Ray lets call this actor)."""
-        await self._until_serving()
+        to callers Ray lets call this actor). Answered at once, serving or not: a submit that
+        comes over it waits for the shard to serve, as one made by a Ray call does."""
+        self._ensure_started()
         if self._submit_stream is None:
             self._submit_stream = StreamServer({"submit": self.submit},
                                                host=ray.util.get_node_ip_address())
