@@ -24,10 +24,10 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABL
 
 #: Ray settings raymta's cluster runs with (``ray start --system-config`` for a launched
 #: cluster: see cluster.yaml). max_direct_call_object_size: Ray passes a call argument or result
-#: above 100 KiB through the shared-memory object store, which costs the raylet and both sides
-#: ~5 ms of CPU per object; a submit batch of 100 x 2 KB messages or a relay's batch of bodies
-#: is just over that. Up to 4 MiB they now travel inside the call (accept-only run at batches
-#: of 100: raylet CPU 0.64 -> 0.05 s per 20,000 messages, accepted 3,923 -> 4,369/s).
+#: above 100 KiB through the shared-memory object store, with work for the raylet and both
+#: sides; a batch of 100 x 2 KB messages (a Ray-call submit, a relay's batch of bodies) is
+#: over that. Up to 4 MiB they now travel inside the call (accept-only run, 200 batches of
+#: 100: raylet CPU 0.64 -> 0.03 s, ~3 ms a batch; accepted 3,923 -> 5,264/s).
 RAY_SYSTEM_CONFIG: dict[str, Any] = {"max_direct_call_object_size": 4 << 20}
 
 
