@@ -919,7 +919,8 @@ def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: in
                 finished = stats.get("delivered", 0) + stats.get("bounced", 0) + \
                     stats.get("expired", 0)
                 accepted = sub_box["r"].accepted if "r" in sub_box else n
-                if not sub_thread.is_alive() and stats.get("live", 1) == 0 and \
+                if not sub_thread.is_alive() and stats.get("serving") and \
+                        stats.get("live", 1) == 0 and \
                         stats.get("pending_commit", 0) == 0 and finished >= accepted and \
                         got >= min(n, finished):
                     break

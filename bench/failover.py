@@ -521,7 +521,7 @@ def _totals(mc: Any, timeout: float = 60.0) -> dict[str, Any]:
         per = ray.get([h.stats.remote() for h in mc.coordinators], timeout=timeout)
     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError):
         return {}
-    total: dict[str, Any] = {}
+    total: dict[str, Any] = {"serving": all(st.get("serving") for st in per)}
     for st in per:
         for k, v in st.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -679,7 +679,8 @@ def run_scenario(kind: str, n: int, *, receiver: str = "auto", timeout: float = 
             if not acked <= got:
                 return False
             st = _totals(mc, timeout=10.0)
-            return st.get("live", 1) == 0 and st.get("pending_commit", 1) == 0
+            return bool(st.get("serving")) and st.get("live", 1) == 0 and \
+                st.get("pending_commit", 1) == 0
         drained = _wait(_drained, end, 1.0)
         time.sleep(1.0)   # let the sink's last appends be read
         timed_out = not (sub.done() and drained)

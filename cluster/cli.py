@@ -158,7 +158,7 @@ def run_demo(n: int, domains: int, spool: str | None, *, quiet: bool = False) ->
                 now_done = st["delivered"] + st["bounced"] + st["expired"]
                 bar.update(now_done - done)
                 done = now_done
-                if st["live"] == 0:
+                if st["serving"] and st["live"] == 0:
                     break
                 time.sleep(0.2)
         t_all = time.time() - t0

@@ -359,6 +359,9 @@ class MailCluster:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in (
                         "shard", "pid", "epoch", "lsn"):
                     total[k] = total.get(k, 0) + v
+        # a shard leader that is starting (after a restart: claiming, replaying its log) has
+        # not rebuilt its queue yet, so its counts say nothing: "serving" is False until then
+        total["serving"] = all(s.get("serving") for s in per)
         total["shards"] = per
         return total
 
@@ -395,7 +398,12 @@ class MailCluster:
         files = sorted(Path(backup_dir).glob("shard-*.msgpack"))
         if not files:
             raise SubmitError(f"{backup_dir}: no shard-<n>.msgpack files: not a raymta backup")
-        live = self.stats().get("live", 0)
+        st = self.stats()
+        if not st["serving"]:
+            raise SubmitError("restore needs every queue shard serving; not serving: " + ", ".join(
+                f"shard {s['shard']} ({s['not_serving']})" for s in st["shards"]
+                if not s.get("serving")))
+        live = st.get("live", 0)
         if live:
             raise SubmitError(f"restore needs an empty cluster; this one has {live} live "
                               "messages")
@@ -422,11 +430,12 @@ class MailCluster:
         return {"files": len(files), "restored": restored, "skipped": skipped}
 
     def wait_until_idle(self, timeout: float = 60.0, poll: float = 0.2) -> bool:
-        """Wait until no message is queued, deferred or in flight; False on timeout."""
+        """Wait until every shard serves and none has a message queued, deferred or in flight;
+        False on timeout. (A leader still recovering after a restart counts nothing yet.)"""
         deadline = time.time() + timeout
         while True:
             st = self.stats()
-            if st.get("live", 0) == 0 and st.get("pending_commit", 0) == 0:
+            if st["serving"] and st.get("live", 0) == 0 and st.get("pending_commit", 0) == 0:
                 return True
             if time.time() >= deadline:
                 return False

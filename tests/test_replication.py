@@ -217,7 +217,7 @@ def test_leader_sigkill_during_10k_run_loses_nothing(regions):
     assert st["epoch"] > epoch0
     assert dups <= _dup_bound(cfg)
     # the sinks have every message; the relays' last results reach the shards a moment later
-    wait_for(lambda: mc.stats()["live"] == 0, 60, "the shards to record every result")
+    assert mc.wait_until_idle(timeout=60), "the shards to record every result"
     states = Counter(s["state"] for s in mc.status([i for ids in acked.values() for i in ids]))
     assert states == {"delivered": 10_000}, states
 
