@@ -55,6 +55,32 @@ def shard_of(msg_id: str, shards: int) -> int:
     return stable_hash(msg_id) % shards
 
 
+#: a submit call carries at most this many messages and, past its first, this many body bytes
+#: (so a batch of big messages is several calls, and no call needs gigabytes packed at once)
+CHUNK_MESSAGES = 1000
+CHUNK_BYTES = 32 << 20
+
+
+def _chunked(items: list[tuple[int, list[Any]]], max_items: int, max_bytes: int
+             ) -> list[list[tuple[int, list[Any]]]]:
+    """``items`` (input index, wire item whose [1] is the body) in order, cut into runs of at
+    most ``max_items`` whose bodies add up to at most ``max_bytes`` (a single bigger item
+    makes a run of its own)."""
+    out: list[list[tuple[int, list[Any]]]] = []
+    run: list[tuple[int, list[Any]]] = []
+    size = 0
+    for it in items:
+        n = len(it[1][1])
+        if run and (len(run) >= max_items or size + n > max_bytes):
+            out.append(run)
+            run, size = [], 0
+        run.append(it)
+        size += n
+    if run:
+        out.append(run)
+    return out
+
+
 class _SubmitStream:
     """A shard leader's submit stream for this sender's threads: a pool of blocking
     connections, one per call in progress (cluster/adapters/stream.py). A submit call over it
@@ -241,8 +267,8 @@ class MailCluster:
             per_shard.setdefault(home, []).append((i, [
                 rcpts[0][0], p.body, p.sender, rcpts, p.tags or None, p.metadata or None,
                 p.idempotency_key, p.not_before, p.max_age, p.smtputf8]))
-        chunks = [(shard, items[start:start + 1000]) for shard, items in per_shard.items()
-                  for start in range(0, len(items), 1000)]
+        chunks = [(shard, chunk) for shard, items in per_shard.items()
+                  for chunk in _chunked(items, CHUNK_MESSAGES, CHUNK_BYTES)]
         deadline = time.monotonic() + timeout
         if len(chunks) == 1:    # the usual call: one shard, up to 1,000 messages
             shard, chunk = chunks[0]

@@ -178,3 +178,37 @@ def test_a_stale_endpoint_is_replaced_by_asking_the_leader(env):
     assert all(r.accepted and not r.duplicate for r in res), res
     assert _stream_calls(mc) == before + 1
     _delivered_once(env, "e", 20)
+
+
+# ---------------------------------------------------------------------------- call size
+def test_a_batch_is_cut_into_calls_by_count_and_by_body_bytes():
+    from cluster.client import _chunked
+
+    def items(*sizes: int) -> list:
+        return [(i, ["id", b"x" * n]) for i, n in enumerate(sizes)]
+
+    def shape(runs: list) -> list:
+        return [[i for i, _ in run] for run in runs]
+
+    assert shape(_chunked(items(*[10] * 5), 2, 1000)) == [[0, 1], [2, 3], [4]]
+    assert shape(_chunked(items(40, 40, 40, 40), 100, 100)) == [[0, 1], [2, 3]]
+    # one item over the byte limit is a call of its own; order is kept
+    assert shape(_chunked(items(10, 500, 10, 10), 100, 100)) == [[0], [1], [2, 3]]
+    assert _chunked([], 10, 10) == []
+
+
+def test_big_messages_go_in_several_calls_and_all_arrive(env, monkeypatch):
+    """Six ~3 MB messages with a 7 MB limit per call: three calls (by Ray, in parallel), every
+    message accepted and delivered once."""
+    import cluster.client as client
+    monkeypatch.setattr(client, "CHUNK_BYTES", 7_000_000)
+    mc = env["mc"]
+    msgs = [{"sender": "s@origin.test", "recipients": [f"g{i}@stream.test"],
+             "raw": raw_message(i, f"g{i}@stream.test", size=3_000_000)} for i in range(6)]
+    before = _stream_calls(mc)
+    assert len(client._chunked([(i, [None, b"x" * 3_000_000]) for i in range(6)], 1000,
+                               client.CHUNK_BYTES)) == 3
+    res = mc.submit(msgs)
+    assert all(r.accepted for r in res), [r.error for r in res]
+    assert _stream_calls(mc) == before        # several calls: sent by Ray, all at once
+    _delivered_once(env, "g", 6)
