@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from cluster.adapters.stream import StreamClient, StreamError, StreamServer
+from cluster.adapters.stream import (BlockingStreamClient, StreamClient, StreamError,
+                                     StreamServer)
 
 
 def run(coro):
@@ -33,7 +34,10 @@ async def serving(**kw):
     async def digest(label, data):
         return [label, len(data), hashlib.sha256(data).hexdigest()]
 
-    srv = StreamServer({"append": append, "slow": slow, "digest": digest}, **kw)
+    async def echo(data):
+        return data
+
+    srv = StreamServer({"append": append, "slow": slow, "digest": digest, "echo": echo}, **kw)
     host, port, token = await srv.start()
     try:
         yield srv, host, port, token, calls
@@ -65,6 +69,34 @@ def test_big_trailing_bytes_arrive_exactly_on_both_sides_of_the_unpacked_size():
                 assert await c.call("digest", f"n={n}", data) == \
                     [f"n={n}", n, hashlib.sha256(data).hexdigest()]
             c.close()
+    run(go())
+
+
+def test_the_blocking_client_round_trips_and_is_refused_a_wrong_token():
+    """The sender's side (a thread outside any event loop): small and big requests and answers
+    arrive byte for byte over one connection; a wrong token is refused with a StreamError and
+    no call."""
+    def blocking(host, port, token):
+        c = BlockingStreamClient.connect(host, port, token)
+        try:
+            out = []
+            for n in (0, 100, 70_000, (2 << 20) + 3):
+                data = os.urandom(n)
+                out.append(c.call("digest", n, data) == [n, n, hashlib.sha256(data).hexdigest()])
+                out.append(c.call("echo", data) == data)   # a big answer comes in many reads
+            return out
+        finally:
+            c.close()
+
+    def refused(host, port):
+        with pytest.raises(StreamError, match="refused"):
+            BlockingStreamClient.connect(host, port, "not-the-token")
+
+    async def go():
+        async with serving() as (srv, host, port, token, calls):
+            assert await asyncio.to_thread(blocking, host, port, token) == [True] * 8
+            await asyncio.to_thread(refused, host, port)
+            assert srv.counters["refused"] == 1 and srv.counters["requests"] == 8
     run(go())
 
 

@@ -219,14 +219,16 @@ class BlockingStreamClient:
             raise StreamError(f"{host}:{port} refused the stream: {ok!r}")
         return self
 
-    def _recv_exactly(self, n: int) -> bytes:
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._sock.recv(min(n - len(buf), 1 << 20))
-            if not chunk:
+    def _recv_exactly(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._sock.recv_into(view[got:])
+            if not k:
                 raise ConnectionError("the stream was closed by the server")
-            buf += chunk
-        return bytes(buf)
+            got += k
+        return buf
 
     def _read(self, limit: int) -> Any:
         (n,) = _LEN.unpack(self._recv_exactly(4))
@@ -239,8 +241,8 @@ class BlockingStreamClient:
             raise StreamError("stream is closed")
         try:
             self._sock.settimeout(timeout)
-            for part in _encode([method, *args]):
-                self._sock.sendall(part)
+            # one write: with TCP_NODELAY each part would be a packet of its own
+            self._sock.sendall(b"".join(_encode([method, *args])))
             return self._read(MAX_MESSAGE)
         except (OSError, ValueError, msgpack.UnpackException) as e:
             self.close()   # a late reply would answer the next request
