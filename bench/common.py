@@ -840,12 +840,12 @@ def intake_only(mc: Any, messages: Sequence[dict[str, Any]], *, receiver: Receiv
 
     The main run's accepted rate is taken while the same cluster delivers, on the same cores;
     this is what intake alone can do (a burst into an idle cluster)."""
+    until = time.time() + hold
+    held = [dict(m, not_before=until) for m in messages]   # made before the CPU is counted
     me = os.getpid()
     ray_cpu = CpuMeter(lambda: [p.pid for p in all_procs().values() if p.ppid == me],
                        lambda: set(receiver.exclude_pids()) | HELPER_PIDS).start()
     client_cpu = SelfCpu(receiver.exclude_tids).start()
-    until = time.time() + hold
-    held = [dict(m, not_before=until) for m in messages]
     ids: list[str] = []
     base = receiver.count()
     rep = submit_concurrently(mc, held, batch=batch, threads=threads,
