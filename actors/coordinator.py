@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import logging
 import os
 import random
@@ -32,7 +33,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import LoopLag, preload, use_uvloop
+from actors.loop import LoopLag, preload, tune_gc, use_uvloop
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
@@ -74,6 +75,7 @@ class _Route:
 class QueueCoordinator:
     def __init__(self, config: Config, shard: int = 0) -> None:
         use_uvloop()
+        tune_gc()
         preload("actors.remote", "actors.relay_pool", "actors.site_throttle",
                 "actors.replica_log")
         from actors.replica_log import copy_directory
@@ -181,6 +183,9 @@ class QueueCoordinator:
         self.epoch = claim["epoch"]
         loop = asyncio.get_running_loop()
         snap, records = await loop.run_in_executor(self._io, self._replay)
+        # the queue just rebuilt lives on: keep the cycle collector from going through it
+        # again and again (a million messages are several million objects)
+        gc.freeze()
         self.recovered = {**claim, "records": len(records),
                           "snapshot_lsn": snap["lsn"] if snap else 0,
                           "live": len(self.state.messages), "seconds": time.time() - t0}
@@ -932,6 +937,9 @@ class QueueCoordinator:
     async def stats(self) -> dict[str, Any]:
         self._ensure_started()
         return {"shard": self.shard, "pid": os.getpid(), "epoch": self.epoch,
+                "gc": {"thresholds": list(gc.get_threshold()),
+                       "collections": [g["collections"] for g in gc.get_stats()],
+                       "frozen": gc.get_freeze_count()},
                 "serving": not self._not_serving and not self._fatal,
                 "not_serving": self._fatal or self._not_serving or self._stalled,
                 "node": ray.get_runtime_context().get_node_id(),

@@ -6,15 +6,20 @@
   messages, session 1): relay CPU 5.2 s → 5.06 s, i.e. little.
 - :class:`LoopLag`: how late the loop runs (actor stats and a metrics gauge).
 - :func:`preload`: import the modules of the actors an actor will call, at start.
+- :func:`tune_gc`: collect the young generation every 50,000 allocations, not 700.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections import deque
 from typing import Callable
 
-__all__ = ["LoopLag", "preload", "use_uvloop"]
+__all__ = ["LoopLag", "preload", "tune_gc", "use_uvloop"]
+
+#: young-generation allocations between collections in raymta's actors (Python's default: 700)
+GC_THRESHOLDS = (50_000, 20, 10)
 
 
 def use_uvloop() -> bool:
@@ -24,6 +29,16 @@ def use_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+def tune_gc() -> None:
+    """Collect cycles rarely. An actor keeps what it holds (a shard leader: every queued
+    message, several objects each) and allocates per message mostly objects that refcounting
+    frees; at Python's default the cycle collector ran every 700 allocations and went through
+    the survivors again and again: 0.32 s of a shard leader's 1.6 s of CPU while it accepted
+    20,000 messages (228 collections). At 50,000 it ran once (0.04 s). Cycles are still
+    collected, only later."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 class LoopLag:

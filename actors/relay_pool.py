@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import LoopLag, preload, use_uvloop
+from actors.loop import LoopLag, preload, tune_gc, use_uvloop
 from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
@@ -98,6 +98,7 @@ def _result(item: list[Any], c: Classification, host: str) -> list[Any]:
 class RelayPool:
     def __init__(self, config: Config, name: str, source: EgressSource) -> None:
         use_uvloop()
+        tune_gc()
         preload("actors.coordinator", "actors.site_throttle")
         self.cfg = config
         self.name = name

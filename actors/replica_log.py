@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from actors.loop import use_uvloop
+from actors.loop import tune_gc, use_uvloop
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
@@ -43,6 +43,7 @@ def copy_directory(cfg: Config, shard: int, slot: int) -> Path:
 class ReplicaLog:
     def __init__(self, config: Config, shard: int, slot: int) -> None:
         use_uvloop()
+        tune_gc()
         self.shard, self.slot = shard, slot
         sc = config.spool
         self.store = CopyStore(copy_directory(config, shard, slot), slot,

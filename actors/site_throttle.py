@@ -18,7 +18,7 @@ from typing import Any
 
 import msgpack
 
-from actors.loop import use_uvloop
+from actors.loop import tune_gc, use_uvloop
 from cluster.adapters.dns import DnsFailure, MxResolver, Route
 from cluster.config import Config
 from cluster.core.sites import SiteLimits, limits_from_wire
@@ -30,6 +30,7 @@ __all__ = ["SiteThrottle"]
 class SiteThrottle:
     def __init__(self, config: Config, name: str) -> None:
         use_uvloop()
+        tune_gc()
         self.cfg = config
         self.name = name
         d = config.delivery

@@ -41,3 +41,16 @@ def test_loop_lag_reports_the_window_max_about_once_a_second() -> None:
 
     asyncio.run(main())
     assert len(got) == 1 and got[0] >= 0.07
+
+
+def test_tune_gc_sets_the_actor_thresholds() -> None:
+    import gc
+
+    from actors.loop import GC_THRESHOLDS, tune_gc
+    before = gc.get_threshold()
+    try:
+        tune_gc()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert GC_THRESHOLDS[0] > 10 * before[0] or before == GC_THRESHOLDS
+    finally:
+        gc.set_threshold(*before)

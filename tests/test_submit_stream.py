@@ -212,3 +212,14 @@ def test_big_messages_go_in_several_calls_and_all_arrive(env, monkeypatch):
     assert all(r.accepted for r in res), [r.error for r in res]
     assert _stream_calls(mc) == before        # several calls: sent by Ray, all at once
     _delivered_once(env, "g", 6)
+
+
+def test_shard_leaders_collect_cycles_rarely_and_not_through_their_replayed_queue(env):
+    """Leaders run with actors.loop.tune_gc's thresholds (Python's default of 700 cost a
+    leader a fifth of its CPU), and freeze what their startup replay rebuilt."""
+    from actors.loop import GC_THRESHOLDS
+    shards = env["mc"].stats()["shards"]
+    assert len(shards) == 2
+    for st in shards:
+        assert st["gc"]["thresholds"] == list(GC_THRESHOLDS), st["gc"]
+        assert st["gc"]["frozen"] > 0, st["gc"]
