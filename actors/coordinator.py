@@ -386,7 +386,7 @@ class QueueCoordinator:
     def _clear_pending_marks(self, batch: list[tuple[list[Any], Any]]) -> None:
         for recs, _ in batch:
             for r in recs:
-                if r[0] == q.REC_ACCEPT:
+                if r[0] == q.REC_ACCEPT or r[0] == q.REC_MESSAGE:
                     self._pending_ids.discard(r[1])
                     self._pending_msgs -= 1
                     if r[11]:
@@ -466,13 +466,18 @@ class QueueCoordinator:
                                          f"{qc.max_message_size}"})
                 continue
             expires_at = now + (max_age if max_age else qc.retry.max_age)
-            records.append(q.body_record(body_id, body))
             added_bytes += len(body)
-            for mid, rcpt, domain in rcpts:
-                records.append(q.accept_record(mid, body_id, sender, rcpt, domain, now, not_before,
-                                               expires_at, tags, meta, idem, utf8))
-                self._pending_ids.add(mid)
-                self._pending_msgs += 1
+            if len(rcpts) == 1:   # one record, the body in it (stored under the id)
+                mid, rcpt, domain = rcpts[0]
+                records.append(q.message_record(mid, body, sender, rcpt, domain, now,
+                                                not_before, expires_at, tags, meta, idem, utf8))
+            else:
+                records.append(q.body_record(body_id, body))
+                records.extend(q.accept_record(mid, body_id, sender, rcpt, domain, now,
+                                               not_before, expires_at, tags, meta, idem, utf8)
+                               for mid, rcpt, domain in rcpts)
+            self._pending_ids.update(ids)
+            self._pending_msgs += len(ids)
             if idem:
                 self._pending_idem[idem] = ids
             results.append({"ids": ids})

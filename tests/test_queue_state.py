@@ -124,6 +124,27 @@ def test_status_cache_is_bounded():
     assert len(qs.finished) == 10 and qs.status("m0") is None and qs.status("m29")
 
 
+def test_a_message_record_is_a_body_and_its_accept_in_one():
+    rec = ("s@x.test", "u@a.test", "a.test", 100.0, None, 1e9, {"c": "1"}, None, "k", False)
+    one = q.QueueState()
+    ev = one.apply(q.message_record("m1", b"hello", *rec), 1)
+    two = q.QueueState()
+    assert two.apply(q.body_record("m1", b"hello"), 1) is None
+    ev2 = two.apply(q.accept_record("m1", "m1", *rec), 2)
+    assert ev["type"] == ev2["type"] == "Reception" and ev["size"] == ev2["size"] == 5
+    assert {k: v for k, v in ev.items() if k != "seq"} == {k: v for k, v in ev2.items()
+                                                          if k != "seq"}
+    assert one.snapshot()["messages"] == two.snapshot()["messages"]
+    assert one.snapshot()["bodies"] == two.snapshot()["bodies"]
+    assert one.body_bytes == two.body_bytes == 5 and one.counts() == two.counts()
+    assert one.lookup_idempotency("k", 101.0) == ["m1"]
+    with pytest.raises(q.StateError, match="accepted twice"):
+        one.apply(q.message_record("m1", b"other", *rec), 2)
+    assert one.bodies["m1"].data == b"hello" and one.body_bytes == 5
+    one.apply(q.delivered_record("m1", 1, 250, "ok", "s", 101.0), 3)
+    assert not one.bodies and one.body_bytes == 0 and one.status("m1")["state"] == "delivered"
+
+
 def _random_history(seed):
     rng = random.Random(seed)
     recs = []
@@ -134,10 +155,15 @@ def _random_history(seed):
         if r < 0.4 or not live:
             mid = f"m{n}"
             n += 1
-            recs.append(q.body_record(f"b{mid}", b"x" * rng.randint(1, 50)))
-            recs.append(q.accept_record(mid, f"b{mid}", "s@x", f"u@d{n % 5}.test",
-                                        f"d{n % 5}.test", 1.0, None, 1e9, None, None, None,
-                                        False))
+            if rng.random() < 0.5:   # a message record (its body inside) or body + accept
+                recs.append(q.message_record(mid, b"x" * rng.randint(1, 50), "s@x",
+                                             f"u@d{n % 5}.test", f"d{n % 5}.test", 1.0, None,
+                                             1e9, None, None, None, False))
+            else:
+                recs.append(q.body_record(f"b{mid}", b"x" * rng.randint(1, 50)))
+                recs.append(q.accept_record(mid, f"b{mid}", "s@x", f"u@d{n % 5}.test",
+                                            f"d{n % 5}.test", 1.0, None, 1e9, None, None, None,
+                                            False))
             live.append(mid)
         else:
             mid = live[rng.randrange(len(live))]

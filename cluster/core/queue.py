@@ -14,6 +14,8 @@ Record layout (msgpack arrays, first element the type):
 ``b``     body:      [b, body_id, bytes]
 ``a``     accept:    [a, id, body_id, sender, rcpt, domain, created, not_before, expires_at,
                       tags, metadata, idempotency_key, smtputf8]
+``m``     message:   [m, id, bytes, sender, …] — an accept that carries its own body (body_id is
+                     the id): one record instead of two for a message to one recipient
 ``t``     transient: [t, id, attempt, next_at, code, enhanced, text, site, category, ts]
 ``d``     delivered: [d, id, attempt, code, text, site, ts]
 ``f``     final:     [f, id, attempt, kind, code, enhanced, text, site, category, ts]
@@ -33,13 +35,15 @@ from dataclasses import dataclass
 from typing import Any, Iterable
 
 __all__ = [
-    "REC_BODY", "REC_ACCEPT", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL", "REC_EPOCH",
+    "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
+    "REC_EPOCH",
     "QueuedMessage", "QueueState", "StateError",
-    "accept_record", "body_record", "transient_record", "delivered_record", "final_record",
+    "accept_record", "body_record", "message_record", "transient_record", "delivered_record", "final_record",
 ]
 
 REC_BODY = "b"
 REC_ACCEPT = "a"
+REC_MESSAGE = "m"
 REC_TRANSIENT = "t"
 REC_DELIVERED = "d"
 REC_FINAL = "f"
@@ -63,6 +67,15 @@ def accept_record(msg_id: str, body_id: str, sender: str, rcpt: str, domain: str
                   metadata: dict[str, Any] | None, idempotency_key: str | None,
                   smtputf8: bool) -> list[Any]:
     return [REC_ACCEPT, msg_id, body_id, sender, rcpt, domain, created, not_before, expires_at,
+            tags or None, metadata or None, idempotency_key, smtputf8]
+
+
+def message_record(msg_id: str, body: bytes, sender: str, rcpt: str, domain: str,
+                   created: float, not_before: float | None, expires_at: float,
+                   tags: dict[str, str] | None, metadata: dict[str, Any] | None,
+                   idempotency_key: str | None, smtputf8: bool) -> list[Any]:
+    """An accept record carrying its body (stored under the message's id)."""
+    return [REC_MESSAGE, msg_id, body, sender, rcpt, domain, created, not_before, expires_at,
             tags or None, metadata or None, idempotency_key, smtputf8]
 
 
@@ -168,7 +181,7 @@ class QueueState:
                 self.bodies[body_id] = _Body(bytes(data), 0)
                 self.body_bytes += len(data)
             return None
-        if kind == REC_ACCEPT:
+        if kind == REC_ACCEPT or kind == REC_MESSAGE:
             return self._apply_accept(rec, lsn)
         msg_id = rec[1]
         m = self.messages.get(msg_id)
@@ -210,6 +223,12 @@ class QueueState:
         m = QueuedMessage(rec)
         if m.id in self.messages:
             raise StateError(f"message {m.id} accepted twice (lsn {lsn})")
+        if rec[0] == REC_MESSAGE:   # the body is in the record, under the message's id
+            m.body_id = m.id
+            if m.id not in self.bodies:
+                data = bytes(rec[2])
+                self.bodies[m.id] = _Body(data, 0)
+                self.body_bytes += len(data)
         body = self.bodies.get(m.body_id)
         if body is None:
             raise StateError(f"message {m.id} refers to unknown body {m.body_id} (lsn {lsn})")
