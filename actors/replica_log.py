@@ -13,8 +13,6 @@ superseded.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import logging
 import os
 from pathlib import Path
@@ -49,45 +47,49 @@ class ReplicaLog:
         self.store = CopyStore(copy_directory(config, shard, slot), slot,
                                segment_bytes=sc.segment_bytes, fsync=sc.fsync)
         self.store.recover(decode=False)
-        self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="replica")
         self._stream: StreamServer | None = None
         log.info("replica %d:%d at %s: end %d, promised %d", shard, slot, self.store.dir,
                  self.store.log.end, self.store.fence.promised)
 
-    async def _run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    @staticmethod
+    def _run(fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run a store operation on the actor's own thread, blocking its loop: operations run
+        one at a time in arrival order, and a copy has nothing else to do meanwhile. (Handing
+        each append to a thread and back cost ~7 µs of CPU per message appended, a fifth of a
+        replica's CPU.)"""
         try:
-            v = await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)
+            v = fn(*args)
         except Refused as r:
             return r.to_wire()
         return ["ok", v]
 
     async def claim(self, epoch: int, leader: str) -> list[Any]:
         """Promise an epoch; the value is this copy's :class:`CopyInfo` (wire form)."""
-        r = await self._run(self.store.claim, epoch, leader)
+        r = self._run(self.store.claim, epoch, leader)
         if r[0] == "ok":
             r[1] = r[1].to_wire()
         return r
 
     async def sync(self, epoch: int, leader: str, keep_to: int, members: list[Any]) -> list[Any]:
-        r = await self._run(self.store.sync, epoch, leader, keep_to, Members.from_wire(members))
+        r = self._run(self.store.sync, epoch, leader, keep_to, Members.from_wire(members))
         if r[0] == "ok":
             r[1] = r[1].to_wire()
         return r
 
     async def install(self, epoch: int, leader: str, snapshot: bytes,
                       members: list[Any]) -> list[Any]:
-        r = await self._run(self.store.install, epoch, leader, snapshot,
+        r = self._run(self.store.install, epoch, leader, snapshot,
                             Members.from_wire(members))
         if r[0] == "ok":
             r[1] = r[1].to_wire()
         return r
 
     async def set_members(self, epoch: int, leader: str, members: list[Any]) -> list[Any]:
-        return await self._run(self.store.set_members, epoch, leader, Members.from_wire(members))
+        return self._run(self.store.set_members, epoch, leader, Members.from_wire(members))
 
     async def append(self, epoch: int, leader: str, first: int, frames: bytes) -> list[Any]:
         """Durably append frames (fsync'd before the reply); the value is the new end lsn."""
-        return await self._run(self.store.append, epoch, leader, first, frames)
+        return self._run(self.store.append, epoch, leader, first, frames)
 
     async def endpoint(self) -> list[Any]:
         """``[host, port, token]`` of this copy's append stream (started on first call): the
@@ -99,19 +101,17 @@ class ReplicaLog:
         return list(await self._stream.start())
 
     async def compact(self, epoch: int, leader: str, snapshot: bytes) -> list[Any]:
-        return await self._run(self.store.compact, epoch, leader, snapshot)
+        return self._run(self.store.compact, epoch, leader, snapshot)
 
     async def read(self, from_lsn: int, max_bytes: int = 8 << 20) -> bytes:
         """Raw frames (a starting leader adopting this copy's log reads them)."""
-        return await asyncio.get_running_loop().run_in_executor(
-            self._io, self.store.read, from_lsn, max_bytes)
+        return self.store.read(from_lsn, max_bytes)
 
     async def snapshot_file(self) -> bytes | None:
-        return await asyncio.get_running_loop().run_in_executor(self._io,
-                                                                 self.store.snapshot_file)
+        return self.store.snapshot_file()
 
     async def stats(self) -> dict[str, Any]:
-        st = await asyncio.get_running_loop().run_in_executor(self._io, self.store.stats)
+        st = self.store.stats()
         import ray
         return {**st, "shard": self.shard, "pid": os.getpid(),
                 "stream": self._stream.counters if self._stream else None,
