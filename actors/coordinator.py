@@ -430,12 +430,16 @@ class QueueCoordinator:
             return [{"error": self._stalled} for _ in items]
         now = time.time()
         qc = self.cfg.queue
+        max_messages, max_bytes, max_size = qc.max_messages, qc.max_bytes, qc.max_message_size
+        default_max_age = qc.retry.max_age
+        messages, finished = self.state.messages, self.state.finished
+        pending_ids = self._pending_ids
         results: list[dict[str, Any]] = []
         records: list[Any] = []
         added_bytes = 0
         for it in items:
             body_id, body, sender, rcpts, tags, meta, idem, not_before, max_age, utf8 = it
-            ids = [r[0] for r in rcpts]
+            ids = [rcpts[0][0]] if len(rcpts) == 1 else [r[0] for r in rcpts]
             if idem:
                 prev = self.state.lookup_idempotency(idem, now)
                 if prev:
@@ -447,25 +451,26 @@ class QueueCoordinator:
                                              "with this key is still being committed; retry",
                                     "pending": True})
                     continue
-            if any(i in self._pending_ids for i in ids):
+            if not pending_ids.isdisjoint(ids):
                 results.append({"error": "these message ids are still being committed by an "
                                          "earlier call; retry", "pending": True})
                 continue
-            if all(i in self.state.messages or i in self.state.finished for i in ids):
+            if (ids[0] in messages or ids[0] in finished) and \
+                    all(i in messages or i in finished for i in ids):
                 results.append({"ids": ids, "duplicate": True})  # a retried call
                 continue
-            live = len(self.state.messages) + self._pending_msgs
-            if live + len(ids) > qc.max_messages or \
-                    self.state.body_bytes + added_bytes + len(body) > qc.max_bytes:
+            live = len(messages) + self._pending_msgs
+            if live + len(ids) > max_messages or \
+                    self.state.body_bytes + added_bytes + len(body) > max_bytes:
                 results.append({"error": f"queue full on shard {self.shard} ({live} messages, "
                                          f"{self.state.body_bytes + added_bytes} body bytes): "
                                          "retry later"})
                 continue
-            if len(body) > qc.max_message_size:
+            if len(body) > max_size:
                 results.append({"error": f"body: {len(body)} bytes exceeds the limit of "
-                                         f"{qc.max_message_size}"})
+                                         f"{max_size}"})
                 continue
-            expires_at = now + (max_age if max_age else qc.retry.max_age)
+            expires_at = now + (max_age if max_age else default_max_age)
             added_bytes += len(body)
             if len(rcpts) == 1:   # one record, the body in it (stored under the id)
                 mid, rcpt, domain = rcpts[0]
@@ -476,7 +481,7 @@ class QueueCoordinator:
                 records.extend(q.accept_record(mid, body_id, sender, rcpt, domain, now,
                                                not_before, expires_at, tags, meta, idem, utf8)
                                for mid, rcpt, domain in rcpts)
-            self._pending_ids.update(ids)
+            pending_ids.update(ids)
             self._pending_msgs += len(ids)
             if idem:
                 self._pending_idem[idem] = ids
