@@ -625,3 +625,20 @@ def test_the_plain_message_fast_path_agrees_with_the_line_by_line_check(monkeypa
         if isinstance(raw, bytes) and b"\x00" not in raw and fast_path(raw) is not None:
             used += 1
     assert used > 150   # the fast path really was taken for most of them
+
+
+def test_new_message_ids_are_ulids_of_the_time_that_hash_to_their_shard() -> None:
+    from cluster.core.message import id_for_shard, new_message_ids
+    from cluster.core.sites import stable_hash
+    for shards in (1, 2, 3, 7):
+        for shard in range(shards):
+            ids = new_message_ids(NOW, 500, shard, shards)
+            assert len(ids) == len(set(ids)) == 500
+            assert all(stable_hash(i) % shards == shard for i in ids)
+            assert {message_id_time(i) for i in ids} == {NOW}
+            assert all(len(i) == 26 and set(i) <= set(CROCKFORD) for i in ids)
+    assert id_for_shard(new_message_ids(NOW, 1)[0], 0, 1)[:10] == new_message_id(NOW)[:10]
+    big = new_message_ids(NOW, 10_000)        # more than one refill of the random pool
+    assert len(set(big)) == 10_000 and new_message_ids(NOW, 0) == []
+    with pytest.raises(ValueError, match="outside the ULID time range"):
+        new_message_ids(-1.0, 3)

@@ -223,3 +223,32 @@ def test_shard_leaders_collect_cycles_rarely_and_not_through_their_replayed_queu
     for st in shards:
         assert st["gc"]["thresholds"] == list(GC_THRESHOLDS), st["gc"]
         assert st["gc"]["frozen"] > 0, st["gc"]
+
+
+def test_a_mixed_batch_gets_ids_that_route_to_the_shard_that_queued_them(env):
+    """One call: plain messages, a message to three recipients, and messages whose
+    idempotency keys belong to either shard. Every id is unique and hashes to the shard that
+    holds it (status finds each one by its hash alone), and each recipient gets one copy."""
+    from cluster.client import shard_of
+    mc = env["mc"]
+    msgs = _batch("mx", 20)
+    keys = [f"mixed-{k}" for k in range(40)]
+    keyed = [next(k for k in keys if shard_of(k, 2) == s) for s in (0, 1)]
+    keyed += [next(k for k in keys if k not in keyed and shard_of(k, 2) == s) for s in (0, 1)]
+    for k, key in zip((5, 9, 13, 17), keyed):
+        msgs[k]["idempotency_key"] = key
+    three = [f"mxthree{k}@stream.test" for k in range(3)]
+    msgs.append({"sender": "s@origin.test", "recipients": three,
+                 "raw": raw_message(99, three[0])})
+    res = mc.submit(msgs)
+    assert all(r.accepted and not r.duplicate for r in res), res
+    ids = [i for r in res for i in r.ids]
+    assert len(ids) == len(set(ids)) == 23 and len(res[20].ids) == 3
+    for k, key in zip((5, 9, 13, 17), keyed):
+        assert shard_of(res[k].ids[0], 2) == shard_of(key, 2)
+    assert {shard_of(i, 2) for i in ids} == {0, 1}
+    states = mc.status(ids)
+    assert all(s is not None for s in states), [i for i, s in zip(ids, states) if s is None]
+    _delivered_once(env, "mx", 20)
+    wait_for(lambda: set(three) <= {r.rcpt_to for r in env["sinks"].received}, 60,
+             "the three-recipient message delivered")

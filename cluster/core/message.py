@@ -20,6 +20,7 @@ import math
 import os
 import re
 import threading
+import zlib
 from collections.abc import Collection, Iterable
 from typing import NamedTuple
 from dataclasses import dataclass
@@ -243,13 +244,18 @@ class _RandomPool:
         self._buf, self._pos = "", 0
 
     def chars16(self) -> str:
+        return self.chars(1)
+
+    def chars(self, n: int) -> str:
+        """16 × ``n`` random characters (``n`` ids' worth), never handed out twice."""
+        want = self._CHARS * n
         with self._lock:
-            if self._pos >= len(self._buf):
-                raw = os.urandom(self._CHARS * self._BATCH)
+            if self._pos + want > len(self._buf):
+                raw = os.urandom(self._CHARS * max(self._BATCH, n))
                 self._buf = raw.translate(_BYTE_TO_CROCKFORD).decode("ascii")
                 self._pos = 0
-            out = self._buf[self._pos:self._pos + self._CHARS]
-            self._pos += self._CHARS
+            out = self._buf[self._pos:self._pos + want]
+            self._pos += want
         return out
 
 
@@ -278,6 +284,24 @@ def new_message_id(now: float) -> str:
     if not 0 <= ms < 1 << 48:
         raise ValueError(f"now={now!r} is outside the ULID time range")
     return _time_chars(ms) + _RANDOM.chars16()
+
+
+def new_message_ids(now: float, n: int, shard: int = 0, shards: int = 1) -> list[str]:
+    """``n`` ULIDs of ``now`` (see :func:`new_message_id`) that each hash to ``shard`` of
+    ``shards`` (see :func:`id_for_shard`): a sender's batch, made at ~1 µs an id instead of
+    ~4 one by one."""
+    ms = round(now * 1000)
+    if not 0 <= ms < 1 << 48:
+        raise ValueError(f"now={now!r} is outside the ULID time range")
+    prefix = _time_chars(ms)
+    rand = _RANDOM.chars(n)
+    ids = [prefix + rand[k:k + 16] for k in range(0, 16 * n, 16)]
+    if shards > 1:
+        crc = zlib.crc32
+        for k, mid in enumerate(ids):
+            if crc(mid.encode("ascii")) % shards != shard:
+                ids[k] = id_for_shard(mid, shard, shards)
+    return ids
 
 
 def id_for_shard(mid: str, shard: int, shards: int) -> str:
