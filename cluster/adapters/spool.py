@@ -39,6 +39,8 @@ __all__ = ["SpoolLog", "SpoolCorrupt", "Compacted", "encode_frame", "iter_header
            "skip_frames", "numbered_files", "pack_snapshot", "unpack_snapshot", "write_atomic"]
 
 _HDR = struct.Struct("<IIQQ")
+_LEN_CRC = struct.Struct("<II")      # the two halves of _HDR, as assign builds it
+_EPOCH_LSN = struct.Struct("<QQ")
 _SNAP_HDR = struct.Struct("<QQI")
 _MAX_FRAME = 64 * 1024 * 1024
 
@@ -67,7 +69,7 @@ def unpack_snapshot(data: bytes, where: str = "snapshot") -> tuple[int, int, byt
 
 
 def _crc(epoch: int, lsn: int, payload: bytes) -> int:
-    return zlib.crc32(payload, zlib.crc32(struct.pack("<QQ", epoch, lsn)))
+    return zlib.crc32(payload, zlib.crc32(_EPOCH_LSN.pack(epoch, lsn)))
 
 
 def encode_frame(epoch: int, lsn: int, record: Any) -> bytes:
@@ -243,13 +245,23 @@ class SpoolLog:
 
     # ------------------------------------------------------------------ appending
     def assign(self, records: list[Any], epoch: int) -> tuple[bytes, int]:
-        """Encode records with consecutive lsns; returns (frames, first lsn). Cheap, in memory."""
+        """Encode records with consecutive lsns; returns (frames, first lsn). Cheap, in memory:
+        the frames are built in one list of parts and joined once (a function call and a
+        payload copy per frame were ~30 % of it)."""
         first = self.next_lsn
         pack = msgpack.Packer(use_bin_type=True).pack   # one packer: packb makes one a record
-        frames = b"".join(_frame(epoch, first + i, pack(r)) for i, r in enumerate(records))
+        crc32, head, epoch_lsn = zlib.crc32, _LEN_CRC.pack, _EPOCH_LSN.pack
+        parts: list[bytes] = []
+        add = parts.append
+        for lsn, r in enumerate(records, first):
+            payload = pack(r)
+            el = epoch_lsn(epoch, lsn)
+            add(head(len(payload), crc32(payload, crc32(el))))
+            add(el)
+            add(payload)
         self.next_lsn = first + len(records)
         self._assigned_epoch = epoch
-        return frames, first
+        return b"".join(parts), first
 
     def write(self, frames: bytes, first_lsn: int) -> None:
         """Append encoded frames (made by :meth:`assign`, all of its epoch) and make them
