@@ -278,17 +278,11 @@ class MailCluster:
                 msgpack.packb([it for _, it in chunk], use_bin_type=True)))
                 for shard, chunk in chunks]
             answered = [(chunk, self._answer(ref, deadline)) for chunk, ref in refs]
-        merged: dict[int, SubmitResult] = {}
-        for chunk, answers in answered:
+        for chunk, answers in answered:   # a message is one item of one chunk
             for (i, _), a in zip(chunk, answers):
-                prev = merged.get(i)
-                if "error" in a:
-                    merged[i] = SubmitResult(i, error=a["error"])
-                elif prev is None or prev.error is None:
-                    ids = (prev.ids if prev else []) + list(a["ids"])
-                    merged[i] = SubmitResult(i, ids=ids, duplicate=bool(a.get("duplicate")))
-        for i, r in merged.items():
-            results[i] = r
+                error = a.get("error")
+                results[i] = SubmitResult(i, error=error) if error is not None else \
+                    SubmitResult(i, ids=a["ids"], duplicate=bool(a.get("duplicate")))
         return [r if r is not None else SubmitResult(i, error="internal: no answer")
                 for i, r in enumerate(results)]
 
