@@ -87,9 +87,11 @@ class ReplicaLog:
     async def set_members(self, epoch: int, leader: str, members: list[Any]) -> list[Any]:
         return self._run(self.store.set_members, epoch, leader, Members.from_wire(members))
 
-    async def append(self, epoch: int, leader: str, first: int, frames: bytes) -> list[Any]:
-        """Durably append frames (fsync'd before the reply); the value is the new end lsn."""
-        return self._run(self.store.append, epoch, leader, first, frames)
+    async def append(self, epoch: int, leader: str, first: int, frames: bytes,
+                     shape: list[int] | None = None) -> list[Any]:
+        """Durably append frames (fsync'd before the reply); the value is the new end lsn.
+        ``shape``: see :meth:`CopyStore.append`."""
+        return self._run(self.store.append, epoch, leader, first, frames, shape)
 
     async def endpoint(self) -> list[Any]:
         """``[host, port, token]`` of this copy's append stream (started on first call): the

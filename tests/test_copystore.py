@@ -13,8 +13,8 @@ import msgpack
 import pytest
 
 from cluster.adapters.copystore import CopyStore, DirectoryBusy
-from cluster.adapters.spool import (Compacted, SpoolLog, encode_frame, iter_headers,
-                                    pack_snapshot, unpack_snapshot)
+from cluster.adapters.spool import (Compacted, SpoolCorrupt, SpoolLog, encode_frame,
+                                    iter_headers, pack_snapshot, unpack_snapshot)
 from cluster.core.replication import LogShape, Members, Refused, agreement
 
 
@@ -630,3 +630,38 @@ def test_compact_on_an_unsynced_copy_behind_the_snapshot_is_refused(tmp_path):
     copy.compact(1, "L1", lead.snapshot_file())            # synced: it jumps to the snapshot
     assert copy.shape() == shape(lead) == LogShape(6, 1, (), 6)
     copy.close()
+
+
+def test_a_batch_append_checked_by_one_checksum_rebuilds_the_log(tmp_path):
+    """Whole commits of one epoch go with their shape [last, epoch, crc32] and are checked as
+    a whole; the copy ends up byte for byte the leader's, across segments and an epoch
+    change. A wrong checksum, epoch or first lsn is refused and writes nothing."""
+    import zlib
+    lead, copy = _leader_and_copy(tmp_path)
+    lead.segment_bytes = copy.log.segment_bytes = 300
+    leader = "L1"
+    for i in range(12):
+        epoch = 1 if i < 8 else 2
+        if i == 8:                                  # a new leader claims and syncs the copy
+            leader = "L2"
+            copy.claim(2, leader)
+            copy.sync(2, leader, agreement(shape(lead), copy.shape()),
+                      members_with(copy, (2, 0)))
+        frames, first = write(lead, [rec(3 * i + k + 1) for k in range(3)], epoch)
+        good = [first + 2, epoch, zlib.crc32(frames)]
+        before = (copy.log.end, copy.log.disk_bytes())
+        for bad in ([first + 2, epoch, good[2] ^ 1], [first + 2, epoch + 1, good[2]]):
+            with pytest.raises(SpoolCorrupt):
+                copy.append(epoch, leader, first, frames, bad)
+            assert (copy.log.end, copy.log.disk_bytes()) == before
+        other = encode_frame(epoch, first + 1, ["x"])   # a frame of another lsn
+        with pytest.raises(SpoolCorrupt):
+            copy.log.append_batch(other, first + 1, epoch, zlib.crc32(other))
+        assert copy.append(epoch, leader, first, frames, good) == first + 2
+        # a retried batch append is skipped like any other
+        assert copy.append(epoch, leader, first, frames, good) == first + 2
+    assert copy.shape() == shape(lead) == LogShape(0, 0, ((1, 1), (2, 25)), 36)
+    assert len(list((tmp_path / "copy" / "log").glob("seg-*.log"))) > 3
+    copy.close()
+    lead.close()
+    assert reread(tmp_path / "copy" / "log") == reread(tmp_path / "leader")

@@ -37,7 +37,11 @@ async def serving(**kw):
     async def echo(data):
         return data
 
-    srv = StreamServer({"append": append, "slow": slow, "digest": digest, "echo": echo}, **kw)
+    async def middle(label, data, shape, more):
+        return [label, hashlib.sha256(data).hexdigest(), shape, hashlib.sha256(more).hexdigest()]
+
+    srv = StreamServer({"append": append, "slow": slow, "digest": digest, "echo": echo,
+                        "middle": middle}, **kw)
     host, port, token = await srv.start()
     try:
         yield srv, host, port, token, calls
@@ -58,9 +62,10 @@ def test_round_trip_carries_bytes_and_answers_in_order():
     run(go())
 
 
-def test_big_trailing_bytes_arrive_exactly_on_both_sides_of_the_unpacked_size():
-    """Big bytes at the end of a call are written unpacked, behind their own bin 32 header;
-    smaller ones are packed: the server gets them byte for byte on both sides of the line."""
+def test_big_bytes_arrive_exactly_on_both_sides_of_the_unpacked_size():
+    """Big bytes in a call are written unpacked, behind their own bin 32 header, wherever
+    they are among its arguments; smaller ones are packed: the server gets them byte for
+    byte, and the arguments after them too, on both sides of the line."""
     async def go():
         async with serving() as (srv, host, port, token, calls):
             c = await StreamClient.connect(host, port, token)
@@ -68,6 +73,10 @@ def test_big_trailing_bytes_arrive_exactly_on_both_sides_of_the_unpacked_size():
                 data = os.urandom(n)
                 assert await c.call("digest", f"n={n}", data) == \
                     [f"n={n}", n, hashlib.sha256(data).hexdigest()]
+                more = os.urandom(n // 3)
+                assert await c.call("middle", n, data, [n, None, 7], more) == \
+                    [n, hashlib.sha256(data).hexdigest(), [n, None, 7],
+                     hashlib.sha256(more).hexdigest()]
             c.close()
     run(go())
 

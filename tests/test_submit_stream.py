@@ -252,3 +252,18 @@ def test_a_mixed_batch_gets_ids_that_route_to_the_shard_that_queued_them(env):
     _delivered_once(env, "mx", 20)
     wait_for(lambda: set(three) <= {r.rcpt_to for r in env["sinks"].received}, 60,
              "the three-recipient message delivered")
+
+
+def test_live_appends_reach_every_copy_checked_whole(env):
+    """A leader's commits go to its copies with their shape and are checked by one checksum
+    (SpoolLog.append_batch), not frame by frame: each copy counts them."""
+    import ray
+    mc = env["mc"]
+    res = mc.submit(_batch("w", 10)) + mc.submit(_batch("x", 10))
+    assert all(r.accepted for r in res)
+    for s in range(2):
+        for k in (1, 2):
+            st = ray.get(mc.handles[f"replica:{s}:{k}"].stats.remote())
+            assert st["appends_checked_whole"] > 0, st
+    for tag in "wx":
+        _delivered_once(env, tag, 10)

@@ -20,6 +20,7 @@ import concurrent.futures
 import logging
 import time
 import uuid as uuidlib
+import zlib
 from typing import Any, Callable
 
 import ray
@@ -94,7 +95,8 @@ class Replicator:
         self.fenced = ""
         self.committed = 0
         self._end = 0
-        self._tail: collections.deque[tuple[int, int, bytes, float]] = collections.deque()
+        # (first, last, frames, time, crc32 of the frames) of the latest commits
+        self._tail: collections.deque[tuple[int, int, bytes, float, int]] = collections.deque()
         self._tail_size = 0
         self._written: collections.deque[tuple[int, float]] = collections.deque(maxlen=4096)
         self._waiters: list[tuple[int, asyncio.Future]] = []
@@ -128,7 +130,8 @@ class Replicator:
             raise Refused(reason, promised, text)
         return r[1] if isinstance(r, list) and r and r[0] == "ok" else r
 
-    async def _append(self, d: _Driver, first: int, frames: bytes) -> Any:
+    async def _append(self, d: _Driver, first: int, frames: bytes,
+                      shape: list[int] | None = None) -> Any:
         """Append over the replica's stream when there is one (cheap), else as a Ray call.
         A broken stream raises StreamError (a ConnectionError): the driver resyncs."""
         if self.transport == "stream":
@@ -144,9 +147,9 @@ class Replicator:
                                 self.shard, d.slot, e)
             if d.stream is not None and not d.stream.closed:
                 r = await d.stream.call("append", self.epoch, self.leader_id, first, frames,
-                                        timeout=self.call_timeout)
+                                        shape, timeout=self.call_timeout)
                 return self._reply(d, r)
-        return await self._call(d, "append", self.epoch, self.leader_id, first, frames)
+        return await self._call(d, "append", self.epoch, self.leader_id, first, frames, shape)
 
     def _fence(self, why: str) -> None:
         if not self.fenced:
@@ -279,7 +282,7 @@ class Replicator:
         if self.fenced:
             raise Fenced(self.fenced)
         now = time.time()
-        self._tail.append((first, last, frames, now))
+        self._tail.append((first, last, frames, now, zlib.crc32(frames)))
         self._tail_size += len(frames)
         self._written.append((last, now))
         self._end = last
@@ -319,21 +322,33 @@ class Replicator:
         while self._tail and (self._tail[0][1] <= low or self._tail_size > self.tail_bytes):
             self._tail_size -= len(self._tail.popleft()[2])
 
-    async def _frames_from(self, lsn: int) -> bytes:
+    async def _frames_from(self, lsn: int) -> tuple[bytes, list[int] | None]:
+        """Frames from ``lsn`` on, and their shape ``[last lsn, epoch, crc32]`` when they are
+        whole commits of this leader (then the copy checks one checksum instead of each
+        frame); None for frames read back from disk or cut out of a commit."""
         if self._tail and self._tail[0][0] <= lsn:
             out: list[bytes] = []
             size = 0
-            for first, last, frames, _ts in self._tail:
+            whole = True
+            crc = last_lsn = 0
+            for first, last, frames, _ts, crc in self._tail:
                 if last < lsn:
                     continue
                 if size and size + len(frames) > self.batch_bytes:
                     break
                 part = frames if first >= lsn else skip_frames(frames, lsn - first)
+                whole = whole and part is frames
                 out.append(part)
                 size += len(part)
-            return b"".join(out)
+                last_lsn = last
+            if not out:
+                return b"", None
+            blob = out[0] if len(out) == 1 else b"".join(out)
+            if not whole:
+                return blob, None
+            return blob, [last_lsn, self.epoch, crc if len(out) == 1 else zlib.crc32(blob)]
         # fell out of memory: read it back from our own disk (raises Compacted)
-        return await self._io(self.local.log.read_frames, lsn, self.batch_bytes)
+        return await self._io(self.local.log.read_frames, lsn, self.batch_bytes), None
 
     async def _drive(self, d: _Driver) -> None:
         backoff = 0.1
@@ -350,7 +365,7 @@ class Replicator:
                     continue
                 first = d.acked + 1
                 try:
-                    frames = await self._frames_from(first)
+                    frames, shape = await self._frames_from(first)
                 except Compacted:
                     d.synced = False
                     continue
@@ -359,7 +374,7 @@ class Replicator:
                     continue
                 d.sending_since = time.time()
                 try:
-                    end = await self._append(d, first, frames)
+                    end = await self._append(d, first, frames, shape)
                 finally:
                     d.sending_since = 0.0
                 d.acked = int(end)

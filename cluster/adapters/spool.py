@@ -277,6 +277,24 @@ class SpoolLog:
         self._write(frames, first, hdrs)
         return self.end
 
+    def append_batch(self, frames: bytes, last: int, epoch: int, crc: int) -> int:
+        """Append one batch of a leader's frames, this log's next lsn through ``last``, all
+        of ``epoch``, checked as a whole: its crc32 must be ``crc`` and its first frame's
+        header must say ``epoch`` and the next lsn (each frame's own checksum is checked
+        when the log is read; walking them here cost a copy ~10 % of its CPU). Blocking."""
+        first = self.next_lsn
+        if zlib.crc32(frames) != crc:
+            raise SpoolCorrupt(f"batch of lsns {first}-{last} received: checksum mismatch")
+        if len(frames) < _HDR.size or last < first:
+            raise SpoolCorrupt(f"batch of lsns {first}-{last} received: {len(frames)} bytes")
+        _length, _crc32, e, lsn = _HDR.unpack_from(frames)
+        if (e, lsn) != (epoch, first):
+            raise SpoolCorrupt(f"batch starts with the frame of epoch {e} lsn {lsn} where "
+                               f"epoch {epoch} lsn {first} was expected")
+        self.next_lsn = last + 1
+        self._write(frames, first, [(epoch, first)])
+        return self.end
+
     @staticmethod
     def _headers(frames: bytes, first: int) -> Iterator[tuple[int, int]]:
         expect = first
