@@ -55,8 +55,8 @@ class ReplicaLog:
     def _run(fn: Callable[..., Any], *args: Any) -> list[Any]:
         """Run a store operation on the actor's own thread, blocking its loop: operations run
         one at a time in arrival order, and a copy has nothing else to do meanwhile. (Handing
-        each append to a thread and back cost ~7 µs of CPU per message appended, a fifth of a
-        replica's CPU.)"""
+        each append to a thread and back cost the copies ~7 µs of CPU per message accepted,
+        a fifth of their CPU.)"""
         try:
             v = fn(*args)
         except Refused as r:
@@ -78,8 +78,7 @@ class ReplicaLog:
 
     async def install(self, epoch: int, leader: str, snapshot: bytes,
                       members: list[Any]) -> list[Any]:
-        r = self._run(self.store.install, epoch, leader, snapshot,
-                            Members.from_wire(members))
+        r = self._run(self.store.install, epoch, leader, snapshot, Members.from_wire(members))
         if r[0] == "ok":
             r[1] = r[1].to_wire()
         return r

@@ -331,7 +331,7 @@ class Replicator:
             size = 0
             whole = True
             crc = last_lsn = 0
-            for first, last, frames, _ts, crc in self._tail:
+            for first, last, frames, _ts, frames_crc in self._tail:
                 if last < lsn:
                     continue
                 if size and size + len(frames) > self.batch_bytes:
@@ -340,13 +340,13 @@ class Replicator:
                 whole = whole and part is frames
                 out.append(part)
                 size += len(part)
-                last_lsn = last
+                last_lsn, crc = last, frames_crc
             if not out:
                 return b"", None
-            blob = out[0] if len(out) == 1 else b"".join(out)
-            if not whole:
-                return blob, None
-            return blob, [last_lsn, self.epoch, crc if len(out) == 1 else zlib.crc32(blob)]
+            if len(out) == 1:
+                return out[0], ([last_lsn, self.epoch, crc] if whole else None)
+            blob = b"".join(out)
+            return blob, ([last_lsn, self.epoch, zlib.crc32(blob)] if whole else None)
         # fell out of memory: read it back from our own disk (raises Compacted)
         return await self._io(self.local.log.read_frames, lsn, self.batch_bytes), None
 
