@@ -22,7 +22,6 @@ import re
 import threading
 import zlib
 from collections.abc import Collection, Iterable
-from typing import NamedTuple
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email import errors as email_errors
@@ -31,6 +30,7 @@ from email.headerregistry import Address as HeaderAddress
 from email.headerregistry import Group
 from email.message import EmailMessage
 from email.utils import format_datetime, parsedate_to_datetime
+from typing import NamedTuple
 
 from cluster.core.addresses import Address, AddressError, parse_address
 from cluster.core.sites import stable_hash
@@ -288,8 +288,8 @@ def new_message_id(now: float) -> str:
 
 def new_message_ids(now: float, n: int, shard: int = 0, shards: int = 1) -> list[str]:
     """``n`` ULIDs of ``now`` (see :func:`new_message_id`) that each hash to ``shard`` of
-    ``shards`` (see :func:`id_for_shard`): a sender's batch, made at ~1 µs an id instead of
-    ~4 one by one."""
+    ``shards`` (see :func:`id_for_shard`): a sender's batch, made at ~1.2 µs an id instead of
+    ~2.4 one by one."""
     ms = round(now * 1000)
     if not 0 <= ms < 1 << 48:
         raise ValueError(f"now={now!r} is outside the ULID time range")

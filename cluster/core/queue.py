@@ -38,7 +38,8 @@ __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH",
     "QueuedMessage", "QueueState", "StateError",
-    "accept_record", "body_record", "message_record", "transient_record", "delivered_record", "final_record",
+    "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
+    "final_record",
 ]
 
 REC_BODY = "b"
