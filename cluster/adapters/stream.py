@@ -59,13 +59,13 @@ def _write(writer: asyncio.StreamWriter, obj: Any) -> None:
 
 
 def _encode(obj: Any) -> list[bytes]:
-    """``obj`` as one length-prefixed msgpack message, in parts. In a list, big bytes (an
-    append's frames, a batch of submissions) are written as they are behind their bin 32
-    header: packing them would copy megabytes through msgpack's growing buffer (6 % of a
-    shard leader's profile samples at batches of 1,000). The reader sees the same msgpack
-    either way."""
-    if isinstance(obj, list) and any(isinstance(x, (bytes, bytearray)) and len(x) > _BIG
-                                     for x in obj):
+    """``obj`` as one length-prefixed msgpack message, in parts. In a call (a short list),
+    big bytes (an append's frames, a batch of submissions) are written as they are behind
+    their bin 32 header: packing them would copy megabytes through msgpack's growing buffer
+    (6 % of a shard leader's profile samples at batches of 1,000). Long lists (a batch's
+    answers) are not searched for them. The reader sees the same msgpack either way."""
+    if isinstance(obj, list) and len(obj) <= 16 and \
+            any(isinstance(x, (bytes, bytearray)) and len(x) > _BIG for x in obj):
         packer = msgpack.Packer(use_bin_type=True)
         parts = [packer.pack_array_header(len(obj))]
         for x in obj:
