@@ -9,6 +9,7 @@ rewrites exactly the events whose records are durable but whose lines were not y
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 from pathlib import Path
@@ -71,31 +72,30 @@ class EventLog:
 
     def write(self, events: list[dict[str, Any]]) -> None:
         """Append events (seq ascending); events at or below :attr:`last_seq` are skipped."""
-        rows: list[tuple[int, bytes]] = []
         last = self.last_seq
-        for ev in events:
-            if ev["seq"] <= last:
-                continue
-            last = ev["seq"]
-            # orjson: ~6x faster than json.dumps here (events were ~7 % of a shard leader's CPU)
-            rows.append((last, orjson.dumps(ev, default=str, option=_JSON_OPTS)))
-        if not rows:
+        if events and events[0]["seq"] <= last:   # a replay after a restart: skip what is in
+            events = [ev for ev in events if ev["seq"] > last]
+        if not events:
             return
+        # orjson: ~6x faster than json.dumps here (events were ~7 % of a shard leader's CPU)
+        dumps = orjson.dumps
+        lines = [dumps(ev, default=str, option=_JSON_OPTS) for ev in events]
         if self._fh is None or self._size >= self.file_bytes:
-            self._rotate(rows[0][0])
+            self._rotate(events[0]["seq"])
         seqs, offs = self._index[self._active]
-        off = self._size
-        for seq, line in rows:
-            if self._lines % _STRIDE == 0:
-                seqs.append(seq)
-                offs.append(off)
-            self._lines += 1
-            off += len(line)
-        data = b"".join(line for _, line in rows)
+        first = (-self._lines) % _STRIDE    # this batch's first line to index, if it has one
+        if first < len(lines):
+            # an index entry every _STRIDE lines of the file: its seq and byte offset
+            starts = list(itertools.accumulate(map(len, lines), initial=self._size))
+            for k in range(first, len(lines), _STRIDE):
+                seqs.append(events[k]["seq"])
+                offs.append(starts[k])
+        self._lines += len(lines)
+        data = b"".join(lines)
         self._fh.write(data)
         self._fh.flush()
         self._size += len(data)
-        self.last_seq = last
+        self.last_seq = events[-1]["seq"]
 
     def _rotate(self, first_seq: int) -> None:
         if self._fh is not None:
