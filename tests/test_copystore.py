@@ -635,7 +635,8 @@ def test_compact_on_an_unsynced_copy_behind_the_snapshot_is_refused(tmp_path):
 def test_a_batch_append_checked_by_one_checksum_rebuilds_the_log(tmp_path):
     """Whole commits of one epoch go with their shape [last, epoch, crc32] and are checked as
     a whole; the copy ends up byte for byte the leader's, across segments and an epoch
-    change. A wrong checksum, epoch or first lsn is refused and writes nothing."""
+    change. A wrong checksum or epoch, or a torn batch, is refused as "corrupt" and writes
+    nothing; a batch starting at another lsn is corrupt to the log."""
     import zlib
     lead, copy = _leader_and_copy(tmp_path)
     lead.segment_bytes = copy.log.segment_bytes = 300
@@ -651,9 +652,14 @@ def test_a_batch_append_checked_by_one_checksum_rebuilds_the_log(tmp_path):
         good = [first + 2, epoch, zlib.crc32(frames)]
         before = (copy.log.end, copy.log.disk_bytes())
         for bad in ([first + 2, epoch, good[2] ^ 1], [first + 2, epoch + 1, good[2]]):
-            with pytest.raises(SpoolCorrupt):
+            with pytest.raises(Refused) as refused:
                 copy.append(epoch, leader, first, frames, bad)
+            assert refused.value.reason == "corrupt", refused.value
             assert (copy.log.end, copy.log.disk_bytes()) == before
+        torn = frames[:-3]                          # checked frame by frame: refused too
+        with pytest.raises(Refused, match="corrupt"):
+            copy.append(epoch, leader, first, torn)
+        assert (copy.log.end, copy.log.disk_bytes()) == before
         other = encode_frame(epoch, first + 1, ["x"])   # a frame of another lsn
         with pytest.raises(SpoolCorrupt):
             copy.log.append_batch(other, first + 1, epoch, zlib.crc32(other))

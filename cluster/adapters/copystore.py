@@ -24,7 +24,8 @@ from typing import Any
 
 import msgpack
 
-from cluster.adapters.spool import SpoolLog, skip_frames, unpack_snapshot, write_atomic
+from cluster.adapters.spool import (SpoolCorrupt, SpoolLog, skip_frames, unpack_snapshot,
+                                    write_atomic)
 from cluster.core.replication import CopyInfo, Fence, LogShape, Members, Refused
 
 __all__ = ["CopyStore", "DirectoryBusy"]
@@ -129,18 +130,22 @@ class CopyStore:
         """Append the leader's frames starting at lsn ``first``; returns the new end lsn.
         Frames this copy already has (a retried call) are skipped. ``shape``, ``[last lsn,
         epoch, crc32]``, says the frames are whole commits of one epoch: they are then checked
-        by that one checksum rather than frame by frame."""
+        by that one checksum rather than frame by frame. Frames that fail their check are
+        refused as "corrupt" and nothing is written (the leader syncs the copy again)."""
         skip = self.fence.check_append(epoch, leader, first, self.log.end)
         if skip:
             frames = skip_frames(frames, skip)
             shape = None
         if frames:
-            if shape is not None:
-                self.log.append_batch(frames, *shape)
-                self.appends["whole"] += 1
-            else:
-                self.log.append_frames(frames)
-                self.appends["by_frame"] += 1
+            try:
+                if shape is not None:
+                    self.log.append_batch(frames, *shape)
+                    self.appends["whole"] += 1
+                else:
+                    self.log.append_frames(frames)
+                    self.appends["by_frame"] += 1
+            except SpoolCorrupt as e:   # damaged on the way: nothing was written; say so
+                raise Refused("corrupt", self.fence.promised, str(e)) from None
         return self.log.end
 
     def compact(self, epoch: int, leader: str, snapshot: bytes) -> int:
