@@ -25,7 +25,7 @@ import logging
 import secrets
 import socket
 import struct
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import msgpack
 
@@ -80,6 +80,18 @@ def _encode(obj: Any) -> list[bytes]:
     if size > MAX_MESSAGE:
         raise StreamError(f"message of {size} bytes is over the limit of {MAX_MESSAGE}")
     return [_LEN.pack(size), *parts]
+
+
+_Client = TypeVar("_Client", "StreamClient", "BlockingStreamClient")
+
+
+def _greeted(client: _Client, answer: Any, host: str, port: int) -> _Client:
+    """``client`` once the server answered its hello with ``["ok"]``; closed, and a
+    ``StreamError`` raised, for any other answer or the error that stood for one."""
+    if answer != ["ok"]:
+        client.close()
+        raise StreamError(f"{host}:{port} refused the stream: {answer!r}")
+    return client
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -169,12 +181,8 @@ class StreamClient:
             await writer.drain()
             ok = await asyncio.wait_for(_read(reader, 1024), timeout)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError) as e:
-            self.close()
-            raise StreamError(f"{host}:{port} refused the stream: {e!r}") from None
-        if ok != ["ok"]:
-            self.close()
-            raise StreamError(f"{host}:{port} refused the stream: {ok!r}")
-        return self
+            ok = e
+        return _greeted(self, ok, host, port)
 
     async def call(self, method: str, *args: Any, timeout: float = 10.0) -> Any:
         if self.closed:
@@ -218,12 +226,8 @@ class BlockingStreamClient:
             sock.sendall(b"".join(_encode(["hello", token])))
             ok = self._read(1024)
         except (OSError, ValueError, msgpack.UnpackException) as e:
-            self.close()
-            raise StreamError(f"{host}:{port} refused the stream: {e!r}") from None
-        if ok != ["ok"]:
-            self.close()
-            raise StreamError(f"{host}:{port} refused the stream: {ok!r}")
-        return self
+            ok = e
+        return _greeted(self, ok, host, port)
 
     def _recv_exactly(self, n: int) -> bytearray:
         buf = bytearray(n)
