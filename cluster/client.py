@@ -26,6 +26,7 @@ import ray
 
 from cluster.adapters.stream import BlockingStreamClient, StreamError
 from cluster.config import Config, load_config
+from cluster.core.intake import wire_item
 from cluster.core.message import ValidationError, new_message_ids, validate_batch
 from cluster.core.sites import stable_hash
 
@@ -262,11 +263,7 @@ class MailCluster:
             home = shard_of(p.idempotency_key, shards) if p.idempotency_key else batch_shard
             ids = fresh if home == batch_shard else \
                 new_message_ids(now, len(p.recipients), home, shards)
-            # (the recipients first: zip takes an id only for a recipient it has)
-            rcpts = [[mid, str(addr), addr.ascii_domain] for addr, mid in zip(p.recipients, ids)]
-            per_shard.setdefault(home, []).append((i, [
-                rcpts[0][0], p.body, p.sender, rcpts, p.tags or None, p.metadata or None,
-                p.idempotency_key, p.not_before, p.max_age, p.smtputf8]))
+            per_shard.setdefault(home, []).append((i, wire_item(p, ids)))
         chunks = [(shard, chunk) for shard, items in per_shard.items()
                   for chunk in _chunked(items, CHUNK_MESSAGES, CHUNK_BYTES)]
         deadline = time.monotonic() + timeout

@@ -417,13 +417,21 @@ def test_options_are_parsed_and_copied() -> None:
     meta = {"user": 7, "list": (1, 2)}
     tags = {"campaign": "spring"}
     p = prepare(structured(tags=tags, metadata=meta, idempotency_key="order-1",
-                           not_before="2025-01-01T01:00:00+01:00", max_age="1h30m"), now=NOW)
+                           not_before="2023-12-01T01:00:00+01:00", max_age="1h30m"), now=NOW)
     assert p.tags == tags and p.tags is not tags
     assert p.metadata == {"user": 7, "list": [1, 2]}  # exactly what JSON will store
     assert p.idempotency_key == "order-1"
-    assert p.not_before == 1735689600.0
+    assert p.not_before == 1701388800.0
     assert p.max_age == 5400.0
     assert p.smtputf8 is False
+
+
+def test_a_queue_lifetime_over_30_days_is_refused() -> None:
+    with pytest.raises(ValidationError, match="max_age: 2592001 s is over the limit of 30 days"):
+        prepare(structured(max_age="30d1s"), now=NOW)
+    with pytest.raises(ValidationError, match="not_before: more than 30 days ahead"):
+        prepare(structured(not_before=NOW + 31 * 86400), now=NOW)
+    assert prepare(structured(max_age="30d", not_before=NOW + 29 * 86400), now=NOW).max_age
 
 
 def test_none_values_count_as_absent() -> None:

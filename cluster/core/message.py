@@ -60,6 +60,9 @@ MAX_TAG_KEY = 64
 MAX_TAG_VALUE = 256
 MAX_METADATA_BYTES = 4096
 MAX_IDEMPOTENCY_KEY = 200
+#: the longest a message may stay queued (``max_age``), and how far ahead ``not_before`` may
+#: be: a queue's lifetime is bounded (DESIGN: bounded everything)
+MAX_QUEUE_LIFETIME = 30 * 86400.0
 #: RFC 5322 §2.1.1: "Each line of characters MUST be no more than 998 characters ... excluding
 #: the CRLF."
 MAX_LINE_OCTETS = 998
@@ -179,6 +182,9 @@ def prepare(submission: dict, *, now: float, max_size: int = DEFAULT_MAX_SIZE) -
     metadata = _metadata(sub.get("metadata"))
     idem = _idempotency_key(sub.get("idempotency_key"))
     not_before = _not_before(sub.get("not_before"))
+    if not_before is not None and not_before > now + MAX_QUEUE_LIFETIME:
+        raise ValidationError("not_before", f"more than {MAX_QUEUE_LIFETIME / 86400:g} days "
+                              "ahead")
     max_age = _max_age(sub.get("max_age"))
 
     if "raw" in sub:
@@ -537,6 +543,9 @@ def _max_age(value: object) -> float | None:
             raise ValidationError("max_age", str(e)) from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValidationError("max_age", f"must be a positive duration, not {value!r}")
+    if seconds > MAX_QUEUE_LIFETIME:
+        raise ValidationError("max_age", f"{seconds:.0f} s is over the limit of "
+                              f"{MAX_QUEUE_LIFETIME / 86400:g} days")
     return seconds
 
 
