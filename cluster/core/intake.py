@@ -28,7 +28,7 @@ import zlib
 from typing import Any, Callable, Iterable
 
 from cluster.core import queue as q
-from cluster.core.addresses import AddressError, parse_address
+from cluster.core.addresses import AddressError, canonical_plain_domain, parse_address
 from cluster.core.message import (MAX_QUEUE_LIFETIME, MAX_RECIPIENTS, PreparedMessage, ValidationError,
                                   _idempotency_key, _metadata, _tags)
 
@@ -83,6 +83,8 @@ class Limits:
 
 
 def _address_error(value: Any, field: str, utf8: bool, *, allow_empty: bool) -> str | None:
+    if type(value) is str and canonical_plain_domain(value) is not None:
+        return None
     if type(value) is not str:
         return f"{field}: must be a string, not {type(value).__name__}"
     if not value:
@@ -146,9 +148,10 @@ def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | Non
         err = _address_error(rcpt, where, utf8, allow_empty=False)
         if err:
             return err
-        if type(domain) is not str or not domain.isascii() or \
-                rcpt.rpartition("@")[2].lower() != domain and \
-                parse_address(rcpt, allow_smtputf8=utf8).ascii_domain != domain:
+        if type(domain) is not str or \
+                domain != canonical_plain_domain(rcpt) and (
+                    not domain.isascii() or
+                    parse_address(rcpt, allow_smtputf8=utf8).ascii_domain != domain):
             return (f"{where}.domain: {domain!r} is not the IDNA (A-label) form of the "
                     f"address's domain")
     if body_id != rcpts[0][0]:
