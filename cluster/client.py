@@ -42,9 +42,16 @@ class SubmitResult:
     """Outcome for one submitted message (in input order)."""
 
     index: int
-    ids: list[str] = field(default_factory=list)   # one per recipient, when accepted
+    ids: list[str] = field(default_factory=list)   # one per recipient (see outcome_unknown)
     error: str | None = None                       # "field: reason" when refused
     duplicate: bool = False                        # idempotency key (or ids) seen before
+    #: the refusal may pass later (no quorum, shard not serving, queue full, still being
+    #: committed, timeout): try again; protocol front ends answer 4xx, never 5xx, for these
+    retryable: bool = False
+    #: the message may or may not be queued (the shard had it but could not confirm it in
+    #: time): ``ids`` are the ids it was sent with; ``status(ids)`` tells, and submitting it
+    #: again with the same ``idempotency_key`` is safe
+    outcome_unknown: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -236,10 +243,15 @@ class MailCluster:
 
     # ------------------------------------------------------------------ submission
     def submit(self, messages: Iterable[dict[str, Any]] | dict[str, Any], *,
-               timeout: float = 300.0) -> list[SubmitResult]:
+               timeout: float = 300.0, retry_for: float = 15.0) -> list[SubmitResult]:
         """Validate and queue messages; returns one :class:`SubmitResult` per message.
 
-        Accepted ids are returned only after the shard has written them to disk."""
+        Accepted ids are returned only after the shard has written them to disk. Refusals
+        marked retryable (no quorum, a leader starting, queue full, still being committed) are
+        tried again for up to ``retry_for`` seconds, with the same ids: a shard answers ids it
+        already committed as queued, so a retry never queues a message twice. What is still
+        refused then comes back with ``retryable`` (and ``outcome_unknown`` where the shard
+        could not tell) set."""
         msgs = [messages] if isinstance(messages, dict) else list(messages)
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
@@ -264,34 +276,68 @@ class MailCluster:
             ids = fresh if home == batch_shard else \
                 new_message_ids(now, len(p.recipients), home, shards)
             per_shard.setdefault(home, []).append((i, wire_item(p, ids)))
-        chunks = [(shard, chunk) for shard, items in per_shard.items()
-                  for chunk in _chunked(items, CHUNK_MESSAGES, CHUNK_BYTES)]
         deadline = time.monotonic() + timeout
-        if len(chunks) == 1:    # the usual call: one shard, up to 1,000 messages
-            shard, chunk = chunks[0]
-            answered = [(chunk, self._submit_chunk(shard, [it for _, it in chunk], deadline))]
-        else:                   # Ray calls, all in flight at once
-            refs = [(chunk, self.coordinators[shard].submit.remote(
-                msgpack.packb([it for _, it in chunk], use_bin_type=True)))
-                for shard, chunk in chunks]
-            answered = [(chunk, self._answer(ref, deadline)) for chunk, ref in refs]
-        for chunk, answers in answered:   # a message is one item of one chunk
-            for (i, _), a in zip(chunk, answers):
-                error = a.get("error")
-                results[i] = SubmitResult(i, error=error) if error is not None else \
-                    SubmitResult(i, ids=a["ids"], duplicate=bool(a.get("duplicate")))
+        retry_until = min(deadline, time.monotonic() + max(0.0, retry_for))
+        tried: set[int] = set()   # messages sent before: "duplicate" of their own ids is ours
+        pause = 0.05
+        while per_shard:
+            answered = self._send(per_shard, deadline)
+            again: dict[int, list[tuple[int, list[Any]]]] = {}
+            for shard, chunk, answers in answered:   # a message is one item of one chunk
+                for (i, item), a in zip(chunk, answers):
+                    error = a.get("error")
+                    if error is None:
+                        ids = a["ids"]
+                        own = i in tried and ids == [r[0] for r in item[3]]
+                        results[i] = SubmitResult(i, ids=ids,
+                                                  duplicate=bool(a.get("duplicate")) and not own)
+                        continue
+                    retryable = bool(a.get("retryable"))
+                    results[i] = SubmitResult(
+                        i, ids=[r[0] for r in item[3]] if a.get("unknown") else [],
+                        error=error, retryable=retryable,
+                        outcome_unknown=bool(a.get("unknown")))
+                    if retryable:
+                        again.setdefault(shard, []).append((i, item))
+                        tried.add(i)
+            if not again or time.monotonic() + pause >= retry_until:
+                break
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
+            per_shard = again
         return [r if r is not None else SubmitResult(i, error="internal: no answer")
                 for i, r in enumerate(results)]
 
+    def _send(self, per_shard: dict[int, list[tuple[int, list[Any]]]], deadline: float
+              ) -> list[tuple[int, list[tuple[int, list[Any]]], list[dict[str, Any]]]]:
+        """Each shard's items in calls of at most CHUNK_MESSAGES / CHUNK_BYTES; the answers
+        of each call (a call that got none says so for each of its items)."""
+        chunks = [(shard, chunk) for shard, items in per_shard.items()
+                  for chunk in _chunked(items, CHUNK_MESSAGES, CHUNK_BYTES)]
+        if len(chunks) == 1:    # the usual call: one shard, up to 1,000 messages
+            shard, chunk = chunks[0]
+            return [(shard, chunk, self._submit_chunk(shard, [it for _, it in chunk],
+                                                      deadline))]
+        # Ray calls, all in flight at once
+        refs = [(shard, chunk, self.coordinators[shard].submit.remote(
+            msgpack.packb([it for _, it in chunk], use_bin_type=True)))
+            for shard, chunk in chunks]
+        return [(shard, chunk, self._answer(ref, deadline, len(chunk)))
+                for shard, chunk, ref in refs]
+
     @staticmethod
-    def _answer(ref: Any, deadline: float) -> list[dict[str, Any]]:
+    def _answer(ref: Any, deadline: float, n: int) -> list[dict[str, Any]]:
+        """A Ray call's answers; when none came in time (or the call failed), an
+        outcome-unknown answer for each of its ``n`` items."""
         timeout = max(0.0, deadline - time.monotonic())
         try:
             return ray.get(ref, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise SubmitError("queue shard did not answer within the submit timeout; the batch "
-                              "may or may not be queued: resubmit with the same idempotency "
-                              "keys") from None
+            why = "the queue shard did not answer within the submit timeout"
+        except ray.exceptions.RayError as e:
+            why = f"the queue shard's call failed ({type(e).__name__})"
+        return [{"error": f"outcome unknown: {why}; the message may or may not be queued",
+                 "retryable": True, "unknown": True}] * n
 
     def _submit_chunk(self, shard: int, items: list[list[Any]], deadline: float
                       ) -> list[dict[str, Any]]:
@@ -309,14 +355,16 @@ class MailCluster:
                     return answers
             except StreamError:
                 maybe_sent = True
-        answers = self._answer(self.coordinators[shard].submit.remote(payload), deadline)
+        answers = self._answer(self.coordinators[shard].submit.remote(payload), deadline,
+                               len(items))
         while maybe_sent and any(a.get("pending") for a in answers):
             if time.monotonic() >= deadline:
                 break   # the answers say "still being committed; retry"
             time.sleep(0.05)
             again = [k for k, a in enumerate(answers) if a.get("pending")]
             more = self._answer(self.coordinators[shard].submit.remote(
-                msgpack.packb([items[k] for k in again], use_bin_type=True)), deadline)
+                msgpack.packb([items[k] for k in again], use_bin_type=True)), deadline,
+                len(again))
             for k, a in zip(again, more):
                 answers[k] = a
         return answers
