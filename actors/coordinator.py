@@ -225,12 +225,23 @@ class QueueCoordinator:
                                   idempotency_window=self.cfg.queue.idempotency_window)
         if snap is not None:
             self.state.restore(snap)
+            # the events just before the snapshot: this copy of the log starts after them
+            # (a leader rebuilt on another node has no event files of its own)
+            tail = snap.get("events_tail")
+            if tail:
+                n = self.events.write_lines(tail)
+                if n:
+                    log.info("shard %d: %d events restored from the snapshot", self.shard, n)
         replay_events = []
         for _epoch, lsn, rec in records:
             ev = self.state.apply_or_quarantine(rec, lsn)
             if ev is not None and ev["seq"] > self.events.last_seq:
                 replay_events.append(ev)
         self.events.write(replay_events)
+        if self.state.counters_quarantined:
+            log.error("shard %d: %d log records could not be applied and were set aside "
+                      "(newest: %s)", self.shard, self.state.counters_quarantined,
+                      list(self.state.quarantine)[-3:])
         self._drop_orphan_bodies()
         self._snapshot_size = self.log.snapshot_bytes
         return snap, records
@@ -391,10 +402,16 @@ class QueueCoordinator:
         for recs, _ in batch:
             self.intake.settle(recs)
 
+    def _write_snapshot(self, snap: dict[str, Any]) -> int:
+        # (blocking, I/O thread; the commit loop waits for it, so no event is written
+        # meanwhile and the event files end at the snapshot's lsn)
+        snap["events_tail"] = self.events.tail_bytes(self.cfg.spool.snapshot_events_bytes)
+        return self.log.write_snapshot(snap)
+
     async def _snapshot(self) -> None:
         snap = self.state.snapshot()
         loop = asyncio.get_running_loop()
-        size = await loop.run_in_executor(self._io, self.log.write_snapshot, snap)
+        size = await loop.run_in_executor(self._io, self._write_snapshot, snap)
         self._snapshot_size = size
         self.counters["snapshots"] += 1
         log.info("shard %d snapshot at lsn %d: %d bytes", self.shard, snap["lsn"], size)

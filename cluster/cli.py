@@ -308,16 +308,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     mc = _attach(args.address, args.config)
-    cursor: dict[int, int] = {}
-    while True:
-        evs = mc.events(cursor or args.since)
-        for ev in evs:
+    if not args.follow:
+        for ev in mc.events(args.since):
             print(json.dumps(ev))
-        cursor = mc.next_cursor(evs, cursor) if evs else cursor or {
-            s: args.since for s in range(len(mc.coordinators))}
-        if not args.follow:
-            return 0
-        time.sleep(1)
+        return 0
+    # every shard's cursor starts at --since, whether or not it has events yet
+    for ev in mc.follow(args.since, poll=1.0):
+        print(json.dumps(ev), flush=True)
+    return 0
 
 
 def cmd_listen(args: argparse.Namespace) -> int:

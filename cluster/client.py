@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 import ray
@@ -407,6 +407,28 @@ class MailCluster:
                 ev["shard"] = shard
                 out.append(ev)
         return out
+
+    def follow(self, since: int | dict[int, int] = 0, *, poll: float = 1.0,
+               limit: int = 10_000, until: float | None = None,
+               stop: Callable[[], bool] | None = None) -> Iterator[dict[str, Any]]:
+        """Every event after ``since`` (a seq for every shard, or per-shard seqs), then each
+        new one as it comes, oldest first per shard, until ``until`` (a ``time.time()``) or
+        ``stop()`` says so. Goes on through a leader's restart or move (the call waits or is
+        retried); each event comes once and in order within its shard."""
+        cursor = dict(since) if isinstance(since, dict) else \
+            {s: since for s in range(len(self.coordinators))}
+        while (until is None or time.time() < until) and not (stop and stop()):
+            try:
+                evs = self.events(cursor, limit)
+            except (ray.exceptions.RayError, RuntimeError):
+                time.sleep(poll)      # a leader restarting or moving: ask again
+                continue
+            for ev in evs:
+                if ev["seq"] > cursor.get(ev["shard"], 0):
+                    yield ev
+            cursor = self.next_cursor(evs, cursor)
+            if len(evs) < limit:
+                time.sleep(poll)
 
     @staticmethod
     def next_cursor(events: list[dict[str, Any]], cursor: dict[int, int] | None = None

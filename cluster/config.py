@@ -90,6 +90,10 @@ class SpoolConfig:
     #: event files rotate past this size; this many are kept
     event_file_bytes: int = 64 * 1024 * 1024
     event_files_kept: int = 16
+    #: each snapshot carries the newest events up to this size, so that a leader rebuilt on
+    #: another node from it (its copy of the log starts at the snapshot) still serves the
+    #: events just before it to a consumer that lags behind (docs/queue.md, "Events")
+    snapshot_events_bytes: int = 32 * 1024 * 1024
     #: fsync each group commit (turn off only for throwaway benchmarks of the non-durable path)
     fsync: bool = True
     #: give every Ray node its own sub-directory (``node-<id>``) of ``directory``: set this when
@@ -307,6 +311,8 @@ def _parse_spool(raw: Mapping[str, Any]) -> SpoolConfig:
                                f"{w}.event_file_bytes"),
         event_files_kept=_int(raw.get("event_files_kept", d.event_files_kept),
                               f"{w}.event_files_kept", minimum=1),
+        snapshot_events_bytes=_size(raw.get("snapshot_events_bytes", d.snapshot_events_bytes),
+                                    f"{w}.snapshot_events_bytes"),
         fsync=_bool(raw.get("fsync", d.fsync), f"{w}.fsync"),
         per_node=_bool(raw.get("per_node", d.per_node), f"{w}.per_node"),
     )
