@@ -356,7 +356,8 @@ class RelayPool:
             conn = await connect_site(s.hosts, s.port, ehlo_name=self.source.ehlo_name,
                                       bind_address=self.source.bind_address, tls=s.limits.tls,
                                       connect_timeout=d.connect_timeout,
-                                      command_timeout=d.command_timeout)
+                                      command_timeout=d.command_timeout,
+                                      data_timeout=d.data_timeout)
         except ConnectFailure as e:
             self.counters["connect_failures"] += 1
             self.metrics.connect_failures.inc(1, self.metrics.tags)

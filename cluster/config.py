@@ -144,6 +144,8 @@ class DeliveryConfig:
     smtp_port: int = 25
     connect_timeout: float = 30.0
     command_timeout: float = 60.0
+    #: the wait for the reply to the final dot of DATA (RFC 5321 §4.5.3.2.6: 10 minutes)
+    data_timeout: float = 600.0
     #: a warm connection with nothing to send is closed after this long
     idle_timeout: float = 5.0
     #: connection leases held by relays expire if not renewed within this time
