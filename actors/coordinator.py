@@ -37,7 +37,6 @@ from actors.loop import LoopLag, preload, tune_gc, use_uvloop
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
-from cluster.adapters.spool import write_atomic
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
@@ -973,20 +972,10 @@ class QueueCoordinator:
         return Path(d) if d else Path(self.cfg.spool.directory) / "backups"
 
     def _write_backup(self, data: bytes) -> str:
+        from cluster.adapters.backup import backup_stamp, prune_backups, write_shard_backup
         root = self._backup_root()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        d = root / stamp
-        d.mkdir(parents=True, exist_ok=True)
-        final = d / f"shard-{self.shard}.msgpack"
-        write_atomic(final, data)
-        # keep the newest `keep` backups of this shard
-        mine = sorted(root.glob(f"*/shard-{self.shard}.msgpack"))
-        for old in mine[:-self.cfg.backup.keep]:
-            old.unlink(missing_ok=True)
-            try:
-                old.parent.rmdir()
-            except OSError:
-                pass
+        final = write_shard_backup(root, backup_stamp(), self.shard, data)
+        prune_backups(root, self.shard, self.cfg.backup.keep)
         log.info("shard %d backup: %s (%d bytes)", self.shard, final, len(data))
         return str(final)
 

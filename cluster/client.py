@@ -460,8 +460,8 @@ class MailCluster:
     def backup(self, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         """Snapshot every shard into ``out_dir/<UTC time>/shard-<n>.msgpack``; returns where
         and how much. Each file is written atomically (``.tmp``, fsync, rename)."""
-        from cluster.adapters.spool import write_atomic
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        from cluster.adapters.backup import backup_stamp, write_shard_backup
+        stamp = backup_stamp()
         d = Path(out_dir) / stamp
         d.mkdir(parents=True, exist_ok=False)
         datas = ray.get([c.backup.remote() for c in self.coordinators])
@@ -470,9 +470,7 @@ class MailCluster:
         for shard, data in enumerate(datas):
             doc = msgpack.unpackb(data, raw=False)
             messages += len(doc["state"]["messages"])
-            final = d / f"shard-{shard}.msgpack"
-            write_atomic(final, data)
-            files.append(str(final))
+            files.append(str(write_shard_backup(out_dir, stamp, shard, data)))
         return {"directory": str(d), "files": files, "messages": messages,
                 "bytes": sum(len(x) for x in datas)}
 

@@ -15,7 +15,6 @@ from cluster.core.message import (
     ValidationError,
     message_id_time,
     new_message_id,
-    parse_duration,
     prepare,
     validate_batch,
 )
@@ -172,7 +171,7 @@ MALFORMED: list[tuple[str, dict[str, Any], str, str]] = [
     ("not_before_bool", structured(not_before=True), "not_before", "must be epoch seconds"),
     ("max_age_zero", structured(max_age=0), "max_age", "must be a positive duration"),
     ("max_age_negative", structured(max_age=-5), "max_age", "must be a positive duration"),
-    ("max_age_bad_unit", structured(max_age="5 fortnights"), "max_age", "not a duration"),
+    ("max_age_bad_unit", structured(max_age="5 fortnights"), "max_age", "unknown unit 'fortnights'"),
     ("max_age_zero_string", structured(max_age="0h"), "max_age", "positive duration"),
     ("idempotency_key_too_long", structured(idempotency_key="k" * 201), "idempotency_key",
      "201 characters, over the limit of 200"),
@@ -449,10 +448,11 @@ def test_max_age_accepts_seconds_and_duration_strings(value: object, seconds: fl
     assert prepare(structured(max_age=value), now=NOW).max_age == seconds
 
 
-@pytest.mark.parametrize("text", ["", "5", "h", "5x", "-5m", "5m-", "1e3s", "5 fortnights"])
-def test_parse_duration_rejects_malformed(text: str) -> None:
-    with pytest.raises(ValueError, match="not a duration"):
-        parse_duration(text)
+@pytest.mark.parametrize("text", ["", "h", "5x", "-5m", "5m-", "5 fortnights", "0s"])
+def test_max_age_rejects_a_malformed_or_empty_duration(text: str) -> None:
+    # one duration grammar for the whole project (cluster.core.ratespec.parse_duration)
+    with pytest.raises(ValidationError, match="max_age: "):
+        prepare(structured(max_age=text), now=NOW)
 
 
 @pytest.mark.parametrize("value,epoch", [

@@ -33,6 +33,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import NamedTuple
 
 from cluster.core.addresses import Address, AddressError, parse_address
+from cluster.core.ratespec import parse_duration
 from cluster.core.sites import stable_hash
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "ValidationError",
     "message_id_time",
     "new_message_id",
-    "parse_duration",
     "prepare",
     "validate_batch",
 ]
@@ -94,9 +94,6 @@ _RESERVED_HEADERS = {
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")
 _INJECTION_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL"}
 _MSG_ID = re.compile(r"<[^<>@\s]+@[^<>@\s]+>\Z")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
 class ValidationError(ValueError):
@@ -518,17 +515,6 @@ def _not_before(value: object) -> float | None:
     return t
 
 
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"2h"``, ``"1h30m"``, ``"5d"``, ``"250ms"``, ``"1w"`` -> seconds.
-
-    Units: ms, s, m, h, d, w; parts add up. Raises ValueError on anything else."""
-    compact = re.sub(r"\s+", "", text).lower()
-    if not _DURATION.fullmatch(compact):
-        raise ValueError(f"not a duration: {text!r} (use a number and a unit: ms, s, m, h, d, "
-                         "w, e.g. '2h' or '1h30m')")
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(compact))
-
-
 def _max_age(value: object) -> float | None:
     if value is None:
         return None
@@ -539,7 +525,7 @@ def _max_age(value: object) -> float | None:
                                   f"not {_type(value)}")
         try:
             seconds = parse_duration(value)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ValidationError("max_age", str(e)) from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValidationError("max_age", f"must be a positive duration, not {value!r}")
