@@ -400,7 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="passed on, e.g. --messages 20000 --rounds 3")
     p.set_defaults(fn=cmd_bench)
-    args = ap.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        # everything after `bench` is run_all's (argparse's REMAINDER refuses a first word
+        # that looks like an option, so `raymta bench --messages 20000` failed)
+        args = argparse.Namespace(fn=cmd_bench, bench_args=argv[1:])
+    else:
+        args = ap.parse_args(argv)
     from cluster.client import SubmitError
     from cluster.config import ConfigError
     try:
