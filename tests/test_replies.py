@@ -6,7 +6,6 @@ The corpus tests measure agreement with replies from real bounces and provider d
 
 import collections
 import csv
-from pathlib import Path
 
 import pytest
 
@@ -28,8 +27,8 @@ from cluster.core.replies import (
     expired,
     parse_reply,
 )
+from tests.conftest import corpus
 
-CORPORA = Path(__file__).resolve().parents[1].parent / "shared" / "corpora"
 
 D, T, P = Outcome.DELIVERED, Outcome.TRANSIENT, Outcome.PERMANENT
 
@@ -345,10 +344,7 @@ def test_enhanced_category_by_code_and_reply_class(enhanced, klass, category):
 # ---------------------------------------------------------------------------------- the corpora
 
 def _corpus(name: str) -> list[dict[str, str]]:
-    path = CORPORA / name
-    if not path.is_file():
-        pytest.fail(f"corpus {path} is missing: the shared corpora must sit beside the checkout "
-                    f"(expected directory {CORPORA})")
+    path = corpus(name)
     with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
