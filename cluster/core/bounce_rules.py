@@ -359,6 +359,15 @@ _CAUSE: tuple[BounceRule, ...] = (
     # in the directory
     _R("directory-based-edge-blocking", "invalid-recipient",
        r"recipient address rejected: access denied"),
+    # RFC 5321 §3.3: a refusal of MAIL FROM is about our sender, whatever it says
+    _R("refused-at-mail-from", "policy", code="5xx", phase=("mail",)),
+    # RFC 5321 §3.3: recipients are accepted or refused at RCPT; a "no such user" after DATA
+    # comes from a filter judging the message (sisimai "filtered"), not from a missing mailbox
+    _R("recipient-refused-after-data", "policy",
+       r"\b(?:user|mailbox|recipient|address)s? (?:is )?(?:unknown|not found|does ?n[o']t exist|"
+       r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)",
+       phase=("data",)),
+    _R("recipient-code-after-data", "policy", code="5xx", enhanced="x.1.*", phase=("data",)),
     # malware, then spam judgements on the message
     _R("virus", "virus", r"\bvirus|\bmalware|\binfected\b|\btrojan\b|\bworm\b"),
     _R("spam", "spam-content",
@@ -479,8 +488,9 @@ _TEXTS: tuple[BounceRule, ...] = (
     _R("mailbox-suspended", "inactive-mailbox",
        r"\bsuspend(?:ed)?\b|\btemporar(?:y|ily) (?:locked|disabled|blocked)|\bfrozen\b|"
        r"(?:account|mailbox) (?:is |has been )?(?:locked|blocked)|"
-       r"(?:mailbox|account|user|recipient|address)(?: \w+)? (?:is |has been )?"
-       r"(?:disabled|deactivated|inactive)"),
+       r"\b(?:disabled|deactivated|inactive) (?:recipient|mailbox|account|user|address)|"
+       r"\b(?:mailbox|account|user|recipient|address)\b.{0,40}?\b(?:is|has been) "
+       r"(?:disabled|deactivated|inactive)\b"),
     # greylisting (RFC 6647): retry, not a site-wide slowdown
     _R("greylisting", "policy", r"\bgrey ?list|\bgray ?list", klass="soft"),
     # the address does not exist (RFC 3463 X.1.1, X.1.6)
