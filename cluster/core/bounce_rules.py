@@ -502,6 +502,7 @@ _TEXTS: tuple[BounceRule, ...] = (
        r"\b(?:does ?n[o']t|doesn't|does not) (?:exist|have an? (?:\S+ )?account)|"
        r"\bnot (?:a valid|an existing) (?:user|mailbox|recipient|address)|"
        r"\brecipient not found|\bno (?:mailbox|account) (?:here|by that name|found)|"
+       r"\baddress (?:could ?n[o']t|can ?not|was not) (?:be )?found|\baddress not found|"
        r"address rejected|\bnot our customer|\bno longer (?:on|at|with|valid|available|active)|"
        r"\bhas (?:moved|been replaced)|\breplaced by\b|\bno forwarding address|"
        r"\bunrout(?:e)?able address|(?:mailbox|account|user|recipient|address)"
@@ -511,6 +512,9 @@ _TEXTS: tuple[BounceRule, ...] = (
        r"\b(?:host|domain)(?: or domain name| name)? (?:is )?(?:unknown|not found|"
        r"not reachable|does ?n[o']t exist|invalid)|\b(?:unknown|invalid|no such) (?:host|domain)|"
        r"\bdomain name not found|\bnxdomain\b|null mx|\bunrout(?:e)?able domain|"
+       r"\b(?:host|domain)[ =]\S+ (?:not found|does ?n[o']t exist|unknown)\b|"
+       r"\bno mx (?:record|host)s? (?:found )?for|\bno mail exchanger|"
+       r"\bcould ?n[o']t find (?:a mail exchanger|any host named)|"
        r"\b(?:does ?n[o']t|doesn't|does not) (?:accept|receive) (?:e-?)?mail"),
     # mailbox or system full (X.2.2, X.3.1), message too large (X.2.3, X.3.4)
     _R("mailbox-full", "quota",

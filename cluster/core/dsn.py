@@ -297,8 +297,8 @@ _DELAY = re.compile(r"\b(?:delayed|will (?:be )?retr(?:y|ied)|still trying|not y
 # a line that names the failed recipient: "<a@b>:", "a@b", "  a@b", "Name<mailto:a@b>",
 # "<a@b>: host x said: ...", "<a@b>... User unknown", "RCPT TO:<a@b>"
 _RCPT_LINE = re.compile(
-    rf"^(?P<indent>[ \t]*)(?:>>>\s*)?(?:(?:final-recipient|original-recipient|recipient(?: address)?|to|"
-    rf"failed recipient|address(?:es)?)\s*:\s*(?:rfc822;\s*)?)?"
+    rf"^(?P<indent>[ \t]*)(?:>>>\s*)?(?P<label>(?:final-recipient|original-recipient|"
+    rf"recipient(?: address)?|to|failed recipient|address(?:es)?)\s*:\s*(?:rfc822;\s*)?)?"
     rf"(?:[^<>\n@:\s]{{0,40}}<mailto:(?P<a1>{_ADDR})>|<?(?P<a2>{_ADDR})>?)"
     rf"(?P<rest>\s*(?:\(.*?\))?\s*(?::|\.\.\.|$).*)$", re.IGNORECASE | re.MULTILINE)
 # the command a quoted reply answered (RFC 5321 §3): Postfix "(in reply to end of DATA
@@ -325,10 +325,12 @@ def _phase(*texts: str | None) -> str:
             for m in pat.finditer(text):
                 if m.start() > where:
                     best, where = phase, m.start()
-        if best == "data" and re.search(r"<<< 503\b.{0,40}?need (?:rcpt|recipient)",
-                                        text[where:where + 2000], re.IGNORECASE | re.DOTALL):
-            # a pipelined transcript: the refusal read after DATA answered the RCPT
-            # (the server then says "503 need RCPT" to the DATA itself)
+        if best == "data" and re.search(
+                r"(?:503|554)\b.{0,40}?(?:need (?:rcpt|recipient)|no valid recipients)",
+                text[where:where + 2000], re.IGNORECASE | re.DOTALL):
+            # a pipelined transcript: the refusal read after DATA answered the RCPT (the
+            # server then refuses the DATA itself with "503 need RCPT"/"554 no valid
+            # recipients")
             best = "rcpt"
         if best:
             return best
@@ -337,6 +339,11 @@ def _phase(*texts: str | None) -> str:
 
 _REPLY_IN_TEXT = re.compile(r"(?<![\d.])(?:[45]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3})?|"
                             r"[245]\.\d{1,3}\.\d{1,3})")
+
+
+_SENTENCE_RCPT = re.compile(
+    rf"(?:deliver(?:ing|ed|y)?|sent|send(?:ing)?|message|mail)\b[^\n]{{0,60}}?\b(?:to|for)\s*:?\s*"
+    rf"<?(?P<addr>{_ADDR})>?", re.IGNORECASE)
 
 
 def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
@@ -353,7 +360,9 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
         if not m:
             continue
         addr = m["a1"] or m["a2"]
-        if addr.lower() in ours or re.match(r"(?:mailer-daemon|postmaster)@", addr, re.I):
+        # a bare "<a@b>:" line names a recipient even when it is the sender (mail to oneself);
+        # a labelled one ("To: ...") may be the returned message's header quoted in the text
+        if m["label"] and addr.lower() in ours or re.match(r"mailer-daemon@", addr, re.I):
             continue
         para = [m["rest"] or ""]
         indent = len(m["indent"].expandtabs())
@@ -371,6 +380,11 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
     if not found:
         for a in header_rcpts:
             found.append((a, ""))
+    if not found:
+        # "There was an error delivering your mail to <a@b>.", "could not be delivered to a@b"
+        m = _SENTENCE_RCPT.search(section)
+        if m:
+            found.append((m["addr"], section[m.end():m.end() + 600]))
     if not found:
         # last resort: the first address in the notice that is not ours
         for m in _ADDR_RE.finditer(section):
@@ -483,6 +497,11 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
                       truncated=truncated, subject=subject)
 
     notice = _notice_text(msg)
+    if not notice.strip():
+        # MIME that does not parse (a boundary that never occurs): read the body as text
+        head_end = re.search(rb"\r?\n\r?\n", data)
+        body = data[head_end.end():] if head_end else b""
+        notice = body[:_TEXT_MAX].decode("utf-8", "replace")
     returned, _returned_text = _returned(msg, notice)
     status_part = next((p for p in msg.walk() if p.get_content_type() in (
         "message/delivery-status", "message/global-delivery-status",
@@ -490,6 +509,14 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
     recipients: list[Recipient] = []
     per_message: dict[str, str] = {}
     fmt = ""
+    if status_part is None and re.search(r"^final-recipient\s*:", notice,
+                                         re.IGNORECASE | re.MULTILINE):
+        # RFC 3464 fields in a part that lost its Content-Type (or a broken MIME structure)
+        start = re.search(r"^(?:reporting-mta|final-recipient)\s*:", notice,
+                          re.IGNORECASE | re.MULTILINE)
+        assert start is not None
+        status_part = Message()
+        status_part.set_payload(notice[start.start():])
     if status_part is not None:
         recipients, per_message = _rfc3464(status_part, rules, notice)
         fmt = "rfc3464"
