@@ -38,7 +38,8 @@ from cluster.core.arf import ArfReport, parse_arf, parse_fields
 from cluster.core.bounce_rules import RuleSet
 from cluster.core.replies import classify, parse_reply
 
-__all__ = ["KINDS", "MAX_BYTES", "Recipient", "Report", "parse_message"]
+__all__ = ["CONTRACT_KEYS", "KINDS", "MAX_BYTES", "Recipient", "Report", "contract",
+           "parse_message"]
 
 KINDS = ("dsn", "arf", "autoreply", "unknown")
 #: The most of a message read (a DSN's fields are in its first few KiB; a returned message
@@ -91,6 +92,36 @@ class Report:
         """The first failed recipient, else the first one."""
         failed = [r for r in self.recipients if r.action in ("failed", None)]
         return (failed or list(self.recipients) or [None])[0]
+
+
+#: The keys of ``raymta parse-bounce --json`` (a stable contract, documented in the README).
+CONTRACT_KEYS = ("file", "kind", "recipient", "original_message_id", "raymta_id", "action",
+                 "status", "diagnostic", "remote_mta", "category", "class", "feedback_type",
+                 "reason", "recipients")
+_RECIPIENT_KEYS = ("recipient", "action", "status", "diagnostic", "remote_mta", "category",
+                   "class")
+
+
+def contract(report: Report, file: str) -> dict[str, object]:
+    """One report as the JSON object of ``raymta parse-bounce --json``: the first failed
+    recipient's fields at the top level, every recipient under ``recipients``."""
+    def rcpt(r: Recipient | None) -> dict[str, object]:
+        if r is None:
+            return dict.fromkeys(_RECIPIENT_KEYS)
+        return {"recipient": r.recipient, "action": r.action, "status": r.status,
+                "diagnostic": r.diagnostic, "remote_mta": r.remote_mta,
+                "category": r.category, "class": r.bounce_class}
+    first = rcpt(report.first)
+    if report.kind == "arf":
+        first.update(action=None, category=None, **{"class": None})
+    out: dict[str, object] = {
+        "file": file, "kind": report.kind, **first,
+        "original_message_id": report.original_message_id, "raymta_id": report.raymta_id,
+        "feedback_type": report.feedback.feedback_type if report.feedback else None,
+        "reason": report.reason,
+        "recipients": [rcpt(r) for r in report.recipients],
+    }
+    return {k: out[k] for k in CONTRACT_KEYS}
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -267,10 +298,12 @@ def _rfc3464(part: Message, rules: RuleSet | None,
         if diag and ";" in diag and not diag.lower().startswith(("smtp", "x-")):
             diag = diag.split(";", 1)[1].strip()
         code, category, klass = _classify(diag, status, action, rules, _phase(diag, notice))
+        # RFC 3464 §2.3.6: diagnostic-type ";" text; the contract gives the text
+        text = diag.split(";", 1)[1] if diag and re.match(r"\s*[\w-]+\s*;", diag) else diag
         recipients.append(Recipient(
             recipient=_clean_addr(f.get("final-recipient") or f.get("original-recipient")),
             original_recipient=_clean_addr(f.get("original-recipient")),
-            action=action, status=status, diagnostic=_one_line(diag),
+            action=action, status=status, diagnostic=_one_line(text),
             remote_mta=_clean_mta(f.get("remote-mta")), reply_code=code,
             category=category, bounce_class=klass))
     return recipients, per_message
@@ -395,13 +428,17 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
     delayed = bool(_DELAY.search(section[:4000])) and not re.search(
         r"permanent|given up|gave up|failed permanently", section[:4000], re.IGNORECASE)
     action = "delayed" if delayed else "failed"
-    out: list[Recipient] = []
-    seen: set[str] = set()
-    whole = _one_line(section, 4000) or ""
+    # an address named twice (Exchange: once for people, once "for administrators" with the
+    # reply): the paragraph that quotes a reply wins
+    best: dict[str, tuple[str, str]] = {}
     for addr, para in found:
-        if addr.lower() in seen:
-            continue
-        seen.add(addr.lower())
+        key = addr.lower()
+        if key not in best or (_REPLY_IN_TEXT.search(para)
+                               and not _REPLY_IN_TEXT.search(best[key][1])):
+            best[key] = (addr, para)
+    out: list[Recipient] = []
+    whole = _one_line(section, 4000) or ""
+    for addr, para in best.values():
         diag = para if _REPLY_IN_TEXT.search(para) or len(para) > 20 else ""
         if not diag:
             # the reply is elsewhere in the notice (Gmail, Exchange): the first quoted reply
@@ -560,8 +597,7 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
             diag = t.diagnostic if not r.diagnostic else f"{r.diagnostic} {t.diagnostic}"
             code, category, klass = _classify(diag, r.status, r.action, rules,
                                               _phase(diag, notice))
-            recipients[i] = replace(r, diagnostic=r.diagnostic or t.diagnostic,
-                                    reply_code=r.reply_code or code, category=category,
+            recipients[i] = replace(r, reply_code=r.reply_code or code, category=category,
                                     bounce_class=klass)
     if not recipients:
         return Report("unknown", "a delivery report without any recipient found",
