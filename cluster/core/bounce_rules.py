@@ -368,6 +368,12 @@ _CAUSE: tuple[BounceRule, ...] = (
        r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)",
        phase=("data",)),
     _R("recipient-code-after-data", "policy", code="5xx", enhanced="x.1.*", phase=("data",)),
+    # RFC 7504: 521 (host) and 556 (domain) say "this does not accept mail", whatever follows
+    _R("code-521", "bad-domain", code="521"),
+    _R("code-556", "bad-domain", code="556"),
+    # Google Groups: posting refused by the group's settings
+    _R("group-posting-refused", "policy",
+       r"\bnot have permission to post|\bgroup you tried to contact\b"),
     # malware, then spam judgements on the message
     _R("virus", "virus", r"\bvirus|\bmalware|\binfected\b|\btrojan\b|\bworm\b"),
     _R("spam", "spam-content",
@@ -503,6 +509,7 @@ _TEXTS: tuple[BounceRule, ...] = (
        r"\bnot (?:a valid|an existing) (?:user|mailbox|recipient|address)|"
        r"\brecipient not found|\bno (?:mailbox|account) (?:here|by that name|found)|"
        r"\baddress (?:could ?n[o']t|can ?not|was not) (?:be )?found|\baddress not found|"
+       r"\b(?:recipient|user) name is not recognized|"
        r"address rejected|\bnot our customer|\bno longer (?:on|at|with|valid|available|active)|"
        r"\bhas (?:moved|been replaced)|\breplaced by\b|\bno forwarding address|"
        r"\bunrout(?:e)?able address|(?:mailbox|account|user|recipient|address)"
@@ -556,7 +563,8 @@ _TEXTS: tuple[BounceRule, ...] = (
     # policy refusals that name no cause (content, access, generic policy)
     _R("policy", "policy",
        r"\bpolic(?:y|ies)\b|\bprohibited\b|\bnot permitted\b|\bnot allowed\b|"
-       r"\baccess denied\b|\bsecurity\b|\bcontent\b|\bnot accepted\b|\brefused\b"),
+       r"\baccess denied\b|\bsecurity\b|\bcontent\b|\bnot accepted\b|\brefused\b|"
+       r"\b(?:mail|message|e-?mail) (?:was |has been )?rejected\b|\bunverif(?:y|i)able\b"),
 )
 
 # --- band 4: what is left: subjects, basic codes, phases -------------------------------------
@@ -574,8 +582,6 @@ _FALLBACKS: tuple[BounceRule, ...] = (
     # basic codes that mean something by themselves
     _R("code-421", "rate-limited", code="421", backoff=True),  # closing channel (RFC 5321)
     _R("code-50x", "protocol", code="50x", klass="block"),     # our command (RFC 5321 §4.2.3)
-    _R("code-521", "bad-domain", code="521"),                  # host takes no mail (RFC 7504)
-    _R("code-556", "bad-domain", code="556"),                  # domain takes no mail (RFC 7504)
     _R("code-551", "invalid-recipient", code="551"),           # user not local (RFC 5321 §3.4)
     _R("code-530", "auth-failure", code="530"),                # authentication required
     _R("code-534", "auth-failure", code="534"),                # mechanism too weak (RFC 4954)

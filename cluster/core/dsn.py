@@ -333,7 +333,7 @@ _RCPT_LINE = re.compile(
     rf"^(?P<indent>[ \t]*)(?:>>>\s*)?(?P<label>(?:final-recipient|original-recipient|"
     rf"recipient(?: address)?|to|failed recipient|address(?:es)?)\s*:\s*(?:rfc822;\s*)?)?"
     rf"(?:[^<>\n@:\s]{{0,40}}<mailto:(?P<a1>{_ADDR})>|<?(?P<a2>{_ADDR})>?)"
-    rf"(?P<rest>\s*(?:\(.*?\))?\s*(?::|\.\.\.|$).*)$", re.IGNORECASE | re.MULTILINE)
+    rf"(?P<rest>\s*(?:\(.*?\))?\s*(?::|\.\.\.|$|on \w{{3}},).*)$", re.IGNORECASE | re.MULTILINE)
 # the command a quoted reply answered (RFC 5321 §3): Postfix "(in reply to end of DATA
 # command)", Exim "after RCPT TO:<...>", "after end of data", Sendmail transcripts ">>> DATA"
 _PHASE_HINTS = (
