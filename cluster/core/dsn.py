@@ -338,7 +338,7 @@ _RCPT_LINE = re.compile(
 # command)", Exim "after RCPT TO:<...>", "after end of data", Sendmail transcripts ">>> DATA"
 _PHASE_HINTS = (
     (re.compile(r"in reply to (?:end of )?data|after (?:end of )?data\b|>>> data\b|"
-                r"\[data\]|after (?:the )?message (?:body|content)", re.IGNORECASE), "data"),
+                r"after (?:the )?message (?:body|content)", re.IGNORECASE), "data"),
     (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]", re.IGNORECASE), "rcpt"),
     (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]",
                 re.IGNORECASE), "mail"),
@@ -448,6 +448,13 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
         m = _REPLY_IN_TEXT.search(diag)
         if m and m.start() > 0:
             diag = diag[m.start():]     # the reply itself; what led to it gives the phase
+        first = re.match(r"[45]\d\d", diag)
+        if first:
+            # a transcript goes on with other replies (the next recipient's, a 421 at QUIT):
+            # the recipient's reply ends where a reply with another code starts
+            nxt = re.search(rf"(?<=\s)(?!{first.group(0)})[45]\d\d[ -]", diag[3:])
+            if nxt:
+                diag = diag[:3 + nxt.start()].rstrip()
         status = _status(diag)
         code, category, klass = _classify(diag, status, action, rules,
                                           _phase(context, section))
