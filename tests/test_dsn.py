@@ -323,3 +323,26 @@ def test_contract_has_exactly_the_documented_keys():
     for raw in (RFC3464, ARF, AUTOREPLY, b""):
         assert tuple(contract(parse_message(raw), "f")) == CONTRACT_KEYS
     assert contract(parse_message(ARF), "f")["feedback_type"] == "abuse"
+
+
+def test_mutated_and_cut_messages_never_raise():
+    import random
+    rng = random.Random(12)
+    for raw in (RFC3464, QMAIL, EXIM, POSTFIX_TEXT, EXCHANGE, AUTOREPLY, ARF, BOUNCE_OF_BOUNCE):
+        for _ in range(40):
+            b = bytearray(raw)
+            for _ in range(rng.randrange(1, 30)):
+                b[rng.randrange(len(b))] = rng.randrange(256)
+            r = parse_message(bytes(b[:rng.randrange(len(b) + 1)]))
+            assert r.kind in KINDS and r.reason
+            assert not r.reason.startswith("unreadable"), r.reason   # handled, not caught
+
+
+def test_long_texts_are_classified_in_bounded_time():
+    import time
+
+    from cluster.core.replies import classify
+    t = time.perf_counter()
+    c = classify(550, "5.1.1 user unknown " + "x " * 200_000)
+    assert c.category == "invalid-recipient"
+    assert time.perf_counter() - t < 0.5
