@@ -137,6 +137,44 @@ Message-ID: <orig-4@example.com>
 From: sender@example.com
 """
 
+GMAIL = b"""From: Mail Delivery Subsystem <mailer-daemon@googlemail.com>
+To: sender@example.com
+Subject: Delivery Status Notification (Failure)
+X-Failed-Recipients: ivan@example.net
+
+Delivery to the following recipient failed permanently:
+
+     ivan@example.net
+
+Technical details of permanent failure:
+Google tried to deliver your message, but it was rejected by the server for the recipient
+domain example.net by mx.example.net. [192.0.2.1].
+
+The error that the other server returned was:
+552-5.2.2 The email account that you tried to reach is over quota. Please direct
+552-5.2.2 the recipient to https://support.google.com/mail/?p=OverQuotaPerm
+552 5.2.2 gsmtp
+
+----- Original message -----
+
+Message-ID: <orig-7@example.com>
+"""
+
+YAHOO = b"""From: MAILER-DAEMON@yahoo.example
+To: sender@example.com
+Subject: Failure Notice
+
+Sorry, we were unable to deliver your message to the following address.
+
+<judy@example.net>:
+Remote host said: 554 delivery error: dd This user doesn't have a example.net account
+(judy@example.net) [0] - mta1.mail.example.net [RCPT_TO]
+
+--- Below this line is a copy of the message.
+
+Message-ID: <orig-8@example.com>
+"""
+
 AUTOREPLY = b"""From: grace@example.net
 To: sender@example.com
 Subject: Out of Office: hello
@@ -214,6 +252,8 @@ CASES = [
      "auth-failure", "block"),
     ("exchange", EXCHANGE, "dsn", "frank@example.net", "failed", "5.1.1", "invalid-recipient",
      "hard"),
+    ("gmail", GMAIL, "dsn", "ivan@example.net", "failed", "5.2.2", "quota", "soft"),
+    ("yahoo", YAHOO, "dsn", "judy@example.net", "failed", None, "invalid-recipient", "hard"),
     ("autoreply", AUTOREPLY, "autoreply", None, None, None, None, None),
     ("arf", ARF, "arf", "heidi@example.net", None, None, None, None),
 ]
@@ -245,6 +285,7 @@ def test_rfc3464_fields_per_recipient_and_ties_to_our_message():
 @pytest.mark.parametrize("raw, msgid", [
     (QMAIL, "<orig-2@example.com>"), (EXIM, "<orig-3@example.com>"),
     (EXCHANGE, "<orig-4@example.com>"), (ARF, "<orig-6@example.com>"),
+    (GMAIL, "<orig-7@example.com>"), (YAHOO, "<orig-8@example.com>"),
 ])
 def test_the_returned_message_id_is_found(raw, msgid):
     assert parse_message(raw).original_message_id == msgid

@@ -28,7 +28,7 @@ gives kind ``unknown`` with the reason. Pure: stdlib ``email`` only, no I/O.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from email import policy
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
@@ -85,7 +85,6 @@ class Report:
     feedback: ArfReport | None = None
     truncated: bool = False
     subject: str | None = None
-    extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def first(self) -> Recipient | None:
@@ -439,11 +438,16 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
     out: list[Recipient] = []
     whole = _one_line(section, 4000) or ""
     for addr, para in best.values():
-        diag = para if _REPLY_IN_TEXT.search(para) or len(para) > 20 else ""
-        if not diag:
-            # the reply is elsewhere in the notice (Gmail, Exchange): the first quoted reply
-            m = _REPLY_IN_TEXT.search(whole)
-            diag = whole[m.start():m.start() + 600] if m else whole[:1500]
+        diag = para
+        if not _REPLY_IN_TEXT.search(para):
+            # the reply is quoted further on (Gmail "The error that the other server returned
+            # was:", Exchange's part for administrators): the first one after the address
+            pos = whole.lower().find(addr.lower())
+            m = _REPLY_IN_TEXT.search(whole, max(pos, 0))
+            if m:
+                diag = f"{para} {whole[m.start():m.start() + 600]}".strip()
+            elif len(para) <= 20:
+                diag = whole[:1500]
         context = diag
         m = _REPLY_IN_TEXT.search(diag)
         if m and m.start() > 0:
