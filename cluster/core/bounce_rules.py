@@ -359,8 +359,6 @@ _CAUSE: tuple[BounceRule, ...] = (
     # in the directory
     _R("directory-based-edge-blocking", "invalid-recipient",
        r"recipient address rejected: access denied"),
-    # RFC 5321 §3.3: a refusal of MAIL FROM is about our sender, whatever it says
-    _R("refused-at-mail-from", "policy", code="5xx", phase=("mail",)),
     # RFC 5321 §3.3: recipients are accepted or refused at RCPT; a "no such user" after DATA
     # comes from a filter judging the message (sisimai "filtered"), not from a missing mailbox
     _R("recipient-refused-after-data", "policy",
@@ -490,6 +488,9 @@ def _enhanced_rules(early: bool) -> list[BounceRule]:
 
 # --- band 3: texts consulted when the code did not decide ----------------------------------
 _TEXTS: tuple[BounceRule, ...] = (
+    # RFC 5321 §3.3: a refusal of MAIL FROM is about our sender, unless its code said more
+    # (a 552 5.2.3 there is RFC 1870's "message too large for SIZE")
+    _R("refused-at-mail-from", "policy", code="5xx", phase=("mail",)),
     # mailbox suspended, locked or disabled: may come back (sisimai "suspend")
     _R("mailbox-suspended", "inactive-mailbox",
        r"\bsuspend(?:ed)?\b|\btemporar(?:y|ily) (?:locked|disabled|blocked)|\bfrozen\b|"
@@ -510,7 +511,7 @@ _TEXTS: tuple[BounceRule, ...] = (
        r"\brecipient not found|\bno (?:mailbox|account) (?:here|by that name|found)|"
        r"\baddress (?:could ?n[o']t|can ?not|was not) (?:be )?found|\baddress not found|"
        r"\b(?:recipient|user) name is not recognized|"
-       r"address rejected|\bnot our customer|\bno longer (?:on|at|with|valid|available|active)|"
+       r"\bnot our customer|\bno longer (?:on|at|with|valid|available|active)|"
        r"\bhas (?:moved|been replaced)|\breplaced by\b|\bno forwarding address|"
        r"\bunrout(?:e)?able address|(?:mailbox|account|user|recipient|address)"
        r"(?: \w+)? (?:is |has been )?(?:closed|terminated|removed|deleted)"),

@@ -204,6 +204,9 @@ def _classify(diagnostic: str | None, status: str | None, action: str | None,
         enhanced = None
     if code is None and enhanced is None and action == "delayed":
         enhanced = "4.0.0"
+    if code is None and enhanced and enhanced[0] == "4" and action == "failed":
+        # RFC 3464 §2.3.3: "failed" is a permanent failure, whatever class a sloppy Status has
+        enhanced = "5" + enhanced[1:]
     try:
         c = classify(code, diag, enhanced=enhanced, phase=phase, rules=rules)
     except ValueError:
@@ -330,7 +333,7 @@ _DELAY = re.compile(r"\b(?:delayed|will (?:be )?retr(?:y|ied)|still trying|not y
 # "<a@b>: host x said: ...", "<a@b>... User unknown", "RCPT TO:<a@b>"
 _RCPT_LINE = re.compile(
     rf"^(?P<indent>[ \t]*)(?:>>>\s*)?(?P<label>(?:final-recipient|original-recipient|"
-    rf"recipient(?: address)?|to|failed recipient|address(?:es)?)\s*:\s*(?:rfc822;\s*)?)?"
+    rf"recipient(?: address)?|failed recipient|address(?:es)?)\s*:\s*(?:rfc822;\s*)?)?"
     rf"(?:[^<>\n@:\s]{{0,40}}<mailto:(?P<a1>{_ADDR})>|<?(?P<a2>{_ADDR})>?)"
     rf"(?P<rest>\s*(?:\(.*?\))?\s*(?::|\.\.\.|$|on \w{{3}},).*)$", re.IGNORECASE | re.MULTILINE)
 # the command a quoted reply answered (RFC 5321 §3): Postfix "(in reply to end of DATA
@@ -449,7 +452,7 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
             elif len(para) <= 20:
                 diag = whole[:1500]
         context = diag
-        m = _REPLY_IN_TEXT.search(diag)
+        m = re.search(r"(?<![\d.])[45]\d\d[ -]", diag)
         if m and m.start() > 0:
             diag = diag[m.start():]     # the reply itself; what led to it gives the phase
         first = re.match(r"[45]\d\d", diag)
