@@ -227,7 +227,7 @@ def _header(msg: Message, name: str) -> str | None:
 # ------------------------------------------------------------------- the returned message
 
 _COPY_MARK = re.compile(
-    r"^[ \t]*[-=_*]{2,}.*\b(?:original|returned|copy|undelivered|unsent|message|headers?)\b.*$|"
+    r"^[ \t]*[-=_*]{2,}.*\b(?:original|returned|copy|undelivered|unsent|headers?)\b.*$|"
     r"^.*(?:copy of (?:the |your )?(?:message|original|mail)|below this line).*$|"
     r"^[ \t]*(?:original message headers|original message follows|original headers|"
     r"message headers follow|headers of (?:the |your )?(?:original )?message|"
@@ -335,7 +335,8 @@ _RCPT_LINE = re.compile(
     rf"^(?P<indent>[ \t]*)(?:>>>\s*)?(?P<label>(?:final-recipient|original-recipient|"
     rf"recipient(?: address)?|failed recipient|address(?:es)?)\s*:\s*(?:rfc822;\s*)?)?"
     rf"(?:[^<>\n@:\s]{{0,40}}<mailto:(?P<a1>{_ADDR})>|<?(?P<a2>{_ADDR})>?)"
-    rf"(?P<rest>\s*(?:\(.*?\))?\s*(?::|\.\.\.|$|on \w{{3}},).*)$", re.IGNORECASE | re.MULTILINE)
+    rf"(?P<rest>\s*(?:\(.*?\))?\s*(?::|\.\.\.|$|on \w{{3}},|\[).*)$",
+    re.IGNORECASE | re.MULTILINE)
 # the command a quoted reply answered (RFC 5321 §3): Postfix "(in reply to end of DATA
 # command)", Exim "after RCPT TO:<...>", "after end of data", Sendmail transcripts ">>> DATA"
 _PHASE_HINTS = (
@@ -382,7 +383,8 @@ _SENTENCE_RCPT = re.compile(
 
 
 def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
-                     rules: RuleSet | None) -> list[Recipient]:
+                     rules: RuleSet | None, returned_to: list[str] | None = None
+                     ) -> list[Recipient]:
     """Recipients and their diagnostics from a notice without a delivery-status part."""
     section = notice
     mark = _COPY_MARK.search(notice)
@@ -420,6 +422,10 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
         m = _SENTENCE_RCPT.search(section)
         if m:
             found.append((m["addr"], section[m.end():m.end() + 600]))
+    if not found and returned_to:
+        # the notice names nobody: the returned message's own recipient (single-recipient
+        # notices such as "Delivery report unavailable" or a bare transcript)
+        found.extend((a, "") for a in returned_to[:1])
     if not found:
         # last resort: the first address in the notice that is not ours
         for m in _ADDR_RE.finditer(section):
@@ -595,7 +601,9 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
                  if a}
     failed = [a for _, a in getaddresses([_header(msg, "X-Failed-Recipients") or ""])
               if "@" in a]
-    from_text = _text_recipients(notice, failed, ours, rules)
+    returned_to = [a for _, a in getaddresses([_header(returned, "To") or ""]) if "@" in a] \
+        if returned is not None else []
+    from_text = _text_recipients(notice, failed, ours, rules, returned_to)
     if not recipients:
         recipients = from_text
         fmt = "text"
