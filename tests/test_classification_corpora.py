@@ -154,8 +154,8 @@ def test_bounce_messages_agree_with_their_labels():
     classes, kinds, files = _bounce_tallies()
     print("\n" + classes.report() + "\n" + kinds.report())
     assert files > 400
-    # measured when written: 311/411 = 75.7 % of recipient classes (sisimai's reasons weigh
-    # things a parser of one message cannot see; see the README); kinds 396/411 = 96.4 %.
-    # Floors against regressions, not goals.
-    assert classes.rate >= 0.74, classes.report()
+    # measured when written: 331/411 = 80.5 % of recipient classes (sisimai's reasons weigh
+    # things a parser of one message cannot see; see the README); kinds 399/411 = 97.1 %.
+    # Floors against regressions, not goals: the 95 % is not reached on this corpus.
+    assert classes.rate >= 0.79, classes.report()
     assert kinds.rate >= 0.95, kinds.report()
