@@ -493,7 +493,10 @@ _TEXTS: tuple[BounceRule, ...] = (
     _R("refused-at-mail-from", "policy", code="5xx", phase=("mail",)),
     # mailbox suspended, locked or disabled: may come back (sisimai "suspend")
     _R("mailbox-suspended", "inactive-mailbox",
-       r"\bsuspend(?:ed)?\b|\btemporar(?:y|ily) (?:locked|disabled|blocked)|\bfrozen\b|"
+       r"\b(?:mailbox|account|user|recipient|address|domain)\b.{0,40}?\bsuspended\b|"
+       r"\bsuspended (?:account|mailbox|user)|\baccount suspension|"
+       r"\b(?:mailbox|account) (?:is |has been )?(?:disabled|deactivated|inactive)\b|"
+       r"\btemporar(?:y|ily) (?:locked|disabled|blocked)|\bfrozen\b|"
        r"(?:account|mailbox) (?:is |has been )?(?:locked|blocked)|"
        r"\b(?:disabled|deactivated|inactive) (?:recipient|mailbox|account|user|address)|"
        r"\b(?:mailbox|account|user|recipient|address)\b.{0,40}?\b(?:is|has been) "
