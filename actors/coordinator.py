@@ -41,7 +41,7 @@ from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.intake import Intake, Limits, retryable_error
-from cluster.core.replies import dns_failure
+from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -750,7 +750,7 @@ class QueueCoordinator:
                                            category, now))
             else:
                 recs.append(self._retry_record(m, attempt, code, enhanced, text, site, category,
-                                               now, "throttle" if category == "throttle"
+                                               now, "throttle" if category in PACE_CATEGORIES
                                                else "normal"))
         if recs:
             self._enqueue(recs)
@@ -766,7 +766,7 @@ class QueueCoordinator:
         if next_at >= m.expires_at:
             return q.final_record(m.id, attempt, "expired", code, enhanced,
                                   f"message expired after {attempt} attempts; last reply: {text}",
-                                  site, "expired", now)
+                                  site, EXPIRED_CATEGORY, now)
         return q.transient_record(m.id, attempt, next_at, code, enhanced, text, site, category,
                                   now)
 
@@ -811,7 +811,7 @@ class QueueCoordinator:
             recs.append(q.final_record(m.id, m.attempts, "expired", m.last_code, None,
                                        f"message expired in queue after {m.attempts} attempts"
                                        + (f"; last reply: {m.last_text}" if m.last_text else ""),
-                                       m.site, "expired", now))
+                                       m.site, EXPIRED_CATEGORY, now))
         if recs:
             self._enqueue(recs)
         stale = st.stale_inflight(now, self.cfg.queue.inflight_timeout)

@@ -282,7 +282,8 @@ class RelayPool:
                 if time.monotonic() > give_up:
                     self._defer_queued(s, classify(
                         451, "4.4.5 raymta: no connection slot for this site in time (site "
-                        "paused or at its connection limit)", phase="connection"))
+                        "paused or at its connection limit)", phase="connection",
+                        rules=self.cfg.classification.rules))
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _LEASE_RETRY[1])
@@ -361,7 +362,8 @@ class RelayPool:
         except ConnectFailure as e:
             self.counters["connect_failures"] += 1
             self.metrics.connect_failures.inc(1, self.metrics.tags)
-            c = classify(e.code, e.text, phase="greeting") if e.code else \
+            c = classify(e.code, e.text, phase="greeting",
+                         rules=self.cfg.classification.rules) if e.code else \
                 connection_failure(e.text)
             if c.outcome != Outcome.TRANSIENT:
                 c = connection_failure(e.text)   # no host answered: always worth retrying
@@ -396,7 +398,8 @@ class RelayPool:
                     carry = s.queue.popleft()
                     then = (carry[0][2], carry[0][3], carry[0][5])
                 a = await conn.send(sender, rcpt, body, smtputf8, then=then)
-                c = classify(a.code, a.text, phase=a.phase) if a.code is not None else \
+                c = classify(a.code, a.text, phase=a.phase,
+                             rules=self.cfg.classification.rules) if a.code is not None else \
                     connection_failure(a.text)
                 call.add(_result(item, c, host))
                 if c.outcome == Outcome.DELIVERED:

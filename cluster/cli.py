@@ -1,4 +1,4 @@
-"""The ``raymta`` command: up, down, demo, submit, status, events.
+"""The ``raymta`` command: up, down, demo, submit, status, events, parse-bounce.
 
 ``raymta demo`` is the embedded default: a local Ray bound to loopback, a DNS server and SMTP
 sinks on loopback, a spool in a local directory; it sends N messages to M domains, shows a
@@ -332,6 +332,30 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_parse_bounce(args: argparse.Namespace) -> int:
+    """Parse bounce, complaint or auto-reply files; one JSON object per file with --json (the
+    stable contract of cluster.core.dsn.contract, documented in the README). Never stops on a
+    bad file: unreadable input is kind "unknown" with the reason."""
+    from cluster.config import load_config
+    from cluster.core.dsn import MAX_BYTES, contract, parse_message
+    rules = load_config(args.config).classification.rules if args.config else None
+    for name in args.files:
+        try:
+            with open(name, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)
+            obj = contract(parse_message(raw, rules=rules), name)
+        except OSError as e:
+            obj = {"file": name, "kind": "unknown", "reason": f"cannot read: {e.strerror}"}
+        if args.json:
+            print(json.dumps(obj, ensure_ascii=False), flush=True)
+        else:
+            what = obj.get("feedback_type") if obj["kind"] == "arf" else \
+                f"{obj.get('category')}/{obj.get('class')} {obj.get('status') or ''}".strip()
+            print(f"{name}: {obj['kind']} {obj.get('recipient') or '-'} {what} "
+                  f"{(obj.get('diagnostic') or obj.get('reason') or '')[:100]}", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # bench/ lives in the source checkout beside the packages, not in the installed package
     root = Path(__file__).resolve().parents[1]
@@ -396,6 +420,12 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("dir", help="a backup directory (holding shard-<n>.msgpack files)")
     p.set_defaults(fn=cmd_restore)
+    p = sub.add_parser("parse-bounce", help="parse bounce (DSN), complaint (ARF) and "
+                       "auto-reply messages; no cluster needed")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="one JSON object per file (see README)")
+    p.add_argument("--config", help="TOML config whose [classification] rules_file applies")
+    p.set_defaults(fn=cmd_parse_bounce)
     p = sub.add_parser("bench", help="raymta vs Postfix vs the physical limit (bench/run_all.py)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="passed on, e.g. --messages 20000 --rounds 3")

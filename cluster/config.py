@@ -2,7 +2,8 @@
 
 Owns: the schema of the config file, its defaults, and the translation of strings such as
 ``"100/s"`` or ``"5m"`` into typed values. Every bad value raises :class:`ConfigError` naming
-the key (dotted path) and the problem. Pure: reads a file only in :func:`load_config`.
+the key (dotted path) and the problem. Reads files only in :func:`load_config` and for
+``[classification] rules_file`` (bounce classification rules, :mod:`cluster.core.bounce_rules`).
 
 The defaults follow KumoMTA / Postfix / PowerMTA practice (see ../shared/DESIGN.md):
 first retry after 10 minutes, doubling, capped at 4 hours, give up after 5 days; per site
@@ -18,11 +19,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from cluster.core.bounce_rules import RuleError, RuleSet, rules_from_toml
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 
 __all__ = [
+    "ClassificationConfig",
     "ConfigError",
     "ReplicationConfig",
     "BackupConfig",
@@ -214,6 +217,15 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class ClassificationConfig:
+    #: the TOML rules file given (None: the shipped rules only)
+    rules_file: str | None = None
+    #: the rules in force: the file's rules before the shipped ones, or instead of them when the
+    #: file says ``replace = true`` (None: the shipped rules)
+    rules: RuleSet | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -226,6 +238,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -564,12 +577,37 @@ def _parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig:
                          replicas=replicas)
 
 
+def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> ClassificationConfig:
+    w = "classification"
+    _check_keys(raw, {"rules_file"}, w)
+    if "rules_file" not in raw:
+        return ClassificationConfig()
+    name = _str(raw["rules_file"], f"{w}.rules_file")
+    path = Path(name)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{w}.rules_file", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not valid TOML: {e}") from None
+    try:
+        rules = rules_from_toml(doc, str(path))
+    except RuleError as e:   # names the file and the rule
+        raise ConfigError(f"{w}.rules_file", str(e)) from None
+    return ClassificationConfig(rules_file=str(path), rules=rules)
+
+
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup"}
+        "replication", "backup", "classification"}
 
 
-def parse_config(raw: Mapping[str, Any]) -> Config:
-    """Build a :class:`Config` from a parsed TOML document (a dict)."""
+def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
+    """Build a :class:`Config` from a parsed TOML document (a dict). Relative file names in it
+    are taken from ``base`` (the config file's directory), else the working directory."""
     _check_keys(raw, _TOP, "")
     egress = _parse_egress(raw.get("egress"))
     sd_raw = _table(raw, "site_defaults", "")
@@ -587,6 +625,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cluster=_parse_cluster(_table(raw, "cluster", "")),
         replication=_parse_replication(_table(raw, "replication", "")),
         backup=_parse_backup(_table(raw, "backup", "")),
+        classification=_parse_classification(_table(raw, "classification", ""), base),
     )
 
 
@@ -605,4 +644,4 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"invalid TOML: {e}") from None
-    return parse_config(raw)
+    return parse_config(raw, p.parent)
