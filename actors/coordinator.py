@@ -41,6 +41,7 @@ from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.intake import Intake, Limits, retryable_error
+from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
 from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
@@ -139,6 +140,7 @@ class QueueCoordinator:
         self._started = False
         self._rng = random.Random()
         self._last_housekeeping = 0.0
+        self._propagating = False
         from actors.metrics import CoordinatorMetrics
         self.metrics = CoordinatorMetrics(shard)
         self.counters = {"dispatched": 0, "requeued_after_relay_loss": 0, "commits": 0,
@@ -274,6 +276,8 @@ class QueueCoordinator:
 
     # ------------------------------------------------------------------ group commit
     def _enqueue(self, records: list[Any], fut: asyncio.Future | None = None) -> None:
+        if fut is None and self.cfg.suppression.from_bounces:
+            self._suppress_hard_bounces(records)
         if fut is not None and self._stalled:
             # a caller waits for this: say now that it cannot be made durable, write nothing
             self._clear_pending_marks([(records, fut)])
@@ -282,6 +286,21 @@ class QueueCoordinator:
         self._pending.append((records, fut))
         assert self._commit_wake is not None
         self._commit_wake.set()
+
+    def _suppress_hard_bounces(self, records: list[Any]) -> None:
+        """A permanent failure that says the address does not exist (an invalid recipient, a
+        domain without mail) suppresses the address, on every shard (the outbox)."""
+        rows = []
+        now = time.time()
+        ttl = self.cfg.suppression.hard_bounce_ttl
+        for r in records:
+            if r[0] == q.REC_FINAL and r[3] == "bounce" and r[8] in HARD_CATEGORIES:
+                m = self.state.messages.get(r[1])
+                if m is not None:
+                    rows.append([normalize_address(m.rcpt), "", "hard-bounce", now, now + ttl,
+                                 f"{r[1]}: {r[4]} {str(r[6])[:150]}"])
+        if rows:
+            records.append(q.suppress_record("add", rows, now, propagate=True))
 
     async def _commit_loop(self) -> None:
         assert self._commit_wake is not None
@@ -453,7 +472,8 @@ class QueueCoordinator:
         if self._stalled:   # no quorum right now: say so at once rather than after a timeout
             return [retryable_error(self._stalled) for _ in items]
         qc = self.cfg.queue
-        limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age)
+        limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age,
+                        self.cfg.suppression.on_submit)
         results, records = self.intake.admit(
             items, self.state, limits, time.time(),
             lambda live: f"queue full on shard {self.shard} ({live} messages, "
@@ -820,6 +840,10 @@ class QueueCoordinator:
             if n:
                 log.warning("%d messages in flight past inflight_timeout: retrying", n)
         st.prune_idempotency(now)
+        st.suppression.expire(now)
+        if st.suppress_outbox and not self._propagating:
+            self._propagating = True
+            self._spawn(self._propagate_suppressions())
         self.metrics.set_queue(st.counts())
         self.metrics.set_replication(self.epoch, self.repl.lag())
         bi = self.cfg.backup.interval
@@ -953,6 +977,102 @@ class QueueCoordinator:
                 "committed": self.repl.committed, "members_version": list(
                     self.repl.members.version), "copies": self.repl.lag(),
                 **self.repl.counters}
+
+    # ------------------------------------------------------------------ suppression, reports
+    async def _commit(self, records: list[Any]) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._enqueue(records, fut)
+        await fut
+
+    async def suppress(self, rows: Any, propagate: bool = False) -> dict[str, Any]:
+        """Add suppressions (rows as :func:`cluster.core.suppression.check_rows` reads them),
+        durable on a quorum before it answers; each shard holds the whole list, so
+        ``MailCluster.suppress`` calls every shard. ``propagate``: this shard also hands them
+        to every other shard (used for what it learned itself)."""
+        await self._until_serving()
+        now = time.time()
+        good, errors = check_rows("add", rows, now, ttl=self.cfg.suppression.hard_bounce_ttl)
+        for k in range(0, len(good), 10_000):
+            await self._commit([q.suppress_record("add", good[k:k + 10_000], now, propagate)])
+        return {"shard": self.shard, "added": len(good), "errors": errors[:100],
+                "refused": len(errors)}
+
+    async def unsuppress(self, rows: Any) -> dict[str, Any]:
+        await self._until_serving()
+        now = time.time()
+        good, errors = check_rows("remove", rows, now)
+        present = [r for r in good if self.state.suppression.get(r[0], r[1]) is not None]
+        for k in range(0, len(present), 10_000):
+            await self._commit([q.suppress_record("remove", present[k:k + 10_000], now)])
+        return {"shard": self.shard, "removed": len(present), "errors": errors[:100],
+                "refused": len(errors)}
+
+    async def suppressions(self, prefix: str = "", limit: int = 1000,
+                           address: str | None = None) -> list[dict[str, Any]]:
+        """Entries whose address starts with ``prefix`` (or every entry for ``address``,
+        any scope), at most ``limit``."""
+        await self._until_serving()
+        sl = self.state.suppression
+        if address is not None:
+            a = normalize_address(address)
+            return [e for e in sl.entries(a, limit) if e["address"] == a]
+        return list(sl.entries(normalize_address(prefix) if prefix else "", limit))
+
+    async def outside_reports(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Asynchronous bounces and complaints about this shard's messages (from the bounce
+        listener, which has checked their VERP tag): an OOBBounce or Complaint event each; a
+        complaint always suppresses its recipient, a bounce whose category says the address
+        does not exist suppresses it for ``suppression.hard_bounce_ttl``; both reach every
+        shard through this shard's outbox."""
+        await self._until_serving()
+        now = time.time()
+        recs: list[Any] = []
+        rows: list[list[Any]] = []
+        refused = 0
+        for it in items if type(items) is list else []:
+            kind, rcpt = it.get("kind"), it.get("recipient")
+            if kind not in ("bounce", "complaint") or type(rcpt) is not str or not rcpt:
+                refused += 1
+                continue
+            mid = it.get("id") if type(it.get("id")) is str else None
+            detail = {k: str(v)[:500] for k, v in it.items()
+                      if k not in ("kind", "id", "recipient") and v is not None}
+            recs.append(q.report_record(kind, mid, rcpt, detail, now))
+            good, _ = check_rows("add", [[rcpt, "", "complaint" if kind == "complaint"
+                                          else "hard-bounce", f"{kind} about {mid or '?'}"]],
+                                 now, ttl=self.cfg.suppression.hard_bounce_ttl)
+            if good and (kind == "complaint" or (self.cfg.suppression.from_bounces and
+                                                 it.get("category") in HARD_CATEGORIES)):
+                rows.extend(good)
+        if rows:
+            recs.append(q.suppress_record("add", rows, now, propagate=True))
+        if recs:
+            await self._commit(recs)
+        return {"shard": self.shard, "recorded": len(recs) - (1 if rows else 0),
+                "suppressed": len(rows), "refused": refused}
+
+    async def _propagate_suppressions(self) -> None:
+        """Hand this shard's outbox to every other shard; once all have it, a "sent" record
+        empties it (a leader that dies first hands it again after its restart)."""
+        box = self.state.suppress_outbox
+        rows = list(box.values())[:10_000]
+        try:
+            for s in range(self.cfg.queue.shards):
+                if s == self.shard:
+                    continue
+                res = await asyncio.wait_for(
+                    self._handle(f"coordinator:{s}").suppress.remote(
+                        [[r[0], r[1], r[2], r[5], r[4]] for r in rows]), 60)
+                if res.get("refused"):
+                    log.warning("shard %d: shard %d refused %d suppressions: %s", self.shard,
+                                s, res["refused"], res["errors"][:3])
+            await self._commit([q.suppress_record(
+                "sent", [entry_key(r[0], r[1]) for r in rows], time.time())])
+        except (ray.exceptions.RayError, asyncio.TimeoutError, RuntimeError, ValueError) as e:
+            log.warning("shard %d: handing %d suppressions to the other shards failed (will "
+                        "retry): %s", self.shard, len(rows), e)
+        finally:
+            self._propagating = False
 
     # ------------------------------------------------------------------ backups
     async def backup(self, write: bool = False) -> Any:

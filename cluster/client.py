@@ -52,6 +52,10 @@ class SubmitResult:
     #: time): ``ids`` are the ids it was sent with; ``status(ids)`` tells, and submitting it
     #: again with the same ``idempotency_key`` is safe
     outcome_unknown: bool = False
+    #: recipients left out because they are suppressed: ``{"recipient", "reason", "since",
+    #: "error"}`` each (with ``suppression.on_submit = "drop"`` they are queued and finished
+    #: at once instead, and listed here too)
+    suppressed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
@@ -290,13 +294,15 @@ class MailCluster:
                         ids = a["ids"]
                         own = i in tried and ids == [r[0] for r in item[3]]
                         results[i] = SubmitResult(i, ids=ids,
-                                                  duplicate=bool(a.get("duplicate")) and not own)
+                                                  duplicate=bool(a.get("duplicate")) and not own,
+                                                  suppressed=a.get("suppressed") or [])
                         continue
                     retryable = bool(a.get("retryable"))
                     results[i] = SubmitResult(
                         i, ids=[r[0] for r in item[3]] if a.get("unknown") else [],
                         error=error, retryable=retryable,
-                        outcome_unknown=bool(a.get("unknown")))
+                        outcome_unknown=bool(a.get("unknown")),
+                        suppressed=a.get("suppressed") or [])
                     if retryable:
                         again.setdefault(shard, []).append((i, item))
                         tried.add(i)
@@ -452,6 +458,49 @@ class MailCluster:
         total["shards"] = per
         return total
 
+    # ------------------------------------------------------------------ suppression
+    SUPPRESS_CHUNK = 50_000
+
+    def _on_every_shard(self, method: str, rows: list[Any], timeout: float) -> list[dict]:
+        """``method(rows)`` on every shard (each holds the whole list), in chunks; the answers
+        of shard 0 summed (every shard checks the same rows the same way)."""
+        total: dict[str, Any] = {}
+        for k in range(0, max(1, len(rows)), self.SUPPRESS_CHUNK):
+            part = rows[k:k + self.SUPPRESS_CHUNK]
+            answers = ray.get([getattr(c, method).remote(part) for c in self.coordinators],
+                              timeout=timeout)
+            for key, v in answers[0].items():
+                if isinstance(v, int) and key != "shard":
+                    total[key] = total.get(key, 0) + v
+                elif isinstance(v, list):
+                    total.setdefault(key, []).extend(v[: max(0, 100 - len(total.get(key, [])))])
+        return [total]
+
+    def suppress(self, entries: Iterable[str | dict[str, Any]] | str, *, reason: str = "manual",
+                 scope: str = "", cause: str | None = None, expires_at: float | None = None,
+                 timeout: float = 600.0) -> dict[str, Any]:
+        """Suppress addresses (strings, or dicts with ``address``, ``scope``, ``reason``,
+        ``cause``, ``expires_at``): mail to them is refused at submission (or dropped, with
+        ``suppression.on_submit = "drop"``). Scope "" is every sender, else a sender domain
+        (and its sub-domains). Reasons: hard-bounce, complaint, unsubscribe, manual. Durable on
+        every shard before it returns; returns ``{"added", "refused", "errors"}``."""
+        items = [entries] if isinstance(entries, str) else list(entries)
+        rows = [[e, scope, reason, cause, expires_at] if isinstance(e, str) else e
+                for e in items]
+        return self._on_every_shard("suppress", rows, timeout)[0]
+
+    def unsuppress(self, addresses: Iterable[str] | str, *, scope: str = "",
+                   timeout: float = 600.0) -> dict[str, Any]:
+        """Lift suppressions (of ``scope``: "" for the global ones); ``{"removed", ...}``."""
+        items = [addresses] if isinstance(addresses, str) else list(addresses)
+        return self._on_every_shard("unsuppress", [[a, scope] for a in items], timeout)[0]
+
+    def suppressions(self, prefix: str = "", *, address: str | None = None,
+                     limit: int = 1000) -> list[dict[str, Any]]:
+        """Suppression entries (address, scope, reason, created, expires_at, cause) whose
+        address starts with ``prefix``, or all of one ``address``."""
+        return ray.get(self.coordinators[0].suppressions.remote(prefix, limit, address))
+
     # ------------------------------------------------------------------ replication, backups
     def replication(self) -> list[dict[str, Any]]:
         """Per shard: epoch, log end, and each copy's state and lag (records, seconds)."""
@@ -493,7 +542,7 @@ class MailCluster:
             raise SubmitError(f"restore needs an empty cluster; this one has {live} live "
                               "messages")
         shards = len(self.coordinators)
-        restored = skipped = 0
+        restored = skipped = suppressed = 0
         for f in files:
             try:
                 doc = msgpack.unpackb(f.read_bytes(), raw=False, strict_map_key=False)
@@ -505,6 +554,13 @@ class MailCluster:
             per: dict[int, dict[str, list[Any]]] = {}
             for row in state["messages"]:
                 per.setdefault(shard_of(row[0], shards), {}).setdefault(row[1], []).append(row)
+            supp = state.get("suppression") or []
+            if supp:   # every shard's backup holds the whole list: the first one is enough
+                from cluster.core.suppression import rows_from_snapshot
+                now = time.time()
+                live = [r for r in rows_from_snapshot(supp) if not r[4] or r[4] > now]
+                suppressed = self.suppress(live)["added"] if live and not suppressed else \
+                    suppressed
             for shard, by_body in per.items():
                 items = [[bid, bodies[bid], rows] for bid, rows in by_body.items()]
                 for k in range(0, len(items), chunk):
@@ -512,7 +568,8 @@ class MailCluster:
                         msgpack.packb(items[k:k + chunk], use_bin_type=True)))
                     restored += res["restored"]
                     skipped += res["skipped"]
-        return {"files": len(files), "restored": restored, "skipped": skipped}
+        return {"files": len(files), "restored": restored, "skipped": skipped,
+                "suppressions": suppressed}
 
     def wait_until_idle(self, timeout: float = 60.0, poll: float = 0.2) -> bool:
         """Wait until every shard serves and none has a message queued, deferred or in flight;

@@ -217,6 +217,20 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class SuppressionConfig:
+    #: a suppressed recipient at submission: "refuse" (the message goes to its other
+    #: recipients; refused with the reason and date if none is left) or "drop" (accepted, then
+    #: finished at once with a Suppressed event)
+    on_submit: str = "refuse"
+    #: a permanent failure meaning the address does not exist (categories invalid-recipient,
+    #: inactive-mailbox, bad-domain) suppresses it for this long; complaints and unsubscribes
+    #: never expire
+    hard_bounce_ttl: float = 30 * 86400.0
+    #: suppress on hard bounces at all (complaints always suppress)
+    from_bounces: bool = True
+
+
+@dataclass(frozen=True)
 class ClassificationConfig:
     #: the TOML rules file given (None: the shipped rules only)
     rules_file: str | None = None
@@ -239,6 +253,7 @@ class Config:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -602,7 +617,7 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "classification"}
+        "replication", "backup", "classification", "suppression"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -626,7 +641,22 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         replication=_parse_replication(_table(raw, "replication", "")),
         backup=_parse_backup(_table(raw, "backup", "")),
         classification=_parse_classification(_table(raw, "classification", ""), base),
+        suppression=_parse_suppression(_table(raw, "suppression", "")),
     )
+
+
+def _parse_suppression(raw: Mapping[str, Any]) -> SuppressionConfig:
+    w = "suppression"
+    _check_keys(raw, {f.name for f in fields(SuppressionConfig)}, w)
+    d = SuppressionConfig()
+    on_submit = _str(raw.get("on_submit", d.on_submit), f"{w}.on_submit")
+    if on_submit not in ("refuse", "drop"):
+        raise ConfigError(f"{w}.on_submit", f"must be 'refuse' or 'drop', not {on_submit!r}")
+    return SuppressionConfig(
+        on_submit=on_submit,
+        hard_bounce_ttl=_dur(raw.get("hard_bounce_ttl", d.hard_bounce_ttl),
+                             f"{w}.hard_bounce_ttl"),
+        from_bounces=_bool(raw.get("from_bounces", d.from_bounces), f"{w}.from_bounces"))
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
