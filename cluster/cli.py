@@ -306,6 +306,66 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+SUPPRESSION_CSV = ["address", "scope", "reason", "created", "expires_at", "cause"]
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    """``raymta suppress add|remove|list|import|export``: the suppression list (CSV columns
+    address, scope, reason, created, expires_at, cause; import needs only address)."""
+    import csv
+    mc = _attach(args.address, args.config)
+    if args.action in ("add", "remove"):
+        if not args.addresses:
+            raise SystemExit(f"raymta suppress {args.action}: give one or more addresses")
+        if args.action == "add":
+            res = mc.suppress(args.addresses, reason=args.reason, scope=args.scope,
+                              cause=args.cause)
+            print(f"suppressed {res['added']} addresses" +
+                  (f"; refused {res['refused']}: " + "; ".join(res["errors"][:5])
+                   if res.get("refused") else ""))
+        else:
+            res = mc.unsuppress(args.addresses, scope=args.scope)
+            print(f"removed {res['removed']} suppressions" +
+                  (f"; refused {res['refused']}: " + "; ".join(res["errors"][:5])
+                   if res.get("refused") else ""))
+        return 1 if res.get("refused") else 0
+    if args.action == "list":
+        for e in mc.suppressions(args.prefix or "", limit=args.limit):
+            print(json.dumps(e))
+        return 0
+    if args.action == "export":
+        out = open(args.file, "w", newline="") if args.file else sys.stdout
+        try:
+            w = csv.writer(out)
+            w.writerow(SUPPRESSION_CSV)
+            for e in mc.suppressions("", limit=args.limit):
+                w.writerow([e.get(k) if e.get(k) is not None else "" for k in SUPPRESSION_CSV])
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        return 0
+    # import
+    if not args.file:
+        raise SystemExit("raymta suppress import: give a CSV file (--file)")
+    t0 = time.time()
+    rows: list[dict[str, Any]] = []
+    with open(args.file, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "address" not in reader.fieldnames:
+            raise SystemExit(f"{args.file}: the first line must name the columns, with "
+                             f"'address' among them (columns: {', '.join(SUPPRESSION_CSV)})")
+        for r in reader:
+            rows.append({"address": r["address"], "scope": r.get("scope") or args.scope,
+                         "reason": r.get("reason") or args.reason,
+                         "cause": r.get("cause") or None,
+                         "expires_at": float(r["expires_at"]) if r.get("expires_at") else None})
+    res = mc.suppress(rows)
+    print(f"imported {res['added']} of {len(rows)} rows in {time.time() - t0:.1f} s" +
+          (f"; refused {res['refused']}: " + "; ".join(res["errors"][:5])
+           if res.get("refused") else ""))
+    return 1 if res.get("refused") else 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     mc = _attach(args.address, args.config)
     if not args.follow:
@@ -416,6 +476,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", nargs="?", default="./raymta-backups",
                    help="directory (a time-stamped sub-directory is made in it)")
     p.set_defaults(fn=cmd_backup)
+    p = sub.add_parser("suppress", help="the suppression list: add, remove, list, import, "
+                       "export (CSV)")
+    common(p)
+    p.add_argument("action", choices=["add", "remove", "list", "import", "export"])
+    p.add_argument("addresses", nargs="*")
+    p.add_argument("--reason", default="manual",
+                   choices=["manual", "hard-bounce", "complaint", "unsubscribe"])
+    p.add_argument("--scope", default="", help="a sender domain ('' = every sender)")
+    p.add_argument("--cause", default=None, help="why (kept with the entry)")
+    p.add_argument("--file", help="CSV file for import / export (export: default stdout)")
+    p.add_argument("--prefix", help="list: addresses starting with this")
+    p.add_argument("--limit", type=int, default=10_000_000)
+    p.set_defaults(fn=cmd_suppress)
     p = sub.add_parser("restore", help="queue a backup's messages into an empty cluster")
     common(p)
     p.add_argument("dir", help="a backup directory (holding shard-<n>.msgpack files)")

@@ -402,6 +402,39 @@ def test_events_print_json_lines(submitted):
     assert set(want) <= {g[:3] for g in got}, (want, got)
 
 
+def test_suppress_add_list_import_export_remove(submitted):
+    common = ["--config", str(submitted["config"]), "--address", submitted["address"]]
+    work = submitted["work"]
+    p = raymta("suppress", "add", "gone@d0.test", "--reason", "unsubscribe", "--scope",
+               "origin.test", *common, cwd=work)
+    assert p.returncode == 0 and "suppressed 1 addresses" in p.stdout, show(p)
+    csv_in = work / "supp.csv"
+    csv_in.write_text("address,reason,cause\nx1@d1.test,complaint,fbl\nx2@d1.test,,\n"
+                      "not an address,manual,\n")
+    p = raymta("suppress", "import", "--file", str(csv_in), *common, cwd=work)
+    assert p.returncode == 1, show(p)            # one bad row: named, the others imported
+    assert "imported 2 of 3 rows" in p.stdout and "rows[2]" in p.stdout, show(p)
+    p = raymta("suppress", "list", "--prefix", "x", *common, cwd=work)
+    listed = [json.loads(ln) for ln in p.stdout.splitlines()]
+    assert {(e["address"], e["reason"]) for e in listed} == {("x1@d1.test", "complaint"),
+                                                              ("x2@d1.test", "manual")}
+    out = work / "supp-out.csv"
+    p = raymta("suppress", "export", "--file", str(out), *common, cwd=work)
+    assert p.returncode == 0, show(p)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "address,scope,reason,created,expires_at,cause" and len(lines) == 4
+    assert any(ln.startswith("gone@d0.test,origin.test,unsubscribe,") for ln in lines)
+    # the import of the export changes nothing and refuses nothing
+    p = raymta("suppress", "import", "--file", str(out), *common, cwd=work)
+    assert p.returncode == 0 and "imported 3 of 3" in p.stdout, show(p)
+    p = raymta("suppress", "remove", "x1@d1.test", "x2@d1.test", "gone@d0.test", *common,
+               cwd=work)
+    assert p.returncode == 0 and "removed 2 suppressions" in p.stdout, show(p)  # gone: scoped
+    p = raymta("suppress", "remove", "gone@d0.test", "--scope", "origin.test", *common,
+               cwd=work)
+    assert "removed 1" in p.stdout, show(p)
+
+
 CLIENT_SCRIPT = """
 import json, sys, time
 import ray
