@@ -313,13 +313,21 @@ def test_dkimpy_verifies_through_the_loopback_dns(keys, dns_server):
 def test_a_body_for_several_recipients_is_hashed_once(keys):
     signer = Signer(_ring(keys))
     body = b"Same body for everyone\r\n" * 80
+    now = time.time()
     for i in range(5):
-        # what the relay gets: a separate bytes object per recipient, same content
-        raw = bytes(b"From: ann@example.com\r\nTo: list@x.test\r\n\r\n" + body)
-        signer.sign(raw, time.time())
+        # personalised headers, one body: hashed once
+        raw = bytes(f"From: ann@example.com\r\nTo: user{i}@x.test\r\n\r\n".encode() + body)
+        out = signer.sign(raw, now)
+        assert dkimpy_verify_all(out, _records(keys)) == [True, True]
     assert signer.counters["body_hashes"] == 1       # relaxed body, both keys share it
     assert signer.counters["body_hash_hits"] == 9
     assert signer.counters["signatures"] == 10
+    # what the relay gets for one message to several recipients: a separate bytes object
+    # per recipient, same content: signed once per second, the same bytes each time
+    raw = b"From: ann@example.com\r\nTo: list@x.test\r\n\r\n" + body
+    outs = {signer.sign(bytes(bytearray(raw)), now) for _ in range(4)}
+    assert len(outs) == 1 and signer.counters["signature_reuses"] == 3
+    assert dkimpy_verify_all(outs.pop(), _records(keys)) == [True, True]
 
 
 def test_no_key_for_the_domain_leaves_the_message_as_is(keys):

@@ -368,8 +368,14 @@ class Signer:
         self._body_cache_bytes = body_cache_bytes
         self._body_bytes = 0
         self._domains: dict[bytes, str | None] = {}
+        #: the signature fields of the last few messages, by (key generation, t=, bytes): the
+        #: same message for several recipients within one second is signed once (RSA and
+        #: Ed25519 signatures are deterministic, so this gives the very same bytes)
+        self._sigs: OrderedDict[tuple[int, int, bytes], bytes] = OrderedDict()
+        self._sig_cache = 256
         self.counters = {"signed": 0, "signatures": 0, "unsigned_no_key": 0,
-                         "body_hashes": 0, "body_hash_hits": 0, "errors": 0}
+                         "body_hashes": 0, "body_hash_hits": 0, "signature_reuses": 0,
+                         "errors": 0}
 
     def __repr__(self) -> str:
         return f"Signer({self.ring!r})"
@@ -434,7 +440,18 @@ class Signer:
         unsigned too (counted in ``errors``; it is still delivered, as today)."""
         msg = wire_form(raw)
         try:
-            return self.signatures(msg, now, keys=keys) + msg
+            if keys is not None or len(msg) > 1_000_000:
+                return self.signatures(msg, now, keys=keys) + msg
+            ck = (self.ring.generation, int(now), msg)
+            sigs = self._sigs.get(ck)
+            if sigs is not None:
+                self.counters["signature_reuses"] += 1
+                return sigs + msg
+            sigs = self.signatures(msg, now)
+            self._sigs[ck] = sigs
+            if len(self._sigs) > self._sig_cache:
+                self._sigs.popitem(last=False)
+            return sigs + msg
         except DkimError as e:
             self.counters["errors"] += 1
             log.warning("dkim: message not signed: %s", e)

@@ -17,6 +17,7 @@ are arguments), or log (a caller could log a key by accident through it).
 from __future__ import annotations
 
 import base64
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from email.utils import getaddresses
@@ -145,7 +146,9 @@ def canon_header(name: bytes, value: bytes, algorithm: str) -> bytes:
     """One field canonicalised (RFC 6376 §3.4.1, §3.4.2), CRLF included."""
     if algorithm == "simple":
         return name + b":" + value
-    v = _WSP_RUN.sub(b" ", _UNFOLD.sub(b"", value)).strip(b" \t\r\n")
+    v = value.strip(b" \t\r\n")
+    if b"\n" in v or b"\t" in v or b"  " in v or b"\r" in v:   # folded or odd spacing
+        v = _WSP_RUN.sub(b" ", _UNFOLD.sub(b"", value)).strip(b" \t\r\n")
     return name.lower().rstrip(b" \t") + b":" + v + b"\r\n"
 
 
@@ -183,38 +186,35 @@ def choose_headers(headers: Sequence[Header], names: Iterable[str] = DEFAULT_SIG
     """The h= list: every occurrence of a listed field, in message order, then each listed
     name once more (oversigning: RFC 6376 §5.4.2). A listed field the message lacks is thus
     listed once, which stops it from being added later."""
-    wanted = [n.lower() for n in names]
-    if "from" not in wanted:
-        raise DkimError("the From header field must be signed (RFC 6376 §5.4)")
-    want = set(wanted)
-    seen: list[bytes] = []
-    for name, _ in headers:
-        low = name.rstrip(b" \t").lower()
-        if low.decode("ascii", "replace") in want:
-            seen.append(low)
-    done: set[str] = set()
-    extra = []
-    for n in wanted:
-        if n not in done:
-            done.add(n)
-            extra.append(n.encode("ascii"))
+    want, extra = _sign_list(tuple(names))
+    seen = [low for low in (name.rstrip(b" \t").lower() for name, _ in headers) if low in want]
     return seen + extra
+
+
+@functools.lru_cache(maxsize=64)
+def _sign_list(names: tuple[str, ...]) -> tuple[frozenset[bytes], list[bytes]]:
+    wanted: list[bytes] = []
+    for n in names:
+        b = n.lower().encode("ascii")
+        if b not in wanted:
+            wanted.append(b)
+    if b"from" not in wanted:
+        raise DkimError("the From header field must be signed (RFC 6376 §5.4)")
+    return frozenset(wanted), wanted
 
 
 def select_headers(headers: Sequence[Header], include: Sequence[bytes]) -> list[Header]:
     """The fields h= names, each name taking the next occurrence from the bottom up
     (RFC 6376 §5.4.2); a name with no occurrence left selects nothing."""
-    lower = [n.rstrip(b" \t").lower() for n, _ in headers]
-    last: dict[bytes, int] = {}
+    # per name, its occurrences bottom first; each mention in h= takes the next one
+    left: dict[bytes, list[int]] = {}
+    for i, (n, _) in enumerate(headers):
+        left.setdefault(n.rstrip(b" \t").lower(), []).append(i)
     out: list[Header] = []
     for h in include:
-        i = last.get(h, len(headers))
-        while i > 0:
-            i -= 1
-            if lower[i] == h:
-                out.append(headers[i])
-                break
-        last[h] = i
+        idx = left.get(h)
+        if idx:
+            out.append(headers[idx.pop()])
     return out
 
 
