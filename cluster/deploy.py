@@ -79,6 +79,8 @@ def check_spool_shards(cfg: Config) -> None:
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
     check_spool_shards(cfg)
+    from cluster.config import check_dkim_keys
+    check_dkim_keys(cfg)   # a bad DKIM key file stops the deploy with the file named
     from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
                                ensure_replica, ensure_throttle, relay_name, replica_name,
                                shard_placement)

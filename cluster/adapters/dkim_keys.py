@@ -39,6 +39,8 @@ __all__ = [
     "KeyRing",
     "KeySource",
     "Signer",
+    "config_sources",
+    "signer_from_config",
     "dns_record",
     "generate_private_key",
     "load_private_key",
@@ -253,8 +255,8 @@ class KeyRing:
     directory scan, at most every ``interval`` seconds; a file that fails to load keeps the
     previous key of that source (and the failure is logged, naming the file)."""
 
-    def __init__(self, sources: Any, *, interval: float = 5.0, parent_domains: bool = True
-                 ) -> None:
+    def __init__(self, sources: Any, *, interval: float = 5.0, parent_domains: bool = True,
+                 strict: bool = True) -> None:
         self._sources = sources
         self.interval = interval
         self.parent_domains = parent_domains
@@ -263,7 +265,7 @@ class KeyRing:
         self._checked = 0.0
         self.generation = 0
         self.errors: list[str] = []
-        self.reload(strict=True)
+        self.reload(strict=strict)
 
     def __repr__(self) -> str:
         return f"KeyRing({len(self._keys)} keys for {sorted(self.by_domain)})"
@@ -456,3 +458,40 @@ class Signer:
             self.counters["errors"] += 1
             log.warning("dkim: message not signed: %s", e)
             return msg
+
+
+# ------------------------------------------------------------------------------ from the config
+def config_sources(dk: Any) -> Any:
+    """A callable giving the current :class:`KeySource` list of a ``DkimConfig``: the listed
+    ``[[dkim.key]]`` entries, then a fresh scan of ``key_directory`` (so keys added to or
+    removed from the directory take effect at the next reload)."""
+    def exp(v: float | None) -> int | None:
+        return int(v) if v else None
+
+    def sources() -> list[KeySource]:
+        out: list[KeySource] = []
+        listed: set[tuple[str, str]] = set()
+        for k in dk.keys:
+            if k.from_directory:
+                continue
+            out.append(KeySource(k.domain, k.selector, k.algorithm, k.key_file,
+                                 tuple(k.headers or dk.headers),
+                                 exp(k.expire_after if k.expire_after is not None
+                                     else dk.expire_after), k.identity))
+            listed.add((k.domain, k.selector))
+        if dk.key_directory:
+            out += [s for s in scan_key_directory(dk.key_directory, headers=tuple(dk.headers),
+                                                  expire_after=exp(dk.expire_after))
+                    if (s.domain, s.selector) not in listed]
+        return out
+    return sources
+
+
+def signer_from_config(dk: Any, *, strict: bool = False) -> Signer | None:
+    """The :class:`Signer` for a ``DkimConfig``, or None when it configures no keys at all
+    (then nothing is signed and nothing costs anything)."""
+    if not dk.keys and not dk.key_directory:
+        return None
+    ring = KeyRing(config_sources(dk), interval=dk.reload_interval,
+                   parent_domains=dk.parent_domains, strict=strict)
+    return Signer(ring)

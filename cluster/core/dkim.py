@@ -364,7 +364,11 @@ def dkim_refusal(from_domain: str, cfg: Any) -> str | None:
         return None
     domain = _ascii_domain(from_domain) if from_domain else ""
     policies: Mapping[str, str] = getattr(dk, "policies", {}) or {}
-    policy = policies.get(domain, getattr(dk, "default_policy", "if-key"))
+    policy = getattr(dk, "default_policy", "if-key")
+    for d in signing_domains(domain, True):     # example.com's policy covers its subdomains
+        if d in policies:
+            policy = policies[d]
+            break
     if policy != "required":
         return None
     keyed = {k.domain for k in getattr(dk, "keys", ())}
