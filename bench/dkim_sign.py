@@ -21,12 +21,13 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_info, make_workload, write_result  # noqa: E402
+from bench.common import machine_info, make_workload, write_result
 
 __all__ = ["main", "run"]
 

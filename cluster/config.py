@@ -726,7 +726,7 @@ def check_dkim_keys(cfg: Config) -> tuple[Config, list[str]]:
     if not dk.keys and not dk.key_directory:
         return cfg, []
     from cluster.adapters.dkim_keys import KeyFileError, load_private_key, scan_key_directory
-    keys = list(k for k in dk.keys if not k.from_directory)
+    keys = [k for k in dk.keys if not k.from_directory]
     if dk.key_directory:
         try:
             found = scan_key_directory(dk.key_directory)

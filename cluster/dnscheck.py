@@ -13,6 +13,7 @@ Must not: send anything but DNS queries, or print a private key (it compares pub
 from __future__ import annotations
 
 import base64
+import functools
 import ipaddress
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,9 +25,23 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-__all__ = ["Check", "Resolver", "LookupError_", "check_dkim", "check_dmarc", "check_fcrdns",
-           "check_mta_sts", "check_mx", "check_spf", "check_tlsrpt", "format_table",
-           "parse_tags", "run_checks", "spf_check_host", "spf_lookup_count"]
+__all__ = [
+    "Check",
+    "LookupError_",
+    "Resolver",
+    "check_dkim",
+    "check_dmarc",
+    "check_fcrdns",
+    "check_mta_sts",
+    "check_mx",
+    "check_spf",
+    "check_tlsrpt",
+    "format_table",
+    "parse_tags",
+    "run_checks",
+    "spf_check_host",
+    "spf_lookup_count",
+]
 
 PASS, WARN, FAIL = "pass", "warn", "fail"
 
@@ -339,8 +354,7 @@ def check_dkim(domain: str, selector: str, txts: list[str], expected_p: str | No
     configured key's public half (``expected_p``) when one is configured."""
     where = f"{selector}._domainkey.{domain}"
     recs = [t for t in txts if "p=" in t or t.startswith("v=DKIM1")]
-    publish = "publish the TXT record `raymta dkim keygen` printed (or `raymta dkim " \
-              f"show-record`) at {where}"
+    publish = f"publish the TXT record `raymta dkim keygen` printed for this key at {where}"
     if not recs:
         return Check("DKIM", FAIL, f"selector {selector}: no key record at {where}", publish)
     if len(recs) > 1:
@@ -485,6 +499,18 @@ def _guard(area: str, fn: Callable[[], Any]) -> list[Check]:
     return out if isinstance(out, list) else [out]
 
 
+def _dkim_of(r: Resolver, domain: str, selector: str, expected: str | None,
+             algorithm: str | None) -> Check:
+    return check_dkim(domain, selector, r.txt(f"{selector}._domainkey.{domain}"), expected,
+                      algorithm)
+
+
+def _fcrdns_of(r: Resolver, src: Any) -> Check:
+    ptrs = r.ptr(src.bind_address)
+    return check_fcrdns(src.name, src.bind_address, src.ehlo_name, ptrs,
+                        {p: r.addresses(p) for p in ptrs})
+
+
 def run_checks(domain: str, cfg: Any, r: Resolver, *, selectors: Sequence[str] = (),
                return_path: str | None = None) -> list[Check]:
     """Every check for ``domain`` with the keys and egress sources of ``cfg``."""
@@ -509,16 +535,15 @@ def run_checks(domain: str, cfg: Any, r: Resolver, *, selectors: Sequence[str] =
         try:
             key, alg, _bits, _w = load_private_key(k.key_file)
             expected: str | None = public_key_b64(key)
-        except ValueError as e:
+        except ValueError as err:
             out.append(Check("DKIM", FAIL, f"selector {k.selector}: configured key unusable: "
-                             f"{e}", "fix the key file"))
+                             f"{err}", "fix the key file"))
             continue
-        out += _guard("DKIM", lambda k=k, expected=expected, alg=alg: check_dkim(
-            k.domain, k.selector, r.txt(f"{k.selector}._domainkey.{k.domain}"), expected, alg))
+        out += _guard("DKIM", functools.partial(_dkim_of, r, k.domain, k.selector, expected,
+                                                alg))
     for s in selectors:
         if s not in seen:
-            out += _guard("DKIM", lambda s=s: check_dkim(
-                domain, s, r.txt(f"{s}._domainkey.{domain}"), None))
+            out += _guard("DKIM", functools.partial(_dkim_of, r, domain, s, None, None))
     if not keys and not selectors:
         out.append(Check("DKIM", FAIL, f"no DKIM key configured for {domain}",
                          f"raymta dkim keygen --domain {domain} --selector s1, then add it "
@@ -533,17 +558,12 @@ def run_checks(domain: str, cfg: Any, r: Resolver, *, selectors: Sequence[str] =
             txts = r.txt(where)
         return check_dmarc(domain, txts, where, sorted({k.domain for k in keys}), rp)
     out += _guard("DMARC", dmarc)
-    for e in cfg.egress:
-        if not e.bind_address:
-            out.append(Check("FCrDNS", WARN, f"egress {e.name}: no bind_address, nothing to "
+    for src in cfg.egress:
+        if not src.bind_address:
+            out.append(Check("FCrDNS", WARN, f"egress {src.name}: no bind_address, nothing to "
                              "check", "set egress.bind_address to the sending address"))
             continue
-
-        def fcrdns(e: Any = e) -> Check:
-            ptrs = r.ptr(e.bind_address)
-            return check_fcrdns(e.name, e.bind_address, e.ehlo_name, ptrs,
-                                {p: r.addresses(p) for p in ptrs})
-        out += _guard("FCrDNS", fcrdns)
+        out += _guard("FCrDNS", functools.partial(_fcrdns_of, r, src))
     out += _guard("MTA-STS", lambda: check_mta_sts(domain, r.txt(f"_mta-sts.{domain}")))
     out += _guard("TLS-RPT", lambda: check_tlsrpt(domain, r.txt(f"_smtp._tls.{domain}")))
     return out

@@ -15,8 +15,9 @@ import hashlib
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import dkim
 import dns.message
@@ -27,8 +28,16 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding
 
 from cluster.core import dkim as core
 
-__all__ = ["txt_strings", "publish", "dkimpy_verify_all", "loopback_dnsfunc", "perl_verify",
-           "have_perl_dkim", "check_with_own_canon", "write_key"]
+__all__ = [
+    "check_with_own_canon",
+    "dkimpy_verify_all",
+    "have_perl_dkim",
+    "loopback_dnsfunc",
+    "perl_verify",
+    "publish",
+    "txt_strings",
+    "write_key",
+]
 
 
 def txt_strings(record: str) -> str:
@@ -93,13 +102,13 @@ def have_perl_dkim() -> bool:
     if shutil.which("perl") is None:
         return False
     return subprocess.run(["perl", "-MMail::DKIM::Verifier", "-MNet::DNS", "-e", "1"],
-                          capture_output=True).returncode == 0
+                          capture_output=True, check=False).returncode == 0
 
 
 def perl_verify(msg: bytes, dns_port: int) -> list[tuple[str, str]]:
     """Mail::DKIM's (algorithm, result) for each signature, keys from the loopback DNS."""
     out = subprocess.run(["perl", "-e", _PERL, str(dns_port)], input=msg,
-                         capture_output=True, timeout=60)
+                         capture_output=True, timeout=60, check=False)
     if out.returncode != 0:
         raise AssertionError(f"perl verifier failed: {out.stderr.decode(errors='replace')}")
     rows = []
@@ -125,7 +134,7 @@ def check_with_own_canon(msg: bytes, index: int, dns_txt: str) -> None:
     section, body = core.split_message(msg)
     headers = core.parse_headers(section)
     sigs = [h for h in headers if h[0].lower() == b"dkim-signature"]
-    name, value = sigs[index]
+    _name, value = sigs[index]
     tags = _tags(re.sub(rb"\s+", b"", value).replace(b";", b"; "))
     hc, _, bc = tags["c"].decode().partition("/")
     bc = bc or "simple"
@@ -133,8 +142,7 @@ def check_with_own_canon(msg: bytes, index: int, dns_txt: str) -> None:
     assert base64.b64encode(bh) == tags["bh"], "body hash differs"
     include = [h.strip().lower() for h in tags["h"].split(b":")]
     # the signature field with its b= value emptied (RFC 6376 §3.7), everything else as is
-    unsigned = re.sub(rb"(b\s*=)[\sA-Za-z0-9+/=]*(;|$)", rb"\1\2", value, count=1)
-    # (the regex must not hit bh=: it is anchored on a tag start)
+    # (anchored on a tag start, so it does not hit bh=)
     unsigned = re.sub(rb"(^|;)(\s*b\s*=)[^;]*", rb"\1\2", value)
     data = core.header_hash_input(headers, include, hc, unsigned)
     sig = base64.b64decode(re.sub(rb"\s+", b"", tags["b"]))

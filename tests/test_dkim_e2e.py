@@ -10,7 +10,6 @@ attempt), and one sent after the key was rotated (reload_dkim) with the new DNS 
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections import Counter
 
 import pytest
@@ -20,8 +19,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cluster.adapters.dkim_keys import dns_record
 from cluster.config import parse_config
 from tests.conftest import faults_reply, pipeline_config, pipeline_zone, wait_for
-from tests.dkim_helpers import (dkimpy_verify_all, have_perl_dkim, loopback_dnsfunc,
-                                perl_verify, publish, write_key)
+from tests.dkim_helpers import (
+    dkimpy_verify_all,
+    have_perl_dkim,
+    loopback_dnsfunc,
+    perl_verify,
+    publish,
+    write_key,
+)
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -13,8 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cluster.adapters.dkim_keys import dns_record
 from cluster.cli import main
 from cluster.config import parse_config
-from cluster.dnscheck import (Resolver, _spf_terms, check_fcrdns, run_checks,
-                              spf_lookup_count)
+from cluster.dnscheck import Resolver, _spf_terms, check_fcrdns, run_checks, spf_lookup_count
 from tests.dkim_helpers import publish, txt_strings, write_key
 
 EGRESS = "127.0.0.42"
@@ -148,8 +147,8 @@ def test_spf_syntax(record, ok):
 
 
 def test_spf_lookup_count_follows_includes():
-    zone = {"a.test": ["v=spf1 include:b.test mx a -all"], "b.test": ["v=spf1 exists:x.test "
-                                                                      "redirect=c.test"],
+    zone = {"a.test": ["v=spf1 include:b.test mx a -all"],
+            "b.test": ["v=spf1 exists:x.test redirect=c.test"],
             "c.test": ["v=spf1 ptr -all"]}
     assert spf_lookup_count("a.test", lambda d: zone.get(d, [])) == 1 + 1 + 1 + 1 + 1 + 1
 

@@ -29,9 +29,19 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
-from cluster.core.dkim import (DEFAULT_SIGN_HEADERS, DkimError, SignatureSpec, body_canon,
-                               build_signature, from_domain, is_valid_selector, parse_headers,
-                               signing_domains, split_message, wire_form)
+from cluster.core.dkim import (
+    DEFAULT_SIGN_HEADERS,
+    DkimError,
+    SignatureSpec,
+    body_canon,
+    build_signature,
+    from_domain,
+    is_valid_selector,
+    parse_headers,
+    signing_domains,
+    split_message,
+    wire_form,
+)
 
 __all__ = [
     "DkimKey",
@@ -40,12 +50,12 @@ __all__ = [
     "KeySource",
     "Signer",
     "config_sources",
-    "signer_from_config",
     "dns_record",
     "generate_private_key",
     "load_private_key",
     "public_key_b64",
     "scan_key_directory",
+    "signer_from_config",
     "write_private_key",
 ]
 
@@ -192,7 +202,7 @@ class DkimKey:
     """One loaded private key and what its signatures say. Its repr and str name it by
     domain, selector, algorithm, size and file; the key stays inside."""
 
-    __slots__ = ("source", "spec", "bits", "_key", "mtime", "_sign")
+    __slots__ = ("_key", "_sign", "bits", "mtime", "source", "spec")
 
     def __init__(self, source: KeySource, key: Any, bits: int, mtime: float) -> None:
         self.source = source
@@ -212,7 +222,7 @@ class DkimKey:
             self._sign = lambda data: rsign(data, pad, sha)
 
     @classmethod
-    def load(cls, source: KeySource) -> tuple["DkimKey", list[str]]:
+    def load(cls, source: KeySource) -> tuple[DkimKey, list[str]]:
         try:
             st = os.stat(source.key_file)
         except OSError as e:
