@@ -717,6 +717,17 @@ def _parse_dkim(raw: Mapping[str, Any]) -> DkimConfig:
 _log = logging.getLogger("raymta.config")
 
 
+def _dkim_paths_from(cfg: Config, base: Path) -> Config:
+    """Relative DKIM key paths taken relative to the config file's directory (relays run in
+    other processes, with other working directories)."""
+    dk = cfg.dkim
+
+    def absolute(path: str) -> str:
+        return path if not path or os.path.isabs(path) else str((base / path).resolve())
+    keys = tuple(replace(k, key_file=absolute(k.key_file)) for k in dk.keys)
+    return replace(cfg, dkim=replace(dk, keys=keys, key_directory=absolute(dk.key_directory)))
+
+
 def check_dkim_keys(cfg: Config) -> tuple[Config, list[str]]:
     """Load every DKIM key the config names (and those in ``dkim.key_directory``, which are
     added to ``dkim.keys``); returns the config and warnings (RSA keys of 1024-2047 bits).
@@ -792,7 +803,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"invalid TOML: {e}") from None
-    cfg, warnings = check_dkim_keys(parse_config(raw))
+    cfg, warnings = check_dkim_keys(_dkim_paths_from(parse_config(raw), p.parent))
     for w in warnings:
         _log.warning("config %s", w)
     return cfg

@@ -159,3 +159,18 @@ def test_required_everywhere_refuses_domains_without_keys_at_submission():
     assert isinstance(got[1], ValidationError) and got[1].field == "from"
     assert "'other.test' requires a DKIM signature" in str(got[1]) and got[1].index == 1
     assert isinstance(got[2], ValidationError) and "nokey.test" in str(got[2])
+
+
+def test_relative_key_paths_are_relative_to_the_config_file(tmp_path, rsa_key, monkeypatch):
+    conf = tmp_path / "etc"
+    (conf / "dkim" / "example.com").mkdir(parents=True)
+    write_key(conf / "k.pem", rsa_key)
+    write_key(conf / "dkim" / "example.com" / "d1.rsa.pem", rsa_key)
+    (conf / "raymta.toml").write_text('[dkim]\nkey_directory = "dkim"\n[[dkim.key]]\n'
+                                      'domain = "example.org"\nselector = "s1"\n'
+                                      'key_file = "k.pem"\n')
+    monkeypatch.chdir(tmp_path)          # elsewhere: relays run with other working dirs too
+    dk = load_config(str(conf / "raymta.toml")).dkim
+    assert dk.keys[0].key_file == str(conf / "k.pem")
+    assert dk.key_directory == str(conf / "dkim")
+    assert {k.selector for k in dk.keys} == {"s1", "d1"}

@@ -385,6 +385,7 @@ class Signer:
         #: Ed25519 signatures are deterministic, so this gives the very same bytes)
         self._sigs: OrderedDict[tuple[int, int, bytes], bytes] = OrderedDict()
         self._sig_cache = 256
+        self._sig_bytes = 0      # message bytes held as keys (at most 16 MiB)
         self.counters = {"signed": 0, "signatures": 0, "unsigned_no_key": 0,
                          "body_hashes": 0, "body_hash_hits": 0, "signature_reuses": 0,
                          "errors": 0}
@@ -461,8 +462,10 @@ class Signer:
                 return sigs + msg
             sigs = self.signatures(msg, now)
             self._sigs[ck] = sigs
-            if len(self._sigs) > self._sig_cache:
-                self._sigs.popitem(last=False)
+            self._sig_bytes += len(msg)
+            while len(self._sigs) > self._sig_cache or self._sig_bytes > 16 * 1024 * 1024:
+                (_g, _t, old), _ = self._sigs.popitem(last=False)
+                self._sig_bytes -= len(old)
             return sigs + msg
         except DkimError as e:
             self.counters["errors"] += 1
