@@ -37,11 +37,11 @@ from actors.loop import LoopLag, preload, tune_gc, use_uvloop
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
-from cluster.adapters.spool import write_atomic
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
-from cluster.core.replies import dns_failure
+from cluster.core.intake import Intake, Limits, retryable_error
+from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -49,6 +49,11 @@ from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, 
 __all__ = ["QueueCoordinator"]
 
 log = logging.getLogger("raymta.coordinator")
+
+
+class NotWritten(RuntimeError):
+    """A call's records were dropped before anything of them was written (no quorum): the
+    caller may retry; nothing of the call can commit later."""
 
 
 class _Route:
@@ -108,9 +113,7 @@ class QueueCoordinator:
                                self._replica_handle, tail_bytes=rc.tail_bytes,
                                batch_bytes=rc.batch_bytes, transport=rc.transport)
         self._pending: list[tuple[list[Any], asyncio.Future | None]] = []
-        self._pending_msgs = 0
-        self._pending_ids: set[str] = set()
-        self._pending_idem: dict[str, list[str]] = {}
+        self.intake = Intake(shard, config.queue.shards)
         self._snapshot_waiters: list[asyncio.Future] = []
         self._commit_wake: asyncio.Event | None = None
         self._dispatch_wake: asyncio.Event | None = None
@@ -221,12 +224,23 @@ class QueueCoordinator:
                                   idempotency_window=self.cfg.queue.idempotency_window)
         if snap is not None:
             self.state.restore(snap)
+            # the events just before the snapshot: this copy of the log starts after them
+            # (a leader rebuilt on another node has no event files of its own)
+            tail = snap.get("events_tail")
+            if tail:
+                n = self.events.write_lines(tail)
+                if n:
+                    log.info("shard %d: %d events restored from the snapshot", self.shard, n)
         replay_events = []
         for _epoch, lsn, rec in records:
-            ev = self.state.apply(rec, lsn)
+            ev = self.state.apply_or_quarantine(rec, lsn)
             if ev is not None and ev["seq"] > self.events.last_seq:
                 replay_events.append(ev)
         self.events.write(replay_events)
+        if self.state.counters_quarantined:
+            log.error("shard %d: %d log records could not be applied and were set aside "
+                      "(newest: %s)", self.shard, self.state.counters_quarantined,
+                      list(self.state.quarantine)[-3:])
         self._drop_orphan_bodies()
         self._snapshot_size = self.log.snapshot_bytes
         return snap, records
@@ -263,7 +277,7 @@ class QueueCoordinator:
         if fut is not None and self._stalled:
             # a caller waits for this: say now that it cannot be made durable, write nothing
             self._clear_pending_marks([(records, fut)])
-            fut.set_exception(RuntimeError(self._stalled))
+            fut.set_exception(NotWritten(self._stalled))
             return
         self._pending.append((records, fut))
         assert self._commit_wake is not None
@@ -314,7 +328,7 @@ class QueueCoordinator:
             self.metrics.commit_seconds.set(time.time() - t_commit, self.metrics.tags)
             evs = []
             for i, rec in enumerate(records):
-                ev = self.state.apply(rec, first + i)
+                ev = self.state.apply_or_quarantine(rec, first + i)
                 if ev is not None:
                     evs.append(ev)
             self._clear_pending_marks(batch)
@@ -341,7 +355,7 @@ class QueueCoordinator:
                 continue
             self._clear_pending_marks([(recs, fut)])
             if not fut.done():
-                fut.set_exception(RuntimeError(self._stalled))
+                fut.set_exception(NotWritten(self._stalled))
         self._pending = keep
 
     def _die(self, why: str, batch: list[tuple[list[Any], Any]]) -> None:
@@ -385,17 +399,18 @@ class QueueCoordinator:
 
     def _clear_pending_marks(self, batch: list[tuple[list[Any], Any]]) -> None:
         for recs, _ in batch:
-            for r in recs:
-                if r[0] == q.REC_ACCEPT or r[0] == q.REC_MESSAGE:
-                    self._pending_ids.discard(r[1])
-                    self._pending_msgs -= 1
-                    if r[11]:
-                        self._pending_idem.pop(r[11], None)
+            self.intake.settle(recs)
+
+    def _write_snapshot(self, snap: dict[str, Any]) -> int:
+        # (blocking, I/O thread; the commit loop waits for it, so no event is written
+        # meanwhile and the event files end at the snapshot's lsn)
+        snap["events_tail"] = self.events.tail_bytes(self.cfg.spool.snapshot_events_bytes)
+        return self.log.write_snapshot(snap)
 
     async def _snapshot(self) -> None:
         snap = self.state.snapshot()
         loop = asyncio.get_running_loop()
-        size = await loop.run_in_executor(self._io, self.log.write_snapshot, snap)
+        size = await loop.run_in_executor(self._io, self._write_snapshot, snap)
         self._snapshot_size = size
         self.counters["snapshots"] += 1
         log.info("shard %d snapshot at lsn %d: %d bytes", self.shard, snap["lsn"], size)
@@ -414,85 +429,48 @@ class QueueCoordinator:
         return {"disk_bytes": self.log.disk_bytes(), "lsn": self.state.last_lsn}
 
     # ------------------------------------------------------------------ submission
-    async def submit(self, payload: bytes) -> list[dict[str, Any]]:
-        """Queue prepared messages; returns one result per message after they are durable.
+    async def submit(self, payload: Any) -> list[dict[str, Any]]:
+        """Queue prepared messages; returns one answer per item after they are durable.
 
         payload: msgpack list of ``[body_id, body, sender, [[id, rcpt, domain], ...], tags,
         metadata, idempotency_key, not_before, max_age, smtputf8]`` (built by the client).
-        A result is ``{"ids": [...]}`` (``"duplicate": True`` when an idempotency key or the
-        ids were seen before) or ``{"error": "..."}``."""
-        items = msgpack.unpackb(payload, raw=False)
+        Every item is checked again here (:mod:`cluster.core.intake`): the answers and the
+        ``retryable`` / ``unknown`` flags are described there."""
+        try:
+            items = msgpack.unpackb(payload, raw=False) if type(payload) is bytes else payload
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            self.intake.counters["refused"] += 1
+            return [{"error": f"payload: not a msgpack list of items: {e}",
+                     "retryable": False}]
+        if type(items) is not list:
+            self.intake.counters["refused"] += 1
+            return [{"error": f"payload: must be a list of items, not {type(items).__name__}",
+                     "retryable": False}]
         try:
             await self._until_serving()
         except RuntimeError as e:
-            return [{"error": str(e)} for _ in items]
+            return [retryable_error(str(e)) for _ in items]
         if self._stalled:   # no quorum right now: say so at once rather than after a timeout
-            return [{"error": self._stalled} for _ in items]
-        now = time.time()
+            return [retryable_error(self._stalled) for _ in items]
         qc = self.cfg.queue
-        max_messages, max_bytes, max_size = qc.max_messages, qc.max_bytes, qc.max_message_size
-        default_max_age = qc.retry.max_age
-        messages, finished = self.state.messages, self.state.finished
-        pending_ids = self._pending_ids
-        results: list[dict[str, Any]] = []
-        records: list[Any] = []
-        added_bytes = 0
-        for it in items:
-            body_id, body, sender, rcpts, tags, meta, idem, not_before, max_age, utf8 = it
-            ids = [rcpts[0][0]] if len(rcpts) == 1 else [r[0] for r in rcpts]
-            if idem:
-                prev = self.state.lookup_idempotency(idem, now)
-                if prev:
-                    results.append({"ids": prev, "duplicate": True})
-                    continue
-                if idem in self._pending_idem:
-                    # the first submission is not durable yet: only its answer may say so
-                    results.append({"error": f"idempotency key {idem!r}: the first submission "
-                                             "with this key is still being committed; retry",
-                                    "pending": True})
-                    continue
-            if not pending_ids.isdisjoint(ids):
-                results.append({"error": "these message ids are still being committed by an "
-                                         "earlier call; retry", "pending": True})
-                continue
-            if (ids[0] in messages or ids[0] in finished) and \
-                    all(i in messages or i in finished for i in ids):
-                results.append({"ids": ids, "duplicate": True})  # a retried call
-                continue
-            live = len(messages) + self._pending_msgs
-            if live + len(ids) > max_messages or \
-                    self.state.body_bytes + added_bytes + len(body) > max_bytes:
-                results.append({"error": f"queue full on shard {self.shard} ({live} messages, "
-                                         f"{self.state.body_bytes + added_bytes} body bytes): "
-                                         "retry later"})
-                continue
-            if len(body) > max_size:
-                results.append({"error": f"body: {len(body)} bytes exceeds the limit of "
-                                         f"{max_size}"})
-                continue
-            expires_at = now + (max_age if max_age else default_max_age)
-            added_bytes += len(body)
-            if len(rcpts) == 1:   # one record, the body in it (stored under the id)
-                mid, rcpt, domain = rcpts[0]
-                records.append(q.message_record(mid, body, sender, rcpt, domain, now,
-                                                not_before, expires_at, tags, meta, idem, utf8))
-            else:
-                records.append(q.body_record(body_id, body))
-                records.extend(q.accept_record(mid, body_id, sender, rcpt, domain, now,
-                                               not_before, expires_at, tags, meta, idem, utf8)
-                               for mid, rcpt, domain in rcpts)
-            pending_ids.update(ids)
-            self._pending_msgs += len(ids)
-            if idem:
-                self._pending_idem[idem] = ids
-            results.append({"ids": ids})
+        limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age)
+        results, records = self.intake.admit(
+            items, self.state, limits, time.time(),
+            lambda live: f"queue full on shard {self.shard} ({live} messages, "
+                         f"{self.state.body_bytes} body bytes): retry later")
         if records:
             fut = asyncio.get_running_loop().create_future()
             self._enqueue(records, fut)
             try:
                 await fut
+            except NotWritten as e:
+                return [r if "error" in r or r.get("duplicate") else retryable_error(str(e))
+                        for r in results]
             except RuntimeError as e:
-                return [r if "error" in r or r.get("duplicate") else {"error": str(e)}
+                # not durable in time: the batch may still commit (its frames may be on
+                # copies already); a retry with the same ids is answered as a duplicate then
+                return [r if "error" in r or r.get("duplicate") else
+                        retryable_error(f"outcome unknown: {e}", unknown=True)
                         for r in results]
         return results
 
@@ -772,7 +750,7 @@ class QueueCoordinator:
                                            category, now))
             else:
                 recs.append(self._retry_record(m, attempt, code, enhanced, text, site, category,
-                                               now, "throttle" if category == "throttle"
+                                               now, "throttle" if category in PACE_CATEGORIES
                                                else "normal"))
         if recs:
             self._enqueue(recs)
@@ -788,7 +766,7 @@ class QueueCoordinator:
         if next_at >= m.expires_at:
             return q.final_record(m.id, attempt, "expired", code, enhanced,
                                   f"message expired after {attempt} attempts; last reply: {text}",
-                                  site, "expired", now)
+                                  site, EXPIRED_CATEGORY, now)
         return q.transient_record(m.id, attempt, next_at, code, enhanced, text, site, category,
                                   now)
 
@@ -833,7 +811,7 @@ class QueueCoordinator:
             recs.append(q.final_record(m.id, m.attempts, "expired", m.last_code, None,
                                        f"message expired in queue after {m.attempts} attempts"
                                        + (f"; last reply: {m.last_text}" if m.last_text else ""),
-                                       m.site, "expired", now))
+                                       m.site, EXPIRED_CATEGORY, now))
         if recs:
             self._enqueue(recs)
         stale = st.stale_inflight(now, self.cfg.queue.inflight_timeout)
@@ -955,7 +933,9 @@ class QueueCoordinator:
                 "node": ray.get_runtime_context().get_node_id(),
                 "replication": self.repl.lag(),
                 "lsn": self.state.last_lsn, **self.state.counts(), **self.counters,
-                "pending_commit": self._pending_msgs, "recovered": self.recovered,
+                "pending_commit": self.intake.pending_msgs,
+                "refused_items": self.intake.counters["refused"],
+                "quarantined": self.state.counters_quarantined, "recovered": self.recovered,
                 "disk_bytes": self.log.disk_bytes(),
                 "site_inflight": {s: n for s, n in self._site_inflight.items() if n},
                 "submit_stream_calls": (self._submit_stream.counters["requests"]
@@ -992,20 +972,10 @@ class QueueCoordinator:
         return Path(d) if d else Path(self.cfg.spool.directory) / "backups"
 
     def _write_backup(self, data: bytes) -> str:
+        from cluster.adapters.backup import backup_stamp, prune_backups, write_shard_backup
         root = self._backup_root()
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        d = root / stamp
-        d.mkdir(parents=True, exist_ok=True)
-        final = d / f"shard-{self.shard}.msgpack"
-        write_atomic(final, data)
-        # keep the newest `keep` backups of this shard
-        mine = sorted(root.glob(f"*/shard-{self.shard}.msgpack"))
-        for old in mine[:-self.cfg.backup.keep]:
-            old.unlink(missing_ok=True)
-            try:
-                old.parent.rmdir()
-            except OSError:
-                pass
+        final = write_shard_backup(root, backup_stamp(), self.shard, data)
+        prune_backups(root, self.shard, self.cfg.backup.keep)
         log.info("shard %d backup: %s (%d bytes)", self.shard, final, len(data))
         return str(final)
 
@@ -1025,7 +995,7 @@ class QueueCoordinator:
         added = skipped = 0
         for body_id, body, rows in items:
             new = [r for r in rows if r[0] not in self.state.messages and
-                   r[0] not in self.state.finished and r[0] not in self._pending_ids]
+                   r[0] not in self.state.finished and r[0] not in self.intake.pending_ids]
             skipped += len(rows) - len(new)
             if not new:
                 continue
@@ -1035,8 +1005,7 @@ class QueueCoordinator:
                 recs.append(q.accept_record(mid, bid, sender, rcpt, domain, created, not_before,
                                             expires_at, tags, meta, idem, utf8)
                             + [attempts, next_at])
-                self._pending_ids.add(mid)
-                self._pending_msgs += 1
+                self.intake.mark([mid])
                 added += 1
         if recs:
             fut = asyncio.get_running_loop().create_future()

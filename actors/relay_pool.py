@@ -291,7 +291,8 @@ class RelayPool:
                 if time.monotonic() > give_up:
                     self._defer_queued(s, classify(
                         451, "4.4.5 raymta: no connection slot for this site in time (site "
-                        "paused or at its connection limit)", phase="connection"))
+                        "paused or at its connection limit)", phase="connection",
+                        rules=self.cfg.classification.rules))
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _LEASE_RETRY[1])
@@ -365,11 +366,13 @@ class RelayPool:
             conn = await connect_site(s.hosts, s.port, ehlo_name=self.source.ehlo_name,
                                       bind_address=self.source.bind_address, tls=s.limits.tls,
                                       connect_timeout=d.connect_timeout,
-                                      command_timeout=d.command_timeout)
+                                      command_timeout=d.command_timeout,
+                                      data_timeout=d.data_timeout)
         except ConnectFailure as e:
             self.counters["connect_failures"] += 1
             self.metrics.connect_failures.inc(1, self.metrics.tags)
-            c = classify(e.code, e.text, phase="greeting") if e.code else \
+            c = classify(e.code, e.text, phase="greeting",
+                         rules=self.cfg.classification.rules) if e.code else \
                 connection_failure(e.text)
             if c.outcome != Outcome.TRANSIENT:
                 c = connection_failure(e.text)   # no host answered: always worth retrying
@@ -406,7 +409,8 @@ class RelayPool:
                 if self.signer is not None:
                     body = self._sign(body)
                 a = await conn.send(sender, rcpt, body, smtputf8, then=then)
-                c = classify(a.code, a.text, phase=a.phase) if a.code is not None else \
+                c = classify(a.code, a.text, phase=a.phase,
+                             rules=self.cfg.classification.rules) if a.code is not None else \
                     connection_failure(a.text)
                 call.add(_result(item, c, host))
                 if c.outcome == Outcome.DELIVERED:

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import msgpack
 import ray
@@ -27,6 +27,7 @@ import ray
 from cluster.adapters.stream import BlockingStreamClient, StreamError
 from cluster.config import Config, load_config
 from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
+from cluster.core.intake import wire_item
 from cluster.core.message import ValidationError, new_message_ids, validate_batch
 from cluster.core.sites import stable_hash
 
@@ -42,9 +43,16 @@ class SubmitResult:
     """Outcome for one submitted message (in input order)."""
 
     index: int
-    ids: list[str] = field(default_factory=list)   # one per recipient, when accepted
+    ids: list[str] = field(default_factory=list)   # one per recipient (see outcome_unknown)
     error: str | None = None                       # "field: reason" when refused
     duplicate: bool = False                        # idempotency key (or ids) seen before
+    #: the refusal may pass later (no quorum, shard not serving, queue full, still being
+    #: committed, timeout): try again; protocol front ends answer 4xx, never 5xx, for these
+    retryable: bool = False
+    #: the message may or may not be queued (the shard had it but could not confirm it in
+    #: time): ``ids`` are the ids it was sent with; ``status(ids)`` tells, and submitting it
+    #: again with the same ``idempotency_key`` is safe
+    outcome_unknown: bool = False
 
     @property
     def accepted(self) -> bool:
@@ -256,10 +264,15 @@ class MailCluster:
 
     # ------------------------------------------------------------------ submission
     def submit(self, messages: Iterable[dict[str, Any]] | dict[str, Any], *,
-               timeout: float = 300.0) -> list[SubmitResult]:
+               timeout: float = 300.0, retry_for: float = 15.0) -> list[SubmitResult]:
         """Validate and queue messages; returns one :class:`SubmitResult` per message.
 
-        Accepted ids are returned only after the shard has written them to disk."""
+        Accepted ids are returned only after the shard has written them to disk. Refusals
+        marked retryable (no quorum, a leader starting, queue full, still being committed) are
+        tried again for up to ``retry_for`` seconds, with the same ids: a shard answers ids it
+        already committed as queued, so a retry never queues a message twice. What is still
+        refused then comes back with ``retryable`` (and ``outcome_unknown`` where the shard
+        could not tell) set."""
         msgs = [messages] if isinstance(messages, dict) else list(messages)
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
@@ -285,39 +298,69 @@ class MailCluster:
             home = shard_of(p.idempotency_key, shards) if p.idempotency_key else batch_shard
             ids = fresh if home == batch_shard else \
                 new_message_ids(now, len(p.recipients), home, shards)
-            # (the recipients first: zip takes an id only for a recipient it has)
-            rcpts = [[mid, str(addr), addr.ascii_domain] for addr, mid in zip(p.recipients, ids)]
-            per_shard.setdefault(home, []).append((i, [
-                rcpts[0][0], p.body, p.sender, rcpts, p.tags or None, p.metadata or None,
-                p.idempotency_key, p.not_before, p.max_age, p.smtputf8]))
-        chunks = [(shard, chunk) for shard, items in per_shard.items()
-                  for chunk in _chunked(items, CHUNK_MESSAGES, CHUNK_BYTES)]
+            per_shard.setdefault(home, []).append((i, wire_item(p, ids)))
         deadline = time.monotonic() + timeout
-        if len(chunks) == 1:    # the usual call: one shard, up to 1,000 messages
-            shard, chunk = chunks[0]
-            answered = [(chunk, self._submit_chunk(shard, [it for _, it in chunk], deadline))]
-        else:                   # Ray calls, all in flight at once
-            refs = [(chunk, self.coordinators[shard].submit.remote(
-                msgpack.packb([it for _, it in chunk], use_bin_type=True)))
-                for shard, chunk in chunks]
-            answered = [(chunk, self._answer(ref, deadline)) for chunk, ref in refs]
-        for chunk, answers in answered:   # a message is one item of one chunk
-            for (i, _), a in zip(chunk, answers):
-                error = a.get("error")
-                results[i] = SubmitResult(i, error=error) if error is not None else \
-                    SubmitResult(i, ids=a["ids"], duplicate=bool(a.get("duplicate")))
+        retry_until = min(deadline, time.monotonic() + max(0.0, retry_for))
+        tried: set[int] = set()   # messages sent before: "duplicate" of their own ids is ours
+        pause = 0.05
+        while per_shard:
+            answered = self._send(per_shard, deadline)
+            again: dict[int, list[tuple[int, list[Any]]]] = {}
+            for shard, chunk, answers in answered:   # a message is one item of one chunk
+                for (i, item), a in zip(chunk, answers):
+                    error = a.get("error")
+                    if error is None:
+                        ids = a["ids"]
+                        own = i in tried and ids == [r[0] for r in item[3]]
+                        results[i] = SubmitResult(i, ids=ids,
+                                                  duplicate=bool(a.get("duplicate")) and not own)
+                        continue
+                    retryable = bool(a.get("retryable"))
+                    results[i] = SubmitResult(
+                        i, ids=[r[0] for r in item[3]] if a.get("unknown") else [],
+                        error=error, retryable=retryable,
+                        outcome_unknown=bool(a.get("unknown")))
+                    if retryable:
+                        again.setdefault(shard, []).append((i, item))
+                        tried.add(i)
+            if not again or time.monotonic() + pause >= retry_until:
+                break
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
+            per_shard = again
         return [r if r is not None else SubmitResult(i, error="internal: no answer")
                 for i, r in enumerate(results)]
 
+    def _send(self, per_shard: dict[int, list[tuple[int, list[Any]]]], deadline: float
+              ) -> list[tuple[int, list[tuple[int, list[Any]]], list[dict[str, Any]]]]:
+        """Each shard's items in calls of at most CHUNK_MESSAGES / CHUNK_BYTES; the answers
+        of each call (a call that got none says so for each of its items)."""
+        chunks = [(shard, chunk) for shard, items in per_shard.items()
+                  for chunk in _chunked(items, CHUNK_MESSAGES, CHUNK_BYTES)]
+        if len(chunks) == 1:    # the usual call: one shard, up to 1,000 messages
+            shard, chunk = chunks[0]
+            return [(shard, chunk, self._submit_chunk(shard, [it for _, it in chunk],
+                                                      deadline))]
+        # Ray calls, all in flight at once
+        refs = [(shard, chunk, self.coordinators[shard].submit.remote(
+            msgpack.packb([it for _, it in chunk], use_bin_type=True)))
+            for shard, chunk in chunks]
+        return [(shard, chunk, self._answer(ref, deadline, len(chunk)))
+                for shard, chunk, ref in refs]
+
     @staticmethod
-    def _answer(ref: Any, deadline: float) -> list[dict[str, Any]]:
+    def _answer(ref: Any, deadline: float, n: int) -> list[dict[str, Any]]:
+        """A Ray call's answers; when none came in time (or the call failed), an
+        outcome-unknown answer for each of its ``n`` items."""
         timeout = max(0.0, deadline - time.monotonic())
         try:
             return ray.get(ref, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            raise SubmitError("queue shard did not answer within the submit timeout; the batch "
-                              "may or may not be queued: resubmit with the same idempotency "
-                              "keys") from None
+            why = "the queue shard did not answer within the submit timeout"
+        except ray.exceptions.RayError as e:
+            why = f"the queue shard's call failed ({type(e).__name__})"
+        return [{"error": f"outcome unknown: {why}; the message may or may not be queued",
+                 "retryable": True, "unknown": True}] * n
 
     def _submit_chunk(self, shard: int, items: list[list[Any]], deadline: float
                       ) -> list[dict[str, Any]]:
@@ -335,14 +378,16 @@ class MailCluster:
                     return answers
             except StreamError:
                 maybe_sent = True
-        answers = self._answer(self.coordinators[shard].submit.remote(payload), deadline)
+        answers = self._answer(self.coordinators[shard].submit.remote(payload), deadline,
+                               len(items))
         while maybe_sent and any(a.get("pending") for a in answers):
             if time.monotonic() >= deadline:
                 break   # the answers say "still being committed; retry"
             time.sleep(0.05)
             again = [k for k, a in enumerate(answers) if a.get("pending")]
             more = self._answer(self.coordinators[shard].submit.remote(
-                msgpack.packb([items[k] for k in again], use_bin_type=True)), deadline)
+                msgpack.packb([items[k] for k in again], use_bin_type=True)), deadline,
+                len(again))
             for k, a in zip(again, more):
                 answers[k] = a
         return answers
@@ -386,6 +431,28 @@ class MailCluster:
                 out.append(ev)
         return out
 
+    def follow(self, since: int | dict[int, int] = 0, *, poll: float = 1.0,
+               limit: int = 10_000, until: float | None = None,
+               stop: Callable[[], bool] | None = None) -> Iterator[dict[str, Any]]:
+        """Every event after ``since`` (a seq for every shard, or per-shard seqs), then each
+        new one as it comes, oldest first per shard, until ``until`` (a ``time.time()``) or
+        ``stop()`` says so. Goes on through a leader's restart or move (the call waits or is
+        retried); each event comes once and in order within its shard."""
+        cursor = dict(since) if isinstance(since, dict) else \
+            {s: since for s in range(len(self.coordinators))}
+        while (until is None or time.time() < until) and not (stop and stop()):
+            try:
+                evs = self.events(cursor, limit)
+            except (ray.exceptions.RayError, RuntimeError):
+                time.sleep(poll)      # a leader restarting or moving: ask again
+                continue
+            for ev in evs:
+                if ev["seq"] > cursor.get(ev["shard"], 0):
+                    yield ev
+            cursor = self.next_cursor(evs, cursor)
+            if len(evs) < limit:
+                time.sleep(poll)
+
     @staticmethod
     def next_cursor(events: list[dict[str, Any]], cursor: dict[int, int] | None = None
                     ) -> dict[int, int]:
@@ -416,8 +483,8 @@ class MailCluster:
     def backup(self, out_dir: str | os.PathLike[str]) -> dict[str, Any]:
         """Snapshot every shard into ``out_dir/<UTC time>/shard-<n>.msgpack``; returns where
         and how much. Each file is written atomically (``.tmp``, fsync, rename)."""
-        from cluster.adapters.spool import write_atomic
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        from cluster.adapters.backup import backup_stamp, write_shard_backup
+        stamp = backup_stamp()
         d = Path(out_dir) / stamp
         d.mkdir(parents=True, exist_ok=False)
         datas = ray.get([c.backup.remote() for c in self.coordinators])
@@ -426,9 +493,7 @@ class MailCluster:
         for shard, data in enumerate(datas):
             doc = msgpack.unpackb(data, raw=False)
             messages += len(doc["state"]["messages"])
-            final = d / f"shard-{shard}.msgpack"
-            write_atomic(final, data)
-            files.append(str(final))
+            files.append(str(write_shard_backup(out_dir, stamp, shard, data)))
         return {"directory": str(d), "files": files, "messages": messages,
                 "bytes": sum(len(x) for x in datas)}
 

@@ -2,7 +2,8 @@
 
 Owns: the schema of the config file, its defaults, and the translation of strings such as
 ``"100/s"`` or ``"5m"`` into typed values. Every bad value raises :class:`ConfigError` naming
-the key (dotted path) and the problem. Pure: reads a file only in :func:`load_config`.
+the key (dotted path) and the problem. Reads files only in :func:`load_config` and for
+``[classification] rules_file`` (bounce classification rules, :mod:`cluster.core.bounce_rules`).
 
 The defaults follow KumoMTA / Postfix / PowerMTA practice (see ../shared/DESIGN.md):
 first retry after 10 minutes, doubling, capped at 4 hours, give up after 5 days; per site
@@ -19,12 +20,14 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from cluster.core.bounce_rules import RuleError, RuleSet, rules_from_toml
 from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 
 __all__ = [
+    "ClassificationConfig",
     "ConfigError",
     "ReplicationConfig",
     "BackupConfig",
@@ -95,6 +98,10 @@ class SpoolConfig:
     #: event files rotate past this size; this many are kept
     event_file_bytes: int = 64 * 1024 * 1024
     event_files_kept: int = 16
+    #: each snapshot carries the newest events up to this size, so that a leader rebuilt on
+    #: another node from it (its copy of the log starts at the snapshot) still serves the
+    #: events just before it to a consumer that lags behind (docs/queue.md, "Events")
+    snapshot_events_bytes: int = 32 * 1024 * 1024
     #: fsync each group commit (turn off only for throwaway benchmarks of the non-durable path)
     fsync: bool = True
     #: give every Ray node its own sub-directory (``node-<id>``) of ``directory``: set this when
@@ -145,6 +152,8 @@ class DeliveryConfig:
     smtp_port: int = 25
     connect_timeout: float = 30.0
     command_timeout: float = 60.0
+    #: the wait for the reply to the final dot of DATA (RFC 5321 §4.5.3.2.6: 10 minutes)
+    data_timeout: float = 600.0
     #: a warm connection with nothing to send is closed after this long
     idle_timeout: float = 5.0
     #: connection leases held by relays expire if not renewed within this time
@@ -213,6 +222,15 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class ClassificationConfig:
+    #: the TOML rules file given (None: the shipped rules only)
+    rules_file: str | None = None
+    #: the rules in force: the file's rules before the shipped ones, or instead of them when the
+    #: file says ``replace = true`` (None: the shipped rules)
+    rules: RuleSet | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
 class DkimKeyConfig:
     """One ``[[dkim.key]]``: a private key that signs mail From ``domain`` (or a subdomain of
     it, with ``dkim.parent_domains``) as ``d=domain; s=selector``."""
@@ -276,6 +294,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
 
     def with_spool(self, directory: str) -> "Config":
@@ -364,6 +383,8 @@ def _parse_spool(raw: Mapping[str, Any]) -> SpoolConfig:
                                f"{w}.event_file_bytes"),
         event_files_kept=_int(raw.get("event_files_kept", d.event_files_kept),
                               f"{w}.event_files_kept", minimum=1),
+        snapshot_events_bytes=_size(raw.get("snapshot_events_bytes", d.snapshot_events_bytes),
+                                    f"{w}.snapshot_events_bytes"),
         fsync=_bool(raw.get("fsync", d.fsync), f"{w}.fsync"),
         per_node=_bool(raw.get("per_node", d.per_node), f"{w}.per_node"),
     )
@@ -761,12 +782,39 @@ def check_dkim_keys(cfg: Config) -> tuple[Config, list[str]]:
     return replace(cfg, dkim=replace(dk, keys=tuple(keys))), warnings
 
 
+
+
+def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> ClassificationConfig:
+    w = "classification"
+    _check_keys(raw, {"rules_file"}, w)
+    if "rules_file" not in raw:
+        return ClassificationConfig()
+    name = _str(raw["rules_file"], f"{w}.rules_file")
+    path = Path(name)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{w}.rules_file", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not valid TOML: {e}") from None
+    try:
+        rules = rules_from_toml(doc, str(path))
+    except RuleError as e:   # names the file and the rule
+        raise ConfigError(f"{w}.rules_file", str(e)) from None
+    return ClassificationConfig(rules_file=str(path), rules=rules)
+
+
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "dkim"}
+        "replication", "backup", "classification", "dkim"}
 
 
-def parse_config(raw: Mapping[str, Any]) -> Config:
-    """Build a :class:`Config` from a parsed TOML document (a dict)."""
+def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
+    """Build a :class:`Config` from a parsed TOML document (a dict). Relative file names in it
+    are taken from ``base`` (the config file's directory), else the working directory."""
     _check_keys(raw, _TOP, "")
     egress = _parse_egress(raw.get("egress"))
     sd_raw = _table(raw, "site_defaults", "")
@@ -784,6 +832,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cluster=_parse_cluster(_table(raw, "cluster", "")),
         replication=_parse_replication(_table(raw, "replication", "")),
         backup=_parse_backup(_table(raw, "backup", "")),
+        classification=_parse_classification(_table(raw, "classification", ""), base),
         dkim=_parse_dkim(_table(raw, "dkim", "")),
     )
 
@@ -803,7 +852,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"invalid TOML: {e}") from None
-    cfg, warnings = check_dkim_keys(_dkim_paths_from(parse_config(raw), p.parent))
+    cfg, warnings = check_dkim_keys(_dkim_paths_from(parse_config(raw, p.parent), p.parent))
     for w in warnings:
         _log.warning("config %s", w)
     return cfg

@@ -21,7 +21,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from cluster.core.addresses import AddressError, parse_address
 
-__all__ = ["SmtpIngress"]
+__all__ = ["SmtpIngress", "reply_for_refusal"]
 
 log = logging.getLogger("raymta.ingress")
 
@@ -65,11 +65,20 @@ class _Handler:
             n = len(res.ids)
             return (f"250 2.0.0 queued as {res.ids[0]}" +
                     (f" (+{n - 1} more recipients)" if n > 1 else ""))
-        err = res.error or "refused"
-        if "queue full" in err:
-            return f"452 4.3.1 {err}"
-        # RFC 3463 X.6.0: other or undefined media error (the message itself is wrong)
-        return f"554 5.6.0 {err}"
+        return reply_for_refusal(res)
+
+
+def reply_for_refusal(res: Any) -> str:
+    """The SMTP reply for a submission raymta did not accept: a 4xx when the result says it
+    may pass later (``retryable``: no quorum, a leader starting, queue full, outcome unknown),
+    so the sending MTA keeps the message and retries (RFC 5321 §4.2.1); a 5xx only for a
+    message that raymta will never take."""
+    err = (res.error or "refused").replace("\r", " ").replace("\n", " ")
+    if res.retryable:
+        # RFC 3463 X.3.0: other or undefined mail system status (ours, not the message's)
+        return f"451 4.3.0 {err}"
+    # RFC 3463 X.6.0: other or undefined media error (the message itself is wrong)
+    return f"554 5.6.0 {err}"
 
 
 class SmtpIngress:

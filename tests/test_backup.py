@@ -106,3 +106,24 @@ def test_backup_dir_listing_helper(tmp_path: Path) -> None:
     with pytest.raises(SubmitError) as ei:
         MailCluster.restore(_Nothing(), tmp_path)
     assert str(tmp_path) in str(ei.value)
+
+
+def test_backup_files_are_written_whole_and_only_the_newest_are_kept(tmp_path):
+    """One layout and one writer for `raymta backup` and the leaders' periodic backups
+    (cluster.adapters.backup)."""
+    from cluster.adapters.backup import backup_stamp, prune_backups, write_shard_backup
+    stamps = [backup_stamp(1_790_000_000 + 60 * k) for k in range(5)]
+    assert stamps == sorted(stamps) and len(set(stamps)) == 5
+    for st in stamps:
+        for shard in (0, 1):
+            p = write_shard_backup(tmp_path, st, shard, f"{st}:{shard}".encode())
+            assert p.read_bytes() == f"{st}:{shard}".encode()
+    assert not list(tmp_path.rglob("*.tmp"))
+    gone = prune_backups(tmp_path, 0, keep=2)
+    assert [p.parent.name for p in gone] == stamps[:3]
+    left0 = sorted(p.parent.name for p in tmp_path.glob("*/shard-0.msgpack"))
+    assert left0 == stamps[3:]
+    # shard 1's backups are untouched, so their directories stay
+    assert len(list(tmp_path.glob("*/shard-1.msgpack"))) == 5
+    prune_backups(tmp_path, 1, keep=2)
+    assert sorted(d.name for d in tmp_path.iterdir()) == stamps[3:]   # empty dirs removed

@@ -381,6 +381,25 @@ def test_events_print_json_lines(submitted):
     later = [json.loads(ln) for ln in p.stdout.splitlines() if ln.strip()]
     assert later and all(e["seq"] > mid for e in later)
     assert len(later) == sum(1 for e in evs if e["seq"] > mid)
+    # --follow --since S where one shard has nothing after S: its old events must not come
+    # back on the second poll (they did: its cursor fell back to 0)
+    top = {sh: max(e["seq"] for e in evs if e["shard"] == sh) for sh in {e["shard"] for e in evs}}
+    since = min(top.values())
+    want = sorted((e["shard"], e["seq"], e["type"]) for e in evs if e["seq"] > since)
+    cmd = (_tool("raymta") or [sys.executable, "-m", "cluster.cli"]) + [
+        "events", "--follow", "--address", submitted["address"], "--since", str(since)]
+    proc = subprocess.Popen(cmd, cwd=submitted["work"], env=child_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        time.sleep(12)      # several polls of one second each
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=30)
+    followed = [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+    got = sorted((e["shard"], e["seq"], e["type"], e["id"]) for e in followed)
+    assert all(e["seq"] > since for e in followed), (since, got, err[-2000:])
+    assert len(got) == len(set(got)), got                  # nothing printed twice
+    assert set(want) <= {g[:3] for g in got}, (want, got)
 
 
 CLIENT_SCRIPT = """

@@ -83,3 +83,27 @@ def test_the_index_kept_while_writing_equals_the_one_rebuilt_from_the_files(tmp_
     for p in files:
         assert log._file_index(p) == kept[p.name], p.name
     assert [e["seq"] for e in log.read(0, limit=10**6)] == list(range(1, seq + 1))
+
+
+def test_a_snapshot_tail_rebuilds_the_newest_events_in_an_empty_directory(tmp_path):
+    """What a snapshot carries (tail_bytes) is whole lines, newest last, within its bound,
+    across rotated files; written into a new node's empty event directory it reads back
+    exactly as the old one did, and what is already there is not written twice."""
+    old = EventLog(tmp_path / "old", file_bytes=500)
+    old.write([ev(i) for i in range(1, 301)])
+    line = len(b'{"seq":100,"type":"Delivery","id":"m100"}\n')
+    tail = old.tail_bytes(60 * line)
+    assert len(tail) <= 60 * line and tail.endswith(b"\n")
+    seqs = [e["seq"] for e in (EventLog(tmp_path / "probe").read(0) or [])]
+    assert seqs == []
+    new = EventLog(tmp_path / "new", file_bytes=500)
+    n = new.write_lines(tail)
+    assert 55 <= n <= 60, n
+    assert new.read(0) == old.read(300 - n)
+    assert new.last_seq == 300
+    assert new.write_lines(tail) == 0          # a second restore of the same snapshot
+    # then the records after the snapshot, replayed, continue the stream
+    new.write([ev(301)])
+    assert [e["seq"] for e in new.read(299)] == [300, 301]
+    # the whole log fits: every event
+    assert EventLog(tmp_path / "all").write_lines(old.tail_bytes(1 << 30)) == 300

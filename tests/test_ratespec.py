@@ -349,7 +349,7 @@ def test_multilimiter_takes_the_minimum_from_every_member():
 
 
 def test_multilimiter_wait_time_is_the_longest_member_wait():
-    m = MultiLimiter.from_specs([RateSpec.parse("10/s"), RateSpec.parse("2/m")])
+    m = MultiLimiter(Gcra(s) for s in [RateSpec.parse("10/s"), RateSpec.parse("2/m")])
     m.take(0.0, 5)
     assert m.available(0.0) == 0
     assert m.wait_time(0.0) == pytest.approx(30.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
@@ -74,6 +75,8 @@ def regions(tmp_path_factory, dns_server):
         mc = MailCluster(cfg, [handles[f"coordinator:{s}"] for s in range(2)], handles=handles)
         yield {"mc": mc, "cluster": cluster, "cfg": cfg, "sinks": sinks, "domains": domains}
     finally:
+        for f in list(_FOLLOWERS):   # a failed test's: before Ray stops under them
+            f.stop()
         if ray.is_initialized():
             ray.shutdown()
         if cluster is not None:
@@ -175,6 +178,60 @@ def _replace_node(regions: dict[str, Any], node: Any) -> None:
         regions["mc"].handles.setdefault(name, h)
 
 
+_FOLLOWERS: list["_Follower"] = []
+
+
+class _Follower:
+    """A consumer of the event stream in a thread of its own, following by cursor
+    (``MailCluster.follow``) through whatever the test does to the cluster; it can be held
+    (it then asks for nothing, so its cursor falls behind)."""
+
+    def __init__(self, mc: Any) -> None:
+        self.mc = mc
+        self.since = {s: ray.get(c.stats.remote(), timeout=120)["lsn"]
+                      for s, c in enumerate(mc.coordinators)}
+        self.seen: list[dict[str, Any]] = []
+        self.running = threading.Event()
+        self.running.set()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        _FOLLOWERS.append(self)
+
+    def _run(self) -> None:
+        for ev in self.mc.follow(self.since, poll=0.2, until=time.time() + 900,
+                                 stop=lambda: self._stop):
+            self.seen.append(ev)
+            while not self.running.is_set() and not self._stop:
+                time.sleep(0.05)
+            if self._stop:
+                return
+
+    def cursor(self) -> dict[int, int]:
+        return self.mc.next_cursor(list(self.seen), dict(self.since))
+
+    def stop(self) -> None:
+        self._stop = True
+        self.running.set()
+        self._thread.join(30)
+        if self in _FOLLOWERS:
+            _FOLLOWERS.remove(self)
+        assert not self._thread.is_alive(), "the follower did not stop"
+
+    def check(self, acked: dict[str, list[str]]) -> None:
+        """Every acknowledged message's Delivery was seen, and each shard's events came in
+        order (the sinks have them all: the callers waited for that)."""
+        for s in range(len(self.mc.coordinators)):
+            seqs = [e["seq"] for e in self.seen if e["shard"] == s]
+            assert seqs == sorted(seqs) and len(seqs) == len(set(seqs)), f"shard {s} order"
+        missing = self.missing(acked)
+        assert not missing, f"{len(missing)} deliveries never seen by the follower: {missing[:5]}"
+
+    def missing(self, acked: dict[str, list[str]]) -> list[str]:
+        delivered = {e["id"] for e in list(self.seen) if e["type"] == "Delivery"}
+        return [i for ids in acked.values() for i in ids if i not in delivered]
+
+
 def _copies(mc: Any, shard: int) -> list[dict[str, Any]]:
     return mc.replication()[shard]["copies"]
 
@@ -198,6 +255,7 @@ def test_leader_sigkill_during_10k_run_loses_nothing(regions):
     msgs = _messages("lk", 10_000, regions["domains"])
     want = {m["recipients"][0] for m in msgs}
     acked: dict[str, list[str]] = {}
+    follower = _Follower(mc)
     _submit_all(mc, msgs[:5000], acked)
     wait_for(lambda: len(_delivered(sinks, want)) >= 1500, 120, "1,500 delivered")
     st = ray.get(mc.handles["coordinator:0"].stats.remote())
@@ -220,23 +278,42 @@ def test_leader_sigkill_during_10k_run_loses_nothing(regions):
     assert mc.wait_until_idle(timeout=60), "the shards to record every result"
     states = Counter(s["state"] for s in mc.status([i for ids in acked.values() for i in ids]))
     assert states == {"delivered": 10_000}, states
+    wait_for(lambda: not follower.missing(acked), 60, "the follower to see every delivery")
+    follower.stop()
+    follower.check(acked)
 
 
 def test_leader_node_removed_restarts_elsewhere_and_recovers(regions):
     mc, sinks, cfg, cluster = regions["mc"], regions["sinks"], regions["cfg"], regions["cluster"]
     workers = _non_head(cluster)
+    me = ray.get_runtime_context().get_node_id()
+    print(f"\ndriver on {me[:8]}, head {cluster.head_node.node_id[:8]}, workers "
+          f"{[w[:8] for w in workers]}, leaders "
+          f"{[_node_of(mc, f'coordinator:{s}')[:8] for s in range(2)]}")
     shard = next(s for s in range(2) if _node_of(mc, f"coordinator:{s}") in workers)
     victim_id = _node_of(mc, f"coordinator:{shard}")
     before = ray.get(mc.handles[f"coordinator:{shard}"].stats.remote())
     msgs = _messages("ln", 3000, regions["domains"])
     want = {m["recipients"][0] for m in msgs}
     acked: dict[str, list[str]] = {}
+    follower = _Follower(mc)
     _submit_all(mc, msgs[:1500], acked)
     wait_for(lambda: len(_delivered(sinks, want)) >= 300, 120, "300 delivered")
+    # the consumer falls behind; the leader's snapshot then lies past its cursor, and the
+    # copy the leader is rebuilt from on its new node starts at that snapshot
+    follower.running.clear()
+    wait_for(lambda: len(_delivered(sinks, want)) >= 1000, 120, "1,000 delivered")
+    compacted = ray.get(mc.handles[f"coordinator:{shard}"].compact.remote(), timeout=120)
+    assert compacted["lsn"] > follower.cursor()[shard]
     t0 = time.time()
     _replace_node(regions, workers[victim_id])
+    follower.running.set()
     _submit_all(mc, msgs[1500:], acked)
     counts = _wait_all_delivered(mc, sinks, set(acked), 300)
+    assert mc.wait_until_idle(timeout=60), "the shards to record every result"
+    wait_for(lambda: not follower.missing(acked), 60, "the follower to see every delivery")
+    follower.stop()
+    follower.check(acked)
     after = ray.get(mc.handles[f"coordinator:{shard}"].stats.remote())
     dups = sum(c - 1 for c in counts.values())
     print(f"\nnode of coordinator:{shard} removed: now on {after['node'][:8]} (was "

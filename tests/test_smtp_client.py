@@ -214,6 +214,8 @@ class _RawServer:
                             self.lines.append(body)
                             w.write(b"250 2.0.0 queued as Y\r\n")
                         continue
+                    if self.mode == "slowdot":     # scans the content before it answers
+                        await asyncio.sleep(1.5)
                     w.write(b"250 2.0.0 queued as X\r\n")
                 elif line.startswith(b"QUIT"):
                     w.write(b"221 bye\r\n")
@@ -268,6 +270,30 @@ def test_a_server_that_stops_answering_times_out() -> None:
     a, took, usable = asyncio.run(run())
     assert a.phase == "connection" and a.code is None and "no reply within 0.5s" in a.text
     assert 0.4 < took < 5 and not usable
+
+
+@pytest.mark.parametrize("data_timeout,delivered", [(None, True), (0.5, False)])
+def test_the_final_dot_waits_for_the_data_timeout_not_the_command_timeout(
+        data_timeout: float | None, delivered: bool) -> None:
+    """RFC 5321 §4.5.3.2.6: the reply to the final dot may take 10 minutes (a receiver
+    scanning the content); the command timeout (0.5 s here) must not cut it short, or the
+    message is sent again and again."""
+    from cluster.config import DeliveryConfig
+    assert DeliveryConfig().data_timeout == 600.0
+
+    async def run():
+        async with _RawServer("slowdot") as srv:
+            extra = {} if data_timeout is None else {"data_timeout": data_timeout}
+            conn = await connect_site([(10, "mx.dst.test", [HOST])], srv.port,
+                                      ehlo_name="relay.test", tls="disabled",
+                                      connect_timeout=5, command_timeout=0.5, **extra)
+            return await conn.send("s@src.test", "r@dst.test", BODY)
+
+    a = asyncio.run(run())
+    if delivered:
+        assert (a.phase, a.code) == ("data", 250), a
+    else:
+        assert a.phase == "connection" and "no reply within 0.5s" in a.text, a
 
 
 def test_no_host_answering_raises_connect_failure() -> None:

@@ -286,10 +286,6 @@ class MxResolver:
                 "max_size": self._routes.size, "hits": self._hits, "misses": self._misses,
                 "queries": self._queries, "inflight": len(self._inflight)}
 
-    def clear_cache(self) -> None:
-        self._routes.clear()
-        self._hosts.clear()
-
     # ------------------------------------------------------------------ caching layer
     async def _resolve_cached(self, domain: str, now: float) -> Route | DnsFailure:
         try:

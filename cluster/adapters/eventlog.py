@@ -97,6 +97,41 @@ class EventLog:
         self._size += len(data)
         self.last_seq = events[-1]["seq"]
 
+    def write_lines(self, data: bytes) -> int:
+        """Append events given as JSON lines (a snapshot's :meth:`tail_bytes`), skipping
+        those at or below :attr:`last_seq`; returns how many were written."""
+        loads = orjson.loads
+        evs = [loads(line) for line in data.splitlines() if line]
+        before = self.last_seq
+        self.write([ev for ev in evs if ev["seq"] > before])
+        return sum(1 for ev in evs if ev["seq"] > before)
+
+    def tail_bytes(self, limit: int) -> bytes:
+        """The newest events as JSON lines, at most ``limit`` bytes of whole lines, oldest
+        first: what a snapshot carries so that a leader rebuilt elsewhere from it still has
+        the events just before it (read by a consumer that lags behind)."""
+        if self._fh is not None:
+            self._fh.flush()
+        parts: list[bytes] = []
+        left = limit
+        for _, p in reversed(self._files()):
+            size = p.stat().st_size
+            with open(p, "rb") as fh:
+                if size > left:
+                    fh.seek(size - left)
+                    chunk = fh.read(left)
+                    cut = chunk.find(b"\n") + 1      # drop the partial first line
+                    parts.append(chunk[cut:] if cut else b"")
+                    left = 0
+                else:
+                    parts.append(fh.read())
+                    left -= size
+            if left <= 0:
+                break
+        data = b"".join(reversed(parts))
+        end = data.rfind(b"\n") + 1                   # and a half-written last one
+        return data[:end]
+
     def _rotate(self, first_seq: int) -> None:
         if self._fh is not None:
             self._fh.close()

@@ -195,7 +195,8 @@ class SmtpConnection:
     """One open session to a site's host, ready for transactions."""
 
     def __init__(self, wire: _Wire, host: str, address: str, *, pipelining: bool,
-                 eightbit: bool, smtputf8: bool, tls: bool, timeout: float) -> None:
+                 eightbit: bool, smtputf8: bool, tls: bool, timeout: float,
+                 data_timeout: float = 600.0) -> None:
         self.wire = wire
         self.host = host
         self.address = address
@@ -204,6 +205,9 @@ class SmtpConnection:
         self.smtputf8 = smtputf8
         self.tls = tls
         self.timeout = timeout
+        #: the wait for the reply to the final dot: RFC 5321 §4.5.3.2.6 asks for 10 minutes
+        #: (a receiver may scan the content first; giving up sooner sends the message again)
+        self.data_timeout = data_timeout
         self.sent = 0
         #: the envelope (MAIL, RCPT, DATA) of the next transaction, already written behind the
         #: last body: its replies come with the body's; the next send() must be for it
@@ -270,7 +274,7 @@ class SmtpConnection:
                     data += nxt + b"DATA\r\n"
                     self._ahead = nxt
                 await w.write(data)
-                code, text = await w.reply(t)
+                code, text = await w.reply(self.data_timeout)
                 if code == 421:
                     self._close_now()
                 return Attempt("data", code, text)
@@ -320,8 +324,8 @@ class SmtpConnection:
 
 
 async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bind_address: str,
-                       tls: str, connect_timeout: float, command_timeout: float
-                       ) -> SmtpConnection:
+                       tls: str, connect_timeout: float, command_timeout: float,
+                       data_timeout: float = 600.0) -> SmtpConnection:
     global _TLS_CTX
     client = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=ehlo_name,
                              source_address=(bind_address, 0) if bind_address else None,
@@ -350,7 +354,7 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
                               pipelining=client.supports_extension("pipelining"),
                               eightbit=client.supports_extension("8bitmime"),
                               smtputf8=client.supports_extension("smtputf8"),
-                              tls=secure, timeout=command_timeout)
+                              tls=secure, timeout=command_timeout, data_timeout=data_timeout)
     except BaseException:
         client.close()
         raise
@@ -358,8 +362,8 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
 
 async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: int, *,
                        ehlo_name: str, bind_address: str = "", tls: str = "opportunistic",
-                       connect_timeout: float = 30.0, command_timeout: float = 60.0
-                       ) -> SmtpConnection:
+                       connect_timeout: float = 30.0, command_timeout: float = 60.0,
+                       data_timeout: float = 600.0) -> SmtpConnection:
     """Connect to the first usable host, walking MX hosts in preference order.
 
     Fails over on connection errors, timeouts and 4xx/5xx greetings or EHLO replies, as
@@ -375,7 +379,8 @@ async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: in
                 return await _try_address(host, address, port, ehlo_name=ehlo_name,
                                           bind_address=bind_address, tls=tls,
                                           connect_timeout=connect_timeout,
-                                          command_timeout=command_timeout)
+                                          command_timeout=command_timeout,
+                                          data_timeout=data_timeout)
             except aiosmtplib.SMTPResponseException as e:
                 last_code, last_text = e.code, f"{host}[{address}] said: {e.code} {e.message}"
                 all_421 = all_421 and e.code == 421

@@ -167,6 +167,21 @@ def _parse_plain(text: str) -> Address | None:
     return Address(local, parsed[0], parsed[1], False)
 
 
+def canonical_plain_domain(text: str) -> str | None:
+    """The domain of ``text`` when it is a plain ASCII address exactly as :class:`Address`
+    prints it (no brackets, a lowercase domain already checked): a shard leader's re-check of
+    the usual recipient in one regex match and a dict lookup. None means "not known to be":
+    use :func:`parse_address`."""
+    m = _PLAIN_ADDRESS.match(text)
+    if m is None or text[0] == "<":
+        return None
+    local, domain = m.groups()
+    if _DOMAINS.get(domain) != (domain, domain) or len(local) > MAX_LOCAL_OCTETS or \
+            len(text) > MAX_ADDRESS_OCTETS:
+        return None
+    return domain
+
+
 def _parse(s: str, fail: _Fail, allow_smtputf8: bool, allow_empty: bool) -> Address:
     _check_characters(s, fail)
     if s[:1].isspace():

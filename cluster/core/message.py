@@ -33,6 +33,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import NamedTuple
 
 from cluster.core.addresses import Address, AddressError, parse_address
+from cluster.core.ratespec import parse_duration
 from cluster.core.sites import stable_hash
 
 __all__ = [
@@ -49,7 +50,6 @@ __all__ = [
     "ValidationError",
     "message_id_time",
     "new_message_id",
-    "parse_duration",
     "prepare",
     "validate_batch",
 ]
@@ -60,6 +60,9 @@ MAX_TAG_KEY = 64
 MAX_TAG_VALUE = 256
 MAX_METADATA_BYTES = 4096
 MAX_IDEMPOTENCY_KEY = 200
+#: the longest a message may stay queued (``max_age``), and how far ahead ``not_before`` may
+#: be: a queue's lifetime is bounded (DESIGN: bounded everything)
+MAX_QUEUE_LIFETIME = 30 * 86400.0
 #: RFC 5322 §2.1.1: "Each line of characters MUST be no more than 998 characters ... excluding
 #: the CRLF."
 MAX_LINE_OCTETS = 998
@@ -91,9 +94,6 @@ _RESERVED_HEADERS = {
 _FIELD_NAME = re.compile(rb"([\x21-\x39\x3b-\x7e]+):")
 _INJECTION_NAMES = {"\r": "CR", "\n": "LF", "\x00": "NUL"}
 _MSG_ID = re.compile(r"<[^<>@\s]+@[^<>@\s]+>\Z")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
-_DURATION = re.compile(r"(?:\d+(?:\.\d+)?(?:ms|s|m|h|d|w))+")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
 class ValidationError(ValueError):
@@ -179,6 +179,9 @@ def prepare(submission: dict, *, now: float, max_size: int = DEFAULT_MAX_SIZE) -
     metadata = _metadata(sub.get("metadata"))
     idem = _idempotency_key(sub.get("idempotency_key"))
     not_before = _not_before(sub.get("not_before"))
+    if not_before is not None and not_before > now + MAX_QUEUE_LIFETIME:
+        raise ValidationError("not_before", f"more than {MAX_QUEUE_LIFETIME / 86400:g} days "
+                              "ahead")
     max_age = _max_age(sub.get("max_age"))
 
     if "raw" in sub:
@@ -512,17 +515,6 @@ def _not_before(value: object) -> float | None:
     return t
 
 
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"2h"``, ``"1h30m"``, ``"5d"``, ``"250ms"``, ``"1w"`` -> seconds.
-
-    Units: ms, s, m, h, d, w; parts add up. Raises ValueError on anything else."""
-    compact = re.sub(r"\s+", "", text).lower()
-    if not _DURATION.fullmatch(compact):
-        raise ValueError(f"not a duration: {text!r} (use a number and a unit: ms, s, m, h, d, "
-                         "w, e.g. '2h' or '1h30m')")
-    return sum(float(n) * _DURATION_UNITS[u] for n, u in _DURATION_PART.findall(compact))
-
-
 def _max_age(value: object) -> float | None:
     if value is None:
         return None
@@ -533,10 +525,13 @@ def _max_age(value: object) -> float | None:
                                   f"not {_type(value)}")
         try:
             seconds = parse_duration(value)
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise ValidationError("max_age", str(e)) from None
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValidationError("max_age", f"must be a positive duration, not {value!r}")
+    if seconds > MAX_QUEUE_LIFETIME:
+        raise ValidationError("max_age", f"{seconds:.0f} s is over the limit of "
+                              f"{MAX_QUEUE_LIFETIME / 86400:g} days")
     return seconds
 
 

@@ -138,6 +138,17 @@ class _Body:
     refs: int
 
 
+#: fields of each fixed-length record type (accepts vary: see _apply_accept)
+_RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
+                   REC_EPOCH: 3}
+
+
+def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
+    for v in values:
+        if type(v) not in (int, float) or v != v:
+            raise StateError(f"record {rec[0]!r} at lsn {lsn}: {v!r} is not a number")
+
+
 _EVENT_TYPES = {REC_ACCEPT: "Reception", REC_TRANSIENT: "TransientFailure",
                 REC_DELIVERED: "Delivery"}
 _FINAL_EVENT = {"bounce": "Bounce", "expired": "Expiration", "cancelled": "AdminBounce"}
@@ -166,18 +177,59 @@ class QueueState:
         self.last_lsn = 0
         self.counters = {"accepted": 0, "delivered": 0, "transient": 0, "bounced": 0,
                          "expired": 0, "cancelled": 0}
+        #: records this state refused to apply (lsn, type, id, reason), the newest kept
+        self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.counters_quarantined = 0
+
+    def apply_or_quarantine(self, rec: Any, lsn: int) -> dict[str, Any] | None:
+        """:meth:`apply`, except that a record the queue cannot take (a :class:`StateError`)
+        is set aside in :attr:`quarantine` and the queue goes on: one bad record must never
+        stop a shard's commits or its replay. The lsn is used up either way."""
+        try:
+            return self.apply(rec, lsn)
+        except StateError as e:
+            if lsn > self.last_lsn:
+                self.last_lsn = lsn
+            self.counters_quarantined += 1
+            kind = rec[0] if isinstance(rec, list) and rec else None
+            mid = rec[1] if isinstance(rec, list) and len(rec) > 1 and \
+                isinstance(rec[1], str) else None
+            self.quarantine.append({"lsn": lsn, "type": kind if isinstance(kind, str) else
+                                    repr(kind)[:20], "id": mid, "reason": str(e)[:500]})
+            return None
 
     # ------------------------------------------------------------------ applying records
     def apply(self, rec: list[Any], lsn: int) -> dict[str, Any] | None:
-        """Apply one durable record; return the event it produces (None for bodies)."""
+        """Apply one durable record; return the event it produces (None for bodies).
+
+        A record that does not fit raises :class:`StateError` before it changes anything."""
         if lsn <= self.last_lsn:
             raise StateError(f"record lsn {lsn} not after {self.last_lsn}")
-        self.last_lsn = lsn
+        try:
+            return self._apply(rec, lsn)
+        except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
+            if isinstance(e, StateError):
+                raise
+            raise StateError(f"malformed record at lsn {lsn}: {type(e).__name__}: {e}") from None
+
+    def _apply(self, rec: list[Any], lsn: int) -> dict[str, Any] | None:
+        if type(rec) is not list or not rec:
+            raise StateError(f"record at lsn {lsn} is not a list")
         kind = rec[0]
+        if kind != REC_ACCEPT and kind != REC_MESSAGE and kind not in _RECORD_LENGTHS:
+            raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
+        if kind in _RECORD_LENGTHS and len(rec) != _RECORD_LENGTHS[kind]:
+            raise StateError(f"record {kind!r} at lsn {lsn} has {len(rec)} fields, not "
+                             f"{_RECORD_LENGTHS[kind]}")
+        if kind != REC_EPOCH and kind != REC_BODY and type(rec[1]) is not str:
+            raise StateError(f"record {kind!r} at lsn {lsn}: id is not a string")
+        self.last_lsn = lsn
         if kind == REC_EPOCH:
             return None
         if kind == REC_BODY:
             _, body_id, data = rec
+            if type(body_id) is not str or type(data) not in (bytes, bytearray, memoryview):
+                raise StateError(f"body record at lsn {lsn}: id or bytes of the wrong type")
             if body_id not in self.bodies:
                 self.bodies[body_id] = _Body(bytes(data), 0)
                 self.body_bytes += len(data)
@@ -192,6 +244,7 @@ class QueueState:
             return None
         if kind == REC_TRANSIENT:
             _, _, attempt, next_at, code, enhanced, text, site, category, ts = rec
+            _check_numbers(rec, lsn, attempt, next_at, ts)
             self.inflight.pop(msg_id, None)
             self._unready(m)
             m.attempts = max(m.attempts, attempt)
@@ -203,6 +256,7 @@ class QueueState:
                                next_attempt=next_at)
         if kind == REC_DELIVERED:
             _, _, attempt, code, text, site, ts = rec
+            _check_numbers(rec, lsn, attempt, ts)
             m.attempts = max(m.attempts, attempt)
             self.counters["delivered"] += 1
             ev = self._event("Delivery", lsn, m, ts, attempt=attempt, code=code, text=text,
@@ -211,6 +265,9 @@ class QueueState:
             return ev
         if kind == REC_FINAL:
             _, _, attempt, fkind, code, enhanced, text, site, category, ts = rec
+            _check_numbers(rec, lsn, attempt, ts)
+            if fkind not in _FINAL_EVENT:
+                raise StateError(f"final record at lsn {lsn}: unknown kind {fkind!r}")
             m.attempts = max(m.attempts, attempt)
             self.counters[{"bounce": "bounced", "expired": "expired",
                            "cancelled": "cancelled"}[fkind]] += 1
@@ -221,10 +278,21 @@ class QueueState:
         raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
 
     def _apply_accept(self, rec: list[Any], lsn: int) -> dict[str, Any]:
+        if len(rec) not in (13, 15):
+            raise StateError(f"accept record at lsn {lsn} has {len(rec)} fields")
         m = QueuedMessage(rec)
         if m.id in self.messages:
             raise StateError(f"message {m.id} accepted twice (lsn {lsn})")
+        # everything the indexes compare or hash, checked before anything changes
+        if not all(type(v) is str for v in (m.sender, m.rcpt, m.domain)) or \
+                type(m.body_id) is not str and rec[0] == REC_ACCEPT or \
+                not (m.idempotency_key is None or type(m.idempotency_key) is str) or \
+                not (m.tags is None or type(m.tags) is dict):
+            raise StateError(f"accept record for {m.id} at lsn {lsn}: a field of the wrong type")
+        _check_numbers(rec, lsn, m.created, m.expires_at, m.next_at, m.attempts)
         if rec[0] == REC_MESSAGE:   # the body is in the record, under the message's id
+            if type(rec[2]) not in (bytes, bytearray, memoryview):
+                raise StateError(f"message record for {m.id} at lsn {lsn}: body is not bytes")
             m.body_id = m.id
             if m.id not in self.bodies:
                 data = bytes(rec[2])

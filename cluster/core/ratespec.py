@@ -247,10 +247,6 @@ class Gcra:
             return self._backlog
         return max(0.0, self._backlog - elapsed / self.spec.emission_interval)
 
-    def tat(self, now: float) -> float:
-        """Theoretical arrival time as of ``now`` (``now`` itself when idle)."""
-        return max(now, self._anchor) + self._outstanding(now) * self.spec.emission_interval
-
     def available(self, now: float) -> int:
         """How many events could be taken at ``now`` without waiting."""
         free = self.spec.burst - self._outstanding(now)

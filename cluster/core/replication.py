@@ -76,17 +76,6 @@ class LogShape:
         return cls(int(w[0]), int(w[1]), tuple((int(a), int(b)) for a, b in w[2]), int(w[3]))
 
 
-def extend_runs(runs: list[list[int]], epoch: int, lsn: int) -> None:
-    """Record that frame ``lsn`` has ``epoch`` (frames arrive in lsn order)."""
-    if not runs or runs[-1][0] != epoch:
-        runs.append([epoch, lsn])
-
-
-def cut_runs(runs: list[list[int]], end: int) -> list[list[int]]:
-    """The runs of a log cut back to ``end``."""
-    return [r for r in runs if r[1] <= end]
-
-
 def agreement(leader: LogShape, copy: LogShape) -> int | None:
     """The highest lsn up to which ``copy`` holds exactly the leader's frames.
 

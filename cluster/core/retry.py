@@ -1,8 +1,8 @@
 """Retry schedule: when a deferred message is tried again, and when it is given up.
 
 Owns the arithmetic of the schedule (exponential backoff with jitter, capped, with a maximum
-message age), and its inverse (:meth:`RetryPolicy.infer_attempts`, after KumoMTA's
-``infer_num_attempts``) so that recovery can rebuild an attempt count from a message's age.
+message age). Attempts are counted in the log (each transient record carries its attempt), so
+recovery needs no inverse of the schedule.
 Defaults follow KumoMTA and Postfix: first retry after about 10 minutes, doubling, capped at
 4 hours, given up (bounced as "expired") after 5 days; DNS failures retry sooner.
 
@@ -97,38 +97,6 @@ class RetryPolicy:
                         kind: str = "normal") -> float:
         """Absolute time of the next attempt after ``attempt`` attempts made by ``now``."""
         return now + self.delay(attempt, rand, kind)
-
-    def is_expired(self, created_at: float, now: float, max_age: float | None = None) -> bool:
-        """Has a message created at ``created_at`` reached its maximum age at ``now``?
-
-        ``max_age`` (a per-message setting) overrides the policy's. A message whose age
-        equals the maximum is expired.
-        """
-        limit = self.max_age if max_age is None else _check_number("max_age", max_age)
-        if limit <= 0:
-            raise ValueError(f"max_age must be greater than zero, got {max_age}")
-        return now - created_at >= limit
-
-    def infer_attempts(self, age: float, kind: str = "normal") -> int:
-        """How many attempts a message of ``age`` seconds has had under this schedule
-        without jitter: attempt 1 at age 0, attempt k+1 after ``sum(base_delay(1..k))``.
-
-        Recovery uses it when only the message's age is known (KumoMTA: infer_num_attempts).
-        """
-        age = _check_number("age", age)
-        if age < 0:
-            raise ValueError(f"age must be >= 0, got {age}")
-        attempts = 1
-        elapsed = 0.0
-        while True:
-            d = self.base_delay(attempts, kind)
-            if d >= self.max_delay:
-                # capped from here on: the rest is a division, not a loop over days of retries
-                return attempts + int((age - elapsed) // self.max_delay)
-            if elapsed + d > age:
-                return attempts
-            elapsed += d
-            attempts += 1
 
 
 def _check_attempt(attempt: int) -> None:
