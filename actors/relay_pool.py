@@ -7,6 +7,12 @@ deliveries-per-connection, walks MX hosts in preference order, and streams back 
 result per message. Replies that concern the whole site (421, "try again later") go to the
 throttle as feedback.
 
+DKIM: when keys are configured, each message is signed here, just before DATA, with the keys
+of its From domain (``cluster.adapters.dkim_keys``; docs/dkim.md says why here): every attempt,
+MX failover and restored backup carries a signature made with the current key. Key files are
+re-read when their mtime changes (checked at most every ``dkim.reload_interval``) or on
+:meth:`RelayPool.reload_dkim`. Without keys the delivery path does no DKIM work at all.
+
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
 by what was in flight here). Leases of a dead incarnation are dropped by the throttle when the
@@ -129,6 +135,9 @@ class RelayPool:
                          "connect_failures": 0}
         from actors.metrics import loop_lag_reporter
         self.loop_lag = LoopLag(report=loop_lag_reporter(name))
+        from cluster.adapters.dkim_keys import signer_from_config
+        #: None when no DKIM key is configured: the hot path then does not sign at all
+        self.signer = signer_from_config(config.dkim)
 
     # ------------------------------------------------------------------ plumbing
     def _spawn(self, coro: Any) -> None:
@@ -397,6 +406,8 @@ class RelayPool:
                     # this connection takes the next one too: its envelope rides on this body
                     carry = s.queue.popleft()
                     then = (carry[0][2], carry[0][3], carry[0][5])
+                if self.signer is not None:
+                    body = self._sign(body)
                 a = await conn.send(sender, rcpt, body, smtputf8, then=then)
                 c = classify(a.code, a.text, phase=a.phase,
                              rules=self.cfg.classification.rules) if a.code is not None else \
@@ -423,6 +434,28 @@ class RelayPool:
                 s.queue.appendleft(carry)
                 s.wake.set()
             await conn.close()
+
+    def _sign(self, body: bytes) -> bytes:
+        """The message with its DKIM signatures, as it goes on the wire (unsigned if the
+        signer fails: the failure is counted and logged without the key)."""
+        signer = self.signer
+        assert signer is not None
+        signer.ring.maybe_reload()      # one clock read; a stat per key every few seconds
+        try:
+            return signer.sign(body, time.time())
+        except Exception as e:  # noqa: BLE001 - a signing bug must not stop delivery
+            signer.counters["errors"] += 1
+            log.warning("dkim signing failed (%s): sent unsigned", type(e).__name__)
+            return body
+
+    async def reload_dkim(self) -> dict[str, Any]:
+        """Re-read DKIM key files now (``raymta dkim reload``): what changed, and the errors
+        of files that could not be loaded (the previous key stays in use for those)."""
+        if self.signer is None:
+            return {"relay": self.name, "changed": [], "errors": [], "keys": []}
+        changed = self.signer.ring.reload()
+        return {"relay": self.name, "changed": changed, "errors": self.signer.ring.errors,
+                "keys": self.signer.ring.describe()}
 
     # ------------------------------------------------------------------ background loops
     async def _renew_loop(self) -> None:
@@ -476,7 +509,11 @@ class RelayPool:
                     self._handles.pop(tname, None)
 
     async def stats(self) -> dict[str, Any]:
+        dkim = None if self.signer is None else {
+            **self.signer.counters, "keys": self.signer.ring.describe(),
+            "errors": self.signer.ring.errors}
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
+                "dkim": dkim,
                 "loop_lag": self.loop_lag.snapshot(),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases)} for n, s in self.sites.items()}}

@@ -1,4 +1,5 @@
-"""The ``raymta`` command: up, down, demo, submit, status, events, parse-bounce.
+"""The ``raymta`` command: up, down, demo, submit, status, events, parse-bounce, dkim,
+dns-check.
 
 ``raymta demo`` is the embedded default: a local Ray bound to loopback, a DNS server and SMTP
 sinks on loopback, a spool in a local directory; it sends N messages to M domains, shows a
@@ -392,6 +393,85 @@ def cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- dkim
+def _txt_zone_line(name: str, record: str) -> str:
+    parts = [record[i:i + 255] for i in range(0, len(record), 255)]
+    return f"{name}. IN TXT ( " + " ".join(f'"{p}"' for p in parts) + " )"
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new private key (mode 0600) as <out>/<domain>/<selector>.<alg>.pem, the
+    layout of [dkim] key_directory, and print the DNS record to publish."""
+    from cluster.adapters.dkim_keys import dns_record, generate_private_key, write_private_key
+    from cluster.config import ConfigError
+    from cluster.core.dkim import is_valid_selector
+    domain = args.domain.strip().lower().rstrip(".")
+    if "." not in domain or any(c.isspace() or c in "@/" for c in domain):
+        raise ConfigError("--domain", f"expected a domain name such as example.com, got "
+                                      f"{args.domain!r}")
+    if not is_valid_selector(args.selector):
+        raise ConfigError("--selector", f"{args.selector!r} is not a DNS name: letters, digits "
+                                        "and inner '-', labels separated by dots")
+    if args.algorithm == "rsa" and args.bits < 1024:
+        raise ConfigError("--bits", f"{args.bits}: RSA DKIM keys need at least 1024 bits "
+                                    "(RFC 8301); use 2048")
+    d = Path(args.out) / domain
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = d / f"{args.selector}.{args.algorithm}.pem"
+    if path.exists():
+        raise ConfigError(str(path), "exists already: pick a new selector for a new key "
+                                     "(rotation = new selector, publish, then switch)")
+    key = generate_private_key(args.algorithm, args.bits)
+    write_private_key(key, path)
+    record = dns_record(key)
+    size = f"{args.bits}-bit RSA" if args.algorithm == "rsa" else "Ed25519"
+    if args.algorithm == "rsa" and args.bits < 2048:
+        print(f"warning: {args.bits}-bit RSA: RFC 8301 recommends 2048", file=sys.stderr)
+    print(f"wrote {size} private key {path} (mode 0600)")
+    print("publish this TXT record:")
+    print(_txt_zone_line(f"{args.selector}._domainkey.{domain}", record))
+    print("and configure it:")
+    print(f'[[dkim.key]]\ndomain = "{domain}"\nselector = "{args.selector}"\n'
+          f'algorithm = "{args.algorithm}"\nkey_file = "{path.resolve()}"')
+    print(f"(or set [dkim] key_directory = \"{Path(args.out).resolve()}\")")
+    return 0
+
+
+def cmd_dkim_reload(args: argparse.Namespace) -> int:
+    """Make every relay re-read its DKIM key files now."""
+    import ray
+
+    from actors.remote import list_relays
+    mc = _attach(args.address, args.config)
+    ns = mc.cfg.cluster.namespace
+    bad = 0
+    for name in list_relays(ns):
+        res = ray.get(ray.get_actor(name, namespace=ns).reload_dkim.remote())
+        keys = ", ".join(f"{k['domain']}/{k['selector']} ({k['algorithm']}, {k['bits']})"
+                         for k in res["keys"]) or "no keys"
+        print(f"{name}: {'; '.join(res['changed']) or 'no change'}; signing with {keys}")
+        for e in res["errors"]:
+            bad += 1
+            print(f"  error: {e}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_dns_check(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.dnscheck import Resolver, format_table, run_checks
+    cfg = load_config(args.config)
+    r = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout)
+    checks = run_checks(args.domain, cfg, r, selectors=args.selector or (),
+                        return_path=args.return_path)
+    if args.json:
+        print(json.dumps({"domain": args.domain, "checks": [c.as_dict() for c in checks],
+                          "fail": sum(c.status == "fail" for c in checks),
+                          "warn": sum(c.status == "warn" for c in checks)}, indent=1))
+    else:
+        print(format_table(args.domain, checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
 def cmd_parse_bounce(args: argparse.Namespace) -> int:
     """Parse bounce, complaint or auto-reply files; one JSON object per file with --json (the
     stable contract of cluster.core.dsn.contract, documented in the README). Never stops on a
@@ -493,6 +573,28 @@ def main(argv: list[str] | None = None) -> int:
     common(p)
     p.add_argument("dir", help="a backup directory (holding shard-<n>.msgpack files)")
     p.set_defaults(fn=cmd_restore)
+    p = sub.add_parser("dkim", help="DKIM keys: keygen, reload")
+    dsub = p.add_subparsers(dest="dkim_cmd", required=True)
+    q = dsub.add_parser("keygen", help="write a private key (0600) and print its DNS record")
+    q.add_argument("--domain", required=True)
+    q.add_argument("--selector", required=True)
+    q.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    q.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    q.add_argument("--out", default=".", help="directory: the key goes to "
+                   "OUT/<domain>/<selector>.<algorithm>.pem (default .)")
+    q.set_defaults(fn=cmd_dkim_keygen)
+    q = dsub.add_parser("reload", help="make every relay re-read its DKIM key files now")
+    common(q)
+    q.set_defaults(fn=cmd_dkim_reload)
+    p = sub.add_parser("dns-check", help="check a sending domain's MX, SPF, DKIM, DMARC, "
+                       "FCrDNS, MTA-STS and TLS-RPT records")
+    p.add_argument("domain")
+    p.add_argument("--selector", action="append", help="DKIM selector to check (repeatable; "
+                   "default: the configured keys of the domain)")
+    p.add_argument("--return-path", help="envelope sender domain for SPF (default: DOMAIN)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", help="TOML config file: nameservers, egress sources, DKIM keys")
+    p.set_defaults(fn=cmd_dns_check)
     p = sub.add_parser("parse-bounce", help="parse bounce (DSN), complaint (ARF) and "
                        "auto-reply messages; no cluster needed")
     p.add_argument("files", nargs="+", metavar="FILE")

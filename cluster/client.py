@@ -26,6 +26,7 @@ import ray
 
 from cluster.adapters.stream import BlockingStreamClient, StreamError
 from cluster.config import Config, load_config
+from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
 from cluster.core.intake import wire_item
 from cluster.core.message import ValidationError, new_message_ids, validate_batch
 from cluster.core.sites import stable_hash
@@ -161,6 +162,26 @@ class _SubmitStream:
             conn.close()
 
 
+def _requires_dkim(cfg: Config) -> bool:
+    dk = cfg.dkim
+    return dk.sign == "required" or any(p == "required" for _, p in dk.policy)
+
+
+def _check_dkim_policy(p: Any, cfg: Config, index: int) -> Any:
+    """``p`` itself, or the ValidationError that refuses it under ``sign = "required"``."""
+    if isinstance(p, ValidationError):
+        return p
+    try:
+        domain = from_domain(parse_headers(split_message(p.body)[0])) or ""
+    except DkimError:
+        domain = ""
+    why = dkim_refusal(domain, cfg)
+    if why is None:
+        return p
+    field_, _, reason = why.partition(": ")
+    return ValidationError(field_, reason, index=index)
+
+
 class MailCluster:
     def __init__(self, cfg: Config, coordinators: list[Any], *, owns_ray: bool = False,
                  handles: dict[str, Any] | None = None, direct: bool = True) -> None:
@@ -259,6 +280,8 @@ class MailCluster:
         msgs = [messages] if isinstance(messages, dict) else list(messages)
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
+        if _requires_dkim(self.cfg):
+            prepared = [_check_dkim_policy(p, self.cfg, i) for i, p in enumerate(prepared)]
         shards = len(self.coordinators)
         batch_shard = next(self._next_shard) % shards
         results: list[SubmitResult | None] = [None] * len(msgs)

@@ -13,6 +13,7 @@ first retry after 10 minutes, doubling, capped at 4 hours, give up after 5 days;
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from cluster.core.bounce_rules import RuleError, RuleSet, rules_from_toml
+from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
@@ -39,6 +41,9 @@ __all__ = [
     "StaticRoute",
     "ClusterConfig",
     "Config",
+    "DkimConfig",
+    "DkimKeyConfig",
+    "check_dkim_keys",
     "load_config",
     "parse_config",
     "parse_size",
@@ -240,6 +245,57 @@ class ClassificationConfig:
 
 
 @dataclass(frozen=True)
+class DkimKeyConfig:
+    """One ``[[dkim.key]]``: a private key that signs mail From ``domain`` (or a subdomain of
+    it, with ``dkim.parent_domains``) as ``d=domain; s=selector``."""
+
+    domain: str
+    selector: str
+    #: "rsa" (rsa-sha256) or "ed25519" (ed25519-sha256)
+    algorithm: str = "rsa"
+    #: PEM private key, unencrypted (readable by the user raymta runs as only: chmod 600)
+    key_file: str = ""
+    #: header fields to sign (each oversigned once); None = dkim.headers
+    headers: tuple[str, ...] | None = None
+    #: seconds from t= to x= (signature expiry); None = dkim.expire_after
+    expire_after: float | None = None
+    #: i= (the AUID, RFC 6376 §3.5): "@domain" by default
+    identity: str | None = None
+    #: found in dkim.key_directory (re-scanned by relays) rather than listed
+    from_directory: bool = False
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """DKIM signing (docs/dkim.md). Keys are listed as ``[[dkim.key]]`` and/or found in
+    ``key_directory`` as ``<domain>/<selector>.<rsa|ed25519>.pem``; a domain with several
+    keys gets one signature per key (RSA + Ed25519 = a dual signature). Relays re-read key
+    files whose mtime changed every ``reload_interval`` (and on ``raymta dkim reload``)."""
+
+    keys: tuple[DkimKeyConfig, ...] = ()
+    key_directory: str = ""
+    #: "if-key": sign when a key exists; "required": refuse submissions From a domain without
+    #: one. Per domain in ``policy`` (``[dkim.policy] "example.com" = "required"``).
+    sign: str = "if-key"
+    policy: tuple[tuple[str, str], ...] = ()
+    #: a key for example.com also signs mail From news.example.com (DMARC relaxed alignment)
+    parent_domains: bool = True
+    headers: tuple[str, ...] = DEFAULT_SIGN_HEADERS
+    #: x= = t= + this many seconds (0: no x=)
+    expire_after: float = 0.0
+    reload_interval: float = 5.0
+
+    @property
+    def default_policy(self) -> str:
+        return self.sign
+
+    @property
+    def policies(self) -> dict[str, str]:
+        """Per-domain policies (a policy for example.com covers its subdomains too)."""
+        return dict(self.policy)
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -254,6 +310,7 @@ class Config:
     backup: BackupConfig = field(default_factory=BackupConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -592,6 +649,156 @@ def _parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig:
                          replicas=replicas)
 
 
+_DKIM_ALGORITHMS = ("rsa", "ed25519")
+_POLICIES = ("if-key", "required")
+
+
+def _domain_name(v: Any, key: str) -> str:
+    d = _str(v, key).strip().lower().rstrip(".")
+    if not d or "." not in d or any(c.isspace() or c in "@/\\" for c in d):
+        raise ConfigError(key, f"expected a domain name such as example.com, got {v!r}")
+    return d
+
+
+def _header_list(v: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(h, str) and h for h in v):
+        raise ConfigError(key, "expected a list of header field names")
+    names = tuple(dict.fromkeys(h.strip().lower() for h in v))
+    for h in names:
+        if not h or any(not (33 <= ord(c) <= 126) or c == ":" for c in h):
+            raise ConfigError(key, f"not a header field name: {h!r}")
+    if "from" not in names:
+        raise ConfigError(key, "must include From (RFC 6376 §5.4: From is always signed)")
+    if "dkim-signature" in names:
+        raise ConfigError(key, "DKIM-Signature cannot be signed")
+    return names
+
+
+def _parse_dkim(raw: Mapping[str, Any]) -> DkimConfig:
+    w = "dkim"
+    _check_keys(raw, {"key", "key_directory", "sign", "policy", "parent_domains", "headers",
+                      "expire_after", "reload_interval"}, w)
+    d = DkimConfig()
+    sign = _str(raw.get("sign", d.sign), f"{w}.sign")
+    if sign not in _POLICIES:
+        raise ConfigError(f"{w}.sign", f"expected \"if-key\" or \"required\", got {sign!r}")
+    pol_raw = raw.get("policy", {})
+    if not isinstance(pol_raw, Mapping):
+        raise ConfigError(f"{w}.policy", "expected a table of domain = \"if-key\" | \"required\"")
+    policies: dict[str, str] = {}
+    for dom, p in pol_raw.items():
+        k = f"{w}.policy.{dom}"
+        if isinstance(p, Mapping):           # [dkim.policy."example.com"] sign = "required"
+            _check_keys(p, {"sign"}, k)
+            p = p.get("sign", sign)
+            k += ".sign"
+        if _str(p, k) not in _POLICIES:
+            raise ConfigError(k, f"expected \"if-key\" or \"required\", got {p!r}")
+        policies[_domain_name(dom, f"{w}.policy")] = p
+    headers = _header_list(raw["headers"], f"{w}.headers") if "headers" in raw else d.headers
+    expire = raw.get("expire_after", 0)
+    expire_after = 0.0 if expire in (0, "0", "off") else _dur(expire, f"{w}.expire_after")
+    keys_raw = raw.get("key", [])
+    if not isinstance(keys_raw, list):
+        raise ConfigError(f"{w}.key", "expected an array of tables ([[dkim.key]])")
+    keys = []
+    seen: set[tuple[str, str]] = set()
+    for i, kr in enumerate(keys_raw):
+        k = f"{w}.key[{i}]"
+        if not isinstance(kr, Mapping):
+            raise ConfigError(k, "expected a table")
+        _check_keys(kr, {"domain", "selector", "algorithm", "key_file", "headers",
+                         "expire_after", "identity"}, k)
+        for req in ("domain", "selector", "key_file"):
+            if req not in kr:
+                raise ConfigError(f"{k}.{req}", "missing (required)")
+        domain = _domain_name(kr["domain"], f"{k}.domain")
+        selector = _str(kr["selector"], f"{k}.selector")
+        if not is_valid_selector(selector):
+            raise ConfigError(f"{k}.selector", f"{selector!r} is not a DNS name: use letters, "
+                              "digits and inner '-' in labels of 1-63 characters, separated "
+                              "by dots (RFC 6376 §3.1)")
+        alg = _str(kr.get("algorithm", "rsa"), f"{k}.algorithm")
+        if alg not in _DKIM_ALGORITHMS:
+            raise ConfigError(f"{k}.algorithm", f"expected rsa or ed25519, got {alg!r}")
+        if (domain, selector) in seen:
+            raise ConfigError(f"{k}.selector", f"{selector!r} is listed twice for {domain}")
+        seen.add((domain, selector))
+        identity = kr.get("identity")
+        if identity is not None:
+            identity = _str(identity, f"{k}.identity")
+            idom = identity.rpartition("@")[2].lower()
+            if "@" not in identity or not (idom == domain or idom.endswith("." + domain)):
+                raise ConfigError(f"{k}.identity", f"{identity!r} must be [local]@{domain} or "
+                                  f"@ a subdomain of it (RFC 6376 §3.5)")
+        ex = kr.get("expire_after")
+        keys.append(DkimKeyConfig(
+            domain=domain, selector=selector, algorithm=alg,
+            key_file=_str(kr["key_file"], f"{k}.key_file"),
+            headers=_header_list(kr["headers"], f"{k}.headers") if "headers" in kr else None,
+            expire_after=None if ex is None else (0.0 if ex in (0, "0", "off")
+                                                  else _dur(ex, f"{k}.expire_after")),
+            identity=identity))
+    return DkimConfig(
+        keys=tuple(keys),
+        key_directory=_str(raw.get("key_directory", ""), f"{w}.key_directory"),
+        sign=sign, policy=tuple(sorted(policies.items())),
+        parent_domains=_bool(raw.get("parent_domains", d.parent_domains),
+                             f"{w}.parent_domains"),
+        headers=headers, expire_after=expire_after,
+        reload_interval=_dur(raw.get("reload_interval", d.reload_interval),
+                             f"{w}.reload_interval"))
+
+
+_log = logging.getLogger("raymta.config")
+
+
+def _dkim_paths_from(cfg: Config, base: Path) -> Config:
+    """Relative DKIM key paths taken relative to the config file's directory (relays run in
+    other processes, with other working directories)."""
+    dk = cfg.dkim
+
+    def absolute(path: str) -> str:
+        return path if not path or os.path.isabs(path) else str((base / path).resolve())
+    keys = tuple(replace(k, key_file=absolute(k.key_file)) for k in dk.keys)
+    return replace(cfg, dkim=replace(dk, keys=keys, key_directory=absolute(dk.key_directory)))
+
+
+def check_dkim_keys(cfg: Config) -> tuple[Config, list[str]]:
+    """Load every DKIM key the config names (and those in ``dkim.key_directory``, which are
+    added to ``dkim.keys``); returns the config and warnings (RSA keys of 1024-2047 bits).
+    A key that cannot be used raises :class:`ConfigError` naming the entry and the file
+    (never the key). Reads files: called by :func:`load_config` and before deploying."""
+    dk = cfg.dkim
+    if not dk.keys and not dk.key_directory:
+        return cfg, []
+    from cluster.adapters.dkim_keys import KeyFileError, load_private_key, scan_key_directory
+    keys = [k for k in dk.keys if not k.from_directory]
+    if dk.key_directory:
+        try:
+            found = scan_key_directory(dk.key_directory)
+        except KeyFileError as e:
+            raise ConfigError("dkim.key_directory", str(e)) from None
+        listed = {(k.domain, k.selector) for k in keys}
+        keys += [DkimKeyConfig(domain=s.domain, selector=s.selector, algorithm=s.algorithm,
+                               key_file=s.key_file, from_directory=True)
+                 for s in found if (s.domain, s.selector) not in listed]
+    warnings: list[str] = []
+    for i, k in enumerate(keys):
+        where = f"dkim.key[{i}].key_file" if not k.from_directory else "dkim.key_directory"
+        try:
+            _key, alg, _bits, warn = load_private_key(k.key_file)
+        except KeyFileError as e:
+            raise ConfigError(where, f"{k.domain}/{k.selector}: {e}") from None
+        if alg != k.algorithm:
+            raise ConfigError(where, f"{k.domain}/{k.selector}: {k.key_file} holds an {alg} "
+                                     f"key, configured as {k.algorithm}")
+        warnings += [f"dkim {k.domain}/{k.selector}: {w}" for w in warn]
+    return replace(cfg, dkim=replace(dk, keys=tuple(keys))), warnings
+
+
+
+
 def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> ClassificationConfig:
     w = "classification"
     _check_keys(raw, {"rules_file"}, w)
@@ -617,7 +824,7 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "classification", "suppression"}
+        "replication", "backup", "classification", "suppression", "dkim"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -642,6 +849,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         backup=_parse_backup(_table(raw, "backup", "")),
         classification=_parse_classification(_table(raw, "classification", ""), base),
         suppression=_parse_suppression(_table(raw, "suppression", "")),
+        dkim=_parse_dkim(_table(raw, "dkim", "")),
     )
 
 
@@ -674,4 +882,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"invalid TOML: {e}") from None
-    return parse_config(raw, p.parent)
+    cfg, warnings = check_dkim_keys(_dkim_paths_from(parse_config(raw, p.parent), p.parent))
+    for w in warnings:
+        _log.warning("config %s", w)
+    return cfg

@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from cluster.config import Config, ConfigError
+from cluster.config import Config, ConfigError, check_dkim_keys
 
 __all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "wait_ready"]
 
@@ -79,6 +79,7 @@ def check_spool_shards(cfg: Config) -> None:
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
     check_spool_shards(cfg)
+    check_dkim_keys(cfg)   # a bad DKIM key file stops the deploy with the file named
     from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
                                ensure_replica, ensure_throttle, relay_name, replica_name,
                                shard_placement)
