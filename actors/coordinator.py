@@ -40,7 +40,7 @@ from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
-from cluster.core.intake import Intake, Limits, retryable_error
+from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
 from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.throttle import max_inflight, round_interval
@@ -114,7 +114,7 @@ class QueueCoordinator:
                                self._replica_handle, tail_bytes=rc.tail_bytes,
                                batch_bytes=rc.batch_bytes, transport=rc.transport)
         self._pending: list[tuple[list[Any], asyncio.Future | None]] = []
-        self.intake = Intake(shard, config.queue.shards)
+        self.intake = Intake(shard, config.queue.shards, dkim_required_check(config))
         self._snapshot_waiters: list[asyncio.Future] = []
         self._commit_wake: asyncio.Event | None = None
         self._dispatch_wake: asyncio.Event | None = None

@@ -174,3 +174,25 @@ def test_relative_key_paths_are_relative_to_the_config_file(tmp_path, rsa_key, m
     assert dk.keys[0].key_file == str(conf / "k.pem")
     assert dk.key_directory == str(conf / "dkim")
     assert {k.selector for k in dk.keys} == {"s1", "d1"}
+
+
+def test_the_leader_checks_the_required_policy_again():
+    """What a client sends is checked again where it is trusted: a submit item whose From
+    domain must be signed but has no key is refused by the shard leader's intake too (a
+    client that skipped its own check gets no further)."""
+    from cluster.core import queue as q
+    from cluster.core.intake import Intake, Limits, dkim_required_check, wire_item
+    from cluster.core.message import new_message_ids, prepare
+    assert dkim_required_check(parse_config({})) is None          # nothing parsed then
+    cfg = parse_config({"dkim": {"sign": "required", "key": [_key()]}})
+    now = time.time()
+    items = [wire_item(prepare(s, now=now), new_message_ids(now, 1)) for s in (
+        {"sender": "b@example.com", "recipients": ["x@y.test"],
+         "raw": b"From: ann@example.com\r\nSubject: ok\r\n\r\nhi\r\n"},
+        {"sender": "b@other.test", "recipients": ["x@y.test"],
+         "raw": b"From: Bob <bob@other.test>\r\nSubject: no key\r\n\r\nhi\r\n"})]
+    intake = Intake(0, 1, dkim_required_check(cfg))
+    res, recs = intake.admit(items, q.QueueState(), Limits(100, 1 << 30, 1 << 20, 3600), now)
+    assert "ids" in res[0] and len(recs) == 1
+    assert res[1]["retryable"] is False and "'other.test' requires a DKIM signature" in \
+        res[1]["error"]

@@ -34,7 +34,8 @@ from cluster.core.suppression import normalize_address
 from cluster.core.message import (MAX_QUEUE_LIFETIME, MAX_RECIPIENTS, PreparedMessage, ValidationError,
                                   _idempotency_key, _metadata, _tags)
 
-__all__ = ["Intake", "Limits", "ITEM_FIELDS", "check_item", "retryable_error", "wire_item"]
+__all__ = ["Intake", "Limits", "ITEM_FIELDS", "check_item", "dkim_required_check",
+           "retryable_error", "wire_item"]
 
 #: a submit item: [body_id, body, sender, [[id, rcpt, domain], ...], tags, metadata,
 #: idempotency_key, not_before, max_age, smtputf8]
@@ -197,13 +198,37 @@ def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | Non
     return None
 
 
+def dkim_required_check(cfg: Any) -> Callable[[bytes], str | None] | None:
+    """The leader's check for DKIM's ``sign = "required"`` policy (a message From a domain
+    that must be signed but has no key is refused, naming the domain), or None when no domain
+    requires it (then nothing is parsed on the submit path)."""
+    from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, \
+        split_message
+    d = getattr(cfg, "dkim", None)
+    if d is None or (d.sign != "required" and
+                     not any(p == "required" for _, p in d.policy)):
+        return None
+
+    def check(body: bytes) -> str | None:
+        try:
+            dom = from_domain(parse_headers(split_message(body)[0])) or ""
+        except DkimError:
+            dom = ""
+        return dkim_refusal(dom, cfg)
+    return check
+
+
 class Intake:
     """What one shard leader has been sent and not yet committed, and the admission of new
     items against it and against the queue."""
 
-    def __init__(self, shard: int, shards: int) -> None:
+    def __init__(self, shard: int, shards: int,
+                 body_check: Callable[[bytes], str | None] | None = None) -> None:
         self.shard = shard
         self.shards = shards
+        #: a check of the message itself that policy asks for (e.g. DKIM ``sign =
+        #: "required"``: the From domain must have a key); None when nothing asks
+        self.body_check = body_check
         self.pending_ids: set[str] = set()
         self.pending_idem: dict[str, list[str]] = {}
         self.pending_msgs = 0
@@ -229,6 +254,12 @@ class Intake:
                 results.append(_refuse(err))
                 continue
             body_id, body, sender, rcpts, tags, meta, idem, not_before, max_age, utf8 = it
+            if self.body_check is not None:
+                why = self.body_check(body)
+                if why is not None:
+                    self.counters["refused"] += 1
+                    results.append(_refuse(why))
+                    continue
             ids = [rcpts[0][0]] if len(rcpts) == 1 else [r[0] for r in rcpts]
             if idem:
                 prev = state.lookup_idempotency(idem, now)
