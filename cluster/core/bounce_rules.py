@@ -306,14 +306,20 @@ _CAUSE: tuple[BounceRule, ...] = (
        r"\b(?:unable|not configured|not allowed|not permitted|denied) to relay\b|\bno relay"),
     _R("sender-not-verified", "policy",
        r"\b(?:address|identit(?:y|ies)|sender|domain)s? (?:is |are )?not verified\b|"
-       r"failed the check"),
+       r"failed the check|"
+       # Gmail / Google Workspace "CustomFromDenied": the 'Send mail as' alias is misconfigured
+       r"\bsend mail as\b"),
     # the recipient's own filters: about this sender, not the address
     _R("recipient-filter", "policy",
        r"recipient(?:'s)? (?:preferences|filter)|blocked by the recipient|"
        r"rejected by (?:the )?recipient|\bfiltered\b|\bcontent filter"),
     # RFC 5322 / RFC 5321 compliance of the message or the session
     _R("not-compliant", "protocol",
-       r"\brfc[- ]?(?:5322|2822|822|5321|2821)\b|\bnot (?:rfc[- ]?)?compliant|non-?compliant|"
+       # ("rfc822;" is the address type of a DSN field, not a complaint about the message)
+       r"\brfc[- ]?(?:5322|2822|822|5321|2821)\b(?!\s*;)|\bnot (?:rfc[- ]?)?compliant|"
+       r"non-?compliant|"
+       # Exim: "recipient addresses that were incorrectly constructed ... malformed address"
+       r"\bincorrectly constructed|\bmalformed address|"
        r"multiple (?:addresses in from|\w+ headers?)|duplicate header|8-?bit data|"
        r"\bbinary content|improperly[- ]formatted|protocol violation|(?:improper|bad) sequence",
        klass="block"),
@@ -327,18 +333,31 @@ _CAUSE: tuple[BounceRule, ...] = (
        r"unexpected volume|max(?:imum)? (?:number of )?(?:messages?|connections?|sessions?) "
        r"(?:per|reached|exceeded)|(?:limit|quota) (?:exceeded|reached) for (?:sending|messages)|"
        r"(?:sending|message|connection) (?:limit|quota) (?:exceeded|reached)", backoff=True),
-    # deferred by the site (Yahoo "[TSS04] ... temporarily deferred")
-    _R("site-deferral", "rate-limited", r"\bdeferred\b|\[(?:TSS?|IPTS)\d+\]", backoff=True),
+    # deferred by the site (Yahoo "[TSS04] ... temporarily deferred"); Sendmail's own status
+    # word "Deferred: <reason>" reports a deferral of any cause and says nothing by itself
+    _R("site-deferral", "rate-limited", r"\bdeferred\b(?!:)|\[(?:TSS?|IPTS)\d+\]",
+       backoff=True),
     # reputation: a 4xx asks us to slow down, a 5xx blocks us
     _R("reputation-4xx", "reputation", r"\breputation\b|\b(?:user|spam) complaints\b",
        code="4xx", backoff=True),
     _R("reputation", "reputation", r"\breputation\b|\b(?:user|spam) complaints\b",
        klass="block", backoff=True),
-    # blocklists (DNSBL/RBL, RFC 5782) and named list operators
+    # IBM/HCL Domino: "User x (addr) not listed in Domino Directory" (older releases: "not
+    # listed in public Name & Address Book"): no such user, not a blocklist
+    _R("domino-not-listed", "invalid-recipient",
+       r"\bnot listed in (?:the )?(?:domino directory|public name (?:&|and) address book)"),
+    # storage of the receiving system (RFC 5321 §4.2.3 452/552 "insufficient system storage";
+    # Sendmail "452 4.4.5 Insufficient disk space"): a full disk, whatever code it came with
+    _R("system-storage", "quota",
+       r"\binsufficient (?:system )?(?:storage|disk)|\bout of (?:disk|storage) space|"
+       r"\bdisk (?:is )?full\b"),
+    # blocklists (DNSBL/RBL, RFC 5782) and named list operators; T-Online's "(BL)"/"(RLY:BL)"
+    # suffix marks an IP on its blocklist (postmaster.t-online.de)
     _R("blocklist", "spam-block",
        r"\b(?:dnsbl|dnsrbl|uribl|surbl|spamhaus|spamcop|sorbs|barracuda|mailspike|uceprotect|"
        r"spamrats|abuseat|senderscore)|rbl\b|\bblocked using\b|"
-       r"\b(?:block|black|deny|ban)[- ]?list(?:ed|ing)?\b|\blisted (?:at|on|in|by)\b"),
+       r"\b(?:block|black|deny|ban)[- ]?list(?:ed|ing)?\b|(?<!not )\blisted (?:at|on|in|by)\b|"
+       r"\((?:\w+:)?BL\)"),
     # reverse DNS / PTR of our IP (RFC 7372 X.7.25; RFC 1912 §2.1): our configuration
     _R("reverse-dns", "policy",
        r"\bptr\b|\breverse (?:dns|lookup|mapping|resolution)|\brdns\b|ip name lookup failed|"
@@ -371,7 +390,10 @@ _CAUSE: tuple[BounceRule, ...] = (
     _R("code-556", "bad-domain", code="556"),
     # Google Groups: posting refused by the group's settings
     _R("group-posting-refused", "policy",
-       r"\bnot have permission to post|\bgroup you tried to contact\b"),
+       r"\bnot have permission to post|\bgroup you tried to contact\b|"
+       # the notice of Google Groups in any language links its help centre (URLs reach the
+       # rules as their host name)
+       r"\bgroups\.google\.com\b"),
     # malware, then spam judgements on the message
     _R("virus", "virus", r"\bvirus|\bmalware|\binfected\b|\btrojan\b|\bworm\b"),
     _R("spam", "spam-content",
@@ -525,6 +547,8 @@ _TEXTS: tuple[BounceRule, ...] = (
        r"\bdomain name not found|\bnxdomain\b|null mx|\bunrout(?:e)?able domain|"
        r"\b(?:host|domain)[ =]\S+ (?:not found|does ?n[o']t exist|unknown)\b|"
        r"\bno mx (?:record|host)s? (?:found )?for|\bno mail exchanger|"
+       # Sun/Oracle Communications Messaging Server: "Illegal host/domain name found"
+       r"\billegal (?:host|domain)(?:/domain)? name|"
        r"\bcould ?n[o']t find (?:a mail exchanger|any host named)|"
        r"\b(?:does ?n[o']t|doesn't|does not) (?:accept|receive) (?:e-?)?mail"),
     # mailbox or system full (X.2.2, X.3.1), message too large (X.2.3, X.3.4)
@@ -545,7 +569,8 @@ _TEXTS: tuple[BounceRule, ...] = (
     # lookups (X.4.3), loops and routes (X.4.4, X.4.6), no answer (X.4.1, X.4.2)
     _R("dns-failure", "dns-failure",
        r"\bmalformed or unexpected name server|\bservfail\b|\bdns (?:error|failure|lookup)|"
-       r"\bname server (?:failure|timeout)|\bhost name lookup failed"),
+       # (Sendmail: "Name server: x.: host name lookup failure", a temporary DNS failure)
+       r"\bname server (?:failure|timeout)|\bhost name lookup fail(?:ed|ure)"),
     _R("routing", "routing",
        r"\btoo many hops|\bhop count|\b(?:mail|routing) loop|\bloops back|\bno route to host|"
        r"\b(?:network|host) (?:is )?unreachable|\bunable to route"),

@@ -53,7 +53,8 @@ class Outcome(str, enum.Enum):
 # Servers in the wild also send 1xx/3xx codes and second digits above 5 (570, 571): accepted.
 _CODE_LINE = re.compile(r"(?P<code>[1-5]\d\d)(?:(?P<sep>[ -])(?P<rest>.*)|$)", re.DOTALL)
 # RFC 3463 §2: class.subject.detail, class 2/4/5, subject and detail 1-3 digits.
-_ENH = r"[245]\.\d{1,3}\.\d{1,3}"
+# Subjects 0-7 are the ones RFC 3463 §3 defines: "5.13.68" in a version string is not a code.
+_ENH = r"[245]\.[0-7]\.\d{1,3}"
 _ENH_LEAD = re.compile(rf"#?(?P<enh>{_ENH})(?!\d|\.\d)[\s:;,-]*", re.DOTALL)
 _ENH_ANY = re.compile(rf"(?<![\w.])#?(?P<enh>{_ENH})(?!\d|\.\d)")
 _ENH_FULL = re.compile(r"(?P<c>[245])\.(?P<s>\d{1,3})\.(?P<d>\d{1,3})")
@@ -188,6 +189,14 @@ _RULE_TEXT_MAX = 4096
 # Addresses are masked before the rules run: a local part such as "userunknown@" or
 # "filtered@" is not a statement by the server.
 _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+# URLs reach the rules as their host name: a path ("/reason/#filtered", "?p=...") is not a
+# statement either, while the host can be ("www.spamhaus.org", "groups.google.com")
+_URL = re.compile(r"\bhttps?://([\w.-]+)[^\s<>\"')]*", re.IGNORECASE)
+
+
+def _mask(text: str) -> str:
+    text = _ADDRESS.sub("addr", text)
+    return _URL.sub(r"\1", text) if "://" in text else text
 
 
 @dataclass(frozen=True)
@@ -269,7 +278,7 @@ def classify(code: int | None, text: str = "", *, enhanced: str | None = None,
         return Classification(Outcome.DELIVERED, None, code, enhanced, body, rule="auto-reply")
 
     rule = (rules or DEFAULT_RULES).match(klass, code, enhanced, phase,
-                                          _ADDRESS.sub("addr", body[:_RULE_TEXT_MAX]))
+                                          _mask(body[:_RULE_TEXT_MAX]))
     if rule is None:   # an operator's replacement set without a catch-all
         category, bclass, backoff, name = "other", "soft", False, ""
     else:
