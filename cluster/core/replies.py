@@ -189,9 +189,10 @@ _RULE_TEXT_MAX = 4096
 # Addresses are masked before the rules run: a local part such as "userunknown@" or
 # "filtered@" is not a statement by the server.
 _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
-# URLs reach the rules as their host name: a path ("/reason/#filtered", "?p=...") is not a
-# statement either, while the host can be ("www.spamhaus.org", "groups.google.com")
-_URL = re.compile(r"\bhttps?://([\w.-]+)[^\s<>\"')]*", re.IGNORECASE)
+# URLs reach the rules without their query and fragment ("?p=...", "/reason/#filtered" name
+# a help page, not what happened), while host and path can say it ("www.spamhaus.org",
+# "groups.google.com", ".../dnsbl-lookup.cgi")
+_URL = re.compile(r"\bhttps?://([\w.-]+(?:/[^\s<>\"'()?#]*)?)[^\s<>\"')]*", re.IGNORECASE)
 
 
 def _mask(text: str) -> str:
