@@ -148,7 +148,8 @@ def _notice_text(msg: Message) -> str:
     html: list[str] = []
 
     def walk(m: Message) -> None:
-        ct = m.get_content_type()
+        # "text/plain\n charset=..." (a missing ";") is still text/plain
+        ct = m.get_content_type().split(None, 1)[0]
         if ct.startswith("message/") or ct == "text/rfc822-headers":
             return
         if m.is_multipart():
@@ -375,7 +376,9 @@ _RCPT_LINE = re.compile(
 # command)", Exim "after RCPT TO:<...>", "after end of data", Sendmail transcripts ">>> DATA"
 _PHASE_HINTS = (
     (re.compile(r"in reply to (?:end of )?data|after (?:end of )?data\b|>>> data\b|"
-                r"after (?:the )?message (?:body|content)", re.IGNORECASE), "data"),
+                r"after (?:the )?message (?:body|content)|"
+                # m-FILTER: "-------SMTP command\nDATA"
+                r"-smtp command\s+data\b", re.IGNORECASE), "data"),
     (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]", re.IGNORECASE), "rcpt"),
     (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]",
                 re.IGNORECASE), "mail"),
