@@ -27,6 +27,7 @@ gives kind ``unknown`` with the reason. Pure: stdlib ``email`` only, no I/O.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from email import policy
@@ -346,6 +347,42 @@ def _rfc3464(part: Message, rules: RuleSet | None,
     return recipients, per_message
 
 
+def _ses_notification(notice: str, rules: RuleSet | None
+                      ) -> tuple[list[Recipient], dict[str, str]]:
+    """An Amazon SES bounce notification (JSON, sent by e-mail directly or inside an SNS
+    envelope whose "Message" is the JSON as a string): ``bounce.bouncedRecipients`` carry
+    RFC 3464 action, status and diagnosticCode (docs.aws.amazon.com/ses, "Contents of
+    notifications"). Other notification types (Delivery, Complaint) give nothing here."""
+    start = notice.find("{")
+    try:
+        # strict=False: a mail system may have wrapped the long line inside a string
+        doc = json.loads(notice[start:], strict=False) if start >= 0 else None
+        if isinstance(doc, dict) and isinstance(doc.get("Message"), str):
+            doc = json.loads(doc["Message"], strict=False)
+    except ValueError:
+        return [], {}
+    if not isinstance(doc, dict) or doc.get("notificationType") != "Bounce" or \
+            not isinstance(doc.get("bounce"), dict):
+        return [], {}
+    bounce = doc["bounce"]
+    out = []
+    for r in bounce.get("bouncedRecipients") or []:
+        if not isinstance(r, dict) or not isinstance(r.get("emailAddress"), str):
+            continue
+        diag = r.get("diagnosticCode") if isinstance(r.get("diagnosticCode"), str) else None
+        status = _status(r.get("status") if isinstance(r.get("status"), str) else None)
+        action = str(r.get("action") or "failed").lower()
+        if status is None and bounce.get("bounceType") == "Transient":
+            status = "4.0.0"
+        code, category, klass = _classify(diag, status, action, rules, _phase(diag))
+        text = diag.split(";", 1)[1] if diag and re.match(r"\s*[\w-]+\s*;", diag) else diag
+        out.append(Recipient(recipient=_clean_addr(r["emailAddress"]), action=action,
+                             status=status, diagnostic=_one_line(text), reply_code=code,
+                             category=category, bounce_class=klass))
+    mta = bounce.get("reportingMTA")
+    return out, ({"reporting-mta": mta} if isinstance(mta, str) else {})
+
+
 def _clean_mta(value: str | None) -> str | None:
     if not value:
         return None
@@ -626,6 +663,9 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
     if status_part is not None:
         recipients, per_message = _rfc3464(status_part, rules, notice)
         fmt = "rfc3464"
+    elif "notificationType" in notice:
+        recipients, per_message = _ses_notification(notice, rules)
+        fmt = "ses-notification" if recipients else fmt
     sender = (_header(msg, "From") or "").lower()
     looks_bounce = bool(recipients) or bool(_DAEMON.search(sender)) or bool(
         _BOUNCE_SUBJECT.search(subject or "")) or msg.get("X-Failed-Recipients") is not None \
