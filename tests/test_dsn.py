@@ -435,16 +435,14 @@ def test_the_phase_named_in_the_notice_decides_a_bare_refusal():
     assert (r.recipients[0].category, r.recipients[0].bounce_class) == ("policy", "block")
 
 
-SES_NOTIFICATION = b"""From: no-reply@sns.amazonaws.com
-To: sender@example.com
-Subject: AWS Notification Message
-Content-Type: text/plain; charset=UTF-8
-
-{
-  "Type" : "Notification",
-  "Message" : "{\\"notificationType\\":\\"Bounce\\",\\"bounce\\":{\\"bounceType\\":\\"Permanent\\",\\"bouncedRecipients\\":[{\\"emailAddress\\":\\"a@example.net\\",\\"action\\":\\"failed\\",\\"status\\":\\"5.1.1\\",\\"diagnosticCode\\":\\"smtp; 550 5.1.1 user unknown\\"}],\\"reportingMTA\\":\\"dsn; a1.smtp-out.amazonses.com\\"}}"
-}
-"""
+SES_NOTIFICATION = (
+    b'From: no-reply@sns.amazonaws.com\nTo: sender@example.com\n'
+    b'Subject: AWS Notification Message\nContent-Type: text/plain; charset=UTF-8\n\n'
+    b'{\n  "Type" : "Notification",\n  "Message" : "{\\"notificationType\\":\\"Bounce\\",'
+    b'\\"bounce\\":{\\"bounceType\\":\\"Permanent\\",\\"bouncedRecipients\\":[{'
+    b'\\"emailAddress\\":\\"a@example.net\\",\\"action\\":\\"failed\\",'
+    b'\\"status\\":\\"5.1.1\\",\\"diagnosticCode\\":\\"smtp; 550 5.1.1 user unknown\\"}],'
+    b'\\"reportingMTA\\":\\"dsn; a1.smtp-out.amazonses.com\\"}}"\n}\n')
 
 
 def test_amazon_ses_bounce_notifications_are_reports():

@@ -220,8 +220,9 @@ CLASSIFY = [
      "spam-block", "block", False),
     (None, "Il se peut que le groupe n'existe pas. https://groups.google.com/support/",
      "response_text", P, "policy", "block", False),
-    (550, "5.2.1 <a@b.example>: Recipient address rejected: User unknown. See "
-     "https://example.org/en/reason/#filtered", "rcpt", P, "invalid-recipient", "hard", False),
+    (550, ("5.2.1 <a@b.example>: Recipient address rejected: User unknown. See "
+           "https://example.org/en/reason/#filtered"), "rcpt", P, "invalid-recipient", "hard",
+     False),
     (554, "Blocked - see https://support.proofpoint.com/dnsbl-lookup.cgi?ip=192.0.2.1",
      "rcpt", P, "spam-block", "block", False),
     (421, "example.org (smtp)... Deferred: Connection timed out during user open", "rcpt", T,

@@ -53,7 +53,6 @@ _VERP_ID = re.compile(rf"-[a-z0-9]{{1,8}}[a-z2-7]{{10}}-({_ULID})@", re.IGNORECA
 _ADDR = r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+"
 _ADDR_RE = re.compile(_ADDR)
 _ENH = re.compile(r"(?<![\w.])([245])\.([0-7])\.(\d{1,3})(?![\w.])")   # RFC 3463 subjects
-_QUOTED_REPLY = re.compile(r"(?<![\w.])(?P<code>[45]\d\d)[ -]['\"]?(?P<enh>[45]\.[0-7]\.\d{1,3})\b")
 
 
 @dataclass(frozen=True)
@@ -200,14 +199,6 @@ def _classify(diagnostic: str | None, status: str | None, action: str | None,
         return None, None, None
     diag = diagnostic or ""
     reply = parse_reply(diag) if diag else None
-    if reply and reply.code is None and reply.enhanced and reply.enhanced.endswith(".0"):
-        # a relay's generic status, then the remote server's own reply quoted (Amazon SES:
-        # "5.1.0 - Unknown address error 550-'5.7.1 <a@b>... Access denied'"): the remote
-        # reply is the more specific
-        q = _QUOTED_REPLY.search(diag)
-        if q:
-            diag = f"{q['code']} {q['enh']} {diag[q.end():]}"
-            reply = parse_reply(diag)
     code = reply.code if reply and reply.code and 400 <= reply.code < 600 else None
     # the remote's own enhanced code is more specific than a reporting MTA's generic Status
     enhanced = (reply.enhanced if reply and reply.enhanced else None) or status

@@ -65,6 +65,7 @@ _PREFIX = re.compile(r"(?:e?smtp\s*;\s*|[#:]\s*|.{0,200}?\bsaid:\s*)", re.IGNORE
 # SMTP reply, so a number there is not a reply code.
 _NON_SMTP_DIAG = re.compile(r"x-[\w.-]+\s*;\s*", re.IGNORECASE)
 # A second reply embedded in text: "220-laposte 421 4.2.1 Service refused".
+_QUOTED_REPLY = re.compile(rf"(?<![\w.])(?P<code>[45]\d\d)[ -]['\"]?(?P<enh>{_ENH})(?!\d|\.\d)\s*")
 _EMBEDDED = re.compile(rf"(?<!\S)(?P<code>[45]\d\d)[ -](?P<enh>{_ENH})(?!\d|\.\d)\s*")
 
 
@@ -149,6 +150,14 @@ def parse_reply(line: str) -> Reply:
             if code is None or a["enh"][0] == str(code)[0]:
                 enhanced = _norm_enhanced(a["enh"])
                 break
+    if code is None and enhanced is not None and enhanced.endswith(".0"):
+        # a relay's generic status, then the remote server's own reply quoted (Amazon SES:
+        # "5.1.0 - Unknown address error 550-'5.7.1 <a@b>... Access denied'"): the remote
+        # reply is the more specific, and its words are the reply's
+        q = _QUOTED_REPLY.search(text)
+        if q:
+            code, enhanced = int(q["code"]), _norm_enhanced(q["enh"])
+            text = text[q.end():].strip(" '\"")
     if code is not None and enhanced is not None:
         text = _unflatten(text, code, enhanced)
     return Reply(code, enhanced, text.strip())
