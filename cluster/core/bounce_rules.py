@@ -2,8 +2,9 @@
 
 Role: the shipped rules as data (:data:`RULES`), their validation, the TOML form operators use to
 extend or replace them (:func:`rules_from_toml`, wired to ``[classification] rules_file``), and
-their compilation into one regular expression (:class:`RuleSet`) that finds the first matching
-rule in one pass. :mod:`cluster.core.replies` uses it to classify every failure.
+their compilation (:class:`RuleSet`: the fitting rules per code, enhanced code and phase worked
+out once, each text searched only where a literal prefilter admits it) to find the first
+matching rule. :mod:`cluster.core.replies` uses it to classify every failure.
 
 Categories (:data:`CATEGORIES`, modelled on KumoMTA's and PowerMTA's bounce categories) say what
 went wrong; classes (:data:`CLASSES`) say what a sender must do about it:
