@@ -454,3 +454,10 @@ def test_amazon_ses_bounce_notifications_are_reports():
         ("a@example.net", "5.1.1", "550 5.1.1 user unknown", "hard")
     delivery = SES_NOTIFICATION.replace(b"Bounce", b"Delivery")   # not a bounce: nothing
     assert parse_message(delivery).kind == "unknown"
+
+
+def test_an_address_verification_report_is_no_bounce():
+    # Postfix "sendmail -bv": "Action: deliverable" with a 2.x.x status
+    r = parse_message(_report("Final-Recipient: rfc822; a@example.net\nAction: deliverable\n"
+                              "Status: 2.1.5\nDiagnostic-Code: smtp; 250 2.1.5 Ok\n"))
+    assert (r.recipients[0].category, r.recipients[0].bounce_class) == (None, None)

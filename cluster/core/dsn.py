@@ -195,7 +195,9 @@ def _classify(diagnostic: str | None, status: str | None, action: str | None,
               rules: RuleSet | None, phase: str = "response_text"
               ) -> tuple[int | None, str | None, str | None]:
     """(reply code, category, class) of one recipient."""
-    if action in ("delivered", "relayed", "expanded"):
+    # RFC 3464 §2.3.3 successes, and "deliverable", which address-verification reports give
+    # (Postfix "sendmail -bv": "Action: deliverable", "Status: 2.1.5")
+    if action in ("delivered", "relayed", "expanded", "deliverable"):
         return None, None, None
     diag = diagnostic or ""
     reply = parse_reply(diag) if diag else None
