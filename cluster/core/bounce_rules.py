@@ -305,6 +305,10 @@ class RuleSet:
     admits it: a reply costs a few small searches, not one per rule."""
 
     _CANDIDATES_MAX = 4096     # combinations of class, code, enhanced code and phase kept
+    # Replies repeat (a provider's texts, addresses masked by the caller): the rule found for
+    # each of the most recent short ones is kept
+    _MEMO_MAX = 2048
+    _MEMO_TEXT_MAX = 512
 
     def __init__(self, rules: Sequence[BounceRule], source: str = "rules") -> None:
         if not rules:
@@ -355,6 +359,7 @@ class RuleSet:
         self._by_prefix = by_prefix
         self._by_substring = tuple(by_sub.items())
         self._candidates: dict[str, tuple[frozenset[int], int | None]] = {}
+        self._memo: dict[tuple[str, str], int] = {}
 
     def _candidates_for(self, head: str) -> tuple[frozenset[int], int | None]:
         """The rules with a text whose code, enhanced code and phase fit ``head``, and the
@@ -379,6 +384,20 @@ class RuleSet:
         """The first rule matching a reply of class ``klass`` (2, 4, 5 or None), basic ``code``,
         normalised ``enhanced`` code, ``phase`` and ``text``; None if none does."""
         head = f"{klass or 0}{code or 0:03d} {enhanced or '0.0.0'} {phase}"
+        memo = len(text) <= self._MEMO_TEXT_MAX
+        if memo:
+            found = self._memo.get((head, text))
+            if found is not None:
+                return self.rules[found] if found >= 0 else None
+        found = self._find(head, text)
+        if memo:
+            if len(self._memo) >= self._MEMO_MAX:
+                self._memo.clear()
+            self._memo[(head, text)] = found
+        return self.rules[found] if found >= 0 else None
+
+    def _find(self, head: str, text: str) -> int:
+        """The index of the first matching rule, -1 if none."""
         fitting, stop = self._candidates_for(head)
         if fitting:
             owner, patterns = self._owner, self._patterns
@@ -388,8 +407,8 @@ class RuleSet:
                 if stop is not None and i > stop:
                     break
                 if i in fitting and patterns[n].search(text):
-                    return self.rules[i]
-        return self.rules[stop] if stop is not None else None
+                    return i
+        return stop if stop is not None else -1
 
     def _admitted(self, text: str) -> set[int]:
         """The branches whose prefilter literals occur in ``text``."""
