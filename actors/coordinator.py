@@ -34,12 +34,14 @@ import msgpack
 import ray
 
 from actors.loop import LoopLag, preload, tune_gc, use_uvloop
+from actors.metrics import spool_disk
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
+from cluster.core.queue_shape import queue_shape
 from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
 from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
@@ -124,7 +126,8 @@ class QueueCoordinator:
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
         from actors.metrics import loop_lag_reporter
-        self.loop_lag = LoopLag(report=loop_lag_reporter(f"coordinator:{shard}"))
+        self.loop_lag = LoopLag(report=loop_lag_reporter(f"coordinator:{shard}",
+                                                         config.metrics.enabled))
         #: per site: the in-flight count last told to its throttle, and what the throttle needs
         #: to hear it again ([throttle name, limits]). A shard with nothing more ready for a
         #: site still reports its count going down, or the throttle would hold the site's room
@@ -142,7 +145,8 @@ class QueueCoordinator:
         self._last_housekeeping = 0.0
         self._propagating = False
         from actors.metrics import CoordinatorMetrics
-        self.metrics = CoordinatorMetrics(shard)
+        self.metrics = CoordinatorMetrics(shard, config.metrics.enabled,
+                                          config.metrics.top_sites)
         self.counters = {"dispatched": 0, "requeued_after_relay_loss": 0, "commits": 0,
                          "snapshots": 0}
 
@@ -351,7 +355,7 @@ class QueueCoordinator:
                 if ev is not None:
                     evs.append(ev)
             self._clear_pending_marks(batch)
-            self.metrics.count_events(ev["type"] for ev in evs)
+            self.metrics.count_events(evs)
             try:
                 self.events.write(evs)
             except OSError as e:
@@ -455,6 +459,7 @@ class QueueCoordinator:
         metadata, idempotency_key, not_before, max_age, smtputf8]`` (built by the client).
         Every item is checked again here (:mod:`cluster.core.intake`): the answers and the
         ``retryable`` / ``unknown`` flags are described there."""
+        t_arrived = time.monotonic()
         try:
             items = msgpack.unpackb(payload, raw=False) if type(payload) is bytes else payload
         except (ValueError, TypeError, msgpack.UnpackException) as e:
@@ -492,6 +497,7 @@ class QueueCoordinator:
                 return [r if "error" in r or r.get("duplicate") else
                         retryable_error(f"outcome unknown: {e}", unknown=True)
                         for r in results]
+            self.metrics.observe_submit(time.monotonic() - t_arrived)
         return results
 
     async def submit_endpoint(self) -> list[Any]:
@@ -1003,7 +1009,14 @@ class QueueCoordinator:
                 "site_inflight": {s: n for s, n in self._site_inflight.items() if n},
                 "submit_stream_calls": (self._submit_stream.counters["requests"]
                                         if self._submit_stream is not None else 0),
-                "loop_lag": self.loop_lag.snapshot()}
+                "loop_lag": self.loop_lag.snapshot(),
+                "metrics": {**self.metrics.snapshot(), "spool": spool_disk(self.copy.dir),
+                            "suppressions": len(self.state.suppression)}}
+
+    async def queue_shape(self, top: int = 20) -> dict[str, Any]:
+        """Live messages by site (the ``top`` biggest, the rest "other") and by age."""
+        await self._until_serving()
+        return queue_shape(self.state.messages.values(), time.time(), top)
 
     async def ping(self) -> int:
         self._ensure_started()

@@ -125,7 +125,7 @@ class RelayPool:
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         from actors.metrics import RelayMetrics
-        self.metrics = RelayMetrics(name)
+        self.metrics = RelayMetrics(name, config.metrics.enabled, source.name)
         #: ids queued or being sent here, so a batch repeated by a restarted leader is not
         #: sent twice (bounded: every id leaves with its result or its call)
         self._holding: set[str] = set()
@@ -138,9 +138,9 @@ class RelayPool:
         self._sent = 0       # of those, handed to Ray (as of the last flush)
         self._flushed: asyncio.Future | None = None
         self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
-                         "connect_failures": 0}
+                         "tls_connections": 0, "connect_failures": 0}
         from actors.metrics import loop_lag_reporter
-        self.loop_lag = LoopLag(report=loop_lag_reporter(name))
+        self.loop_lag = LoopLag(report=loop_lag_reporter(name, config.metrics.enabled))
         from cluster.adapters.dkim_keys import signer_from_config
         #: None when no DKIM key is configured: the hot path then does not sign at all
         self.signer = signer_from_config(config.dkim)
@@ -186,7 +186,7 @@ class RelayPool:
             for coordinator, results in boxes.items():
                 try:
                     self._report(coordinator, results)
-                    self.metrics.count_results(r[1] for r in results)
+                    self.metrics.count_results(results)
                 except Exception:   # a bug must not stop every later flush
                     log.exception("reporting %d results to %s", len(results), coordinator)
             self._sent = sent
@@ -428,6 +428,7 @@ class RelayPool:
             self._defer_queued(s, c)
             return
         self.counters["connections"] += 1
+        self.counters["tls_connections"] += conn.tls
         host = f"{conn.host}[{conn.address}]"
         limit = s.limits.deliveries_per_connection
         carry: tuple[list[Any], _Call] | None = None   # next message, its envelope sent ahead
@@ -524,8 +525,8 @@ class RelayPool:
                 for site, ids in refused.items():
                     if site in self.sites:
                         self.sites[site].refused.update(ids)
-            self.metrics.connections.set(sum(len(s.leases) for s in self.sites.values()),
-                                         self.metrics.tags)
+            self.metrics.set_state(sum(len(s.leases) for s in self.sites.values()),
+                                   self.counters, self.signer and self.signer.counters)
             # forget idle sites so the table stays bounded
             for name in [n for n, s in self.sites.items()
                          if not s.queue and not s.workers and not s.leases]:
@@ -559,7 +560,7 @@ class RelayPool:
             **self.signer.counters, "keys": self.signer.ring.describe(),
             "errors": self.signer.ring.errors}
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
-                "dkim": dkim,
+                "dkim": dkim, "egress": self.source.name, "results": self.metrics.snapshot(),
                 "loop_lag": self.loop_lag.snapshot(),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases)} for n, s in self.sites.items()}}

@@ -19,6 +19,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.coordinator import QueueCoordinator
+from actors.metrics_exporter import EXPORTER_NAME, MetricsExporter
 from actors.relay_pool import RelayPool
 from actors.replica_log import ReplicaLog
 from actors.site_throttle import SiteThrottle
@@ -26,7 +27,7 @@ from cluster.config import Config, EgressSource
 
 __all__ = ["coordinator_name", "replica_name", "relay_name", "ensure_coordinator",
            "ensure_replica", "ensure_throttle", "ensure_relay", "list_relays", "node_regions",
-           "shard_placement", "RemoteCoordinator", "RemoteReplica", "RemoteThrottle",
+           "shard_placement", "ensure_exporter", "RemoteCoordinator", "RemoteReplica", "RemoteThrottle",
            "RemoteRelay"]
 
 # Every actor is restarted by Ray for ever; calls into a restarting actor wait and are retried
@@ -39,6 +40,7 @@ RemoteCoordinator = ray.remote(**_COMMON)(QueueCoordinator)
 RemoteThrottle = ray.remote(**_COMMON)(SiteThrottle)
 RemoteRelay = ray.remote(**_COMMON)(RelayPool)
 RemoteReplica = ray.remote(**_COMMON)(ReplicaLog)
+RemoteExporter = ray.remote(**_COMMON)(MetricsExporter)
 
 
 def coordinator_name(shard: int) -> str:
@@ -120,6 +122,20 @@ def ensure_relay(cfg: Config, node_id: str, source: EgressSource, *,
     if detached:
         opts["lifetime"] = "detached"
     return RemoteRelay.options(**opts).remote(cfg, name, source)
+
+
+def ensure_exporter(cfg: Config, *, detached: bool = False) -> Any:
+    """The cluster's metrics exporter (``[metrics]``), on the head node where Ray says which
+    that is (its endpoint address is the head's)."""
+    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and
+                 "node:__internal_head__" in n.get("Resources", {})), None)
+    opts: dict[str, Any] = dict(name=EXPORTER_NAME, namespace=cfg.cluster.namespace,
+                                get_if_exists=True)
+    if head is not None:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+    if detached:
+        opts["lifetime"] = "detached"
+    return RemoteExporter.options(**opts).remote(cfg)
 
 
 def list_relays(namespace: str) -> list[str]:

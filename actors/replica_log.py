@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from actors.loop import tune_gc, use_uvloop
+from actors.metrics import spool_disk
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
@@ -116,6 +117,7 @@ class ReplicaLog:
         import ray
         return {**st, "shard": self.shard, "pid": os.getpid(),
                 "stream": self._stream.counters if self._stream else None,
+                "spool": spool_disk(self.store.dir),
                 "node": ray.get_runtime_context().get_node_id()}
 
     async def ping(self) -> int:

@@ -42,7 +42,9 @@ class SiteThrottle:
         self.calls = dict.fromkeys(("resolve", "grant", "acquire", "release", "renew",
                                     "feedback"), 0)
         from actors.metrics import ThrottleMetrics
-        self.metrics = ThrottleMetrics(name)
+        self.metrics = ThrottleMetrics(name, config.metrics.enabled)
+        #: messages granted and sites paused by a reply, ever (the exporter reads them)
+        self.counters = {"granted": 0, "suspensions": 0}
 
     def _dns(self) -> MxResolver:
         if self._resolver is None:
@@ -106,6 +108,7 @@ class SiteThrottle:
         for site, ready, inflight, wire in msgpack.unpackb(demand, raw=False):
             g = self.book.grant(shard, site, limits_from_wire(wire), ready, inflight, now)
             out[site] = (g.count, g.retry_after)
+            self.counters["granted"] += g.count
         return out
 
     async def acquire(self, pool: str, incarnation: str, request: bytes) -> dict[str, list[int]]:
@@ -144,11 +147,7 @@ class SiteThrottle:
         return refused
 
     def _export(self, now: float) -> None:
-        snap = self.book.snapshot(now)
-        t = self.metrics.tags
-        self.metrics.sites.set(len(snap), t)
-        self.metrics.paused.set(sum(1 for s in snap.values() if s["backoff_remaining"] > 0), t)
-        self.metrics.leases.set(sum(s["connections"] for s in snap.values()), t)
+        self.metrics.export(self.book.snapshot(now), self.counters)
 
     async def feedback(self, items: list[tuple[str, str, str]]) -> None:
         """Replies that concern a whole site: ``(site, kind, text)``; kind "backoff"."""
@@ -157,9 +156,13 @@ class SiteThrottle:
         for site, kind, _text in items:
             if kind == "backoff":
                 self.book.back_off(site, now)
+                b = self.book.sites.get(site)
+                if b is not None and b.last_backoff == now:   # a new pause, not a repeat
+                    self.counters["suspensions"] += 1
 
     async def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "calls": dict(self.calls),
+        return {"name": self.name, "calls": dict(self.calls), **self.counters,
+                "started": self.started,
                 "sites": self.book.snapshot(time.time()),
                 "dns_cache": self._resolver.cache_info() if self._resolver else {}}
 

@@ -43,6 +43,7 @@ __all__ = [
     "Config",
     "DkimConfig",
     "DkimKeyConfig",
+    "MetricsConfig",
     "check_dkim_keys",
     "load_config",
     "parse_config",
@@ -296,6 +297,29 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``[metrics]``: Ray metrics in every actor and the head's Prometheus endpoint
+    (actors/metrics_exporter.py; README "Monitoring")."""
+
+    #: false: no metric is updated anywhere and no endpoint is served (measured cost of
+    #: true: README "Monitoring")
+    enabled: bool = True
+    #: the cluster-wide Prometheus endpoint on the head node (0: a port the OS picks, shown by
+    #: the exporter's ``status()``)
+    host: str = "127.0.0.1"
+    port: int = 9464
+    #: a host other than loopback requires HTTP basic auth: both set (password from a file
+    #: readable by raymta only is better: ``password_file``)
+    username: str = ""
+    password: str = field(default="", repr=False)
+    password_file: str = ""
+    #: how often the exporter gathers the shards', relays' and throttles' figures
+    interval: float = 5.0
+    #: sites with a label of their own (the rest are "other"): bounds label cardinality
+    top_sites: int = 20
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -311,6 +335,7 @@ class Config:
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -824,7 +849,7 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "classification", "suppression", "dkim"}
+        "replication", "backup", "classification", "suppression", "dkim", "metrics"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -850,7 +875,53 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         classification=_parse_classification(_table(raw, "classification", ""), base),
         suppression=_parse_suppression(_table(raw, "suppression", "")),
         dkim=_parse_dkim(_table(raw, "dkim", "")),
+        metrics=_parse_metrics(_table(raw, "metrics", ""), base),
     )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _parse_metrics(raw: Mapping[str, Any], base: Path | None) -> MetricsConfig:
+    w = "metrics"
+    _check_keys(raw, {f.name for f in fields(MetricsConfig)}, w)
+    d = MetricsConfig()
+    host = _str(raw.get("host", d.host), f"{w}.host").strip()
+    if not host:
+        raise ConfigError(f"{w}.host", "must not be empty (127.0.0.1 keeps it on loopback)")
+    password_file = _str(raw.get("password_file", d.password_file), f"{w}.password_file")
+    password = _str(raw.get("password", d.password), f"{w}.password")
+    if password_file:
+        path = Path(password_file)
+        if base is not None and not path.is_absolute():
+            path = base / path
+        try:
+            password = path.read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"{w}.password_file", f"cannot read {path}: {e.strerror}") from None
+        password_file = str(path)
+    username = _str(raw.get("username", d.username), f"{w}.username")
+    if bool(username) != bool(password):
+        raise ConfigError(f"{w}.username", "basic auth needs both a username and a password "
+                          "(password or password_file)")
+    enabled = _bool(raw.get("enabled", d.enabled), f"{w}.enabled")
+    if enabled and not _is_loopback(host) and not username:
+        raise ConfigError(f"{w}.host", f"{host!r} is not a loopback address: the endpoint "
+                          "would be open to the network; set metrics.username and "
+                          "metrics.password_file (HTTP basic auth), or keep 127.0.0.1")
+    return MetricsConfig(
+        enabled=enabled, host=host,
+        port=_int(raw.get("port", d.port), f"{w}.port", maximum=65535),
+        username=username, password=password, password_file=password_file,
+        interval=_dur(raw.get("interval", d.interval), f"{w}.interval"),
+        top_sites=_int(raw.get("top_sites", d.top_sites), f"{w}.top_sites", minimum=1,
+                       maximum=1000))
 
 
 def _parse_suppression(raw: Mapping[str, Any]) -> SuppressionConfig:

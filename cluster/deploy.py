@@ -80,9 +80,9 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
     check_spool_shards(cfg)
     check_dkim_keys(cfg)   # a bad DKIM key file stops the deploy with the file named
-    from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
-                               ensure_replica, ensure_throttle, relay_name, replica_name,
-                               shard_placement)
+    from actors.remote import (coordinator_name, ensure_coordinator, ensure_exporter,
+                               ensure_relay, ensure_replica, ensure_throttle, relay_name,
+                               replica_name, shard_placement)
     handles: dict[str, Any] = {}
     for k in range(cfg.delivery.throttle_actors):
         name = f"throttle:pool:{k}"
@@ -100,7 +100,13 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
                 cfg, shard, slot, nodes[slot], nodes, detached=detached)
         handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, nodes[0], nodes,
                                                               detached=detached)
+    if cfg.metrics.enabled:
+        from actors.metrics_exporter import EXPORTER_NAME
+        handles[EXPORTER_NAME] = ensure_exporter(cfg, detached=detached)
     wait_ready(handles)
+    if cfg.metrics.enabled:
+        # serves at once; a port in use is reported by its status() and retried, never fatal
+        ray.get(handles[EXPORTER_NAME].start.remote(), timeout=60)
     return handles
 
 

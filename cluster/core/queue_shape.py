@@ -1,0 +1,99 @@
+"""The shape of a queue: live messages by site and by age, as Postfix's ``qshape`` shows it.
+
+Pure: takes the messages and ``now``, imports neither ``ray`` nor does any I/O. A site is the
+one a message was last dispatched to (``m.site``), else its recipient domain (not routed yet).
+Label cardinality is bounded: the ``top`` biggest sites by count keep their name, the rest are
+summed as "other". Age is ``now - created``, in the fixed buckets of :data:`AGE_BUCKETS`.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any, Iterable, Protocol
+
+__all__ = ["AGE_BUCKETS", "OTHER", "age_bucket", "queue_shape", "merge_shapes"]
+
+#: (label, upper bound in seconds): qshape's buckets, coarser past an hour
+AGE_BUCKETS: tuple[tuple[str, float], ...] = (
+    ("0-5m", 300.0), ("5-10m", 600.0), ("10-20m", 1200.0), ("20-40m", 2400.0),
+    ("40-80m", 4800.0), ("80m-4h", 14400.0), ("4h-1d", 86400.0), ("1d+", float("inf")))
+OTHER = "other"
+
+
+class _Msg(Protocol):
+    site: str
+    domain: str
+    created: float
+    state: str
+
+
+def age_bucket(age: float) -> str:
+    for label, bound in AGE_BUCKETS:
+        if age < bound:
+            return label
+    return AGE_BUCKETS[-1][0]
+
+
+def queue_shape(messages: Iterable[_Msg], now: float, top: int = 20) -> dict[str, Any]:
+    """``{"sites": {site: n} (top + other), "ages": {bucket: n}, "oldest_age": s,
+    "states": {state: n}, "site_ages": {site: {bucket: n}}, "total": n}``."""
+    per_site: Counter[str] = Counter()
+    per_age: Counter[str] = Counter()
+    site_age: Counter[tuple[str, str]] = Counter()
+    states: Counter[str] = Counter()
+    oldest = now
+    total = 0
+    bounds = AGE_BUCKETS
+    for m in messages:
+        total += 1
+        created = m.created
+        if created < oldest:
+            oldest = created
+        age = now - created
+        for label, bound in bounds:
+            if age < bound:
+                break
+        site = m.site or m.domain
+        per_site[site] += 1
+        per_age[label] += 1
+        site_age[(site, label)] += 1
+        states[m.state] += 1
+    keep = {s for s, _ in per_site.most_common(top)}
+    sites: Counter[str] = Counter()
+    site_ages: dict[str, Counter[str]] = {}
+    for (site, label), n in site_age.items():
+        key = site if site in keep else OTHER
+        sites[key] += n
+        site_ages.setdefault(key, Counter())[label] += n
+    return {"total": total, "sites": dict(sites), "ages": dict(per_age),
+            "oldest_age": max(0.0, now - oldest) if total else 0.0,
+            "states": dict(states),
+            "site_ages": {s: dict(c) for s, c in site_ages.items()}}
+
+
+def merge_shapes(shapes: Iterable[dict[str, Any]], top: int = 20) -> dict[str, Any]:
+    """Shapes of several shards as one (the top sites chosen again over the sum)."""
+    sites: Counter[str] = Counter()
+    ages: Counter[str] = Counter()
+    states: Counter[str] = Counter()
+    site_ages: dict[str, Counter[str]] = {}
+    oldest = 0.0
+    total = 0
+    for sh in shapes:
+        total += sh["total"]
+        oldest = max(oldest, sh["oldest_age"])
+        sites.update(sh["sites"])
+        ages.update(sh["ages"])
+        states.update(sh.get("states", {}))
+        for s, c in sh.get("site_ages", {}).items():
+            site_ages.setdefault(s, Counter()).update(c)
+    keep = {s for s, _ in sites.most_common(top + 1) if s != OTHER}
+    keep = set(sorted(keep, key=lambda s: -sites[s])[:top])
+    out_sites: Counter[str] = Counter()
+    out_site_ages: dict[str, Counter[str]] = {}
+    for s, n in sites.items():
+        key = s if s in keep else OTHER
+        out_sites[key] += n
+        out_site_ages.setdefault(key, Counter()).update(site_ages.get(s, {}))
+    return {"total": total, "sites": dict(out_sites), "ages": dict(ages), "oldest_age": oldest,
+            "states": dict(states), "site_ages": {s: dict(c) for s, c in out_site_ages.items()}}
