@@ -197,6 +197,13 @@ class MetricsExporter:
         self._url = f"http://{host}:{port}/metrics"
         log.info("raymta metrics on %s", self._url)
 
+    def close(self) -> None:
+        """Stop serving (tests; an actor's server ends with its process)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
     async def start(self) -> dict[str, Any]:
         """Serve and start gathering (idempotent); returns :meth:`status`. A port in use is
         reported (``bind_error``) and tried again every 30 s: metrics never stop a deploy."""

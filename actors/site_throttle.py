@@ -45,6 +45,7 @@ class SiteThrottle:
         self.metrics = ThrottleMetrics(name, config.metrics.enabled)
         #: messages granted and sites paused by a reply, ever (the exporter reads them)
         self.counters = {"granted": 0, "suspensions": 0}
+        self._exported = 0.0
 
     def _dns(self) -> MxResolver:
         if self._resolver is None:
@@ -109,6 +110,8 @@ class SiteThrottle:
             g = self.book.grant(shard, site, limits_from_wire(wire), ready, inflight, now)
             out[site] = (g.count, g.retry_after)
             self.counters["granted"] += g.count
+        if now - self._exported > 1.0:   # gauges and counters, once a second at most
+            self._export(now)
         return out
 
     async def acquire(self, pool: str, incarnation: str, request: bytes) -> dict[str, list[int]]:
@@ -147,6 +150,7 @@ class SiteThrottle:
         return refused
 
     def _export(self, now: float) -> None:
+        self._exported = now
         self.metrics.export(self.book.snapshot(now), self.counters)
 
     async def feedback(self, items: list[tuple[str, str, str]]) -> None:
