@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -74,7 +75,7 @@ def test_promtool_unit_tests_pass_and_catch_a_broken_rule(tmp_path):
         '{event="Delivery"}[30s]', '{event="Delivery"}[5m]'))
     shutil.copy(RULE_TESTS, tmp_path / "tests" / RULE_TESTS.name)
     r = run(promtool, "test", "rules", RULE_TESTS.name, cwd=tmp_path / "tests")
-    assert r.returncode != 0 and "RaymtaDeliveriesStalled" in r.stdout
+    assert r.returncode != 0 and "RaymtaDeliveriesStalled" in r.stdout + r.stderr
 
 
 def test_example_scrape_config_is_valid(tmp_path):
@@ -194,22 +195,45 @@ def test_real_prometheus_fires_deliveries_stalled_within_60s(tmp_path, dns_serve
         def msgs(tag: str, n: int) -> list[dict]:
             return [{"sender": "b@origin.test", "recipients": [f"{tag}{i}@{domains[i % 20]}"],
                      "raw": raw_message(i, f"{tag}{i}@{domains[i % 20]}")} for i in range(n)]
-        assert all(r.accepted for r in mc.submit(msgs("flowing", 200)))
+        assert all(r.accepted for r in mc.submit(msgs("first", 200)))
         assert mc.wait_until_idle(timeout=120)
         wait_for(lambda: (prom.query('sum(raymta_messages_total{event="Delivery"})') or 0)
                  >= 200, 60, "Prometheus to see 200 deliveries", poll=1)
         assert prom.alert_state("RaymtaDeliveriesStalled") is None   # idle is not stalled
 
-        sinks.greeting_code = 421         # every MX host now turns every connection away
-        t_stop = time.time()
-        received = len(sinks.received)
-        assert all(r.accepted for r in mc.submit(msgs("stuck", 200)))
-        fired = wait_for(lambda: prom.alert_state("RaymtaDeliveriesStalled") == "firing"
-                         and time.time(), 90, "RaymtaDeliveriesStalled to fire", poll=0.5)
-        elapsed = fired - t_stop
-        print(f"RaymtaDeliveriesStalled fired {elapsed:.1f} s after deliveries stopped")
-        assert elapsed < 60, f"fired after {elapsed:.1f} s"
-        assert len(sinks.received) == received   # nothing was delivered meanwhile: a true alarm
+        # steady traffic (~100 msgs/s) before and after the stop, as in production
+        stop_sending = threading.Event()
+        refused: list[str] = []
+
+        def sender() -> None:
+            k = 0
+            while not stop_sending.is_set():
+                refused.extend(r.error for r in mc.submit(msgs(f"s{k}-", 25))
+                               if not r.accepted)
+                k += 1
+                time.sleep(0.25)
+        t = threading.Thread(target=sender, daemon=True)
+        t.start()
+        try:
+            time.sleep(20)
+            assert prom.alert_state("RaymtaDeliveriesStalled") is None, "fired while flowing"
+            before = len(sinks.received)
+            sinks.greeting_code = 421     # every MX host now turns every connection away
+            t_stop = time.time()
+            last = max(r.at for r in list(sinks.received))
+            assert t_stop - last < 2, "deliveries were not flowing up to the stop"
+            fired = wait_for(lambda: prom.alert_state("RaymtaDeliveriesStalled") == "firing"
+                             and time.time(), 90, "RaymtaDeliveriesStalled to fire", poll=0.5)
+        finally:
+            stop_sending.set()
+            t.join(30)
+        last = max(r.at for r in list(sinks.received))
+        print(f"\nRaymtaDeliveriesStalled fired {fired - t_stop:.1f} s after the sinks began "
+              f"refusing ({fired - last:.1f} s after the last delivery; "
+              f"{len(sinks.received) - before} delivered on warm connections meanwhile)")
+        assert not refused, refused[:3]
+        assert fired - t_stop < 60, f"fired {fired - t_stop:.1f} s after deliveries stopped"
+        assert fired - last > 30, "fired before 30 s without a delivery had passed"
         assert prom.query('sum(raymta_queue_messages{state=~"ready|inflight"})') > 0
     finally:
         sinks.greeting_code = 220
