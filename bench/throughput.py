@@ -141,11 +141,15 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                profile_seconds: float = 10.0, shards: int | None = None,
                replicas: int | None = None, probe_rate: float = 1000.0,
                probe_seconds: float = 10.0, gc_freeze: bool = True,
-               intake: int | None = None, dkim: str | None = None) -> dict[str, Any]:
+               intake: int | None = None, dkim: str | None = None,
+               metrics: bool = True, metrics_interval: float | None = None) -> dict[str, Any]:
     """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta).
 
     dkim: "rsa" (RSA-2048) or "ed25519": the relays sign every message From the workload's
-    domain with a fresh key of that kind (docs/dkim.md); None: no keys, no signing."""
+    domain with a fresh key of that kind (docs/dkim.md); None: no keys, no signing.
+
+    metrics: ``[metrics] enabled`` (Ray metrics in every actor and the head's exporter, which
+    a thread here scrapes every 10 s as Prometheus would); False measures their cost."""
     from cluster.client import MailCluster
 
     workload = c.make_workload(n, domains=domains)
@@ -163,9 +167,12 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             cfg = replace(cfg, cluster=replace(cfg.cluster, replicas=replicas))
         if dkim:
             cfg = replace(cfg, dkim=_dkim_config(spool, dkim))
+        cfg = replace(cfg, metrics=replace(cfg.metrics, enabled=metrics, port=0,
+                                           interval=metrics_interval or cfg.metrics.interval))
         t = time.time()
         mc = MailCluster.connect(config=cfg, num_cpus=num_cpus)
         startup = time.time() - t
+        scraper = _Scraper(mc) if metrics else None
         during = None
         if profile:
             c.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -191,7 +198,10 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             res["dkim"] = _dkim_stats(mc)
             res["dkim_algorithm"] = {"rsa": "rsa-sha256 (RSA-2048)",
                                      "ed25519": "ed25519-sha256"}[dkim]
+        if scraper is not None:
+            res["metrics_scrapes"] = scraper.stop()
         res.update(startup_seconds=round(startup, 2), domains=domains, gc_frozen=gc_freeze,
+                   metrics_enabled=metrics,
                    message_bytes=round(workload.raw_bytes / n),
                    max_connections_per_site=max_connections, ray_num_cpus=num_cpus,
                    dns_queries=dns.query_count(), ray_nodes=1)
@@ -205,6 +215,35 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             dns.stop()
         recv.stop()
         shutil.rmtree(spool, ignore_errors=True)
+
+
+class _Scraper:
+    """Scrapes the metrics exporter every 10 s in a thread, as Prometheus would."""
+
+    def __init__(self, mc: Any, every: float = 10.0) -> None:
+        import threading
+
+        import ray
+
+        from actors.metrics_exporter import EXPORTER_NAME
+        self.url = ray.get(mc.handles[EXPORTER_NAME].status.remote())["url"]
+        self.count = 0
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import urllib.request
+        while not self._stop.wait(self.every):
+            with urllib.request.urlopen(self.url, timeout=10) as r:
+                r.read()
+            self.count += 1
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(15)
+        return self.count
 
 
 def print_raymta(res: dict[str, Any]) -> None:
@@ -277,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
                     "alone, then cancelled")
     ap.add_argument("--dkim", choices=["rsa", "ed25519"],
                     help="sign every message at the relays (RSA-2048 or Ed25519 key)")
+    ap.add_argument("--metrics", choices=["on", "off"], default="on",
+                    help="[metrics] enabled: Ray metrics and the head's exporter (scraped every "
+                    "10 s); off measures their cost")
+    ap.add_argument("--metrics-interval", type=float,
+                    help="seconds between the exporter's gatherings (default: the config's, 5)")
     args = ap.parse_args(argv)
     if args.receiver != "aiosmtpd":
         c.ensure_postfix(install=not args.no_install)
@@ -287,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                      profile=args.profile, profile_seconds=args.profile_seconds,
                      shards=args.shards, replicas=args.replicas, probe_rate=args.probe_rate,
                      probe_seconds=args.probe_seconds, gc_freeze=not args.no_gc_freeze,
-                     intake=args.intake, dkim=args.dkim)
+                     intake=args.intake, dkim=args.dkim, metrics=args.metrics == "on",
+                     metrics_interval=args.metrics_interval)
     res["shards"], res["replicas"] = args.shards, args.replicas
     res["machine"] = machine
     print_raymta(res)

@@ -76,6 +76,24 @@ def test_queue_shape_buckets_ages_and_bounds_sites():
     assert queue_shape([], now)["oldest_age"] == 0.0
 
 
+def test_queue_shape_of_a_big_queue_is_sampled_within_bounds():
+    import time as _t
+
+    from cluster.core.queue_shape import queue_shape
+    now = 1e6
+    msgs = {i: _M("", f"d{i % 4}.test", now - 100_000 + i * 0.1) for i in range(200_000)}
+    t = _t.perf_counter()
+    sh = queue_shape(msgs.values(), now, top=10, limit=20_000)
+    took = _t.perf_counter() - t
+    assert 18_000 < sh["sampled"] < 22_000 and sh["total"] == 200_000
+    # round-robin domains (the pattern a strided sample aliases with): each ~a quarter
+    assert set(sh["sites"]) == {f"d{k}.test" for k in range(4)}
+    assert all(abs(n - 50_000) < 2_500 for n in sh["sites"].values()), sh["sites"]
+    assert sh["oldest_age"] == 100_000            # the first message, always looked at
+    assert abs(sum(sh["ages"].values()) - 200_000) < 10
+    assert took < 0.5, f"{took:.3f} s"
+
+
 def test_bounded_labels_keep_the_first_names_and_fold_the_rest():
     from actors.metrics import BoundedLabels
     lab = BoundedLabels(2)
