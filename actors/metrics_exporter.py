@@ -258,10 +258,13 @@ class MetricsExporter:
             return None
 
     def _actor_names(self) -> dict[str, list[str]]:
-        from actors.remote import list_relays
+        # (not actors.remote.list_relays: importing it loads every actor module, ~0.2 s of
+        # CPU in this small process)
+        alive = {n["NodeID"][:12] for n in ray.nodes() if n.get("Alive")}
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a.get("namespace") == self.ns]
-        return {"relay": list_relays(self.ns),
+        return {"relay": sorted(n for n in names if n.startswith("relay:") and
+                                n.split(":")[1] in alive),
                 "throttle": sorted(n for n in names if n.startswith("throttle:")),
                 "replica": sorted(n for n in names if n.startswith("replica:"))}
 
