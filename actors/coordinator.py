@@ -745,11 +745,23 @@ class QueueCoordinator:
         Answers once their records are committed: until then the relay keeps them, and hands
         them to this shard's next leader if this one dies first."""
         await self._until_serving()
-        recs = self._on_results(msgpack.unpackb(payload, raw=False))
+        settled: dict[str, str] = {}
+        recs = self._on_results(msgpack.unpackb(payload, raw=False), settled)
         if recs:
             if self.cfg.suppression.from_bounces:
                 self._suppress_hard_bounces(recs)
-            await self._commit(recs)
+            try:
+                await self._commit(recs)
+            except RuntimeError:
+                # not written (no quorum): the messages are out at their relay again by our
+                # account, so the relay's next try of these results is taken as usual
+                for mid, site in settled.items():
+                    m = self.state.messages.get(mid)
+                    if m is not None and m.state == q.INFLIGHT and \
+                            mid not in self._inflight_site:
+                        self._inflight_site[mid] = site
+                        self._site_inflight[site] = self._site_inflight.get(site, 0) + 1
+                raise
 
     async def _take_unacked_results(self) -> int:
         """A starting leader asks every relay for the results its predecessor was sent but
@@ -785,12 +797,15 @@ class QueueCoordinator:
         self.counters["unacked_results_taken"] = got
         return got
 
-    def _on_results(self, results: list[list[Any]]) -> list[Any]:
+    def _on_results(self, results: list[list[Any]], settled: dict[str, str] | None = None
+                    ) -> list[Any]:
         now = time.time()
         self._results_seen += len(results)
         recs = []
         for mid, outcome, code, enhanced, text, category, _host in results:
             site = self._settle(mid)
+            if site is not None and settled is not None:
+                settled[mid] = site
             m = self.state.messages.get(mid)
             if m is None:
                 continue   # finished already (a duplicate report)
