@@ -1,0 +1,151 @@
+"""The bounce/FBL listener's SMTP server: the MX of the return-path domain.
+
+Owns the aiosmtpd server (its own thread and event loop) and what each SMTP step answers:
+
+- RCPT: 250 only for a VERP return path raymta issued (tag verified with the configured keys)
+  or the feedback-loop address; anything else, a forged or altered tag included, 550 5.1.1.
+- SIZE (RFC 1870) is advertised and enforced: a report over ``bounce.max_message_size`` is
+  refused with 552 (at MAIL when the client declares its size, else at the end of DATA), and
+  never parsed.
+- DATA: the report is parsed (:func:`cluster.core.dsn.parse_message`, at most 1 MiB read) in a
+  worker thread, tied to its message (:mod:`cluster.core.bounce_intake`), and what it records
+  goes to the owning shard through ``record``. 250 only after the shard answered; 451 (the
+  sender keeps the report and retries) when a shard cannot be reached, so no report is lost to
+  a fault of ours. An auto-reply, an unknown report, a bounce of a bounce, a report for an
+  unknown message: 250 with "nothing recorded" and a log line saying why. raymta never answers
+  a report (no bounce of a bounce can come from here).
+
+Must not: know Ray (the actor gives ``lookup`` and ``record`` coroutines), or log a secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from cluster.core.bounce_intake import check_rcpt, claims, decide
+from cluster.core.dsn import MAX_BYTES, parse_message
+from cluster.core.verp import VerpKeys
+
+__all__ = ["BounceServer", "Lookup", "Record"]
+
+log = logging.getLogger("raymta.bounce")
+
+#: message id -> the recipient its shard knows it for (None: unknown id)
+Lookup = Callable[[list[str]], Awaitable[dict[str, str | None]]]
+#: outside_reports items -> None once every owning shard has them durable (raises otherwise)
+Record = Callable[[list[dict[str, Any]]], Awaitable[None]]
+
+_MAX_RCPTS = 100    # one report names one return path; a few more are tolerated
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.replace("\r", " ").replace("\n", " ").split())[:300]
+
+
+class _Handler:
+    def __init__(self, server: "BounceServer") -> None:
+        self.s = server
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        s = self.s
+        if len(envelope.rcpt_tos) >= _MAX_RCPTS:
+            return "452 4.5.3 too many recipients"
+        v = check_rcpt(address, s.keys, prefix=s.prefix, domain=s.domain,
+                       fbl_address=s.fbl_address)
+        if not v.accepted:
+            s.counters["rcpt_refused"] += 1
+            log.info("bounce listener: RCPT %s refused from %s: %s", _clean(address)[:120],
+                     session.peer, v.reason)
+            return "550 5.1.1 no such return path"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        s = self.s
+        raw = envelope.original_content or b""
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")
+        loop = asyncio.get_running_loop()
+        # parsing is CPU work of up to a few ms (1 MiB cap): not on the loop serving sessions
+        report = await loop.run_in_executor(s.pool, parse_message, raw[:MAX_BYTES + 1])
+        s.counters[f"kind_{report.kind}"] += 1
+        if report.kind not in ("dsn", "arf"):
+            why = decide(report, None, None).reason
+            log.info("bounce listener: %s", why)
+            return f"250 2.0.0 nothing recorded: {_clean(why)}"
+        verdicts = [check_rcpt(a, s.keys, prefix=s.prefix, domain=s.domain,
+                               fbl_address=s.fbl_address) for a in envelope.rcpt_tos]
+        found = claims(report, verdicts, s.keys, prefix=s.prefix, domain=s.domain)
+        if not found:
+            why = decide(report, None, None).reason
+            log.info("bounce listener: %s", why)
+            s.counters["unclaimed"] += 1
+            return f"250 2.0.0 nothing recorded: {_clean(why)}"
+        try:
+            rcpts = await asyncio.wait_for(s.lookup([c.message_id for c in found]),
+                                           s.timeout)
+        except Exception as e:   # noqa: BLE001 - a shard we cannot reach: the sender retries
+            s.counters["deferred"] += 1
+            log.warning("bounce listener: message lookup failed, report deferred (451): %s", e)
+            return "451 4.3.0 raymta cannot record this report now, try again later"
+        items, whys = [], []
+        for c in found:
+            d = decide(report, c, rcpts.get(c.message_id))
+            whys.append(d.reason)
+            log.info("bounce listener: %s", d.reason)
+            if d.item is not None:
+                items.append(d.item)
+        if not items:
+            s.counters["nothing_recorded"] += 1
+            return f"250 2.0.0 nothing recorded: {_clean('; '.join(whys))}"
+        try:
+            await asyncio.wait_for(s.record(items), s.timeout)
+        except Exception as e:   # noqa: BLE001
+            s.counters["deferred"] += 1
+            log.warning("bounce listener: recording %d report(s) failed, deferred (451): %s",
+                        len(items), e)
+            return "451 4.3.0 raymta cannot record this report now, try again later"
+        s.counters["recorded"] += len(items)
+        return f"250 2.0.0 recorded: {_clean('; '.join(whys))}"
+
+
+class BounceServer:
+    """The listener on ``host:port``; ``start()``/``stop()``."""
+
+    def __init__(self, *, keys: VerpKeys, prefix: str, domain: str, fbl_address: str,
+                 lookup: Lookup, record: Record, host: str, port: int,
+                 max_size: int = 2_000_000, timeout: float = 30.0,
+                 hostname: str = "raymta-bounce") -> None:
+        self.keys = keys
+        self.prefix = prefix
+        self.domain = domain
+        self.fbl_address = fbl_address
+        self.lookup = lookup
+        self.record = record
+        self.timeout = timeout
+        self.host = host
+        self.port = port
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bounce-parse")
+        from collections import Counter
+        self.counters: Counter[str] = Counter()
+        self._controller = Controller(_Handler(self), hostname=host, port=port,
+                                      server_hostname=hostname, data_size_limit=max_size,
+                                      enable_SMTPUTF8=True, decode_data=False)
+
+    def start(self) -> "BounceServer":
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        self._controller.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def __repr__(self) -> str:   # never the keys
+        return f"BounceServer({self.host}:{self.port}, domain={self.domain!r})"
