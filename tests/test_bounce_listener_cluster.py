@@ -1,0 +1,281 @@
+"""The bounce/FBL listener on a real local Ray with two shards, fed real reports over SMTP.
+
+raymta sends each message with its VERP return path (the sink sees it and it decodes to the
+message id); real DSNs and ARF reports from the shared corpora, rewritten to name those
+messages, go to the listener (smtplib and Debian's swaks) on 127.0.0.61: a hard DSN gives an
+OOBBounce event and suppresses the recipient on every shard; an ARF complaint to the FBL address
+gives a Complaint and suppresses; a forged return path is refused at RCPT; a soft bounce is
+recorded without suppression; an auto-reply, garbage, a truncated report, a bounce of a bounce,
+a report for an unknown message and an enormous one record nothing; the listener SIGKILLed is
+restarted by Ray and works again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import corpus, pipeline_config, raw_message, wait_for
+
+pytestmark = pytest.mark.timeout(400)
+
+HOST = "127.0.0.61"          # the listener (the return-path domain's MX)
+SINK = "127.0.0.2"
+DOMAIN = "bounce.raymta.test"
+FBL = "fbl@bounce.raymta.test"
+SECRET = "verp-secret-for-tests-0123456789"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, dns_server):
+    from cluster.client import MailCluster
+    from cluster.config import parse_config
+    from cluster.devservers import SinkGroup
+    port = _free_port(HOST)
+    bounce = parse_config({"bounce": {
+        "domain": DOMAIN, "keys": [{"id": "k1", "secret": SECRET}], "fbl_address": FBL,
+        "listen_host": HOST, "listen_port": port, "max_message_size": "2MB",
+        "report_timeout": "20s"}}).bounce
+    with SinkGroup([SINK]) as sinks:
+        dns_server.add_a("mx.bnc.test", SINK)
+        dns_server.add_mx("bnc.test", [(10, "mx.bnc.test")])
+        cfg = replace(pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port,
+                                      sinks.port), bounce=bounce)
+        with MailCluster.connect(config=cfg, num_cpus=2) as mc:
+            yield {"mc": mc, "sinks": sinks, "cfg": cfg, "port": port}
+
+
+def _deliver(env: dict[str, Any], rcpt: str, sender: str = "news@origin.test",
+             i: int = 0) -> tuple[str, str]:
+    """Send one message through raymta; (its id, the MAIL FROM the sink saw)."""
+    mc, sinks = env["mc"], env["sinks"]
+    r = mc.submit([{"sender": sender, "recipients": [rcpt], "raw": raw_message(i, rcpt)}])[0]
+    assert r.accepted, r.error
+    mid = r.ids[0]
+    wait_for(lambda: (mc.status(mid) or {}).get("state") == "delivered", 60, f"{rcpt} sent")
+    got = [x for x in sinks.received if x.rcpt_to == rcpt]
+    assert len(got) == 1
+    return mid, got[0].mail_from
+
+
+def _send(env: dict[str, Any], rcpt: str, data: bytes, *, sender: str = "",
+          size: int | None = None) -> tuple[str, int, str]:
+    with smtplib.SMTP(HOST, env["port"], timeout=60) as s:
+        s.ehlo("mx.remote.test")
+        code, msg = s.mail(sender, [f"SIZE={size}"] if size else [])
+        if code != 250:
+            return "mail", code, msg.decode()
+        code, msg = s.rcpt(rcpt)
+        if code != 250:
+            return "rcpt", code, msg.decode()
+        try:
+            code, msg = s.data(data)
+        except smtplib.SMTPDataError as e:
+            return "data", e.smtp_code, e.smtp_error.decode()
+        return "data", code, msg.decode()
+
+
+def _suppressed_everywhere(mc: Any, address: str) -> list[list[dict]]:
+    import ray
+    return [ray.get(c.suppressions.remote("", 10, address), timeout=60)
+            for c in mc.coordinators]
+
+
+def _events(mc: Any, kind: str, mid: str) -> list[dict[str, Any]]:
+    return [e for e in mc.events(0) if e["type"] == kind and e.get("id") == mid]
+
+
+def _rewrite(path: Path, pairs: dict[str, str]) -> bytes:
+    """A corpus file with its addresses replaced, in CRLF lines as SMTP carries them."""
+    data = path.read_bytes().replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    for old, new in pairs.items():
+        data = data.replace(old.encode(), new.encode())
+    return data
+
+
+def _listener(mc: Any) -> Any:
+    return next(h for n, h in mc.handles.items() if n.startswith("bounce:"))
+
+
+# ------------------------------------------------------------------------------------ tests
+
+def test_relay_sends_with_the_verp_return_path_and_keeps_the_sender(env):
+    from cluster.core.verp import decode
+    mc = env["mc"]
+    mid, mail_from = _deliver(env, "verp1@bnc.test")
+    keys = env["cfg"].bounce.keys
+    r = decode(mail_from, keys, prefix="b", domain=DOMAIN)
+    assert r.ok and r.message_id == mid, (mail_from, r)
+    assert mail_from.startswith("b-k1") and mail_from.endswith("@" + DOMAIN)
+    recv = [e for e in mc.events(0) if e["type"] == "Reception" and e["id"] == mid]
+    assert recv and recv[0]["sender"] == "news@origin.test"     # events keep the submitted one
+    # the null sender stays null
+    _nid, null_from = _deliver(env, "verp2@bnc.test", sender="", i=1)
+    assert null_from in ("", "<>")     # aiosmtpd shows the null sender as "<>"
+
+
+def test_hard_dsn_records_an_oobbounce_and_suppresses_on_every_shard(env):
+    mc = env["mc"]
+    rcpt = "hard1@bnc.test"
+    mid, rp = _deliver(env, rcpt, i=2)
+    # Exim's notice for kijitora@example.jp (550 5.1.1 user unknown), about our message
+    dsn = _rewrite(corpus("bounces", "sisimai", "lhost-exim-02.eml"),
+                   {"kijitora@example.jp": rcpt})
+    step, code, text = _send(env, rp, dsn)
+    assert (step, code) == ("data", 250) and "recorded" in text, text
+    ev = _events(mc, "OOBBounce", mid)
+    assert ev and ev[-1]["recipient"] == rcpt and ev[-1]["category"] == "invalid-recipient"
+    assert ev[-1]["class"] == "hard" and ev[-1]["status"] == "5.1.1"
+    wait_for(lambda: all(_suppressed_everywhere(mc, rcpt)), 30, "suppressed on both shards")
+    entry = _suppressed_everywhere(mc, rcpt)[0][0]
+    assert entry["reason"] == "hard-bounce" and mid in entry["cause"]
+    again = mc.submit([{"sender": "news@origin.test", "recipients": [rcpt],
+                        "raw": raw_message(3, rcpt)}])[0]
+    assert not again.accepted and "suppressed" in again.error
+
+
+def test_arf_complaint_to_the_fbl_address_via_swaks_suppresses(env, tmp_path):
+    if shutil.which("swaks") is None:
+        pytest.fail("swaks is not installed (apt-get install -y swaks; .ci/run does)")
+    mc = env["mc"]
+    rcpt = "complainer@bnc.test"
+    mid, rp = _deliver(env, rcpt, i=4)
+    # KumoMTA's ARF sample: Original-Mail-From is our return path, the recipient ours
+    arf = _rewrite(corpus("arf", "kumomta", "2.eml"),
+                   {"somespammer@example.net": rp, "user@example.com": rcpt})
+    f = tmp_path / "arf.eml"
+    f.write_bytes(arf)
+    out = subprocess.run(["swaks", "--server", f"{HOST}:{env['port']}", "--from", "<>",
+                          "--to", FBL, "--helo", "fbl.isp.test", "--data", f"@{f}",
+                          "--timeout", "60"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "250 2.0.0 recorded" in out.stdout and "complaint" in out.stdout
+    ev = _events(mc, "Complaint", mid)
+    assert ev and ev[-1]["recipient"] == rcpt and ev[-1]["feedback_type"] == "abuse"
+    wait_for(lambda: all(_suppressed_everywhere(mc, rcpt)), 30, "complaint on both shards")
+    assert _suppressed_everywhere(mc, rcpt)[1][0]["reason"] == "complaint"
+
+
+def test_forged_return_path_is_refused_at_rcpt_and_suppresses_nothing(env):
+    mc = env["mc"]
+    rcpt = "forged@bnc.test"
+    mid, rp = _deliver(env, rcpt, i=5)
+    local, _, dom = rp.partition("@")
+    tag = local.split("-")[1]
+    forged = [rp.replace(tag, tag[:-1] + ("a" if tag[-1] != "a" else "b")),      # altered tag
+              f"b-k1aaaaaaaaaa-{mid.lower()}@{DOMAIN}",                           # guessed tag
+              f"b-k9{tag[2:]}-{mid.lower()}@{DOMAIN}",                            # unknown key
+              f"postmaster@{DOMAIN}", f"{local}@elsewhere.test"]
+    dsn = _rewrite(corpus("bounces", "sisimai", "lhost-exim-02.eml"),
+                   {"kijitora@example.jp": rcpt})
+    for addr in forged:
+        step, code, _ = _send(env, addr, dsn)
+        assert (step, code) == ("rcpt", 550), addr
+    assert not _events(mc, "OOBBounce", mid)
+    assert not any(_suppressed_everywhere(mc, rcpt))
+
+
+def test_soft_bounce_is_recorded_and_never_suppresses(env):
+    mc = env["mc"]
+    rcpt = "full@bnc.test"
+    mid, rp = _deliver(env, rcpt, i=6)
+    # Exchange 2007: 550 5.2.2 mailbox full (quota: soft)
+    dsn = _rewrite(corpus("bounces", "sisimai", "lhost-exchange2007-02.eml"),
+                   {"kijitora@example.edu": rcpt})
+    step, code, text = _send(env, rp, dsn)
+    assert (step, code) == ("data", 250) and "soft bounce" in text, text
+    ev = _events(mc, "OOBBounce", mid)
+    assert ev and ev[-1]["class"] == "soft" and ev[-1]["category"] == "quota"
+    assert not any(_suppressed_everywhere(mc, rcpt))
+
+
+def test_autoreply_garbage_truncated_loops_unknown_and_huge_record_nothing(env):
+    from cluster.core.verp import encode
+    mc = env["mc"]
+    rcpt = "quiet@bnc.test"
+    mid, rp = _deliver(env, rcpt, i=7)
+    hard = _rewrite(corpus("bounces", "sisimai", "lhost-exim-02.eml"),
+                    {"kijitora@example.jp": rcpt})
+    auto = _rewrite(corpus("bounces", "sisimai", "rfc3834-02.eml"), {})
+    garbage = b"Subject: =?utf-8?q?broken\r\nContent-Type: multipart/mixed\r\n\r\n\xff\xfe\x00"
+    cut = hard.index(b"This message was created automatically")
+    truncated = hard[:cut]
+    # a bounce of a bounce: our DSN returned inside another DSN
+    loop = (b"From: MAILER-DAEMON@mx.remote.test\r\nSubject: Undelivered Mail Returned to "
+            b"Sender\r\nMIME-Version: 1.0\r\nContent-Type: multipart/report; "
+            b'report-type=delivery-status; boundary="L"\r\n\r\n--L\r\nContent-Type: '
+            b"text/plain\r\n\r\nundeliverable\r\n--L\r\nContent-Type: message/delivery-status"
+            b"\r\n\r\nReporting-MTA: dns; mx.remote.test\r\n\r\nFinal-Recipient: rfc822; "
+            + rcpt.encode() + b"\r\nAction: failed\r\nStatus: 5.1.1\r\n--L\r\nContent-Type: "
+            b"message/rfc822\r\n\r\n" + hard + b"\r\n--L--\r\n")
+    cases = {"auto-reply": auto, "garbage": garbage, "bounce of a bounce": loop}
+    for name, data in cases.items():
+        step, code, text = _send(env, rp, data)
+        assert (step, code) == ("data", 250) and "nothing recorded" in text, (name, text)
+    # cut before its reason: Exim's X-Failed-Recipients still names the recipient, but
+    # nothing says why, so it is a soft bounce of category "other" (an event, no suppression)
+    step, code, text = _send(env, rp, truncated)
+    assert (step, code) == ("data", 250) and "soft bounce (other)" in text, text
+    # a real return path of a message raymta does not know (never sent, or long forgotten)
+    stranger = encode("01JDXK5Q7Z8YB6V3N2M1P0QRST", env["cfg"].bounce.keys, prefix="b",
+                      domain=DOMAIN)
+    step, code, text = _send(env, stranger, hard)
+    assert code == 250 and "unknown message id" in text, text
+    # enormous: refused by SIZE at MAIL, and at the end of DATA when undeclared
+    assert _send(env, rp, hard, size=50_000_000)[:2] == ("mail", 552)
+    huge = hard + (b"A" * 998 + b"\r\n") * 3000          # 3 MB
+    assert _send(env, rp, huge)[:2] == ("data", 552)
+    got = [e for e in mc.events(0) if e.get("id") == mid and e["type"] in ("OOBBounce",
+                                                                           "Complaint")]
+    assert [(e["type"], e["id"], e["class"]) for e in got] == [("OOBBounce", mid, "soft")]
+    assert not any(_suppressed_everywhere(mc, rcpt))
+    import ray
+    st = ray.get(_listener(mc).stats.remote())
+    assert st["kind_autoreply"] >= 1 and st["kind_unknown"] >= 2
+
+
+def test_listener_sigkilled_is_restarted_by_ray_and_works(env):
+    import ray
+    mc = env["mc"]
+    h = _listener(mc)
+    pid = ray.get(h.ping.remote(), timeout=60)
+    os.kill(pid, signal.SIGKILL)
+
+    def new_pid() -> int | None:
+        try:
+            p = ray.get(h.ping.remote(), timeout=10)
+        except Exception:   # noqa: BLE001 - restarting
+            return None
+        return p if p != pid else None
+    wait_for(new_pid, 120, "the listener to be restarted")
+    rcpt = "afterkill@bnc.test"
+    mid, rp = _deliver(env, rcpt, i=8)
+    dsn = _rewrite(corpus("bounces", "sisimai", "lhost-exim-02.eml"),
+                   {"kijitora@example.jp": rcpt})
+    # the new process may take a moment to bind: a refused connection is retried, as an MTA does
+    res = wait_for(lambda: _try_send(env, rp, dsn), 60, "the restarted listener to answer")
+    assert res[:2] == ("data", 250), res
+    assert _events(mc, "OOBBounce", mid)
+    wait_for(lambda: all(_suppressed_everywhere(mc, rcpt)), 30, "suppressed after restart")
+
+
+def _try_send(env: dict[str, Any], rcpt: str, data: bytes) -> tuple[str, int, str] | None:
+    try:
+        return _send(env, rcpt, data)
+    except (ConnectionError, smtplib.SMTPException, OSError):
+        return None
