@@ -10,6 +10,11 @@ two coroutines backed by the queue shards:
 - ``record(items)``: the owning shard's ``outside_reports`` (OOBBounce / Complaint events,
   suppression), returning once every shard concerned has answered.
 
+With ``[[unsubscribe]]`` it also takes mail to the signed unsubscribe addresses and, with
+``bounce.http_port``, runs the one-click HTTP endpoint (``cluster.adapters.unsub_http``): an
+unsubscribe is a ``suppress`` (reason ``unsubscribe``, scope the sender domain) on the
+recipient's shard, which hands it to every other shard.
+
 Stateless: a report in flight when this process dies was not answered 250, so its sender
 retries it (RFC 5321 §4.5.4.1). Owns no state worth keeping.
 """
@@ -24,6 +29,7 @@ from typing import Any
 import ray
 
 from cluster.adapters.bounce_smtp import BounceServer
+from cluster.adapters.unsub_http import UnsubscribeHttp
 from cluster.config import Config
 from cluster.core.sites import stable_hash
 
@@ -44,10 +50,17 @@ class BounceListener:
         self.cfg = config
         self.name = name
         self._handles: dict[int, Any] = {}
+        unsub_keys = {u.domain: u.keys for u in config.unsubscribe if u.keys is not None}
         self.server = BounceServer(
             keys=b.keys, prefix=b.prefix, domain=b.domain, fbl_address=b.fbl_address,
             lookup=self._lookup, record=self._record, host=b.listen_host, port=b.listen_port,
-            max_size=b.max_message_size, timeout=b.report_timeout).start()
+            max_size=b.max_message_size, timeout=b.report_timeout,
+            unsub_keys=unsub_keys,
+            unsubscribe=self._unsubscribe if unsub_keys else None).start()
+        self.http: UnsubscribeHttp | None = None
+        if unsub_keys and b.http_port:
+            self.http = UnsubscribeHttp(b.listen_host, b.http_port, unsub_keys,
+                                        self._unsubscribe_blocking).start()
         log.info("bounce listener %s on %s:%d for %s", name, b.listen_host, b.listen_port,
                  b.domain)
 
@@ -64,11 +77,11 @@ class BounceListener:
             out.setdefault(stable_hash(i) % self.cfg.queue.shards, []).append(i)
         return out
 
-    async def _call(self, shard: int, method: str, arg: Any) -> Any:
+    async def _call(self, shard: int, method: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         try:
             h = await loop.run_in_executor(None, self._coordinator, shard)
-            ref = getattr(h, method).remote(arg)
+            ref = getattr(h, method).remote(*args)
             return await asyncio.wrap_future(ref.future())
         except Exception:
             self._handles.pop(shard, None)
@@ -94,10 +107,42 @@ class BounceListener:
                 log.warning("bounce listener: shard %s refused %d report(s)", res.get("shard"),
                             res["refused"])
 
+    def _unsubscribe_rows(self, rows: list[tuple[str, str, str]]) -> list[tuple[int, Any]]:
+        """Per shard (the recipient's), the suppress rows; that shard hands them to the others
+        (``propagate``), as for what it learns itself."""
+        groups: dict[int, list[Any]] = {}
+        for rcpt, domain, cause in rows:
+            groups.setdefault(stable_hash(rcpt) % self.cfg.queue.shards, []).append(
+                [rcpt, domain, "unsubscribe", cause, None])
+        return list(groups.items())
+
+    async def _unsubscribe(self, rows: list[tuple[str, str, str]]) -> None:
+        res = await asyncio.gather(*(self._call(s, "suppress", g, True)
+                                     for s, g in self._unsubscribe_rows(rows)))
+        _check_added(res)
+
+    def _unsubscribe_blocking(self, rcpt: str, domain: str, cause: str) -> None:
+        (shard, group), = self._unsubscribe_rows([(rcpt, domain, cause)])
+        h = self._coordinator(shard)
+        try:
+            res = ray.get(h.suppress.remote(group, True), timeout=self.cfg.bounce.report_timeout)
+        except Exception:
+            self._handles.pop(shard, None)
+            raise
+        _check_added([res])
+
     async def stats(self) -> dict[str, Any]:
         b = self.cfg.bounce
         return {"name": self.name, "pid": os.getpid(), "listen": f"{b.listen_host}:"
-                f"{b.listen_port}", **dict(self.server.counters)}
+                f"{b.listen_port}", **dict(self.server.counters),
+                "http": None if self.http is None else {"port": self.http.port,
+                                                        **self.http.counters}}
 
     async def ping(self) -> int:
         return os.getpid()
+
+
+def _check_added(answers: list[Any]) -> None:
+    for res in answers:
+        if not isinstance(res, dict) or res.get("refused"):
+            raise RuntimeError(f"the shard refused the unsubscribe: {res!r}"[:300])

@@ -17,6 +17,9 @@ VERP: with ``[bounce]`` configured, each message goes out with MAIL FROM = its V
 (``cluster.core.verp``: ``<prefix>-<tag>-<message id>@<bounce domain>``); see
 ``actors/bounce_listener.py`` for what comes back to it.
 
+One-click unsubscribe: mail from a sender domain with ``[[unsubscribe]]`` gets List-Unsubscribe
+and List-Unsubscribe-Post (``cluster.core.unsubscribe``), before DKIM signing.
+
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
 by what was in flight here). Leases of a dead incarnation are dropped by the throttle when the
@@ -43,6 +46,7 @@ from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
 from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ideal_connections
+from cluster.core.unsubscribe import add_header_fields, domain_matches, header_fields
 from cluster.core.verp import return_path
 
 __all__ = ["RelayPool"]
@@ -412,6 +416,8 @@ class RelayPool:
                     # this connection takes the next one too: its envelope rides on this body
                     carry = s.queue.popleft()
                     then = (self._mail_from(carry[0]), carry[0][3], carry[0][5])
+                if self.cfg.unsubscribe:
+                    body = self._list_unsubscribe(item, body)
                 if self.signer is not None:
                     body = self._sign(body)
                 a = await conn.send(sender, rcpt, body, smtputf8, then=then)
@@ -451,6 +457,19 @@ class RelayPool:
             return item[2]
         assert b.keys is not None
         return return_path(item[2], item[0], b.keys, prefix=b.prefix, domain=b.domain)
+
+    def _list_unsubscribe(self, item: list[Any], body: bytes) -> bytes:
+        """List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) for a sender domain with
+        ``[[unsubscribe]]``, added before DKIM signs them (both are in its signed list)."""
+        domain = item[2].rpartition("@")[2]
+        if not domain:
+            return body
+        u = next((u for u in self.cfg.unsubscribe if domain_matches(domain, u.domain)), None)
+        if u is None or u.keys is None:
+            return body
+        fields = header_fields(item[3], u.domain, u.keys, url_base=u.url_base,
+                               mail_domain=self.cfg.bounce.domain if u.mailto else "")
+        return add_header_fields(body, fields)
 
     def _sign(self, body: bytes) -> bytes:
         """The message with its DKIM signatures, as it goes on the wire (unsigned if the

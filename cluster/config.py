@@ -33,6 +33,7 @@ __all__ = [
     "ReplicationConfig",
     "BackupConfig",
     "BounceConfig",
+    "UnsubscribeConfig",
     "SpoolConfig",
     "QueueConfig",
     "DnsConfig",
@@ -318,10 +319,25 @@ class BounceConfig:
     max_message_size: int = 2_000_000
     #: how long a report waits for its shard before the sender is told 451 (try later)
     report_timeout: float = 30.0
+    #: the one-click unsubscribe HTTP endpoint (POST /u/TOKEN, RFC 8058) of each listener:
+    #: 0 = none (a reverse proxy terminates HTTPS in front of it)
+    http_port: int = 0
 
     @property
     def enabled(self) -> bool:
         return bool(self.domain) and self.keys is not None
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    """One ``[[unsubscribe]]``: mail from ``domain`` (or a sub-domain) gets List-Unsubscribe
+    (``url_base`` + token, and/or the mailto at the bounce domain) and List-Unsubscribe-Post;
+    the token is signed with ``keys`` (first signs, all verify; never shown)."""
+
+    domain: str
+    url_base: str = ""
+    mailto: bool = True
+    keys: VerpKeys | None = None
 
 
 @dataclass(frozen=True)
@@ -341,6 +357,7 @@ class Config:
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
     bounce: BounceConfig = field(default_factory=BounceConfig)
+    unsubscribe: tuple[UnsubscribeConfig, ...] = ()
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -854,7 +871,8 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "classification", "suppression", "dkim", "bounce"}
+        "replication", "backup", "classification", "suppression", "dkim", "bounce",
+        "unsubscribe"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -862,6 +880,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     are taken from ``base`` (the config file's directory), else the working directory."""
     _check_keys(raw, _TOP, "")
     egress = _parse_egress(raw.get("egress"))
+    bounce = _parse_bounce(_table(raw, "bounce", ""), base)
     sd_raw = _table(raw, "site_defaults", "")
     _check_keys(sd_raw, _LIMIT_KEYS, "site_defaults")
     site_defaults = _parse_limits(sd_raw, SiteLimits(), "site_defaults", egress)
@@ -880,7 +899,8 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         classification=_parse_classification(_table(raw, "classification", ""), base),
         suppression=_parse_suppression(_table(raw, "suppression", "")),
         dkim=_parse_dkim(_table(raw, "dkim", "")),
-        bounce=_parse_bounce(_table(raw, "bounce", ""), base),
+        bounce=bounce,
+        unsubscribe=_parse_unsubscribe(raw.get("unsubscribe"), bounce, base),
     )
 
 
@@ -915,15 +935,8 @@ def _read_verp_key_file(name: str, base: Path | None, key: str) -> list[tuple[st
     return out
 
 
-def _parse_bounce(raw: Mapping[str, Any], base: Path | None) -> BounceConfig:
-    w = "bounce"
-    _check_keys(raw, {f.name for f in fields(BounceConfig)} | {"key_file"}, w)
-    d = BounceConfig()
-    if not raw:
-        return d
-    if "domain" not in raw:
-        raise ConfigError(f"{w}.domain", "missing (required: the return-path domain)")
-    domain = _domain_name(raw["domain"], f"{w}.domain")
+def _parse_hmac_keys(raw: Mapping[str, Any], w: str, base: Path | None) -> VerpKeys:
+    """``keys = [{id, secret}, ...]`` and/or ``key_file``: the first listed signs."""
     pairs: list[tuple[str, bytes]] = []
     keys_raw = raw.get("keys", [])
     if not isinstance(keys_raw, list):
@@ -940,16 +953,28 @@ def _parse_bounce(raw: Mapping[str, Any], base: Path | None) -> BounceConfig:
         pairs += _read_verp_key_file(_str(raw["key_file"], f"{w}.key_file"), base,
                                      f"{w}.key_file")
     if not pairs:
-        raise ConfigError(f"{w}.keys", "no VERP key: give keys = [{id, secret}] or key_file")
+        raise ConfigError(f"{w}.keys", "no key: give keys = [{id, secret}] or key_file")
     seen: dict[str, bytes] = {}
     for kid, secret in pairs:
         if kid in seen:
             raise ConfigError(f"{w}.keys", f"key id {kid!r} is listed twice")
         seen[kid] = secret
     try:
-        keys = VerpKeys(current=pairs[0][0], keys=seen)
+        return VerpKeys(current=pairs[0][0], keys=seen)
     except VerpError as e:   # names the key id, never the secret
         raise ConfigError(f"{w}.keys", str(e)) from None
+
+
+def _parse_bounce(raw: Mapping[str, Any], base: Path | None) -> BounceConfig:
+    w = "bounce"
+    _check_keys(raw, {f.name for f in fields(BounceConfig)} | {"key_file"}, w)
+    d = BounceConfig()
+    if not raw:
+        return d
+    if "domain" not in raw:
+        raise ConfigError(f"{w}.domain", "missing (required: the return-path domain)")
+    domain = _domain_name(raw["domain"], f"{w}.domain")
+    keys = _parse_hmac_keys(raw, w, base)
     prefix = _str(raw.get("prefix", d.prefix), f"{w}.prefix").lower()
     from cluster.core.verp import encode
     try:   # the prefix and domain must make a VERP address
@@ -972,7 +997,40 @@ def _parse_bounce(raw: Mapping[str, Any], base: Path | None) -> BounceConfig:
         max_message_size=_size(raw.get("max_message_size", d.max_message_size),
                                f"{w}.max_message_size"),
         report_timeout=_dur(raw.get("report_timeout", d.report_timeout),
-                            f"{w}.report_timeout"))
+                            f"{w}.report_timeout"),
+        http_port=_int(raw.get("http_port", d.http_port), f"{w}.http_port", minimum=0,
+                       maximum=65535))
+
+
+def _parse_unsubscribe(raw: Any, bounce: BounceConfig,
+                       base: Path | None) -> tuple[UnsubscribeConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("unsubscribe", "expected an array of tables ([[unsubscribe]])")
+    out: list[UnsubscribeConfig] = []
+    for i, u in enumerate(raw):
+        w = f"unsubscribe[{i}]"
+        if not isinstance(u, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(u, {"domain", "url_base", "mailto", "keys", "key_file"}, w)
+        if "domain" not in u:
+            raise ConfigError(f"{w}.domain", "missing (required: the sender domain)")
+        domain = _domain_name(u["domain"], f"{w}.domain")
+        if any(x.domain == domain for x in out):
+            raise ConfigError(f"{w}.domain", f"{domain} is listed twice")
+        url = _str(u.get("url_base", ""), f"{w}.url_base")
+        if url and not url.startswith("https://"):
+            raise ConfigError(f"{w}.url_base", "must be an https:// URL (RFC 8058 §3.1)")
+        mailto = _bool(u.get("mailto", True), f"{w}.mailto")
+        if mailto and not bounce.enabled:
+            raise ConfigError(f"{w}.mailto", "needs [bounce] (the address is at the bounce "
+                              "domain): set [bounce] or mailto = false")
+        if not url and not mailto:
+            raise ConfigError(w, "give url_base, mailto = true, or both")
+        out.append(UnsubscribeConfig(domain=domain, url_base=url, mailto=mailto,
+                                     keys=_parse_hmac_keys(u, w, base)))
+    return tuple(out)
 
 
 def _parse_suppression(raw: Mapping[str, Any]) -> SuppressionConfig:

@@ -46,22 +46,25 @@ def env(tmp_path_factory, dns_server):
     from cluster.client import MailCluster
     from cluster.config import parse_config
     from cluster.devservers import SinkGroup
-    port = _free_port(HOST)
-    bounce = parse_config({"bounce": {
+    port, http_port = _free_port(HOST), _free_port(HOST)
+    parsed = parse_config({"bounce": {
         "domain": DOMAIN, "keys": [{"id": "k1", "secret": SECRET}], "fbl_address": FBL,
         "listen_host": HOST, "listen_port": port, "max_message_size": "2MB",
-        "report_timeout": "20s"}}).bounce
+        "report_timeout": "20s", "http_port": http_port},
+        "unsubscribe": [{"domain": "news.example", "url_base": "https://news.example/u/",
+                         "keys": [{"id": "u1", "secret": "unsubscribe-secret-0123456789"}]}]})
     with SinkGroup([SINK]) as sinks:
         dns_server.add_a("mx.bnc.test", SINK)
         dns_server.add_mx("bnc.test", [(10, "mx.bnc.test")])
         cfg = replace(pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port,
-                                      sinks.port), bounce=bounce)
+                                      sinks.port), bounce=parsed.bounce,
+                      unsubscribe=parsed.unsubscribe)
         with MailCluster.connect(config=cfg, num_cpus=2) as mc:
-            yield {"mc": mc, "sinks": sinks, "cfg": cfg, "port": port}
+            yield {"mc": mc, "sinks": sinks, "cfg": cfg, "port": port, "http_port": http_port}
 
 
 def _deliver(env: dict[str, Any], rcpt: str, sender: str = "news@origin.test",
-             i: int = 0) -> tuple[str, str]:
+             i: int = 0, received: list[Any] | None = None) -> tuple[str, str]:
     """Send one message through raymta; (its id, the MAIL FROM the sink saw)."""
     mc, sinks = env["mc"], env["sinks"]
     r = mc.submit([{"sender": sender, "recipients": [rcpt], "raw": raw_message(i, rcpt)}])[0]
@@ -70,6 +73,8 @@ def _deliver(env: dict[str, Any], rcpt: str, sender: str = "news@origin.test",
     wait_for(lambda: (mc.status(mid) or {}).get("state") == "delivered", 60, f"{rcpt} sent")
     got = [x for x in sinks.received if x.rcpt_to == rcpt]
     assert len(got) == 1
+    if received is not None:
+        received.append(got[0])
     return mid, got[0].mail_from
 
 
@@ -279,3 +284,90 @@ def _try_send(env: dict[str, Any], rcpt: str, data: bytes) -> tuple[str, int, st
         return _send(env, rcpt, data)
     except (ConnectionError, smtplib.SMTPException, OSError):
         return None
+
+
+# ----------------------------------------------------------------- one-click unsubscribe
+
+def _post(env: dict[str, Any], path: str, method: str = "POST") -> int:
+    import http.client
+    c = http.client.HTTPConnection(HOST, env["http_port"], timeout=60)
+    try:
+        body = "List-Unsubscribe=One-Click" if method == "POST" else None
+        c.request(method, path, body=body,
+                  headers={"Content-Type": "application/x-www-form-urlencoded"})
+        return c.getresponse().status
+    finally:
+        c.close()
+
+
+def _list_unsubscribe(data: bytes) -> tuple[str, str, str | None]:
+    """(url token, mailto address, List-Unsubscribe-Post) of a received message."""
+    import re
+    from email.parser import BytesHeaderParser
+    h = BytesHeaderParser().parsebytes(data)
+    value = " ".join(str(h["List-Unsubscribe"]).split())
+    url = re.search(r"<https://news\.example/u/([^>]+)>", value)
+    mailto = re.search(r"<mailto:([^>]+)>", value)
+    assert url and mailto, value
+    return url[1], mailto[1], h["List-Unsubscribe-Post"]
+
+
+def test_one_click_unsubscribe_by_post_and_by_mail_scoped_to_the_sender_domain(env):
+    mc = env["mc"]
+    got: list[Any] = []
+    _deliver(env, "reader1@bnc.test", sender="letters@news.example", i=20, received=got)
+    _deliver(env, "reader2@bnc.test", sender="letters@news.example", i=21, received=got)
+    _deliver(env, "reader3@bnc.test", sender="letters@mail.news.example", i=22, received=got)
+    _deliver(env, "reader4@bnc.test", sender="news@origin.test", i=23, received=got)
+    (tok1, _m1, post1), (_t2, mail2, _p2), (tok3, _m3, _p3) = (
+        _list_unsubscribe(g.data) for g in got[:3])
+    assert post1 == "List-Unsubscribe=One-Click"
+    assert b"List-Unsubscribe" not in got[3].data.split(b"\r\n\r\n")[0]   # no config there
+    # the address is over 64 octets with this token (RFC 5321 §4.5.3.1.1): the Subject form
+    assert mail2.startswith(f"unsub@{DOMAIN}?subject=unsub-"), mail2
+    subject2 = mail2.split("subject=", 1)[1]
+
+    # forged or altered tokens: 400 and nothing suppressed
+    flip = tok1[:5] + ("a" if tok1[5] != "a" else "b") + tok1[6:]
+    for bad in (flip, tok1 + "aa", tok1.replace(tok1.split("-")[1], tok3.split("-")[1]),
+                "u1aaaaaaaaaaaaaaaa-mfrgg"):
+        assert _post(env, f"/u/{bad}") == 400, bad
+    # a GET shows a confirmation page and changes nothing (RFC 8058 §3.2)
+    assert _post(env, f"/u/{tok1}", "GET") == 200
+    assert not any(_suppressed_everywhere(mc, "reader1@bnc.test"))
+
+    assert _post(env, f"/u/{tok1}") == 200
+    wait_for(lambda: all(_suppressed_everywhere(mc, "reader1@bnc.test")), 30,
+             "the unsubscribe on both shards")
+    e = _suppressed_everywhere(mc, "reader1@bnc.test")[1][0]
+    assert (e["reason"], e["scope"]) == ("unsubscribe", "news.example")
+    refused = mc.submit([{"sender": "letters@news.example", "recipients": ["reader1@bnc.test"],
+                          "raw": raw_message(24, "reader1@bnc.test")}])[0]
+    assert not refused.accepted and "unsubscribe" in refused.error
+    other = mc.submit([{"sender": "news@origin.test", "recipients": ["reader1@bnc.test"],
+                        "raw": raw_message(25, "reader1@bnc.test")}])[0]
+    assert other.accepted, other.error
+
+    # by mail, Subject form: an altered token is refused at DATA, the real one unsubscribes
+    flip2 = subject2[:10] + ("a" if subject2[10] != "a" else "b") + subject2[11:]
+    assert _send(env, f"unsub@{DOMAIN}", f"Subject: {flip2}\r\n\r\nx\r\n".encode())[:2] == (
+        "data", 550)
+    assert not any(_suppressed_everywhere(mc, "reader2@bnc.test"))
+    step, code, text = _send(env, f"unsub@{DOMAIN}", f"Subject: {subject2}\r\n\r\nx\r\n"
+                             .encode(), sender="reader2@bnc.test")
+    assert (step, code) == ("data", 250) and "unsubscribed" in text, text
+    wait_for(lambda: all(_suppressed_everywhere(mc, "reader2@bnc.test")), 30,
+             "the mailed unsubscribe on both shards")
+    assert _suppressed_everywhere(mc, "reader2@bnc.test")[0][0]["scope"] == "news.example"
+    # by mail, a short address: the token in the local part; altered -> 550 at RCPT
+    from cluster.core.unsubscribe import header_fields
+    u = env["cfg"].unsubscribe[0]
+    fields = dict(header_fields("r@bnc.test", "news.example", u.keys, url_base="",
+                                mail_domain=DOMAIN))
+    local = fields["List-Unsubscribe"].strip("<>").removeprefix("mailto:")
+    assert local.startswith("unsub-") and "?" not in local and len(local.split("@")[0]) <= 64
+    bad = local[:9] + ("a" if local[9] != "a" else "b") + local[10:]
+    assert _send(env, bad, b"Subject: x\r\n\r\nx\r\n")[:2] == ("rcpt", 550)
+    assert _send(env, local, b"Subject: x\r\n\r\nx\r\n")[:2] == ("data", 250)
+    wait_for(lambda: all(_suppressed_everywhere(mc, "r@bnc.test")), 30, "r@ unsubscribed")
+    assert not any(_suppressed_everywhere(mc, "reader3@bnc.test"))

@@ -7,6 +7,8 @@ Role: the pure half of the bounce/FBL listener (``actors/bounce_listener.py`` mo
   verified with every accepted key, :mod:`cluster.core.verp`) and the configured feedback-loop
   address; anything else, a forged or altered tag included, is refused (550 5.1.1), so a
   forged bounce never reaches DATA.
+  With ``[[unsubscribe]]``, ``unsub-TOKEN@`` (token verified) and ``unsub@`` (token in the
+  Subject, checked at DATA) too (:mod:`cluster.core.unsubscribe`).
 - :func:`claims`: the message ids a parsed report (:func:`cluster.core.dsn.parse_message`) is
   about: the verified VERP recipients first; for mail to the FBL address, a VERP return path
   named in the report (ARF Original-Mail-From, the returned message's Return-Path) verified
@@ -28,11 +30,13 @@ Pure: no I/O, no clock, no Ray.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from cluster.core.dsn import Recipient, Report
 from cluster.core.suppression import HARD_CATEGORIES, normalize_address
+from cluster.core.unsubscribe import read_token, token_from_mail
 from cluster.core.verp import VerpKeys, decode
 
 __all__ = ["Claim", "Decision", "RcptVerdict", "check_rcpt", "claims", "decide"]
@@ -41,11 +45,14 @@ __all__ = ["Claim", "Decision", "RcptVerdict", "check_rcpt", "claims", "decide"]
 @dataclass(frozen=True)
 class RcptVerdict:
     """``kind``: ``verp`` (a return path we issued: ``message_id`` set), ``fbl`` (the feedback
-    loop address) or ``refuse`` (``reason`` says why)."""
+    loop address), ``unsub`` (a signed unsubscribe address: ``unsubscribe`` = (recipient,
+    sender domain)), ``unsub-subject`` (``unsub@``: the token is in the Subject) or ``refuse``
+    (``reason`` says why)."""
 
     kind: str
     message_id: str | None = None
     reason: str = ""
+    unsubscribe: tuple[str, str] | None = None
 
     @property
     def accepted(self) -> bool:
@@ -53,10 +60,20 @@ class RcptVerdict:
 
 
 def check_rcpt(address: str, keys: VerpKeys, *, prefix: str, domain: str,
-               fbl_address: str = "") -> RcptVerdict:
+               fbl_address: str = "",
+               unsub_keys: Mapping[str, VerpKeys] | None = None) -> RcptVerdict:
     addr = address.strip().strip("<>").lower()
     if fbl_address and addr == fbl_address.lower():
         return RcptVerdict("fbl")
+    local, _, dom = addr.rpartition("@")
+    if unsub_keys and dom.rstrip(".") == domain.lower().rstrip(".") and (
+            local == "unsub" or local.startswith("unsub-")):
+        if local == "unsub":
+            return RcptVerdict("unsub-subject")
+        t = read_token(token_from_mail(local, None) or "", unsub_keys)
+        if t.ok and t.recipient and t.domain:
+            return RcptVerdict("unsub", unsubscribe=(t.recipient, t.domain))
+        return RcptVerdict("refuse", reason=f"unsubscribe address: {t.reason}")
     r = decode(addr, keys, prefix=prefix, domain=domain)
     if r.ok:
         return RcptVerdict("verp", r.message_id)
