@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import smtplib
 import socket
-from email.message import EmailMessage
-from pathlib import Path
 from typing import Any
 
 import pytest

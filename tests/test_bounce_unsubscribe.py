@@ -166,3 +166,24 @@ def test_endpoint_post_get_forged_and_failing(endpoint):
     assert _req(srv.port, "POST", f"/u/{TOK}") == 200
     assert done == [("ann@x.test", "news.example", "one-click unsubscribe (http)")]
     assert srv.counters == {"unsubscribed": 1, "refused": 2, "failed": 1}
+
+
+def test_fields_added_before_signing_are_covered_by_dkim(tmp_path):
+    """The relay adds the fields, then signs: DKIM's h= covers both (dkimpy verifies), and a
+    List-Unsubscribe changed on the way breaks the signature."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from cluster.adapters.dkim_keys import KeyRing, KeySource, Signer, dns_record
+    from tests.dkim_helpers import dkimpy_verify_all, write_key
+    key = rsa.generate_private_key(65537, 2048)
+    srcs = [KeySource("news.example", "s1", "rsa", str(write_key(tmp_path / "s1.pem", key)))]
+    raw = b"From: letters@news.example\r\nTo: a@x.test\r\nSubject: hi\r\n\r\nhello\r\n"
+    fields = header_fields("a@x.test", "news.example", K1, url_base="https://n.example/u/",
+                           mail_domain="b.example")
+    signed = Signer(KeyRing(lambda: srcs)).sign(add_header_fields(raw, fields), 1e9)
+    records = {"s1._domainkey.news.example": dns_record(key)}
+    assert dkimpy_verify_all(signed, records) == [True]
+    h = signed.split(b"h=", 1)[1].split(b";", 1)[0].replace(b"\r\n", b"").replace(b" ", b"")
+    assert b"list-unsubscribe" in h.split(b":") and b"list-unsubscribe-post" in h.split(b":")
+    tampered = signed.replace(b"https://n.example/u/", b"https://evil.example/u/")
+    assert dkimpy_verify_all(tampered, records) == [False]

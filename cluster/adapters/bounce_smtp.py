@@ -29,7 +29,8 @@ import logging
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from email.parser import HeaderParser
-from typing import Any, Awaitable, Callable
+from typing import Any
+from collections.abc import Awaitable, Callable
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -58,7 +59,7 @@ def _clean(text: str) -> str:
 
 
 class _Handler:
-    def __init__(self, server: "BounceServer") -> None:
+    def __init__(self, server: BounceServer) -> None:
         self.s = server
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -141,6 +142,7 @@ class _Handler:
                 log.info("bounce listener: unsubscribe by mail refused: %s", t.reason)
                 return "550 5.7.1 not a valid unsubscribe request"
             rows.append((t.recipient, t.domain, "one-click unsubscribe (mail)"))
+        assert s.unsubscribe is not None     # unsub verdicts are only given with it
         try:
             await asyncio.wait_for(s.unsubscribe(rows), s.timeout)
         except Exception as e:   # noqa: BLE001
@@ -184,7 +186,7 @@ class BounceServer:
                           fbl_address=self.fbl_address,
                           unsub_keys=self.unsub_keys if self.unsubscribe else None)
 
-    def start(self) -> "BounceServer":
+    def start(self) -> BounceServer:
         self._controller.start()
         return self
 

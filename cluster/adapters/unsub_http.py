@@ -58,7 +58,7 @@ class UnsubscribeHttp:
                 path = self.path.split("?", 1)[0]
                 return path[3:] if path.startswith("/u/") else None
 
-            def do_GET(self) -> None:   # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 token = self._token()
                 if token is None or not read_token(token, outer.keys_for).ok:
                     self._answer(400, "not a valid unsubscribe link")
@@ -69,7 +69,7 @@ class UnsubscribeHttp:
                     f'action="/u/{t}"><input type=hidden name=List-Unsubscribe '
                     'value=One-Click><button>Unsubscribe</button></form>\n'))
 
-            def do_POST(self) -> None:   # noqa: N802
+            def do_POST(self) -> None:
                 try:
                     n = min(int(self.headers.get("Content-Length") or 0), _MAX_BODY)
                 except ValueError:
@@ -99,7 +99,7 @@ class UnsubscribeHttp:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="unsub-http",
                                         daemon=True)
 
-    def start(self) -> "UnsubscribeHttp":
+    def start(self) -> UnsubscribeHttp:
         self._thread.start()
         return self
 

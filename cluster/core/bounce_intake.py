@@ -130,7 +130,7 @@ def _pick(recipients: tuple[Recipient, ...], rcpt: str) -> Recipient | None:
         if r.original_recipient and normalize_address(r.original_recipient) == rcpt:
             return r
     failed = [r for r in recipients if r.action not in _SUCCESS]
-    return (failed or list(recipients) or [None])[0]
+    return (failed or list(recipients))[0] if recipients else None
 
 
 def _names(report: Report, rcpt: str) -> bool:

@@ -29,6 +29,7 @@ import binascii
 import hashlib
 import hmac
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cluster.core.verp import VerpKeys
@@ -71,7 +72,7 @@ class TokenResult:
         return self.recipient is not None
 
 
-def read_token(token: str, keys_for: "dict[str, VerpKeys]") -> TokenResult:
+def read_token(token: str, keys_for: Mapping[str, VerpKeys]) -> TokenResult:
     """``(recipient, domain)`` of a token signed with the keys of its domain (``keys_for``:
     sender domain -> keys), or the reason it is refused. Never raises."""
     if not isinstance(token, str) or len(token) > 800:
