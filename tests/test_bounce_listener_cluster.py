@@ -129,6 +129,20 @@ def test_relay_sends_with_the_verp_return_path_and_keeps_the_sender(env):
     assert mail_from.startswith("b-k1") and mail_from.endswith("@" + DOMAIN)
     recv = [e for e in mc.events(0) if e["type"] == "Reception" and e["id"] == mid]
     assert recv and recv[0]["sender"] == "news@origin.test"     # events keep the submitted one
+    # a batch to one site goes over pipelined connections (each next envelope written behind
+    # the previous body): every message still carries its own return path
+    rcpts = [f"batch{k}@bnc.test" for k in range(30)]
+    res = mc.submit([{"sender": "news@origin.test", "recipients": [r],
+                      "raw": raw_message(100 + k, r)} for k, r in enumerate(rcpts)])
+    assert all(x.accepted for x in res)
+    ids = {r: x.ids[0] for r, x in zip(rcpts, res)}
+    assert mc.wait_until_idle(timeout=60)
+    seen = {x.rcpt_to: x.mail_from for x in env["sinks"].received if x.rcpt_to in ids}
+    assert len(seen) == 30
+    sessions = {x.session_id for x in env["sinks"].received if x.rcpt_to in ids}
+    assert len(sessions) < 30            # several messages per connection: the carry path ran
+    for r, rp in seen.items():
+        assert decode(rp, keys, prefix="b", domain=DOMAIN).message_id == ids[r], (r, rp)
     # the null sender stays null
     _nid, null_from = _deliver(env, "verp2@bnc.test", sender="", i=1)
     assert null_from in ("", "<>")     # aiosmtpd shows the null sender as "<>"

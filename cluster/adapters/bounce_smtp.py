@@ -83,7 +83,12 @@ class _Handler:
             raw = raw.encode("utf-8", "surrogateescape")
         verdicts = [s.verdict(a) for a in envelope.rcpt_tos]
         if any(v.kind.startswith("unsub") for v in verdicts):
-            return await self._unsubscribe(raw, verdicts)
+            answer = await self._unsubscribe(raw, verdicts)
+            if not answer.startswith("250") or all(v.kind.startswith("unsub")
+                                                   for v in verdicts):
+                return answer
+            # the same mail also went to a return path: read it as a report too (a 451 below
+            # makes the sender retry both; the unsubscribe is idempotent)
         loop = asyncio.get_running_loop()
         # parsing is CPU work of up to a few ms (1 MiB cap): not on the loop serving sessions
         report = await loop.run_in_executor(s.pool, parse_message, raw[:MAX_BYTES + 1])
