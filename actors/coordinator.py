@@ -211,9 +211,9 @@ class QueueCoordinator:
         assert self._serving is not None
         self._serving.set()
         if self.state.messages and claim["epoch"] > 1:
-            # results that relays sent to the old instance are queued by Ray for this one:
-            # let them in before handing messages out again (fewer duplicates)
-            await asyncio.sleep(0.5)
+            # results the old instance was sent but had not committed: relays keep them until
+            # a leader confirms them; take them before handing messages out again
+            await self._take_unacked_results()
         self._spawn(self._dispatch_loop())
         if self.cfg.replication.rebalance_interval > 0 and self.cfg.cluster.replicas > 1:
             self._spawn(self._rebalance_loop())
@@ -277,7 +277,7 @@ class QueueCoordinator:
     # ------------------------------------------------------------------ group commit
     def _enqueue(self, records: list[Any], fut: asyncio.Future | None = None) -> None:
         if fut is None and self.cfg.suppression.from_bounces:
-            self._suppress_hard_bounces(records)
+            self._suppress_hard_bounces(records)   # (DNS failures, expiries)
         if fut is not None and self._stalled:
             # a caller waits for this: say now that it cannot be made durable, write nothing
             self._clear_pending_marks([(records, fut)])
@@ -741,11 +741,51 @@ class QueueCoordinator:
             log.warning("relay %s lost with %d messages in flight: %s", relay, n, e)
 
     async def report(self, payload: bytes) -> None:
-        """Results from a relay: ``[[id, outcome, code, enhanced, text, category, host]]``."""
+        """Results from a relay: ``[[id, outcome, code, enhanced, text, category, host]]``.
+        Answers once their records are committed: until then the relay keeps them, and hands
+        them to this shard's next leader if this one dies first."""
         await self._until_serving()
-        self._on_results(msgpack.unpackb(payload, raw=False))
+        recs = self._on_results(msgpack.unpackb(payload, raw=False))
+        if recs:
+            if self.cfg.suppression.from_bounces:
+                self._suppress_hard_bounces(recs)
+            await self._commit(recs)
 
-    def _on_results(self, results: list[list[Any]]) -> None:
+    async def _take_unacked_results(self) -> int:
+        """A starting leader asks every relay for the results its predecessor was sent but
+        had not committed, and commits them before handing any message out again: a leader's
+        death then costs no duplicate delivery (a relay's death still costs those on its
+        wire)."""
+        from actors.remote import list_relays
+        loop = asyncio.get_running_loop()
+        me = f"coordinator:{self.shard}"
+        try:
+            names = await loop.run_in_executor(None, list_relays, self.ns)
+        except Exception as e:   # noqa: BLE001 - never fatal: at-least-once still holds
+            log.warning("shard %d: cannot list relays for unacked results: %s", self.shard, e)
+            return 0
+        got = 0
+        for name in names:
+            try:
+                data = await asyncio.wait_for(self._handle(name).unacked_results.remote(me), 5)
+            except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+                log.warning("shard %d: no unacked results from %s: %s", self.shard, name, e)
+                continue
+            results = msgpack.unpackb(data, raw=False)
+            recs = self._on_results(results)
+            if recs:
+                if self.cfg.suppression.from_bounces:
+                    self._suppress_hard_bounces(recs)
+                try:
+                    await self._commit(recs)
+                except RuntimeError as e:
+                    log.warning("shard %d: committing unacked results failed: %s", self.shard, e)
+                    continue
+            got += len(results)
+        self.counters["unacked_results_taken"] = got
+        return got
+
+    def _on_results(self, results: list[list[Any]]) -> list[Any]:
         now = time.time()
         self._results_seen += len(results)
         recs = []
@@ -772,8 +812,7 @@ class QueueCoordinator:
                 recs.append(self._retry_record(m, attempt, code, enhanced, text, site, category,
                                                now, "throttle" if category in PACE_CATEGORIES
                                                else "normal"))
-        if recs:
-            self._enqueue(recs)
+        return recs
 
     def _retry_record(self, m: q.QueuedMessage, attempt: int, code: int | None,
                       enhanced: str | None, text: str, site: str, category: str, now: float,

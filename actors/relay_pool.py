@@ -60,6 +60,10 @@ _RESULT_FLUSH = 0.1
 _LEASE_RETRY = (0.05, 1.0)
 #: lease requests within this many seconds go to a throttle as one call
 _ASK_GATHER = 0.005
+#: results kept per shard leader until it confirms them committed (bounded: a leader that
+#: never answers must not make a relay grow without limit)
+_UNACKED_MAX = 200_000
+_RESEND_AFTER = 2.0
 #: a site at its connection cap is asked for more leases at most this often while this relay
 #: has connections open to it (they drain its queue meanwhile)
 _CAP_RECHECK = 0.5
@@ -136,6 +140,8 @@ class RelayPool:
         self._holding: set[str] = set()
         #: results waiting for the next flush, per coordinator
         self._outboxes: dict[str, list[list[Any]]] = {}
+        #: per shard leader: results sent but not yet confirmed committed (id → result)
+        self._unacked: dict[str, dict[str, list[Any]]] = {}
         self._results_ready = asyncio.Event()
         self._added = 0      # results put in outboxes, ever
         self._sent = 0       # of those, handed to Ray (as of the last flush)
@@ -244,13 +250,53 @@ class RelayPool:
         return call.expected
 
     def _report(self, coordinator: str, results: list[list[Any]]) -> None:
+        """Send results to their shard leader and keep them until it says they are committed:
+        a leader that dies before it commits them gets them again from here when its
+        successor starts (:meth:`unacked_results`), instead of sending the messages again."""
+        box = self._unacked.setdefault(coordinator, {})
+        for r in results:
+            box[r[0]] = r
+        while len(box) > _UNACKED_MAX:      # bounded: the oldest go (at-least-once still)
+            box.pop(next(iter(box)))
+            self.counters["unacked_dropped"] = self.counters.get("unacked_dropped", 0) + 1
         try:
             h = self._actor(coordinator)
-            h.report.remote(msgpack.packb(results, use_bin_type=True))
+            ref = h.report.remote(msgpack.packb(results, use_bin_type=True))
         except (ray.exceptions.RayError, ValueError) as e:
-            # coordinator gone for good: its successor re-sends these messages (at-least-once)
             log.warning("could not report %d results to %s: %s", len(results), coordinator, e)
             self._handles.pop(coordinator, None)
+            return
+        ids = [r[0] for r in results]
+        fut = asyncio.wrap_future(ref.future())
+        fut.add_done_callback(lambda f: self._acked(coordinator, ids, f))
+
+    def _acked(self, coordinator: str, ids: list[str], f: asyncio.Future) -> None:
+        if f.cancelled() or f.exception() is not None:
+            # kept: the next leader asks for them when it starts; and they are sent again
+            # in a while (to a leader that lost them without dying, or that is back)
+            self._handles.pop(coordinator, None)
+            asyncio.get_running_loop().call_later(_RESEND_AFTER, self._resend, coordinator,
+                                                  ids)
+            return
+        box = self._unacked.get(coordinator)
+        if box is not None:
+            for mid in ids:
+                box.pop(mid, None)
+
+    def _resend(self, coordinator: str, ids: list[str]) -> None:
+        box = self._unacked.get(coordinator, {})
+        again = [box[i] for i in ids if i in box]
+        if again:
+            self.counters["results_resent"] = self.counters.get("results_resent", 0) + len(again)
+            self._report(coordinator, again)
+
+    async def unacked_results(self, coordinator: str) -> bytes:
+        """Results reported to ``coordinator`` that it has not confirmed as committed (its
+        predecessor died first): a starting leader takes them before it hands messages out
+        again. msgpack list, as :meth:`QueueCoordinator.report` takes."""
+        self._ensure_started()
+        return msgpack.packb(list(self._unacked.get(coordinator, {}).values()),
+                             use_bin_type=True)
 
     def _site(self, name: str, spec: dict[str, Any]) -> _Site:
         wire = spec["limits"]

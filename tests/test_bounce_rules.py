@@ -117,3 +117,40 @@ def test_a_bad_rules_file_is_a_config_error_naming_file_and_rule(tmp_path: Path,
     with pytest.raises(ConfigError, match=problem) as info:
         parse_config({"classification": {"rules_file": str(tmp_path / "rules.toml")}})
     assert "classification.rules_file" in str(info.value)
+
+
+def _reference_match(rules, klass, code, enhanced, phase, text):
+    """The rules' meaning, evaluated the slow obvious way: each rule in order, every field."""
+    import re
+
+    from cluster.core.bounce_rules import _code_regex, _enh_regex
+    head = f"{klass or 0}{code or 0:03d} {enhanced or '0.0.0'} {phase}"
+    for r in rules:
+        ph = "(?:" + "|".join(sorted(r.phase)) + ")" if r.phase else r"\w+"
+        if not re.match(rf"{_code_regex(r.code)} {_enh_regex(r.enhanced)} {ph}\Z", head):
+            continue
+        if r.text is None or re.search(r.text, text, re.IGNORECASE | re.DOTALL):
+            return r
+    return None
+
+
+def test_the_literal_prefilter_never_changes_which_rule_matches():
+    import csv
+    import random
+
+    from tests.conftest import corpus
+    with corpus("smtp_replies.csv").open(newline="", encoding="utf-8") as f:
+        texts = [row["response_text"] for row in csv.DictReader(f)]
+    words = " ".join(texts).split()
+    rnd = random.Random(12)
+    texts += [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 10))) for _ in range(400)]
+    # letters IGNORECASE matches that casefold() treats otherwise, and other odd letters
+    texts += ["İP address blocked", "ıp address blocked", "ſpam detected", "\u212aeep", "x\u0345 user"]
+    heads = [(5, 550, "5.1.1", "rcpt"), (5, 550, None, "data"), (4, 421, None, "connect"),
+             (5, None, "5.7.1", "response_text"), (4, 451, "4.3.0", "mail"),
+             (None, None, None, "response_text")]
+    for text in texts:
+        for head in heads:
+            want = _reference_match(RULES, *head, text)
+            got = DEFAULT_RULES.match(*head, text)
+            assert (got and got.name) == (want and want.name), (head, text)

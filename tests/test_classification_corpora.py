@@ -102,9 +102,10 @@ def test_reply_lines_agree_with_their_labels_at_95_percent():
     line, whole = _reply_tallies()
     print("\n" + line.report() + "\n" + whole.report())
     assert line.total > 80
-    # measured when written: line-level 94/98 = 95.9 %; whole-message 135/156 = 86.5 %
+    # measured: line-level 94/98 = 95.9 %; whole-message 138/156 = 88.5 % (was 135/156 = 86.5 %;
+    # most of the rest are sisimai's "filtered" for a plain "User unknown" of unknown phase)
     assert line.rate >= 0.95, line.report()
-    assert whole.rate >= 0.84, whole.report()
+    assert whole.rate >= 0.87, whole.report()
 
 
 def test_permanence_agrees_with_the_reply_corpus():
@@ -154,8 +155,9 @@ def test_bounce_messages_agree_with_their_labels():
     classes, kinds, files = _bounce_tallies()
     print("\n" + classes.report() + "\n" + kinds.report())
     assert files > 400
-    # measured when written: 331/411 = 80.5 % of recipient classes (sisimai's reasons weigh
-    # things a parser of one message cannot see; see the README); kinds 399/411 = 97.1 %.
+    # measured: 358/411 = 87.1 % of recipient classes (was 331/411 = 80.5 %; sisimai's reasons
+    # weigh things a parser of one message cannot see, e.g. "filtered" for any "User unknown"
+    # whose SMTP command is unknown; see the README); kinds 403/411 = 98.1 % (was 399/411).
     # Floors against regressions, not goals: the 95 % is not reached on this corpus.
-    assert classes.rate >= 0.79, classes.report()
-    assert kinds.rate >= 0.95, kinds.report()
+    assert classes.rate >= 0.86, classes.report()
+    assert kinds.rate >= 0.97, kinds.report()

@@ -387,3 +387,77 @@ def test_long_texts_are_classified_in_bounded_time():
     c = classify(550, "5.1.1 user unknown " + "x " * 200_000)
     assert c.category == "invalid-recipient"
     assert time.perf_counter() - t < 0.5
+
+
+def _report(fields: str, notice: str = "The mail system could not deliver your message.") -> bytes:
+    return (f"From: MAILER-DAEMON@mx.example.org\nTo: sender@example.com\n"
+            f"Subject: Undelivered Mail\nMIME-Version: 1.0\n"
+            f"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n"
+            f"--B\nContent-Type: text/plain\n\n{notice}\n\n"
+            f"--B\nContent-Type: message/delivery-status\n\n"
+            f"Reporting-MTA: dns; mx.example.org\n\n{fields}\n--B--\n").encode()
+
+
+def test_recipients_without_blank_lines_between_them_are_split():
+    # AOL's reports run the recipients' fields together (RFC 3464 §2.1 wants a blank line)
+    r = parse_message(_report(
+        "Final-Recipient: rfc822; a@example.net\nAction: failed\nStatus: 5.2.2\n"
+        "Diagnostic-Code: smtp; 550 5.2.2 <a@example.net>... Mailbox Full\n"
+        "Final-Recipient: rfc822; b@example.net\nAction: failed\nStatus: 5.1.1\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 <b@example.net>... User Unknown\n"))
+    assert [(x.recipient, x.bounce_class) for x in r.recipients] == \
+        [("a@example.net", "soft"), ("b@example.net", "hard")]
+
+
+def test_a_status_comment_explains_a_report_without_diagnostic_code():
+    r = parse_message(_report("Final-Recipient: rfc822; a@example.net\nAction: delayed\n"
+                              "Status: 4.0.0 (example.net: host name lookup failure)\n"))
+    a = r.recipients[0]
+    assert (a.category, a.bounce_class, a.diagnostic) == ("dns-failure", "soft", None)
+
+
+def test_the_remote_reply_quoted_after_a_relays_generic_status_decides():
+    # Amazon SES: its own "5.1.0 - Unknown address error", then the remote server's reply
+    r = parse_message(_report(
+        "Final-Recipient: rfc822; a@example.net\nAction: failed\nStatus: 5.0.0\n"
+        "Diagnostic-Code: smtp; 5.1.0 - Unknown address error 550-'5.7.1 <a@example.net>... "
+        "Access denied' (delivery attempts: 0)\n"))
+    assert r.recipients[0].bounce_class == "block"
+
+
+def test_the_phase_named_in_the_notice_decides_a_bare_refusal():
+    # Exim: "SMTP error from remote mail server after EHLO": the refusal is of our client
+    notice = ("A message that you sent could not be delivered.\n\n  a@example.net\n"
+              "    SMTP error from remote mail server after EHLO mx.example.com:\n"
+              "    550 Rejected\n")
+    r = parse_message(_report("Final-Recipient: rfc822; a@example.net\nAction: failed\n"
+                              "Status: 5.0.0\nDiagnostic-Code: smtp; 550 Rejected\n", notice))
+    assert (r.recipients[0].category, r.recipients[0].bounce_class) == ("policy", "block")
+
+
+SES_NOTIFICATION = (
+    b'From: no-reply@sns.amazonaws.com\nTo: sender@example.com\n'
+    b'Subject: AWS Notification Message\nContent-Type: text/plain; charset=UTF-8\n\n'
+    b'{\n  "Type" : "Notification",\n  "Message" : "{\\"notificationType\\":\\"Bounce\\",'
+    b'\\"bounce\\":{\\"bounceType\\":\\"Permanent\\",\\"bouncedRecipients\\":[{'
+    b'\\"emailAddress\\":\\"a@example.net\\",\\"action\\":\\"failed\\",'
+    b'\\"status\\":\\"5.1.1\\",\\"diagnosticCode\\":\\"smtp; 550 5.1.1 user unknown\\"}],'
+    b'\\"reportingMTA\\":\\"dsn; a1.smtp-out.amazonses.com\\"}}"\n}\n')
+
+
+def test_amazon_ses_bounce_notifications_are_reports():
+    r = parse_message(SES_NOTIFICATION)
+    assert (r.kind, r.reason, r.reporting_mta) == ("dsn", "ses-notification",
+                                                   "a1.smtp-out.amazonses.com")
+    a = r.recipients[0]
+    assert (a.recipient, a.status, a.diagnostic, a.bounce_class) == \
+        ("a@example.net", "5.1.1", "550 5.1.1 user unknown", "hard")
+    delivery = SES_NOTIFICATION.replace(b"Bounce", b"Delivery")   # not a bounce: nothing
+    assert parse_message(delivery).kind == "unknown"
+
+
+def test_an_address_verification_report_is_no_bounce():
+    # Postfix "sendmail -bv": "Action: deliverable" with a 2.x.x status
+    r = parse_message(_report("Final-Recipient: rfc822; a@example.net\nAction: deliverable\n"
+                              "Status: 2.1.5\nDiagnostic-Code: smtp; 250 2.1.5 Ok\n"))
+    assert (r.recipients[0].category, r.recipients[0].bounce_class) == (None, None)

@@ -213,6 +213,25 @@ CLASSIFY = [
     (None, "5.2.3 Message too large", "response_text", P, "quota", "soft", False),
     (None, "Host or domain name not found", "response_text", P, "bad-domain", "hard", False),
     (352, "5.2.2 mailbox is stuffed", "rcpt", P, "quota", "soft", False),
+    # --- provider texts (each rule names its source in bounce_rules.py)
+    (None, "User x (a@b.example) not listed in Domino Directory", "response_text", P,
+     "invalid-recipient", "hard", False),
+    (554, "IP=192.0.2.1 - A problem occurred. (Ask your postmaster for help) (BL)", "rcpt", P,
+     "spam-block", "block", False),
+    (None, "Il se peut que le groupe n'existe pas. https://groups.google.com/support/",
+     "response_text", P, "policy", "block", False),
+    (550, ("5.2.1 <a@b.example>: Recipient address rejected: User unknown. See "
+           "https://example.org/en/reason/#filtered"), "rcpt", P, "invalid-recipient", "hard",
+     False),
+    (554, "Blocked - see https://support.proofpoint.com/dnsbl-lookup.cgi?ip=192.0.2.1",
+     "rcpt", P, "spam-block", "block", False),
+    (421, "example.org (smtp)... Deferred: Connection timed out during user open", "rcpt", T,
+     "no-answer", "soft", True),
+    (452, "4.4.5 Insufficient disk space; try again later", "mail", T, "quota", "soft", False),
+    (None, "Reason: Illegal host/domain name found", "response_text", P, "bad-domain", "hard",
+     False),
+    (None, "Final-Recipient: RFC822; a@b.example Action: failed", "response_text", T, "other",
+     "soft", False),
 ]
 
 

@@ -76,7 +76,7 @@ def test_records_change_the_state_and_snapshot_it_with_the_outbox():
     st = q.QueueState()
     rows, _ = check_rows("add", [["a@x.test"], ["b@x.test"]], NOW)
     ev = st.apply(q.suppress_record("add", rows, NOW, propagate=True), 1)
-    assert ev["type"] == "Suppression" and ev["count"] == 2
+    assert ev["type"] == "Suppression" and ev["count"] == 2 and ev["id"] is None
     assert len(st.suppression) == 2 and len(st.suppress_outbox) == 2
     st.apply(q.suppress_record("sent", ["a@x.test"], NOW), 2)
     assert list(st.suppress_outbox) == ["b@x.test"]

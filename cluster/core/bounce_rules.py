@@ -2,8 +2,9 @@
 
 Role: the shipped rules as data (:data:`RULES`), their validation, the TOML form operators use to
 extend or replace them (:func:`rules_from_toml`, wired to ``[classification] rules_file``), and
-their compilation into one regular expression (:class:`RuleSet`) that finds the first matching
-rule in one pass. :mod:`cluster.core.replies` uses it to classify every failure.
+their compilation (:class:`RuleSet`: the fitting rules per code, enhanced code and phase worked
+out once, each text searched only where a literal prefilter admits it) to find the first
+matching rule. :mod:`cluster.core.replies` uses it to classify every failure.
 
 Categories (:data:`CATEGORIES`, modelled on KumoMTA's and PowerMTA's bounce categories) say what
 went wrong; classes (:data:`CLASSES`) say what a sender must do about it:
@@ -180,10 +181,134 @@ def _enh_regex(enh: str | None) -> str:
             + r"\." + (r"\d+" if d == "*" else str(int(d))))
 
 
+# --- the prefilter: which rules' texts can match at all --------------------------------------
+# Each rule's text is searched only when the reply contains a literal that every match of the
+# text must contain: for a branch that starts "\bword", a word of the reply starting with
+# "word" (checked against a set of word prefixes, one set operation per rule); for a branch
+# that starts with another literal, that literal as a substring. A rule whose branches do not
+# all start so is always searched. Sound, not heuristic: the prefilter only skips searches
+# that cannot succeed (texts are matched case-insensitively; the reply is compared
+# case-folded, with the two letters that IGNORECASE equates with "i" but casefold() does not,
+# U+0130 and U+0131, mapped to "i").
+_PREFIX_LEN = 4
+_FOLD_I = {0x130: "i", 0x131: "i"}
+_WORD = re.compile(r"\w+")
+
+
+def _literal_triggers(text: str) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """(word prefixes, substrings) one of which every match of ``text`` contains; None when
+    some branch has no such literal (the rule is then always searched). Reads the text with
+    the stdlib's own regex parser; should that ever change shape, every rule is searched."""
+    try:
+        from re import _constants as c  # type: ignore[attr-defined]
+        from re import _parser as sp  # type: ignore[attr-defined]
+    except ImportError:
+        return None
+
+    prefixes: set[str] = set()
+    subs: set[str] = set()
+
+    def seq(items: list[tuple[Any, Any]], boundary: bool) -> bool:
+        i = 0
+        while i < len(items):
+            op, av = items[i]
+            if op is c.AT:
+                boundary = boundary or av is c.AT_BOUNDARY
+            elif op not in (c.ASSERT, c.ASSERT_NOT):
+                break
+            i += 1
+        if i == len(items):
+            return False
+        # a long literal anywhere in the sequence is required as much as a leading one, and
+        # more selective than a short leading one ("e-?mail", "(?:mail|message) ... rejected")
+        runs, run = [], ""
+        for op, av in items[i:]:
+            if op is c.LITERAL:
+                run += chr(av)
+                continue
+            if run:
+                runs.append(run)
+            run = ""
+        runs.append(run)
+        lead = runs[0] if items[i][0] is c.LITERAL else ""
+        lead_word = _WORD.match(lead.casefold()) if lead.isascii() else None
+        if not (boundary and lead_word and len(lead_word.group(0)) >= _PREFIX_LEN):
+            best = max((r for r in runs if r.isascii()), key=len, default="")
+            if len(best) >= 3:
+                subs.add(best.casefold())
+                return True
+        op, av = items[i]
+        if op is c.LITERAL:
+            lit = ""
+            while i < len(items) and items[i][0] is c.LITERAL:
+                lit += chr(items[i][1])
+                i += 1
+            if not lit.isascii():
+                return False
+            lit = lit.casefold()
+            word = _WORD.match(lit)
+            if boundary and word:
+                prefixes.add(word.group(0)[:_PREFIX_LEN])
+            else:
+                subs.add(lit)
+            return True
+        if op is c.SUBPATTERN:
+            return alternatives(av[-1], boundary)
+        if op is c.BRANCH:
+            return all(seq(list(b), boundary) for b in av[1])
+        return False
+
+    def alternatives(pattern: Any, boundary: bool) -> bool:
+        items = list(pattern)
+        if len(items) == 1 and items[0][0] is c.BRANCH:
+            return all(seq(list(b), boundary) for b in items[0][1][1])
+        return seq(items, boundary)
+
+    try:
+        if not alternatives(sp.parse(text, re.IGNORECASE | re.DOTALL), False):
+            return None
+    except Exception:   # noqa: BLE001 - an unexpected parse tree: no prefilter, still correct
+        return None
+    return frozenset(prefixes), tuple(sorted(subs))
+
+
+def _top_branches(text: str) -> list[str]:
+    """``text`` split at its top-level ``|`` (outside groups and character classes): a text
+    matches somewhere iff one of its branches does."""
+    out, depth, start, i, in_class = [], 0, 0, 0, False
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]" or (text[i - 1] == "[" or text[i - 2:i] == "[^")
+        elif ch == "[":
+            in_class = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "|" and depth == 0:
+            out.append(text[start:i])
+            start = i + 1
+        i += 1
+    out.append(text[start:])
+    return out
+
+
 class RuleSet:
-    """Rules compiled into one alternation of named groups: ``match`` tries them in order at the
-    start of a subject line that carries class, code, enhanced code and phase, and returns the
-    first rule that matches (one regex call for the whole table)."""
+    """Rules compiled for matching in order: ``match`` returns the first rule whose code,
+    enhanced code and phase fit the reply (the candidates for each such combination are worked
+    out once and kept) and whose text, if any, is found in the reply's text. A text is searched
+    branch by branch (its top-level alternatives), each only when the literal prefilter above
+    admits it: a reply costs a few small searches, not one per rule."""
+
+    _CANDIDATES_MAX = 4096     # combinations of class, code, enhanced code and phase kept
+    # Replies repeat (a provider's texts, addresses masked by the caller): the rule found for
+    # each of the most recent short ones is kept
+    _MEMO_MAX = 2048
+    _MEMO_TEXT_MAX = 512
 
     def __init__(self, rules: Sequence[BounceRule], source: str = "rules") -> None:
         if not rules:
@@ -192,26 +317,119 @@ class RuleSet:
             _check(r, source, f"{i + 1} ({r.name!r})")
         self.rules: tuple[BounceRule, ...] = tuple(rules)
         self.source = source
-        alts = []
-        for i, r in enumerate(self.rules):
+        self._heads = []
+        # per rule: None (no text), else the ids of its branches; branch ids follow rule order
+        self._branches: list[tuple[int, ...] | None] = []
+        self._owner: list[int] = []                 # branch id -> rule index
+        self._patterns: list[re.Pattern[str]] = []  # branch id -> pattern
+        always: list[int] = []                      # branches without a prefilter
+        by_prefix: dict[str, set[int]] = {}
+        by_sub: dict[str, set[int]] = {}
+        n = 0
+        for ri, r in enumerate(self.rules):
             phase = "(?:" + "|".join(sorted(r.phase)) + ")" if r.phase else r"\w+"
-            text = rf".*?(?:{r.text})" if r.text is not None else ""
-            alts.append(rf"(?P<r{i}>{_code_regex(r.code)} {_enh_regex(r.enhanced)} {phase}\n"
-                        rf"{text})")
-        try:
-            self._pattern = re.compile("|".join(alts), re.IGNORECASE | re.DOTALL)
-        except re.error as e:   # a text that compiles alone but not inside the alternation
-            raise RuleError(source, "-", f"the rules do not compile together: {e}") from None
+            self._heads.append(re.compile(
+                rf"{_code_regex(r.code)} {_enh_regex(r.enhanced)} {phase}\Z", re.IGNORECASE))
+            if r.text is None:
+                self._branches.append(None)
+                continue
+            parts = _top_branches(r.text)
+            try:
+                compiled = [re.compile(b, re.IGNORECASE | re.DOTALL) for b in parts]
+            except re.error:    # a split the lexer got wrong: the whole text, unfiltered
+                parts, compiled = [r.text], [re.compile(r.text, re.IGNORECASE | re.DOTALL)]
+            branches = []
+            for src, pat in zip(parts, compiled):
+                trig = _literal_triggers(src)
+                if trig is None:
+                    always.append(n)
+                for pre in trig[0] if trig else ():
+                    if len(pre) == _PREFIX_LEN:
+                        by_prefix.setdefault(pre, set()).add(n)
+                    else:       # a short word ("ip"): as a substring, one lookup per word
+                        by_sub.setdefault(pre, set()).add(n)
+                for sub in trig[1] if trig else ():
+                    by_sub.setdefault(sub, set()).add(n)
+                branches.append(n)
+                self._owner.append(ri)
+                self._patterns.append(pat)
+                n += 1
+            self._branches.append(tuple(branches))
+        self._always = frozenset(always)
+        self._by_prefix = by_prefix
+        self._by_substring = tuple(by_sub.items())
+        self._candidates: dict[str, tuple[frozenset[int], int | None]] = {}
+        self._memo: dict[tuple[str, str], int] = {}
+
+    def _candidates_for(self, head: str) -> tuple[frozenset[int], int | None]:
+        """The rules with a text whose code, enhanced code and phase fit ``head``, and the
+        first fitting rule without a text (None if none): it ends the search."""
+        found = self._candidates.get(head)
+        if found is None:
+            out, stop = [], None
+            for i, h in enumerate(self._heads):
+                if h.match(head):
+                    if self._branches[i] is None:
+                        stop = i
+                        break
+                    out.append(i)
+            found = (frozenset(out), stop)
+            if len(self._candidates) >= self._CANDIDATES_MAX:
+                self._candidates.clear()
+            self._candidates[head] = found
+        return found
 
     def match(self, klass: int | None, code: int | None, enhanced: str | None, phase: str,
               text: str) -> BounceRule | None:
         """The first rule matching a reply of class ``klass`` (2, 4, 5 or None), basic ``code``,
         normalised ``enhanced`` code, ``phase`` and ``text``; None if none does."""
-        subject = f"{klass or 0}{code or 0:03d} {enhanced or '0.0.0'} {phase}\n{text}"
-        m = self._pattern.match(subject)
-        if m is None or m.lastgroup is None:
-            return None
-        return self.rules[int(m.lastgroup[1:])]
+        head = f"{klass or 0}{code or 0:03d} {enhanced or '0.0.0'} {phase}"
+        memo = len(text) <= self._MEMO_TEXT_MAX
+        if memo:
+            found = self._memo.get((head, text))
+            if found is not None:
+                return self.rules[found] if found >= 0 else None
+        found = self._find(head, text)
+        if memo:
+            if len(self._memo) >= self._MEMO_MAX:
+                self._memo.clear()
+            self._memo[(head, text)] = found
+        return self.rules[found] if found >= 0 else None
+
+    def _find(self, head: str, text: str) -> int:
+        """The index of the first matching rule, -1 if none."""
+        fitting, stop = self._candidates_for(head)
+        if fitting:
+            owner, patterns = self._owner, self._patterns
+            # admitted branches in rule order (branch ids follow it)
+            for n in sorted(self._admitted(text) | self._always):
+                i = owner[n]
+                if stop is not None and i > stop:
+                    break
+                if i in fitting and patterns[n].search(text):
+                    return i
+        return stop if stop is not None else -1
+
+    def _admitted(self, text: str) -> set[int]:
+        """The branches whose prefilter literals occur in ``text``."""
+        if text.isascii():
+            folded = text.lower()
+            words = _WORD.findall(folded)
+        else:
+            # words where the rules' \b sees them, then folded one by one
+            t = text.translate(_FOLD_I)
+            folded = t.casefold()
+            words = [w.casefold() for w in _WORD.findall(t)]
+        admitted: set[int] = set()
+        by_prefix = self._by_prefix
+        for w in set(words):
+            hit = by_prefix.get(w[:_PREFIX_LEN])
+            if hit:
+                admitted |= hit
+        for sub, rules in self._by_substring:
+            if sub in folded:
+                admitted |= rules
+        return admitted
 
     def __len__(self) -> int:
         return len(self.rules)
@@ -306,14 +524,20 @@ _CAUSE: tuple[BounceRule, ...] = (
        r"\b(?:unable|not configured|not allowed|not permitted|denied) to relay\b|\bno relay"),
     _R("sender-not-verified", "policy",
        r"\b(?:address|identit(?:y|ies)|sender|domain)s? (?:is |are )?not verified\b|"
-       r"failed the check"),
+       r"failed the check|"
+       # Gmail / Google Workspace "CustomFromDenied": the 'Send mail as' alias is misconfigured
+       r"\bsend mail as\b"),
     # the recipient's own filters: about this sender, not the address
     _R("recipient-filter", "policy",
        r"recipient(?:'s)? (?:preferences|filter)|blocked by the recipient|"
        r"rejected by (?:the )?recipient|\bfiltered\b|\bcontent filter"),
     # RFC 5322 / RFC 5321 compliance of the message or the session
     _R("not-compliant", "protocol",
-       r"\brfc[- ]?(?:5322|2822|822|5321|2821)\b|\bnot (?:rfc[- ]?)?compliant|non-?compliant|"
+       # ("rfc822;" is the address type of a DSN field, not a complaint about the message)
+       r"\brfc[- ]?(?:5322|2822|822|5321|2821)\b(?!\s*;)|\bnot (?:rfc[- ]?)?compliant|"
+       r"non-?compliant|"
+       # Exim: "recipient addresses that were incorrectly constructed ... malformed address"
+       r"\bincorrectly constructed|\bmalformed address|"
        r"multiple (?:addresses in from|\w+ headers?)|duplicate header|8-?bit data|"
        r"\bbinary content|improperly[- ]formatted|protocol violation|(?:improper|bad) sequence",
        klass="block"),
@@ -327,18 +551,31 @@ _CAUSE: tuple[BounceRule, ...] = (
        r"unexpected volume|max(?:imum)? (?:number of )?(?:messages?|connections?|sessions?) "
        r"(?:per|reached|exceeded)|(?:limit|quota) (?:exceeded|reached) for (?:sending|messages)|"
        r"(?:sending|message|connection) (?:limit|quota) (?:exceeded|reached)", backoff=True),
-    # deferred by the site (Yahoo "[TSS04] ... temporarily deferred")
-    _R("site-deferral", "rate-limited", r"\bdeferred\b|\[(?:TSS?|IPTS)\d+\]", backoff=True),
+    # deferred by the site (Yahoo "[TSS04] ... temporarily deferred"); Sendmail's own status
+    # word "Deferred: <reason>" reports a deferral of any cause and says nothing by itself
+    _R("site-deferral", "rate-limited", r"\bdeferred\b(?!:)|\[(?:TSS?|IPTS)\d+\]",
+       backoff=True),
     # reputation: a 4xx asks us to slow down, a 5xx blocks us
     _R("reputation-4xx", "reputation", r"\breputation\b|\b(?:user|spam) complaints\b",
        code="4xx", backoff=True),
     _R("reputation", "reputation", r"\breputation\b|\b(?:user|spam) complaints\b",
        klass="block", backoff=True),
-    # blocklists (DNSBL/RBL, RFC 5782) and named list operators
+    # IBM/HCL Domino: "User x (addr) not listed in Domino Directory" (older releases: "not
+    # listed in public Name & Address Book"): no such user, not a blocklist
+    _R("domino-not-listed", "invalid-recipient",
+       r"\bnot listed in (?:the )?(?:domino directory|public name (?:&|and) address book)"),
+    # storage of the receiving system (RFC 5321 §4.2.3 452/552 "insufficient system storage";
+    # Sendmail "452 4.4.5 Insufficient disk space"): a full disk, whatever code it came with
+    _R("system-storage", "quota",
+       r"\binsufficient (?:system )?(?:storage|disk)|\bout of (?:disk|storage) space|"
+       r"\bdisk (?:is )?full\b"),
+    # blocklists (DNSBL/RBL, RFC 5782) and named list operators; T-Online's "(BL)"/"(RLY:BL)"
+    # suffix marks an IP on its blocklist (postmaster.t-online.de)
     _R("blocklist", "spam-block",
        r"\b(?:dnsbl|dnsrbl|uribl|surbl|spamhaus|spamcop|sorbs|barracuda|mailspike|uceprotect|"
        r"spamrats|abuseat|senderscore)|rbl\b|\bblocked using\b|"
-       r"\b(?:block|black|deny|ban)[- ]?list(?:ed|ing)?\b|\blisted (?:at|on|in|by)\b"),
+       r"\b(?:block|black|deny|ban)[- ]?list(?:ed|ing)?\b|(?<!not )\blisted (?:at|on|in|by)\b|"
+       r"\((?:\w+:)?BL\)"),
     # reverse DNS / PTR of our IP (RFC 7372 X.7.25; RFC 1912 §2.1): our configuration
     _R("reverse-dns", "policy",
        r"\bptr\b|\breverse (?:dns|lookup|mapping|resolution)|\brdns\b|ip name lookup failed|"
@@ -371,7 +608,10 @@ _CAUSE: tuple[BounceRule, ...] = (
     _R("code-556", "bad-domain", code="556"),
     # Google Groups: posting refused by the group's settings
     _R("group-posting-refused", "policy",
-       r"\bnot have permission to post|\bgroup you tried to contact\b"),
+       r"\bnot have permission to post|\bgroup you tried to contact\b|"
+       # the notice of Google Groups in any language links its help centre (URLs reach the
+       # rules as their host name)
+       r"\bgroups\.google\.com\b"),
     # malware, then spam judgements on the message
     _R("virus", "virus", r"\bvirus|\bmalware|\binfected\b|\btrojan\b|\bworm\b"),
     _R("spam", "spam-content",
@@ -525,6 +765,8 @@ _TEXTS: tuple[BounceRule, ...] = (
        r"\bdomain name not found|\bnxdomain\b|null mx|\bunrout(?:e)?able domain|"
        r"\b(?:host|domain)[ =]\S+ (?:not found|does ?n[o']t exist|unknown)\b|"
        r"\bno mx (?:record|host)s? (?:found )?for|\bno mail exchanger|"
+       # Sun/Oracle Communications Messaging Server: "Illegal host/domain name found"
+       r"\billegal (?:host|domain)(?:/domain)? name|"
        r"\bcould ?n[o']t find (?:a mail exchanger|any host named)|"
        r"\b(?:does ?n[o']t|doesn't|does not) (?:accept|receive) (?:e-?)?mail"),
     # mailbox or system full (X.2.2, X.3.1), message too large (X.2.3, X.3.4)
@@ -545,7 +787,8 @@ _TEXTS: tuple[BounceRule, ...] = (
     # lookups (X.4.3), loops and routes (X.4.4, X.4.6), no answer (X.4.1, X.4.2)
     _R("dns-failure", "dns-failure",
        r"\bmalformed or unexpected name server|\bservfail\b|\bdns (?:error|failure|lookup)|"
-       r"\bname server (?:failure|timeout)|\bhost name lookup failed"),
+       # (Sendmail: "Name server: x.: host name lookup failure", a temporary DNS failure)
+       r"\bname server (?:failure|timeout)|\bhost name lookup fail(?:ed|ure)"),
     _R("routing", "routing",
        r"\btoo many hops|\bhop count|\b(?:mail|routing) loop|\bloops back|\bno route to host|"
        r"\b(?:network|host) (?:is )?unreachable|\bunable to route"),

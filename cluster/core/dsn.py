@@ -27,6 +27,7 @@ gives kind ``unknown`` with the reason. Pure: stdlib ``email`` only, no I/O.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, replace
 from email import policy
@@ -51,7 +52,7 @@ _ULID_RE = re.compile(rf"^{_ULID}$", re.IGNORECASE)
 _VERP_ID = re.compile(rf"-[a-z0-9]{{1,8}}[a-z2-7]{{10}}-({_ULID})@", re.IGNORECASE)
 _ADDR = r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+"
 _ADDR_RE = re.compile(_ADDR)
-_ENH = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?![\w.])")
+_ENH = re.compile(r"(?<![\w.])([245])\.([0-7])\.(\d{1,3})(?![\w.])")   # RFC 3463 subjects
 
 
 @dataclass(frozen=True)
@@ -147,7 +148,8 @@ def _notice_text(msg: Message) -> str:
     html: list[str] = []
 
     def walk(m: Message) -> None:
-        ct = m.get_content_type()
+        # "text/plain\n charset=..." (a missing ";") is still text/plain
+        ct = m.get_content_type().split(None, 1)[0]
         if ct.startswith("message/") or ct == "text/rfc822-headers":
             return
         if m.is_multipart():
@@ -193,7 +195,9 @@ def _classify(diagnostic: str | None, status: str | None, action: str | None,
               rules: RuleSet | None, phase: str = "response_text"
               ) -> tuple[int | None, str | None, str | None]:
     """(reply code, category, class) of one recipient."""
-    if action in ("delivered", "relayed", "expanded"):
+    # RFC 3464 §2.3.3 successes, and "deliverable", which address-verification reports give
+    # (Postfix "sendmail -bv": "Action: deliverable", "Status: 2.1.5")
+    if action in ("delivered", "relayed", "expanded", "deliverable"):
         return None, None, None
     diag = diagnostic or ""
     reply = parse_reply(diag) if diag else None
@@ -274,11 +278,26 @@ def _is_report(m: Message) -> bool:
 def _status_blocks(part: Message) -> list[list[tuple[str, str]]]:
     payload = part.get_payload()
     if isinstance(payload, list):   # compat32: each block parsed as a header block
-        return [[(k.lower(), _one_line(str(v)) or "") for k, v in b.items()]
-                for b in payload if isinstance(b, Message)]
-    text = _text_of(part)
-    blocks = re.split(r"\r?\n[ \t]*\r?\n", text)
-    return [parse_fields(b) for b in blocks if b.strip()]
+        blocks = [[(k.lower(), _one_line(str(v)) or "") for k, v in b.items()]
+                  for b in payload if isinstance(b, Message)]
+    else:
+        text = _text_of(part)
+        blocks = [parse_fields(b) for b in re.split(r"\r?\n[ \t]*\r?\n", text) if b.strip()]
+    return [piece for b in blocks for piece in _split_recipients(b)]
+
+
+def _split_recipients(block: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    """A block holding several recipients' fields with no blank line between them (AOL's
+    reports do this, against RFC 3464 §2.1): a new block starts at a second Final-Recipient
+    or a second Original-Recipient."""
+    out: list[list[tuple[str, str]]] = [[]]
+    for k, v in block:
+        if k in ("final-recipient", "original-recipient"):
+            seen = {n for n, _ in out[-1]}
+            if k in seen:
+                out.append([])
+        out[-1].append((k, v))
+    return [b for b in out if b]
 
 
 def _rfc3464(part: Message, rules: RuleSet | None,
@@ -299,7 +318,17 @@ def _rfc3464(part: Message, rules: RuleSet | None,
         diag = f.get("diagnostic-code")
         if diag and ";" in diag and not diag.lower().startswith(("smtp", "x-")):
             diag = diag.split(";", 1)[1].strip()
-        code, category, klass = _classify(diag, status, action, rules, _phase(diag, notice))
+        explained = diag
+        if not diag:
+            # "Status: 4.0.0 (cat.example.net: host name lookup failure)": a comment in the
+            # Status field is the only explanation a report without a Diagnostic-Code gives
+            # (classified, not reported as the diagnostic)
+            c = re.search(r"\(([^()]{4,})\)", f.get("status") or "")
+            if c and not re.fullmatch(r"[\w ]*(?:permanent|temporary|transient)[\w ]*", c[1],
+                                      re.IGNORECASE):
+                explained = c[1].strip()
+        code, category, klass = _classify(explained, status, action, rules,
+                                          _phase(explained, notice))
         # RFC 3464 §2.3.6: diagnostic-type ";" text; the contract gives the text
         text = diag.split(";", 1)[1] if diag and re.match(r"\s*[\w-]+\s*;", diag) else diag
         recipients.append(Recipient(
@@ -309,6 +338,42 @@ def _rfc3464(part: Message, rules: RuleSet | None,
             remote_mta=_clean_mta(f.get("remote-mta")), reply_code=code,
             category=category, bounce_class=klass))
     return recipients, per_message
+
+
+def _ses_notification(notice: str, rules: RuleSet | None
+                      ) -> tuple[list[Recipient], dict[str, str]]:
+    """An Amazon SES bounce notification (JSON, sent by e-mail directly or inside an SNS
+    envelope whose "Message" is the JSON as a string): ``bounce.bouncedRecipients`` carry
+    RFC 3464 action, status and diagnosticCode (docs.aws.amazon.com/ses, "Contents of
+    notifications"). Other notification types (Delivery, Complaint) give nothing here."""
+    start = notice.find("{")
+    try:
+        # strict=False: a mail system may have wrapped the long line inside a string
+        doc = json.loads(notice[start:], strict=False) if start >= 0 else None
+        if isinstance(doc, dict) and isinstance(doc.get("Message"), str):
+            doc = json.loads(doc["Message"], strict=False)
+    except ValueError:
+        return [], {}
+    if not isinstance(doc, dict) or doc.get("notificationType") != "Bounce" or \
+            not isinstance(doc.get("bounce"), dict):
+        return [], {}
+    bounce = doc["bounce"]
+    out = []
+    for r in bounce.get("bouncedRecipients") or []:
+        if not isinstance(r, dict) or not isinstance(r.get("emailAddress"), str):
+            continue
+        diag = r.get("diagnosticCode") if isinstance(r.get("diagnosticCode"), str) else None
+        status = _status(r.get("status") if isinstance(r.get("status"), str) else None)
+        action = str(r.get("action") or "failed").lower()
+        if status is None and bounce.get("bounceType") == "Transient":
+            status = "4.0.0"
+        code, category, klass = _classify(diag, status, action, rules, _phase(diag))
+        text = diag.split(";", 1)[1] if diag and re.match(r"\s*[\w-]+\s*;", diag) else diag
+        out.append(Recipient(recipient=_clean_addr(r["emailAddress"]), action=action,
+                             status=status, diagnostic=_one_line(text), reply_code=code,
+                             category=category, bounce_class=klass))
+    mta = bounce.get("reportingMTA")
+    return out, ({"reporting-mta": mta} if isinstance(mta, str) else {})
 
 
 def _clean_mta(value: str | None) -> str | None:
@@ -325,7 +390,7 @@ _BOUNCE_SUBJECT = re.compile(
     r"delivery problem|delivery report|failed delivery|permanent (?:error|failure)|"
     r"\bbounce|warning: (?:could not|delayed)|delayed mail|unzustellbar|nicht zustellbar|"
     r"message not delivered|rejected|delivery has failed|delivery error", re.IGNORECASE)
-_DAEMON = re.compile(r"mailer-daemon|postmaster|mail delivery (?:system|subsystem)|"
+_DAEMON = re.compile(r"mailer-daemon|post_?master|mail delivery (?:system|subsystem)|"
                      r"mail administrator|\bmta\b|mdaemon|mailerdaemon", re.IGNORECASE)
 _DELAY = re.compile(r"\b(?:delayed|will (?:be )?retr(?:y|ied)|still trying|not yet been "
                     r"delivered|has not been delivered yet|warning:)", re.IGNORECASE)
@@ -334,19 +399,25 @@ _DELAY = re.compile(r"\b(?:delayed|will (?:be )?retr(?:y|ied)|still trying|not y
 _RCPT_LINE = re.compile(
     rf"^(?P<indent>[ \t]*)(?:>>>\s*)?(?P<label>(?:final-recipient|original-recipient|"
     rf"recipient(?: address)?|failed recipient|address(?:es)?)\s*:\s*(?:rfc822;\s*)?)?"
-    rf"(?:[^<>\n@:\s]{{0,40}}<mailto:(?P<a1>{_ADDR})>|<?(?P<a2>{_ADDR})>?)"
+    rf"(?:[^<>\n@:\s]{{0,40}}<mailto:(?P<a1>{_ADDR})>|[<\"]?(?P<a2>{_ADDR})[>\"]?)"
     rf"(?P<rest>\s*(?:\(.*?\))?\s*(?::|\.\.\.|$|on \w{{3}},|\[).*)$",
     re.IGNORECASE | re.MULTILINE)
 # the command a quoted reply answered (RFC 5321 §3): Postfix "(in reply to end of DATA
 # command)", Exim "after RCPT TO:<...>", "after end of data", Sendmail transcripts ">>> DATA"
 _PHASE_HINTS = (
     (re.compile(r"in reply to (?:end of )?data|after (?:end of )?data\b|>>> data\b|"
-                r"after (?:the )?message (?:body|content)", re.IGNORECASE), "data"),
+                r"after (?:the )?message (?:body|content)|"
+                # m-FILTER: "-------SMTP command\nDATA"
+                r"-smtp command\s+data\b", re.IGNORECASE), "data"),
     (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]", re.IGNORECASE), "rcpt"),
     (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]",
                 re.IGNORECASE), "mail"),
     (re.compile(r"after initial connection|in reply to (?:the )?(?:initial )?(?:greeting|"
-                r"banner)|while connecting|after connect", re.IGNORECASE), "greeting"),
+                r"banner)|while connecting|after connect|"
+                # Postfix: "host x refused to talk to me: <its greeting>"
+                r"refused to talk to me", re.IGNORECASE), "greeting"),
+    # Exim "SMTP error from remote mail server after EHLO x", Postfix "in reply to EHLO"
+    (re.compile(r"after (?:EHLO|HELO)\b|in reply to (?:EHLO|HELO)\b", re.IGNORECASE), "ehlo"),
 )
 
 
@@ -453,8 +524,16 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
             # was:", Exchange's part for administrators): the first one after the address
             pos = whole.lower().find(addr.lower())
             m = _REPLY_IN_TEXT.search(whole, max(pos, 0))
+            before = None
+            if m is None and pos > 0:
+                # "Could not be delivered because of 550 5.1.1 User unknown. The following
+                # recipients were affected: a@b" (MailMarshal and others): the reply before
+                for before in _REPLY_IN_TEXT.finditer(whole, 0, pos):
+                    pass
             if m:
                 diag = f"{para} {whole[m.start():m.start() + 600]}".strip()
+            elif before is not None:
+                diag = whole[before.start():pos].strip()
             elif len(para) <= 20:
                 diag = whole[:1500]
         context = diag
@@ -577,6 +656,9 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
     if status_part is not None:
         recipients, per_message = _rfc3464(status_part, rules, notice)
         fmt = "rfc3464"
+    elif "notificationType" in notice:
+        recipients, per_message = _ses_notification(notice, rules)
+        fmt = "ses-notification" if recipients else fmt
     sender = (_header(msg, "From") or "").lower()
     looks_bounce = bool(recipients) or bool(_DAEMON.search(sender)) or bool(
         _BOUNCE_SUBJECT.search(subject or "")) or msg.get("X-Failed-Recipients") is not None \
@@ -614,7 +696,8 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
         for i, r in enumerate(recipients):
             t = said.get((r.recipient or "").lower())
             if t is None or r.action not in ("failed", "delayed", None) or (
-                    r.diagnostic and r.category != "other"):
+                    r.category != "other" and (r.diagnostic or r.status and
+                                               not r.status.endswith(".0"))):
                 continue
             diag = t.diagnostic if not r.diagnostic else f"{r.diagnostic} {t.diagnostic}"
             code, category, klass = _classify(diag, r.status, r.action, rules,

@@ -339,8 +339,9 @@ class QueueState:
             if op == "add" and propagate:
                 for row in rows:
                     self.suppress_outbox[entry_key(row[0], row[1])] = row
+            # (every event has an "id": None when it is about no one message)
             return {"seq": lsn, "type": "Suppression" if op == "add" else "Unsuppression",
-                    "ts": ts, "count": len(rows),
+                    "ts": ts, "id": None, "count": len(rows),
                     "entries": [{"address": r[0], "scope": r[1],
                                  **({"reason": r[2], "cause": r[5]} if op == "add" else {})}
                                 for r in rows[:20]]}

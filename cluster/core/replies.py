@@ -53,7 +53,8 @@ class Outcome(str, enum.Enum):
 # Servers in the wild also send 1xx/3xx codes and second digits above 5 (570, 571): accepted.
 _CODE_LINE = re.compile(r"(?P<code>[1-5]\d\d)(?:(?P<sep>[ -])(?P<rest>.*)|$)", re.DOTALL)
 # RFC 3463 §2: class.subject.detail, class 2/4/5, subject and detail 1-3 digits.
-_ENH = r"[245]\.\d{1,3}\.\d{1,3}"
+# Subjects 0-7 are the ones RFC 3463 §3 defines: "5.13.68" in a version string is not a code.
+_ENH = r"[245]\.[0-7]\.\d{1,3}"
 _ENH_LEAD = re.compile(rf"#?(?P<enh>{_ENH})(?!\d|\.\d)[\s:;,-]*", re.DOTALL)
 _ENH_ANY = re.compile(rf"(?<![\w.])#?(?P<enh>{_ENH})(?!\d|\.\d)")
 _ENH_FULL = re.compile(r"(?P<c>[245])\.(?P<s>\d{1,3})\.(?P<d>\d{1,3})")
@@ -64,6 +65,7 @@ _PREFIX = re.compile(r"(?:e?smtp\s*;\s*|[#:]\s*|.{0,200}?\bsaid:\s*)", re.IGNORE
 # SMTP reply, so a number there is not a reply code.
 _NON_SMTP_DIAG = re.compile(r"x-[\w.-]+\s*;\s*", re.IGNORECASE)
 # A second reply embedded in text: "220-laposte 421 4.2.1 Service refused".
+_QUOTED_REPLY = re.compile(rf"(?<![\w.])(?P<code>[45]\d\d)[ -]['\"]?(?P<enh>{_ENH})(?!\d|\.\d)\s*")
 _EMBEDDED = re.compile(rf"(?<!\S)(?P<code>[45]\d\d)[ -](?P<enh>{_ENH})(?!\d|\.\d)\s*")
 
 
@@ -148,6 +150,14 @@ def parse_reply(line: str) -> Reply:
             if code is None or a["enh"][0] == str(code)[0]:
                 enhanced = _norm_enhanced(a["enh"])
                 break
+    if code is None and enhanced is not None and enhanced.endswith(".0"):
+        # a relay's generic status, then the remote server's own reply quoted (Amazon SES:
+        # "5.1.0 - Unknown address error 550-'5.7.1 <a@b>... Access denied'"): the remote
+        # reply is the more specific, and its words are the reply's
+        q = _QUOTED_REPLY.search(text)
+        if q:
+            code, enhanced = int(q["code"]), _norm_enhanced(q["enh"])
+            text = text[q.end():].strip(" '\"")
     if code is not None and enhanced is not None:
         text = _unflatten(text, code, enhanced)
     return Reply(code, enhanced, text.strip())
@@ -182,12 +192,21 @@ AUTO_REPLY = re.compile(
 
 _TOO_MANY_RECIPIENTS = re.compile(r"too many recipients", re.IGNORECASE)
 # Rules read the start of a text only: a reply says what it means early, and the cost of the
-# one-pass match grows with the text (4 KiB: ~0.1 ms; 100 KB would take ~0.5 s)
+# match grows with the text
 _RULE_TEXT_MAX = 4096
 
 # Addresses are masked before the rules run: a local part such as "userunknown@" or
 # "filtered@" is not a statement by the server.
 _ADDRESS = re.compile(r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+")
+# URLs reach the rules without their query and fragment ("?p=...", "/reason/#filtered" name
+# a help page, not what happened), while host and path can say it ("www.spamhaus.org",
+# "groups.google.com", ".../dnsbl-lookup.cgi")
+_URL = re.compile(r"\bhttps?://([\w.-]+(?:/[^\s<>\"'()?#]*)?)[^\s<>\"')]*", re.IGNORECASE)
+
+
+def _mask(text: str) -> str:
+    text = _ADDRESS.sub("addr", text)
+    return _URL.sub(r"\1", text) if "://" in text else text
 
 
 @dataclass(frozen=True)
@@ -269,7 +288,7 @@ def classify(code: int | None, text: str = "", *, enhanced: str | None = None,
         return Classification(Outcome.DELIVERED, None, code, enhanced, body, rule="auto-reply")
 
     rule = (rules or DEFAULT_RULES).match(klass, code, enhanced, phase,
-                                          _ADDRESS.sub("addr", body[:_RULE_TEXT_MAX]))
+                                          _mask(body[:_RULE_TEXT_MAX]))
     if rule is None:   # an operator's replacement set without a catch-all
         category, bclass, backoff, name = "other", "soft", False, ""
     else:
