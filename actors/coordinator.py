@@ -1096,7 +1096,8 @@ class QueueCoordinator:
                                           else "hard-bounce", f"{kind} about {mid or '?'}"]],
                                  now, ttl=self.cfg.suppression.hard_bounce_ttl)
             if good and (kind == "complaint" or (self.cfg.suppression.from_bounces and
-                                                 it.get("category") in HARD_CATEGORIES)):
+                                                 it.get("category") in HARD_CATEGORIES and
+                                                 it.get("class") in (None, "hard"))):
                 rows.extend(good)
         if rows:
             recs.append(q.suppress_record("add", rows, now, propagate=True))

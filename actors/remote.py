@@ -18,6 +18,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.bounce_listener import BounceListener, bounce_listener_name
 from actors.coordinator import QueueCoordinator
 from actors.relay_pool import RelayPool
 from actors.replica_log import ReplicaLog
@@ -26,7 +27,8 @@ from cluster.config import Config, EgressSource
 
 __all__ = ["coordinator_name", "replica_name", "relay_name", "ensure_coordinator",
            "ensure_replica", "ensure_throttle", "ensure_relay", "list_relays", "node_regions",
-           "shard_placement", "RemoteCoordinator", "RemoteReplica", "RemoteThrottle",
+           "shard_placement", "ensure_bounce_listener", "bounce_listener_nodes",
+           "RemoteBounceListener", "RemoteCoordinator", "RemoteReplica", "RemoteThrottle",
            "RemoteRelay"]
 
 # Every actor is restarted by Ray for ever; calls into a restarting actor wait and are retried
@@ -39,6 +41,7 @@ RemoteCoordinator = ray.remote(**_COMMON)(QueueCoordinator)
 RemoteThrottle = ray.remote(**_COMMON)(SiteThrottle)
 RemoteRelay = ray.remote(**_COMMON)(RelayPool)
 RemoteReplica = ray.remote(**_COMMON)(ReplicaLog)
+RemoteBounceListener = ray.remote(**_COMMON)(BounceListener)
 
 
 def coordinator_name(shard: int) -> str:
@@ -129,3 +132,28 @@ def list_relays(namespace: str) -> list[str]:
     return sorted(a["name"] for a in names
                   if a.get("namespace") == namespace and a["name"].startswith("relay:")
                   and a["name"].split(":")[1] in alive)
+
+
+def bounce_listener_nodes() -> list[str]:
+    """Where bounce listeners run: every live node labelled ``role=ingress`` (or with an
+    ``ingress`` resource); the head node when there is none."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    ingress = [n["NodeID"] for n in alive
+               if (n.get("Labels") or {}).get("role") == "ingress"
+               or "ingress" in n.get("Resources", {})]
+    if ingress:
+        return ingress
+    head = [n["NodeID"] for n in alive
+            if "node:__internal_head__" in n.get("Resources", {})]
+    return head[:1] or [n["NodeID"] for n in alive][:1]
+
+
+def ensure_bounce_listener(cfg: Config, node_id: str, *, detached: bool = False) -> Any:
+    """The bounce/FBL listener of ``node_id`` (it binds ``bounce.listen_host`` there)."""
+    opts: dict[str, Any] = dict(
+        name=bounce_listener_name(node_id), namespace=cfg.cluster.namespace,
+        get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    if detached:
+        opts["lifetime"] = "detached"
+    return RemoteBounceListener.options(**opts).remote(cfg, bounce_listener_name(node_id))

@@ -25,12 +25,15 @@ from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
+from cluster.core.verp import VerpError, VerpKeys
 
 __all__ = [
     "ClassificationConfig",
     "ConfigError",
     "ReplicationConfig",
     "BackupConfig",
+    "BounceConfig",
+    "UnsubscribeConfig",
     "SpoolConfig",
     "QueueConfig",
     "DnsConfig",
@@ -296,6 +299,48 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class BounceConfig:
+    """``[bounce]``: VERP return paths at send time and the bounce/FBL listener (README,
+    "Bounce listener"). ``domain`` empty = off: messages keep their submitted envelope sender
+    and no listener runs. The secrets sit in ``keys`` (a :class:`VerpKeys`, whose repr leaves
+    them out); nothing here ever names a secret in a message."""
+
+    #: the return-path domain (its MX is the bounce listener); "" = VERP and listener off
+    domain: str = ""
+    prefix: str = "b"
+    #: the accepted VERP keys; the first listed signs (None when off)
+    keys: VerpKeys | None = None
+    #: where each listener binds (on its node)
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2526
+    #: feedback-loop (ARF) reports are also accepted for this address ("" = none)
+    fbl_address: str = ""
+    #: largest report accepted (SIZE, RFC 1870); bigger ones are refused with 552
+    max_message_size: int = 2_000_000
+    #: how long a report waits for its shard before the sender is told 451 (try later)
+    report_timeout: float = 30.0
+    #: the one-click unsubscribe HTTP endpoint (POST /u/TOKEN, RFC 8058) of each listener:
+    #: 0 = none (a reverse proxy terminates HTTPS in front of it)
+    http_port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.domain) and self.keys is not None
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    """One ``[[unsubscribe]]``: mail from ``domain`` (or a sub-domain) gets List-Unsubscribe
+    (``url_base`` + token, and/or the mailto at the bounce domain) and List-Unsubscribe-Post;
+    the token is signed with ``keys`` (first signs, all verify; never shown)."""
+
+    domain: str
+    url_base: str = ""
+    mailto: bool = True
+    keys: VerpKeys | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -311,6 +356,8 @@ class Config:
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    unsubscribe: tuple[UnsubscribeConfig, ...] = ()
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -824,7 +871,8 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "classification", "suppression", "dkim"}
+        "replication", "backup", "classification", "suppression", "dkim", "bounce",
+        "unsubscribe"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -832,6 +880,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     are taken from ``base`` (the config file's directory), else the working directory."""
     _check_keys(raw, _TOP, "")
     egress = _parse_egress(raw.get("egress"))
+    bounce = _parse_bounce(_table(raw, "bounce", ""), base)
     sd_raw = _table(raw, "site_defaults", "")
     _check_keys(sd_raw, _LIMIT_KEYS, "site_defaults")
     site_defaults = _parse_limits(sd_raw, SiteLimits(), "site_defaults", egress)
@@ -850,7 +899,138 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         classification=_parse_classification(_table(raw, "classification", ""), base),
         suppression=_parse_suppression(_table(raw, "suppression", "")),
         dkim=_parse_dkim(_table(raw, "dkim", "")),
+        bounce=bounce,
+        unsubscribe=_parse_unsubscribe(raw.get("unsubscribe"), bounce, base),
     )
+
+
+def _verp_secret(v: Any, key: str) -> bytes:
+    # never put the value in the error: it is a secret
+    if not isinstance(v, str) or len(v.encode()) < 16:
+        raise ConfigError(key, "expected a string of at least 16 bytes (e.g. 32 random bytes "
+                          "as hex; the value is not shown)")
+    return v.encode()
+
+
+def _read_verp_key_file(name: str, base: Path | None, key: str) -> list[tuple[str, bytes]]:
+    """A secret file: one ``<key id> <secret>`` a line (``#`` comments); the first signs."""
+    path = Path(name)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kid, _, secret = line.partition(" ")
+        if not secret.strip():
+            raise ConfigError(key, f"{path} line {n}: expected '<key id> <secret>'")
+        out.append((kid, _verp_secret(secret.strip(), f"{key} ({path} line {n})")))
+    return out
+
+
+def _parse_hmac_keys(raw: Mapping[str, Any], w: str, base: Path | None) -> VerpKeys:
+    """``keys = [{id, secret}, ...]`` and/or ``key_file``: the first listed signs."""
+    pairs: list[tuple[str, bytes]] = []
+    keys_raw = raw.get("keys", [])
+    if not isinstance(keys_raw, list):
+        raise ConfigError(f"{w}.keys", "expected an array of {id = ..., secret = ...} tables")
+    for i, kr in enumerate(keys_raw):
+        k = f"{w}.keys[{i}]"
+        if not isinstance(kr, Mapping):
+            raise ConfigError(k, "expected a table {id = ..., secret = ...}")
+        _check_keys(kr, {"id", "secret"}, k)
+        if "id" not in kr or "secret" not in kr:
+            raise ConfigError(k, "needs both id and secret")
+        pairs.append((_str(kr["id"], f"{k}.id"), _verp_secret(kr["secret"], f"{k}.secret")))
+    if "key_file" in raw:
+        pairs += _read_verp_key_file(_str(raw["key_file"], f"{w}.key_file"), base,
+                                     f"{w}.key_file")
+    if not pairs:
+        raise ConfigError(f"{w}.keys", "no key: give keys = [{id, secret}] or key_file")
+    seen: dict[str, bytes] = {}
+    for kid, secret in pairs:
+        if kid in seen:
+            raise ConfigError(f"{w}.keys", f"key id {kid!r} is listed twice")
+        seen[kid] = secret
+    try:
+        return VerpKeys(current=pairs[0][0], keys=seen)
+    except VerpError as e:   # names the key id, never the secret
+        raise ConfigError(f"{w}.keys", str(e)) from None
+
+
+def _parse_bounce(raw: Mapping[str, Any], base: Path | None) -> BounceConfig:
+    w = "bounce"
+    _check_keys(raw, {f.name for f in fields(BounceConfig)} | {"key_file"}, w)
+    d = BounceConfig()
+    if not raw:
+        return d
+    if "domain" not in raw:
+        raise ConfigError(f"{w}.domain", "missing (required: the return-path domain)")
+    domain = _domain_name(raw["domain"], f"{w}.domain")
+    keys = _parse_hmac_keys(raw, w, base)
+    prefix = _str(raw.get("prefix", d.prefix), f"{w}.prefix").lower()
+    from cluster.core.verp import encode
+    try:   # the prefix and domain must make a VERP address
+        encode("0" * 26, keys, prefix=prefix, domain=domain)
+    except VerpError as e:
+        raise ConfigError(f"{w}.prefix", str(e)) from None
+    fbl = _str(raw.get("fbl_address", ""), f"{w}.fbl_address").strip().lower()
+    if fbl and ("@" not in fbl or fbl.startswith("@") or fbl.endswith("@")):
+        raise ConfigError(f"{w}.fbl_address", f"expected an address, got {fbl!r}")
+    host = _str(raw.get("listen_host", d.listen_host), f"{w}.listen_host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{w}.listen_host", f"expected an IP address, got {host!r}") from None
+    return BounceConfig(
+        domain=domain, prefix=prefix, keys=keys, listen_host=host,
+        listen_port=_int(raw.get("listen_port", d.listen_port), f"{w}.listen_port",
+                         minimum=0, maximum=65535),
+        fbl_address=fbl,
+        max_message_size=_size(raw.get("max_message_size", d.max_message_size),
+                               f"{w}.max_message_size"),
+        report_timeout=_dur(raw.get("report_timeout", d.report_timeout),
+                            f"{w}.report_timeout"),
+        http_port=_int(raw.get("http_port", d.http_port), f"{w}.http_port", minimum=0,
+                       maximum=65535))
+
+
+def _parse_unsubscribe(raw: Any, bounce: BounceConfig,
+                       base: Path | None) -> tuple[UnsubscribeConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("unsubscribe", "expected an array of tables ([[unsubscribe]])")
+    out: list[UnsubscribeConfig] = []
+    for i, u in enumerate(raw):
+        w = f"unsubscribe[{i}]"
+        if not isinstance(u, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(u, {"domain", "url_base", "mailto", "keys", "key_file"}, w)
+        if "domain" not in u:
+            raise ConfigError(f"{w}.domain", "missing (required: the sender domain)")
+        domain = _domain_name(u["domain"], f"{w}.domain")
+        if any(x.domain == domain for x in out):
+            raise ConfigError(f"{w}.domain", f"{domain} is listed twice")
+        url = _str(u.get("url_base", ""), f"{w}.url_base")
+        if url and not url.startswith("https://"):
+            raise ConfigError(f"{w}.url_base", "must be an https:// URL (RFC 8058 §3.1)")
+        mailto = _bool(u.get("mailto", True), f"{w}.mailto")
+        if mailto and not bounce.enabled:
+            raise ConfigError(f"{w}.mailto", "needs [bounce] (the address is at the bounce "
+                              "domain): set [bounce] or mailto = false")
+        if not url and not mailto:
+            raise ConfigError(w, "give url_base, mailto = true, or both")
+        out.append(UnsubscribeConfig(domain=domain, url_base=url, mailto=mailto,
+                                     keys=_parse_hmac_keys(u, w, base)))
+    return tuple(out)
 
 
 def _parse_suppression(raw: Mapping[str, Any]) -> SuppressionConfig:

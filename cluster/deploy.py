@@ -100,6 +100,12 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
                 cfg, shard, slot, nodes[slot], nodes, detached=detached)
         handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, nodes[0], nodes,
                                                               detached=detached)
+    if cfg.bounce.enabled:
+        from actors.remote import bounce_listener_nodes, ensure_bounce_listener
+        from actors.bounce_listener import bounce_listener_name
+        for node in bounce_listener_nodes():
+            handles[bounce_listener_name(node)] = ensure_bounce_listener(cfg, node,
+                                                                         detached=detached)
     wait_ready(handles)
     return handles
 
