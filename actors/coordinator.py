@@ -47,7 +47,11 @@ from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
 
-__all__ = ["QueueCoordinator"]
+__all__ = ["QueueCoordinator", "SHAPE_BUCKETS"]
+
+#: `raymta queue` age buckets (upper bounds, seconds), after Postfix's qshape: 5, 10, 20, 40,
+#: 80, 160 minutes, then older
+SHAPE_BUCKETS = (300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0)
 
 log = logging.getLogger("raymta.coordinator")
 
@@ -575,6 +579,8 @@ class QueueCoordinator:
                 recs.extend(self._dns_fail_records(domain, r, now))
                 continue
             assert r.site is not None
+            if st.suspended and st.is_suspended(domain, r.site.key, now):
+                continue   # an operator's `raymta suspend`: the mail waits, ready
             d = demand.get(r.site.key)
             if d is None:
                 demand[r.site.key] = [st.ready_live[domain], [domain], r.site]
@@ -1031,6 +1037,72 @@ class QueueCoordinator:
                 "committed": self.repl.committed, "members_version": list(
                     self.repl.members.version), "copies": self.repl.lag(),
                 **self.repl.counters}
+
+    # ------------------------------------------------------------------ operators
+    async def suspend(self, key: str, until: float) -> dict[str, Any]:
+        """Stop dispatching to a domain or site (``key``) until ``until`` (0 = resume now);
+        durable: a restarted leader keeps it. Messages in flight finish; ready ones wait."""
+        await self._until_serving()
+        if type(key) is not str or not key or len(key) > 255:
+            raise ValueError(f"site: {key!r} is not a domain or site name")
+        now = time.time()
+        await self._commit([q.pause_record(key.lower(), float(until), now)])
+        n = sum(1 for m in self.state.messages.values()
+                if m.domain == key.lower() or m.site == key.lower())
+        return {"shard": self.shard, "site": key.lower(), "until": until, "messages": n}
+
+    async def retry_now(self, key: str) -> int:
+        """Deferred messages for a domain or site become ready now (``raymta retry``)."""
+        await self._until_serving()
+        k = key.lower()
+        now = time.time()
+        ids = [m.id for m in self.state.messages.values()
+               if m.state == q.DEFERRED and (m.domain == k or m.site == k)]
+        for mid in ids:
+            m = self.state.messages[mid]
+            self.state._defer(m, now)       # due now: the next round promotes it
+        assert self._dispatch_wake is not None
+        self._dispatch_wake.set()
+        return len(ids)
+
+    async def select(self, domain: str | None = None, tag: str | None = None,
+                     limit: int = 1_000_000) -> list[str]:
+        """Ids of live messages to ``domain`` and/or carrying tag ``key=value``."""
+        await self._until_serving()
+        d = domain.lower() if domain else None
+        tk, _, tv = (tag or "").partition("=")
+        out = []
+        for m in self.state.messages.values():
+            if d and m.domain != d:
+                continue
+            if tag and (not m.tags or m.tags.get(tk) != tv):
+                continue
+            out.append(m.id)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def inspect(self, mid: str) -> dict[str, Any] | None:
+        """One message as an operator sees it: envelope, tags, state, attempts, last reply,
+        next attempt, and its header section (the body is not shown)."""
+        await self._until_serving()
+        st = self.state.status(mid)
+        m = self.state.messages.get(mid)
+        if st is None:
+            return None
+        out = dict(st)
+        if m is not None:
+            body = self.state.bodies[m.body_id].data
+            end = body.find(b"\r\n\r\n")
+            head = body[: end if 0 <= end < 65536 else 65536]
+            out.update({"sender": m.sender, "tags": m.tags, "metadata": m.metadata,
+                        "idempotency_key": m.idempotency_key, "size": len(body),
+                        "headers": head.decode("utf-8", "replace")})
+        return out
+
+    async def queue_shape(self, top: int = 20) -> dict[str, Any]:
+        await self._until_serving()
+        return self.state.shape(time.time(), SHAPE_BUCKETS, top)
 
     # ------------------------------------------------------------------ suppression, reports
     async def _commit(self, records: list[Any]) -> None:

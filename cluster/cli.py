@@ -307,6 +307,90 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds < 3600 else f"{seconds / 3600:g}h"
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """A qshape-like table: destination domains × age buckets."""
+    mc = _attach(args.address, args.config)
+    shape = mc.queue_shape(args.top)
+    if args.json:
+        print(json.dumps(shape))
+        return 0
+    heads = ["T"] + [f"<{_age(b)}" for b in shape["buckets"]] + \
+        [f">{_age(shape['buckets'][-1])}"]
+    rows = [["TOTAL"] + [sum(r[i] for r in shape["domains"].values())
+                         for i in range(len(heads) - 1)]]
+    rows += [[d] + row for d, row in shape["domains"].items()]
+    width = max([len(str(r[0])) for r in rows] + [6])
+    print(f"{'domain':<{width}} {'total':>7} " + " ".join(f"{h:>6}" for h in heads[1:]))
+    for r in rows:
+        print(f"{r[0]:<{width}} {sum(r[1:]):>7} " + " ".join(f"{v:>6}" for v in r[1:]))
+    print("states: " + ", ".join(f"{k} {v}" for k, v in shape["states"].items()))
+    return 0
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    from cluster.core.ratespec import parse_duration
+    mc = _attach(args.address, args.config)
+    if args.cmd == "resume":
+        res = mc.resume(args.site)
+        print(json.dumps(res) if args.json else f"resumed {res['site']}")
+        return 0
+    seconds = parse_duration(args.for_)
+    res = mc.suspend(args.site, seconds)
+    print(json.dumps(res) if args.json else
+          f"suspended {res['site']} for {args.for_} ({res['messages']} messages wait; "
+          "those in flight finish)")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    n = mc.retry_now(args.site)
+    print(json.dumps({"site": args.site, "retried": n}) if args.json else
+          f"{n} deferred messages for {args.site} will be tried now")
+    return 0
+
+
+def cmd_bounce(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    if not (args.domain or args.tag or args.id):
+        raise SystemExit("raymta bounce: give --domain D, --tag key=value or --id ID")
+    res = mc.admin_bounce(domain=args.domain, tag=args.tag, ids=args.id)
+    print(json.dumps(res) if args.json else
+          ", ".join(f"{v} {k}" for k, v in res.items()) or "nothing matched")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    info = mc.inspect(args.id)
+    if info is None:
+        print(f"raymta: no message {args.id} (unknown, or finished too long ago)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    headers = info.pop("headers", "")
+    for k, v in info.items():
+        print(f"{k:>16}: {v}")
+    if headers:
+        print("\n" + headers.replace("\r\n", "\n"))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    cfg = load_config(args.file)     # a ConfigError names the key and the problem
+    print(f"{args.file}: ok ({cfg.queue.shards} shards x {cfg.cluster.replicas} copies, "
+          f"{len(cfg.egress)} egress sources, {len(cfg.sites)} site rules, "
+          f"{len(cfg.dkim.keys)} DKIM keys)")
+    return 0
+
+
 SUPPRESSION_CSV = ["address", "scope", "reason", "created", "expires_at", "cause"]
 
 
@@ -556,6 +640,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", nargs="?", default="./raymta-backups",
                    help="directory (a time-stamped sub-directory is made in it)")
     p.set_defaults(fn=cmd_backup)
+    p = sub.add_parser("queue", help="queue shape: destination domains x age (like qshape)")
+    common(p)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_queue)
+    for name, what in (("suspend", "stop dispatching to a domain or site for a while"),
+                       ("resume", "dispatch to a suspended domain or site again")):
+        p = sub.add_parser(name, help=what)
+        common(p)
+        p.add_argument("site", help="a destination domain or site name")
+        if name == "suspend":
+            p.add_argument("--for", dest="for_", default="1h", help="how long (e.g. 2h)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=cmd_suspend)
+    p = sub.add_parser("retry", help="try the deferred mail of a domain or site now")
+    common(p)
+    p.add_argument("--site", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_retry)
+    p = sub.add_parser("bounce", help="bounce queued mail by domain, tag or id (AdminBounce)")
+    common(p)
+    p.add_argument("--domain")
+    p.add_argument("--tag", help="key=value")
+    p.add_argument("--id", action="append")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bounce)
+    p = sub.add_parser("inspect", help="one message: envelope, state, attempts, headers")
+    common(p)
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("config", help="config check FILE: parse and check a config file")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_config_check)
     p = sub.add_parser("suppress", help="the suppression list: add, remove, list, import, "
                        "export (CSV)")
     common(p)
