@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,23 +40,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from cluster.config import load_config
     from cluster.deploy import deploy, join_with_token
+    from cluster.deploy import NoCluster, find_cluster, start_head
     cfg = load_config(args.config)
-    join_with_token()
     try:
-        ray.init(address=args.address, namespace=cfg.cluster.namespace, log_to_driver=False)
-    except ConnectionError:
+        address = find_cluster(args.address)
+    except NoCluster as e:
         if args.address != "auto":
             raise
-        print("no running Ray cluster: starting a head node on 127.0.0.1")
-        if os.environ.get("RAY_AUTH_MODE", "") != "disabled":
-            # `ray start` turns token auth on only when a token exists: make sure one does
-            subprocess.run(["ray", "get-auth-token", "--generate"], check=True,
-                           stdout=subprocess.DEVNULL)
-        from cluster.deploy import RAY_SYSTEM_CONFIG
-        subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
-                        "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-                        f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}"], check=True)
-        ray.init(address="auto", namespace=cfg.cluster.namespace, log_to_driver=False)
+        # nothing running here, or only a stale address left by an earlier `ray start`
+        print(f"{e}\nstarting a Ray head node on 127.0.0.1")
+        address = start_head()
+    join_with_token()
+    ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
     handles = deploy(cfg, detached=True)
     print(f"raymta deployed in namespace {cfg.cluster.namespace!r}:")
     for name in sorted(handles):
@@ -70,9 +64,10 @@ def cmd_down(args: argparse.Namespace) -> int:
     _loopback_env()
     import ray
 
-    from cluster.deploy import join_with_token
+    from cluster.deploy import find_cluster, join_with_token
+    address = find_cluster(args.address)
     join_with_token()
-    ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+    ray.init(address=address, namespace=args.namespace, log_to_driver=False)
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == args.namespace and a["name"].split(":")[0] in (
@@ -725,6 +720,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="passed on, e.g. --messages 20000 --rounds 3")
     p.set_defaults(fn=cmd_bench)
     argv = sys.argv[1:] if argv is None else list(argv)
+    # before anything imports Ray: it reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import
+    from cluster.connect import prepare
+    address = "auto"
+    for k, a in enumerate(argv):
+        if a == "--address" and k + 1 < len(argv):
+            address = argv[k + 1]
+        elif a.startswith("--address="):
+            address = a.split("=", 1)[1]
+    if argv[:1] in (["demo"], ["bench"], ["parse-bounce"], ["dkim"], ["config"]):
+        address = ""
+    if address:
+        prepare(address)
+    else:
+        from cluster.connect import use_loopback
+        use_loopback()
     if argv[:1] == ["bench"]:
         # everything after `bench` is run_all's (argparse's REMAINDER refuses a first word
         # that looks like an option, so `raymta bench --messages 20000` failed)
@@ -733,9 +743,10 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv)
     from cluster.client import SubmitError
     from cluster.config import ConfigError
+    from cluster.deploy import NoCluster
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, SubmitError, FileNotFoundError) as e:
+    except (ConfigError, SubmitError, FileNotFoundError, NoCluster) as e:
         print(f"raymta: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -225,7 +225,11 @@ class MailCluster:
             return cls(cfg, coords, owns_ray=True, handles=handles,
                        direct=True if direct is None else direct)
         if not ray.is_initialized():
-            from cluster.deploy import join_with_token
+            from cluster.deploy import NoCluster, find_cluster, join_with_token
+            try:   # within seconds, naming the address, rather than minutes of retries
+                address = find_cluster(address)
+            except NoCluster as e:
+                raise SubmitError(str(e)) from None
             join_with_token()
             # The Ray client's head starts a server process per client session; on a busy head
             # that start can fail ("Starting Ray client server failed"): try a few times.

@@ -8,6 +8,7 @@ that joined.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ import ray
 
 from cluster.config import Config, ConfigError, check_dkim_keys
 
-__all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "wait_ready"]
+__all__ = ["LOOPBACK_ENV", "NoCluster", "deploy", "find_cluster", "init_local_ray",
+           "join_with_token", "start_head", "wait_ready"]
 
-#: what the embedded default sets so Ray binds and advertises 127.0.0.1 only
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+from cluster.connect import LOOPBACK_ENV, NoCluster, find_cluster, start_head  # noqa: F401
 
 
 #: Ray settings raymta's cluster runs with (``ray start --system-config`` for a launched
