@@ -3,7 +3,10 @@
 Actor classes stay plain Python (testable without Ray); this module applies ``ray.remote`` with
 the options every kind needs, and finds or creates actors by their parseable names:
 ``coordinator:<shard>``, ``replica:<shard>:<slot>``, ``throttle:pool:<k>`` / ``throttle:<site>``,
-``relay:<node>:<source>``.
+``relay:<node>:<source>``, ``ingress:<node>``.
+
+Ingress listeners go to the nodes that carry an ``ingress`` resource or label (the head node
+when none does), one per node, pinned there: their addresses are that node's.
 
 Placement: the copies of a shard (its leader is copy 0) go to distinct nodes, in distinct
 regions first (a node's region is its ``region`` label, or a ``region:<name>`` resource), by
@@ -19,6 +22,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.coordinator import QueueCoordinator
+from actors.ingress import IngressNode, ingress_name
 from actors.relay_pool import RelayPool
 from actors.replica_log import ReplicaLog
 from actors.site_throttle import SiteThrottle
@@ -26,8 +30,8 @@ from cluster.config import Config, EgressSource
 
 __all__ = ["coordinator_name", "replica_name", "relay_name", "ensure_coordinator",
            "ensure_replica", "ensure_throttle", "ensure_relay", "list_relays", "node_regions",
-           "shard_placement", "RemoteCoordinator", "RemoteReplica", "RemoteThrottle",
-           "RemoteRelay"]
+           "shard_placement", "ingress_nodes", "ensure_ingress", "RemoteCoordinator",
+           "RemoteReplica", "RemoteThrottle", "RemoteRelay", "RemoteIngress"]
 
 # Every actor is restarted by Ray for ever; calls into a restarting actor wait and are retried
 # (every method is idempotent or harmless to repeat). num_cpus=0: these actors are I/O bound
@@ -39,6 +43,7 @@ RemoteCoordinator = ray.remote(**_COMMON)(QueueCoordinator)
 RemoteThrottle = ray.remote(**_COMMON)(SiteThrottle)
 RemoteRelay = ray.remote(**_COMMON)(RelayPool)
 RemoteReplica = ray.remote(**_COMMON)(ReplicaLog)
+RemoteIngress = ray.remote(**_COMMON)(IngressNode)
 
 
 def coordinator_name(shard: int) -> str:
@@ -129,3 +134,26 @@ def list_relays(namespace: str) -> list[str]:
     return sorted(a["name"] for a in names
                   if a.get("namespace") == namespace and a["name"].startswith("relay:")
                   and a["name"].split(":")[1] in alive)
+
+
+def ingress_nodes() -> list[str]:
+    """Ids of the live nodes that should run an ingress listener: those with an ``ingress``
+    resource or label; the head node when there are none."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    marked = [n["NodeID"] for n in alive
+              if (n.get("Resources") or {}).get("ingress", 0) > 0
+              or "ingress" in (n.get("Labels") or {})]
+    if marked:
+        return marked
+    head = [n["NodeID"] for n in alive
+            if "node:__internal_head__" in (n.get("Resources") or {})]
+    return head[:1] or [alive[0]["NodeID"]] if alive else []
+
+
+def ensure_ingress(cfg: Config, node_id: str, *, detached: bool = False) -> Any:
+    opts: dict[str, Any] = dict(
+        name=ingress_name(node_id), namespace=cfg.cluster.namespace, get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    if detached:
+        opts["lifetime"] = "detached"
+    return RemoteIngress.options(**opts).remote(cfg, ingress_name(node_id))

@@ -21,11 +21,15 @@ from typing import Any, Mapping
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
+from cluster.core.submission import PasswordHashError, SubmissionUser
 
 __all__ = [
     "ConfigError",
     "ReplicationConfig",
     "BackupConfig",
+    "IngressConfig",
+    "SubmissionUser",
+    "load_users_file",
     "SpoolConfig",
     "QueueConfig",
     "DnsConfig",
@@ -39,6 +43,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_size",
+    "is_loopback",
 ]
 
 
@@ -214,6 +219,48 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class IngressConfig:
+    """SMTP submission listeners (docs/ingress.md). ``enabled`` is set by an ``[ingress]``
+    section; ``raymta up`` then starts a listener actor on every node with an ``ingress``
+    resource or label (the head node when none has one)."""
+
+    enabled: bool = False
+    #: name in the greeting, EHLO reply and Received fields
+    hostname: str = "localhost"
+    #: "host:port" listeners offering STARTTLS (submission, RFC 6409: port 587)
+    submission: tuple[str, ...] = ()
+    #: "host:port" listeners speaking TLS from the first byte (submissions, RFC 8314: 465)
+    submissions: tuple[str, ...] = ()
+    #: PEM certificate chain and key (re-read by a reload)
+    cert_file: str = ""
+    key_file: str = ""
+    #: require AUTH before MAIL (AUTH is offered only over TLS). false is allowed only when
+    #: every listener is on a loopback address
+    auth: bool = True
+    users: tuple[SubmissionUser, ...] = ()
+    #: a TOML file of ``[[user]]`` tables like ``[[ingress.user]]`` (re-read by a reload)
+    users_file: str = ""
+    max_recipients: int = 100
+    #: SIZE (RFC 1870); 0 = queue.max_message_size
+    max_message_size: int = 0
+    max_connections_per_ip: int = 50
+    max_connections_per_user: int = 50
+    #: messages per IP / per user (a user's own ``rate`` wins); None = unlimited
+    message_rate_per_ip: RateSpec | None = None
+    message_rate_per_user: RateSpec | None = None
+    #: more Received fields than this means a mail loop (RFC 5321 §6.3; Postfix: 50)
+    max_hops: int = 50
+    #: DATA handlers of concurrent sessions arriving within this long share one submit call
+    #: (one commit on a quorum)
+    batch_window: float = 0.002
+    batch_max: int = 1000
+    #: submit calls in flight at once from one listener
+    batch_concurrency: int = 4
+    #: an idle SMTP session is closed after this long (RFC 5321 §4.5.3.2.7: 5 minutes)
+    command_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -226,6 +273,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -564,8 +612,164 @@ def _parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig:
                          replicas=replicas)
 
 
+def _listeners(v: Any, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise ConfigError(key, f"expected a list of 'host:port', got {v!r}")
+    out = []
+    for i, item in enumerate(v):
+        k = f"{key}[{i}]"
+        host, sep, port = _str(item, k).rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(k, f"expected 'host:port', got {item!r}")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(k, f"the host must be an IP address, got {host!r}") from None
+        out.append(item)
+    return tuple(out)
+
+
+def is_loopback(hostport: str) -> bool:
+    host = hostport.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _rate_or_none(v: Any, key: str) -> RateSpec | None:
+    if v in ("", None, "unlimited"):
+        return None
+    try:
+        return RateSpec.parse(_str(v, key))
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+_USER_KEYS = {"name", "password_hash", "domains", "rate", "max_connections"}
+
+
+def _parse_users(raw: Any, where: str) -> tuple[SubmissionUser, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(where, "expected an array of tables")
+    out: list[SubmissionUser] = []
+    seen: set[str] = set()
+    for i, u in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(u, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(u, _USER_KEYS, w)
+        for req in ("name", "password_hash", "domains"):
+            if req not in u:
+                raise ConfigError(f"{w}.{req}", "missing")
+        name = _str(u["name"], f"{w}.name")
+        if name in seen:
+            raise ConfigError(f"{w}.name", f"user {name!r} defined twice")
+        seen.add(name)
+        if not isinstance(u["password_hash"], str):
+            # never echo what was there: it may be a password typed in the wrong place
+            raise ConfigError(f"{w}.password_hash", "expected a string")
+        doms = u["domains"]
+        if isinstance(doms, str):
+            doms = [doms]
+        if not isinstance(doms, list) or not all(isinstance(d, str) for d in doms):
+            raise ConfigError(f"{w}.domains", "expected a list of domain names")
+        mc = u.get("max_connections")
+        try:
+            out.append(SubmissionUser(
+                name=name, password_hash=u["password_hash"], domains=tuple(doms),
+                rate=_rate_or_none(u.get("rate"), f"{w}.rate"),
+                max_connections=None if mc is None else _int(mc, f"{w}.max_connections",
+                                                              minimum=1)))
+        except PasswordHashError as e:
+            raise ConfigError(f"{w}.password_hash", str(e)) from None
+        except ValueError as e:
+            field_name, _, problem = str(e).partition(": ")
+            raise ConfigError(f"{w}.{field_name}", problem or str(e)) from None
+    return tuple(out)
+
+
+def load_users_file(path: str | os.PathLike[str]) -> tuple[SubmissionUser, ...]:
+    """The ``[[user]]`` tables of a users file (same keys as ``[[ingress.user]]``)."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"ingress.users_file ({p})", f"cannot read: {e.strerror}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"ingress.users_file ({p})", f"not a TOML file: {e}") from None
+    _check_keys(raw, {"user"}, f"{p}")
+    return _parse_users(raw.get("user", []), f"{p}: user")
+
+
+def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> IngressConfig:
+    if raw is None:
+        return IngressConfig()
+    w = "ingress"
+    allowed = {f.name for f in fields(IngressConfig)} - {"enabled", "users"} | {"user"}
+    _check_keys(raw, allowed, w)
+    d = IngressConfig()
+    kw: dict[str, Any] = {"enabled": True}
+    kw["hostname"] = _str(raw.get("hostname", d.hostname), f"{w}.hostname")
+    if not kw["hostname"] or any(c.isspace() or c in "<>()" for c in kw["hostname"]):
+        raise ConfigError(f"{w}.hostname", f"must be a host name, got {kw['hostname']!r}")
+    kw["submission"] = _listeners(raw.get("submission", []), f"{w}.submission")
+    kw["submissions"] = _listeners(raw.get("submissions", []), f"{w}.submissions")
+    if not kw["submission"] and not kw["submissions"]:
+        raise ConfigError(f"{w}.submission", "give at least one listener ('host:port') in "
+                          "ingress.submission (STARTTLS) or ingress.submissions (TLS)")
+    kw["cert_file"] = _str(raw.get("cert_file", ""), f"{w}.cert_file")
+    kw["key_file"] = _str(raw.get("key_file", ""), f"{w}.key_file")
+    kw["auth"] = _bool(raw.get("auth", True), f"{w}.auth")
+    kw["users"] = _parse_users(raw.get("user"), f"{w}.user")
+    kw["users_file"] = _str(raw.get("users_file", ""), f"{w}.users_file")
+    for k in ("max_recipients", "max_connections_per_ip", "max_connections_per_user",
+              "max_hops", "batch_max", "batch_concurrency"):
+        if k in raw:
+            kw[k] = _int(raw[k], f"{w}.{k}", minimum=1)
+    if kw.get("max_recipients", d.max_recipients) > 1000:
+        raise ConfigError(f"{w}.max_recipients", "at most 1000 (a message's limit)")
+    if "max_message_size" in raw:
+        kw["max_message_size"] = _size(raw["max_message_size"], f"{w}.max_message_size")
+        if kw["max_message_size"] > queue.max_message_size:
+            raise ConfigError(f"{w}.max_message_size", "over queue.max_message_size "
+                              f"({queue.max_message_size})")
+    for k in ("message_rate_per_ip", "message_rate_per_user"):
+        if k in raw:
+            kw[k] = _rate_or_none(raw[k], f"{w}.{k}")
+    for k in ("batch_window", "command_timeout"):
+        if k in raw:
+            kw[k] = _dur(raw[k], f"{w}.{k}")
+    out = replace(d, **kw)
+    if out.cert_file or out.key_file:
+        if not (out.cert_file and out.key_file):
+            raise ConfigError(f"{w}.key_file" if out.cert_file else f"{w}.cert_file",
+                              "cert_file and key_file go together")
+    if out.auth:
+        if not out.cert_file:
+            raise ConfigError(f"{w}.cert_file", "AUTH is offered only over TLS: give "
+                              "cert_file and key_file (or auth = false on loopback only)")
+        if not out.users and not out.users_file:
+            raise ConfigError(f"{w}.user", "auth is on but no users: add [[ingress.user]] "
+                              "tables or ingress.users_file")
+    else:
+        open_to = [a for a in out.submission + out.submissions if not is_loopback(a)]
+        if open_to:
+            raise ConfigError(f"{w}.auth", f"false, but {open_to[0]} is not a loopback "
+                              "address: without authentication anyone who reaches it could "
+                              "send as anyone (an open relay)")
+    if out.submissions and not out.cert_file:
+        raise ConfigError(f"{w}.submissions", "implicit TLS needs cert_file and key_file")
+    return out
+
+
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup"}
+        "replication", "backup", "ingress"}
 
 
 def parse_config(raw: Mapping[str, Any]) -> Config:
@@ -575,9 +779,11 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
     sd_raw = _table(raw, "site_defaults", "")
     _check_keys(sd_raw, _LIMIT_KEYS, "site_defaults")
     site_defaults = _parse_limits(sd_raw, SiteLimits(), "site_defaults", egress)
+    queue = _parse_queue(_table(raw, "queue", ""))
+    ingress_raw = _table(raw, "ingress", "") if "ingress" in raw else None
     return Config(
         spool=_parse_spool(_table(raw, "spool", "")),
-        queue=_parse_queue(_table(raw, "queue", "")),
+        queue=queue,
         dns=_parse_dns(_table(raw, "dns", "")),
         delivery=_parse_delivery(_table(raw, "delivery", "")),
         egress=egress,
@@ -587,6 +793,7 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         cluster=_parse_cluster(_table(raw, "cluster", "")),
         replication=_parse_replication(_table(raw, "replication", "")),
         backup=_parse_backup(_table(raw, "backup", "")),
+        ingress=_parse_ingress(ingress_raw, queue),
     )
 
 
