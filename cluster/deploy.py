@@ -16,7 +16,8 @@ import ray
 
 from cluster.config import Config, ConfigError
 
-__all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "deploy_ingress", "wait_ready"]
+__all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "deploy_ingress",
+           "wait_ready"]
 
 #: what the embedded default sets so Ray binds and advertises 127.0.0.1 only
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -52,8 +53,7 @@ def join_with_token() -> None:
     ``RAY_AUTH_MODE`` is unset and a token exists (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``
     or ``~/.ray/auth_token``), turn token mode on for this process; an explicit mode wins."""
     from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
+        maybe_enable_token_auth_if_token_available)
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
@@ -80,16 +80,9 @@ def check_spool_shards(cfg: Config) -> None:
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
     check_spool_shards(cfg)
-    from actors.remote import (
-        coordinator_name,
-        ensure_coordinator,
-        ensure_relay,
-        ensure_replica,
-        ensure_throttle,
-        relay_name,
-        replica_name,
-        shard_placement,
-    )
+    from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
+                               ensure_replica, ensure_throttle, relay_name, replica_name,
+                               shard_placement)
     handles: dict[str, Any] = {}
     for k in range(cfg.delivery.throttle_actors):
         name = f"throttle:pool:{k}"
