@@ -686,6 +686,8 @@ def _parse_users(raw: Any, where: str) -> tuple[SubmissionUser, ...]:
                 rate=_rate_or_none(u.get("rate"), f"{w}.rate"),
                 max_connections=None if mc is None else _int(mc, f"{w}.max_connections",
                                                               minimum=1)))
+        except ConfigError:
+            raise
         except PasswordHashError as e:
             raise ConfigError(f"{w}.password_hash", str(e)) from None
         except ValueError as e:
