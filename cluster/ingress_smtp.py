@@ -42,6 +42,7 @@ from cluster.config import IngressConfig, load_users_file
 from cluster.core.addresses import AddressError, parse_address
 from cluster.core.submission import (
     LimitBook,
+    completion_fields,
     SubmissionUser,
     UserTable,
     count_hops,
@@ -288,8 +289,9 @@ class _Handler:
             queue_id=txid, now=time.time(), tls_version=version, cipher=cipher,
             user=user.name if user else None, for_rcpt=rcpts[0] if len(rcpts) == 1 else None)
         utf8 = "SMTPUTF8" in [o.upper() for o in envelope.mail_options]
+        added = completion_fields(raw, now=time.time(), token=txid, domain=ing.hostname)
         msg = {"sender": envelope.mail_from or "<>", "recipients": rcpts,
-               "raw": received + raw, "smtputf8": utf8}
+               "raw": received + added + raw, "smtputf8": utf8}
         try:
             res = await ing.batcher.submit(msg)
         except Exception as e:   # cluster unreachable, timeout: the sender must retry

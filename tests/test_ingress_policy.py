@@ -111,6 +111,20 @@ def test_the_received_field_follows_rfc5321_and_cannot_be_injected():
     assert " with ESMTP id Q; " in plain and "for <" not in plain
 
 
+@pytest.mark.parametrize("head,added", [
+    (b"From: a@a.test\r\nDate: x\r\nMessage-ID: <m@a>\r\n", []),
+    (b"From: a@a.test\r\nMessage-ID: <m@a>\r\n", ["Date: Thu, 01 Jan 1970 00:00:00 +0000"]),
+    (b"From: a@a.test\r\ndate: x\r\n", ["Message-ID: <T@mx.test>"]),
+    (b"From: a@a.test\r\n", ["Date: Thu, 01 Jan 1970 00:00:00 +0000",
+                              "Message-ID: <T@mx.test>"]),
+])
+def test_completion_adds_only_missing_date_and_message_id(head, added):
+    from cluster.core.submission import completion_fields
+    raw = head + b"\r\nDate: in the body does not count\r\n"
+    out = completion_fields(raw, now=0.0, token="T", domain="mx.test").decode()
+    assert out == "".join(a + "\r\n" for a in added)
+
+
 def test_connection_limits_per_ip_and_user():
     book = LimitBook(per_ip_connections=2, per_user_connections=1, ip_rate=None, user_rate=None)
     assert book.open_ip("127.0.0.9") is None and book.open_ip("127.0.0.9") is None

@@ -32,6 +32,7 @@ from cluster.core.ratespec import Gcra, RateSpec
 __all__ = ["PasswordHashError", "SubmissionUser", "UserTable", "Refusal", "LimitBook",
            "hash_password", "check_password_hash", "verify_password", "domain_allowed",
            "envelope_domain", "header_sender_problem", "count_hops", "received_header",
+           "completion_fields",
            "SCRYPT_DEFAULTS"]
 
 #: scrypt cost for new hashes: N = 2**14, r = 8, p = 1 (16 MiB, ~50 ms: RFC 7914 §2's
@@ -363,3 +364,20 @@ def received_header(*, helo: str, peer_ip: str, by: str, queue_id: str, now: flo
     else:
         lines[-1] += tail
     return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+_FIELD_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
+
+
+def completion_fields(raw: bytes, *, now: float, token: str, domain: str) -> bytes:
+    """The Date and Message-ID fields ``raw`` lacks, as a submission server completes them
+    (RFC 6409 §8.2, §8.3), to go after the Received field (trace fields stay on top,
+    RFC 5321 §4.4); ``b""`` when it has both."""
+    present = {m.group(1).lower() for m in _FIELD_NAME.finditer(_header_section(raw))}
+    out = b""
+    if b"date" not in present:
+        out += time.strftime("Date: %a, %d %b %Y %H:%M:%S +0000\r\n",
+                             time.gmtime(now)).encode("ascii")
+    if b"message-id" not in present:
+        out += f"Message-ID: <{token}@{domain}>\r\n".encode("ascii", "replace")
+    return out
