@@ -106,7 +106,7 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     return handles
 
 
-def deploy_ingress(cfg: Config, *, detached: bool = False, timeout: float = 60.0
+def deploy_ingress(cfg: Config, *, detached: bool = False, timeout: float = 120.0
                    ) -> dict[str, Any]:
     """An SMTP ingress actor on every ingress node (after the shard leaders are up: it
     submits to them); a listener that cannot start (a port in use, a bad certificate) fails

@@ -338,6 +338,22 @@ def test_a_listener_on_all_addresses_without_auth_refuses_to_start(env):
     assert main(["listen", "--host", "0.0.0.0", "--address", "ray://127.0.0.1:1"]) == 2
 
 
+def test_a_loopback_listener_without_auth_takes_mail(env):
+    """``raymta listen`` without [ingress]: plain SMTP on loopback, no AUTH offered."""
+    from cluster.ingress_smtp import SmtpIngress
+    with SmtpIngress(env["mc"], "127.0.0.1", 0) as ing:
+        with smtplib.SMTP("127.0.0.1", ing.addresses[0].port, timeout=30) as c:
+            c.ehlo("local.test")
+            assert "auth" not in c.esmtp_features and "starttls" not in c.esmtp_features
+            code, text = send(c, "app@anywhere.test", ["plain@ok.test"],
+                              message("app@anywhere.test", "plain@ok.test", "plain"))
+    assert code == 250, (code, text)
+    env["accepted"].add("plain@ok.test")
+    got = wait_for(lambda: [r for r in env["sink"].received if r.rcpt_to == "plain@ok.test"],
+                   60, "the loopback message delivered")
+    assert b"by raymta (raymta) with ESMTP id " in got[0].data.split(b"\r\n\r\n")[0]
+
+
 def test_a_shard_without_quorum_gives_451_and_recovers(env):
     """Runs last: it stops both replicas (SIGSTOP), then lets them go on."""
     import ray
