@@ -92,7 +92,8 @@ def _client(port: int, mode: str, ca_file: str, threads: int, until: float, cap:
 
 
 def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float = 8.0,
-        messages: int = 100_000, batch_window: str = "2ms") -> dict[str, Any]:
+        messages: int = 100_000, batch_window: str = "2ms", batch_max: int = 1000,
+        in_process: bool = False) -> dict[str, Any]:
     import ray
 
     from cluster.client import MailCluster
@@ -110,6 +111,7 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         cert, key = ca.server_cert("ingress.bench.test", ["127.0.0.1"])
         section: dict[str, Any] = {"hostname": "ingress.bench.test",
                                    "submission": ["127.0.0.1:0"], "batch_window": batch_window,
+                                   "batch_max": batch_max,
                                    "max_connections_per_ip": 1000}
         if mode == "tls":
             section.update(cert_file=str(cert), key_file=str(key), user=[{
@@ -117,11 +119,23 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
                 "password_hash": hash_password(PASSWORD, ln=10)}])
         else:
             section["auth"] = False
-        cfg = replace(cfg, ingress=parse_config({"ingress": section}).ingress)
-        mc = MailCluster.connect(config=cfg, num_cpus=2)
-        actor = next(h for name, h in mc.handles.items() if name.startswith("ingress:"))
-        port = ray.get(actor.addresses.remote())[0][1]
-        before = ray.get(actor.stats.remote())
+        settings = parse_config({"ingress": section}).ingress
+        if in_process:   # the listener in this process (to profile it), not in an actor
+            from cluster.ingress_smtp import SmtpIngress
+            mc = MailCluster.connect(config=cfg, num_cpus=2)
+            local = SmtpIngress.from_config(mc, settings).start()
+            port = local.addresses[0].port
+
+            def stats() -> dict[str, Any]:
+                return local.stats()
+        else:
+            mc = MailCluster.connect(config=replace(cfg, ingress=settings), num_cpus=2)
+            actor = next(h for name, h in mc.handles.items() if name.startswith("ingress:"))
+            port = ray.get(actor.addresses.remote())[0][1]
+
+            def stats() -> dict[str, Any]:
+                return ray.get(actor.stats.remote())
+        before = stats()
         ctxmp = mp.get_context("spawn")
         q = ctxmp.Queue()
         start = time.time() + 3.0          # every process connected and ready by then
@@ -135,7 +149,9 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         results = [q.get(timeout=seconds + 120) for _ in ps]
         for p in ps:
             p.join(30)
-        after = ray.get(actor.stats.remote())
+        after = stats()
+        if in_process:
+            local.stop()
         lat = sorted(x for r in results for x in r["latencies"])
         codes: dict[int, int] = {}
         for r in results:
@@ -146,13 +162,14 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         calls = after["batches"]["calls"] - before["batches"]["calls"]
         sent = after["batches"]["messages"] - before["batches"]["messages"]
         out = {
-            "mode": mode, "procs": procs, "threads": threads, "sessions": procs * threads,
+            "mode": mode, "in_process": in_process, "procs": procs, "threads": threads, "sessions": procs * threads,
             "seconds": seconds, "accepted": ok, "replies": codes,
             "accepted_per_s": round(ok / elapsed, 1) if elapsed else 0.0,
             "latency_ms_p50": round(1000 * statistics.median(lat), 2) if lat else None,
             "latency_ms_p99": round(1000 * lat[int(0.99 * (len(lat) - 1))], 2) if lat else None,
             "submit_calls": calls, "messages_per_call": round(sent / calls, 1) if calls else 0,
             "largest_call": after["batches"]["largest"], "batch_window": batch_window,
+            "batch_max": batch_max,
             "machine": c.machine_info(),
         }
         return out
@@ -177,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--messages", type=int, default=100_000)
     ap.add_argument("--batch-window", default="2ms")
+    ap.add_argument("--batch-max", type=int, default=1000,
+                    help="most messages per submit call (1: one commit per message)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the listener in this process instead of an ingress actor")
     args = ap.parse_args(argv)
     if args.seconds > 60:
         ap.error("--seconds: at most 60 (the machine is shared)")
     res = run(mode=args.mode, procs=args.procs, threads=args.threads, seconds=args.seconds,
-              messages=args.messages, batch_window=args.batch_window)
+              messages=args.messages, batch_window=args.batch_window,
+              batch_max=args.batch_max, in_process=args.in_process)
     path = c.write_result("ingress-smtp", res)
     for k in ("mode", "sessions", "seconds", "accepted", "replies", "accepted_per_s",
               "latency_ms_p50", "latency_ms_p99", "submit_calls", "messages_per_call",

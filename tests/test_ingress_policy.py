@@ -231,3 +231,17 @@ def test_users_file(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_users_file(f)
     assert "user[0].password_hash" in e.value.key and "hunter2" not in str(e.value)
+
+
+def test_the_readme_ingress_example_parses_and_its_password_matches():
+    import re
+    import tomllib
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## SMTP submission", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    cfg = parse_config(tomllib.loads(block))
+    assert cfg.ingress.submission == ("10.0.0.5:587",) and cfg.ingress.auth
+    (crm,) = cfg.ingress.users
+    assert verify_password("a long random password", crm.password_hash)
+    assert domain_allowed("news.example.com", crm.domains)
