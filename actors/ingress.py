@@ -1,4 +1,4 @@
-"""The per-node ingress actor: a thin shell that runs this node's SMTP submission listeners.
+"""The per-node ingress actor: a thin shell that runs this node's SMTP and HTTP listeners.
 
 Owns nothing but the :class:`cluster.ingress_smtp.SmtpIngress` it starts in its constructor
 (so a restart by Ray listens again at once) and a :class:`cluster.client.MailCluster` handle
@@ -39,21 +39,45 @@ class IngressNode:
         coords = [ray.get_actor(f"coordinator:{s}", namespace=ns)
                   for s in range(cfg.queue.shards)]
         self.mc = MailCluster(cfg, coords, direct=True)
-        self.smtp = SmtpIngress.from_config(self.mc, cfg.ingress).start()
+        s = cfg.ingress
+        self.smtp = SmtpIngress.from_config(self.mc, s).start() \
+            if s.submission or s.submissions else None
+        self.http = None
+        if s.http:
+            from cluster.ingress_http import HttpIngress
+            from cluster.ingress_smtp import tls_context
+            tls = tls_context(s.cert_file, s.key_file) if s.cert_file else None
+
+            def split(a: str) -> tuple[str, int]:
+                host, _, port = a.rpartition(":")
+                return host.strip("[]"), int(port)
+            self.http = HttpIngress(self.mc, s, tls).start([split(a) for a in s.http])
 
     def ping(self) -> int:
         return os.getpid()
 
     def addresses(self) -> list[tuple[str, int, str]]:
-        """The listeners as bound: (host, port, mode) — the port a ``:0`` listener got."""
-        return [(a.host, a.port, a.mode) for a in self.smtp.addresses]
+        """The listeners as bound: (host, port, mode) — the port a ``:0`` listener got; mode
+        "starttls", "implicit", "plain" (SMTP) or "http"."""
+        out = [(a.host, a.port, a.mode) for a in self.smtp.addresses] if self.smtp else []
+        if self.http is not None:
+            out += [(h, p, "http") for h, p in self.http.addresses]
+        return out
 
     def stats(self) -> dict[str, Any]:
-        return {"name": self.name, "pid": os.getpid(), **self.smtp.stats()}
+        out: dict[str, Any] = {"name": self.name, "pid": os.getpid()}
+        if self.smtp is not None:
+            out.update(self.smtp.stats())
+        if self.http is not None:
+            out.update(self.http.stats())
+        return out
 
     def reload(self) -> dict[str, Any]:
-        """Read the certificate, key and users file again."""
-        return self.smtp.reload()
+        """Read the certificate, key and users file again (SMTP listeners)."""
+        return self.smtp.reload() if self.smtp is not None else {}
 
     def stop(self) -> None:
-        self.smtp.stop()
+        if self.smtp is not None:
+            self.smtp.stop()
+        if self.http is not None:
+            self.http.stop()

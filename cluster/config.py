@@ -21,7 +21,7 @@ from typing import Any, Mapping
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
-from cluster.core.submission import PasswordHashError, SubmissionUser
+from cluster.core.submission import ApiKey, PasswordHashError, SubmissionUser
 
 __all__ = [
     "ConfigError",
@@ -231,6 +231,13 @@ class IngressConfig:
     submission: tuple[str, ...] = ()
     #: "host:port" listeners speaking TLS from the first byte (submissions, RFC 8314: 465)
     submissions: tuple[str, ...] = ()
+    #: "host:port" listeners of the HTTP API (HTTPS when cert_file is set; plain HTTP only on
+    #: loopback)
+    http: tuple[str, ...] = ()
+    #: API keys of the HTTP API (stored as sha256 hashes)
+    api_keys: tuple[ApiKey, ...] = ()
+    #: largest HTTP request body (413 past it)
+    http_max_body: int = 20_000_000
     #: PEM certificate chain and key (re-read by a reload)
     cert_file: str = ""
     key_file: str = ""
@@ -696,6 +703,40 @@ def _parse_users(raw: Any, where: str) -> tuple[SubmissionUser, ...]:
     return tuple(out)
 
 
+def _parse_api_keys(raw: Any, where: str) -> tuple[ApiKey, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(where, "expected an array of tables")
+    out: list[ApiKey] = []
+    for i, k in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(k, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(k, {"name", "key_hash", "domains", "events"}, w)
+        for req in ("name", "key_hash", "domains"):
+            if req not in k:
+                raise ConfigError(f"{w}.{req}", "missing")
+        doms = k["domains"]
+        if isinstance(doms, str):
+            doms = [doms]
+        if not isinstance(doms, list) or not all(isinstance(d, str) for d in doms):
+            raise ConfigError(f"{w}.domains", "expected a list of domain names")
+        try:
+            out.append(ApiKey(name=_str(k["name"], f"{w}.name"),
+                              key_hash=k["key_hash"] if isinstance(k["key_hash"], str) else "",
+                              domains=tuple(doms),
+                              events=_bool(k.get("events", False), f"{w}.events")))
+        except ConfigError:
+            raise
+        except ValueError as e:
+            field_name, _, problem = str(e).partition(": ")
+            raise ConfigError(f"{w}.{field_name}", problem or str(e)) from None
+    if len({k.key_hash for k in out}) != len(out):
+        raise ConfigError(where, "two api keys have the same key_hash")
+    return tuple(out)
+
+
 def load_users_file(path: str | os.PathLike[str]) -> tuple[SubmissionUser, ...]:
     """The ``[[user]]`` tables of a users file (same keys as ``[[ingress.user]]``)."""
     p = Path(path)
@@ -713,7 +754,8 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
     if raw is None:
         return IngressConfig()
     w = "ingress"
-    allowed = {f.name for f in fields(IngressConfig)} - {"enabled", "users"} | {"user"}
+    allowed = {f.name for f in fields(IngressConfig)} - {"enabled", "users", "api_keys"} | \
+        {"user", "api_key"}
     _check_keys(raw, allowed, w)
     d = IngressConfig()
     kw: dict[str, Any] = {"enabled": True}
@@ -722,9 +764,14 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
         raise ConfigError(f"{w}.hostname", f"must be a host name, got {kw['hostname']!r}")
     kw["submission"] = _listeners(raw.get("submission", []), f"{w}.submission")
     kw["submissions"] = _listeners(raw.get("submissions", []), f"{w}.submissions")
-    if not kw["submission"] and not kw["submissions"]:
+    kw["http"] = _listeners(raw.get("http", []), f"{w}.http")
+    if not kw["submission"] and not kw["submissions"] and not kw["http"]:
         raise ConfigError(f"{w}.submission", "give at least one listener ('host:port') in "
-                          "ingress.submission (STARTTLS) or ingress.submissions (TLS)")
+                          "ingress.submission (STARTTLS), ingress.submissions (TLS) or "
+                          "ingress.http")
+    kw["api_keys"] = _parse_api_keys(raw.get("api_key"), f"{w}.api_key")
+    if "http_max_body" in raw:
+        kw["http_max_body"] = _size(raw["http_max_body"], f"{w}.http_max_body")
     kw["cert_file"] = _str(raw.get("cert_file", ""), f"{w}.cert_file")
     kw["key_file"] = _str(raw.get("key_file", ""), f"{w}.key_file")
     kw["auth"] = _bool(raw.get("auth", True), f"{w}.auth")
@@ -752,15 +799,25 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
         if not (out.cert_file and out.key_file):
             raise ConfigError(f"{w}.key_file" if out.cert_file else f"{w}.cert_file",
                               "cert_file and key_file go together")
-    if out.auth:
+    if out.http:
+        if not out.api_keys:
+            raise ConfigError(f"{w}.api_key", "the HTTP API needs at least one "
+                              "[[ingress.api_key]]")
+        exposed = [a for a in out.http if not is_loopback(a)]
+        if exposed and not out.cert_file:
+            raise ConfigError(f"{w}.http", f"{exposed[0]} is not a loopback address: API keys "
+                              "would cross the network in clear text; give cert_file and "
+                              "key_file (HTTPS)")
+    smtp = out.submission + out.submissions
+    if out.auth and smtp:
         if not out.cert_file:
             raise ConfigError(f"{w}.cert_file", "AUTH is offered only over TLS: give "
                               "cert_file and key_file (or auth = false on loopback only)")
         if not out.users and not out.users_file:
             raise ConfigError(f"{w}.user", "auth is on but no users: add [[ingress.user]] "
                               "tables or ingress.users_file")
-    else:
-        open_to = [a for a in out.submission + out.submissions if not is_loopback(a)]
+    elif not out.auth:
+        open_to = [a for a in smtp if not is_loopback(a)]
         if open_to:
             raise ConfigError(f"{w}.auth", f"false, but {open_to[0]} is not a loopback "
                               "address: without authentication anyone who reaches it could "

@@ -32,7 +32,7 @@ from cluster.core.ratespec import Gcra, RateSpec
 __all__ = ["PasswordHashError", "SubmissionUser", "UserTable", "Refusal", "LimitBook",
            "hash_password", "check_password_hash", "verify_password", "domain_allowed",
            "envelope_domain", "header_sender_problem", "count_hops", "received_header",
-           "completion_fields",
+           "completion_fields", "ApiKey", "ApiKeyTable", "hash_api_key", "new_api_key",
            "SCRYPT_DEFAULTS"]
 
 #: scrypt cost for new hashes: N = 2**14, r = 8, p = 1 (16 MiB, ~50 ms: RFC 7914 §2's
@@ -157,6 +157,9 @@ def envelope_domain(address: str) -> str:
     return a.rpartition("@")[2] if "@" in a else ""
 
 
+_PLACEHOLDER_HASH = "$scrypt$ln=1,r=1,p=1$AAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAA"
+
+
 class UserTable:
     """Users by login name. :meth:`authenticate` spends the same scrypt work for an unknown
     name as for a known one, so a reply's timing does not tell which names exist."""
@@ -187,6 +190,63 @@ class UserTable:
         user = self._users.get(login)
         ok = verify_password(password, user.password_hash if user else self._dummy)
         return user if ok and user is not None else None
+
+
+def new_api_key() -> str:
+    """A fresh API key: 32 random bytes, URL-safe base64, prefixed so it is recognisable."""
+    return "rmta_" + base64.urlsafe_b64encode(os.urandom(32)).decode("ascii").rstrip("=")
+
+
+def hash_api_key(key: str) -> str:
+    """``sha256:<hex>`` of an API key: what a config stores. (A key is 256 random bits, so a
+    fast hash is enough; scrypt is for passwords people choose.)"""
+    return "sha256:" + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+_KEY_HASH = re.compile(r"sha256:[0-9a-f]{64}\Z")
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An HTTP API key: a name, its hash (never shown), its sender domains, and whether it may
+    read the event stream."""
+
+    name: str
+    key_hash: str = field(repr=False)
+    domains: tuple[str, ...] = ()
+    events: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _USER_NAME.match(self.name):
+            raise ValueError("name: 1-64 letters, digits or . _ @ + -")
+        if not isinstance(self.key_hash, str) or not _KEY_HASH.match(self.key_hash):
+            raise ValueError("key_hash: expected sha256:<64 lowercase hex digits> (make one "
+                             "with `raymta new-api-key`)")
+        # the same domain rules as a submission user
+        norm = SubmissionUser(self.name, _PLACEHOLDER_HASH, self.domains).domains
+        object.__setattr__(self, "domains", norm)
+
+
+class ApiKeyTable:
+    """API keys by hash; a lookup compares in constant time per candidate."""
+
+    def __init__(self, keys: Iterable[ApiKey] = ()) -> None:
+        self._by_hash: dict[str, ApiKey] = {}
+        for k in keys:
+            if k.key_hash in self._by_hash:
+                raise ValueError(f"api key {k.name!r}: the same key as "
+                                 f"{self._by_hash[k.key_hash].name!r}")
+            self._by_hash[k.key_hash] = k
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def __repr__(self) -> str:
+        return f"ApiKeyTable({sorted(k.name for k in self._by_hash.values())})"
+
+    def lookup(self, key: str) -> ApiKey | None:
+        # a dict lookup by the key's hash tells a timing observer nothing about the key
+        return self._by_hash.get(hash_api_key(key))
 
 
 @dataclass(frozen=True)
