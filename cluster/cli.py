@@ -366,6 +366,15 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_new_api_key(args: argparse.Namespace) -> int:
+    """Print a new HTTP API key (give it to the sender, once) and its hash (for the config)."""
+    from cluster.core.submission import hash_api_key, new_api_key
+    key = new_api_key()
+    print(f"key:      {key}")
+    print(f"key_hash: {hash_api_key(key)}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # bench/ lives in the source checkout beside the packages, not in the installed package
     root = Path(__file__).resolve().parents[1]
@@ -420,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_listen)
     p = sub.add_parser("hash-password", help="scrypt hash of a password for [[ingress.user]]")
     p.set_defaults(fn=cmd_hash_password)
+    p = sub.add_parser("new-api-key", help="a new HTTP API key and its hash for "
+                       "[[ingress.api_key]]")
+    p.set_defaults(fn=cmd_new_api_key)
     p = sub.add_parser("replicas", help="each shard's copies: state and replication lag")
     common(p)
     p.add_argument("--json", action="store_true")

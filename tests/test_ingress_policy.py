@@ -198,6 +198,19 @@ def ingress(**kw):
     (ingress(submissions=["127.0.0.1:2465"], cert_file=None, key_file=None, auth=False),
      "ingress.submissions", "implicit TLS"),
     (ingress(max_message_size="1GB"), "ingress.max_message_size", "queue.max_message_size"),
+    (ingress(http=["127.0.0.1:8080"]), "ingress.api_key", "at least one"),
+    (ingress(http=["0.0.0.0:8080"], cert_file=None, key_file=None, submission=[], user=[],
+             api_key=[{"name": "k", "key_hash": "sha256:" + "0" * 64, "domains": ["a.test"]}]),
+     "ingress.http", "clear text"),
+    (ingress(http=["127.0.0.1:8080"],
+             api_key=[{"name": "k", "key_hash": "hunter2", "domains": ["a.test"]}]),
+     "ingress.api_key[0].key_hash", "sha256:"),
+    (ingress(http=["127.0.0.1:8080"],
+             api_key=[{"name": "k", "key_hash": "sha256:" + "0" * 64, "domains": []}]),
+     "ingress.api_key[0].domains", "at least one"),
+    (ingress(http=["127.0.0.1:8080"],
+             api_key=[{"name": "k", "key_hash": "sha256:" + "0" * 64, "domains": ["a.test"],
+                       "key": "hunter2"}]), "ingress.api_key[0].key", "unknown key"),
 ])
 def test_ingress_config_errors_name_the_key(raw, key, words):
     with pytest.raises(ConfigError) as e:
@@ -220,6 +233,21 @@ def test_a_good_ingress_config_and_loopback_without_auth():
     local = parse_config({"ingress": {"auth": False, "submission": ["127.0.0.1:2525"]}})
     assert local.ingress.enabled and not local.ingress.auth
     assert not parse_config({}).ingress.enabled
+
+
+def test_api_keys_are_stored_hashed_and_looked_up_by_hash():
+    from cluster.core.submission import ApiKey, ApiKeyTable, hash_api_key, new_api_key
+    key = new_api_key()
+    assert key.startswith("rmta_") and len(key) > 40 and new_api_key() != key
+    ak = ApiKey("crm", hash_api_key(key), ("Example.com",))
+    assert ak.domains == ("example.com",) and hash_api_key(key) not in repr(ak)
+    table = ApiKeyTable([ak])
+    assert table.lookup(key) is ak and table.lookup(key + "x") is None
+    cfg = parse_config(ingress(submission=[], user=[], cert_file=None, key_file=None,
+                               http=["127.0.0.1:8080"],
+                               api_key=[{"name": "crm", "key_hash": hash_api_key(key),
+                                         "domains": ["a.test"], "events": True}]))
+    assert cfg.ingress.http == ("127.0.0.1:8080",) and cfg.ingress.api_keys[0].events
 
 
 def test_users_file(tmp_path):
