@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import signal
+import subprocess
 import urllib.error
 import urllib.request
 from dataclasses import replace
@@ -204,6 +207,39 @@ def test_the_openapi_document_is_served_and_committed(api):
     assert code == 200 and doc == committed
     assert {"/v1/messages", "/v1/messages/{id}", "/v1/events", "/healthz", "/readyz"} <= \
         set(doc["paths"])
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_the_readme_curl_commands(api):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```sh\n(.*?)```", readme.split("## HTTP API", 1)[1], re.S).group(1)
+    groups: list[list[str]] = []
+    for line in block.splitlines():   # a command, and its indented continuation lines
+        if line.startswith(" ") and groups:
+            groups[-1].append(line)
+        else:
+            groups.append([line])
+    commands = ["\n".join(g).replace("https://10.0.0.5:8443", api["url"])
+                .replace("example.com", "a.test").replace("example.net", "api.test")
+                for g in groups if g[0].startswith("curl ")]
+    assert len(commands) == 4
+    env = dict(os.environ, RAYMTA_KEY=KEY_OPS)
+
+    def run(cmd: str) -> dict:
+        p = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True,
+                           timeout=60)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+    posted = run(commands[0])
+    ids = posted["results"][0]["ids"]
+    assert len(ids) == 2, posted
+    env["MESSAGE_ID"] = ids[0]
+    assert run(commands[1])["state"]
+    assert "events" in run(commands[2])
+    assert run(commands[3])["ready"] is True
+    got = wait_for(lambda: [r for r in api["sink"].received if r.rcpt_to == "bob@api.test"],
+                   60, "the README's message delivered")
+    assert b"Subject: Hello Bob" in got[0].data and b"this is our news." in got[0].data
 
 
 def test_no_quorum_is_503_with_retry_after(api):
