@@ -57,7 +57,16 @@ def _client(port: int, mode: str, ca_file: str, threads: int, until: float, cap:
     codes: dict[int, int] = {}
     lock = threading.Lock()
 
+    errors: list[str] = []
+
     def one(t: int) -> None:
+        try:
+            session(t)
+        except Exception as e:   # noqa: BLE001 - counted and reported: the run is then invalid
+            with lock:
+                errors.append(f"{type(e).__name__}: {e}")
+
+    def session(t: int) -> None:
         k = proc * 1000 + t
         ctx = ssl.create_default_context(cafile=ca_file)
         with smtplib.SMTP("127.0.0.1", port, timeout=60) as s:
@@ -88,7 +97,7 @@ def _client(port: int, mode: str, ca_file: str, threads: int, until: float, cap:
         t.start()
     for t in ts:
         t.join()
-    out.put({"latencies": lat, "codes": codes})
+    out.put({"latencies": lat, "codes": codes, "errors": errors})
 
 
 def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float = 8.0,
@@ -112,7 +121,8 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         section: dict[str, Any] = {"hostname": "ingress.bench.test",
                                    "submission": ["127.0.0.1:0"], "batch_window": batch_window,
                                    "batch_max": batch_max,
-                                   "max_connections_per_ip": 1000}
+                                   "max_connections_per_ip": 1000,
+                                   "max_connections_per_user": 1000}
         if mode == "tls":
             section.update(cert_file=str(cert), key_file=str(key), user=[{
                 "name": "bench", "domains": ["bench.test"],
@@ -158,12 +168,15 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
             for code, n in r["codes"].items():
                 codes[code] = codes.get(code, 0) + n
         ok = codes.get(250, 0)
+        session_errors = [e for r in results for e in r["errors"]]
         elapsed = seconds if lat else 0.0
         calls = after["batches"]["calls"] - before["batches"]["calls"]
         sent = after["batches"]["messages"] - before["batches"]["messages"]
         out = {
-            "mode": mode, "in_process": in_process, "procs": procs, "threads": threads, "sessions": procs * threads,
+            "mode": mode, "in_process": in_process, "procs": procs, "threads": threads,
+            "sessions": procs * threads,
             "seconds": seconds, "accepted": ok, "replies": codes,
+            "session_errors": len(session_errors), "first_error": (session_errors or [""])[0],
             "accepted_per_s": round(ok / elapsed, 1) if elapsed else 0.0,
             "latency_ms_p50": round(1000 * statistics.median(lat), 2) if lat else None,
             "latency_ms_p99": round(1000 * lat[int(0.99 * (len(lat) - 1))], 2) if lat else None,
@@ -205,12 +218,16 @@ def main(argv: list[str] | None = None) -> int:
               messages=args.messages, batch_window=args.batch_window,
               batch_max=args.batch_max, in_process=args.in_process)
     path = c.write_result("ingress-smtp", res)
-    for k in ("mode", "sessions", "seconds", "accepted", "replies", "accepted_per_s",
+    for k in ("mode", "sessions", "session_errors", "seconds", "accepted", "replies",
+              "accepted_per_s",
               "latency_ms_p50", "latency_ms_p99", "submit_calls", "messages_per_call",
               "largest_call"):
         print(f"{k:<20} {res[k]}")
     print(f"load average at start {res['machine'].get('loadavg_at_start')}; written to {path}")
-    return 0 if res["accepted"] and set(res["replies"]) == {250} else 1
+    if res["session_errors"]:
+        print(f"INVALID RUN: {res['session_errors']} sessions failed: {res['first_error']}")
+    return 0 if res["accepted"] and set(res["replies"]) == {250} and \
+        not res["session_errors"] else 1
 
 
 if __name__ == "__main__":

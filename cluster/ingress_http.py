@@ -170,7 +170,7 @@ class HttpIngress:
         retry = False
         for i, err in errors.items():
             out[i]["error"] = err
-        for r, i in zip(results, owners):
+        for r, i in zip(results, owners, strict=True):
             o = out[i]
             if o.get("error"):
                 continue
@@ -256,7 +256,7 @@ class HttpIngress:
                 errors[i] = {"field": f"{where}.{e.field}", "line": e.line,
                              "message": e.problem}
                 continue
-            for j, (addr, parts) in enumerate(zip(addrs, rendered)):
+            for j, (addr, parts) in enumerate(zip(addrs, rendered, strict=True)):
                 sub = dict(base, recipients=[addr], **parts)
                 if "to" not in base:
                     sub["to"] = addr

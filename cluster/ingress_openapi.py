@@ -50,7 +50,7 @@ def openapi_document() -> dict[str, Any]:
             "field": {"type": ["string", "null"]}, "message": {"type": "string"},
             "line": {"type": ["integer", "null"]}, "retryable": {"type": "boolean"},
             "outcome_unknown": {"type": "boolean"}}}}}
-    bearer = [{"apiKey": []}]
+    bearer: list[dict[str, list[str]]] = [{"apiKey": []}]
     mid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
     return {
         "openapi": "3.1.0",
