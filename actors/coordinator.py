@@ -40,13 +40,18 @@ from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
-from cluster.core.intake import Intake, Limits, retryable_error
-from cluster.core.replies import dns_failure
+from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
+from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
+from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
 
-__all__ = ["QueueCoordinator"]
+__all__ = ["QueueCoordinator", "SHAPE_BUCKETS"]
+
+#: `raymta queue` age buckets (upper bounds, seconds), after Postfix's qshape: 5, 10, 20, 40,
+#: 80, 160 minutes, then older
+SHAPE_BUCKETS = (300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0)
 
 log = logging.getLogger("raymta.coordinator")
 
@@ -113,7 +118,7 @@ class QueueCoordinator:
                                self._replica_handle, tail_bytes=rc.tail_bytes,
                                batch_bytes=rc.batch_bytes, transport=rc.transport)
         self._pending: list[tuple[list[Any], asyncio.Future | None]] = []
-        self.intake = Intake(shard, config.queue.shards)
+        self.intake = Intake(shard, config.queue.shards, dkim_required_check(config))
         self._snapshot_waiters: list[asyncio.Future] = []
         self._commit_wake: asyncio.Event | None = None
         self._dispatch_wake: asyncio.Event | None = None
@@ -139,6 +144,7 @@ class QueueCoordinator:
         self._started = False
         self._rng = random.Random()
         self._last_housekeeping = 0.0
+        self._propagating = False
         from actors.metrics import CoordinatorMetrics
         self.metrics = CoordinatorMetrics(shard)
         self.counters = {"dispatched": 0, "requeued_after_relay_loss": 0, "commits": 0,
@@ -209,9 +215,9 @@ class QueueCoordinator:
         assert self._serving is not None
         self._serving.set()
         if self.state.messages and claim["epoch"] > 1:
-            # results that relays sent to the old instance are queued by Ray for this one:
-            # let them in before handing messages out again (fewer duplicates)
-            await asyncio.sleep(0.5)
+            # results the old instance was sent but had not committed: relays keep them until
+            # a leader confirms them; take them before handing messages out again
+            await self._take_unacked_results()
         self._spawn(self._dispatch_loop())
         if self.cfg.replication.rebalance_interval > 0 and self.cfg.cluster.replicas > 1:
             self._spawn(self._rebalance_loop())
@@ -274,6 +280,8 @@ class QueueCoordinator:
 
     # ------------------------------------------------------------------ group commit
     def _enqueue(self, records: list[Any], fut: asyncio.Future | None = None) -> None:
+        if fut is None and self.cfg.suppression.from_bounces:
+            self._suppress_hard_bounces(records)   # (DNS failures, expiries)
         if fut is not None and self._stalled:
             # a caller waits for this: say now that it cannot be made durable, write nothing
             self._clear_pending_marks([(records, fut)])
@@ -282,6 +290,21 @@ class QueueCoordinator:
         self._pending.append((records, fut))
         assert self._commit_wake is not None
         self._commit_wake.set()
+
+    def _suppress_hard_bounces(self, records: list[Any]) -> None:
+        """A permanent failure that says the address does not exist (an invalid recipient, a
+        domain without mail) suppresses the address, on every shard (the outbox)."""
+        rows = []
+        now = time.time()
+        ttl = self.cfg.suppression.hard_bounce_ttl
+        for r in records:
+            if r[0] == q.REC_FINAL and r[3] == "bounce" and r[8] in HARD_CATEGORIES:
+                m = self.state.messages.get(r[1])
+                if m is not None:
+                    rows.append([normalize_address(m.rcpt), "", "hard-bounce", now, now + ttl,
+                                 f"{r[1]}: {r[4]} {str(r[6])[:150]}"])
+        if rows:
+            records.append(q.suppress_record("add", rows, now, propagate=True))
 
     async def _commit_loop(self) -> None:
         assert self._commit_wake is not None
@@ -453,7 +476,8 @@ class QueueCoordinator:
         if self._stalled:   # no quorum right now: say so at once rather than after a timeout
             return [retryable_error(self._stalled) for _ in items]
         qc = self.cfg.queue
-        limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age)
+        limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age,
+                        self.cfg.suppression.on_submit)
         results, records = self.intake.admit(
             items, self.state, limits, time.time(),
             lambda live: f"queue full on shard {self.shard} ({live} messages, "
@@ -555,6 +579,8 @@ class QueueCoordinator:
                 recs.extend(self._dns_fail_records(domain, r, now))
                 continue
             assert r.site is not None
+            if st.suspended and st.is_suspended(domain, r.site.key, now):
+                continue   # an operator's `raymta suspend`: the mail waits, ready
             d = demand.get(r.site.key)
             if d is None:
                 demand[r.site.key] = [st.ready_live[domain], [domain], r.site]
@@ -721,16 +747,71 @@ class QueueCoordinator:
             log.warning("relay %s lost with %d messages in flight: %s", relay, n, e)
 
     async def report(self, payload: bytes) -> None:
-        """Results from a relay: ``[[id, outcome, code, enhanced, text, category, host]]``."""
+        """Results from a relay: ``[[id, outcome, code, enhanced, text, category, host]]``.
+        Answers once their records are committed: until then the relay keeps them, and hands
+        them to this shard's next leader if this one dies first."""
         await self._until_serving()
-        self._on_results(msgpack.unpackb(payload, raw=False))
+        settled: dict[str, str] = {}
+        recs = self._on_results(msgpack.unpackb(payload, raw=False), settled)
+        if recs:
+            if self.cfg.suppression.from_bounces:
+                self._suppress_hard_bounces(recs)
+            try:
+                await self._commit(recs)
+            except RuntimeError:
+                # not written (no quorum): the messages are out at their relay again by our
+                # account, so the relay's next try of these results is taken as usual
+                for mid, site in settled.items():
+                    m = self.state.messages.get(mid)
+                    if m is not None and m.state == q.INFLIGHT and \
+                            mid not in self._inflight_site:
+                        self._inflight_site[mid] = site
+                        self._site_inflight[site] = self._site_inflight.get(site, 0) + 1
+                raise
 
-    def _on_results(self, results: list[list[Any]]) -> None:
+    async def _take_unacked_results(self) -> int:
+        """A starting leader asks every relay for the results its predecessor was sent but
+        had not committed, and commits them before handing any message out again: a leader's
+        death then costs no duplicate delivery (a relay's death still costs those on its
+        wire)."""
+        from actors.remote import list_relays
+        loop = asyncio.get_running_loop()
+        me = f"coordinator:{self.shard}"
+        try:
+            names = await loop.run_in_executor(None, list_relays, self.ns)
+        except Exception as e:   # noqa: BLE001 - never fatal: at-least-once still holds
+            log.warning("shard %d: cannot list relays for unacked results: %s", self.shard, e)
+            return 0
+        got = 0
+        for name in names:
+            try:
+                data = await asyncio.wait_for(self._handle(name).unacked_results.remote(me), 5)
+            except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+                log.warning("shard %d: no unacked results from %s: %s", self.shard, name, e)
+                continue
+            results = msgpack.unpackb(data, raw=False)
+            recs = self._on_results(results)
+            if recs:
+                if self.cfg.suppression.from_bounces:
+                    self._suppress_hard_bounces(recs)
+                try:
+                    await self._commit(recs)
+                except RuntimeError as e:
+                    log.warning("shard %d: committing unacked results failed: %s", self.shard, e)
+                    continue
+            got += len(results)
+        self.counters["unacked_results_taken"] = got
+        return got
+
+    def _on_results(self, results: list[list[Any]], settled: dict[str, str] | None = None
+                    ) -> list[Any]:
         now = time.time()
         self._results_seen += len(results)
         recs = []
         for mid, outcome, code, enhanced, text, category, _host in results:
             site = self._settle(mid)
+            if site is not None and settled is not None:
+                settled[mid] = site
             m = self.state.messages.get(mid)
             if m is None:
                 continue   # finished already (a duplicate report)
@@ -750,10 +831,9 @@ class QueueCoordinator:
                                            category, now))
             else:
                 recs.append(self._retry_record(m, attempt, code, enhanced, text, site, category,
-                                               now, "throttle" if category == "throttle"
+                                               now, "throttle" if category in PACE_CATEGORIES
                                                else "normal"))
-        if recs:
-            self._enqueue(recs)
+        return recs
 
     def _retry_record(self, m: q.QueuedMessage, attempt: int, code: int | None,
                       enhanced: str | None, text: str, site: str, category: str, now: float,
@@ -766,7 +846,7 @@ class QueueCoordinator:
         if next_at >= m.expires_at:
             return q.final_record(m.id, attempt, "expired", code, enhanced,
                                   f"message expired after {attempt} attempts; last reply: {text}",
-                                  site, "expired", now)
+                                  site, EXPIRED_CATEGORY, now)
         return q.transient_record(m.id, attempt, next_at, code, enhanced, text, site, category,
                                   now)
 
@@ -811,7 +891,7 @@ class QueueCoordinator:
             recs.append(q.final_record(m.id, m.attempts, "expired", m.last_code, None,
                                        f"message expired in queue after {m.attempts} attempts"
                                        + (f"; last reply: {m.last_text}" if m.last_text else ""),
-                                       m.site, "expired", now))
+                                       m.site, EXPIRED_CATEGORY, now))
         if recs:
             self._enqueue(recs)
         stale = st.stale_inflight(now, self.cfg.queue.inflight_timeout)
@@ -820,6 +900,10 @@ class QueueCoordinator:
             if n:
                 log.warning("%d messages in flight past inflight_timeout: retrying", n)
         st.prune_idempotency(now)
+        st.suppression.expire(now)
+        if st.suppress_outbox and not self._propagating:
+            self._propagating = True
+            self._spawn(self._propagate_suppressions())
         self.metrics.set_queue(st.counts())
         self.metrics.set_replication(self.epoch, self.repl.lag())
         bi = self.cfg.backup.interval
@@ -953,6 +1037,169 @@ class QueueCoordinator:
                 "committed": self.repl.committed, "members_version": list(
                     self.repl.members.version), "copies": self.repl.lag(),
                 **self.repl.counters}
+
+    # ------------------------------------------------------------------ operators
+    async def suspend(self, key: str, until: float) -> dict[str, Any]:
+        """Stop dispatching to a domain or site (``key``) until ``until`` (0 = resume now);
+        durable: a restarted leader keeps it. Messages in flight finish; ready ones wait."""
+        await self._until_serving()
+        if type(key) is not str or not key or len(key) > 255:
+            raise ValueError(f"site: {key!r} is not a domain or site name")
+        now = time.time()
+        await self._commit([q.pause_record(key.lower(), float(until), now)])
+        n = sum(1 for m in self.state.messages.values()
+                if m.domain == key.lower() or m.site == key.lower())
+        return {"shard": self.shard, "site": key.lower(), "until": until, "messages": n}
+
+    async def retry_now(self, key: str) -> int:
+        """Deferred messages for a domain or site become ready now (``raymta retry``)."""
+        await self._until_serving()
+        k = key.lower()
+        now = time.time()
+        ids = [m.id for m in self.state.messages.values()
+               if m.state == q.DEFERRED and (m.domain == k or m.site == k)]
+        for mid in ids:
+            m = self.state.messages[mid]
+            self.state._defer(m, now)       # due now: the next round promotes it
+        assert self._dispatch_wake is not None
+        self._dispatch_wake.set()
+        return len(ids)
+
+    async def select(self, domain: str | None = None, tag: str | None = None,
+                     limit: int = 1_000_000) -> list[str]:
+        """Ids of live messages to ``domain`` and/or carrying tag ``key=value``."""
+        await self._until_serving()
+        d = domain.lower() if domain else None
+        tk, _, tv = (tag or "").partition("=")
+        out = []
+        for m in self.state.messages.values():
+            if d and m.domain != d:
+                continue
+            if tag and (not m.tags or m.tags.get(tk) != tv):
+                continue
+            out.append(m.id)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def inspect(self, mid: str) -> dict[str, Any] | None:
+        """One message as an operator sees it: envelope, tags, state, attempts, last reply,
+        next attempt, and its header section (the body is not shown)."""
+        await self._until_serving()
+        st = self.state.status(mid)
+        m = self.state.messages.get(mid)
+        if st is None:
+            return None
+        out = dict(st)
+        if m is not None:
+            body = self.state.bodies[m.body_id].data
+            end = body.find(b"\r\n\r\n")
+            head = body[: end if 0 <= end < 65536 else 65536]
+            out.update({"sender": m.sender, "tags": m.tags, "metadata": m.metadata,
+                        "idempotency_key": m.idempotency_key, "size": len(body),
+                        "headers": head.decode("utf-8", "replace")})
+        return out
+
+    async def queue_shape(self, top: int = 20) -> dict[str, Any]:
+        await self._until_serving()
+        return self.state.shape(time.time(), SHAPE_BUCKETS, top)
+
+    # ------------------------------------------------------------------ suppression, reports
+    async def _commit(self, records: list[Any]) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._enqueue(records, fut)
+        await fut
+
+    async def suppress(self, rows: Any, propagate: bool = False) -> dict[str, Any]:
+        """Add suppressions (rows as :func:`cluster.core.suppression.check_rows` reads them),
+        durable on a quorum before it answers; each shard holds the whole list, so
+        ``MailCluster.suppress`` calls every shard. ``propagate``: this shard also hands them
+        to every other shard (used for what it learned itself)."""
+        await self._until_serving()
+        now = time.time()
+        good, errors = check_rows("add", rows, now, ttl=self.cfg.suppression.hard_bounce_ttl)
+        for k in range(0, len(good), 10_000):
+            await self._commit([q.suppress_record("add", good[k:k + 10_000], now, propagate)])
+        return {"shard": self.shard, "added": len(good), "errors": errors[:100],
+                "refused": len(errors)}
+
+    async def unsuppress(self, rows: Any) -> dict[str, Any]:
+        await self._until_serving()
+        now = time.time()
+        good, errors = check_rows("remove", rows, now)
+        present = [r for r in good if self.state.suppression.get(r[0], r[1]) is not None]
+        for k in range(0, len(present), 10_000):
+            await self._commit([q.suppress_record("remove", present[k:k + 10_000], now)])
+        return {"shard": self.shard, "removed": len(present), "errors": errors[:100],
+                "refused": len(errors)}
+
+    async def suppressions(self, prefix: str = "", limit: int = 1000,
+                           address: str | None = None) -> list[dict[str, Any]]:
+        """Entries whose address starts with ``prefix`` (or every entry for ``address``,
+        any scope), at most ``limit``."""
+        await self._until_serving()
+        sl = self.state.suppression
+        if address is not None:
+            a = normalize_address(address)
+            return [e for e in sl.entries(a, limit) if e["address"] == a]
+        return list(sl.entries(normalize_address(prefix) if prefix else "", limit))
+
+    async def outside_reports(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """Asynchronous bounces and complaints about this shard's messages (from the bounce
+        listener, which has checked their VERP tag): an OOBBounce or Complaint event each; a
+        complaint always suppresses its recipient, a bounce whose category says the address
+        does not exist suppresses it for ``suppression.hard_bounce_ttl``; both reach every
+        shard through this shard's outbox."""
+        await self._until_serving()
+        now = time.time()
+        recs: list[Any] = []
+        rows: list[list[Any]] = []
+        refused = 0
+        for it in items if type(items) is list else []:
+            kind, rcpt = it.get("kind"), it.get("recipient")
+            if kind not in ("bounce", "complaint") or type(rcpt) is not str or not rcpt:
+                refused += 1
+                continue
+            mid = it.get("id") if type(it.get("id")) is str else None
+            detail = {k: str(v)[:500] for k, v in it.items()
+                      if k not in ("kind", "id", "recipient") and v is not None}
+            recs.append(q.report_record(kind, mid, rcpt, detail, now))
+            good, _ = check_rows("add", [[rcpt, "", "complaint" if kind == "complaint"
+                                          else "hard-bounce", f"{kind} about {mid or '?'}"]],
+                                 now, ttl=self.cfg.suppression.hard_bounce_ttl)
+            if good and (kind == "complaint" or (self.cfg.suppression.from_bounces and
+                                                 it.get("category") in HARD_CATEGORIES and
+                                                 it.get("class") in (None, "hard"))):
+                rows.extend(good)
+        if rows:
+            recs.append(q.suppress_record("add", rows, now, propagate=True))
+        if recs:
+            await self._commit(recs)
+        return {"shard": self.shard, "recorded": len(recs) - (1 if rows else 0),
+                "suppressed": len(rows), "refused": refused}
+
+    async def _propagate_suppressions(self) -> None:
+        """Hand this shard's outbox to every other shard; once all have it, a "sent" record
+        empties it (a leader that dies first hands it again after its restart)."""
+        box = self.state.suppress_outbox
+        rows = list(box.values())[:10_000]
+        try:
+            for s in range(self.cfg.queue.shards):
+                if s == self.shard:
+                    continue
+                res = await asyncio.wait_for(
+                    self._handle(f"coordinator:{s}").suppress.remote(
+                        [[r[0], r[1], r[2], r[5], r[4]] for r in rows]), 60)
+                if res.get("refused"):
+                    log.warning("shard %d: shard %d refused %d suppressions: %s", self.shard,
+                                s, res["refused"], res["errors"][:3])
+            await self._commit([q.suppress_record(
+                "sent", [entry_key(r[0], r[1]) for r in rows], time.time())])
+        except (ray.exceptions.RayError, asyncio.TimeoutError, RuntimeError, ValueError) as e:
+            log.warning("shard %d: handing %d suppressions to the other shards failed (will "
+                        "retry): %s", self.shard, len(rows), e)
+        finally:
+            self._propagating = False
 
     # ------------------------------------------------------------------ backups
     async def backup(self, write: bool = False) -> Any:

@@ -7,6 +7,19 @@ deliveries-per-connection, walks MX hosts in preference order, and streams back 
 result per message. Replies that concern the whole site (421, "try again later") go to the
 throttle as feedback.
 
+DKIM: when keys are configured, each message is signed here, just before DATA, with the keys
+of its From domain (``cluster.adapters.dkim_keys``; docs/dkim.md says why here): every attempt,
+MX failover and restored backup carries a signature made with the current key. Key files are
+re-read when their mtime changes (checked at most every ``dkim.reload_interval``) or on
+:meth:`RelayPool.reload_dkim`. Without keys the delivery path does no DKIM work at all.
+
+VERP: with ``[bounce]`` configured, each message goes out with MAIL FROM = its VERP return path
+(``cluster.core.verp``: ``<prefix>-<tag>-<message id>@<bounce domain>``); see
+``actors/bounce_listener.py`` for what comes back to it.
+
+One-click unsubscribe: mail from a sender domain with ``[[unsubscribe]]`` gets List-Unsubscribe
+and List-Unsubscribe-Post (``cluster.core.unsubscribe``), before DKIM signing.
+
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
 by what was in flight here). Leases of a dead incarnation are dropped by the throttle when the
@@ -33,6 +46,8 @@ from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
 from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ideal_connections
+from cluster.core.unsubscribe import add_header_fields, domain_matches, header_fields
+from cluster.core.verp import return_path
 
 __all__ = ["RelayPool"]
 
@@ -45,6 +60,10 @@ _RESULT_FLUSH = 0.1
 _LEASE_RETRY = (0.05, 1.0)
 #: lease requests within this many seconds go to a throttle as one call
 _ASK_GATHER = 0.005
+#: results kept per shard leader until it confirms them committed (bounded: a leader that
+#: never answers must not make a relay grow without limit)
+_UNACKED_MAX = 200_000
+_RESEND_AFTER = 2.0
 #: a site at its connection cap is asked for more leases at most this often while this relay
 #: has connections open to it (they drain its queue meanwhile)
 _CAP_RECHECK = 0.5
@@ -121,6 +140,8 @@ class RelayPool:
         self._holding: set[str] = set()
         #: results waiting for the next flush, per coordinator
         self._outboxes: dict[str, list[list[Any]]] = {}
+        #: per shard leader: results sent but not yet confirmed committed (id → result)
+        self._unacked: dict[str, dict[str, list[Any]]] = {}
         self._results_ready = asyncio.Event()
         self._added = 0      # results put in outboxes, ever
         self._sent = 0       # of those, handed to Ray (as of the last flush)
@@ -129,6 +150,9 @@ class RelayPool:
                          "connect_failures": 0}
         from actors.metrics import loop_lag_reporter
         self.loop_lag = LoopLag(report=loop_lag_reporter(name))
+        from cluster.adapters.dkim_keys import signer_from_config
+        #: None when no DKIM key is configured: the hot path then does not sign at all
+        self.signer = signer_from_config(config.dkim)
 
     # ------------------------------------------------------------------ plumbing
     def _spawn(self, coro: Any) -> None:
@@ -226,13 +250,53 @@ class RelayPool:
         return call.expected
 
     def _report(self, coordinator: str, results: list[list[Any]]) -> None:
+        """Send results to their shard leader and keep them until it says they are committed:
+        a leader that dies before it commits them gets them again from here when its
+        successor starts (:meth:`unacked_results`), instead of sending the messages again."""
+        box = self._unacked.setdefault(coordinator, {})
+        for r in results:
+            box[r[0]] = r
+        while len(box) > _UNACKED_MAX:      # bounded: the oldest go (at-least-once still)
+            box.pop(next(iter(box)))
+            self.counters["unacked_dropped"] = self.counters.get("unacked_dropped", 0) + 1
         try:
             h = self._actor(coordinator)
-            h.report.remote(msgpack.packb(results, use_bin_type=True))
+            ref = h.report.remote(msgpack.packb(results, use_bin_type=True))
         except (ray.exceptions.RayError, ValueError) as e:
-            # coordinator gone for good: its successor re-sends these messages (at-least-once)
             log.warning("could not report %d results to %s: %s", len(results), coordinator, e)
             self._handles.pop(coordinator, None)
+            return
+        ids = [r[0] for r in results]
+        fut = asyncio.wrap_future(ref.future())
+        fut.add_done_callback(lambda f: self._acked(coordinator, ids, f))
+
+    def _acked(self, coordinator: str, ids: list[str], f: asyncio.Future) -> None:
+        if f.cancelled() or f.exception() is not None:
+            # kept: the next leader asks for them when it starts; and they are sent again
+            # in a while (to a leader that lost them without dying, or that is back)
+            self._handles.pop(coordinator, None)
+            asyncio.get_running_loop().call_later(_RESEND_AFTER, self._resend, coordinator,
+                                                  ids)
+            return
+        box = self._unacked.get(coordinator)
+        if box is not None:
+            for mid in ids:
+                box.pop(mid, None)
+
+    def _resend(self, coordinator: str, ids: list[str]) -> None:
+        box = self._unacked.get(coordinator, {})
+        again = [box[i] for i in ids if i in box]
+        if again:
+            self.counters["results_resent"] = self.counters.get("results_resent", 0) + len(again)
+            self._report(coordinator, again)
+
+    async def unacked_results(self, coordinator: str) -> bytes:
+        """Results reported to ``coordinator`` that it has not confirmed as committed (its
+        predecessor died first): a starting leader takes them before it hands messages out
+        again. msgpack list, as :meth:`QueueCoordinator.report` takes."""
+        self._ensure_started()
+        return msgpack.packb(list(self._unacked.get(coordinator, {}).values()),
+                             use_bin_type=True)
 
     def _site(self, name: str, spec: dict[str, Any]) -> _Site:
         wire = spec["limits"]
@@ -282,7 +346,8 @@ class RelayPool:
                 if time.monotonic() > give_up:
                     self._defer_queued(s, classify(
                         451, "4.4.5 raymta: no connection slot for this site in time (site "
-                        "paused or at its connection limit)", phase="connection"))
+                        "paused or at its connection limit)", phase="connection",
+                        rules=self.cfg.classification.rules))
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _LEASE_RETRY[1])
@@ -361,7 +426,8 @@ class RelayPool:
         except ConnectFailure as e:
             self.counters["connect_failures"] += 1
             self.metrics.connect_failures.inc(1, self.metrics.tags)
-            c = classify(e.code, e.text, phase="greeting") if e.code else \
+            c = classify(e.code, e.text, phase="greeting",
+                         rules=self.cfg.classification.rules) if e.code else \
                 connection_failure(e.text)
             if c.outcome != Outcome.TRANSIENT:
                 c = connection_failure(e.text)   # no host answered: always worth retrying
@@ -389,14 +455,20 @@ class RelayPool:
                     continue
                 else:
                     item, call = s.queue.popleft()
-                _id, _attempt, sender, rcpt, body, smtputf8 = item
+                _id, _attempt, _sender, rcpt, body, smtputf8 = item
+                sender = self._mail_from(item)
                 then = None
                 if conn.pipelining and s.queue and conn.sent + 1 < limit:
                     # this connection takes the next one too: its envelope rides on this body
                     carry = s.queue.popleft()
-                    then = (carry[0][2], carry[0][3], carry[0][5])
+                    then = (self._mail_from(carry[0]), carry[0][3], carry[0][5])
+                if self.cfg.unsubscribe:
+                    body = self._list_unsubscribe(item, body)
+                if self.signer is not None:
+                    body = self._sign(body)
                 a = await conn.send(sender, rcpt, body, smtputf8, then=then)
-                c = classify(a.code, a.text, phase=a.phase) if a.code is not None else \
+                c = classify(a.code, a.text, phase=a.phase,
+                             rules=self.cfg.classification.rules) if a.code is not None else \
                     connection_failure(a.text)
                 call.add(_result(item, c, host))
                 if c.outcome == Outcome.DELIVERED:
@@ -420,6 +492,52 @@ class RelayPool:
                 s.queue.appendleft(carry)
                 s.wake.set()
             await conn.close()
+
+    def _mail_from(self, item: list[Any]) -> str:
+        """The envelope sender on the wire: with ``[bounce]`` configured, the message's VERP
+        return path (so a later bounce names the message, with a tag proving we sent it); the
+        null sender stays null. The submitted sender stays the message's own for events and
+        status."""
+        b = self.cfg.bounce
+        if not b.enabled or not item[2]:
+            return item[2]
+        assert b.keys is not None
+        return return_path(item[2], item[0], b.keys, prefix=b.prefix, domain=b.domain)
+
+    def _list_unsubscribe(self, item: list[Any], body: bytes) -> bytes:
+        """List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) for a sender domain with
+        ``[[unsubscribe]]``, added before DKIM signs them (both are in its signed list)."""
+        domain = item[2].rpartition("@")[2]
+        if not domain:
+            return body
+        u = next((u for u in self.cfg.unsubscribe if domain_matches(domain, u.domain)), None)
+        if u is None or u.keys is None:
+            return body
+        fields = header_fields(item[3], u.domain, u.keys, url_base=u.url_base,
+                               mail_domain=self.cfg.bounce.domain if u.mailto else "")
+        return add_header_fields(body, fields)
+
+    def _sign(self, body: bytes) -> bytes:
+        """The message with its DKIM signatures, as it goes on the wire (unsigned if the
+        signer fails: the failure is counted and logged without the key)."""
+        signer = self.signer
+        assert signer is not None
+        signer.ring.maybe_reload()      # one clock read; a stat per key every few seconds
+        try:
+            return signer.sign(body, time.time())
+        except Exception as e:  # noqa: BLE001 - a signing bug must not stop delivery
+            signer.counters["errors"] += 1
+            log.warning("dkim signing failed (%s): sent unsigned", type(e).__name__)
+            return body
+
+    async def reload_dkim(self) -> dict[str, Any]:
+        """Re-read DKIM key files now (``raymta dkim reload``): what changed, and the errors
+        of files that could not be loaded (the previous key stays in use for those)."""
+        if self.signer is None:
+            return {"relay": self.name, "changed": [], "errors": [], "keys": []}
+        changed = self.signer.ring.reload()
+        return {"relay": self.name, "changed": changed, "errors": self.signer.ring.errors,
+                "keys": self.signer.ring.describe()}
 
     # ------------------------------------------------------------------ background loops
     async def _renew_loop(self) -> None:
@@ -473,7 +591,11 @@ class RelayPool:
                     self._handles.pop(tname, None)
 
     async def stats(self) -> dict[str, Any]:
+        dkim = None if self.signer is None else {
+            **self.signer.counters, "keys": self.signer.ring.describe(),
+            "errors": self.signer.ring.errors}
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
+                "dkim": dkim,
                 "loop_lag": self.loop_lag.snapshot(),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases)} for n, s in self.sites.items()}}

@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.bounce_listener import BounceListener, bounce_listener_name
 from actors.coordinator import QueueCoordinator
 from actors.ingress import IngressNode, ingress_name
 from actors.relay_pool import RelayPool
@@ -30,7 +31,8 @@ from cluster.config import Config, EgressSource
 
 __all__ = ["coordinator_name", "replica_name", "relay_name", "ensure_coordinator",
            "ensure_replica", "ensure_throttle", "ensure_relay", "list_relays", "node_regions",
-           "shard_placement", "ingress_nodes", "ensure_ingress", "RemoteCoordinator",
+           "shard_placement", "ensure_bounce_listener", "bounce_listener_nodes",
+           "ingress_nodes", "ensure_ingress", "RemoteBounceListener", "RemoteCoordinator",
            "RemoteReplica", "RemoteThrottle", "RemoteRelay", "RemoteIngress"]
 
 # Every actor is restarted by Ray for ever; calls into a restarting actor wait and are retried
@@ -43,6 +45,7 @@ RemoteCoordinator = ray.remote(**_COMMON)(QueueCoordinator)
 RemoteThrottle = ray.remote(**_COMMON)(SiteThrottle)
 RemoteRelay = ray.remote(**_COMMON)(RelayPool)
 RemoteReplica = ray.remote(**_COMMON)(ReplicaLog)
+RemoteBounceListener = ray.remote(**_COMMON)(BounceListener)
 RemoteIngress = ray.remote(**_COMMON)(IngressNode)
 
 
@@ -136,18 +139,36 @@ def list_relays(namespace: str) -> list[str]:
                   and a["name"].split(":")[1] in alive)
 
 
-def ingress_nodes() -> list[str]:
-    """Ids of the live nodes that should run an ingress listener: those with an ``ingress``
-    resource or label; the head node when there are none."""
+def bounce_listener_nodes() -> list[str]:
+    """Where bounce listeners run: every live node labelled ``role=ingress`` (or with an
+    ``ingress`` resource); the head node when there is none."""
     alive = [n for n in ray.nodes() if n.get("Alive")]
-    marked = [n["NodeID"] for n in alive
-              if (n.get("Resources") or {}).get("ingress", 0) > 0
-              or "ingress" in (n.get("Labels") or {})]
-    if marked:
-        return marked
+    ingress = [n["NodeID"] for n in alive
+               if (n.get("Labels") or {}).get("role") == "ingress"
+               or "ingress" in n.get("Resources", {})]
+    if ingress:
+        return ingress
     head = [n["NodeID"] for n in alive
-            if "node:__internal_head__" in (n.get("Resources") or {})]
-    return head[:1] or [alive[0]["NodeID"]] if alive else []
+            if "node:__internal_head__" in n.get("Resources", {})]
+    return head[:1] or [n["NodeID"] for n in alive][:1]
+
+
+def ensure_bounce_listener(cfg: Config, node_id: str, *, detached: bool = False) -> Any:
+    """The bounce/FBL listener of ``node_id`` (it binds ``bounce.listen_host`` there)."""
+    opts: dict[str, Any] = dict(
+        name=bounce_listener_name(node_id), namespace=cfg.cluster.namespace,
+        get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    if detached:
+        opts["lifetime"] = "detached"
+    return RemoteBounceListener.options(**opts).remote(cfg, bounce_listener_name(node_id))
+
+
+def ingress_nodes() -> list[str]:
+    """Ids of the live nodes that should run an ingress (SMTP submission, HTTP API) actor:
+    the same nodes as the bounce listeners (a ``role=ingress`` label or an ``ingress``
+    resource; the head node when there is none)."""
+    return bounce_listener_nodes()
 
 
 def ensure_ingress(cfg: Config, node_id: str, *, detached: bool = False) -> Any:

@@ -1,6 +1,7 @@
 """Run raymta, Postfix and the SMTP physical limit in interleaved rounds; table, JSON, chart.
 
-Each round runs, in turn: raymta (``bench/throughput.py``), a private Postfix relaying the
+Each round runs, in turn: raymta (``bench/throughput.py``), raymta with every message
+DKIM-signed at the relay with an RSA-2048 key (``raymta-signed``), a private Postfix relaying the
 same workload (``bench/peer_postfix.py``) and ``smtp-source`` → ``smtp-sink`` (the most SMTP
 this machine moves). Interleaving spreads slow drifts (other load, page cache, thermal) over
 all systems. Prints the medians with the ratios raymta/Postfix and raymta/physical, writes
@@ -31,8 +32,9 @@ from bench.throughput import print_raymta, run_raymta
 
 __all__ = ["chart", "main", "summarize"]
 
-SYSTEMS = ("raymta", "postfix", "physical")
-COLOURS = {"raymta": "tab:blue", "postfix": "tab:orange", "physical": "tab:green"}
+SYSTEMS = ("raymta", "raymta-signed", "postfix", "physical")
+COLOURS = {"raymta": "tab:blue", "raymta-signed": "tab:purple", "postfix": "tab:orange",
+           "physical": "tab:green"}
 
 
 def _metric(res: dict[str, Any], key: str) -> Any:
@@ -63,6 +65,10 @@ def summarize(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
         med[system] = row
     ray_rate = med.get("raymta", {}).get("delivered_per_s")
     ratios = {}
+    signed = med.get("raymta-signed", {}).get("delivered_per_s")
+    if "raymta-signed" in med:
+        ratios["raymta-signed/raymta"] = round(signed / ray_rate, 3) \
+            if signed and ray_rate else None
     for other in ("postfix", "physical"):
         o = med.get(other, {}).get("delivered_per_s")
         ratios[f"raymta/{other}"] = round(ray_rate / o, 3) if ray_rate and o else None
@@ -153,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--messages", type=int, default=20_000)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--systems", default=",".join(SYSTEMS),
-                    help="comma-separated subset of raymta,postfix,physical")
+                    help="comma-separated subset of raymta,raymta-signed,postfix,physical")
     ap.add_argument("--timeout", type=float, default=600.0, help="per run (s)")
     ap.add_argument("--no-install", action="store_true",
                     help="do not apt-get install postfix / pip install matplotlib")
@@ -179,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         print(c.banner("Postfix/smtp-sink unavailable: Postfix and the physical limit are "
                        "skipped; raymta is measured against the aiosmtpd sink"),
               file=sys.stderr)
-        systems = [s for s in systems if s == "raymta"]
+        systems = [s for s in systems if s.startswith("raymta")]
     ts = c.timestamp()
     machine = c.machine_info()
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
@@ -189,9 +195,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n=== round {rnd}/{args.rounds}: {system} ({args.messages:,} messages) ===",
                   flush=True)
             try:
-                if system == "raymta":
+                if system in ("raymta", "raymta-signed"):
                     res = run_raymta(args.messages, timeout=args.timeout,
-                                     progress=not args.quiet)
+                                     progress=not args.quiet,
+                                     dkim="rsa" if system == "raymta-signed" else None)
+                    res["system"] = system
                     print_raymta(res)
                 elif system == "postfix":
                     res = run_postfix(args.messages, timeout=args.timeout,

@@ -109,14 +109,43 @@ def _print_profile(name: str, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------- the run
+def _dkim_config(spool: str, algorithm: str) -> Any:
+    """A [dkim] section with one fresh key for the workload's From domain (in the spool)."""
+    from cluster.adapters.dkim_keys import generate_private_key, write_private_key
+    from cluster.config import parse_config
+    path = Path(spool) / f"bench-dkim.{algorithm}.pem"
+    write_private_key(generate_private_key(algorithm, 2048), path)
+    return parse_config({"dkim": {"key": [{"domain": "origin.bench.test", "selector": "bench",
+                                           "algorithm": algorithm,
+                                           "key_file": str(path)}]}}).dkim
+
+
+def _dkim_stats(mc: Any) -> dict[str, int]:
+    """The relays' signing counters, summed (proves the run really signed)."""
+    import ray
+
+    from actors.remote import list_relays
+    ns = mc.cfg.cluster.namespace
+    out: dict[str, int] = {}
+    for name in list_relays(ns):
+        d = ray.get(ray.get_actor(name, namespace=ns).stats.remote()).get("dkim") or {}
+        for k, v in d.items():
+            if isinstance(v, int):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
 def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100,
                timeout: float = 600.0, receiver: str = "auto", max_connections: int = 10,
                num_cpus: int = 2, progress: bool = True, profile: bool = False,
                profile_seconds: float = 10.0, shards: int | None = None,
                replicas: int | None = None, probe_rate: float = 1000.0,
                probe_seconds: float = 10.0, gc_freeze: bool = True,
-               intake: int | None = None) -> dict[str, Any]:
-    """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta)."""
+               intake: int | None = None, dkim: str | None = None) -> dict[str, Any]:
+    """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta).
+
+    dkim: "rsa" (RSA-2048) or "ed25519": the relays sign every message From the workload's
+    domain with a fresh key of that kind (docs/dkim.md); None: no keys, no signing."""
     from cluster.client import MailCluster
 
     workload = c.make_workload(n, domains=domains)
@@ -132,6 +161,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             cfg = replace(cfg, queue=replace(cfg.queue, shards=shards))
         if replicas:
             cfg = replace(cfg, cluster=replace(cfg.cluster, replicas=replicas))
+        if dkim:
+            cfg = replace(cfg, dkim=_dkim_config(spool, dkim))
         t = time.time()
         mc = MailCluster.connect(config=cfg, num_cpus=num_cpus)
         startup = time.time() - t
@@ -156,6 +187,10 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             res["intake_only"] = io = c.intake_only(mc, workload.messages[:n_intake],
                                                     receiver=recv, threads=threads, batch=batch)
             res["ok"] = bool(res.get("ok")) and io["ok"]   # a wrong intake phase fails the run
+        if dkim:
+            res["dkim"] = _dkim_stats(mc)
+            res["dkim_algorithm"] = {"rsa": "rsa-sha256 (RSA-2048)",
+                                     "ed25519": "ed25519-sha256"}[dkim]
         res.update(startup_seconds=round(startup, 2), domains=domains, gc_frozen=gc_freeze,
                    message_bytes=round(workload.raw_bytes / n),
                    max_connections_per_site=max_connections, ray_num_cpus=num_cpus,
@@ -240,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="after the run, this many messages (default min(N, 20,000); 0 skips) "
                     "are submitted held, with nothing delivering, to time the accept path "
                     "alone, then cancelled")
+    ap.add_argument("--dkim", choices=["rsa", "ed25519"],
+                    help="sign every message at the relays (RSA-2048 or Ed25519 key)")
     args = ap.parse_args(argv)
     if args.receiver != "aiosmtpd":
         c.ensure_postfix(install=not args.no_install)
@@ -250,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                      profile=args.profile, profile_seconds=args.profile_seconds,
                      shards=args.shards, replicas=args.replicas, probe_rate=args.probe_rate,
                      probe_seconds=args.probe_seconds, gc_freeze=not args.no_gc_freeze,
-                     intake=args.intake)
+                     intake=args.intake, dkim=args.dkim)
     res["shards"], res["replicas"] = args.shards, args.replicas
     res["machine"] = machine
     print_raymta(res)

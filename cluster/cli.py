@@ -1,4 +1,5 @@
-"""The ``raymta`` command: up, down, demo, submit, status, events.
+"""The ``raymta`` command: up, down, demo, submit, status, events, parse-bounce, dkim,
+dns-check.
 
 ``raymta demo`` is the embedded default: a local Ray bound to loopback, a DNS server and SMTP
 sinks on loopback, a spool in a local directory; it sends N messages to M domains, shows a
@@ -75,7 +76,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == args.namespace and a["name"].split(":")[0] in (
-                "coordinator", "replica", "throttle", "relay", "ingress"):
+                "coordinator", "replica", "throttle", "relay", "bounce", "ingress"):
             ray.kill(ray.get_actor(a["name"], namespace=args.namespace), no_restart=True)
             n += 1
     print(f"stopped {n} raymta actors (the spool stays on disk)")
@@ -306,6 +307,150 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds < 3600 else f"{seconds / 3600:g}h"
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """A qshape-like table: destination domains × age buckets."""
+    mc = _attach(args.address, args.config)
+    shape = mc.queue_shape(args.top)
+    if args.json:
+        print(json.dumps(shape))
+        return 0
+    heads = ["T"] + [f"<{_age(b)}" for b in shape["buckets"]] + \
+        [f">{_age(shape['buckets'][-1])}"]
+    rows = [["TOTAL"] + [sum(r[i] for r in shape["domains"].values())
+                         for i in range(len(heads) - 1)]]
+    rows += [[d] + row for d, row in shape["domains"].items()]
+    width = max([len(str(r[0])) for r in rows] + [6])
+    print(f"{'domain':<{width}} {'total':>7} " + " ".join(f"{h:>6}" for h in heads[1:]))
+    for r in rows:
+        print(f"{r[0]:<{width}} {sum(r[1:]):>7} " + " ".join(f"{v:>6}" for v in r[1:]))
+    print("states: " + ", ".join(f"{k} {v}" for k, v in shape["states"].items()))
+    return 0
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    from cluster.core.ratespec import parse_duration
+    mc = _attach(args.address, args.config)
+    if args.cmd == "resume":
+        res = mc.resume(args.site)
+        print(json.dumps(res) if args.json else f"resumed {res['site']}")
+        return 0
+    seconds = parse_duration(args.for_)
+    res = mc.suspend(args.site, seconds)
+    print(json.dumps(res) if args.json else
+          f"suspended {res['site']} for {args.for_} ({res['messages']} messages wait; "
+          "those in flight finish)")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    n = mc.retry_now(args.site)
+    print(json.dumps({"site": args.site, "retried": n}) if args.json else
+          f"{n} deferred messages for {args.site} will be tried now")
+    return 0
+
+
+def cmd_bounce(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    if not (args.domain or args.tag or args.id):
+        raise SystemExit("raymta bounce: give --domain D, --tag key=value or --id ID")
+    res = mc.admin_bounce(domain=args.domain, tag=args.tag, ids=args.id)
+    print(json.dumps(res) if args.json else
+          ", ".join(f"{v} {k}" for k, v in res.items()) or "nothing matched")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    info = mc.inspect(args.id)
+    if info is None:
+        print(f"raymta: no message {args.id} (unknown, or finished too long ago)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    headers = info.pop("headers", "")
+    for k, v in info.items():
+        print(f"{k:>16}: {v}")
+    if headers:
+        print("\n" + headers.replace("\r\n", "\n"))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    cfg = load_config(args.file)     # a ConfigError names the key and the problem
+    print(f"{args.file}: ok ({cfg.queue.shards} shards x {cfg.cluster.replicas} copies, "
+          f"{len(cfg.egress)} egress sources, {len(cfg.sites)} site rules, "
+          f"{len(cfg.dkim.keys)} DKIM keys)")
+    return 0
+
+
+SUPPRESSION_CSV = ["address", "scope", "reason", "created", "expires_at", "cause"]
+
+
+def cmd_suppress(args: argparse.Namespace) -> int:
+    """``raymta suppress add|remove|list|import|export``: the suppression list (CSV columns
+    address, scope, reason, created, expires_at, cause; import needs only address)."""
+    import csv
+    mc = _attach(args.address, args.config)
+    if args.action in ("add", "remove"):
+        if not args.addresses:
+            raise SystemExit(f"raymta suppress {args.action}: give one or more addresses")
+        if args.action == "add":
+            res = mc.suppress(args.addresses, reason=args.reason, scope=args.scope,
+                              cause=args.cause)
+            print(f"suppressed {res['added']} addresses" +
+                  (f"; refused {res['refused']}: " + "; ".join(res["errors"][:5])
+                   if res.get("refused") else ""))
+        else:
+            res = mc.unsuppress(args.addresses, scope=args.scope)
+            print(f"removed {res['removed']} suppressions" +
+                  (f"; refused {res['refused']}: " + "; ".join(res["errors"][:5])
+                   if res.get("refused") else ""))
+        return 1 if res.get("refused") else 0
+    if args.action == "list":
+        for e in mc.suppressions(args.prefix or "", limit=args.limit):
+            print(json.dumps(e))
+        return 0
+    if args.action == "export":
+        out = open(args.file, "w", newline="") if args.file else sys.stdout
+        try:
+            w = csv.writer(out)
+            w.writerow(SUPPRESSION_CSV)
+            for e in mc.suppressions("", limit=args.limit):
+                w.writerow([e.get(k) if e.get(k) is not None else "" for k in SUPPRESSION_CSV])
+        finally:
+            if out is not sys.stdout:
+                out.close()
+        return 0
+    # import
+    if not args.file:
+        raise SystemExit("raymta suppress import: give a CSV file (--file)")
+    t0 = time.time()
+    rows: list[dict[str, Any]] = []
+    with open(args.file, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames or "address" not in reader.fieldnames:
+            raise SystemExit(f"{args.file}: the first line must name the columns, with "
+                             f"'address' among them (columns: {', '.join(SUPPRESSION_CSV)})")
+        for r in reader:
+            rows.append({"address": r["address"], "scope": r.get("scope") or args.scope,
+                         "reason": r.get("reason") or args.reason,
+                         "cause": r.get("cause") or None,
+                         "expires_at": float(r["expires_at"]) if r.get("expires_at") else None})
+    res = mc.suppress(rows)
+    print(f"imported {res['added']} of {len(rows)} rows in {time.time() - t0:.1f} s" +
+          (f"; refused {res['refused']}: " + "; ".join(res["errors"][:5])
+           if res.get("refused") else ""))
+    return 1 if res.get("refused") else 0
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     mc = _attach(args.address, args.config)
     if not args.follow:
@@ -375,6 +520,109 @@ def cmd_new_api_key(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------- dkim
+def _txt_zone_line(name: str, record: str) -> str:
+    parts = [record[i:i + 255] for i in range(0, len(record), 255)]
+    return f"{name}. IN TXT ( " + " ".join(f'"{p}"' for p in parts) + " )"
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    """Write a new private key (mode 0600) as <out>/<domain>/<selector>.<alg>.pem, the
+    layout of [dkim] key_directory, and print the DNS record to publish."""
+    from cluster.adapters.dkim_keys import dns_record, generate_private_key, write_private_key
+    from cluster.config import ConfigError
+    from cluster.core.dkim import is_valid_selector
+    domain = args.domain.strip().lower().rstrip(".")
+    if "." not in domain or any(c.isspace() or c in "@/" for c in domain):
+        raise ConfigError("--domain", f"expected a domain name such as example.com, got "
+                                      f"{args.domain!r}")
+    if not is_valid_selector(args.selector):
+        raise ConfigError("--selector", f"{args.selector!r} is not a DNS name: letters, digits "
+                                        "and inner '-', labels separated by dots")
+    if args.algorithm == "rsa" and args.bits < 1024:
+        raise ConfigError("--bits", f"{args.bits}: RSA DKIM keys need at least 1024 bits "
+                                    "(RFC 8301); use 2048")
+    d = Path(args.out) / domain
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = d / f"{args.selector}.{args.algorithm}.pem"
+    if path.exists():
+        raise ConfigError(str(path), "exists already: pick a new selector for a new key "
+                                     "(rotation = new selector, publish, then switch)")
+    key = generate_private_key(args.algorithm, args.bits)
+    write_private_key(key, path)
+    record = dns_record(key)
+    size = f"{args.bits}-bit RSA" if args.algorithm == "rsa" else "Ed25519"
+    if args.algorithm == "rsa" and args.bits < 2048:
+        print(f"warning: {args.bits}-bit RSA: RFC 8301 recommends 2048", file=sys.stderr)
+    print(f"wrote {size} private key {path} (mode 0600)")
+    print("publish this TXT record:")
+    print(_txt_zone_line(f"{args.selector}._domainkey.{domain}", record))
+    print("and configure it:")
+    print(f'[[dkim.key]]\ndomain = "{domain}"\nselector = "{args.selector}"\n'
+          f'algorithm = "{args.algorithm}"\nkey_file = "{path.resolve()}"')
+    print(f"(or set [dkim] key_directory = \"{Path(args.out).resolve()}\")")
+    return 0
+
+
+def cmd_dkim_reload(args: argparse.Namespace) -> int:
+    """Make every relay re-read its DKIM key files now."""
+    import ray
+
+    from actors.remote import list_relays
+    mc = _attach(args.address, args.config)
+    ns = mc.cfg.cluster.namespace
+    bad = 0
+    for name in list_relays(ns):
+        res = ray.get(ray.get_actor(name, namespace=ns).reload_dkim.remote())
+        keys = ", ".join(f"{k['domain']}/{k['selector']} ({k['algorithm']}, {k['bits']})"
+                         for k in res["keys"]) or "no keys"
+        print(f"{name}: {'; '.join(res['changed']) or 'no change'}; signing with {keys}")
+        for e in res["errors"]:
+            bad += 1
+            print(f"  error: {e}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def cmd_dns_check(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    from cluster.dnscheck import Resolver, format_table, run_checks
+    cfg = load_config(args.config)
+    r = Resolver(cfg.dns.nameservers, cfg.dns.port, cfg.dns.timeout)
+    checks = run_checks(args.domain, cfg, r, selectors=args.selector or (),
+                        return_path=args.return_path)
+    if args.json:
+        print(json.dumps({"domain": args.domain, "checks": [c.as_dict() for c in checks],
+                          "fail": sum(c.status == "fail" for c in checks),
+                          "warn": sum(c.status == "warn" for c in checks)}, indent=1))
+    else:
+        print(format_table(args.domain, checks))
+    return 1 if any(c.status == "fail" for c in checks) else 0
+
+
+def cmd_parse_bounce(args: argparse.Namespace) -> int:
+    """Parse bounce, complaint or auto-reply files; one JSON object per file with --json (the
+    stable contract of cluster.core.dsn.contract, documented in the README). Never stops on a
+    bad file: unreadable input is kind "unknown" with the reason."""
+    from cluster.config import load_config
+    from cluster.core.dsn import MAX_BYTES, contract, parse_message
+    rules = load_config(args.config).classification.rules if args.config else None
+    for name in args.files:
+        try:
+            with open(name, "rb") as f:
+                raw = f.read(MAX_BYTES + 1)
+            obj = contract(parse_message(raw, rules=rules), name)
+        except OSError as e:
+            obj = {"file": name, "kind": "unknown", "reason": f"cannot read: {e.strerror}"}
+        if args.json:
+            print(json.dumps(obj, ensure_ascii=False), flush=True)
+        else:
+            what = obj.get("feedback_type") if obj["kind"] == "arf" else \
+                f"{obj.get('category')}/{obj.get('class')} {obj.get('status') or ''}".strip()
+            print(f"{name}: {obj['kind']} {obj.get('recipient') or '-'} {what} "
+                  f"{(obj.get('diagnostic') or obj.get('reason') or '')[:100]}", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     # bench/ lives in the source checkout beside the packages, not in the installed package
     root = Path(__file__).resolve().parents[1]
@@ -441,10 +689,86 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", nargs="?", default="./raymta-backups",
                    help="directory (a time-stamped sub-directory is made in it)")
     p.set_defaults(fn=cmd_backup)
+    p = sub.add_parser("queue", help="queue shape: destination domains x age (like qshape)")
+    common(p)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_queue)
+    for name, what in (("suspend", "stop dispatching to a domain or site for a while"),
+                       ("resume", "dispatch to a suspended domain or site again")):
+        p = sub.add_parser(name, help=what)
+        common(p)
+        p.add_argument("site", help="a destination domain or site name")
+        if name == "suspend":
+            p.add_argument("--for", dest="for_", default="1h", help="how long (e.g. 2h)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=cmd_suspend)
+    p = sub.add_parser("retry", help="try the deferred mail of a domain or site now")
+    common(p)
+    p.add_argument("--site", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_retry)
+    p = sub.add_parser("bounce", help="bounce queued mail by domain, tag or id (AdminBounce)")
+    common(p)
+    p.add_argument("--domain")
+    p.add_argument("--tag", help="key=value")
+    p.add_argument("--id", action="append")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bounce)
+    p = sub.add_parser("inspect", help="one message: envelope, state, attempts, headers")
+    common(p)
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("config", help="config check FILE: parse and check a config file")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_config_check)
+    p = sub.add_parser("suppress", help="the suppression list: add, remove, list, import, "
+                       "export (CSV)")
+    common(p)
+    p.add_argument("action", choices=["add", "remove", "list", "import", "export"])
+    p.add_argument("addresses", nargs="*")
+    p.add_argument("--reason", default="manual",
+                   choices=["manual", "hard-bounce", "complaint", "unsubscribe"])
+    p.add_argument("--scope", default="", help="a sender domain ('' = every sender)")
+    p.add_argument("--cause", default=None, help="why (kept with the entry)")
+    p.add_argument("--file", help="CSV file for import / export (export: default stdout)")
+    p.add_argument("--prefix", help="list: addresses starting with this")
+    p.add_argument("--limit", type=int, default=10_000_000)
+    p.set_defaults(fn=cmd_suppress)
     p = sub.add_parser("restore", help="queue a backup's messages into an empty cluster")
     common(p)
     p.add_argument("dir", help="a backup directory (holding shard-<n>.msgpack files)")
     p.set_defaults(fn=cmd_restore)
+    p = sub.add_parser("dkim", help="DKIM keys: keygen, reload")
+    dsub = p.add_subparsers(dest="dkim_cmd", required=True)
+    q = dsub.add_parser("keygen", help="write a private key (0600) and print its DNS record")
+    q.add_argument("--domain", required=True)
+    q.add_argument("--selector", required=True)
+    q.add_argument("--algorithm", choices=("rsa", "ed25519"), default="rsa")
+    q.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
+    q.add_argument("--out", default=".", help="directory: the key goes to "
+                   "OUT/<domain>/<selector>.<algorithm>.pem (default .)")
+    q.set_defaults(fn=cmd_dkim_keygen)
+    q = dsub.add_parser("reload", help="make every relay re-read its DKIM key files now")
+    common(q)
+    q.set_defaults(fn=cmd_dkim_reload)
+    p = sub.add_parser("dns-check", help="check a sending domain's MX, SPF, DKIM, DMARC, "
+                       "FCrDNS, MTA-STS and TLS-RPT records")
+    p.add_argument("domain")
+    p.add_argument("--selector", action="append", help="DKIM selector to check (repeatable; "
+                   "default: the configured keys of the domain)")
+    p.add_argument("--return-path", help="envelope sender domain for SPF (default: DOMAIN)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--config", help="TOML config file: nameservers, egress sources, DKIM keys")
+    p.set_defaults(fn=cmd_dns_check)
+    p = sub.add_parser("parse-bounce", help="parse bounce (DSN), complaint (ARF) and "
+                       "auto-reply messages; no cluster needed")
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("--json", action="store_true", help="one JSON object per file (see README)")
+    p.add_argument("--config", help="TOML config whose [classification] rules_file applies")
+    p.set_defaults(fn=cmd_parse_bounce)
     p = sub.add_parser("bench", help="raymta vs Postfix vs the physical limit (bench/run_all.py)")
     p.add_argument("bench_args", nargs=argparse.REMAINDER,
                    help="passed on, e.g. --messages 20000 --rounds 3")

@@ -26,6 +26,7 @@ import ray
 
 from cluster.adapters.stream import BlockingStreamClient, StreamError
 from cluster.config import Config, load_config
+from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
 from cluster.core.intake import wire_item
 from cluster.core.message import ValidationError, new_message_ids, validate_batch
 from cluster.core.sites import stable_hash
@@ -52,6 +53,10 @@ class SubmitResult:
     #: time): ``ids`` are the ids it was sent with; ``status(ids)`` tells, and submitting it
     #: again with the same ``idempotency_key`` is safe
     outcome_unknown: bool = False
+    #: recipients left out because they are suppressed: ``{"recipient", "reason", "since",
+    #: "error"}`` each (with ``suppression.on_submit = "drop"`` they are queued and finished
+    #: at once instead, and listed here too)
+    suppressed: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def accepted(self) -> bool:
@@ -157,6 +162,26 @@ class _SubmitStream:
             conn.close()
 
 
+def _requires_dkim(cfg: Config) -> bool:
+    dk = cfg.dkim
+    return dk.sign == "required" or any(p == "required" for _, p in dk.policy)
+
+
+def _check_dkim_policy(p: Any, cfg: Config, index: int) -> Any:
+    """``p`` itself, or the ValidationError that refuses it under ``sign = "required"``."""
+    if isinstance(p, ValidationError):
+        return p
+    try:
+        domain = from_domain(parse_headers(split_message(p.body)[0])) or ""
+    except DkimError:
+        domain = ""
+    why = dkim_refusal(domain, cfg)
+    if why is None:
+        return p
+    field_, _, reason = why.partition(": ")
+    return ValidationError(field_, reason, index=index)
+
+
 class MailCluster:
     def __init__(self, cfg: Config, coordinators: list[Any], *, owns_ray: bool = False,
                  handles: dict[str, Any] | None = None, direct: bool = True) -> None:
@@ -255,6 +280,8 @@ class MailCluster:
         msgs = [messages] if isinstance(messages, dict) else list(messages)
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
+        if _requires_dkim(self.cfg):
+            prepared = [_check_dkim_policy(p, self.cfg, i) for i, p in enumerate(prepared)]
         shards = len(self.coordinators)
         batch_shard = next(self._next_shard) % shards
         results: list[SubmitResult | None] = [None] * len(msgs)
@@ -290,13 +317,15 @@ class MailCluster:
                         ids = a["ids"]
                         own = i in tried and ids == [r[0] for r in item[3]]
                         results[i] = SubmitResult(i, ids=ids,
-                                                  duplicate=bool(a.get("duplicate")) and not own)
+                                                  duplicate=bool(a.get("duplicate")) and not own,
+                                                  suppressed=a.get("suppressed") or [])
                         continue
                     retryable = bool(a.get("retryable"))
                     results[i] = SubmitResult(
                         i, ids=[r[0] for r in item[3]] if a.get("unknown") else [],
                         error=error, retryable=retryable,
-                        outcome_unknown=bool(a.get("unknown")))
+                        outcome_unknown=bool(a.get("unknown")),
+                        suppressed=a.get("suppressed") or [])
                     if retryable:
                         again.setdefault(shard, []).append((i, item))
                         tried.add(i)
@@ -452,6 +481,101 @@ class MailCluster:
         total["shards"] = per
         return total
 
+    # ------------------------------------------------------------------ operators
+    def queue_shape(self, top: int = 20) -> dict[str, Any]:
+        """Live messages per destination domain by age bucket (qshape), every shard summed:
+        ``{"buckets": [upper bounds s], "domains": {domain: [count per bucket]}, "states"}``."""
+        per = ray.get([c.queue_shape.remote(top) for c in self.coordinators])
+        domains: dict[str, list[int]] = {}
+        states: dict[str, int] = {}
+        for sh in per:
+            for d, row in sh["domains"].items():
+                cur = domains.get(d)
+                domains[d] = row if cur is None else [a + b for a, b in zip(cur, row)]
+            for k, v in sh["states"].items():
+                states[k] = states.get(k, 0) + v
+        ranked = dict(sorted(domains.items(),
+                             key=lambda kv: (kv[0] == "(other)", -sum(kv[1]))))
+        return {"buckets": per[0]["buckets"], "domains": ranked, "states": states}
+
+    def suspend(self, site: str, seconds: float) -> dict[str, Any]:
+        """Stop dispatching to a domain or site for ``seconds`` (every shard, durable)."""
+        until = time.time() + seconds if seconds > 0 else 0.0
+        res = ray.get([c.suspend.remote(site, until) for c in self.coordinators])
+        return {"site": res[0]["site"], "until": until,
+                "messages": sum(r["messages"] for r in res)}
+
+    def resume(self, site: str) -> dict[str, Any]:
+        return self.suspend(site, 0)
+
+    def retry_now(self, site: str) -> int:
+        """Deferred messages for a domain or site are tried again now; how many."""
+        return sum(ray.get([c.retry_now.remote(site) for c in self.coordinators]))
+
+    def admin_bounce(self, *, domain: str | None = None, tag: str | None = None,
+                     ids: list[str] | None = None) -> dict[str, int]:
+        """Bounce (AdminBounce event) live messages by destination domain, tag
+        (``key=value``) or id; in-flight ones are bounced if their attempt fails."""
+        if not (domain or tag or ids):
+            raise ValueError("give a domain, a tag or ids")
+        targets = list(ids or [])
+        if domain or tag:
+            for found in ray.get([c.select.remote(domain, tag) for c in self.coordinators]):
+                targets.extend(found)
+        out: dict[str, int] = {}
+        for k in range(0, len(targets), 10_000):
+            for r in self.cancel(targets[k:k + 10_000]):
+                key = r.split(" (")[0]
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    def inspect(self, msg_id: str) -> dict[str, Any] | None:
+        return ray.get(self.coordinators[shard_of(msg_id, len(self.coordinators))]
+                       .inspect.remote(msg_id))
+
+    # ------------------------------------------------------------------ suppression
+    SUPPRESS_CHUNK = 50_000
+
+    def _on_every_shard(self, method: str, rows: list[Any], timeout: float) -> list[dict]:
+        """``method(rows)`` on every shard (each holds the whole list), in chunks; the answers
+        of shard 0 summed (every shard checks the same rows the same way)."""
+        total: dict[str, Any] = {}
+        for k in range(0, max(1, len(rows)), self.SUPPRESS_CHUNK):
+            part = rows[k:k + self.SUPPRESS_CHUNK]
+            answers = ray.get([getattr(c, method).remote(part) for c in self.coordinators],
+                              timeout=timeout)
+            for key, v in answers[0].items():
+                if isinstance(v, int) and key != "shard":
+                    total[key] = total.get(key, 0) + v
+                elif isinstance(v, list):
+                    total.setdefault(key, []).extend(v[: max(0, 100 - len(total.get(key, [])))])
+        return [total]
+
+    def suppress(self, entries: Iterable[str | dict[str, Any]] | str, *, reason: str = "manual",
+                 scope: str = "", cause: str | None = None, expires_at: float | None = None,
+                 timeout: float = 600.0) -> dict[str, Any]:
+        """Suppress addresses (strings, or dicts with ``address``, ``scope``, ``reason``,
+        ``cause``, ``expires_at``): mail to them is refused at submission (or dropped, with
+        ``suppression.on_submit = "drop"``). Scope "" is every sender, else a sender domain
+        (and its sub-domains). Reasons: hard-bounce, complaint, unsubscribe, manual. Durable on
+        every shard before it returns; returns ``{"added", "refused", "errors"}``."""
+        items = [entries] if isinstance(entries, str) else list(entries)
+        rows = [[e, scope, reason, cause, expires_at] if isinstance(e, str) else e
+                for e in items]
+        return self._on_every_shard("suppress", rows, timeout)[0]
+
+    def unsuppress(self, addresses: Iterable[str] | str, *, scope: str = "",
+                   timeout: float = 600.0) -> dict[str, Any]:
+        """Lift suppressions (of ``scope``: "" for the global ones); ``{"removed", ...}``."""
+        items = [addresses] if isinstance(addresses, str) else list(addresses)
+        return self._on_every_shard("unsuppress", [[a, scope] for a in items], timeout)[0]
+
+    def suppressions(self, prefix: str = "", *, address: str | None = None,
+                     limit: int = 1000) -> list[dict[str, Any]]:
+        """Suppression entries (address, scope, reason, created, expires_at, cause) whose
+        address starts with ``prefix``, or all of one ``address``."""
+        return ray.get(self.coordinators[0].suppressions.remote(prefix, limit, address))
+
     # ------------------------------------------------------------------ replication, backups
     def replication(self) -> list[dict[str, Any]]:
         """Per shard: epoch, log end, and each copy's state and lag (records, seconds)."""
@@ -493,7 +617,7 @@ class MailCluster:
             raise SubmitError(f"restore needs an empty cluster; this one has {live} live "
                               "messages")
         shards = len(self.coordinators)
-        restored = skipped = 0
+        restored = skipped = suppressed = 0
         for f in files:
             try:
                 doc = msgpack.unpackb(f.read_bytes(), raw=False, strict_map_key=False)
@@ -505,6 +629,13 @@ class MailCluster:
             per: dict[int, dict[str, list[Any]]] = {}
             for row in state["messages"]:
                 per.setdefault(shard_of(row[0], shards), {}).setdefault(row[1], []).append(row)
+            supp = state.get("suppression") or []
+            if supp:   # every shard's backup holds the whole list: the first one is enough
+                from cluster.core.suppression import rows_from_snapshot
+                now = time.time()
+                live = [r for r in rows_from_snapshot(supp) if not r[4] or r[4] > now]
+                suppressed = self.suppress(live)["added"] if live and not suppressed else \
+                    suppressed
             for shard, by_body in per.items():
                 items = [[bid, bodies[bid], rows] for bid, rows in by_body.items()]
                 for k in range(0, len(items), chunk):
@@ -512,7 +643,8 @@ class MailCluster:
                         msgpack.packb(items[k:k + chunk], use_bin_type=True)))
                     restored += res["restored"]
                     skipped += res["skipped"]
-        return {"files": len(files), "restored": restored, "skipped": skipped}
+        return {"files": len(files), "restored": restored, "skipped": skipped,
+                "suppressions": suppressed}
 
     def wait_until_idle(self, timeout: float = 60.0, poll: float = 0.2) -> bool:
         """Wait until every shard serves and none has a message queued, deferred or in flight;

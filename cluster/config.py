@@ -2,7 +2,8 @@
 
 Owns: the schema of the config file, its defaults, and the translation of strings such as
 ``"100/s"`` or ``"5m"`` into typed values. Every bad value raises :class:`ConfigError` naming
-the key (dotted path) and the problem. Pure: reads a file only in :func:`load_config`.
+the key (dotted path) and the problem. Reads files only in :func:`load_config` and for
+``[classification] rules_file`` (bounce classification rules, :mod:`cluster.core.bounce_rules`).
 
 The defaults follow KumoMTA / Postfix / PowerMTA practice (see ../shared/DESIGN.md):
 first retry after 10 minutes, doubling, capped at 4 hours, give up after 5 days; per site
@@ -12,24 +13,31 @@ first retry after 10 minutes, doubling, capped at 4 hours, give up after 5 days;
 from __future__ import annotations
 
 import ipaddress
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from cluster.core.bounce_rules import RuleError, RuleSet, rules_from_toml
+from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 from cluster.core.submission import ApiKey, PasswordHashError, SubmissionUser
+from cluster.core.verp import VerpError, VerpKeys
 
 __all__ = [
+    "ClassificationConfig",
     "ConfigError",
     "ReplicationConfig",
     "BackupConfig",
     "IngressConfig",
     "SubmissionUser",
     "load_users_file",
+    "BounceConfig",
+    "UnsubscribeConfig",
     "SpoolConfig",
     "QueueConfig",
     "DnsConfig",
@@ -40,6 +48,9 @@ __all__ = [
     "StaticRoute",
     "ClusterConfig",
     "Config",
+    "DkimConfig",
+    "DkimKeyConfig",
+    "check_dkim_keys",
     "load_config",
     "parse_config",
     "parse_size",
@@ -221,8 +232,8 @@ class BackupConfig:
 @dataclass(frozen=True)
 class IngressConfig:
     """SMTP submission listeners (docs/ingress.md). ``enabled`` is set by an ``[ingress]``
-    section; ``raymta up`` then starts a listener actor on every node with an ``ingress``
-    resource or label (the head node when none has one)."""
+    section; ``raymta up`` then starts a listener actor on every node labelled
+    ``role=ingress`` or with an ``ingress`` resource (the head node when none is)."""
 
     enabled: bool = False
     #: name in the greeting, EHLO reply and Received fields
@@ -268,6 +279,122 @@ class IngressConfig:
 
 
 @dataclass(frozen=True)
+class SuppressionConfig:
+    #: a suppressed recipient at submission: "refuse" (the message goes to its other
+    #: recipients; refused with the reason and date if none is left) or "drop" (accepted, then
+    #: finished at once with a Suppressed event)
+    on_submit: str = "refuse"
+    #: a permanent failure meaning the address does not exist (categories invalid-recipient,
+    #: inactive-mailbox, bad-domain) suppresses it for this long; complaints and unsubscribes
+    #: never expire
+    hard_bounce_ttl: float = 30 * 86400.0
+    #: suppress on hard bounces at all (complaints always suppress)
+    from_bounces: bool = True
+
+
+@dataclass(frozen=True)
+class ClassificationConfig:
+    #: the TOML rules file given (None: the shipped rules only)
+    rules_file: str | None = None
+    #: the rules in force: the file's rules before the shipped ones, or instead of them when the
+    #: file says ``replace = true`` (None: the shipped rules)
+    rules: RuleSet | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class DkimKeyConfig:
+    """One ``[[dkim.key]]``: a private key that signs mail From ``domain`` (or a subdomain of
+    it, with ``dkim.parent_domains``) as ``d=domain; s=selector``."""
+
+    domain: str
+    selector: str
+    #: "rsa" (rsa-sha256) or "ed25519" (ed25519-sha256)
+    algorithm: str = "rsa"
+    #: PEM private key, unencrypted (readable by the user raymta runs as only: chmod 600)
+    key_file: str = ""
+    #: header fields to sign (each oversigned once); None = dkim.headers
+    headers: tuple[str, ...] | None = None
+    #: seconds from t= to x= (signature expiry); None = dkim.expire_after
+    expire_after: float | None = None
+    #: i= (the AUID, RFC 6376 §3.5): "@domain" by default
+    identity: str | None = None
+    #: found in dkim.key_directory (re-scanned by relays) rather than listed
+    from_directory: bool = False
+
+
+@dataclass(frozen=True)
+class DkimConfig:
+    """DKIM signing (docs/dkim.md). Keys are listed as ``[[dkim.key]]`` and/or found in
+    ``key_directory`` as ``<domain>/<selector>.<rsa|ed25519>.pem``; a domain with several
+    keys gets one signature per key (RSA + Ed25519 = a dual signature). Relays re-read key
+    files whose mtime changed every ``reload_interval`` (and on ``raymta dkim reload``)."""
+
+    keys: tuple[DkimKeyConfig, ...] = ()
+    key_directory: str = ""
+    #: "if-key": sign when a key exists; "required": refuse submissions From a domain without
+    #: one. Per domain in ``policy`` (``[dkim.policy] "example.com" = "required"``).
+    sign: str = "if-key"
+    policy: tuple[tuple[str, str], ...] = ()
+    #: a key for example.com also signs mail From news.example.com (DMARC relaxed alignment)
+    parent_domains: bool = True
+    headers: tuple[str, ...] = DEFAULT_SIGN_HEADERS
+    #: x= = t= + this many seconds (0: no x=)
+    expire_after: float = 0.0
+    reload_interval: float = 5.0
+
+    @property
+    def default_policy(self) -> str:
+        return self.sign
+
+    @property
+    def policies(self) -> dict[str, str]:
+        """Per-domain policies (a policy for example.com covers its subdomains too)."""
+        return dict(self.policy)
+
+
+@dataclass(frozen=True)
+class BounceConfig:
+    """``[bounce]``: VERP return paths at send time and the bounce/FBL listener (README,
+    "Bounce listener"). ``domain`` empty = off: messages keep their submitted envelope sender
+    and no listener runs. The secrets sit in ``keys`` (a :class:`VerpKeys`, whose repr leaves
+    them out); nothing here ever names a secret in a message."""
+
+    #: the return-path domain (its MX is the bounce listener); "" = VERP and listener off
+    domain: str = ""
+    prefix: str = "b"
+    #: the accepted VERP keys; the first listed signs (None when off)
+    keys: VerpKeys | None = None
+    #: where each listener binds (on its node)
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2526
+    #: feedback-loop (ARF) reports are also accepted for this address ("" = none)
+    fbl_address: str = ""
+    #: largest report accepted (SIZE, RFC 1870); bigger ones are refused with 552
+    max_message_size: int = 2_000_000
+    #: how long a report waits for its shard before the sender is told 451 (try later)
+    report_timeout: float = 30.0
+    #: the one-click unsubscribe HTTP endpoint (POST /u/TOKEN, RFC 8058) of each listener:
+    #: 0 = none (a reverse proxy terminates HTTPS in front of it)
+    http_port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.domain) and self.keys is not None
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    """One ``[[unsubscribe]]``: mail from ``domain`` (or a sub-domain) gets List-Unsubscribe
+    (``url_base`` + token, and/or the mailto at the bounce domain) and List-Unsubscribe-Post;
+    the token is signed with ``keys`` (first signs, all verify; never shown)."""
+
+    domain: str
+    url_base: str = ""
+    mailto: bool = True
+    keys: VerpKeys | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -281,6 +408,11 @@ class Config:
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
     ingress: IngressConfig = field(default_factory=IngressConfig)
+    classification: ClassificationConfig = field(default_factory=ClassificationConfig)
+    suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    unsubscribe: tuple[UnsubscribeConfig, ...] = ()
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -827,14 +959,203 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
     return out
 
 
+_DKIM_ALGORITHMS = ("rsa", "ed25519")
+_POLICIES = ("if-key", "required")
+
+
+def _domain_name(v: Any, key: str) -> str:
+    d = _str(v, key).strip().lower().rstrip(".")
+    if not d or "." not in d or any(c.isspace() or c in "@/\\" for c in d):
+        raise ConfigError(key, f"expected a domain name such as example.com, got {v!r}")
+    return d
+
+
+def _header_list(v: Any, key: str) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(h, str) and h for h in v):
+        raise ConfigError(key, "expected a list of header field names")
+    names = tuple(dict.fromkeys(h.strip().lower() for h in v))
+    for h in names:
+        if not h or any(not (33 <= ord(c) <= 126) or c == ":" for c in h):
+            raise ConfigError(key, f"not a header field name: {h!r}")
+    if "from" not in names:
+        raise ConfigError(key, "must include From (RFC 6376 §5.4: From is always signed)")
+    if "dkim-signature" in names:
+        raise ConfigError(key, "DKIM-Signature cannot be signed")
+    return names
+
+
+def _parse_dkim(raw: Mapping[str, Any]) -> DkimConfig:
+    w = "dkim"
+    _check_keys(raw, {"key", "key_directory", "sign", "policy", "parent_domains", "headers",
+                      "expire_after", "reload_interval"}, w)
+    d = DkimConfig()
+    sign = _str(raw.get("sign", d.sign), f"{w}.sign")
+    if sign not in _POLICIES:
+        raise ConfigError(f"{w}.sign", f"expected \"if-key\" or \"required\", got {sign!r}")
+    pol_raw = raw.get("policy", {})
+    if not isinstance(pol_raw, Mapping):
+        raise ConfigError(f"{w}.policy", "expected a table of domain = \"if-key\" | \"required\"")
+    policies: dict[str, str] = {}
+    for dom, p in pol_raw.items():
+        k = f"{w}.policy.{dom}"
+        if isinstance(p, Mapping):           # [dkim.policy."example.com"] sign = "required"
+            _check_keys(p, {"sign"}, k)
+            p = p.get("sign", sign)
+            k += ".sign"
+        if _str(p, k) not in _POLICIES:
+            raise ConfigError(k, f"expected \"if-key\" or \"required\", got {p!r}")
+        policies[_domain_name(dom, f"{w}.policy")] = p
+    headers = _header_list(raw["headers"], f"{w}.headers") if "headers" in raw else d.headers
+    expire = raw.get("expire_after", 0)
+    expire_after = 0.0 if expire in (0, "0", "off") else _dur(expire, f"{w}.expire_after")
+    keys_raw = raw.get("key", [])
+    if not isinstance(keys_raw, list):
+        raise ConfigError(f"{w}.key", "expected an array of tables ([[dkim.key]])")
+    keys = []
+    seen: set[tuple[str, str]] = set()
+    for i, kr in enumerate(keys_raw):
+        k = f"{w}.key[{i}]"
+        if not isinstance(kr, Mapping):
+            raise ConfigError(k, "expected a table")
+        _check_keys(kr, {"domain", "selector", "algorithm", "key_file", "headers",
+                         "expire_after", "identity"}, k)
+        for req in ("domain", "selector", "key_file"):
+            if req not in kr:
+                raise ConfigError(f"{k}.{req}", "missing (required)")
+        domain = _domain_name(kr["domain"], f"{k}.domain")
+        selector = _str(kr["selector"], f"{k}.selector")
+        if not is_valid_selector(selector):
+            raise ConfigError(f"{k}.selector", f"{selector!r} is not a DNS name: use letters, "
+                              "digits and inner '-' in labels of 1-63 characters, separated "
+                              "by dots (RFC 6376 §3.1)")
+        alg = _str(kr.get("algorithm", "rsa"), f"{k}.algorithm")
+        if alg not in _DKIM_ALGORITHMS:
+            raise ConfigError(f"{k}.algorithm", f"expected rsa or ed25519, got {alg!r}")
+        if (domain, selector) in seen:
+            raise ConfigError(f"{k}.selector", f"{selector!r} is listed twice for {domain}")
+        seen.add((domain, selector))
+        identity = kr.get("identity")
+        if identity is not None:
+            identity = _str(identity, f"{k}.identity")
+            idom = identity.rpartition("@")[2].lower()
+            if "@" not in identity or not (idom == domain or idom.endswith("." + domain)):
+                raise ConfigError(f"{k}.identity", f"{identity!r} must be [local]@{domain} or "
+                                  f"@ a subdomain of it (RFC 6376 §3.5)")
+        ex = kr.get("expire_after")
+        keys.append(DkimKeyConfig(
+            domain=domain, selector=selector, algorithm=alg,
+            key_file=_str(kr["key_file"], f"{k}.key_file"),
+            headers=_header_list(kr["headers"], f"{k}.headers") if "headers" in kr else None,
+            expire_after=None if ex is None else (0.0 if ex in (0, "0", "off")
+                                                  else _dur(ex, f"{k}.expire_after")),
+            identity=identity))
+    return DkimConfig(
+        keys=tuple(keys),
+        key_directory=_str(raw.get("key_directory", ""), f"{w}.key_directory"),
+        sign=sign, policy=tuple(sorted(policies.items())),
+        parent_domains=_bool(raw.get("parent_domains", d.parent_domains),
+                             f"{w}.parent_domains"),
+        headers=headers, expire_after=expire_after,
+        reload_interval=_dur(raw.get("reload_interval", d.reload_interval),
+                             f"{w}.reload_interval"))
+
+
+_log = logging.getLogger("raymta.config")
+
+
+def _ingress_paths_from(cfg: Config, base: Path) -> Config:
+    """Relative ingress certificate, key and users file paths taken relative to the config
+    file's directory (the ingress actors run with other working directories)."""
+    ing = cfg.ingress
+
+    def absolute(path: str) -> str:
+        return path if not path or os.path.isabs(path) else str((base / path).resolve())
+    return replace(cfg, ingress=replace(ing, cert_file=absolute(ing.cert_file),
+                                        key_file=absolute(ing.key_file),
+                                        users_file=absolute(ing.users_file)))
+
+
+def _dkim_paths_from(cfg: Config, base: Path) -> Config:
+    """Relative DKIM key paths taken relative to the config file's directory (relays run in
+    other processes, with other working directories)."""
+    dk = cfg.dkim
+
+    def absolute(path: str) -> str:
+        return path if not path or os.path.isabs(path) else str((base / path).resolve())
+    keys = tuple(replace(k, key_file=absolute(k.key_file)) for k in dk.keys)
+    return replace(cfg, dkim=replace(dk, keys=keys, key_directory=absolute(dk.key_directory)))
+
+
+def check_dkim_keys(cfg: Config) -> tuple[Config, list[str]]:
+    """Load every DKIM key the config names (and those in ``dkim.key_directory``, which are
+    added to ``dkim.keys``); returns the config and warnings (RSA keys of 1024-2047 bits).
+    A key that cannot be used raises :class:`ConfigError` naming the entry and the file
+    (never the key). Reads files: called by :func:`load_config` and before deploying."""
+    dk = cfg.dkim
+    if not dk.keys and not dk.key_directory:
+        return cfg, []
+    from cluster.adapters.dkim_keys import KeyFileError, load_private_key, scan_key_directory
+    keys = [k for k in dk.keys if not k.from_directory]
+    if dk.key_directory:
+        try:
+            found = scan_key_directory(dk.key_directory)
+        except KeyFileError as e:
+            raise ConfigError("dkim.key_directory", str(e)) from None
+        listed = {(k.domain, k.selector) for k in keys}
+        keys += [DkimKeyConfig(domain=s.domain, selector=s.selector, algorithm=s.algorithm,
+                               key_file=s.key_file, from_directory=True)
+                 for s in found if (s.domain, s.selector) not in listed]
+    warnings: list[str] = []
+    for i, k in enumerate(keys):
+        where = f"dkim.key[{i}].key_file" if not k.from_directory else "dkim.key_directory"
+        try:
+            _key, alg, _bits, warn = load_private_key(k.key_file)
+        except KeyFileError as e:
+            raise ConfigError(where, f"{k.domain}/{k.selector}: {e}") from None
+        if alg != k.algorithm:
+            raise ConfigError(where, f"{k.domain}/{k.selector}: {k.key_file} holds an {alg} "
+                                     f"key, configured as {k.algorithm}")
+        warnings += [f"dkim {k.domain}/{k.selector}: {w}" for w in warn]
+    return replace(cfg, dkim=replace(dk, keys=tuple(keys))), warnings
+
+
+
+
+def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> ClassificationConfig:
+    w = "classification"
+    _check_keys(raw, {"rules_file"}, w)
+    if "rules_file" not in raw:
+        return ClassificationConfig()
+    name = _str(raw["rules_file"], f"{w}.rules_file")
+    path = Path(name)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{w}.rules_file", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not valid TOML: {e}") from None
+    try:
+        rules = rules_from_toml(doc, str(path))
+    except RuleError as e:   # names the file and the rule
+        raise ConfigError(f"{w}.rules_file", str(e)) from None
+    return ClassificationConfig(rules_file=str(path), rules=rules)
+
+
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "ingress"}
+        "replication", "backup", "classification", "suppression", "dkim", "bounce",
+        "unsubscribe", "ingress"}
 
 
-def parse_config(raw: Mapping[str, Any]) -> Config:
-    """Build a :class:`Config` from a parsed TOML document (a dict)."""
+def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
+    """Build a :class:`Config` from a parsed TOML document (a dict). Relative file names in it
+    are taken from ``base`` (the config file's directory), else the working directory."""
     _check_keys(raw, _TOP, "")
     egress = _parse_egress(raw.get("egress"))
+    bounce = _parse_bounce(_table(raw, "bounce", ""), base)
     sd_raw = _table(raw, "site_defaults", "")
     _check_keys(sd_raw, _LIMIT_KEYS, "site_defaults")
     site_defaults = _parse_limits(sd_raw, SiteLimits(), "site_defaults", egress)
@@ -853,7 +1174,155 @@ def parse_config(raw: Mapping[str, Any]) -> Config:
         replication=_parse_replication(_table(raw, "replication", "")),
         backup=_parse_backup(_table(raw, "backup", "")),
         ingress=_parse_ingress(ingress_raw, queue),
+        classification=_parse_classification(_table(raw, "classification", ""), base),
+        suppression=_parse_suppression(_table(raw, "suppression", "")),
+        dkim=_parse_dkim(_table(raw, "dkim", "")),
+        bounce=bounce,
+        unsubscribe=_parse_unsubscribe(raw.get("unsubscribe"), bounce, base),
     )
+
+
+def _verp_secret(v: Any, key: str) -> bytes:
+    # never put the value in the error: it is a secret
+    if not isinstance(v, str) or len(v.encode()) < 16:
+        raise ConfigError(key, "expected a string of at least 16 bytes (e.g. 32 random bytes "
+                          "as hex; the value is not shown)")
+    return v.encode()
+
+
+def _read_verp_key_file(name: str, base: Path | None, key: str) -> list[tuple[str, bytes]]:
+    """A secret file: one ``<key id> <secret>`` a line (``#`` comments); the first signs."""
+    path = Path(name)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kid, _, secret = line.partition(" ")
+        if not secret.strip():
+            raise ConfigError(key, f"{path} line {n}: expected '<key id> <secret>'")
+        out.append((kid, _verp_secret(secret.strip(), f"{key} ({path} line {n})")))
+    return out
+
+
+def _parse_hmac_keys(raw: Mapping[str, Any], w: str, base: Path | None) -> VerpKeys:
+    """``keys = [{id, secret}, ...]`` and/or ``key_file``: the first listed signs."""
+    pairs: list[tuple[str, bytes]] = []
+    keys_raw = raw.get("keys", [])
+    if not isinstance(keys_raw, list):
+        raise ConfigError(f"{w}.keys", "expected an array of {id = ..., secret = ...} tables")
+    for i, kr in enumerate(keys_raw):
+        k = f"{w}.keys[{i}]"
+        if not isinstance(kr, Mapping):
+            raise ConfigError(k, "expected a table {id = ..., secret = ...}")
+        _check_keys(kr, {"id", "secret"}, k)
+        if "id" not in kr or "secret" not in kr:
+            raise ConfigError(k, "needs both id and secret")
+        pairs.append((_str(kr["id"], f"{k}.id"), _verp_secret(kr["secret"], f"{k}.secret")))
+    if "key_file" in raw:
+        pairs += _read_verp_key_file(_str(raw["key_file"], f"{w}.key_file"), base,
+                                     f"{w}.key_file")
+    if not pairs:
+        raise ConfigError(f"{w}.keys", "no key: give keys = [{id, secret}] or key_file")
+    seen: dict[str, bytes] = {}
+    for kid, secret in pairs:
+        if kid in seen:
+            raise ConfigError(f"{w}.keys", f"key id {kid!r} is listed twice")
+        seen[kid] = secret
+    try:
+        return VerpKeys(current=pairs[0][0], keys=seen)
+    except VerpError as e:   # names the key id, never the secret
+        raise ConfigError(f"{w}.keys", str(e)) from None
+
+
+def _parse_bounce(raw: Mapping[str, Any], base: Path | None) -> BounceConfig:
+    w = "bounce"
+    _check_keys(raw, {f.name for f in fields(BounceConfig)} | {"key_file"}, w)
+    d = BounceConfig()
+    if not raw:
+        return d
+    if "domain" not in raw:
+        raise ConfigError(f"{w}.domain", "missing (required: the return-path domain)")
+    domain = _domain_name(raw["domain"], f"{w}.domain")
+    keys = _parse_hmac_keys(raw, w, base)
+    prefix = _str(raw.get("prefix", d.prefix), f"{w}.prefix").lower()
+    from cluster.core.verp import encode
+    try:   # the prefix and domain must make a VERP address
+        encode("0" * 26, keys, prefix=prefix, domain=domain)
+    except VerpError as e:
+        raise ConfigError(f"{w}.prefix", str(e)) from None
+    fbl = _str(raw.get("fbl_address", ""), f"{w}.fbl_address").strip().lower()
+    if fbl and ("@" not in fbl or fbl.startswith("@") or fbl.endswith("@")):
+        raise ConfigError(f"{w}.fbl_address", f"expected an address, got {fbl!r}")
+    host = _str(raw.get("listen_host", d.listen_host), f"{w}.listen_host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{w}.listen_host", f"expected an IP address, got {host!r}") from None
+    return BounceConfig(
+        domain=domain, prefix=prefix, keys=keys, listen_host=host,
+        listen_port=_int(raw.get("listen_port", d.listen_port), f"{w}.listen_port",
+                         minimum=0, maximum=65535),
+        fbl_address=fbl,
+        max_message_size=_size(raw.get("max_message_size", d.max_message_size),
+                               f"{w}.max_message_size"),
+        report_timeout=_dur(raw.get("report_timeout", d.report_timeout),
+                            f"{w}.report_timeout"),
+        http_port=_int(raw.get("http_port", d.http_port), f"{w}.http_port", minimum=0,
+                       maximum=65535))
+
+
+def _parse_unsubscribe(raw: Any, bounce: BounceConfig,
+                       base: Path | None) -> tuple[UnsubscribeConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("unsubscribe", "expected an array of tables ([[unsubscribe]])")
+    out: list[UnsubscribeConfig] = []
+    for i, u in enumerate(raw):
+        w = f"unsubscribe[{i}]"
+        if not isinstance(u, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(u, {"domain", "url_base", "mailto", "keys", "key_file"}, w)
+        if "domain" not in u:
+            raise ConfigError(f"{w}.domain", "missing (required: the sender domain)")
+        domain = _domain_name(u["domain"], f"{w}.domain")
+        if any(x.domain == domain for x in out):
+            raise ConfigError(f"{w}.domain", f"{domain} is listed twice")
+        url = _str(u.get("url_base", ""), f"{w}.url_base")
+        if url and not url.startswith("https://"):
+            raise ConfigError(f"{w}.url_base", "must be an https:// URL (RFC 8058 §3.1)")
+        mailto = _bool(u.get("mailto", True), f"{w}.mailto")
+        if mailto and not bounce.enabled:
+            raise ConfigError(f"{w}.mailto", "needs [bounce] (the address is at the bounce "
+                              "domain): set [bounce] or mailto = false")
+        if not url and not mailto:
+            raise ConfigError(w, "give url_base, mailto = true, or both")
+        out.append(UnsubscribeConfig(domain=domain, url_base=url, mailto=mailto,
+                                     keys=_parse_hmac_keys(u, w, base)))
+    return tuple(out)
+
+
+def _parse_suppression(raw: Mapping[str, Any]) -> SuppressionConfig:
+    w = "suppression"
+    _check_keys(raw, {f.name for f in fields(SuppressionConfig)}, w)
+    d = SuppressionConfig()
+    on_submit = _str(raw.get("on_submit", d.on_submit), f"{w}.on_submit")
+    if on_submit not in ("refuse", "drop"):
+        raise ConfigError(f"{w}.on_submit", f"must be 'refuse' or 'drop', not {on_submit!r}")
+    return SuppressionConfig(
+        on_submit=on_submit,
+        hard_bounce_ttl=_dur(raw.get("hard_bounce_ttl", d.hard_bounce_ttl),
+                             f"{w}.hard_bounce_ttl"),
+        from_bounces=_bool(raw.get("from_bounces", d.from_bounces), f"{w}.from_bounces"))
 
 
 def load_config(path: str | os.PathLike[str] | None) -> Config:
@@ -871,4 +1340,8 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"invalid TOML: {e}") from None
-    return parse_config(raw)
+    cfg, warnings = check_dkim_keys(_dkim_paths_from(parse_config(raw, p.parent), p.parent))
+    cfg = _ingress_paths_from(cfg, p.parent)
+    for w in warnings:
+        _log.warning("config %s", w)
+    return cfg

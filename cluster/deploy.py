@@ -14,7 +14,7 @@ from typing import Any
 
 import ray
 
-from cluster.config import Config, ConfigError
+from cluster.config import Config, ConfigError, check_dkim_keys
 
 __all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "deploy_ingress",
            "wait_ready"]
@@ -80,6 +80,7 @@ def check_spool_shards(cfg: Config) -> None:
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
     check_spool_shards(cfg)
+    check_dkim_keys(cfg)   # a bad DKIM key file stops the deploy with the file named
     from actors.remote import (coordinator_name, ensure_coordinator, ensure_relay,
                                ensure_replica, ensure_throttle, relay_name, replica_name,
                                shard_placement)
@@ -100,6 +101,12 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
                 cfg, shard, slot, nodes[slot], nodes, detached=detached)
         handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, nodes[0], nodes,
                                                               detached=detached)
+    if cfg.bounce.enabled:
+        from actors.remote import bounce_listener_nodes, ensure_bounce_listener
+        from actors.bounce_listener import bounce_listener_name
+        for node in bounce_listener_nodes():
+            handles[bounce_listener_name(node)] = ensure_bounce_listener(cfg, node,
+                                                                         detached=detached)
     wait_ready(handles)
     if cfg.ingress.enabled:
         handles.update(deploy_ingress(cfg, detached=detached))

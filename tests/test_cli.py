@@ -402,6 +402,83 @@ def test_events_print_json_lines(submitted):
     assert set(want) <= {g[:3] for g in got}, (want, got)
 
 
+def test_suppress_add_list_import_export_remove(submitted):
+    common = ["--config", str(submitted["config"]), "--address", submitted["address"]]
+    work = submitted["work"]
+    p = raymta("suppress", "add", "gone@d0.test", "--reason", "unsubscribe", "--scope",
+               "origin.test", *common, cwd=work)
+    assert p.returncode == 0 and "suppressed 1 addresses" in p.stdout, show(p)
+    csv_in = work / "supp.csv"
+    csv_in.write_text("address,reason,cause\nx1@d1.test,complaint,fbl\nx2@d1.test,,\n"
+                      "not an address,manual,\n")
+    p = raymta("suppress", "import", "--file", str(csv_in), *common, cwd=work)
+    assert p.returncode == 1, show(p)            # one bad row: named, the others imported
+    assert "imported 2 of 3 rows" in p.stdout and "rows[2]" in p.stdout, show(p)
+    p = raymta("suppress", "list", "--prefix", "x", *common, cwd=work)
+    listed = [json.loads(ln) for ln in p.stdout.splitlines()]
+    assert {(e["address"], e["reason"]) for e in listed} == {("x1@d1.test", "complaint"),
+                                                              ("x2@d1.test", "manual")}
+    out = work / "supp-out.csv"
+    p = raymta("suppress", "export", "--file", str(out), *common, cwd=work)
+    assert p.returncode == 0, show(p)
+    lines = out.read_text().splitlines()
+    assert lines[0] == "address,scope,reason,created,expires_at,cause" and len(lines) == 4
+    assert any(ln.startswith("gone@d0.test,origin.test,unsubscribe,") for ln in lines)
+    # the import of the export changes nothing and refuses nothing
+    p = raymta("suppress", "import", "--file", str(out), *common, cwd=work)
+    assert p.returncode == 0 and "imported 3 of 3" in p.stdout, show(p)
+    p = raymta("suppress", "remove", "x1@d1.test", "x2@d1.test", "gone@d0.test", *common,
+               cwd=work)
+    assert p.returncode == 0 and "removed 2 suppressions" in p.stdout, show(p)  # gone: scoped
+    p = raymta("suppress", "remove", "gone@d0.test", "--scope", "origin.test", *common,
+               cwd=work)
+    assert "removed 1" in p.stdout, show(p)
+
+
+def test_operator_commands_queue_inspect_suspend_resume_bounce_config(submitted):
+    common = ["--config", str(submitted["config"]), "--address", submitted["address"]]
+    work, sinks = submitted["work"], submitted["sinks"]
+    # config check: a good file, and a bad key named
+    p = raymta("config", "check", str(submitted["config"]), cwd=work)
+    assert p.returncode == 0 and ": ok (" in p.stdout, show(p)
+    bad = work / "bad.toml"
+    bad.write_text("[queue]\nretry_initial = \"soon\"\n")
+    p = raymta("config", "check", str(bad), cwd=work)
+    assert p.returncode == 2 and "queue.retry_initial" in p.stderr, show(p)
+    # mail held for an hour to d7.test, and a suspended d8.test
+    p = raymta("suspend", "d8.test", "--for", "2h", *common, cwd=work)
+    assert p.returncode == 0 and "suspended d8.test for 2h" in p.stdout, show(p)
+    held = time.time() + 3600
+    jl = work / "ops.jsonl"
+    jl.write_text("\n".join(json.dumps(m) for m in [
+        {"sender": "s@origin.test", "recipients": [f"h{i}@d7.test"], "subject": f"held {i}",
+         "text": "x\n", "not_before": held, "tags": {"campaign": "ops"}} for i in range(3)] + [
+        {"sender": "s@origin.test", "recipients": ["w@d8.test"], "subject": "waits",
+         "text": "y\n"}]) + "\n")
+    p = raymta("submit", *common, str(jl), cwd=work)
+    assert p.returncode == 0, show(p)
+    ids = accepted_ids(p.stdout)
+    p = raymta("queue", "--json", *common, cwd=work)
+    shape = json.loads(p.stdout)
+    assert shape["domains"]["d7.test"][0] == 3 and shape["domains"]["d8.test"][0] == 1, shape
+    p = raymta("queue", *common, cwd=work)
+    assert "d7.test" in p.stdout and "TOTAL" in p.stdout, show(p)
+    first = next(iter(ids.values()))[0]
+    p = raymta("inspect", first, *common, cwd=work)
+    assert p.returncode == 0 and "Subject: held" in p.stdout and "deferred" in p.stdout, show(p)
+    p = raymta("inspect", "0" * 26, *common, cwd=work)
+    assert p.returncode == 1 and "no message" in p.stderr
+    time.sleep(3)
+    assert sinks.counts_by_rcpt()["w@d8.test"] == 0       # suspended: it waits
+    p = raymta("resume", "d8.test", *common, cwd=work)
+    assert p.returncode == 0, show(p)
+    wait_for(lambda: sinks.counts_by_rcpt()["w@d8.test"] == 1, 60, "d8.test resumed")
+    p = raymta("bounce", "--tag", "campaign=ops", "--json", *common, cwd=work)
+    assert json.loads(p.stdout) == {"cancelled": 3}, show(p)
+    p = raymta("status", first, *common, cwd=work)
+    assert "cancelled" in p.stdout, show(p)
+
+
 CLIENT_SCRIPT = """
 import json, sys, time
 import ray

@@ -15,7 +15,6 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dns.resolver
@@ -23,11 +22,12 @@ import pytest
 
 from cluster.adapters.dns import DnsFailure, MxHost, MxResolver, Route
 from cluster.devservers import LoopbackDNS
+from tests.conftest import CORPORA, corpus
 
 pytestmark = pytest.mark.timeout(120)
 
 NOW = 1_800_000_000.0  # a fixed clock: expiry is checked by passing later `now`s, not sleeping
-CORPUS = Path(__file__).resolve().parents[1].parent / "shared" / "corpora" / "mx"
+CORPUS = CORPORA / "mx"
 
 
 @pytest.fixture
@@ -390,12 +390,8 @@ def test_explicit_nameservers_never_read_system_config(monkeypatch: pytest.Monke
 
 # ====================================================================== recorded corpus
 def _load_corpus() -> tuple[str, list[dict[str, str]], list[dict[str, Any]]]:
-    files = [CORPUS / "SOURCE.txt", CORPUS / "expectations.csv",
-             CORPUS / "python-email-validator_mocked-dns-answers.json"]
-    missing = [str(p) for p in files if not p.is_file()]
-    if missing:
-        pytest.fail(f"MX corpus missing: {missing}. The tests expect the shared corpora "
-                    f"checked out beside the repository (../shared/corpora/mx).")
+    files = [corpus("mx", name) for name in
+             ("SOURCE.txt", "expectations.csv", "python-email-validator_mocked-dns-answers.json")]
     source = files[0].read_text()
     with files[1].open(newline="") as fh:
         rows = list(csv.DictReader(fh))

@@ -583,7 +583,7 @@ def test_the_plain_message_fast_path_agrees_with_the_line_by_line_check(monkeypa
     with LF line ends, with an envelope sender given (the fast path's case): the same body, or
     the same error, whether the message is checked by the fast path or line by line."""
     import cluster.core.message as message
-    from tests.conftest import CORPORA
+    from tests.conftest import corpus
     raws = [c[1]["raw"] for c in MALFORMED if "raw" in c[1]] + [c[1] for c in RAW_LINE_ENDINGS]
     raws += [RAW, b"From: a@example.com\r\nX: 1\r\n \t folded\r\n\r\nb\r\n",
              b"From: a@example.com\r\nReceived: 1\r\nReceived: 2\r\n\r\nb\r\n",
@@ -609,8 +609,8 @@ def test_the_plain_message_fast_path_agrees_with_the_line_by_line_check(monkeypa
              b"From: a@example.com\r\n Folded first\r\n\r\nb\r\n",
              b" X: 1\r\nFrom: a@example.com\r\n\r\nb\r\n",
              b"From: a@example.com\r\nMessage-ID: <a@b>\r\nDate: x\r\n\r\nb\r\n"]
-    files = sorted(p for sub in ("bounces", "arf") for p in (CORPORA / sub).rglob("*.eml"))
-    assert len(files) > 100, f"corpora missing under {CORPORA}"
+    files = sorted(p for sub in ("bounces", "arf") for p in corpus(sub).rglob("*.eml"))
+    assert len(files) > 100, f"bounce and ARF corpora incomplete: {len(files)} messages"
     raws += [p.read_bytes() for p in files]
     raws += [r.replace(b"\r\n", b"\n") for r in raws if isinstance(r, bytes)]
     fast_path = message._plain_raw

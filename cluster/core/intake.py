@@ -24,15 +24,18 @@ from __future__ import annotations
 
 import math
 import re
+import time
 import zlib
 from typing import Any, Callable, Iterable
 
 from cluster.core import queue as q
 from cluster.core.addresses import AddressError, canonical_plain_domain, parse_address
+from cluster.core.suppression import normalize_address
 from cluster.core.message import (MAX_QUEUE_LIFETIME, MAX_RECIPIENTS, PreparedMessage, ValidationError,
                                   _idempotency_key, _metadata, _tags)
 
-__all__ = ["Intake", "Limits", "ITEM_FIELDS", "check_item", "retryable_error", "wire_item"]
+__all__ = ["Intake", "Limits", "ITEM_FIELDS", "check_item", "dkim_required_check",
+           "retryable_error", "wire_item"]
 
 #: a submit item: [body_id, body, sender, [[id, rcpt, domain], ...], tags, metadata,
 #: idempotency_key, not_before, max_age, smtputf8]
@@ -56,6 +59,13 @@ def wire_item(p: PreparedMessage, ids: Iterable[str]) -> list[Any]:
             p.idempotency_key, p.not_before, p.max_age, p.smtputf8]
 
 
+def _suppressed_note(rcpt: str, e: dict[str, Any]) -> dict[str, Any]:
+    when = time.strftime("%Y-%m-%d", time.gmtime(e["created"]))
+    scope = f" for mail from {e['scope']}" if e["scope"] else ""
+    return {"recipient": rcpt, "reason": e["reason"], "since": e["created"],
+            "error": f"{rcpt} is suppressed{scope}: {e['reason']} since {when}"}
+
+
 def retryable_error(text: str, *, unknown: bool = False) -> dict[str, Any]:
     """An answer that says "try again" (with the same ids: a retry is answered as a
     duplicate if this attempt did commit)."""
@@ -72,14 +82,18 @@ def _refuse(text: str) -> dict[str, Any]:
 class Limits:
     """The queue limits an intake enforces (read once per call from the config)."""
 
-    __slots__ = ("max_messages", "max_bytes", "max_message_size", "default_max_age")
+    __slots__ = ("max_messages", "max_bytes", "max_message_size", "default_max_age",
+                 "suppressed")
 
     def __init__(self, max_messages: int, max_bytes: int, max_message_size: int,
-                 default_max_age: float) -> None:
+                 default_max_age: float, suppressed: str = "refuse") -> None:
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.max_message_size = max_message_size
         self.default_max_age = default_max_age
+        #: a suppressed recipient: "refuse" it (the message goes to the others, and is
+        #: refused if none is left) or "drop" it (accepted, then finished as "suppressed")
+        self.suppressed = suppressed
 
 
 def _address_error(value: Any, field: str, utf8: bool, *, allow_empty: bool) -> str | None:
@@ -184,17 +198,41 @@ def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | Non
     return None
 
 
+def dkim_required_check(cfg: Any) -> Callable[[bytes], str | None] | None:
+    """The leader's check for DKIM's ``sign = "required"`` policy (a message From a domain
+    that must be signed but has no key is refused, naming the domain), or None when no domain
+    requires it (then nothing is parsed on the submit path)."""
+    from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, \
+        split_message
+    d = getattr(cfg, "dkim", None)
+    if d is None or (d.sign != "required" and
+                     not any(p == "required" for _, p in d.policy)):
+        return None
+
+    def check(body: bytes) -> str | None:
+        try:
+            dom = from_domain(parse_headers(split_message(body)[0])) or ""
+        except DkimError:
+            dom = ""
+        return dkim_refusal(dom, cfg)
+    return check
+
+
 class Intake:
     """What one shard leader has been sent and not yet committed, and the admission of new
     items against it and against the queue."""
 
-    def __init__(self, shard: int, shards: int) -> None:
+    def __init__(self, shard: int, shards: int,
+                 body_check: Callable[[bytes], str | None] | None = None) -> None:
         self.shard = shard
         self.shards = shards
+        #: a check of the message itself that policy asks for (e.g. DKIM ``sign =
+        #: "required"``: the From domain must have a key); None when nothing asks
+        self.body_check = body_check
         self.pending_ids: set[str] = set()
         self.pending_idem: dict[str, list[str]] = {}
         self.pending_msgs = 0
-        self.counters = {"refused": 0}
+        self.counters = {"refused": 0, "suppressed": 0}
 
     def admit(self, items: Any, state: q.QueueState, limits: Limits, now: float,
               full: Callable[[int], str] | None = None
@@ -216,6 +254,12 @@ class Intake:
                 results.append(_refuse(err))
                 continue
             body_id, body, sender, rcpts, tags, meta, idem, not_before, max_age, utf8 = it
+            if self.body_check is not None:
+                why = self.body_check(body)
+                if why is not None:
+                    self.counters["refused"] += 1
+                    results.append(_refuse(why))
+                    continue
             ids = [rcpts[0][0]] if len(rcpts) == 1 else [r[0] for r in rcpts]
             if idem:
                 prev = state.lookup_idempotency(idem, now)
@@ -239,8 +283,9 @@ class Intake:
                 continue
             known = [i for i in ids if i in messages or i in finished]
             if known:
-                if len(known) == len(ids):
-                    results.append({"ids": ids, "duplicate": True})   # a retried call
+                if len(known) == len(ids) or self._suppressed_rest(
+                        rcpts, set(known), sender, state, now):
+                    results.append({"ids": known, "duplicate": True})   # a retried call
                 else:
                     self.counters["refused"] += 1
                     results.append(_refuse(f"recipients: ids {', '.join(known[:3])} belong to "
@@ -258,6 +303,28 @@ class Intake:
                     f"queue full ({live} messages, {state.body_bytes + added_bytes} body "
                     "bytes): retry later"))
                 continue
+            supp = state.suppression
+            blocked: list[tuple[list[Any], dict[str, Any]]] = []
+            if len(supp):
+                sdom = sender.rpartition("@")[2]
+                for r in rcpts:
+                    e = supp.find(normalize_address(r[1]), sdom, now)
+                    if e is not None:
+                        blocked.append((r, e))
+            notes = [_suppressed_note(r[1], e) for r, e in blocked]
+            if blocked and limits.suppressed != "drop":
+                if len(blocked) == len(rcpts):
+                    self.counters["suppressed"] += len(blocked)
+                    results.append(_refuse(f"recipients: {notes[0]['error']}" +
+                                           (f" (and {len(notes) - 1} more)"
+                                            if len(notes) > 1 else "")) | {
+                                               "suppressed": notes})
+                    continue
+                skip = {id(r) for r, _ in blocked}
+                rcpts = [r for r in rcpts if id(r) not in skip]
+                ids = [r[0] for r in rcpts]
+                body_id = rcpts[0][0] if len(rcpts) == 1 else body_id
+                self.counters["suppressed"] += len(blocked)
             expires_at = now + (max_age if max_age else limits.default_max_age)
             added_bytes += len(body)
             if len(rcpts) == 1:   # one record, the body in it (stored under the id)
@@ -269,13 +336,28 @@ class Intake:
                 records.extend(q.accept_record(mid, body_id, sender, rcpt, domain, now,
                                                not_before, expires_at, tags, meta, idem, utf8)
                                for mid, rcpt, domain in rcpts)
+            if blocked and limits.suppressed == "drop":
+                # accepted, then finished at once: the event stream says why
+                records.extend(q.final_record(r[0], 0, "suppressed", None, None,
+                                              e["error"], "", "suppressed", now)
+                               for (r, _), e in zip(blocked, notes))
             call_ids.update(ids)
             pending_ids.update(ids)
             self.pending_msgs += len(ids)
             if idem:
                 self.pending_idem[idem] = ids
-            results.append({"ids": ids})
+            results.append({"ids": ids, "suppressed": notes} if notes else {"ids": ids})
         return results, records
+
+    @staticmethod
+    def _suppressed_rest(rcpts: list[list[Any]], known: set[str], sender: str,
+                         state: q.QueueState, now: float) -> bool:
+        """Are the recipients of a retried call that were not queued all suppressed (left out
+        the first time)?"""
+        sdom = sender.rpartition("@")[2]
+        return all(r[0] in known or
+                   state.suppression.find(normalize_address(r[1]), sdom, now) is not None
+                   for r in rcpts)
 
     def mark(self, ids: list[str]) -> None:
         """Ids queued by another path (a restore) that are pending like admitted ones."""

@@ -21,6 +21,14 @@ Record layout (msgpack arrays, first element the type):
 ``f``     final:     [f, id, attempt, kind, code, enhanced, text, site, category, ts]
                      kind: "bounce" | "expired" | "cancelled"
 ``e``     epoch:     [e, epoch, ts] — a new shard leader's first record (no queue change)
+``s``     suppression: [s, op, rows, ts, propagate] — op "add" (rows [address, scope, reason,
+                     created, expires_at, cause]), "remove" (rows [address, scope]) or "sent"
+                     (rows: keys of this shard's outbox now on every other shard)
+``p``     pause:     [p, key, until, ts] — dispatch to a domain or site (key) is suspended until
+                     ``until`` (0: resumed); an operator's ``raymta suspend``
+``o``     outside report: [o, kind, id, recipient, detail, ts] — an asynchronous bounce
+                     (kind "bounce") or a complaint (kind "complaint") about a message this
+                     shard sent; an event only (the message has usually finished)
 ========  ===================================================================================
 An accept record restored from a backup carries two more fields, ``attempts, next_at``.
 A message state machine: accepted → (ready | deferred) → inflight → delivered | transient
@@ -34,9 +42,13 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from cluster.core.suppression import REASONS as SUPPRESSION_REASONS
+from cluster.core.suppression import SuppressionList, entry_key
+
 __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
-    "REC_EPOCH",
+    "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
+    "pause_record",
     "QueuedMessage", "QueueState", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -49,6 +61,9 @@ REC_TRANSIENT = "t"
 REC_DELIVERED = "d"
 REC_FINAL = "f"
 REC_EPOCH = "e"
+REC_SUPPRESS = "s"
+REC_REPORT = "o"
+REC_PAUSE = "p"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -89,6 +104,22 @@ def transient_record(msg_id: str, attempt: int, next_at: float, code: int | None
 def delivered_record(msg_id: str, attempt: int, code: int | None, text: str, site: str,
                      ts: float) -> list[Any]:
     return [REC_DELIVERED, msg_id, attempt, code, text, site, ts]
+
+
+def suppress_record(op: str, rows: list[list[Any]], ts: float, propagate: bool = False
+                    ) -> list[Any]:
+    """A change of the suppression list; ``propagate``: entries this shard learned itself
+    (a bounce, a complaint) that it must hand to every other shard (its outbox)."""
+    return [REC_SUPPRESS, op, rows, ts, propagate]
+
+
+def pause_record(key: str, until: float, ts: float) -> list[Any]:
+    return [REC_PAUSE, key, until, ts]
+
+
+def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
+                  ts: float) -> list[Any]:
+    return [REC_REPORT, kind, msg_id, recipient, detail, ts]
 
 
 def final_record(msg_id: str, attempt: int, kind: str, code: int | None, enhanced: str | None,
@@ -140,7 +171,7 @@ class _Body:
 
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
 _RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
-                   REC_EPOCH: 3}
+                   REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4}
 
 
 def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
@@ -151,7 +182,11 @@ def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
 
 _EVENT_TYPES = {REC_ACCEPT: "Reception", REC_TRANSIENT: "TransientFailure",
                 REC_DELIVERED: "Delivery"}
-_FINAL_EVENT = {"bounce": "Bounce", "expired": "Expiration", "cancelled": "AdminBounce"}
+_FINAL_EVENT = {"bounce": "Bounce", "expired": "Expiration", "cancelled": "AdminBounce",
+                "suppressed": "Suppressed"}
+_FINAL_STATE = {"bounce": "bounced", "expired": "expired", "cancelled": "cancelled",
+                "suppressed": "suppressed"}
+_REPORT_EVENT = {"bounce": "OOBBounce", "complaint": "Complaint"}
 
 
 class QueueState:
@@ -176,7 +211,13 @@ class QueueState:
         self.status_cache = status_cache
         self.last_lsn = 0
         self.counters = {"accepted": 0, "delivered": 0, "transient": 0, "bounced": 0,
-                         "expired": 0, "cancelled": 0}
+                         "expired": 0, "cancelled": 0, "suppressed": 0, "reports": 0}
+        self.suppression = SuppressionList()
+        #: suppressions this shard learned itself and has not yet handed to every other shard
+        #: (key → add row); hard state, in snapshots, emptied by "sent" records
+        self.suppress_outbox: dict[str, list[Any]] = {}
+        #: domains or sites an operator suspended: key → until (epoch seconds)
+        self.suspended: dict[str, float] = {}
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
@@ -221,6 +262,21 @@ class QueueState:
         if kind in _RECORD_LENGTHS and len(rec) != _RECORD_LENGTHS[kind]:
             raise StateError(f"record {kind!r} at lsn {lsn} has {len(rec)} fields, not "
                              f"{_RECORD_LENGTHS[kind]}")
+        if kind == REC_SUPPRESS or kind == REC_REPORT:
+            return self._apply_other(rec, lsn)
+        if kind == REC_PAUSE:
+            _, key, until, ts = rec
+            _check_numbers(rec, lsn, until, ts)
+            if type(key) is not str or not key:
+                raise StateError(f"pause record at lsn {lsn}: key is not a name")
+            self.last_lsn = lsn
+            if until > ts:
+                self.suspended[key] = until
+            else:
+                self.suspended.pop(key, None)
+            return {"seq": lsn, "type": "SiteSuspended" if until > ts else "SiteResumed",
+                    "ts": ts, "id": None, "site": key,
+                    **({"until": until} if until > ts else {})}
         if kind != REC_EPOCH and kind != REC_BODY and type(rec[1]) is not str:
             raise StateError(f"record {kind!r} at lsn {lsn}: id is not a string")
         self.last_lsn = lsn
@@ -269,13 +325,58 @@ class QueueState:
             if fkind not in _FINAL_EVENT:
                 raise StateError(f"final record at lsn {lsn}: unknown kind {fkind!r}")
             m.attempts = max(m.attempts, attempt)
-            self.counters[{"bounce": "bounced", "expired": "expired",
-                           "cancelled": "cancelled"}[fkind]] += 1
+            self.counters[_FINAL_STATE[fkind]] += 1
             ev = self._event(_FINAL_EVENT[fkind], lsn, m, ts, attempt=attempt, code=code,
                              enhanced=enhanced, text=text, site=site, category=category)
-            self._finish(m, {"bounce": "bounced"}.get(fkind, fkind), ev)
+            self._finish(m, _FINAL_STATE[fkind], ev)
             return ev
         raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
+
+    def _apply_other(self, rec: list[Any], lsn: int) -> dict[str, Any] | None:
+        """``s`` and ``o`` records: checked whole before anything changes."""
+        if rec[0] == REC_SUPPRESS:
+            _, op, rows, ts, propagate = rec
+            _check_numbers(rec, lsn, ts)
+            if op not in ("add", "remove", "sent") or type(rows) is not list:
+                raise StateError(f"suppression record at lsn {lsn}: op {op!r}")
+            if op == "sent":
+                if not all(type(k) is str for k in rows):
+                    raise StateError(f"suppression record at lsn {lsn}: keys not strings")
+            else:
+                width = 6 if op == "add" else 2
+                for row in rows:
+                    if type(row) is not list or len(row) != width or \
+                            not all(type(v) is str for v in row[:2]) or \
+                            op == "add" and (row[2] not in SUPPRESSION_REASONS or
+                                             type(row[3]) not in (int, float) or
+                                             row[4] is not None and
+                                             type(row[4]) not in (int, float) or
+                                             row[5] is not None and type(row[5]) is not str):
+                        raise StateError(f"suppression record at lsn {lsn}: bad row {row!r:.200}")
+            self.last_lsn = lsn
+            if op == "sent":
+                for k in rows:
+                    self.suppress_outbox.pop(k, None)
+                return None
+            self.suppression.apply(op, rows)
+            if op == "add" and propagate:
+                for row in rows:
+                    self.suppress_outbox[entry_key(row[0], row[1])] = row
+            # (every event has an "id": None when it is about no one message)
+            return {"seq": lsn, "type": "Suppression" if op == "add" else "Unsuppression",
+                    "ts": ts, "id": None, "count": len(rows),
+                    "entries": [{"address": r[0], "scope": r[1],
+                                 **({"reason": r[2], "cause": r[5]} if op == "add" else {})}
+                                for r in rows[:20]]}
+        _, kind, mid, rcpt, detail, ts = rec
+        _check_numbers(rec, lsn, ts)
+        if kind not in _REPORT_EVENT or not (mid is None or type(mid) is str) or \
+                type(rcpt) is not str or type(detail) is not dict:
+            raise StateError(f"report record at lsn {lsn}: a field of the wrong type")
+        self.last_lsn = lsn
+        self.counters["reports"] += 1
+        return {"seq": lsn, "type": _REPORT_EVENT[kind], "ts": ts, "id": mid,
+                "recipient": rcpt, **detail}
 
     def _apply_accept(self, rec: list[Any], lsn: int) -> dict[str, Any]:
         if len(rec) not in (13, 15):
@@ -479,6 +580,43 @@ class QueueState:
                 break
             self.idempotency.popitem(last=False)
 
+    def is_suspended(self, domain: str, site: str, now: float) -> bool:
+        """Is dispatch to ``domain`` (or its ``site``) suspended by an operator now?"""
+        s = self.suspended
+        if not s:
+            return False
+        for key in (domain, site):
+            until = s.get(key)
+            if until is not None:
+                if until > now:
+                    return True
+                del s[key]      # ran out: soft, every copy does the same from its clock
+        return False
+
+    def shape(self, now: float, buckets: tuple[float, ...], top: int = 20
+              ) -> dict[str, Any]:
+        """A qshape-like view: live messages per domain by age (``now - created``) in
+        ``buckets`` (upper bounds, seconds; the last one open), the ``top`` domains by count
+        and the rest as "other"; and by state."""
+        import bisect
+        per: dict[str, list[int]] = {}
+        width = len(buckets) + 1
+        for m in self.messages.values():
+            row = per.get(m.domain)
+            if row is None:
+                row = per[m.domain] = [0] * width
+            row[bisect.bisect_left(buckets, now - m.created)] += 1
+        ranked = sorted(per.items(), key=lambda kv: -sum(kv[1]))
+        out = dict(ranked[:top])
+        if len(ranked) > top:
+            other = [0] * width
+            for _, row in ranked[top:]:
+                other = [a + b for a, b in zip(other, row)]
+            out["(other)"] = other
+        return {"buckets": list(buckets), "domains": out, "domains_total": len(per),
+                "states": {k: v for k, v in self.counts().items()
+                           if k in ("ready", "inflight", "deferred", "live")}}
+
     # ------------------------------------------------------------------ views
     def status(self, msg_id: str) -> dict[str, Any] | None:
         m = self.messages.get(msg_id)
@@ -508,6 +646,9 @@ class QueueState:
             # the bounded status cache, so status() answers the same after a restart
             "finished": [[f["id"], f["state"], f["recipient"], f["attempts"], f["code"],
                           f["text"], f["site"], f["ts"]] for f in self.finished.values()],
+            "suppression": self.suppression.snapshot(),
+            "suppress_outbox": list(self.suppress_outbox.values()),
+            "suspended": dict(self.suspended),
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -533,4 +674,8 @@ class QueueState:
             self.finished[mid] = {"id": mid, "state": state, "recipient": rcpt,
                                   "attempts": attempts, "code": code, "text": text,
                                   "site": site, "ts": ts}
+        self.suppression.restore(snap.get("suppression", ()))
+        self.suspended.update(snap.get("suspended", {}))
+        for row in snap.get("suppress_outbox", ()):
+            self.suppress_outbox[entry_key(row[0], row[1])] = row
         self.last_lsn = snap["lsn"]

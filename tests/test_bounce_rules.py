@@ -1,0 +1,156 @@
+"""Bounce classification rules (cluster.core.bounce_rules) and their config override."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from cluster.config import ConfigError, load_config, parse_config
+from cluster.core.bounce_rules import RULES, BounceRule, RuleError, RuleSet, rules_from_toml
+from cluster.core.replies import DEFAULT_RULES, classify
+
+
+def _set(*rules: BounceRule) -> RuleSet:
+    return RuleSet(rules, "test")
+
+
+@pytest.mark.parametrize("klass, code, enhanced, phase, text, want", [
+    # first match wins by order, whatever text position matched
+    (5, 550, "5.1.1", "rcpt", "b then a", "text-a"),
+    (5, 550, None, "rcpt", "nothing", "code-55x"),
+    (5, None, "5.2.2", "response_text", "nothing", "enh-x.2"),   # class from the enhanced code
+    (4, 451, "4.2.2", "rcpt", "nothing", "enh-x.2"),
+    (4, 451, None, "mail", "nothing", "phase-mail"),
+    (4, 451, None, "rcpt", "nothing", "class-4xx"),
+    (5, 551, None, "data", "nothing", "code-55x"),
+    (5, 500, None, "data", "nothing", "catch-all"),
+])
+def test_the_first_matching_rule_wins(klass, code, enhanced, phase, text, want) -> None:
+    rules = _set(BounceRule("text-a", "policy", text=r"\ba\b"),
+                 BounceRule("text-b", "quota", text=r"\bb\b"),
+                 BounceRule("enh-x.2", "quota", enhanced="x.2.*"),
+                 BounceRule("code-55x", "invalid-recipient", code="55x"),
+                 BounceRule("phase-mail", "policy", phase=("mail",)),
+                 BounceRule("class-4xx", "other", code="4xx"),
+                 BounceRule("catch-all", "other"))
+    rule = rules.match(klass, code, enhanced, phase, text)
+    assert rule is not None and rule.name == want
+
+
+@pytest.mark.parametrize("rule, problem", [
+    (BounceRule("x", "nonsense"), "unknown category"),
+    (BounceRule("x", "quota", klass="throttle"), "unknown class"),
+    (BounceRule("x", "quota", code="5"), "code"),
+    (BounceRule("x", "quota", enhanced="5.1"), "enhanced"),
+    (BounceRule("x", "quota", phase=("quit",)), "unknown phase"),
+    (BounceRule("x", "quota", text="(unclosed"), "not a valid regular expression"),
+    (BounceRule("x", "quota", text="(?P<g>a)"), "named groups"),
+    (BounceRule("x", "quota", text=r"(a)\1"), "back references"),
+    (BounceRule("x", "quota", text="(?i)a"), "inline flags"),
+    (BounceRule("bad name!", "quota"), "name"),
+])
+def test_bad_rules_are_refused_naming_source_and_rule(rule, problem) -> None:
+    with pytest.raises(RuleError, match=problem) as info:
+        _set(BounceRule("ok", "other"), rule)
+    assert str(info.value).startswith("test: rule 2 ('")
+
+
+def test_rule_sets_survive_pickling_for_actors() -> None:
+    again = pickle.loads(pickle.dumps(DEFAULT_RULES))
+    assert again.rules == DEFAULT_RULES.rules
+    assert again.match(5, 550, "5.1.1", "rcpt", "x").name == "enhanced-5.1.1"
+
+
+def test_toml_rules_go_first_or_replace() -> None:
+    doc = {"rule": [{"name": "acme", "text": "acme says no", "code": "5xx",
+                     "category": "spam-block", "class": "block"}]}
+    extended = rules_from_toml(doc, "acme.toml")
+    assert len(extended) == len(RULES) + 1
+    c = classify(550, "5.1.1 acme says no", rules=extended)
+    assert (c.category, c.bounce_class, c.rule) == ("spam-block", "block", "acme")
+    assert classify(550, "5.1.1 user unknown", rules=extended).category == "invalid-recipient"
+    alone = rules_from_toml({"replace": True, **doc}, "acme.toml")
+    assert len(alone) == 1
+    c = classify(550, "5.1.1 user unknown", rules=alone)     # no rule matched: other, soft
+    assert (c.category, c.bounce_class, c.outcome.value) == ("other", "soft", "permanent")
+
+
+@pytest.mark.parametrize("doc, problem", [
+    ({"rules": []}, "unknown key 'rules'"),
+    ({"replace": "yes"}, "replace"),
+    ({"replace": True}, "at least one"),
+    ({"rule": [{"name": "a"}]}, "name and category are required"),
+    ({"rule": [{"name": "a", "category": "quota", "colour": "red"}]}, "unknown keys"),
+    ({"rule": [{"name": "a", "category": "quota", "text": "[z-a]"}]}, "regular expression"),
+    ({"rule": [{"name": "a", "category": "quota", "backoff": "no"}]}, "backoff"),
+    ({"rule": [{"name": "a", "category": "quota", "phase": [1]}]}, "phase"),
+])
+def test_bad_toml_rules_are_refused(doc, problem) -> None:
+    with pytest.raises(RuleError, match=problem):
+        rules_from_toml(doc, "x.toml")
+
+
+def test_config_loads_a_rules_file_relative_to_the_config(tmp_path: Path) -> None:
+    (tmp_path / "rules.toml").write_text(
+        '[[rule]]\nname = "acme"\ntext = "acme quota"\ncategory = "quota"\n')
+    (tmp_path / "raymta.toml").write_text('[classification]\nrules_file = "rules.toml"\n')
+    cfg = load_config(tmp_path / "raymta.toml")
+    assert cfg.classification.rules_file == str(tmp_path / "rules.toml")
+    assert cfg.classification.rules is not None
+    assert classify(550, "acme quota", rules=cfg.classification.rules).rule == "acme"
+    assert parse_config({}).classification.rules is None     # the shipped rules
+
+
+@pytest.mark.parametrize("content, problem", [
+    ('[[rule]]\nname = "broken"\ntext = "(unclosed"\ncategory = "quota"\n',
+     r"rules\.toml: rule 1 \('broken'\): text is not a valid regular expression"),
+    ('[[rule]]\nname = "odd"\ncategory = "bounced"\n', "unknown category 'bounced'"),
+    ("[[rule]\n", "not valid TOML"),
+    (None, "cannot read"),
+])
+def test_a_bad_rules_file_is_a_config_error_naming_file_and_rule(tmp_path: Path, content,
+                                                                 problem) -> None:
+    if content is not None:
+        (tmp_path / "rules.toml").write_text(content)
+    with pytest.raises(ConfigError, match=problem) as info:
+        parse_config({"classification": {"rules_file": str(tmp_path / "rules.toml")}})
+    assert "classification.rules_file" in str(info.value)
+
+
+def _reference_match(rules, klass, code, enhanced, phase, text):
+    """The rules' meaning, evaluated the slow obvious way: each rule in order, every field."""
+    import re
+
+    from cluster.core.bounce_rules import _code_regex, _enh_regex
+    head = f"{klass or 0}{code or 0:03d} {enhanced or '0.0.0'} {phase}"
+    for r in rules:
+        ph = "(?:" + "|".join(sorted(r.phase)) + ")" if r.phase else r"\w+"
+        if not re.match(rf"{_code_regex(r.code)} {_enh_regex(r.enhanced)} {ph}\Z", head):
+            continue
+        if r.text is None or re.search(r.text, text, re.IGNORECASE | re.DOTALL):
+            return r
+    return None
+
+
+def test_the_literal_prefilter_never_changes_which_rule_matches():
+    import csv
+    import random
+
+    from tests.conftest import corpus
+    with corpus("smtp_replies.csv").open(newline="", encoding="utf-8") as f:
+        texts = [row["response_text"] for row in csv.DictReader(f)]
+    words = " ".join(texts).split()
+    rnd = random.Random(12)
+    texts += [" ".join(rnd.choice(words) for _ in range(rnd.randint(1, 10))) for _ in range(400)]
+    # letters IGNORECASE matches that casefold() treats otherwise, and other odd letters
+    texts += ["İP address blocked", "ıp address blocked", "ſpam detected", "\u212aeep", "x\u0345 user"]
+    heads = [(5, 550, "5.1.1", "rcpt"), (5, 550, None, "data"), (4, 421, None, "connect"),
+             (5, None, "5.7.1", "response_text"), (4, 451, "4.3.0", "mail"),
+             (None, None, None, "response_text")]
+    for text in texts:
+        for head in heads:
+            want = _reference_match(RULES, *head, text)
+            got = DEFAULT_RULES.match(*head, text)
+            assert (got and got.name) == (want and want.name), (head, text)
