@@ -71,7 +71,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == args.namespace and a["name"].split(":")[0] in (
-                "coordinator", "replica", "throttle", "relay", "bounce"):
+                "coordinator", "replica", "throttle", "relay", "bounce", "ingress"):
             ray.kill(ray.get_actor(a["name"], namespace=args.namespace), no_restart=True)
             n += 1
     print(f"stopped {n} raymta actors (the spool stays on disk)")
@@ -459,16 +459,59 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
     from cluster.ingress_smtp import SmtpIngress
+    settings = load_config(args.config).ingress
+    if not settings.enabled:
+        # without [ingress] there is no AUTH: loopback only, checked before anything starts
+        from cluster.config import is_loopback
+        if not is_loopback(f"{args.host}:{args.port}"):
+            print(f"raymta: refusing to listen on {args.host} without authentication: anyone "
+                  "who reaches it could send as anyone (an open relay). Use 127.0.0.1, or "
+                  "an [ingress] section with TLS and users (docs/ingress.md)", file=sys.stderr)
+            return 2
     mc = _attach(args.address, args.config)
-    with SmtpIngress(mc, args.host, args.port):
-        print(f"raymta SMTP ingress on {args.host}:{args.port} (no AUTH: keep it on a trusted "
-              "network); Ctrl-C stops it", flush=True)
+    ing = SmtpIngress.from_config(mc, settings) if settings.enabled else \
+        SmtpIngress(mc, args.host, args.port)
+    with ing:
+        where = ", ".join(f"{a.host}:{a.port} ({a.mode})" for a in ing.addresses)
+        print(f"raymta SMTP ingress on {where}" + (
+            "" if settings.enabled else " (no AUTH: loopback only)") + "; Ctrl-C stops it",
+            flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print the scrypt hash of a password read from the terminal (or one line of stdin),
+    for an ``[[ingress.user]]`` ``password_hash``; the password itself is never echoed."""
+    import getpass
+
+    from cluster.core.submission import hash_password
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != pw:
+            print("raymta: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    if not pw:
+        print("raymta: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(pw))
+    return 0
+
+
+def cmd_new_api_key(args: argparse.Namespace) -> int:
+    """Print a new HTTP API key (give it to the sender, once) and its hash (for the config)."""
+    from cluster.core.submission import hash_api_key, new_api_key
+    key = new_api_key()
+    print(f"key:      {key}")
+    print(f"key_hash: {hash_api_key(key)}")
     return 0
 
 
@@ -621,11 +664,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--follow", action="store_true")
     p.set_defaults(fn=cmd_events)
-    p = sub.add_parser("listen", help="SMTP submission ingress into raymta (no AUTH)")
+    p = sub.add_parser("listen", help="a local SMTP ingress: the config's [ingress] listeners "
+                       "(TLS, AUTH), or without one a plain listener on loopback")
     common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=2525)
     p.set_defaults(fn=cmd_listen)
+    p = sub.add_parser("hash-password", help="scrypt hash of a password for [[ingress.user]]")
+    p.set_defaults(fn=cmd_hash_password)
+    p = sub.add_parser("new-api-key", help="a new HTTP API key and its hash for "
+                       "[[ingress.api_key]]")
+    p.set_defaults(fn=cmd_new_api_key)
     p = sub.add_parser("replicas", help="each shard's copies: state and replication lag")
     common(p)
     p.add_argument("--json", action="store_true")

@@ -17,8 +17,8 @@ import ray
 
 from cluster.config import Config, ConfigError, check_dkim_keys
 
-__all__ = ["LOOPBACK_ENV", "NoCluster", "deploy", "find_cluster", "init_local_ray",
-           "join_with_token", "start_head", "wait_ready"]
+__all__ = ["LOOPBACK_ENV", "NoCluster", "deploy", "deploy_ingress", "find_cluster",
+           "init_local_ray", "join_with_token", "start_head", "wait_ready"]
 
 from cluster.connect import LOOPBACK_ENV, NoCluster, find_cluster, start_head  # noqa: F401
 
@@ -108,7 +108,25 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
             handles[bounce_listener_name(node)] = ensure_bounce_listener(cfg, node,
                                                                          detached=detached)
     wait_ready(handles)
+    if cfg.ingress.enabled:
+        handles.update(deploy_ingress(cfg, detached=detached))
     return handles
+
+
+def deploy_ingress(cfg: Config, *, detached: bool = False, timeout: float = 120.0
+                   ) -> dict[str, Any]:
+    """An SMTP ingress actor on every ingress node (after the shard leaders are up: it
+    submits to them); a listener that cannot start (a port in use, a bad certificate) fails
+    the deployment with its reason."""
+    from actors.ingress import ingress_name
+    from actors.remote import ensure_ingress, ingress_nodes
+    out = {ingress_name(n): ensure_ingress(cfg, n, detached=detached) for n in ingress_nodes()}
+    for name, h in out.items():
+        try:
+            ray.get(h.ping.remote(), timeout=timeout)
+        except ray.exceptions.RayActorError as e:
+            raise ConfigError("ingress", f"{name} could not start: {e}") from None
+    return out
 
 
 def wait_ready(handles: dict[str, Any], timeout: float = 120.0) -> None:
