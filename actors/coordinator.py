@@ -41,7 +41,7 @@ from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
-from cluster.core.queue_shape import queue_shape
+from cluster.core.queue_shape import queue_shape as sampled_shape
 from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
 from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
@@ -49,7 +49,11 @@ from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
 
-__all__ = ["QueueCoordinator"]
+__all__ = ["QueueCoordinator", "SHAPE_BUCKETS"]
+
+#: `raymta queue` age buckets (upper bounds, seconds), after Postfix's qshape: 5, 10, 20, 40,
+#: 80, 160 minutes, then older
+SHAPE_BUCKETS = (300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0)
 
 log = logging.getLogger("raymta.coordinator")
 
@@ -581,6 +585,8 @@ class QueueCoordinator:
                 recs.extend(self._dns_fail_records(domain, r, now))
                 continue
             assert r.site is not None
+            if st.suspended and st.is_suspended(domain, r.site.key, now):
+                continue   # an operator's `raymta suspend`: the mail waits, ready
             d = demand.get(r.site.key)
             if d is None:
                 demand[r.site.key] = [st.ready_live[domain], [domain], r.site]
@@ -751,11 +757,23 @@ class QueueCoordinator:
         Answers once their records are committed: until then the relay keeps them, and hands
         them to this shard's next leader if this one dies first."""
         await self._until_serving()
-        recs = self._on_results(msgpack.unpackb(payload, raw=False))
+        settled: dict[str, str] = {}
+        recs = self._on_results(msgpack.unpackb(payload, raw=False), settled)
         if recs:
             if self.cfg.suppression.from_bounces:
                 self._suppress_hard_bounces(recs)
-            await self._commit(recs)
+            try:
+                await self._commit(recs)
+            except RuntimeError:
+                # not written (no quorum): the messages are out at their relay again by our
+                # account, so the relay's next try of these results is taken as usual
+                for mid, site in settled.items():
+                    m = self.state.messages.get(mid)
+                    if m is not None and m.state == q.INFLIGHT and \
+                            mid not in self._inflight_site:
+                        self._inflight_site[mid] = site
+                        self._site_inflight[site] = self._site_inflight.get(site, 0) + 1
+                raise
 
     async def _take_unacked_results(self) -> int:
         """A starting leader asks every relay for the results its predecessor was sent but
@@ -791,12 +809,15 @@ class QueueCoordinator:
         self.counters["unacked_results_taken"] = got
         return got
 
-    def _on_results(self, results: list[list[Any]]) -> list[Any]:
+    def _on_results(self, results: list[list[Any]], settled: dict[str, str] | None = None
+                    ) -> list[Any]:
         now = time.time()
         self._results_seen += len(results)
         recs = []
         for mid, outcome, code, enhanced, text, category, _host in results:
             site = self._settle(mid)
+            if site is not None and settled is not None:
+                settled[mid] = site
             m = self.state.messages.get(mid)
             if m is None:
                 continue   # finished already (a duplicate report)
@@ -1013,10 +1034,11 @@ class QueueCoordinator:
                 "metrics": {**self.metrics.snapshot(), "spool": spool_disk(self.copy.dir),
                             "suppressions": len(self.state.suppression)}}
 
-    async def queue_shape(self, top: int = 20) -> dict[str, Any]:
-        """Live messages by site (the ``top`` biggest, the rest "other") and by age."""
+    async def metrics_shape(self, top: int = 20) -> dict[str, Any]:
+        """Live messages by site (the ``top`` biggest, the rest "other") and by age, sampled
+        past 20,000 (the metrics exporter's; ``queue_shape`` is the exact one, by domain)."""
         await self._until_serving()
-        return queue_shape(self.state.messages.values(), time.time(), top)
+        return sampled_shape(self.state.messages.values(), time.time(), top)
 
     async def ping(self) -> int:
         self._ensure_started()
@@ -1029,6 +1051,72 @@ class QueueCoordinator:
                 "committed": self.repl.committed, "members_version": list(
                     self.repl.members.version), "copies": self.repl.lag(),
                 **self.repl.counters}
+
+    # ------------------------------------------------------------------ operators
+    async def suspend(self, key: str, until: float) -> dict[str, Any]:
+        """Stop dispatching to a domain or site (``key``) until ``until`` (0 = resume now);
+        durable: a restarted leader keeps it. Messages in flight finish; ready ones wait."""
+        await self._until_serving()
+        if type(key) is not str or not key or len(key) > 255:
+            raise ValueError(f"site: {key!r} is not a domain or site name")
+        now = time.time()
+        await self._commit([q.pause_record(key.lower(), float(until), now)])
+        n = sum(1 for m in self.state.messages.values()
+                if m.domain == key.lower() or m.site == key.lower())
+        return {"shard": self.shard, "site": key.lower(), "until": until, "messages": n}
+
+    async def retry_now(self, key: str) -> int:
+        """Deferred messages for a domain or site become ready now (``raymta retry``)."""
+        await self._until_serving()
+        k = key.lower()
+        now = time.time()
+        ids = [m.id for m in self.state.messages.values()
+               if m.state == q.DEFERRED and (m.domain == k or m.site == k)]
+        for mid in ids:
+            m = self.state.messages[mid]
+            self.state._defer(m, now)       # due now: the next round promotes it
+        assert self._dispatch_wake is not None
+        self._dispatch_wake.set()
+        return len(ids)
+
+    async def select(self, domain: str | None = None, tag: str | None = None,
+                     limit: int = 1_000_000) -> list[str]:
+        """Ids of live messages to ``domain`` and/or carrying tag ``key=value``."""
+        await self._until_serving()
+        d = domain.lower() if domain else None
+        tk, _, tv = (tag or "").partition("=")
+        out = []
+        for m in self.state.messages.values():
+            if d and m.domain != d:
+                continue
+            if tag and (not m.tags or m.tags.get(tk) != tv):
+                continue
+            out.append(m.id)
+            if len(out) >= limit:
+                break
+        return out
+
+    async def inspect(self, mid: str) -> dict[str, Any] | None:
+        """One message as an operator sees it: envelope, tags, state, attempts, last reply,
+        next attempt, and its header section (the body is not shown)."""
+        await self._until_serving()
+        st = self.state.status(mid)
+        m = self.state.messages.get(mid)
+        if st is None:
+            return None
+        out = dict(st)
+        if m is not None:
+            body = self.state.bodies[m.body_id].data
+            end = body.find(b"\r\n\r\n")
+            head = body[: end if 0 <= end < 65536 else 65536]
+            out.update({"sender": m.sender, "tags": m.tags, "metadata": m.metadata,
+                        "idempotency_key": m.idempotency_key, "size": len(body),
+                        "headers": head.decode("utf-8", "replace")})
+        return out
+
+    async def queue_shape(self, top: int = 20) -> dict[str, Any]:
+        await self._until_serving()
+        return self.state.shape(time.time(), SHAPE_BUCKETS, top)
 
     # ------------------------------------------------------------------ suppression, reports
     async def _commit(self, records: list[Any]) -> None:
@@ -1094,7 +1182,8 @@ class QueueCoordinator:
                                           else "hard-bounce", f"{kind} about {mid or '?'}"]],
                                  now, ttl=self.cfg.suppression.hard_bounce_ttl)
             if good and (kind == "complaint" or (self.cfg.suppression.from_bounces and
-                                                 it.get("category") in HARD_CATEGORIES)):
+                                                 it.get("category") in HARD_CATEGORIES and
+                                                 it.get("class") in (None, "hard"))):
                 rows.extend(good)
         if rows:
             recs.append(q.suppress_record("add", rows, now, propagate=True))

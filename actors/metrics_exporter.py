@@ -2,7 +2,7 @@
 
 One per cluster (``metrics:exporter``, placed on the head). Every ``metrics.interval`` it asks
 each shard leader for ``stats()`` (queue counts, replication, its event and submit-latency
-tallies, spool disk) and ``queue_shape()``, every relay and throttle for ``stats()``, every
+tallies, spool disk) and ``metrics_shape()``, every relay and throttle for ``stats()``, every
 replica for its spool disk, and Ray for the live nodes; from that it builds cluster-wide
 metric families that a scrape of ``http://<metrics.host>:<metrics.port>/metrics`` returns as
 they were at the last gathering (a scrape never makes an actor call). The names it serves are
@@ -278,7 +278,7 @@ class MetricsExporter:
                                             loop.run_in_executor(None, ray.nodes))
         coord = [f"coordinator:{s}" for s in shards]
         calls = ([self._call(n, "stats") for n in coord] +
-                 [self._call(n, "queue_shape", top) for n in coord] +
+                 [self._call(n, "metrics_shape", top) for n in coord] +
                  [self._call(n, "stats") for n in names["relay"]] +
                  [self._call(n, "stats") for n in names["throttle"]] +
                  [self._call(n, "stats") for n in names["replica"]])

@@ -13,6 +13,13 @@ MX failover and restored backup carries a signature made with the current key. K
 re-read when their mtime changes (checked at most every ``dkim.reload_interval``) or on
 :meth:`RelayPool.reload_dkim`. Without keys the delivery path does no DKIM work at all.
 
+VERP: with ``[bounce]`` configured, each message goes out with MAIL FROM = its VERP return path
+(``cluster.core.verp``: ``<prefix>-<tag>-<message id>@<bounce domain>``); see
+``actors/bounce_listener.py`` for what comes back to it.
+
+One-click unsubscribe: mail from a sender domain with ``[[unsubscribe]]`` gets List-Unsubscribe
+and List-Unsubscribe-Post (``cluster.core.unsubscribe``), before DKIM signing.
+
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
 by what was in flight here). Leases of a dead incarnation are dropped by the throttle when the
@@ -39,6 +46,8 @@ from cluster.config import Config, EgressSource
 from cluster.core.replies import Classification, Outcome, classify, connection_failure
 from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ideal_connections
+from cluster.core.unsubscribe import add_header_fields, domain_matches, header_fields
+from cluster.core.verp import return_path
 
 __all__ = ["RelayPool"]
 
@@ -447,12 +456,15 @@ class RelayPool:
                     continue
                 else:
                     item, call = s.queue.popleft()
-                _id, _attempt, sender, rcpt, body, smtputf8 = item
+                _id, _attempt, _sender, rcpt, body, smtputf8 = item
+                sender = self._mail_from(item)
                 then = None
                 if conn.pipelining and s.queue and conn.sent + 1 < limit:
                     # this connection takes the next one too: its envelope rides on this body
                     carry = s.queue.popleft()
-                    then = (carry[0][2], carry[0][3], carry[0][5])
+                    then = (self._mail_from(carry[0]), carry[0][3], carry[0][5])
+                if self.cfg.unsubscribe:
+                    body = self._list_unsubscribe(item, body)
                 if self.signer is not None:
                     body = self._sign(body)
                 a = await conn.send(sender, rcpt, body, smtputf8, then=then)
@@ -481,6 +493,30 @@ class RelayPool:
                 s.queue.appendleft(carry)
                 s.wake.set()
             await conn.close()
+
+    def _mail_from(self, item: list[Any]) -> str:
+        """The envelope sender on the wire: with ``[bounce]`` configured, the message's VERP
+        return path (so a later bounce names the message, with a tag proving we sent it); the
+        null sender stays null. The submitted sender stays the message's own for events and
+        status."""
+        b = self.cfg.bounce
+        if not b.enabled or not item[2]:
+            return item[2]
+        assert b.keys is not None
+        return return_path(item[2], item[0], b.keys, prefix=b.prefix, domain=b.domain)
+
+    def _list_unsubscribe(self, item: list[Any], body: bytes) -> bytes:
+        """List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) for a sender domain with
+        ``[[unsubscribe]]``, added before DKIM signs them (both are in its signed list)."""
+        domain = item[2].rpartition("@")[2]
+        if not domain:
+            return body
+        u = next((u for u in self.cfg.unsubscribe if domain_matches(domain, u.domain)), None)
+        if u is None or u.keys is None:
+            return body
+        fields = header_fields(item[3], u.domain, u.keys, url_base=u.url_base,
+                               mail_domain=self.cfg.bounce.domain if u.mailto else "")
+        return add_header_fields(body, fields)
 
     def _sign(self, body: bytes) -> bytes:
         """The message with its DKIM signatures, as it goes on the wire (unsigned if the

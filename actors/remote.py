@@ -3,7 +3,10 @@
 Actor classes stay plain Python (testable without Ray); this module applies ``ray.remote`` with
 the options every kind needs, and finds or creates actors by their parseable names:
 ``coordinator:<shard>``, ``replica:<shard>:<slot>``, ``throttle:pool:<k>`` / ``throttle:<site>``,
-``relay:<node>:<source>``.
+``relay:<node>:<source>``, ``ingress:<node>``.
+
+Ingress listeners go to the nodes that carry an ``ingress`` resource or label (the head node
+when none does), one per node, pinned there: their addresses are that node's.
 
 Placement: the copies of a shard (its leader is copy 0) go to distinct nodes, in distinct
 regions first (a node's region is its ``region`` label, or a ``region:<name>`` resource), by
@@ -18,8 +21,10 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from actors.bounce_listener import BounceListener, bounce_listener_name
 from actors.coordinator import QueueCoordinator
 from actors.metrics_exporter import EXPORTER_NAME, MetricsExporter
+from actors.ingress import IngressNode, ingress_name
 from actors.relay_pool import RelayPool
 from actors.replica_log import ReplicaLog
 from actors.site_throttle import SiteThrottle
@@ -27,8 +32,10 @@ from cluster.config import Config, EgressSource
 
 __all__ = ["coordinator_name", "replica_name", "relay_name", "ensure_coordinator",
            "ensure_replica", "ensure_throttle", "ensure_relay", "list_relays", "node_regions",
-           "shard_placement", "ensure_exporter", "RemoteCoordinator", "RemoteReplica", "RemoteThrottle",
-           "RemoteRelay"]
+           "shard_placement", "ensure_bounce_listener", "bounce_listener_nodes",
+           "ingress_nodes", "ensure_ingress", "ensure_exporter", "RemoteBounceListener",
+           "RemoteCoordinator", "RemoteReplica", "RemoteThrottle", "RemoteRelay", "RemoteIngress",
+           "RemoteExporter"]
 
 # Every actor is restarted by Ray for ever; calls into a restarting actor wait and are retried
 # (every method is idempotent or harmless to repeat). num_cpus=0: these actors are I/O bound
@@ -40,6 +47,8 @@ RemoteCoordinator = ray.remote(**_COMMON)(QueueCoordinator)
 RemoteThrottle = ray.remote(**_COMMON)(SiteThrottle)
 RemoteRelay = ray.remote(**_COMMON)(RelayPool)
 RemoteReplica = ray.remote(**_COMMON)(ReplicaLog)
+RemoteBounceListener = ray.remote(**_COMMON)(BounceListener)
+RemoteIngress = ray.remote(**_COMMON)(IngressNode)
 RemoteExporter = ray.remote(**_COMMON)(MetricsExporter)
 
 
@@ -145,3 +154,44 @@ def list_relays(namespace: str) -> list[str]:
     return sorted(a["name"] for a in names
                   if a.get("namespace") == namespace and a["name"].startswith("relay:")
                   and a["name"].split(":")[1] in alive)
+
+
+def bounce_listener_nodes() -> list[str]:
+    """Where bounce listeners run: every live node labelled ``role=ingress`` (or with an
+    ``ingress`` resource); the head node when there is none."""
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    ingress = [n["NodeID"] for n in alive
+               if (n.get("Labels") or {}).get("role") == "ingress"
+               or "ingress" in n.get("Resources", {})]
+    if ingress:
+        return ingress
+    head = [n["NodeID"] for n in alive
+            if "node:__internal_head__" in n.get("Resources", {})]
+    return head[:1] or [n["NodeID"] for n in alive][:1]
+
+
+def ensure_bounce_listener(cfg: Config, node_id: str, *, detached: bool = False) -> Any:
+    """The bounce/FBL listener of ``node_id`` (it binds ``bounce.listen_host`` there)."""
+    opts: dict[str, Any] = dict(
+        name=bounce_listener_name(node_id), namespace=cfg.cluster.namespace,
+        get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    if detached:
+        opts["lifetime"] = "detached"
+    return RemoteBounceListener.options(**opts).remote(cfg, bounce_listener_name(node_id))
+
+
+def ingress_nodes() -> list[str]:
+    """Ids of the live nodes that should run an ingress (SMTP submission, HTTP API) actor:
+    the same nodes as the bounce listeners (a ``role=ingress`` label or an ``ingress``
+    resource; the head node when there is none)."""
+    return bounce_listener_nodes()
+
+
+def ensure_ingress(cfg: Config, node_id: str, *, detached: bool = False) -> Any:
+    opts: dict[str, Any] = dict(
+        name=ingress_name(node_id), namespace=cfg.cluster.namespace, get_if_exists=True,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    if detached:
+        opts["lifetime"] = "detached"
+    return RemoteIngress.options(**opts).remote(cfg, ingress_name(node_id))

@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,23 +40,18 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     from cluster.config import load_config
     from cluster.deploy import deploy, join_with_token
+    from cluster.deploy import NoCluster, find_cluster, start_head
     cfg = load_config(args.config)
-    join_with_token()
     try:
-        ray.init(address=args.address, namespace=cfg.cluster.namespace, log_to_driver=False)
-    except ConnectionError:
+        address = find_cluster(args.address)
+    except NoCluster as e:
         if args.address != "auto":
             raise
-        print("no running Ray cluster: starting a head node on 127.0.0.1")
-        if os.environ.get("RAY_AUTH_MODE", "") != "disabled":
-            # `ray start` turns token auth on only when a token exists: make sure one does
-            subprocess.run(["ray", "get-auth-token", "--generate"], check=True,
-                           stdout=subprocess.DEVNULL)
-        from cluster.deploy import RAY_SYSTEM_CONFIG
-        subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1",
-                        "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-                        f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}"], check=True)
-        ray.init(address="auto", namespace=cfg.cluster.namespace, log_to_driver=False)
+        # nothing running here, or only a stale address left by an earlier `ray start`
+        print(f"{e}\nstarting a Ray head node on 127.0.0.1")
+        address = start_head()
+    join_with_token()
+    ray.init(address=address, namespace=cfg.cluster.namespace, log_to_driver=False)
     handles = deploy(cfg, detached=True)
     print(f"raymta deployed in namespace {cfg.cluster.namespace!r}:")
     for name in sorted(handles):
@@ -70,13 +64,14 @@ def cmd_down(args: argparse.Namespace) -> int:
     _loopback_env()
     import ray
 
-    from cluster.deploy import join_with_token
+    from cluster.deploy import find_cluster, join_with_token
+    address = find_cluster(args.address)
     join_with_token()
-    ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+    ray.init(address=address, namespace=args.namespace, log_to_driver=False)
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == args.namespace and a["name"].split(":")[0] in (
-                "coordinator", "replica", "throttle", "relay"):
+                "coordinator", "replica", "throttle", "relay", "bounce", "ingress"):
             ray.kill(ray.get_actor(a["name"], namespace=args.namespace), no_restart=True)
             n += 1
     print(f"stopped {n} raymta actors (the spool stays on disk)")
@@ -307,6 +302,90 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    return f"{seconds / 60:g}m" if seconds < 3600 else f"{seconds / 3600:g}h"
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """A qshape-like table: destination domains × age buckets."""
+    mc = _attach(args.address, args.config)
+    shape = mc.queue_shape(args.top)
+    if args.json:
+        print(json.dumps(shape))
+        return 0
+    heads = ["T"] + [f"<{_age(b)}" for b in shape["buckets"]] + \
+        [f">{_age(shape['buckets'][-1])}"]
+    rows = [["TOTAL"] + [sum(r[i] for r in shape["domains"].values())
+                         for i in range(len(heads) - 1)]]
+    rows += [[d] + row for d, row in shape["domains"].items()]
+    width = max([len(str(r[0])) for r in rows] + [6])
+    print(f"{'domain':<{width}} {'total':>7} " + " ".join(f"{h:>6}" for h in heads[1:]))
+    for r in rows:
+        print(f"{r[0]:<{width}} {sum(r[1:]):>7} " + " ".join(f"{v:>6}" for v in r[1:]))
+    print("states: " + ", ".join(f"{k} {v}" for k, v in shape["states"].items()))
+    return 0
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    from cluster.core.ratespec import parse_duration
+    mc = _attach(args.address, args.config)
+    if args.cmd == "resume":
+        res = mc.resume(args.site)
+        print(json.dumps(res) if args.json else f"resumed {res['site']}")
+        return 0
+    seconds = parse_duration(args.for_)
+    res = mc.suspend(args.site, seconds)
+    print(json.dumps(res) if args.json else
+          f"suspended {res['site']} for {args.for_} ({res['messages']} messages wait; "
+          "those in flight finish)")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    n = mc.retry_now(args.site)
+    print(json.dumps({"site": args.site, "retried": n}) if args.json else
+          f"{n} deferred messages for {args.site} will be tried now")
+    return 0
+
+
+def cmd_bounce(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    if not (args.domain or args.tag or args.id):
+        raise SystemExit("raymta bounce: give --domain D, --tag key=value or --id ID")
+    res = mc.admin_bounce(domain=args.domain, tag=args.tag, ids=args.id)
+    print(json.dumps(res) if args.json else
+          ", ".join(f"{v} {k}" for k, v in res.items()) or "nothing matched")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    mc = _attach(args.address, args.config)
+    info = mc.inspect(args.id)
+    if info is None:
+        print(f"raymta: no message {args.id} (unknown, or finished too long ago)",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    headers = info.pop("headers", "")
+    for k, v in info.items():
+        print(f"{k:>16}: {v}")
+    if headers:
+        print("\n" + headers.replace("\r\n", "\n"))
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
+    cfg = load_config(args.file)     # a ConfigError names the key and the problem
+    print(f"{args.file}: ok ({cfg.queue.shards} shards x {cfg.cluster.replicas} copies, "
+          f"{len(cfg.egress)} egress sources, {len(cfg.sites)} site rules, "
+          f"{len(cfg.dkim.keys)} DKIM keys)")
+    return 0
+
+
 SUPPRESSION_CSV = ["address", "scope", "reason", "created", "expires_at", "cause"]
 
 
@@ -380,16 +459,59 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 
 def cmd_listen(args: argparse.Namespace) -> int:
+    from cluster.config import load_config
     from cluster.ingress_smtp import SmtpIngress
+    settings = load_config(args.config).ingress
+    if not settings.enabled:
+        # without [ingress] there is no AUTH: loopback only, checked before anything starts
+        from cluster.config import is_loopback
+        if not is_loopback(f"{args.host}:{args.port}"):
+            print(f"raymta: refusing to listen on {args.host} without authentication: anyone "
+                  "who reaches it could send as anyone (an open relay). Use 127.0.0.1, or "
+                  "an [ingress] section with TLS and users (docs/ingress.md)", file=sys.stderr)
+            return 2
     mc = _attach(args.address, args.config)
-    with SmtpIngress(mc, args.host, args.port):
-        print(f"raymta SMTP ingress on {args.host}:{args.port} (no AUTH: keep it on a trusted "
-              "network); Ctrl-C stops it", flush=True)
+    ing = SmtpIngress.from_config(mc, settings) if settings.enabled else \
+        SmtpIngress(mc, args.host, args.port)
+    with ing:
+        where = ", ".join(f"{a.host}:{a.port} ({a.mode})" for a in ing.addresses)
+        print(f"raymta SMTP ingress on {where}" + (
+            "" if settings.enabled else " (no AUTH: loopback only)") + "; Ctrl-C stops it",
+            flush=True)
         try:
             while True:
                 time.sleep(3600)
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def cmd_hash_password(args: argparse.Namespace) -> int:
+    """Print the scrypt hash of a password read from the terminal (or one line of stdin),
+    for an ``[[ingress.user]]`` ``password_hash``; the password itself is never echoed."""
+    import getpass
+
+    from cluster.core.submission import hash_password
+    if sys.stdin.isatty():
+        pw = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != pw:
+            print("raymta: the passwords differ", file=sys.stderr)
+            return 2
+    else:
+        pw = sys.stdin.readline().rstrip("\r\n")
+    if not pw:
+        print("raymta: empty password", file=sys.stderr)
+        return 2
+    print(hash_password(pw))
+    return 0
+
+
+def cmd_new_api_key(args: argparse.Namespace) -> int:
+    """Print a new HTTP API key (give it to the sender, once) and its hash (for the config)."""
+    from cluster.core.submission import hash_api_key, new_api_key
+    key = new_api_key()
+    print(f"key:      {key}")
+    print(f"key_hash: {hash_api_key(key)}")
     return 0
 
 
@@ -542,11 +664,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--since", type=int, default=0)
     p.add_argument("--follow", action="store_true")
     p.set_defaults(fn=cmd_events)
-    p = sub.add_parser("listen", help="SMTP submission ingress into raymta (no AUTH)")
+    p = sub.add_parser("listen", help="a local SMTP ingress: the config's [ingress] listeners "
+                       "(TLS, AUTH), or without one a plain listener on loopback")
     common(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=2525)
     p.set_defaults(fn=cmd_listen)
+    p = sub.add_parser("hash-password", help="scrypt hash of a password for [[ingress.user]]")
+    p.set_defaults(fn=cmd_hash_password)
+    p = sub.add_parser("new-api-key", help="a new HTTP API key and its hash for "
+                       "[[ingress.api_key]]")
+    p.set_defaults(fn=cmd_new_api_key)
     p = sub.add_parser("replicas", help="each shard's copies: state and replication lag")
     common(p)
     p.add_argument("--json", action="store_true")
@@ -556,6 +684,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", nargs="?", default="./raymta-backups",
                    help="directory (a time-stamped sub-directory is made in it)")
     p.set_defaults(fn=cmd_backup)
+    p = sub.add_parser("queue", help="queue shape: destination domains x age (like qshape)")
+    common(p)
+    p.add_argument("--top", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_queue)
+    for name, what in (("suspend", "stop dispatching to a domain or site for a while"),
+                       ("resume", "dispatch to a suspended domain or site again")):
+        p = sub.add_parser(name, help=what)
+        common(p)
+        p.add_argument("site", help="a destination domain or site name")
+        if name == "suspend":
+            p.add_argument("--for", dest="for_", default="1h", help="how long (e.g. 2h)")
+        p.add_argument("--json", action="store_true")
+        p.set_defaults(fn=cmd_suspend)
+    p = sub.add_parser("retry", help="try the deferred mail of a domain or site now")
+    common(p)
+    p.add_argument("--site", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_retry)
+    p = sub.add_parser("bounce", help="bounce queued mail by domain, tag or id (AdminBounce)")
+    common(p)
+    p.add_argument("--domain")
+    p.add_argument("--tag", help="key=value")
+    p.add_argument("--id", action="append")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bounce)
+    p = sub.add_parser("inspect", help="one message: envelope, state, attempts, headers")
+    common(p)
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("config", help="config check FILE: parse and check a config file")
+    p.add_argument("action", choices=["check"])
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_config_check)
     p = sub.add_parser("suppress", help="the suppression list: add, remove, list, import, "
                        "export (CSV)")
     common(p)
@@ -606,6 +769,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="passed on, e.g. --messages 20000 --rounds 3")
     p.set_defaults(fn=cmd_bench)
     argv = sys.argv[1:] if argv is None else list(argv)
+    # before anything imports Ray: it reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, on import
+    from cluster.connect import prepare
+    address = "auto"
+    for k, a in enumerate(argv):
+        if a == "--address" and k + 1 < len(argv):
+            address = argv[k + 1]
+        elif a.startswith("--address="):
+            address = a.split("=", 1)[1]
+    if argv[:1] in (["demo"], ["bench"], ["parse-bounce"], ["dkim"], ["config"]):
+        address = ""
+    if address:
+        prepare(address)
+    else:
+        from cluster.connect import use_loopback
+        use_loopback()
     if argv[:1] == ["bench"]:
         # everything after `bench` is run_all's (argparse's REMAINDER refuses a first word
         # that looks like an option, so `raymta bench --messages 20000` failed)
@@ -614,9 +792,10 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv)
     from cluster.client import SubmitError
     from cluster.config import ConfigError
+    from cluster.deploy import NoCluster
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, SubmitError, FileNotFoundError) as e:
+    except (ConfigError, SubmitError, FileNotFoundError, NoCluster) as e:
         print(f"raymta: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

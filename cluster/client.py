@@ -225,7 +225,11 @@ class MailCluster:
             return cls(cfg, coords, owns_ray=True, handles=handles,
                        direct=True if direct is None else direct)
         if not ray.is_initialized():
-            from cluster.deploy import join_with_token
+            from cluster.deploy import NoCluster, find_cluster, join_with_token
+            try:   # within seconds, naming the address, rather than minutes of retries
+                address = find_cluster(address)
+            except NoCluster as e:
+                raise SubmitError(str(e)) from None
             join_with_token()
             # The Ray client's head starts a server process per client session; on a busy head
             # that start can fail ("Starting Ray client server failed"): try a few times.
@@ -480,6 +484,58 @@ class MailCluster:
         total["serving"] = all(s.get("serving") for s in per)
         total["shards"] = per
         return total
+
+    # ------------------------------------------------------------------ operators
+    def queue_shape(self, top: int = 20) -> dict[str, Any]:
+        """Live messages per destination domain by age bucket (qshape), every shard summed:
+        ``{"buckets": [upper bounds s], "domains": {domain: [count per bucket]}, "states"}``."""
+        per = ray.get([c.queue_shape.remote(top) for c in self.coordinators])
+        domains: dict[str, list[int]] = {}
+        states: dict[str, int] = {}
+        for sh in per:
+            for d, row in sh["domains"].items():
+                cur = domains.get(d)
+                domains[d] = row if cur is None else [a + b for a, b in zip(cur, row)]
+            for k, v in sh["states"].items():
+                states[k] = states.get(k, 0) + v
+        ranked = dict(sorted(domains.items(),
+                             key=lambda kv: (kv[0] == "(other)", -sum(kv[1]))))
+        return {"buckets": per[0]["buckets"], "domains": ranked, "states": states}
+
+    def suspend(self, site: str, seconds: float) -> dict[str, Any]:
+        """Stop dispatching to a domain or site for ``seconds`` (every shard, durable)."""
+        until = time.time() + seconds if seconds > 0 else 0.0
+        res = ray.get([c.suspend.remote(site, until) for c in self.coordinators])
+        return {"site": res[0]["site"], "until": until,
+                "messages": sum(r["messages"] for r in res)}
+
+    def resume(self, site: str) -> dict[str, Any]:
+        return self.suspend(site, 0)
+
+    def retry_now(self, site: str) -> int:
+        """Deferred messages for a domain or site are tried again now; how many."""
+        return sum(ray.get([c.retry_now.remote(site) for c in self.coordinators]))
+
+    def admin_bounce(self, *, domain: str | None = None, tag: str | None = None,
+                     ids: list[str] | None = None) -> dict[str, int]:
+        """Bounce (AdminBounce event) live messages by destination domain, tag
+        (``key=value``) or id; in-flight ones are bounced if their attempt fails."""
+        if not (domain or tag or ids):
+            raise ValueError("give a domain, a tag or ids")
+        targets = list(ids or [])
+        if domain or tag:
+            for found in ray.get([c.select.remote(domain, tag) for c in self.coordinators]):
+                targets.extend(found)
+        out: dict[str, int] = {}
+        for k in range(0, len(targets), 10_000):
+            for r in self.cancel(targets[k:k + 10_000]):
+                key = r.split(" (")[0]
+                out[key] = out.get(key, 0) + 1
+        return out
+
+    def inspect(self, msg_id: str) -> dict[str, Any] | None:
+        return ray.get(self.coordinators[shard_of(msg_id, len(self.coordinators))]
+                       .inspect.remote(msg_id))
 
     # ------------------------------------------------------------------ suppression
     SUPPRESS_CHUNK = 50_000

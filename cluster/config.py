@@ -25,12 +25,19 @@ from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
+from cluster.core.submission import ApiKey, PasswordHashError, SubmissionUser
+from cluster.core.verp import VerpError, VerpKeys
 
 __all__ = [
     "ClassificationConfig",
     "ConfigError",
     "ReplicationConfig",
     "BackupConfig",
+    "IngressConfig",
+    "SubmissionUser",
+    "load_users_file",
+    "BounceConfig",
+    "UnsubscribeConfig",
     "SpoolConfig",
     "QueueConfig",
     "DnsConfig",
@@ -48,6 +55,7 @@ __all__ = [
     "load_config",
     "parse_config",
     "parse_size",
+    "is_loopback",
 ]
 
 
@@ -223,6 +231,55 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class IngressConfig:
+    """SMTP submission listeners (docs/ingress.md). ``enabled`` is set by an ``[ingress]``
+    section; ``raymta up`` then starts a listener actor on every node labelled
+    ``role=ingress`` or with an ``ingress`` resource (the head node when none is)."""
+
+    enabled: bool = False
+    #: name in the greeting, EHLO reply and Received fields
+    hostname: str = "localhost"
+    #: "host:port" listeners offering STARTTLS (submission, RFC 6409: port 587)
+    submission: tuple[str, ...] = ()
+    #: "host:port" listeners speaking TLS from the first byte (submissions, RFC 8314: 465)
+    submissions: tuple[str, ...] = ()
+    #: "host:port" listeners of the HTTP API (HTTPS when cert_file is set; plain HTTP only on
+    #: loopback)
+    http: tuple[str, ...] = ()
+    #: API keys of the HTTP API (stored as sha256 hashes)
+    api_keys: tuple[ApiKey, ...] = ()
+    #: largest HTTP request body (413 past it)
+    http_max_body: int = 20_000_000
+    #: PEM certificate chain and key (re-read by a reload)
+    cert_file: str = ""
+    key_file: str = ""
+    #: require AUTH before MAIL (AUTH is offered only over TLS). false is allowed only when
+    #: every listener is on a loopback address
+    auth: bool = True
+    users: tuple[SubmissionUser, ...] = ()
+    #: a TOML file of ``[[user]]`` tables like ``[[ingress.user]]`` (re-read by a reload)
+    users_file: str = ""
+    max_recipients: int = 100
+    #: SIZE (RFC 1870); 0 = queue.max_message_size
+    max_message_size: int = 0
+    max_connections_per_ip: int = 50
+    max_connections_per_user: int = 50
+    #: messages per IP / per user (a user's own ``rate`` wins); None = unlimited
+    message_rate_per_ip: RateSpec | None = None
+    message_rate_per_user: RateSpec | None = None
+    #: more Received fields than this means a mail loop (RFC 5321 §6.3; Postfix: 50)
+    max_hops: int = 50
+    #: DATA handlers of concurrent sessions arriving within this long share one submit call
+    #: (one commit on a quorum)
+    batch_window: float = 0.002
+    batch_max: int = 1000
+    #: submit calls in flight at once from one listener
+    batch_concurrency: int = 4
+    #: an idle SMTP session is closed after this long (RFC 5321 §4.5.3.2.7: 5 minutes)
+    command_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
 class SuppressionConfig:
     #: a suppressed recipient at submission: "refuse" (the message goes to its other
     #: recipients; refused with the reason and date if none is left) or "drop" (accepted, then
@@ -320,6 +377,48 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class BounceConfig:
+    """``[bounce]``: VERP return paths at send time and the bounce/FBL listener (README,
+    "Bounce listener"). ``domain`` empty = off: messages keep their submitted envelope sender
+    and no listener runs. The secrets sit in ``keys`` (a :class:`VerpKeys`, whose repr leaves
+    them out); nothing here ever names a secret in a message."""
+
+    #: the return-path domain (its MX is the bounce listener); "" = VERP and listener off
+    domain: str = ""
+    prefix: str = "b"
+    #: the accepted VERP keys; the first listed signs (None when off)
+    keys: VerpKeys | None = None
+    #: where each listener binds (on its node)
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2526
+    #: feedback-loop (ARF) reports are also accepted for this address ("" = none)
+    fbl_address: str = ""
+    #: largest report accepted (SIZE, RFC 1870); bigger ones are refused with 552
+    max_message_size: int = 2_000_000
+    #: how long a report waits for its shard before the sender is told 451 (try later)
+    report_timeout: float = 30.0
+    #: the one-click unsubscribe HTTP endpoint (POST /u/TOKEN, RFC 8058) of each listener:
+    #: 0 = none (a reverse proxy terminates HTTPS in front of it)
+    http_port: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.domain) and self.keys is not None
+
+
+@dataclass(frozen=True)
+class UnsubscribeConfig:
+    """One ``[[unsubscribe]]``: mail from ``domain`` (or a sub-domain) gets List-Unsubscribe
+    (``url_base`` + token, and/or the mailto at the bounce domain) and List-Unsubscribe-Post;
+    the token is signed with ``keys`` (first signs, all verify; never shown)."""
+
+    domain: str
+    url_base: str = ""
+    mailto: bool = True
+    keys: VerpKeys | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     spool: SpoolConfig = field(default_factory=SpoolConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -332,9 +431,12 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     replication: ReplicationConfig = field(default_factory=ReplicationConfig)
     backup: BackupConfig = field(default_factory=BackupConfig)
+    ingress: IngressConfig = field(default_factory=IngressConfig)
     classification: ClassificationConfig = field(default_factory=ClassificationConfig)
     suppression: SuppressionConfig = field(default_factory=SuppressionConfig)
     dkim: DkimConfig = field(default_factory=DkimConfig)
+    bounce: BounceConfig = field(default_factory=BounceConfig)
+    unsubscribe: tuple[UnsubscribeConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def with_spool(self, directory: str) -> "Config":
@@ -674,6 +776,214 @@ def _parse_cluster(raw: Mapping[str, Any]) -> ClusterConfig:
                          replicas=replicas)
 
 
+def _listeners(v: Any, key: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise ConfigError(key, f"expected a list of 'host:port', got {v!r}")
+    out = []
+    for i, item in enumerate(v):
+        k = f"{key}[{i}]"
+        host, sep, port = _str(item, k).rpartition(":")
+        host = host.strip("[]")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(k, f"expected 'host:port', got {item!r}")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(k, f"the host must be an IP address, got {host!r}") from None
+        out.append(item)
+    return tuple(out)
+
+
+def is_loopback(hostport: str) -> bool:
+    host = hostport.rpartition(":")[0].strip("[]")
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _rate_or_none(v: Any, key: str) -> RateSpec | None:
+    if v in ("", None, "unlimited"):
+        return None
+    try:
+        return RateSpec.parse(_str(v, key))
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+_USER_KEYS = {"name", "password_hash", "domains", "rate", "max_connections"}
+
+
+def _parse_users(raw: Any, where: str) -> tuple[SubmissionUser, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(where, "expected an array of tables")
+    out: list[SubmissionUser] = []
+    seen: set[str] = set()
+    for i, u in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(u, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(u, _USER_KEYS, w)
+        for req in ("name", "password_hash", "domains"):
+            if req not in u:
+                raise ConfigError(f"{w}.{req}", "missing")
+        name = _str(u["name"], f"{w}.name")
+        if name in seen:
+            raise ConfigError(f"{w}.name", f"user {name!r} defined twice")
+        seen.add(name)
+        if not isinstance(u["password_hash"], str):
+            # never echo what was there: it may be a password typed in the wrong place
+            raise ConfigError(f"{w}.password_hash", "expected a string")
+        doms = u["domains"]
+        if isinstance(doms, str):
+            doms = [doms]
+        if not isinstance(doms, list) or not all(isinstance(d, str) for d in doms):
+            raise ConfigError(f"{w}.domains", "expected a list of domain names")
+        mc = u.get("max_connections")
+        try:
+            out.append(SubmissionUser(
+                name=name, password_hash=u["password_hash"], domains=tuple(doms),
+                rate=_rate_or_none(u.get("rate"), f"{w}.rate"),
+                max_connections=None if mc is None else _int(mc, f"{w}.max_connections",
+                                                              minimum=1)))
+        except ConfigError:
+            raise
+        except PasswordHashError as e:
+            raise ConfigError(f"{w}.password_hash", str(e)) from None
+        except ValueError as e:
+            field_name, _, problem = str(e).partition(": ")
+            raise ConfigError(f"{w}.{field_name}", problem or str(e)) from None
+    return tuple(out)
+
+
+def _parse_api_keys(raw: Any, where: str) -> tuple[ApiKey, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError(where, "expected an array of tables")
+    out: list[ApiKey] = []
+    for i, k in enumerate(raw):
+        w = f"{where}[{i}]"
+        if not isinstance(k, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(k, {"name", "key_hash", "domains", "events"}, w)
+        for req in ("name", "key_hash", "domains"):
+            if req not in k:
+                raise ConfigError(f"{w}.{req}", "missing")
+        doms = k["domains"]
+        if isinstance(doms, str):
+            doms = [doms]
+        if not isinstance(doms, list) or not all(isinstance(d, str) for d in doms):
+            raise ConfigError(f"{w}.domains", "expected a list of domain names")
+        try:
+            out.append(ApiKey(name=_str(k["name"], f"{w}.name"),
+                              key_hash=k["key_hash"] if isinstance(k["key_hash"], str) else "",
+                              domains=tuple(doms),
+                              events=_bool(k.get("events", False), f"{w}.events")))
+        except ConfigError:
+            raise
+        except ValueError as e:
+            field_name, _, problem = str(e).partition(": ")
+            raise ConfigError(f"{w}.{field_name}", problem or str(e)) from None
+    if len({k.key_hash for k in out}) != len(out):
+        raise ConfigError(where, "two api keys have the same key_hash")
+    return tuple(out)
+
+
+def load_users_file(path: str | os.PathLike[str]) -> tuple[SubmissionUser, ...]:
+    """The ``[[user]]`` tables of a users file (same keys as ``[[ingress.user]]``)."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"ingress.users_file ({p})", f"cannot read: {e.strerror}") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"ingress.users_file ({p})", f"not a TOML file: {e}") from None
+    _check_keys(raw, {"user"}, f"{p}")
+    return _parse_users(raw.get("user", []), f"{p}: user")
+
+
+def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> IngressConfig:
+    if raw is None:
+        return IngressConfig()
+    w = "ingress"
+    allowed = {f.name for f in fields(IngressConfig)} - {"enabled", "users", "api_keys"} | \
+        {"user", "api_key"}
+    _check_keys(raw, allowed, w)
+    d = IngressConfig()
+    kw: dict[str, Any] = {"enabled": True}
+    kw["hostname"] = _str(raw.get("hostname", d.hostname), f"{w}.hostname")
+    if not kw["hostname"] or any(c.isspace() or c in "<>()" for c in kw["hostname"]):
+        raise ConfigError(f"{w}.hostname", f"must be a host name, got {kw['hostname']!r}")
+    kw["submission"] = _listeners(raw.get("submission", []), f"{w}.submission")
+    kw["submissions"] = _listeners(raw.get("submissions", []), f"{w}.submissions")
+    kw["http"] = _listeners(raw.get("http", []), f"{w}.http")
+    if not kw["submission"] and not kw["submissions"] and not kw["http"]:
+        raise ConfigError(f"{w}.submission", "give at least one listener ('host:port') in "
+                          "ingress.submission (STARTTLS), ingress.submissions (TLS) or "
+                          "ingress.http")
+    kw["api_keys"] = _parse_api_keys(raw.get("api_key"), f"{w}.api_key")
+    if "http_max_body" in raw:
+        kw["http_max_body"] = _size(raw["http_max_body"], f"{w}.http_max_body")
+    kw["cert_file"] = _str(raw.get("cert_file", ""), f"{w}.cert_file")
+    kw["key_file"] = _str(raw.get("key_file", ""), f"{w}.key_file")
+    kw["auth"] = _bool(raw.get("auth", True), f"{w}.auth")
+    kw["users"] = _parse_users(raw.get("user"), f"{w}.user")
+    kw["users_file"] = _str(raw.get("users_file", ""), f"{w}.users_file")
+    for k in ("max_recipients", "max_connections_per_ip", "max_connections_per_user",
+              "max_hops", "batch_max", "batch_concurrency"):
+        if k in raw:
+            kw[k] = _int(raw[k], f"{w}.{k}", minimum=1)
+    if kw.get("max_recipients", d.max_recipients) > 1000:
+        raise ConfigError(f"{w}.max_recipients", "at most 1000 (a message's limit)")
+    if "max_message_size" in raw:
+        kw["max_message_size"] = _size(raw["max_message_size"], f"{w}.max_message_size")
+        if kw["max_message_size"] > queue.max_message_size:
+            raise ConfigError(f"{w}.max_message_size", "over queue.max_message_size "
+                              f"({queue.max_message_size})")
+    for k in ("message_rate_per_ip", "message_rate_per_user"):
+        if k in raw:
+            kw[k] = _rate_or_none(raw[k], f"{w}.{k}")
+    for k in ("batch_window", "command_timeout"):
+        if k in raw:
+            kw[k] = _dur(raw[k], f"{w}.{k}")
+    out = replace(d, **kw)
+    if out.cert_file or out.key_file:
+        if not (out.cert_file and out.key_file):
+            raise ConfigError(f"{w}.key_file" if out.cert_file else f"{w}.cert_file",
+                              "cert_file and key_file go together")
+    if out.http:
+        if not out.api_keys:
+            raise ConfigError(f"{w}.api_key", "the HTTP API needs at least one "
+                              "[[ingress.api_key]]")
+        exposed = [a for a in out.http if not is_loopback(a)]
+        if exposed and not out.cert_file:
+            raise ConfigError(f"{w}.http", f"{exposed[0]} is not a loopback address: API keys "
+                              "would cross the network in clear text; give cert_file and "
+                              "key_file (HTTPS)")
+    smtp = out.submission + out.submissions
+    if out.auth and smtp:
+        if not out.cert_file:
+            raise ConfigError(f"{w}.cert_file", "AUTH is offered only over TLS: give "
+                              "cert_file and key_file (or auth = false on loopback only)")
+        if not out.users and not out.users_file:
+            raise ConfigError(f"{w}.user", "auth is on but no users: add [[ingress.user]] "
+                              "tables or ingress.users_file")
+    elif not out.auth:
+        open_to = [a for a in smtp if not is_loopback(a)]
+        if open_to:
+            raise ConfigError(f"{w}.auth", f"false, but {open_to[0]} is not a loopback "
+                              "address: without authentication anyone who reaches it could "
+                              "send as anyone (an open relay)")
+    if out.submissions and not out.cert_file:
+        raise ConfigError(f"{w}.submissions", "implicit TLS needs cert_file and key_file")
+    return out
+
+
 _DKIM_ALGORITHMS = ("rsa", "ed25519")
 _POLICIES = ("if-key", "required")
 
@@ -778,6 +1088,18 @@ def _parse_dkim(raw: Mapping[str, Any]) -> DkimConfig:
 _log = logging.getLogger("raymta.config")
 
 
+def _ingress_paths_from(cfg: Config, base: Path) -> Config:
+    """Relative ingress certificate, key and users file paths taken relative to the config
+    file's directory (the ingress actors run with other working directories)."""
+    ing = cfg.ingress
+
+    def absolute(path: str) -> str:
+        return path if not path or os.path.isabs(path) else str((base / path).resolve())
+    return replace(cfg, ingress=replace(ing, cert_file=absolute(ing.cert_file),
+                                        key_file=absolute(ing.key_file),
+                                        users_file=absolute(ing.users_file)))
+
+
 def _dkim_paths_from(cfg: Config, base: Path) -> Config:
     """Relative DKIM key paths taken relative to the config file's directory (relays run in
     other processes, with other working directories)."""
@@ -849,7 +1171,8 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
-        "replication", "backup", "classification", "suppression", "dkim", "metrics"}
+        "replication", "backup", "classification", "suppression", "dkim", "bounce",
+        "unsubscribe", "ingress", "metrics"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -857,12 +1180,15 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     are taken from ``base`` (the config file's directory), else the working directory."""
     _check_keys(raw, _TOP, "")
     egress = _parse_egress(raw.get("egress"))
+    bounce = _parse_bounce(_table(raw, "bounce", ""), base)
     sd_raw = _table(raw, "site_defaults", "")
     _check_keys(sd_raw, _LIMIT_KEYS, "site_defaults")
     site_defaults = _parse_limits(sd_raw, SiteLimits(), "site_defaults", egress)
+    queue = _parse_queue(_table(raw, "queue", ""))
+    ingress_raw = _table(raw, "ingress", "") if "ingress" in raw else None
     return Config(
         spool=_parse_spool(_table(raw, "spool", "")),
-        queue=_parse_queue(_table(raw, "queue", "")),
+        queue=queue,
         dns=_parse_dns(_table(raw, "dns", "")),
         delivery=_parse_delivery(_table(raw, "delivery", "")),
         egress=egress,
@@ -872,11 +1198,143 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         cluster=_parse_cluster(_table(raw, "cluster", "")),
         replication=_parse_replication(_table(raw, "replication", "")),
         backup=_parse_backup(_table(raw, "backup", "")),
+        ingress=_parse_ingress(ingress_raw, queue),
         classification=_parse_classification(_table(raw, "classification", ""), base),
         suppression=_parse_suppression(_table(raw, "suppression", "")),
         dkim=_parse_dkim(_table(raw, "dkim", "")),
+        bounce=bounce,
+        unsubscribe=_parse_unsubscribe(raw.get("unsubscribe"), bounce, base),
         metrics=_parse_metrics(_table(raw, "metrics", ""), base),
     )
+
+
+def _verp_secret(v: Any, key: str) -> bytes:
+    # never put the value in the error: it is a secret
+    if not isinstance(v, str) or len(v.encode()) < 16:
+        raise ConfigError(key, "expected a string of at least 16 bytes (e.g. 32 random bytes "
+                          "as hex; the value is not shown)")
+    return v.encode()
+
+
+def _read_verp_key_file(name: str, base: Path | None, key: str) -> list[tuple[str, bytes]]:
+    """A secret file: one ``<key id> <secret>`` a line (``#`` comments); the first signs."""
+    path = Path(name)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise ConfigError(key, f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(key, f"{path} is not UTF-8") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        kid, _, secret = line.partition(" ")
+        if not secret.strip():
+            raise ConfigError(key, f"{path} line {n}: expected '<key id> <secret>'")
+        out.append((kid, _verp_secret(secret.strip(), f"{key} ({path} line {n})")))
+    return out
+
+
+def _parse_hmac_keys(raw: Mapping[str, Any], w: str, base: Path | None) -> VerpKeys:
+    """``keys = [{id, secret}, ...]`` and/or ``key_file``: the first listed signs."""
+    pairs: list[tuple[str, bytes]] = []
+    keys_raw = raw.get("keys", [])
+    if not isinstance(keys_raw, list):
+        raise ConfigError(f"{w}.keys", "expected an array of {id = ..., secret = ...} tables")
+    for i, kr in enumerate(keys_raw):
+        k = f"{w}.keys[{i}]"
+        if not isinstance(kr, Mapping):
+            raise ConfigError(k, "expected a table {id = ..., secret = ...}")
+        _check_keys(kr, {"id", "secret"}, k)
+        if "id" not in kr or "secret" not in kr:
+            raise ConfigError(k, "needs both id and secret")
+        pairs.append((_str(kr["id"], f"{k}.id"), _verp_secret(kr["secret"], f"{k}.secret")))
+    if "key_file" in raw:
+        pairs += _read_verp_key_file(_str(raw["key_file"], f"{w}.key_file"), base,
+                                     f"{w}.key_file")
+    if not pairs:
+        raise ConfigError(f"{w}.keys", "no key: give keys = [{id, secret}] or key_file")
+    seen: dict[str, bytes] = {}
+    for kid, secret in pairs:
+        if kid in seen:
+            raise ConfigError(f"{w}.keys", f"key id {kid!r} is listed twice")
+        seen[kid] = secret
+    try:
+        return VerpKeys(current=pairs[0][0], keys=seen)
+    except VerpError as e:   # names the key id, never the secret
+        raise ConfigError(f"{w}.keys", str(e)) from None
+
+
+def _parse_bounce(raw: Mapping[str, Any], base: Path | None) -> BounceConfig:
+    w = "bounce"
+    _check_keys(raw, {f.name for f in fields(BounceConfig)} | {"key_file"}, w)
+    d = BounceConfig()
+    if not raw:
+        return d
+    if "domain" not in raw:
+        raise ConfigError(f"{w}.domain", "missing (required: the return-path domain)")
+    domain = _domain_name(raw["domain"], f"{w}.domain")
+    keys = _parse_hmac_keys(raw, w, base)
+    prefix = _str(raw.get("prefix", d.prefix), f"{w}.prefix").lower()
+    from cluster.core.verp import encode
+    try:   # the prefix and domain must make a VERP address
+        encode("0" * 26, keys, prefix=prefix, domain=domain)
+    except VerpError as e:
+        raise ConfigError(f"{w}.prefix", str(e)) from None
+    fbl = _str(raw.get("fbl_address", ""), f"{w}.fbl_address").strip().lower()
+    if fbl and ("@" not in fbl or fbl.startswith("@") or fbl.endswith("@")):
+        raise ConfigError(f"{w}.fbl_address", f"expected an address, got {fbl!r}")
+    host = _str(raw.get("listen_host", d.listen_host), f"{w}.listen_host")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ConfigError(f"{w}.listen_host", f"expected an IP address, got {host!r}") from None
+    return BounceConfig(
+        domain=domain, prefix=prefix, keys=keys, listen_host=host,
+        listen_port=_int(raw.get("listen_port", d.listen_port), f"{w}.listen_port",
+                         minimum=0, maximum=65535),
+        fbl_address=fbl,
+        max_message_size=_size(raw.get("max_message_size", d.max_message_size),
+                               f"{w}.max_message_size"),
+        report_timeout=_dur(raw.get("report_timeout", d.report_timeout),
+                            f"{w}.report_timeout"),
+        http_port=_int(raw.get("http_port", d.http_port), f"{w}.http_port", minimum=0,
+                       maximum=65535))
+
+
+def _parse_unsubscribe(raw: Any, bounce: BounceConfig,
+                       base: Path | None) -> tuple[UnsubscribeConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("unsubscribe", "expected an array of tables ([[unsubscribe]])")
+    out: list[UnsubscribeConfig] = []
+    for i, u in enumerate(raw):
+        w = f"unsubscribe[{i}]"
+        if not isinstance(u, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(u, {"domain", "url_base", "mailto", "keys", "key_file"}, w)
+        if "domain" not in u:
+            raise ConfigError(f"{w}.domain", "missing (required: the sender domain)")
+        domain = _domain_name(u["domain"], f"{w}.domain")
+        if any(x.domain == domain for x in out):
+            raise ConfigError(f"{w}.domain", f"{domain} is listed twice")
+        url = _str(u.get("url_base", ""), f"{w}.url_base")
+        if url and not url.startswith("https://"):
+            raise ConfigError(f"{w}.url_base", "must be an https:// URL (RFC 8058 §3.1)")
+        mailto = _bool(u.get("mailto", True), f"{w}.mailto")
+        if mailto and not bounce.enabled:
+            raise ConfigError(f"{w}.mailto", "needs [bounce] (the address is at the bounce "
+                              "domain): set [bounce] or mailto = false")
+        if not url and not mailto:
+            raise ConfigError(w, "give url_base, mailto = true, or both")
+        out.append(UnsubscribeConfig(domain=domain, url_base=url, mailto=mailto,
+                                     keys=_parse_hmac_keys(u, w, base)))
+    return tuple(out)
 
 
 def _is_loopback(host: str) -> bool:
@@ -954,6 +1412,7 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"invalid TOML: {e}") from None
     cfg, warnings = check_dkim_keys(_dkim_paths_from(parse_config(raw, p.parent), p.parent))
+    cfg = _ingress_paths_from(cfg, p.parent)
     for w in warnings:
         _log.warning("config %s", w)
     return cfg

@@ -8,6 +8,7 @@ that joined.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,10 @@ import ray
 
 from cluster.config import Config, ConfigError, check_dkim_keys
 
-__all__ = ["LOOPBACK_ENV", "init_local_ray", "join_with_token", "deploy", "wait_ready"]
+__all__ = ["LOOPBACK_ENV", "NoCluster", "deploy", "deploy_ingress", "find_cluster",
+           "init_local_ray", "join_with_token", "start_head", "wait_ready"]
 
-#: what the embedded default sets so Ray binds and advertises 127.0.0.1 only
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+from cluster.connect import LOOPBACK_ENV, NoCluster, find_cluster, start_head  # noqa: F401
 
 
 #: Ray settings raymta's cluster runs with (``ray start --system-config`` for a launched
@@ -100,6 +101,12 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
                 cfg, shard, slot, nodes[slot], nodes, detached=detached)
         handles[coordinator_name(shard)] = ensure_coordinator(cfg, shard, nodes[0], nodes,
                                                               detached=detached)
+    if cfg.bounce.enabled:
+        from actors.remote import bounce_listener_nodes, ensure_bounce_listener
+        from actors.bounce_listener import bounce_listener_name
+        for node in bounce_listener_nodes():
+            handles[bounce_listener_name(node)] = ensure_bounce_listener(cfg, node,
+                                                                         detached=detached)
     if cfg.metrics.enabled:
         from actors.metrics_exporter import EXPORTER_NAME
         handles[EXPORTER_NAME] = ensure_exporter(cfg, detached=detached)
@@ -107,7 +114,25 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     if cfg.metrics.enabled:
         # serves at once; a port in use is reported by its status() and retried, never fatal
         ray.get(handles[EXPORTER_NAME].start.remote(), timeout=60)
+    if cfg.ingress.enabled:
+        handles.update(deploy_ingress(cfg, detached=detached))
     return handles
+
+
+def deploy_ingress(cfg: Config, *, detached: bool = False, timeout: float = 120.0
+                   ) -> dict[str, Any]:
+    """An SMTP ingress actor on every ingress node (after the shard leaders are up: it
+    submits to them); a listener that cannot start (a port in use, a bad certificate) fails
+    the deployment with its reason."""
+    from actors.ingress import ingress_name
+    from actors.remote import ensure_ingress, ingress_nodes
+    out = {ingress_name(n): ensure_ingress(cfg, n, detached=detached) for n in ingress_nodes()}
+    for name, h in out.items():
+        try:
+            ray.get(h.ping.remote(), timeout=timeout)
+        except ray.exceptions.RayActorError as e:
+            raise ConfigError("ingress", f"{name} could not start: {e}") from None
+    return out
 
 
 def wait_ready(handles: dict[str, Any], timeout: float = 120.0) -> None:

@@ -435,6 +435,50 @@ def test_suppress_add_list_import_export_remove(submitted):
     assert "removed 1" in p.stdout, show(p)
 
 
+def test_operator_commands_queue_inspect_suspend_resume_bounce_config(submitted):
+    common = ["--config", str(submitted["config"]), "--address", submitted["address"]]
+    work, sinks = submitted["work"], submitted["sinks"]
+    # config check: a good file, and a bad key named
+    p = raymta("config", "check", str(submitted["config"]), cwd=work)
+    assert p.returncode == 0 and ": ok (" in p.stdout, show(p)
+    bad = work / "bad.toml"
+    bad.write_text("[queue]\nretry_initial = \"soon\"\n")
+    p = raymta("config", "check", str(bad), cwd=work)
+    assert p.returncode == 2 and "queue.retry_initial" in p.stderr, show(p)
+    # mail held for an hour to d7.test, and a suspended d8.test
+    p = raymta("suspend", "d8.test", "--for", "2h", *common, cwd=work)
+    assert p.returncode == 0 and "suspended d8.test for 2h" in p.stdout, show(p)
+    held = time.time() + 3600
+    jl = work / "ops.jsonl"
+    jl.write_text("\n".join(json.dumps(m) for m in [
+        {"sender": "s@origin.test", "recipients": [f"h{i}@d7.test"], "subject": f"held {i}",
+         "text": "x\n", "not_before": held, "tags": {"campaign": "ops"}} for i in range(3)] + [
+        {"sender": "s@origin.test", "recipients": ["w@d8.test"], "subject": "waits",
+         "text": "y\n"}]) + "\n")
+    p = raymta("submit", *common, str(jl), cwd=work)
+    assert p.returncode == 0, show(p)
+    ids = accepted_ids(p.stdout)
+    p = raymta("queue", "--json", *common, cwd=work)
+    shape = json.loads(p.stdout)
+    assert shape["domains"]["d7.test"][0] == 3 and shape["domains"]["d8.test"][0] == 1, shape
+    p = raymta("queue", *common, cwd=work)
+    assert "d7.test" in p.stdout and "TOTAL" in p.stdout, show(p)
+    first = next(iter(ids.values()))[0]
+    p = raymta("inspect", first, *common, cwd=work)
+    assert p.returncode == 0 and "Subject: held" in p.stdout and "deferred" in p.stdout, show(p)
+    p = raymta("inspect", "0" * 26, *common, cwd=work)
+    assert p.returncode == 1 and "no message" in p.stderr
+    time.sleep(3)
+    assert sinks.counts_by_rcpt()["w@d8.test"] == 0       # suspended: it waits
+    p = raymta("resume", "d8.test", *common, cwd=work)
+    assert p.returncode == 0, show(p)
+    wait_for(lambda: sinks.counts_by_rcpt()["w@d8.test"] == 1, 60, "d8.test resumed")
+    p = raymta("bounce", "--tag", "campaign=ops", "--json", *common, cwd=work)
+    assert json.loads(p.stdout) == {"cancelled": 3}, show(p)
+    p = raymta("status", first, *common, cwd=work)
+    assert "cancelled" in p.stdout, show(p)
+
+
 CLIENT_SCRIPT = """
 import json, sys, time
 import ray

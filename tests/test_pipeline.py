@@ -371,7 +371,9 @@ def test_smtp_ingress_queues_durably_and_refuses_bad_mail(pipeline):
     wait_for(lambda: sinks.counts_by_rcpt()["viasmtp@d5.test"] == 1 and
              sinks.counts_by_rcpt()["second@d6.test"] == 1, 30, "SMTP-submitted mail")
     got = [r for r in sinks.received if r.rcpt_to == "viasmtp@d5.test"][0]
-    assert got.data == raw
+    # the message as sent, after the listener's Received field (RFC 5321 §4.4)
+    assert got.data.endswith(raw) and got.data.startswith(b"Received: from ")
+    assert got.data[:-len(raw)].count(b"Received:") == 1
     assert sinks.counts_by_rcpt()["x@d5.test"] == 0
 
 

@@ -253,3 +253,36 @@ def test_hold_keeps_a_message_with_a_known_outcome_from_being_sent_again():
     assert qs.counts()["inflight"] == 2 and qs.ready_count == 0
     qs.apply(q.delivered_record("m1", 1, 250, "ok", "s", 152.0), lsn)
     assert qs.status("m1")["state"] == "delivered" and qs.counts()["live"] == 1
+
+
+def test_an_operators_suspension_is_durable_and_runs_out():
+    st = q.QueueState()
+    ev = st.apply(q.pause_record("gmail.com", 1000.0, 10.0), 1)
+    assert ev["type"] == "SiteSuspended" and ev["until"] == 1000.0 and ev["id"] is None
+    assert st.is_suspended("gmail.com", "gmail-smtp-in.l.google.com", 500.0)
+    assert st.is_suspended("x.test", "gmail.com", 500.0)       # by site name too
+    assert not st.is_suspended("yahoo.com", "yahoo", 500.0)
+    again = q.QueueState()
+    again.restore(st.snapshot())                               # survives a restart
+    assert again.is_suspended("gmail.com", "", 999.0)
+    assert not again.is_suspended("gmail.com", "", 1000.0)     # ran out
+    assert again.suspended == {}
+    ev = st.apply(q.pause_record("gmail.com", 0.0, 20.0), 2)
+    assert ev["type"] == "SiteResumed" and not st.is_suspended("gmail.com", "", 30.0)
+    assert st.apply_or_quarantine(q.pause_record("", 5.0, 1.0), 3) is None   # no name
+
+
+def test_queue_shape_counts_domains_by_age_with_the_rest_as_other():
+    st = q.QueueState()
+    now = 10_000.0
+    lsn = 0
+    for i, (domain, age) in enumerate([("a.test", 10), ("a.test", 400), ("a.test", 9999),
+                                       ("b.test", 10), ("c.test", 700)]):
+        lsn += 1
+        st.apply(q.message_record(f"0{i}", b"x", "s@x.test", f"u@{domain}", domain,
+                                  now - age, None, now + 100, None, None, None, False), lsn)
+    shape = st.shape(now, (300.0, 600.0), top=2)
+    assert shape["domains"]["a.test"] == [1, 1, 1]
+    assert shape["domains"]["(other)"] == [0, 0, 1] or shape["domains"]["(other)"] == [1, 0, 0]
+    assert sum(sum(r) for r in shape["domains"].values()) == 5
+    assert shape["domains_total"] == 3 and shape["states"]["live"] == 5

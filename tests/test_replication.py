@@ -89,7 +89,8 @@ def regions(tmp_path_factory, dns_server):
 
 
 # ---------------------------------------------------------------------------- helpers
-def _on_every_shard(mc: Any, msgs: list[dict[str, Any]]) -> tuple[list[list[Any]], list[float]]:
+def _on_every_shard(mc: Any, msgs: list[dict[str, Any]], retry_for: float = 15.0
+                    ) -> tuple[list[list[Any]], list[float]]:
     """Submit ``msgs`` in one call per shard: a client's calls take turns over the shards, so
     consecutive calls land on every one. Returns each call's results and its duration."""
     n = len(mc.coordinators)
@@ -97,7 +98,7 @@ def _on_every_shard(mc: Any, msgs: list[dict[str, Any]]) -> tuple[list[list[Any]
     out, took = [], []
     for k in range(n):
         t = time.time()
-        out.append(mc.submit(msgs[k * size:(k + 1) * size]))
+        out.append(mc.submit(msgs[k * size:(k + 1) * size], retry_for=retry_for))
         took.append(time.time() - t)
     return out, took
 
@@ -407,7 +408,8 @@ def test_minority_of_copies_refuses_clearly_then_recovers(regions):
     # its stream (and they are durable on its disk): the minority starts when both are gone
     wait_for(lambda: all(gone(p) for p in pids), 30, "both replica processes to exit")
     from cluster.client import shard_of
-    both_shards = functools.partial(_on_every_shard, mc)
+    # what one call is answered (submit's own retries of "retryable" are turned off here)
+    both_shards = functools.partial(_on_every_shard, mc, retry_for=0)
     msgs = _messages("mn", 40, regions["domains"])
     calls, took_each = both_shards(msgs)
     res = [r for call in calls for r in call]
@@ -430,6 +432,11 @@ def test_minority_of_copies_refuses_clearly_then_recovers(regions):
     # coming back empty at once could not rejoin: see docs/replication.md)
     for k in (1, 2):
         mc.handles[f"replica:{shard}:{k}"] = ensure_replica(cfg, shard, k, homes[k])
+
+    # retryable: a sender keeps the message (SMTP 451), never bounces it; those refused while
+    # the shard is known to be stalled were not written at all
+    assert all(r.retryable for r in on_shard), on_shard
+    assert all(r.retryable and not r.outcome_unknown for r in refused2)
 
     def accepted_again() -> bool:
         calls, _ = both_shards(_messages("mr", 20, regions["domains"]))

@@ -24,6 +24,8 @@ Record layout (msgpack arrays, first element the type):
 ``s``     suppression: [s, op, rows, ts, propagate] — op "add" (rows [address, scope, reason,
                      created, expires_at, cause]), "remove" (rows [address, scope]) or "sent"
                      (rows: keys of this shard's outbox now on every other shard)
+``p``     pause:     [p, key, until, ts] — dispatch to a domain or site (key) is suspended until
+                     ``until`` (0: resumed); an operator's ``raymta suspend``
 ``o``     outside report: [o, kind, id, recipient, detail, ts] — an asynchronous bounce
                      (kind "bounce") or a complaint (kind "complaint") about a message this
                      shard sent; an event only (the message has usually finished)
@@ -45,7 +47,8 @@ from cluster.core.suppression import SuppressionList, entry_key
 
 __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
-    "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "suppress_record", "report_record",
+    "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
+    "pause_record",
     "QueuedMessage", "QueueState", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -60,6 +63,7 @@ REC_FINAL = "f"
 REC_EPOCH = "e"
 REC_SUPPRESS = "s"
 REC_REPORT = "o"
+REC_PAUSE = "p"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -107,6 +111,10 @@ def suppress_record(op: str, rows: list[list[Any]], ts: float, propagate: bool =
     """A change of the suppression list; ``propagate``: entries this shard learned itself
     (a bounce, a complaint) that it must hand to every other shard (its outbox)."""
     return [REC_SUPPRESS, op, rows, ts, propagate]
+
+
+def pause_record(key: str, until: float, ts: float) -> list[Any]:
+    return [REC_PAUSE, key, until, ts]
 
 
 def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
@@ -163,7 +171,7 @@ class _Body:
 
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
 _RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
-                   REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6}
+                   REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4}
 
 
 def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
@@ -208,6 +216,8 @@ class QueueState:
         #: suppressions this shard learned itself and has not yet handed to every other shard
         #: (key → add row); hard state, in snapshots, emptied by "sent" records
         self.suppress_outbox: dict[str, list[Any]] = {}
+        #: domains or sites an operator suspended: key → until (epoch seconds)
+        self.suspended: dict[str, float] = {}
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
@@ -254,6 +264,19 @@ class QueueState:
                              f"{_RECORD_LENGTHS[kind]}")
         if kind == REC_SUPPRESS or kind == REC_REPORT:
             return self._apply_other(rec, lsn)
+        if kind == REC_PAUSE:
+            _, key, until, ts = rec
+            _check_numbers(rec, lsn, until, ts)
+            if type(key) is not str or not key:
+                raise StateError(f"pause record at lsn {lsn}: key is not a name")
+            self.last_lsn = lsn
+            if until > ts:
+                self.suspended[key] = until
+            else:
+                self.suspended.pop(key, None)
+            return {"seq": lsn, "type": "SiteSuspended" if until > ts else "SiteResumed",
+                    "ts": ts, "id": None, "site": key,
+                    **({"until": until} if until > ts else {})}
         if kind != REC_EPOCH and kind != REC_BODY and type(rec[1]) is not str:
             raise StateError(f"record {kind!r} at lsn {lsn}: id is not a string")
         self.last_lsn = lsn
@@ -557,6 +580,43 @@ class QueueState:
                 break
             self.idempotency.popitem(last=False)
 
+    def is_suspended(self, domain: str, site: str, now: float) -> bool:
+        """Is dispatch to ``domain`` (or its ``site``) suspended by an operator now?"""
+        s = self.suspended
+        if not s:
+            return False
+        for key in (domain, site):
+            until = s.get(key)
+            if until is not None:
+                if until > now:
+                    return True
+                del s[key]      # ran out: soft, every copy does the same from its clock
+        return False
+
+    def shape(self, now: float, buckets: tuple[float, ...], top: int = 20
+              ) -> dict[str, Any]:
+        """A qshape-like view: live messages per domain by age (``now - created``) in
+        ``buckets`` (upper bounds, seconds; the last one open), the ``top`` domains by count
+        and the rest as "other"; and by state."""
+        import bisect
+        per: dict[str, list[int]] = {}
+        width = len(buckets) + 1
+        for m in self.messages.values():
+            row = per.get(m.domain)
+            if row is None:
+                row = per[m.domain] = [0] * width
+            row[bisect.bisect_left(buckets, now - m.created)] += 1
+        ranked = sorted(per.items(), key=lambda kv: -sum(kv[1]))
+        out = dict(ranked[:top])
+        if len(ranked) > top:
+            other = [0] * width
+            for _, row in ranked[top:]:
+                other = [a + b for a, b in zip(other, row)]
+            out["(other)"] = other
+        return {"buckets": list(buckets), "domains": out, "domains_total": len(per),
+                "states": {k: v for k, v in self.counts().items()
+                           if k in ("ready", "inflight", "deferred", "live")}}
+
     # ------------------------------------------------------------------ views
     def status(self, msg_id: str) -> dict[str, Any] | None:
         m = self.messages.get(msg_id)
@@ -588,6 +648,7 @@ class QueueState:
                           f["text"], f["site"], f["ts"]] for f in self.finished.values()],
             "suppression": self.suppression.snapshot(),
             "suppress_outbox": list(self.suppress_outbox.values()),
+            "suspended": dict(self.suspended),
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -614,6 +675,7 @@ class QueueState:
                                   "attempts": attempts, "code": code, "text": text,
                                   "site": site, "ts": ts}
         self.suppression.restore(snap.get("suppression", ()))
+        self.suspended.update(snap.get("suspended", {}))
         for row in snap.get("suppress_outbox", ()):
             self.suppress_outbox[entry_key(row[0], row[1])] = row
         self.last_lsn = snap["lsn"]

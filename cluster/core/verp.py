@@ -34,7 +34,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["MAC_CHARS", "VerpError", "VerpKeys", "VerpResult", "decode", "encode"]
+__all__ = ["MAC_CHARS", "VerpError", "VerpKeys", "VerpResult", "decode", "encode", "return_path"]
 
 #: Characters of the base32 MAC kept in the tag (5 bits each).
 MAC_CHARS = 10
@@ -130,3 +130,13 @@ def decode(address: str, keys: VerpKeys, *, prefix: str, domain: str) -> VerpRes
     if not hmac.compare_digest(_mac(secret, kid, mid).encode(), mac.encode()):
         return VerpResult(None, reason="bad tag: the HMAC does not match (forged or altered)")
     return VerpResult(mid.upper(), kid)
+
+
+def return_path(sender: str, message_id: str, keys: VerpKeys, *, prefix: str,
+                domain: str) -> str:
+    """The MAIL FROM a message goes out with: its VERP address, except that the null sender
+    stays null (RFC 5321 §4.5.5: a notification must not itself be answered, and a VERP
+    address would invite exactly that)."""
+    if sender in ("", "<>"):
+        return ""
+    return encode(message_id, keys, prefix=prefix, domain=domain)

@@ -1,0 +1,83 @@
+"""The per-node ingress actor: a thin shell that runs this node's SMTP and HTTP listeners.
+
+Owns nothing but the :class:`cluster.ingress_smtp.SmtpIngress` it starts in its constructor
+(so a restart by Ray listens again at once) and a :class:`cluster.client.MailCluster` handle
+on the shard leaders, through which every accepted message goes. It holds no queue state: a
+listener that dies loses only sessions in progress, whose senders saw no 250 and retry (a
+load balancer sends them to another node).
+
+The one actor above the client in the import order: an ingress is a submitter like any
+sender, so it uses the client's API (validation, ids, the leaders' submit streams) rather
+than a private path into the coordinator. It never talks to relays or replicas.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from cluster.config import Config
+
+__all__ = ["IngressNode", "ingress_name"]
+
+
+def ingress_name(node_id: str) -> str:
+    return f"ingress:{node_id[:12]}"
+
+
+class IngressNode:
+    """Listens as ``cfg.ingress`` says on the node it was placed on."""
+
+    def __init__(self, cfg: Config, name: str) -> None:
+        import ray
+
+        from cluster.client import MailCluster
+        from cluster.ingress_smtp import SmtpIngress
+        self.cfg = cfg
+        self.name = name
+        ns = cfg.cluster.namespace
+        coords = [ray.get_actor(f"coordinator:{s}", namespace=ns)
+                  for s in range(cfg.queue.shards)]
+        self.mc = MailCluster(cfg, coords, direct=True)
+        s = cfg.ingress
+        self.smtp = SmtpIngress.from_config(self.mc, s).start() \
+            if s.submission or s.submissions else None
+        self.http = None
+        if s.http:
+            from cluster.ingress_http import HttpIngress
+            from cluster.ingress_smtp import tls_context
+            tls = tls_context(s.cert_file, s.key_file) if s.cert_file else None
+
+            def split(a: str) -> tuple[str, int]:
+                host, _, port = a.rpartition(":")
+                return host.strip("[]"), int(port)
+            self.http = HttpIngress(self.mc, s, tls).start([split(a) for a in s.http])
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def addresses(self) -> list[tuple[str, int, str]]:
+        """The listeners as bound: (host, port, mode) — the port a ``:0`` listener got; mode
+        "starttls", "implicit", "plain" (SMTP) or "http"."""
+        out = [(a.host, a.port, a.mode) for a in self.smtp.addresses] if self.smtp else []
+        if self.http is not None:
+            out += [(h, p, "http") for h, p in self.http.addresses]
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "pid": os.getpid()}
+        if self.smtp is not None:
+            out.update(self.smtp.stats())
+        if self.http is not None:
+            out.update(self.http.stats())
+        return out
+
+    def reload(self) -> dict[str, Any]:
+        """Read the certificate, key and users file again (SMTP listeners)."""
+        return self.smtp.reload() if self.smtp is not None else {}
+
+    def stop(self) -> None:
+        if self.smtp is not None:
+            self.smtp.stop()
+        if self.http is not None:
+            self.http.stop()

@@ -1,0 +1,360 @@
+"""HTTP API ingress: JSON over HTTP(S) into the same submit call as the Python client.
+
+Owns an aiohttp server (one asyncio loop in a thread of its own, in the ingress actor beside
+the SMTP listeners) and the mapping between HTTP and :class:`cluster.client.MailCluster`:
+
+- ``POST /v1/messages`` — up to 1,000 messages; recipients as addresses or
+  ``{"address", "variables"}``; ``"template": true`` renders subject/text/html per recipient
+  (:mod:`cluster.core.templates`); ``Idempotency-Key`` makes a retried request queue nothing
+  twice; 200 once every message is durable on a quorum or refused for good (per-message errors
+  name the field), 503 with ``Retry-After`` when any message was refused ``retryable``;
+- ``GET /v1/messages/{id}``, ``DELETE /v1/messages/{id}`` (cancel);
+- ``GET /v1/events?cursor=0:12,1:40`` (keys with ``events = true``);
+- ``GET /healthz`` (process up), ``GET /readyz`` (every shard serving with a quorum);
+- ``GET /v1/openapi.json`` (the document in :mod:`cluster.ingress_openapi`).
+
+Errors are JSON ``{"error": {"status", "field", "message"}}``: 400 bad input, 401 no or an
+unknown key, 403 a domain the key may not use, 404, 413 too big or too many, 503 retry. API keys
+are checked by hash and never logged. It must not decide queue matters (the leader does) nor
+render templates anywhere but here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import ssl
+import threading
+import time
+from typing import Any, Awaitable, Callable
+
+from aiohttp import web
+
+from cluster.config import IngressConfig
+from cluster.core.submission import ApiKey, ApiKeyTable, domain_allowed
+from cluster.core.templates import MessageTemplate, TemplateError
+
+__all__ = ["HttpIngress", "MAX_BATCH"]
+
+#: messages per POST /v1/messages
+MAX_BATCH = 1000
+_ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}\Z")
+_PASSED = ("to", "cc", "reply_to", "headers", "tags", "metadata", "not_before", "max_age")
+_ALLOWED = {"from", "sender", "recipients", "subject", "text", "html", "template", *_PASSED}
+_KEY = web.AppKey("ingress", object)
+
+
+class _Fail(Exception):
+    def __init__(self, status: int, field: str | None, message: str,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.field, self.message, self.headers = status, field, message, headers
+
+
+def _error(status: int, field: str | None, message: str,
+           headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": {"status": status, "field": field, "message": message}},
+                             status=status, headers=headers)
+
+
+def _address_domain(text: str) -> str:
+    from email.utils import parseaddr
+    addr = parseaddr(text)[1]
+    return addr.rpartition("@")[2] if "@" in addr else ""
+
+
+class HttpIngress:
+    """The HTTP API listeners of one process."""
+
+    def __init__(self, mc: Any, settings: IngressConfig,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.mc = mc
+        self.settings = settings
+        self.keys = ApiKeyTable(settings.api_keys)
+        self.tls = tls
+        self.addresses: list[tuple[str, int]] = []
+        self.counters: dict[str, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+
+    # ---------------------------------------------------------------------- app
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.http_max_body,
+                              middlewares=[self._errors])
+        app[_KEY] = self
+        app.router.add_post("/v1/messages", self.post_messages)
+        app.router.add_get("/v1/messages/{id}", self.get_message)
+        app.router.add_delete("/v1/messages/{id}", self.delete_message)
+        app.router.add_get("/v1/events", self.get_events)
+        app.router.add_get("/v1/openapi.json", self.openapi)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _Fail as f:
+            self.counters[str(f.status)] = self.counters.get(str(f.status), 0) + 1
+            return _error(f.status, f.field, f.message, f.headers)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, "body", f"request body over {self.settings.http_max_body} bytes")
+        except web.HTTPException as e:
+            return _error(e.status, None, e.reason)
+
+    def _key(self, request: web.Request) -> ApiKey:
+        auth = request.headers.get("Authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _Fail(401, "Authorization", "send 'Authorization: Bearer <api key>'",
+                        {"WWW-Authenticate": "Bearer"})
+        key = self.keys.lookup(token.strip())
+        if key is None:
+            raise _Fail(401, "Authorization", "unknown API key", {"WWW-Authenticate": "Bearer"})
+        return key
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: fn(*args, **kw))
+
+    # ---------------------------------------------------------------------- handlers
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        try:
+            st = await asyncio.wait_for(self._call(self.mc.stats), 5.0)
+        except Exception as e:   # noqa: BLE001 - a leader moving, the cluster unreachable
+            return web.json_response({"ready": False, "reason": type(e).__name__}, status=503)
+        ready = bool(st.get("serving"))
+        return web.json_response({"ready": ready, "shards": [
+            {"shard": s.get("shard"), "serving": bool(s.get("serving")),
+             "reason": s.get("not_serving")} for s in st.get("shards", [])]},
+            status=200 if ready else 503)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        from cluster.ingress_openapi import openapi_document
+        return web.json_response(openapi_document())
+
+    async def post_messages(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        try:
+            doc = json.loads(await request.read())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise _Fail(400, "body", f"not JSON: {e}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("messages"), list):
+            raise _Fail(400, "messages", "expected {\"messages\": [ ... ]}")
+        msgs = doc["messages"]
+        if not msgs:
+            raise _Fail(400, "messages", "empty")
+        if len(msgs) > MAX_BATCH:
+            raise _Fail(413, "messages", f"{len(msgs)} messages, over the limit of {MAX_BATCH}")
+        idem = request.headers.get("Idempotency-Key")
+        if idem is not None and not 1 <= len(idem) <= 100:
+            raise _Fail(400, "Idempotency-Key", "1-100 characters")
+        subs, owners, errors = self._expand(msgs, key, idem)
+        results: list[Any] = []
+        if subs:
+            try:
+                results = await self._call(self.mc.submit, subs, timeout=60.0, retry_for=2.0)
+            except Exception as e:   # noqa: BLE001 - unreachable cluster: the client retries
+                raise _Fail(503, None, f"the queue could not be reached: {e}",
+                            {"Retry-After": "5"}) from None
+        out: list[dict[str, Any]] = [{"index": i} for i in range(len(msgs))]
+        retry = False
+        for i, err in errors.items():
+            out[i]["error"] = err
+        for r, i in zip(results, owners, strict=True):
+            o = out[i]
+            if o.get("error"):
+                continue
+            if r.accepted:
+                o.setdefault("ids", []).extend(r.ids)
+                o["duplicate"] = o.get("duplicate", True) and r.duplicate
+            else:
+                field, _, message = (r.error or "refused").partition(": ")
+                if r.retryable or not message:   # ours, not the message's: no field
+                    field, message = "", r.error or "refused"
+                o.pop("ids", None)
+                o["error"] = {"field": f"messages[{i}].{field}" if field else None,
+                              "message": message, "retryable": r.retryable,
+                              "outcome_unknown": r.outcome_unknown}
+                retry = retry or r.retryable
+        self.counters["messages"] = self.counters.get("messages", 0) + len(msgs)
+        if retry:
+            return web.json_response({"results": out}, status=503, headers={"Retry-After": "1"})
+        return web.json_response({"results": out})
+
+    def _expand(self, msgs: list[Any], key: ApiKey, idem: str | None
+                ) -> tuple[list[dict[str, Any]], list[int], dict[int, dict[str, Any]]]:
+        """Client submissions (one per recipient for a template), the message index each
+        belongs to, and the messages that failed here; 403 for a domain the key may not use."""
+        subs: list[dict[str, Any]] = []
+        owners: list[int] = []
+        errors: dict[int, dict[str, Any]] = {}
+        for i, m in enumerate(msgs):
+            where = f"messages[{i}]"
+            if not isinstance(m, dict):
+                errors[i] = {"field": where, "message": "must be an object"}
+                continue
+            unknown = sorted(set(m) - _ALLOWED)
+            if unknown:
+                errors[i] = {"field": f"{where}.{unknown[0]}", "message": "unknown field"}
+                continue
+            frm = m.get("from")
+            if not isinstance(frm, str) or not frm:
+                errors[i] = {"field": f"{where}.from", "message": "required (a string)"}
+                continue
+            for name, value in (("from", frm), ("sender", m.get("sender"))):
+                if value is None:
+                    continue
+                dom = _address_domain(value) if isinstance(value, str) else ""
+                if not dom or not domain_allowed(dom, key.domains):
+                    raise _Fail(403, f"{where}.{name}", f"API key {key.name!r} may not send "
+                                f"as {dom or value!r}")
+            rcpts = m.get("recipients")
+            if not isinstance(rcpts, list) or not rcpts:
+                errors[i] = {"field": f"{where}.recipients", "message": "a non-empty list"}
+                continue
+            base = {k: m[k] for k in _PASSED if k in m}
+            base["from"] = frm
+            if m.get("sender") is not None:   # else the client takes the From address
+                base["sender"] = m["sender"]
+            addrs: list[str] = []
+            variables: list[Any] = []
+            for j, r in enumerate(rcpts):
+                if isinstance(r, str):
+                    addrs.append(r)
+                    variables.append({})
+                elif isinstance(r, dict) and isinstance(r.get("address"), str):
+                    addrs.append(r["address"])
+                    variables.append(r.get("variables", {}))
+                else:
+                    errors[i] = {"field": f"{where}.recipients[{j}]",
+                                 "message": "an address or {\"address\", \"variables\"}"}
+                    break
+            if i in errors:
+                continue
+            if not m.get("template"):
+                sub = dict(base, recipients=addrs,
+                           **{p: m[p] for p in ("subject", "text", "html") if p in m})
+                if idem:
+                    sub["idempotency_key"] = f"{idem}:{i}"
+                subs.append(sub)
+                owners.append(i)
+                continue
+            try:
+                tpl = MessageTemplate(**{p: m.get(p) for p in ("subject", "text", "html")})
+                rendered = [tpl.render(v) for v in variables]
+            except TemplateError as e:
+                errors[i] = {"field": f"{where}.{e.field}", "line": e.line,
+                             "message": e.problem}
+                continue
+            for j, (addr, parts) in enumerate(zip(addrs, rendered, strict=True)):
+                sub = dict(base, recipients=[addr], **parts)
+                if "to" not in base:
+                    sub["to"] = addr
+                if idem:
+                    sub["idempotency_key"] = f"{idem}:{i}:{j}"
+                subs.append(sub)
+                owners.append(i)
+        return subs, owners, errors
+
+    async def get_message(self, request: web.Request) -> web.Response:
+        self._key(request)
+        mid = request.match_info["id"]
+        if not _ULID.match(mid):
+            raise _Fail(400, "id", "not a message id (a ULID of 26 characters)")
+        st = await self._call(self.mc.status, mid)
+        if st is None:
+            raise _Fail(404, "id", f"no message {mid} (or it finished long ago)")
+        return web.json_response(st)
+
+    async def delete_message(self, request: web.Request) -> web.Response:
+        self._key(request)
+        mid = request.match_info["id"]
+        if not _ULID.match(mid):
+            raise _Fail(400, "id", "not a message id (a ULID of 26 characters)")
+        res = await self._call(self.mc.cancel, mid)
+        if res == "unknown":
+            raise _Fail(404, "id", f"no message {mid}")
+        return web.json_response({"id": mid, "result": res})
+
+    async def get_events(self, request: web.Request) -> web.Response:
+        key = self._key(request)
+        if not key.events:
+            raise _Fail(403, "Authorization", f"API key {key.name!r} may not read events "
+                        "(set events = true)")
+        cursor: dict[int, int] = {}
+        text = request.query.get("cursor", "")
+        try:
+            for part in filter(None, text.split(",")):
+                shard, _, seq = part.partition(":")
+                cursor[int(shard)] = int(seq)
+            limit = int(request.query.get("limit", "1000"))
+        except ValueError:
+            raise _Fail(400, "cursor", "expected shard:seq,shard:seq (from 'cursor' of the "
+                        "last answer) and an integer limit") from None
+        if not 1 <= limit <= 10_000:
+            raise _Fail(400, "limit", "between 1 and 10000")
+        evs = await self._call(self.mc.events, cursor, limit)
+        nxt = self.mc.next_cursor(evs, cursor)
+        return web.json_response({"events": evs, "cursor": ",".join(
+            f"{s}:{q}" for s, q in sorted(nxt.items()))})
+
+    # ---------------------------------------------------------------------- running
+    def start(self, listeners: list[tuple[str, int]]) -> "HttpIngress":
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        started = threading.Event()
+        errors: list[BaseException] = []
+
+        async def serve() -> None:
+            self._runner = web.AppRunner(self.app(), access_log=None)
+            await self._runner.setup()
+            for host, port in listeners:
+                site = web.TCPSite(self._runner, host, port, ssl_context=self.tls)
+                await site.start()
+                sock = site._server.sockets[0]   # type: ignore[union-attr]
+                self.addresses.append((host, sock.getsockname()[1]))
+
+        def run() -> None:
+            asyncio.set_event_loop(loop)
+            try:
+                loop.run_until_complete(serve())
+            except BaseException as e:   # noqa: BLE001 - reported to start()
+                errors.append(e)
+                started.set()
+                return
+            started.set()
+            loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="raymta-http-ingress", daemon=True)
+        self._thread.start()
+        started.wait(30)
+        if errors:
+            self.stop()
+            raise RuntimeError(f"HTTP API cannot listen: {errors[0]}") from errors[0]
+        return self
+
+    def stop(self) -> None:
+        loop, runner = self._loop, self._runner
+        if loop is not None and self._thread is not None and self._thread.is_alive():
+            if runner is not None:
+                with contextlib.suppress(Exception):
+                    asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(10)
+        if loop is not None and not loop.is_running():
+            loop.close()
+        self._loop = None
+
+    def stats(self) -> dict[str, Any]:
+        return {"http": dict(self.counters),
+                "http_listeners": [f"{h}:{p}" for h, p in self.addresses], "at": time.time()}

@@ -1,0 +1,96 @@
+"""Group commit for protocol front ends: concurrent submissions share one submit call.
+
+Owns the queue of messages that handlers on one asyncio loop (SMTP DATA handlers, HTTP
+requests) are waiting to have accepted, and the calls that carry them: whatever arrives within
+``window`` seconds of the first waiting message (or ``max_items`` of them) goes to the cluster
+in one :meth:`cluster.client.MailCluster.submit` call, run on a small thread pool so the loop
+never blocks; up to ``concurrency`` calls are in flight, and while they are, new arrivals
+gather for the next one. Each handler gets its own message's :class:`SubmitResult` (a batch
+never fails a message for another's fault: the client validates each message on its own), or
+the exception the call raised. One submit call is one commit on a quorum, so this is what
+lets an SMTP listener take thousands of messages per second instead of one commit per message.
+
+It does not decide what a result means for the protocol (that is the front end's reply
+policy), and it never retries on its own (``MailCluster.submit`` retries retryable refusals
+with the same ids for ``retry_for`` seconds).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+from typing import Any, Callable
+
+__all__ = ["SubmitBatcher"]
+
+
+class SubmitBatcher:
+    """Gathers messages from coroutines on one loop into shared submit calls."""
+
+    def __init__(self, submit: Callable[[list[dict[str, Any]]], list[Any]], *,
+                 window: float = 0.002, max_items: int = 1000, max_bytes: int = 32 << 20,
+                 concurrency: int = 4) -> None:
+        self._submit = submit
+        self.window = window
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.concurrency = concurrency
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=concurrency, thread_name_prefix="raymta-submit")
+        self._waiting: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
+        self._waiting_bytes = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._in_flight = 0
+        self.stats = {"calls": 0, "messages": 0, "largest": 0}
+
+    async def submit(self, msg: dict[str, Any]) -> Any:
+        """``msg``'s SubmitResult once the call carrying it returned (raises what it raised)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((msg, fut))
+        raw = msg.get("raw")
+        self._waiting_bytes += len(raw) if isinstance(raw, (bytes, str)) else 0
+        if len(self._waiting) >= self.max_items or self._waiting_bytes >= self.max_bytes:
+            self._flush(loop)
+        elif self._timer is None:
+            self._timer = loop.call_later(self.window, self._flush, loop)
+        return await fut
+
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._waiting and self._in_flight < self.concurrency:
+            batch = self._waiting[:self.max_items]
+            del self._waiting[:self.max_items]
+            self._waiting_bytes = sum(len(m.get("raw") or b"") for m, _ in self._waiting)
+            self._in_flight += 1
+            self.stats["calls"] += 1
+            self.stats["messages"] += len(batch)
+            self.stats["largest"] = max(self.stats["largest"], len(batch))
+            call = loop.run_in_executor(self._pool, self._submit, [m for m, _ in batch])
+            call.add_done_callback(functools.partial(self._done, loop, batch))
+        # what is left waits for a call to finish (it then goes at once: it has waited)
+
+    def _done(self, loop: asyncio.AbstractEventLoop,
+              batch: list[tuple[dict[str, Any], asyncio.Future[Any]]],
+              call: asyncio.Future[Any]) -> None:
+        self._in_flight -= 1
+        exc = call.exception() if not call.cancelled() else asyncio.CancelledError()
+        results = None if exc is not None else call.result()
+        for k, (_, fut) in enumerate(batch):
+            if fut.done():
+                continue          # the handler gave up (its connection closed)
+            if exc is not None:
+                fut.set_exception(exc)
+            elif results is None or k >= len(results):
+                fut.set_exception(RuntimeError("internal: the submit call returned no answer "
+                                               "for this message"))
+            else:
+                fut.set_result(results[k])
+        if self._waiting:
+            self._flush(loop)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
