@@ -17,12 +17,21 @@ Ray metric is created or updated, no tally is kept.
 from __future__ import annotations
 
 from collections import Counter as _Tally
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-__all__ = ["CoordinatorMetrics", "RelayMetrics", "ThrottleMetrics", "BoundedLabels",
-           "SUBMIT_LATENCY_BOUNDS", "loop_lag_reporter", "spool_disk", "tally_rows"]
+__all__ = [
+    "SUBMIT_LATENCY_BOUNDS",
+    "BoundedLabels",
+    "CoordinatorMetrics",
+    "RelayMetrics",
+    "ThrottleMetrics",
+    "loop_lag_reporter",
+    "spool_disk",
+    "tally_rows",
+]
 
 #: seconds from a submit call's arrival at the shard leader to its commit (upper bounds)
 SUBMIT_LATENCY_BOUNDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -34,7 +43,7 @@ class BoundedLabels:
     """At most ``limit`` distinct label values plus "other": the first values seen keep their
     name for the life of the process (a counter's series must not change label later)."""
 
-    __slots__ = ("limit", "known")
+    __slots__ = ("known", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -131,7 +140,7 @@ class CoordinatorMetrics(_Base):
             return
         self.submit_latency.observe(seconds, self.tags)
         i = 0
-        for i, bound in enumerate(SUBMIT_LATENCY_BOUNDS):  # noqa: B007
+        for i, bound in enumerate(SUBMIT_LATENCY_BOUNDS):
             if seconds <= bound:
                 break
         else:

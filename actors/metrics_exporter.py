@@ -35,14 +35,13 @@ from typing import Any
 
 import ray
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
-                                    HistogramMetricFamily)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from actors.metrics import SUBMIT_LATENCY_BOUNDS
 from cluster.config import Config
 from cluster.core.queue_shape import AGE_BUCKETS, merge_shapes
 
-__all__ = ["MetricsExporter", "EXPORTED", "EXPORTER_NAME"]
+__all__ = ["EXPORTED", "EXPORTER_NAME", "MetricsExporter"]
 
 log = logging.getLogger("raymta.metrics")
 
@@ -113,24 +112,25 @@ class _Carry:
     """Monotonic counters over restarts: per source, its incarnation and last values."""
 
     def __init__(self) -> None:
-        self.base: dict[str, Counter] = {}
+        self.base: dict[str, dict[Any, float]] = {}
         self.last: dict[str, tuple[Any, dict[Any, float]]] = {}
 
     def update(self, source: str, incarnation: Any, values: dict[Any, float]) -> dict[Any, float]:
-        base = self.base.setdefault(source, Counter())
+        base = self.base.setdefault(source, {})
         prev = self.last.get(source)
         if prev is not None and prev[0] != incarnation:
-            base.update(prev[1])
+            for k, v in prev[1].items():
+                base[k] = base.get(k, 0) + v
         self.last[source] = (incarnation, dict(values))
-        out = dict(base)
+        out: dict[Any, float] = dict(base)
         for k, v in values.items():
             out[k] = out.get(k, 0) + v
         return out
 
 
-def _sum_into(total: Counter, values: dict[Any, float]) -> None:
+def _sum_into(total: dict[Any, float], values: dict[Any, float]) -> None:
     for k, v in values.items():
-        total[k] += v
+        total[k] = total.get(k, 0) + v
 
 
 class MetricsExporter:
@@ -169,7 +169,7 @@ class MetricsExporter:
             auth = "Basic " + base64.b64encode(f"{m.username}:{m.password}".encode()).decode()
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 if auth and not hmac.compare_digest(self.headers.get("Authorization", ""),
                                                     auth):
                     self.send_response(401)
@@ -194,7 +194,7 @@ class MetricsExporter:
         threading.Thread(target=srv.serve_forever, name="metrics-http", daemon=True).start()
         self._server = srv
         host, port = srv.server_address[:2]
-        self._url = f"http://{host}:{port}/metrics"
+        self._url = f"http://{host!s}:{port}/metrics"
         log.info("raymta metrics on %s", self._url)
 
     def close(self) -> None:
@@ -251,7 +251,7 @@ class MetricsExporter:
         try:
             return await asyncio.wait_for(getattr(self._handle(name), method).remote(*args),
                                           timeout)
-        except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+        except (TimeoutError, ray.exceptions.RayError, ValueError) as e:
             self._handles.pop(name, None)
             self._errors += 1
             log.debug("metrics: %s.%s failed: %s", name, method, e)
@@ -310,7 +310,7 @@ class MetricsExporter:
 
         # ---- shards: queue, replication, event tallies, latency
         states: Counter = Counter()
-        events: Counter = Counter()
+        events: dict[Any, float] = {}
         latency = [0.0] * (len(SUBMIT_LATENCY_BOUNDS) + 1)
         lat_sum = 0.0
         refused = quarantined = 0.0
@@ -355,7 +355,7 @@ class MetricsExporter:
             total = self._carry.update(src, st.get("pid"), flat)
             for key, v in total.items():
                 if key[0] == "ev":
-                    events[key[1:]] += v
+                    events[key[1:]] = events.get(key[1:], 0) + v
                 elif key[0] == "lat":
                     latency[key[1]] += v
                 elif key[0] == "lat_sum":
@@ -372,14 +372,17 @@ class MetricsExporter:
             f["raymta_queue_messages"].add_metric([state], states[state])
         f["raymta_queue_body_bytes"].add_metric([], states["body_bytes"])
         # events: the site labels each shard chose, then top sites again over the sum
-        per_site: Counter = Counter()
+        per_site: dict[str, float] = {}
         for (etype, site, cat), n in events.items():
-            per_site[site] += n
-        keep = {s for s, _ in per_site.most_common(top + 1) if s not in ("", "other")}
-        merged: Counter = Counter()
+            per_site[site] = per_site.get(site, 0) + n
+        ranked = sorted((s for s in per_site if s not in ("", "other")),
+                        key=lambda s: -per_site[s])
+        keep = set(ranked[:top])
+        merged: dict[tuple[str, str, str], float] = {}
         for (etype, site, cat), n in events.items():
             label = site if site in keep else ("none" if not site else "other")
-            merged[(etype, label, cat or "none")] += n
+            mkey = (etype, label, cat or "none")
+            merged[mkey] = merged.get(mkey, 0) + n
         for key, n in sorted(merged.items()):
             f["raymta_messages_total"].add_metric(list(key), n)
         cum = 0.0
@@ -404,7 +407,7 @@ class MetricsExporter:
         f["raymta_queue_oldest_message_age_seconds"].add_metric([], shape["oldest_age"])
 
         # ---- relays
-        per_egress: dict[str, Counter] = {}
+        per_egress: dict[str, dict[Any, float]] = {}
         for name, st in relays:
             if st is None:
                 continue
@@ -417,19 +420,21 @@ class MetricsExporter:
                          ("tls",): st.get("tls_connections", 0),
                          ("connect_failures",): st.get("connect_failures", 0),
                          ("dkim",): dk.get("signatures", 0), ("dkim_errors",): dk.get("errors", 0)})
-            _sum_into(per_egress.setdefault(egress, Counter()),
+            _sum_into(per_egress.setdefault(egress, {}),
                       self._carry.update(name, st.get("incarnation"), flat))
         for egress, t in sorted(per_egress.items()):
             for key, n in sorted(t.items(), key=str):
                 if key[0] == "res":
                     f["raymta_relay_results_total"].add_metric([egress, key[1],
                                                                 key[2] or "none"], n)
-            f["raymta_relay_connections_opened_total"].add_metric([egress, "yes"], t[("tls",)])
+            f["raymta_relay_connections_opened_total"].add_metric([egress, "yes"],
+                                                                  t.get(("tls",), 0))
             f["raymta_relay_connections_opened_total"].add_metric(
-                [egress, "no"], t[("opened",)] - t[("tls",)])
-            f["raymta_connect_failures_total"].add_metric([egress], t[("connect_failures",)])
-            f["raymta_dkim_signatures_total"].add_metric([egress], t[("dkim",)])
-            f["raymta_dkim_errors_total"].add_metric([egress], t[("dkim_errors",)])
+                [egress, "no"], t.get(("opened",), 0) - t.get(("tls",), 0))
+            f["raymta_connect_failures_total"].add_metric([egress],
+                                                          t.get(("connect_failures",), 0))
+            f["raymta_dkim_signatures_total"].add_metric([egress], t.get(("dkim",), 0))
+            f["raymta_dkim_errors_total"].add_metric([egress], t.get(("dkim_errors",), 0))
 
         # ---- throttles
         for name, st in throttles:

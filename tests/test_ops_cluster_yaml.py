@@ -86,8 +86,7 @@ def test_three_regions_each_with_workers_egress_and_ingress(name, conf):
 
 @pytest.mark.parametrize("name, conf", FILES.items())
 def test_node_labels_script_gives_every_node_valid_ray_labels(tmp_path, name, conf):
-    from ray._private.label_utils import (parse_node_labels_from_yaml_file,
-                                          validate_node_labels)
+    from ray._private.label_utils import parse_node_labels_from_yaml_file, validate_node_labels
     script = MAPS / "node-labels.sh"
     for ip, (region, role, *_rest) in node_map(conf).items():
         out = tmp_path / ip

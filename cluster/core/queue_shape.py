@@ -17,9 +17,10 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
-from typing import Any, Collection, Iterable, Protocol
+from collections.abc import Collection, Iterable
+from typing import Any, Protocol
 
-__all__ = ["AGE_BUCKETS", "OTHER", "age_bucket", "queue_shape", "merge_shapes"]
+__all__ = ["AGE_BUCKETS", "OTHER", "age_bucket", "merge_shapes", "queue_shape"]
 
 #: (label, upper bound in seconds): qshape's buckets, coarser past an hour
 AGE_BUCKETS: tuple[tuple[str, float], ...] = (
@@ -65,8 +66,7 @@ def queue_shape(messages: Collection[_Msg], now: float, top: int = 20,
     for m in sample:
         total += 1
         created = m.created
-        if created < oldest:
-            oldest = created
+        oldest = min(oldest, created)
         age = now - created
         for label, bound in bounds:
             if age < bound:
