@@ -383,8 +383,8 @@ class MetricsExporter:
             label = site if site in keep else ("none" if not site else "other")
             mkey = (etype, label, cat or "none")
             merged[mkey] = merged.get(mkey, 0) + n
-        for key, n in sorted(merged.items()):
-            f["raymta_messages_total"].add_metric(list(key), n)
+        for labels, n in sorted(merged.items()):
+            f["raymta_messages_total"].add_metric(list(labels), n)
         cum = 0.0
         buckets = []
         for bound, n in zip(list(SUBMIT_LATENCY_BOUNDS) + [float("inf")], latency):
