@@ -71,7 +71,7 @@ def cmd_down(args: argparse.Namespace) -> int:
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == args.namespace and a["name"].split(":")[0] in (
-                "coordinator", "replica", "throttle", "relay", "bounce", "ingress"):
+                "coordinator", "replica", "throttle", "relay", "bounce", "ingress", "metrics"):
             ray.kill(ray.get_actor(a["name"], namespace=args.namespace), no_restart=True)
             n += 1
     print(f"stopped {n} raymta actors (the spool stays on disk)")
