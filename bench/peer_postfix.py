@@ -400,6 +400,66 @@ def run_physical(n: int, *, size: int = 2000, sessions: int = 20,
         recv.stop()
 
 
+def run_pipelined_ceiling(n: int, *, size: int = 2000, sessions: int = 20,
+                          timeout: float = 600.0) -> dict[str, Any]:
+    """A pipelining client → ``smtp-sink``: n messages of ``size`` bytes over ``sessions``
+    reused connections, MAIL, RCPT and DATA in one write and the next envelope behind the
+    previous body (RFC 2920, raymta's own client: cluster/adapters/smtp.py), one process on
+    uvloop. The ceiling for a client that pipelines, which smtp-source does not."""
+    import asyncio
+
+    from cluster.adapters.smtp import connect_site
+    if not c.have_smtp_sink():
+        return {"system": "physical-pipelined", "skipped": "smtp-sink not installed",
+                "ok": False}
+    body = (b"From: s@source.bench.test\r\nTo: u@sink.bench.test\r\nSubject: x\r\n\r\n" +
+            b"x" * max(0, size - 80) + b"\r\n")
+    recv = c.SmtpSinkProcess()
+    try:
+        recv.start()
+        counts = [n // sessions + (1 if k < n % sessions else 0) for k in range(sessions)]
+
+        async def one(k: int) -> int:
+            conn = await connect_site([(10, "sink", [recv.host])], recv.port,
+                                      ehlo_name="source.bench.test", tls="disabled",
+                                      connect_timeout=10, command_timeout=60)
+            ok = 0
+            for i in range(counts[k]):
+                last = i == counts[k] - 1
+                a = await conn.send("s@source.bench.test", "u@sink.bench.test", body,
+                                    then=None if last else ("s@source.bench.test",
+                                                            "u@sink.bench.test", False))
+                ok += a.code == 250
+            await conn.close()
+            return ok
+
+        async def all_of() -> list[int]:
+            return await asyncio.gather(*(one(k) for k in range(sessions)))
+        try:
+            import uvloop
+            run = uvloop.run
+        except ImportError:
+            run = asyncio.run
+        t0 = time.time()
+        sampler = c.Sampler(recv.count, 0.1, t0).start()
+        oks = run(asyncio.wait_for(all_of(), timeout))
+        deadline = time.time() + 10
+        while recv.count() < n and time.time() < deadline:
+            time.sleep(0.05)
+        series = sampler.stop()
+        received = recv.count()
+        e2e = (recv.last_at() or time.time()) - t0
+        return {"system": "physical-pipelined", "messages": n, "receiver": recv.kind,
+                "accepted": sum(oks), "delivered": received, "received_by_sink": received,
+                "seconds_end_to_end": round(e2e, 3),
+                "delivered_per_s": round(received / e2e, 1) if received and e2e > 0 else None,
+                "delivered_per_s_10_90": c.steady_rate(series, n), "series": series,
+                "message_bytes": size, "sessions": sessions,
+                "ok": received == n and sum(oks) == n}
+    finally:
+        recv.stop()
+
+
 def print_peer(res: dict[str, Any]) -> None:
     if res.get("skipped"):
         print(f"{res['system']}: skipped ({res['skipped']})")
