@@ -522,8 +522,8 @@ def test_down_stops_the_actors_and_keeps_the_spool(deployed):
     # this runs last: it takes the deployment away
     p = raymta("down", "--address", deployed["address"], cwd=deployed["work"])
     assert p.returncode == 0, show(p)
-    # 1 relay, 2 throttles, 2 shard leaders and their 4 replicas
-    assert "stopped 8 raymta actors (the spool stays on disk)" in p.stdout, show(p)
+    # 1 relay, 1 throttle, 2 shard leaders and their 4 replicas, the metrics exporter
+    assert "stopped 9 raymta actors (the spool stays on disk)" in p.stdout, show(p)
     status = ["status", "--config", str(deployed["config"]), "--address", deployed["address"]]
 
     def gone():
