@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.client import MailCluster
     from cluster.config import parse_config
     spool = tempfile.mkdtemp(prefix="raymta-bench-supp-")
-    cfg = parse_config({"spool": {"directory": spool}, "backup": {"interval": "0s"}})
+    cfg = parse_config({"spool": {"directory": spool}, "backup": {"interval": 0}})
     out: dict[str, Any] = {"entries": args.entries, "messages": args.messages,
                            "threads": args.threads, "started": time.time()}
     try:
