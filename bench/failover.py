@@ -54,8 +54,7 @@ __all__ = ["main", "run_scenario"]
 #: Ray records the last head it started here; ``address="auto"`` reads it. Put it back after.
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 #: node health checks every 1 s, 1 s timeout, dead after 3 misses (Ray's defaults: ~30 s)
-HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
-          "health_check_failure_threshold": 3}
+from cluster.deploy import NODE_HEALTH as HEALTH  # noqa: E402 - what `raymta up` runs with
 HEAD_REGION, WORKER_REGIONS = "us", ("eu", "ap")
 SHARDS, REPLICAS, BATCH = 2, 3, 100
 FAILOVER_TARGET_S = 5.0

@@ -103,7 +103,7 @@ def start_head(port: int = 6379) -> str:
     import socket
     import subprocess
 
-    from cluster.deploy import RAY_SYSTEM_CONFIG
+    from cluster.deploy import RAY_CLUSTER_SYSTEM_CONFIG
     use_loopback()
     try:
         with socket.create_server(("127.0.0.1", port)):
@@ -117,5 +117,5 @@ def start_head(port: int = 6379) -> str:
                        stdout=subprocess.DEVNULL)
     subprocess.run(["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                     "--dashboard-host=127.0.0.1", "--disable-usage-stats",
-                    f"--system-config={json.dumps(RAY_SYSTEM_CONFIG)}"], check=True)
+                    f"--system-config={json.dumps(RAY_CLUSTER_SYSTEM_CONFIG)}"], check=True)
     return f"127.0.0.1:{port}"

@@ -31,6 +31,16 @@ from cluster.connect import LOOPBACK_ENV, NoCluster, find_cluster, start_head  #
 #: 100: raylet CPU 0.64 -> 0.03 s, ~3 ms a batch; accepted 3,923 -> 5,264/s).
 RAY_SYSTEM_CONFIG: dict[str, Any] = {"max_direct_call_object_size": 4 << 20}
 
+#: node health checks of raymta's launched clusters (`raymta up`, cluster.yaml): every 1 s,
+#: 1 s timeout, dead after 3 misses. Ray's defaults take ~30 s to call a lost node dead, and
+#: until then the shards whose leader was on it wait: bench/failover.py with these settings,
+#: 2026-12-05 00:26 (failover-20261205-002637.json): node loss first ack 3.72 s, deliveries
+#: resume 3.97 s; leader SIGKILL 1.36 s / 1.59 s. (The embedded single-node Ray keeps the
+#: defaults: it has no other node to lose.)
+NODE_HEALTH: dict[str, Any] = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
+                               "health_check_failure_threshold": 3}
+RAY_CLUSTER_SYSTEM_CONFIG: dict[str, Any] = {**RAY_SYSTEM_CONFIG, **NODE_HEALTH}
+
 
 def init_local_ray(num_cpus: int | None = None, *, dashboard: bool = False,
                    namespace: str = "raymta", **kwargs: Any) -> Any:

@@ -145,10 +145,10 @@ def test_cluster_yaml_starts_ray_with_the_embedded_system_config():
 
     import yaml
 
-    from cluster.deploy import RAY_SYSTEM_CONFIG
+    from cluster.deploy import RAY_CLUSTER_SYSTEM_CONFIG, RAY_SYSTEM_CONFIG
     root = Path(__file__).resolve().parent.parent
     doc = yaml.safe_load((root / "cluster.yaml").read_text())
     found = [json.loads(arg.split("=", 1)[1]) for cmd in doc["head_start_ray_commands"]
              for arg in shlex.split(cmd) if arg.startswith("--system-config=")]
-    assert found == [RAY_SYSTEM_CONFIG]
+    assert found == [RAY_CLUSTER_SYSTEM_CONFIG]
     assert RAY_SYSTEM_CONFIG["max_direct_call_object_size"] >= 1 << 20

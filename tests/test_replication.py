@@ -32,8 +32,7 @@ from tests.conftest import MAIN_SINKS, pipeline_config, raw_message, wait_for
 pytestmark = pytest.mark.timeout(900)
 
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
-HEALTH = {"health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
-          "health_check_failure_threshold": 3}
+from cluster.deploy import NODE_HEALTH as HEALTH   # noqa: E402 - as `raymta up` runs
 
 
 @pytest.fixture(scope="module")

@@ -72,6 +72,9 @@ def test_up_status_down_as_written_on_a_machine_with_no_ray(private_tmp, tmp_pat
     assert addr.startswith("127.0.0.1:"), addr          # loopback, never the host's address
     p, _ = run(["status"], env, tmp_path, timeout=120)
     assert p.returncode == 0 and '"serving": true' in p.stdout, show(p)
+    # the head runs with raymta's cluster settings: a lost node is noticed in ~3 s
+    from cluster.deploy import RAY_CLUSTER_SYSTEM_CONFIG
+    assert _gcs_config(sid) == RAY_CLUSTER_SYSTEM_CONFIG
     # a second `up` attaches to the running cluster instead of starting another
     p, sid2 = run(["up"], env, tmp_path)
     sessions.append(sid2)
@@ -79,6 +82,27 @@ def test_up_status_down_as_written_on_a_machine_with_no_ray(private_tmp, tmp_pat
     p, _ = run(["down"], env, tmp_path, timeout=120)
     assert p.returncode == 0 and "stopped" in p.stdout, show(p)
     assert session_pids(sid), "the Ray head `up` started stays (down stops raymta only)"
+
+
+def _gcs_config(sid: int) -> dict:
+    """The system config the session's GCS server was started with (its --config_list)."""
+    import base64
+    import json
+    for pid in session_pids(sid):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if args and args[0].endswith(b"gcs_server"):
+            for a in args:
+                if a.startswith(b"--config_list="):
+                    doc = json.loads(base64.b64decode(a.split(b"=", 1)[1]))
+                    return {k: v for k, v in doc.items() if k in RAY_KEYS}
+    raise AssertionError(f"no gcs_server in session {sid}")
+
+
+RAY_KEYS = ("max_direct_call_object_size", "health_check_period_ms", "health_check_timeout_ms",
+            "health_check_failure_threshold")
 
 
 def test_up_attaches_to_a_ray_start_left_by_someone_else(private_tmp, tmp_path):
