@@ -49,11 +49,7 @@ from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
 
-__all__ = ["QueueCoordinator", "SHAPE_BUCKETS"]
-
-#: `raymta queue` age buckets (upper bounds, seconds), after Postfix's qshape: 5, 10, 20, 40,
-#: 80, 160 minutes, then older
-SHAPE_BUCKETS = (300.0, 600.0, 1200.0, 2400.0, 4800.0, 9600.0)
+__all__ = ["QueueCoordinator"]
 
 log = logging.getLogger("raymta.coordinator")
 
@@ -1115,8 +1111,10 @@ class QueueCoordinator:
         return out
 
     async def queue_shape(self, top: int = 20) -> dict[str, Any]:
+        """Every live message by recipient domain and age (exact: ``raymta queue``)."""
         await self._until_serving()
-        return self.state.shape(time.time(), SHAPE_BUCKETS, top)
+        return sampled_shape(self.state.messages.values(), time.time(), top, limit=0,
+                             by="domain")
 
     # ------------------------------------------------------------------ suppression, reports
     async def _commit(self, records: list[Any]) -> None:

@@ -302,24 +302,21 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return 0
 
 
-def _age(seconds: float) -> str:
-    return f"{seconds / 60:g}m" if seconds < 3600 else f"{seconds / 3600:g}h"
-
-
 def cmd_queue(args: argparse.Namespace) -> int:
     """A qshape-like table: destination domains × age buckets."""
     mc = _attach(args.address, args.config)
+    from cluster.core.queue_shape import AGE_BUCKETS, OTHER
     shape = mc.queue_shape(args.top)
     if args.json:
         print(json.dumps(shape))
         return 0
-    heads = ["T"] + [f"<{_age(b)}" for b in shape["buckets"]] + \
-        [f">{_age(shape['buckets'][-1])}"]
-    rows = [["TOTAL"] + [sum(r[i] for r in shape["domains"].values())
-                         for i in range(len(heads) - 1)]]
-    rows += [[d] + row for d, row in shape["domains"].items()]
+    labels = [label for label, _ in AGE_BUCKETS]
+    ranked = sorted(shape["site_ages"].items(),
+                    key=lambda kv: (kv[0] == OTHER, -sum(kv[1].values())))
+    rows = [["TOTAL"] + [shape["ages"].get(b, 0) for b in labels]]
+    rows += [[d] + [ages.get(b, 0) for b in labels] for d, ages in ranked]
     width = max([len(str(r[0])) for r in rows] + [6])
-    print(f"{'domain':<{width}} {'total':>7} " + " ".join(f"{h:>6}" for h in heads[1:]))
+    print(f"{'domain':<{width}} {'total':>7} " + " ".join(f"{h:>6}" for h in labels))
     for r in rows:
         print(f"{r[0]:<{width}} {sum(r[1:]):>7} " + " ".join(f"{v:>6}" for v in r[1:]))
     print("states: " + ", ".join(f"{k} {v}" for k, v in shape["states"].items()))

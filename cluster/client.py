@@ -487,20 +487,12 @@ class MailCluster:
 
     # ------------------------------------------------------------------ operators
     def queue_shape(self, top: int = 20) -> dict[str, Any]:
-        """Live messages per destination domain by age bucket (qshape), every shard summed:
-        ``{"buckets": [upper bounds s], "domains": {domain: [count per bucket]}, "states"}``."""
-        per = ray.get([c.queue_shape.remote(top) for c in self.coordinators])
-        domains: dict[str, list[int]] = {}
-        states: dict[str, int] = {}
-        for sh in per:
-            for d, row in sh["domains"].items():
-                cur = domains.get(d)
-                domains[d] = row if cur is None else [a + b for a, b in zip(cur, row)]
-            for k, v in sh["states"].items():
-                states[k] = states.get(k, 0) + v
-        ranked = dict(sorted(domains.items(),
-                             key=lambda kv: (kv[0] == "(other)", -sum(kv[1]))))
-        return {"buckets": per[0]["buckets"], "domains": ranked, "states": states}
+        """Live messages per destination domain by age bucket (qshape), every shard summed
+        (:func:`cluster.core.queue_shape.merge_shapes`: ``"sites"`` are the domains here,
+        ``"site_ages"`` each one's counts per bucket of ``AGE_BUCKETS``)."""
+        from cluster.core.queue_shape import merge_shapes
+        return merge_shapes(ray.get([c.queue_shape.remote(top) for c in self.coordinators]),
+                            top)
 
     def suspend(self, site: str, seconds: float) -> dict[str, Any]:
         """Stop dispatching to a domain or site for ``seconds`` (every shard, durable)."""

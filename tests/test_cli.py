@@ -460,7 +460,8 @@ def test_operator_commands_queue_inspect_suspend_resume_bounce_config(submitted)
     ids = accepted_ids(p.stdout)
     p = raymta("queue", "--json", *common, cwd=work)
     shape = json.loads(p.stdout)
-    assert shape["domains"]["d7.test"][0] == 3 and shape["domains"]["d8.test"][0] == 1, shape
+    assert shape["site_ages"]["d7.test"] == {"0-5m": 3}, shape
+    assert shape["site_ages"]["d8.test"] == {"0-5m": 1}, shape
     p = raymta("queue", *common, cwd=work)
     assert "d7.test" in p.stdout and "TOTAL" in p.stdout, show(p)
     first = next(iter(ids.values()))[0]

@@ -273,6 +273,9 @@ def test_an_operators_suspension_is_durable_and_runs_out():
 
 
 def test_queue_shape_counts_domains_by_age_with_the_rest_as_other():
+    """`raymta queue`: every live message by recipient domain and age, exactly (the metrics
+    exporter samples the same function by site)."""
+    from cluster.core.queue_shape import OTHER, queue_shape
     st = q.QueueState()
     now = 10_000.0
     lsn = 0
@@ -281,8 +284,12 @@ def test_queue_shape_counts_domains_by_age_with_the_rest_as_other():
         lsn += 1
         st.apply(q.message_record(f"0{i}", b"x", "s@x.test", f"u@{domain}", domain,
                                   now - age, None, now + 100, None, None, None, False), lsn)
-    shape = st.shape(now, (300.0, 600.0), top=2)
-    assert shape["domains"]["a.test"] == [1, 1, 1]
-    assert shape["domains"]["(other)"] == [0, 0, 1] or shape["domains"]["(other)"] == [1, 0, 0]
-    assert sum(sum(r) for r in shape["domains"].values()) == 5
-    assert shape["domains_total"] == 3 and shape["states"]["live"] == 5
+        st.messages[f"0{i}"].site = "mx.shared.test"     # one site for all of them
+    shape = queue_shape(st.messages.values(), now, top=2, limit=0, by="domain")
+    assert shape["site_ages"]["a.test"] == {"0-5m": 1, "5-10m": 1, "80m-4h": 1}
+    # the top 2: a.test and one of the two single-message domains; the other one is "other"
+    assert len(shape["site_ages"]) == 3 and sum(shape["site_ages"][OTHER].values()) == 1
+    assert sum(shape["sites"].values()) == 5 and shape["sampled"] == 5
+    assert queue_shape(st.messages.values(), now, limit=0)["sites"] == {"mx.shared.test": 5}
+    with pytest.raises(ValueError):
+        queue_shape(st.messages.values(), now, by="tag")

@@ -593,30 +593,6 @@ class QueueState:
                 del s[key]      # ran out: soft, every copy does the same from its clock
         return False
 
-    def shape(self, now: float, buckets: tuple[float, ...], top: int = 20
-              ) -> dict[str, Any]:
-        """A qshape-like view: live messages per domain by age (``now - created``) in
-        ``buckets`` (upper bounds, seconds; the last one open), the ``top`` domains by count
-        and the rest as "other"; and by state."""
-        import bisect
-        per: dict[str, list[int]] = {}
-        width = len(buckets) + 1
-        for m in self.messages.values():
-            row = per.get(m.domain)
-            if row is None:
-                row = per[m.domain] = [0] * width
-            row[bisect.bisect_left(buckets, now - m.created)] += 1
-        ranked = sorted(per.items(), key=lambda kv: -sum(kv[1]))
-        out = dict(ranked[:top])
-        if len(ranked) > top:
-            other = [0] * width
-            for _, row in ranked[top:]:
-                other = [a + b for a, b in zip(other, row)]
-            out["(other)"] = other
-        return {"buckets": list(buckets), "domains": out, "domains_total": len(per),
-                "states": {k: v for k, v in self.counts().items()
-                           if k in ("ready", "inflight", "deferred", "live")}}
-
     # ------------------------------------------------------------------ views
     def status(self, msg_id: str) -> dict[str, Any] | None:
         m = self.messages.get(msg_id)

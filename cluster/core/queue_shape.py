@@ -44,10 +44,15 @@ def age_bucket(age: float) -> str:
 
 
 def queue_shape(messages: Collection[_Msg], now: float, top: int = 20,
-                limit: int = 20_000) -> dict[str, Any]:
-    """``{"sites": {site: n} (top + other), "ages": {bucket: n}, "oldest_age": s,
-    "states": {state: n}, "site_ages": {site: {bucket: n}}, "total": n, "sampled": k}``
-    (k: messages looked at; the counts are scaled by total / k)."""
+                limit: int = 20_000, by: str = "site") -> dict[str, Any]:
+    """``{"sites": {key: n} (top + other), "ages": {bucket: n}, "oldest_age": s,
+    "states": {state: n}, "site_ages": {key: {bucket: n}}, "total": n, "sampled": k}``
+    (k: messages looked at; the counts are scaled by total / k; ``limit=0``: every message,
+    exact). ``by``: "site" (the metrics' key) or "domain" (the recipient domain, as
+    ``raymta queue`` and Postfix's qshape show it)."""
+    if by not in ("site", "domain"):
+        raise ValueError(f"by: {by!r} is not 'site' or 'domain'")
+    by_domain = by == "domain"
     n_all = len(messages)
     first = next(iter(messages), None)
     sample: Iterable[_Msg] = messages
@@ -71,7 +76,7 @@ def queue_shape(messages: Collection[_Msg], now: float, top: int = 20,
         for label, bound in bounds:
             if age < bound:
                 break
-        site = m.site or m.domain
+        site = m.domain if by_domain else (m.site or m.domain)
         per_site[site] += 1
         per_age[label] += 1
         site_age[(site, label)] += 1
