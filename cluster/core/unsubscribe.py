@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import hmac
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from cluster.core.verp import VerpKeys
+from cluster.core.verp import VerpKeys, keyed_tag
 
 __all__ = ["MAC_CHARS", "TokenResult", "add_header_fields", "domain_matches",
            "header_fields", "make_token", "read_token", "token_from_mail"]
@@ -51,8 +50,7 @@ def _unb32(text: str) -> bytes:
 
 
 def _mac(secret: bytes, kid: str, payload: str) -> str:
-    data = b"raymta-unsub-v1\0" + kid.encode() + b"\0" + payload.encode()
-    return _b32(hmac.new(secret, data, hashlib.sha256).digest())[:MAC_CHARS]
+    return keyed_tag(secret, b"raymta-unsub-v1", kid, payload, MAC_CHARS)
 
 
 def make_token(recipient: str, domain: str, keys: VerpKeys) -> str:

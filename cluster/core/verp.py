@@ -34,7 +34,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["MAC_CHARS", "VerpError", "VerpKeys", "VerpResult", "decode", "encode", "return_path"]
+__all__ = ["MAC_CHARS", "VerpError", "VerpKeys", "VerpResult", "decode", "encode", "keyed_tag",
+           "return_path"]
 
 #: Characters of the base32 MAC kept in the tag (5 bits each).
 MAC_CHARS = 10
@@ -82,10 +83,17 @@ class VerpResult:
         return self.message_id is not None
 
 
-def _mac(secret: bytes, kid: str, message_id: str) -> str:
-    data = b"raymta-verp-v1\0" + kid.encode() + b"\0" + message_id.lower().encode()
+def keyed_tag(secret: bytes, purpose: bytes, kid: str, payload: str, chars: int) -> str:
+    """The first ``chars`` lowercase base32 characters of HMAC-SHA256 over ``purpose``, the
+    key id and ``payload`` (``purpose`` keeps a VERP tag from ever passing as another kind
+    of token made with the same key)."""
+    data = purpose + b"\0" + kid.encode() + b"\0" + payload.encode()
     digest = hmac.new(secret, data, hashlib.sha256).digest()
-    return base64.b32encode(digest).decode().lower()[:MAC_CHARS]
+    return base64.b32encode(digest).decode().lower()[:chars]
+
+
+def _mac(secret: bytes, kid: str, message_id: str) -> str:
+    return keyed_tag(secret, b"raymta-verp-v1", kid, message_id.lower(), MAC_CHARS)
 
 
 def encode(message_id: str, keys: VerpKeys, *, prefix: str, domain: str) -> str:
