@@ -386,3 +386,42 @@ def test_one_click_unsubscribe_by_post_and_by_mail_scoped_to_the_sender_domain(e
     assert _send(env, local, b"Subject: x\r\n\r\nx\r\n")[:2] == ("data", 250)
     wait_for(lambda: all(_suppressed_everywhere(mc, "r@bnc.test")), 30, "r@ unsubscribed")
     assert not any(_suppressed_everywhere(mc, "reader3@bnc.test"))
+
+
+def test_a_report_the_shard_cannot_make_durable_gets_451_and_is_taken_later(env):
+    """The listener never loses a report: while the owning shard has no quorum (two of its
+    three copies SIGSTOPped: a real shard, not a stand-in), the sending MTA is told 451 and
+    keeps the report; sent again once the copies run, it is recorded."""
+    import contextlib
+
+    import ray
+
+    from cluster.client import shard_of
+    mc, cfg = env["mc"], env["cfg"]
+    rcpt = "later1@bnc.test"
+    mid, rp = _deliver(env, rcpt, i=40)
+    shard = shard_of(mid, len(mc.coordinators))
+    dsn = _rewrite(corpus("bounces", "sisimai", "lhost-exim-02.eml"),
+                   {"kijitora@example.jp": rcpt})
+    stopped: list[int] = []
+    try:
+        for k in (1, 2):
+            pid = ray.get(ray.get_actor(f"replica:{shard}:{k}",
+                                        namespace=cfg.cluster.namespace).ping.remote())
+            os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+        step, code, text = _send(env, rp, dsn)
+        assert (step, code) == ("data", 451), (step, code, text)
+        assert not _events(mc, "OOBBounce", mid)
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+    def taken() -> bool:
+        step, code, _ = _send(env, rp, dsn)
+        return (step, code) == ("data", 250)
+    wait_for(taken, 90, "the report taken once the shard has its quorum again", poll=2.0)
+    ev = _events(mc, "OOBBounce", mid)
+    assert ev and ev[-1]["recipient"] == rcpt
+    wait_for(lambda: all(_suppressed_everywhere(mc, rcpt)), 30, "suppressed on both shards")
