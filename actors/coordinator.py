@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import logging
 import os
@@ -38,6 +39,7 @@ from actors.metrics import spool_disk
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
+from cluster.adapters.spool import pack_nested
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
@@ -110,6 +112,7 @@ class QueueCoordinator:
         self._fatal = ""
         self._last_backup = time.time()
         self._snapshot_size = 0
+        self.last_snapshot: dict[str, Any] = {}
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
         rc = config.replication
         self.repl = Replicator(shard, config.cluster.replicas, self.copy, self._io,
@@ -431,13 +434,26 @@ class QueueCoordinator:
         return self.log.write_snapshot(snap)
 
     async def _snapshot(self) -> None:
-        snap = self.state.snapshot()
+        # bodies whose frames sit in well-filled segments stay in the log (the snapshot names
+        # their lsns): a snapshot is the queue's metadata plus the few bodies of sparse
+        # segments, not every queued body again (docs/replication.md, "Compaction")
+        t0 = time.perf_counter()
+        snap = self.state.snapshot(self.log.segment_ranges())
+        t1 = time.perf_counter()
         loop = asyncio.get_running_loop()
         size = await loop.run_in_executor(self._io, self._write_snapshot, snap)
+        t2 = time.perf_counter()
         self._snapshot_size = size
         self.counters["snapshots"] += 1
-        log.info("shard %d snapshot at lsn %d: %d bytes", self.shard, snap["lsn"], size)
-        data = await loop.run_in_executor(self._io, self.log.snapshot_file)
+        self.last_snapshot = {
+            "lsn": snap["lsn"], "bytes": size, "messages": len(snap["messages"]),
+            "bodies_referenced": len(snap["keep"]),
+            "bodies_copied": len(snap["bodies"]) - len(snap["keep"]),
+            "build_ms": round((t1 - t0) * 1000, 1), "write_ms": round((t2 - t1) * 1000, 1),
+            "log_segments": len(self.log.segment_ranges())}
+        log.info("shard %d snapshot: %s", self.shard, self.last_snapshot)
+        data = await loop.run_in_executor(
+            self._io, functools.partial(self.log.snapshot_file, self_contained=False))
         if data is not None:
             self._spawn(self.repl.compact(data))
 
@@ -1022,7 +1038,7 @@ class QueueCoordinator:
                 "pending_commit": self.intake.pending_msgs,
                 "refused_items": self.intake.counters["refused"],
                 "quarantined": self.state.counters_quarantined, "recovered": self.recovered,
-                "disk_bytes": self.log.disk_bytes(),
+                "disk_bytes": self.log.disk_bytes(), "last_snapshot": self.last_snapshot,
                 "site_inflight": {s: n for s, n in self._site_inflight.items() if n},
                 "submit_stream_calls": (self._submit_stream.counters["requests"]
                                         if self._submit_stream is not None else 0),
@@ -1218,13 +1234,16 @@ class QueueCoordinator:
         """A snapshot of the queue as of now, for ``raymta backup`` (returned as bytes) or,
         with ``write``, written under the configured backup directory (returns the path)."""
         await self._until_serving()
-        data = msgpack.packb({"format": "raymta-backup-1", "shard": self.shard,
-                              "shards": self.cfg.queue.shards, "epoch": self.epoch,
-                              "lsn": self.state.last_lsn, "taken_at": time.time(),
-                              "state": self.state.snapshot()}, use_bin_type=True)
+        backup = {"format": "raymta-backup-1", "shard": self.shard,
+                  "shards": self.cfg.queue.shards, "epoch": self.epoch,
+                  "lsn": self.state.last_lsn, "taken_at": time.time(),
+                  "state": self.state.snapshot()}   # every body copied in: it stands alone
+        # packed off the event loop, in slices (the same bytes as one packb of the whole)
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(None, pack_nested, backup)
         if not write:
             return data
-        return await asyncio.get_running_loop().run_in_executor(None, self._write_backup, data)
+        return await loop.run_in_executor(None, self._write_backup, data)
 
     def _backup_root(self) -> Path:
         d = self.cfg.backup.directory

@@ -37,8 +37,10 @@ A message state machine: accepted → (ready | deferred) → inflight → delive
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -48,6 +50,7 @@ from cluster.core.suppression import SuppressionList, entry_key
 __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
+    "reference_segments",
     "pause_record",
     "QueuedMessage", "QueueState", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
@@ -122,6 +125,34 @@ def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[st
     return [REC_REPORT, kind, msg_id, recipient, detail, ts]
 
 
+def reference_segments(bodies: list[tuple[int, int]], segments: list[tuple[int, int, int]],
+                       min_live: float = 0.25) -> Callable[[int], bool]:
+    """Which bodies a snapshot may leave in the log: a predicate over a body's lsn.
+
+    ``bodies``: (lsn, size) of each body a log record carries; ``segments``: (first lsn, last
+    lsn, bytes) of the log's segments. A segment whose live body bytes are at least
+    ``min_live`` of its size is worth keeping (its bodies are referenced); the bodies of a
+    sparser one are copied into the snapshot so that the segment can be deleted. The last
+    segment (still being written) is always kept. A body outside every segment is copied."""
+    if not segments:
+        return lambda lsn: False
+    firsts = [s[0] for s in segments]
+    live = [0] * len(segments)
+    for lsn, size in bodies:
+        i = bisect.bisect_right(firsts, lsn) - 1
+        if i >= 0 and lsn <= segments[i][1]:
+            live[i] += size
+    last = len(segments) - 1
+    keep = {segments[i][0] for i in range(len(segments))
+            if i == last or (segments[i][2] and live[i] >= min_live * segments[i][2])}
+
+    def referenced(lsn: int) -> bool:
+        i = bisect.bisect_right(firsts, lsn) - 1
+        return i >= 0 and lsn <= segments[i][1] and firsts[i] in keep
+
+    return referenced
+
+
 def final_record(msg_id: str, attempt: int, kind: str, code: int | None, enhanced: str | None,
                  text: str, site: str, category: str, ts: float) -> list[Any]:
     return [REC_FINAL, msg_id, attempt, kind, code, enhanced, text, site, category, ts]
@@ -163,10 +194,13 @@ class QueuedMessage:
         return m
 
 
-@dataclass
+@dataclass(slots=True)
 class _Body:
     data: bytes
     refs: int
+    #: lsn of the log record that carries the body (0: none does any longer; a snapshot
+    #: then carries the bytes themselves)
+    lsn: int = 0
 
 
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
@@ -287,7 +321,7 @@ class QueueState:
             if type(body_id) is not str or type(data) not in (bytes, bytearray, memoryview):
                 raise StateError(f"body record at lsn {lsn}: id or bytes of the wrong type")
             if body_id not in self.bodies:
-                self.bodies[body_id] = _Body(bytes(data), 0)
+                self.bodies[body_id] = _Body(bytes(data), 0, lsn)
                 self.body_bytes += len(data)
             return None
         if kind == REC_ACCEPT or kind == REC_MESSAGE:
@@ -397,7 +431,7 @@ class QueueState:
             m.body_id = m.id
             if m.id not in self.bodies:
                 data = bytes(rec[2])
-                self.bodies[m.id] = _Body(data, 0)
+                self.bodies[m.id] = _Body(data, 0, lsn)
                 self.body_bytes += len(data)
         body = self.bodies.get(m.body_id)
         if body is None:
@@ -611,11 +645,35 @@ class QueueState:
                 "bodies": len(self.bodies), "body_bytes": self.body_bytes, **self.counters}
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot(self) -> dict[str, Any]:
-        """Everything hard about the queue, as plain data (msgpack-able)."""
+    def snapshot(self, segments: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+        """Everything hard about the queue, as plain data (msgpack-able).
+
+        ``segments``: ``(first lsn, last lsn, bytes)`` of the log segments that hold frames
+        covered by this snapshot (from :meth:`SpoolLog.segment_ranges`). With them, a body
+        whose record sits in a segment worth keeping is written as a reference ``[id, None,
+        lsn]`` instead of its bytes, and ``keep`` (the first key, readable without decoding
+        the rest) lists the lsns the log must keep. Bodies in sparse segments (live body
+        bytes under a quarter of the segment) are copied in, so those segments can go.
+        Without ``segments`` every body is copied in (a backup, a test)."""
+        refs = reference_segments(
+            [(b.lsn, len(b.data)) for b in self.bodies.values() if b.lsn], segments or [])
+        keep: list[int] = []
+        bodies: list[list[Any]] = []
+        for bid, b in self.bodies.items():
+            if b.lsn and refs(b.lsn):
+                keep.append(b.lsn)
+                bodies.append([bid, None, b.lsn])
+            else:
+                # its segment may be dropped once this snapshot is written: from now on the
+                # bytes live in the snapshots
+                if segments is not None:
+                    b.lsn = 0
+                bodies.append([bid, b.data])
+        keep.sort()
         return {
+            "keep": keep,
             "lsn": self.last_lsn,
-            "bodies": [[bid, b.data] for bid, b in self.bodies.items()],
+            "bodies": bodies,
             "messages": [m.to_snapshot() for m in self.messages.values()],
             "idempotency": [[k, ts, ids] for k, (ts, ids) in self.idempotency.items()],
             "counters": dict(self.counters),
@@ -630,8 +688,13 @@ class QueueState:
     def restore(self, snap: dict[str, Any]) -> None:
         if self.messages or self.bodies or self.last_lsn:
             raise StateError("restore into a non-empty queue state")
-        for bid, data in snap["bodies"]:
-            self.bodies[bid] = _Body(bytes(data), 0)
+        for entry in snap["bodies"]:
+            # [id, bytes] or, resolved from a reference by the log, [id, bytes, lsn]
+            data = entry[1]
+            if data is None:
+                raise StateError(f"snapshot body {entry[0]}: reference to lsn {entry[2]} "
+                                 "was not resolved")
+            self.bodies[entry[0]] = _Body(bytes(data), 0, entry[2] if len(entry) > 2 else 0)
             self.body_bytes += len(data)
         for row in snap["messages"]:
             m = QueuedMessage.from_snapshot(row)
