@@ -194,3 +194,15 @@ def test_expiry_owes_a_dsn_and_cancel_does_not():
                   q.final_record(B, 0, "cancelled", None, None, "cancelled", "", "other",
                                  300.0)])
     assert list(st.dsn_due) == [A] and st.dsn_due[A][2] == "expired"
+
+
+@pytest.mark.parametrize("code,enhanced,text,want", [
+    (550, "5.1.1", "User unknown", "550 5.1.1 User unknown"),     # the queue keeps bare text
+    (550, "5.1.1", "5.1.1 User unknown", "550 5.1.1 User unknown"),
+    (550, "5.1.1", "550 5.1.1 User unknown", "550 5.1.1 User unknown"),
+    (554, None, "no", "554 no"),
+    (None, None, "expired in queue", "expired in queue"),
+])
+def test_diagnostic_code_carries_the_remote_reply_whole(code, enhanced, text, want):
+    r = parse_message(_build(code=code, enhanced=enhanced, text=text)).recipients[0]
+    assert r.diagnostic == want

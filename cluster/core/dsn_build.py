@@ -122,7 +122,13 @@ def build_dsn(*, dsn_id: str, original_id: str, reporting_mta: str, envelope_sen
     boundary = "=_raymta_dsn_" + hashlib.sha256(dsn_id.encode()).hexdigest()[:24]
     why = _one_line(text, _DIAG_MAX) or ("delivery time expired" if kind == "expired"
                                          else "permanent failure")
-    diag = f"{code} {why}" if code is not None and not why.startswith(str(code)) else why
+    # the remote reply as it came (RFC 3464 §2.3.6): code, enhanced code, text; the queue
+    # keeps the text without the codes
+    diag = why
+    if enhanced and not diag.startswith(enhanced):
+        diag = f"{enhanced} {diag}"
+    if code is not None and not diag.startswith(str(code)):
+        diag = f"{code} {diag}"
     utf8 = not (envelope_sender.isascii() and recipient.isascii() and headers.isascii())
     rcpt_type = "rfc822" if recipient.isascii() else "utf-8"
     subject = ("Undelivered Mail Returned to Sender" if kind == "bounce"
