@@ -125,9 +125,10 @@ def build_dsn(*, dsn_id: str, original_id: str, reporting_mta: str, envelope_sen
     # the remote reply as it came (RFC 3464 §2.3.6): code, enhanced code, text; the queue
     # keeps the text without the codes
     diag = why
-    if enhanced and not diag.startswith(enhanced):
+    lead = diag.split(" ", 2)[:2]
+    if enhanced and enhanced not in lead:
         diag = f"{enhanced} {diag}"
-    if code is not None and not diag.startswith(str(code)):
+    if code is not None and str(code) not in lead:
         diag = f"{code} {diag}"
     utf8 = not (envelope_sender.isascii() and recipient.isascii() and headers.isascii())
     rcpt_type = "rfc822" if recipient.isascii() else "utf-8"
