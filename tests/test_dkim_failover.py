@@ -25,8 +25,14 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from cluster.adapters.dkim_keys import dns_record
 from cluster.config import parse_config
 from tests.conftest import pipeline_config, wait_for
-from tests.dkim_helpers import (dkimpy_verify_all, have_perl_dkim, loopback_dnsfunc,
-                                perl_verify, publish, write_key)
+from tests.dkim_helpers import (
+    dkimpy_verify_all,
+    have_perl_dkim,
+    loopback_dnsfunc,
+    perl_verify,
+    publish,
+    write_key,
+)
 
 pytestmark = pytest.mark.timeout(400)
 

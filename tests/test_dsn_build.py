@@ -12,8 +12,16 @@ import pytest
 
 from cluster.core import queue as q
 from cluster.core.dsn import parse_message
-from cluster.core.dsn_build import (DSN_OF_KEY, DSN_REQUEST_KEY, MAX_RETURNED_HEADERS, build_dsn,
-                                    dsn_for_entry, dsn_status, header_section, wants_dsn)
+from cluster.core.dsn_build import (
+    DSN_OF_KEY,
+    DSN_REQUEST_KEY,
+    MAX_RETURNED_HEADERS,
+    build_dsn,
+    dsn_for_entry,
+    dsn_status,
+    header_section,
+    wants_dsn,
+)
 from cluster.core.message import ValidationError, prepare
 
 ORIG = "01JD0000000000000000000001"
@@ -24,11 +32,11 @@ BODY = HEAD + b"\r\nthe body, never returned\r\n"
 
 
 def _build(**kw):
-    args = dict(dsn_id=DSN_ID, original_id=ORIG, reporting_mta="mx.raymta.test",
-                envelope_sender="alice@origin.test", recipient="bob@fail.test", kind="bounce",
-                code=550, enhanced="5.1.1", text="5.1.1 <bob@fail.test>: User unknown",
-                remote_mta="mx.fail.test", arrival=1_800_000_000.0, ts=1_800_000_060.0,
-                headers=header_section(BODY))
+    args = {"dsn_id": DSN_ID, "original_id": ORIG, "reporting_mta": "mx.raymta.test",
+            "envelope_sender": "alice@origin.test", "recipient": "bob@fail.test",
+            "kind": "bounce", "code": 550, "enhanced": "5.1.1",
+            "text": "5.1.1 <bob@fail.test>: User unknown", "remote_mta": "mx.fail.test",
+            "arrival": 1_800_000_000.0, "ts": 1_800_000_060.0, "headers": header_section(BODY)}
     args.update(kw)
     return build_dsn(**args)
 

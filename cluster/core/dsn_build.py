@@ -151,11 +151,11 @@ def build_dsn(*, dsn_id: str, original_id: str, reporting_mta: str, envelope_sen
              f"Your message could not be delivered to one of its recipients"
              f"{'' if kind == 'bounce' else ' before it expired'}. "
              f"It has been given up on; it will not be tried again.\r\n\r\n"
-             f"<{recipient}>: {why}\r\n").encode("utf-8")
+             f"<{recipient}>: {why}\r\n").encode()
     per_message = (_fold("Reporting-MTA", f"dns; {host}") +
                    _fold("Original-Envelope-Id", original_id) +
                    _fold("Arrival-Date", _date(arrival)))
-    per_rcpt = (f"Final-Recipient: {rcpt_type}; {recipient}\r\n".encode("utf-8") +
+    per_rcpt = (f"Final-Recipient: {rcpt_type}; {recipient}\r\n".encode() +
                 b"Action: failed\r\n" +
                 f"Status: {status}\r\n".encode() +
                 (_fold("Remote-MTA", f"dns; {_one_line(remote_mta, 255)}")
