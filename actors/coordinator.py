@@ -43,6 +43,8 @@ from cluster.adapters.spool import pack_nested
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
+from cluster.core.dsn_build import DSN_OF_KEY, dsn_for_entry
+from cluster.core.message import new_message_ids
 from cluster.core.queue_shape import queue_shape as sampled_shape
 from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
@@ -147,6 +149,9 @@ class QueueCoordinator:
         self._rng = random.Random()
         self._last_housekeeping = 0.0
         self._propagating = False
+        #: originals whose DSN record this instance has enqueued (soft: a new leader finds
+        #: what is still owed in the replayed QueueState.dsn_due)
+        self._dsn_queued: set[str] = set()
         from actors.metrics import CoordinatorMetrics
         self.metrics = CoordinatorMetrics(shard, config.metrics.enabled,
                                           config.metrics.top_sites)
@@ -221,6 +226,7 @@ class QueueCoordinator:
             # results the old instance was sent but had not committed: relays keep them until
             # a leader confirms them; take them before handing messages out again
             await self._take_unacked_results()
+        self._queue_dsns()   # owed before the restart and not yet queued
         self._spawn(self._dispatch_loop())
         if self.cfg.replication.rebalance_interval > 0 and self.cfg.cluster.replicas > 1:
             self._spawn(self._rebalance_loop())
@@ -358,6 +364,8 @@ class QueueCoordinator:
                 if ev is not None:
                     evs.append(ev)
             self._clear_pending_marks(batch)
+            if self.state.dsn_due or self._dsn_queued:
+                self._queue_dsns()
             self.metrics.count_events(evs)
             try:
                 self.events.write(evs)
@@ -369,6 +377,34 @@ class QueueCoordinator:
             assert self._dispatch_wake is not None
             self._dispatch_wake.set()
             await self._snapshot_safely()
+
+    def _queue_dsns(self) -> None:
+        """Queue, as a message record of this shard, each DSN the queue owes (a bounce or
+        expiry of a message that asked for one: cluster/core/dsn_build.py). Its metadata names
+        the original, so applying it settles the debt; until then this instance does not
+        queue it twice, and an instance that dies first leaves the debt to its successor."""
+        due = self.state.dsn_due
+        self._dsn_queued.intersection_update(due)
+        todo = [k for k in due if k not in self._dsn_queued]
+        if not todo:
+            return
+        now = time.time()
+        ids = new_message_ids(now, len(todo), self.shard, self.cfg.queue.shards)
+        recs = []
+        for orig, mid in zip(todo, ids):
+            try:
+                body, rcpt, domain, utf8 = dsn_for_entry(orig, due[orig], dsn_id=mid,
+                                                         reporting_mta=self.cfg.dsn_hostname)
+            except ValueError as e:
+                log.error("shard %d: no DSN: %s", self.shard, e)
+                del due[orig]
+                continue
+            self._dsn_queued.add(orig)
+            recs.append(q.message_record(mid, body, "", rcpt, domain, now, None,
+                                         now + self.cfg.queue.retry.max_age, None,
+                                         {DSN_OF_KEY: orig}, None, utf8))
+        if recs:
+            self._enqueue(recs)
 
     def _refuse_waiting_calls(self) -> None:
         """No quorum: calls whose records wait behind the stuck batch (submissions, cancels,

@@ -282,6 +282,9 @@ class MailCluster:
         refused then comes back with ``retryable`` (and ``outcome_unknown`` where the shard
         could not tell) set."""
         msgs = [messages] if isinstance(messages, dict) else list(messages)
+        if self.cfg.dsn.api:   # DSNs on failure unless a message says otherwise
+            msgs = [{**m, "dsn": True} if isinstance(m, dict) and m.get("dsn") is None else m
+                    for m in msgs]
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
         if _requires_dkim(self.cfg):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -294,6 +295,21 @@ class SuppressionConfig:
 
 
 @dataclass(frozen=True)
+class DsnConfig:
+    """Delivery status notifications to envelope senders (cluster/core/dsn_build.py): a bounce
+    or expiry of a message that asked for one queues an RFC 3464 report to its sender (never
+    to ``<>``, never about a report)."""
+
+    #: messages submitted over the SMTP ingress ask for one
+    smtp: bool = True
+    #: messages submitted through the Python client or the HTTP API ask for one unless the
+    #: submission's ``dsn`` option says otherwise
+    api: bool = False
+    #: the Reporting-MTA and the MAILER-DAEMON@ domain ("": ingress.hostname)
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
 class ClassificationConfig:
     #: the TOML rules file given (None: the shipped rules only)
     rules_file: str | None = None
@@ -438,6 +454,11 @@ class Config:
     bounce: BounceConfig = field(default_factory=BounceConfig)
     unsubscribe: tuple[UnsubscribeConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dsn: DsnConfig = field(default_factory=DsnConfig)
+
+    @property
+    def dsn_hostname(self) -> str:
+        return self.dsn.hostname or self.ingress.hostname
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -1172,7 +1193,7 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
         "replication", "backup", "classification", "suppression", "dkim", "bounce",
-        "unsubscribe", "ingress", "metrics"}
+        "unsubscribe", "ingress", "metrics", "dsn"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -1205,7 +1226,19 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         bounce=bounce,
         unsubscribe=_parse_unsubscribe(raw.get("unsubscribe"), bounce, base),
         metrics=_parse_metrics(_table(raw, "metrics", ""), base),
+        dsn=_parse_dsn(_table(raw, "dsn", "")),
     )
+
+
+def _parse_dsn(raw: Mapping[str, Any]) -> DsnConfig:
+    w = "dsn"
+    _check_keys(raw, {f.name for f in fields(DsnConfig)}, w)
+    d = DsnConfig()
+    host = _str(raw.get("hostname", d.hostname), f"{w}.hostname")
+    if host and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+        raise ConfigError(f"{w}.hostname", f"must be a host name, got {host!r}")
+    return DsnConfig(smtp=_bool(raw.get("smtp", d.smtp), f"{w}.smtp"),
+                     api=_bool(raw.get("api", d.api), f"{w}.api"), hostname=host)
 
 
 def _verp_secret(v: Any, key: str) -> bytes:

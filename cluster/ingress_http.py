@@ -41,7 +41,8 @@ __all__ = ["HttpIngress", "MAX_BATCH"]
 #: messages per POST /v1/messages
 MAX_BATCH = 1000
 _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}\Z")
-_PASSED = ("to", "cc", "reply_to", "headers", "tags", "metadata", "not_before", "max_age")
+_PASSED = ("to", "cc", "reply_to", "headers", "tags", "metadata", "not_before", "max_age",
+           "dsn")
 _ALLOWED = {"from", "sender", "recipients", "subject", "text", "html", "template", *_PASSED}
 _KEY = web.AppKey("ingress", object)
 

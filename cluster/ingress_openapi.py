@@ -40,7 +40,9 @@ def openapi_document() -> dict[str, Any]:
             "tags": {"type": "object", "additionalProperties": {"type": "string"}},
             "metadata": {"type": "object"},
             "not_before": {"type": "number", "description": "Unix time"},
-            "max_age": {"type": "number", "description": "seconds"}}}
+            "max_age": {"type": "number", "description": "seconds"},
+            "dsn": {"type": "boolean", "description": "a bounce or expiry sends a delivery "
+                    "status notification (RFC 3464) to the envelope sender"}}}
     result = {"type": "object", "required": ["index"], "properties": {
         "index": {"type": "integer"},
         "ids": {"type": "array", "items": {"type": "string"},

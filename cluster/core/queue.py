@@ -31,6 +31,9 @@ Record layout (msgpack arrays, first element the type):
                      shard sent; an event only (the message has usually finished)
 ========  ===================================================================================
 An accept record restored from a backup carries two more fields, ``attempts, next_at``.
+A message whose metadata asks for a DSN (``raymta.dsn``) owes one when its ``f`` record
+(bounce or expiry) applies (:attr:`QueueState.dsn_due`); the DSN is an ``m`` record of its own,
+made by the leader, whose metadata ``raymta.dsn_of`` names the message and settles the debt.
 A message state machine: accepted → (ready | deferred) → inflight → delivered | transient
 (→ deferred) | bounced; any live, not inflight message → expired | cancelled.
 """
@@ -44,6 +47,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from cluster.core.dsn_build import DSN_OF_KEY, header_section, wants_dsn
 from cluster.core.suppression import REASONS as SUPPRESSION_REASONS
 from cluster.core.suppression import SuppressionList, entry_key
 
@@ -252,6 +256,12 @@ class QueueState:
         self.suppress_outbox: dict[str, list[Any]] = {}
         #: domains or sites an operator suspended: key → until (epoch seconds)
         self.suspended: dict[str, float] = {}
+        #: DSNs owed to envelope senders (:mod:`cluster.core.dsn_build`): original id → what
+        #: the DSN says. Hard state: added when the bounce or expiry of a message that asked
+        #: for one applies, removed when the DSN's own message record (metadata
+        #: ``raymta.dsn_of``) applies; the leader queues one for each entry it finds, so a
+        #: failover neither loses a DSN (the entry is replayed) nor sends two (the record is)
+        self.dsn_due: dict[str, list[Any]] = {}
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
@@ -360,6 +370,11 @@ class QueueState:
                 raise StateError(f"final record at lsn {lsn}: unknown kind {fkind!r}")
             m.attempts = max(m.attempts, attempt)
             self.counters[_FINAL_STATE[fkind]] += 1
+            if fkind in ("bounce", "expired") and wants_dsn(m.sender, m.metadata):
+                body = self.bodies.get(m.body_id)
+                self.dsn_due[m.id] = [m.sender, m.rcpt, fkind, code, enhanced, text, site,
+                                      m.created, ts,
+                                      header_section(body.data) if body is not None else b""]
             ev = self._event(_FINAL_EVENT[fkind], lsn, m, ts, attempt=attempt, code=code,
                              enhanced=enhanced, text=text, site=site, category=category)
             self._finish(m, _FINAL_STATE[fkind], ev)
@@ -437,6 +452,9 @@ class QueueState:
         if body is None:
             raise StateError(f"message {m.id} refers to unknown body {m.body_id} (lsn {lsn})")
         body.refs += 1
+        if m.metadata and type(m.metadata) is dict and \
+                type(m.metadata.get(DSN_OF_KEY)) is str:
+            self.dsn_due.pop(m.metadata[DSN_OF_KEY], None)   # the DSN owed is now queued
         self.messages[m.id] = m
         if m.idempotency_key:
             ent = self.idempotency.get(m.idempotency_key)
@@ -683,6 +701,7 @@ class QueueState:
             "suppression": self.suppression.snapshot(),
             "suppress_outbox": list(self.suppress_outbox.values()),
             "suspended": dict(self.suspended),
+            "dsn_due": [[k, *v] for k, v in self.dsn_due.items()],
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -715,6 +734,8 @@ class QueueState:
                                   "site": site, "ts": ts}
         self.suppression.restore(snap.get("suppression", ()))
         self.suspended.update(snap.get("suspended", {}))
+        for row in snap.get("dsn_due", ()):
+            self.dsn_due[row[0]] = list(row[1:])
         for row in snap.get("suppress_outbox", ()):
             self.suppress_outbox[entry_key(row[0], row[1])] = row
         self.last_lsn = snap["lsn"]
