@@ -427,7 +427,13 @@ class QueueCoordinator:
     def _write_snapshot(self, snap: dict[str, Any]) -> int:
         # (blocking, I/O thread; the commit loop waits for it, so no event is written
         # meanwhile and the event files end at the snapshot's lsn)
-        snap["events_tail"] = self.events.tail_bytes(self.cfg.spool.snapshot_events_bytes)
+        from actors.webhooks import snapshot_events_tail
+        # (webhook endpoints still behind: from their cursor, so a leader rebuilt elsewhere
+        # has every event they have not acknowledged)
+        snap["events_tail"] = snapshot_events_tail(
+            self.events, self.cfg.spool.snapshot_events_bytes,
+            [c for e, c in self.state.webhook_cursors.items()
+             if any(w.name == e for w in self.cfg.webhooks)])
         return self.log.write_snapshot(snap)
 
     async def _snapshot(self) -> None:
@@ -1007,6 +1013,35 @@ class QueueCoordinator:
     async def events(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
         await self._until_serving()
         return self.events.read(since, limit)
+
+    # ------------------------------------------------------------------ webhooks (actors/webhooks.py)
+    async def wait_events(self, since: int = 0, limit: int = 1000, wait: float = 0.0
+                          ) -> list[dict[str, Any]]:
+        """:meth:`events`, but when there is none after ``since`` wait up to ``wait`` seconds
+        (at most 30) for one (long-poll: ``GET /v1/events?wait=``, the webhook dispatcher)."""
+        await self._until_serving()
+        deadline = time.monotonic() + min(max(float(wait), 0.0), 30.0)
+        while self.events.last_seq <= since and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.events.read(since, limit) if self.events.last_seq > since else []
+
+    async def webhook_cursors(self) -> dict[str, int]:
+        """Per webhook endpoint, the seq up to which it acknowledged this shard's events."""
+        await self._until_serving()
+        return dict(self.state.webhook_cursors)
+
+    async def webhook_ack(self, endpoint: str, cursor: int) -> int:
+        """Make "``endpoint`` has every event up to ``cursor``" durable on a quorum (a ``w``
+        record); returns the endpoint's cursor. Idempotent; a cursor never goes back."""
+        await self._until_serving()
+        if type(endpoint) is not str or not endpoint or len(endpoint) > 100:
+            raise ValueError(f"endpoint: {endpoint!r} is not a webhook name")
+        if type(cursor) is not int or not 0 <= cursor <= self.state.last_lsn:
+            raise ValueError(f"cursor: {cursor!r} is not a seq of shard {self.shard} "
+                             f"(0..{self.state.last_lsn})")
+        if cursor > self.state.webhook_cursors.get(endpoint, 0):
+            await self._commit([q.webhook_record(endpoint, cursor, time.time())])
+        return self.state.webhook_cursors.get(endpoint, 0)
 
     async def stats(self) -> dict[str, Any]:
         self._ensure_started()
