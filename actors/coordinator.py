@@ -479,9 +479,9 @@ class QueueCoordinator:
         try:
             await self._until_serving()
         except RuntimeError as e:
-            return [retryable_error(str(e)) for _ in items]
+            return [retryable_error(str(e), reason="not_serving") for _ in items]
         if self._stalled:   # no quorum right now: say so at once rather than after a timeout
-            return [retryable_error(self._stalled) for _ in items]
+            return [retryable_error(self._stalled, reason="no_quorum") for _ in items]
         qc = self.cfg.queue
         limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age,
                         self.cfg.suppression.on_submit)
@@ -495,13 +495,15 @@ class QueueCoordinator:
             try:
                 await fut
             except NotWritten as e:
-                return [r if "error" in r or r.get("duplicate") else retryable_error(str(e))
+                return [r if "error" in r or r.get("duplicate") else
+                        retryable_error(str(e), reason="no_quorum")
                         for r in results]
             except RuntimeError as e:
                 # not durable in time: the batch may still commit (its frames may be on
                 # copies already); a retry with the same ids is answered as a duplicate then
                 return [r if "error" in r or r.get("duplicate") else
-                        retryable_error(f"outcome unknown: {e}", unknown=True)
+                        retryable_error(f"outcome unknown: {e}", unknown=True,
+                                        reason="not_serving" if self._fatal else "no_quorum")
                         for r in results]
             self.metrics.observe_submit(time.monotonic() - t_arrived)
         return results
