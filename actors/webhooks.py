@@ -30,8 +30,15 @@ import orjson
 import ray
 
 from cluster.config import Config
-from cluster.core.webhooks import (SIGNATURE_HEADER, CursorBook, OutBatch, WebhookEndpoint,
-                                   backoff_delay, batch_body, sign)
+from cluster.core.webhooks import (
+    SIGNATURE_HEADER,
+    CursorBook,
+    OutBatch,
+    WebhookEndpoint,
+    backoff_delay,
+    batch_body,
+    sign,
+)
 
 __all__ = ["WEBHOOKS_NAME", "WebhookDispatcher", "ensure_webhooks", "snapshot_events_tail"]
 
@@ -197,7 +204,7 @@ class WebhookDispatcher:
         assert book is not None
         c = book.committable()
         if c > book.acked:
-            got = await self._call(w.shard, "webhook_ack", w.ep.name, c)
+            await self._call(w.shard, "webhook_ack", w.ep.name, c)
             book.committed(c)
             self.counters[w.ep.name]["commits"] += 1
         while w.sending < w.ep.concurrency:
@@ -286,8 +293,10 @@ class WebhookDispatcher:
             t.cancel()
 
 
-RemoteWebhookDispatcher = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1,
-                                     max_concurrency=1000)(WebhookDispatcher)
+# restarted by Ray for ever (it resumes from the cursors committed in the shards)
+_OPTIONS: dict[str, Any] = dict(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                max_concurrency=1000)
+RemoteWebhookDispatcher = ray.remote(**_OPTIONS)(WebhookDispatcher)
 
 
 def ensure_webhooks(cfg: Config, *, detached: bool = False) -> Any:

@@ -176,7 +176,6 @@ def test_every_selected_event_arrives_signed_through_dispatcher_and_leader_kills
         assert (mid, "Delivery") in by_msg or (mid, "Bounce") in by_msg
     assert rx.bad_signatures == 0
     assert rx.failed > 5          # the faults did happen, and were retried
-    dups = len(rx.received) - len(got)
     # the backlog drains and the cursors are committed in the shards (their replicated state)
 
     def drained() -> dict[str, Any] | None:
@@ -188,5 +187,5 @@ def test_every_selected_event_arrives_signed_through_dispatcher_and_leader_kills
         assert cur >= max(int(e.split(":")[1]) for e in want if e.startswith(f"{shard}:"))
     assert st["failures"] >= 1
     print(f"\nwebhooks: {len(want)} selected events, {len(rx.received)} received "
-          f"({dups} repeats), {rx.requests} requests of which {rx.failed} failed; "
+          f"({len(rx.received) - len(got)} repeats), {rx.requests} requests of which {rx.failed} failed; "
           f"{len(ids)} messages")

@@ -9,8 +9,16 @@ import pytest
 
 from cluster.config import ConfigError, parse_config
 from cluster.core import queue as q
-from cluster.core.webhooks import (EVENT_TYPES, CursorBook, backoff_delay, batch_body, event_id,
-                                   resolve_event_names, sign, verify)
+from cluster.core.webhooks import (
+    EVENT_TYPES,
+    CursorBook,
+    backoff_delay,
+    batch_body,
+    event_id,
+    resolve_event_names,
+    sign,
+    verify,
+)
 
 SECRET = b"webhook-secret-0123456789"
 
