@@ -186,6 +186,7 @@ def test_every_selected_event_arrives_signed_through_dispatcher_and_leader_kills
         cur = ray.get(c.webhook_cursors.remote())["crm"]
         assert cur >= max(int(e.split(":")[1]) for e in want if e.startswith(f"{shard}:"))
     assert st["failures"] >= 1
-    print(f"\nwebhooks: {len(want)} selected events, {len(rx.received)} received "
-          f"({len(rx.received) - len(got)} repeats), {rx.requests} requests of which {rx.failed} failed; "
+    n = len(rx.received)
+    print(f"\nwebhooks: {len(want)} selected events, {n} received "
+          f"({n - len(got)} repeats), {rx.requests} requests of which {rx.failed} failed; "
           f"{len(ids)} messages")
