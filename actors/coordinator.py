@@ -466,7 +466,13 @@ class QueueCoordinator:
     def _write_snapshot(self, snap: dict[str, Any]) -> int:
         # (blocking, I/O thread; the commit loop waits for it, so no event is written
         # meanwhile and the event files end at the snapshot's lsn)
-        snap["events_tail"] = self.events.tail_bytes(self.cfg.spool.snapshot_events_bytes)
+        from actors.webhooks import snapshot_events_tail
+        # (webhook endpoints still behind: from their cursor, so a leader rebuilt elsewhere
+        # has every event they have not acknowledged)
+        snap["events_tail"] = snapshot_events_tail(
+            self.events, self.cfg.spool.snapshot_events_bytes,
+            [c for e, c in self.state.webhook_cursors.items()
+             if any(w.name == e for w in self.cfg.webhooks)])
         return self.log.write_snapshot(snap)
 
     async def _snapshot(self) -> None:
@@ -525,9 +531,9 @@ class QueueCoordinator:
         try:
             await self._until_serving()
         except RuntimeError as e:
-            return [retryable_error(str(e)) for _ in items]
+            return [retryable_error(str(e), reason="not_serving") for _ in items]
         if self._stalled:   # no quorum right now: say so at once rather than after a timeout
-            return [retryable_error(self._stalled) for _ in items]
+            return [retryable_error(self._stalled, reason="no_quorum") for _ in items]
         qc = self.cfg.queue
         limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age,
                         self.cfg.suppression.on_submit)
@@ -541,13 +547,15 @@ class QueueCoordinator:
             try:
                 await fut
             except NotWritten as e:
-                return [r if "error" in r or r.get("duplicate") else retryable_error(str(e))
+                return [r if "error" in r or r.get("duplicate") else
+                        retryable_error(str(e), reason="no_quorum")
                         for r in results]
             except RuntimeError as e:
                 # not durable in time: the batch may still commit (its frames may be on
                 # copies already); a retry with the same ids is answered as a duplicate then
                 return [r if "error" in r or r.get("duplicate") else
-                        retryable_error(f"outcome unknown: {e}", unknown=True)
+                        retryable_error(f"outcome unknown: {e}", unknown=True,
+                                        reason="not_serving" if self._fatal else "no_quorum")
                         for r in results]
             self.metrics.observe_submit(time.monotonic() - t_arrived)
         return results
@@ -1059,6 +1067,35 @@ class QueueCoordinator:
     async def events(self, since: int = 0, limit: int = 10_000) -> list[dict[str, Any]]:
         await self._until_serving()
         return self.events.read(since, limit)
+
+    # ------------------------------------------------------------------ webhooks (actors/webhooks.py)
+    async def wait_events(self, since: int = 0, limit: int = 1000, wait: float = 0.0
+                          ) -> list[dict[str, Any]]:
+        """:meth:`events`, but when there is none after ``since`` wait up to ``wait`` seconds
+        (at most 30) for one (long-poll: ``GET /v1/events?wait=``, the webhook dispatcher)."""
+        await self._until_serving()
+        deadline = time.monotonic() + min(max(float(wait), 0.0), 30.0)
+        while self.events.last_seq <= since and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.events.read(since, limit) if self.events.last_seq > since else []
+
+    async def webhook_cursors(self) -> dict[str, int]:
+        """Per webhook endpoint, the seq up to which it acknowledged this shard's events."""
+        await self._until_serving()
+        return dict(self.state.webhook_cursors)
+
+    async def webhook_ack(self, endpoint: str, cursor: int) -> int:
+        """Make "``endpoint`` has every event up to ``cursor``" durable on a quorum (a ``w``
+        record); returns the endpoint's cursor. Idempotent; a cursor never goes back."""
+        await self._until_serving()
+        if type(endpoint) is not str or not endpoint or len(endpoint) > 100:
+            raise ValueError(f"endpoint: {endpoint!r} is not a webhook name")
+        if type(cursor) is not int or not 0 <= cursor <= self.state.last_lsn:
+            raise ValueError(f"cursor: {cursor!r} is not a seq of shard {self.shard} "
+                             f"(0..{self.state.last_lsn})")
+        if cursor > self.state.webhook_cursors.get(endpoint, 0):
+            await self._commit([q.webhook_record(endpoint, cursor, time.time())])
+        return self.state.webhook_cursors.get(endpoint, 0)
 
     async def stats(self) -> dict[str, Any]:
         self._ensure_started()

@@ -28,6 +28,7 @@ from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 from cluster.core.submission import ApiKey, PasswordHashError, SubmissionUser
 from cluster.core.verp import VerpError, VerpKeys
+from cluster.core.webhooks import WebhookEndpoint, resolve_event_names
 
 __all__ = [
     "ClassificationConfig",
@@ -455,6 +456,7 @@ class Config:
     unsubscribe: tuple[UnsubscribeConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dsn: DsnConfig = field(default_factory=DsnConfig)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
 
     @property
     def dsn_hostname(self) -> str:
@@ -1193,7 +1195,7 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
         "replication", "backup", "classification", "suppression", "dkim", "bounce",
-        "unsubscribe", "ingress", "metrics", "dsn"}
+        "unsubscribe", "ingress", "metrics", "dsn", "webhooks"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -1227,6 +1229,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         unsubscribe=_parse_unsubscribe(raw.get("unsubscribe"), bounce, base),
         metrics=_parse_metrics(_table(raw, "metrics", ""), base),
         dsn=_parse_dsn(_table(raw, "dsn", "")),
+        webhooks=_parse_webhooks(raw.get("webhooks"), base),
     )
 
 
@@ -1449,3 +1452,76 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     for w in warnings:
         _log.warning("config %s", w)
     return cfg
+
+
+_WEBHOOK_KEYS = {"name", "url", "secret", "secret_file", "events", "batch_size", "concurrency",
+                 "timeout", "retry_initial", "retry_max_delay", "retry_for", "jitter"}
+
+
+def _parse_webhooks(raw: Any, base: Path | None) -> tuple[WebhookEndpoint, ...]:
+    """``[[webhooks]]``: endpoints that get events POSTed (cluster/core/webhooks.py)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("webhooks", "expected an array of tables ([[webhooks]])")
+    out: list[WebhookEndpoint] = []
+    for i, w_raw in enumerate(raw):
+        w = f"webhooks[{i}]"
+        if not isinstance(w_raw, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(w_raw, _WEBHOOK_KEYS, w)
+        for req in ("name", "url"):
+            if req not in w_raw:
+                raise ConfigError(f"{w}.{req}", "missing (required)")
+        name = _str(w_raw["name"], f"{w}.name")
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"{w}.name", f"{name!r}: 1-64 letters, digits, '-', '_', '.'")
+        if any(x.name == name for x in out):
+            raise ConfigError(f"{w}.name", f"{name} is listed twice")
+        url = _str(w_raw["url"], f"{w}.url")
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{w}.url", f"{url!r}: expected an http:// or https:// URL "
+                              "with a host")
+        if ("secret" in w_raw) == ("secret_file" in w_raw):
+            raise ConfigError(f"{w}.secret", "give exactly one of secret and secret_file")
+        if "secret" in w_raw:
+            secret = _verp_secret(w_raw["secret"], f"{w}.secret")
+        else:
+            path = Path(_str(w_raw["secret_file"], f"{w}.secret_file"))
+            if base is not None and not path.is_absolute():
+                path = base / path
+            try:
+                text = path.read_text("utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{w}.secret_file", f"cannot read {path}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+            secret = _verp_secret(text, f"{w}.secret_file ({path})")
+        names = w_raw.get("events", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{w}.events", "expected a list of event names")
+        try:
+            events = resolve_event_names(names)
+        except ValueError as e:
+            raise ConfigError(f"{w}.events", str(e)) from None
+        d = WebhookEndpoint(name=name, url=url, secret=b"")
+        initial = _dur(w_raw.get("retry_initial", d.retry_initial), f"{w}.retry_initial")
+        max_delay = _dur(w_raw.get("retry_max_delay", d.retry_max_delay),
+                         f"{w}.retry_max_delay")
+        if max_delay < initial:
+            raise ConfigError(f"{w}.retry_max_delay", f"must be >= retry_initial ({initial:g}s)")
+        jitter = _float(w_raw.get("jitter", d.jitter), f"{w}.jitter")
+        if jitter >= 1:
+            raise ConfigError(f"{w}.jitter", f"must be below 1, got {jitter}")
+        out.append(WebhookEndpoint(
+            name=name, url=url, secret=secret, events=events,
+            batch_size=_int(w_raw.get("batch_size", d.batch_size), f"{w}.batch_size",
+                            minimum=1, maximum=1000),
+            concurrency=_int(w_raw.get("concurrency", d.concurrency), f"{w}.concurrency",
+                             minimum=1, maximum=64),
+            timeout=_dur(w_raw.get("timeout", d.timeout), f"{w}.timeout"),
+            retry_initial=initial, retry_max_delay=max_delay,
+            retry_for=_dur(w_raw.get("retry_for", d.retry_for), f"{w}.retry_for"),
+            jitter=jitter))
+    return tuple(out)

@@ -29,6 +29,8 @@ Record layout (msgpack arrays, first element the type):
 ``o``     outside report: [o, kind, id, recipient, detail, ts] — an asynchronous bounce
                      (kind "bounce") or a complaint (kind "complaint") about a message this
                      shard sent; an event only (the message has usually finished)
+``w``     webhook cursor: [w, endpoint, cursor, ts] — webhook ``endpoint`` has acknowledged
+                     every event of this shard up to seq ``cursor`` (no event of its own)
 ========  ===================================================================================
 An accept record restored from a backup carries two more fields, ``attempts, next_at``.
 A message whose metadata asks for a DSN (``raymta.dsn``) owes one when its ``f`` record
@@ -54,8 +56,7 @@ from cluster.core.suppression import SuppressionList, entry_key
 __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
-    "reference_segments",
-    "pause_record",
+    "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record",
     "QueuedMessage", "QueueState", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -71,6 +72,7 @@ REC_EPOCH = "e"
 REC_SUPPRESS = "s"
 REC_REPORT = "o"
 REC_PAUSE = "p"
+REC_WEBHOOK = "w"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -122,6 +124,10 @@ def suppress_record(op: str, rows: list[list[Any]], ts: float, propagate: bool =
 
 def pause_record(key: str, until: float, ts: float) -> list[Any]:
     return [REC_PAUSE, key, until, ts]
+
+
+def webhook_record(endpoint: str, cursor: int, ts: float) -> list[Any]:
+    return [REC_WEBHOOK, endpoint, cursor, ts]
 
 
 def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
@@ -209,7 +215,8 @@ class _Body:
 
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
 _RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
-                   REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4}
+                   REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4,
+                   REC_WEBHOOK: 4}
 
 
 def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
@@ -265,6 +272,8 @@ class QueueState:
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
+        #: webhook endpoint → the seq up to which it has acknowledged this shard's events
+        self.webhook_cursors: dict[str, int] = {}
 
     def apply_or_quarantine(self, rec: Any, lsn: int) -> dict[str, Any] | None:
         """:meth:`apply`, except that a record the queue cannot take (a :class:`StateError`)
@@ -308,6 +317,17 @@ class QueueState:
                              f"{_RECORD_LENGTHS[kind]}")
         if kind == REC_SUPPRESS or kind == REC_REPORT:
             return self._apply_other(rec, lsn)
+        if kind == REC_WEBHOOK:
+            _, endpoint, cursor, ts = rec
+            _check_numbers(rec, lsn, ts)
+            if type(endpoint) is not str or not endpoint or type(cursor) is not int or \
+                    cursor < 0:
+                raise StateError(f"webhook record at lsn {lsn}: endpoint or cursor of the "
+                                 "wrong type")
+            self.last_lsn = lsn
+            if cursor > self.webhook_cursors.get(endpoint, 0):   # never goes back
+                self.webhook_cursors[endpoint] = cursor
+            return None
         if kind == REC_PAUSE:
             _, key, until, ts = rec
             _check_numbers(rec, lsn, until, ts)
@@ -702,6 +722,7 @@ class QueueState:
             "suppress_outbox": list(self.suppress_outbox.values()),
             "suspended": dict(self.suspended),
             "dsn_due": [[k, *v] for k, v in self.dsn_due.items()],
+            "webhook_cursors": dict(self.webhook_cursors),
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -736,6 +757,7 @@ class QueueState:
         self.suspended.update(snap.get("suspended", {}))
         for row in snap.get("dsn_due", ()):
             self.dsn_due[row[0]] = list(row[1:])
+        self.webhook_cursors.update(snap.get("webhook_cursors", {}))
         for row in snap.get("suppress_outbox", ()):
             self.suppress_outbox[entry_key(row[0], row[1])] = row
         self.last_lsn = snap["lsn"]
