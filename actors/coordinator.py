@@ -85,6 +85,10 @@ class _Route:
 
 
 class QueueCoordinator:
+    #: messages (and bodies) a compaction snapshot copies per slice before it lets the
+    #: event loop run again (~10 ms a slice)
+    SNAPSHOT_SLICE = 5000
+
     def __init__(self, config: Config, shard: int = 0) -> None:
         use_uvloop()
         tune_gc()
@@ -123,6 +127,7 @@ class QueueCoordinator:
         self._pending: list[tuple[list[Any], asyncio.Future | None]] = []
         self.intake = Intake(shard, config.queue.shards, dkim_required_check(config))
         self._snapshot_waiters: list[asyncio.Future] = []
+        self._snapshotting = False
         self._commit_wake: asyncio.Event | None = None
         self._dispatch_wake: asyncio.Event | None = None
         self._routes: dict[str, _Route] = {}
@@ -323,7 +328,7 @@ class QueueCoordinator:
             self._commit_wake.clear()
             if not self._pending:
                 if self._snapshot_waiters:
-                    await self._snapshot_safely()
+                    self._maybe_snapshot()
                 continue
             batch, self._pending = self._pending, []
             records = [r for recs, _ in batch for r in recs]
@@ -376,7 +381,7 @@ class QueueCoordinator:
                     fut.set_result(None)
             assert self._dispatch_wake is not None
             self._dispatch_wake.set()
-            await self._snapshot_safely()
+            self._maybe_snapshot()
 
     def _queue_dsns(self) -> None:
         """Queue, as a message record of this shard, each DSN the queue owes (a bounce or
@@ -433,71 +438,103 @@ class QueueCoordinator:
         self.repl.stop()
         asyncio.get_running_loop().call_later(0.2, os._exit, 1)
 
-    async def _snapshot_safely(self) -> None:
-        try:
-            await self._maybe_snapshot()
-        except Exception:
-            # the log is intact without it; compaction is retried after the next commit
-            log.exception("snapshot failed")
-
-    async def _maybe_snapshot(self) -> None:
-        """Snapshot between commits only: then the state is exactly the log's end."""
+    def _maybe_snapshot(self) -> None:
+        """Start a compaction snapshot in the background when one is due (or asked for):
+        the commit loop goes on while it is built and written (docs/replication.md,
+        "Compaction")."""
+        if self._snapshotting:
+            return
         want = self._snapshot_waiters
         # compact when the log outgrows both the threshold and twice the last snapshot: the
         # snapshot (which every replica receives too) then costs at most half the log writes
         limit = max(self.cfg.spool.compact_bytes, 2 * self._snapshot_size)
         if want or self.log.bytes_since_snapshot > limit:
             self._snapshot_waiters = []
-            try:
-                await self._snapshot()
-            except Exception as e:
-                for fut in want:
-                    if not fut.done():
-                        fut.set_exception(e)
-                raise
+            self._snapshotting = True
+            self._spawn(self._snapshot_task(want))
+
+    async def _snapshot_task(self, want: list[asyncio.Future]) -> None:
+        try:
+            await self._snapshot()
+        except Exception as e:
+            # the log is intact without it; compaction is tried again after a later commit
+            log.exception("shard %d: snapshot failed", self.shard)
+            for fut in want:
+                if not fut.done():
+                    fut.set_exception(e)
+        else:
             for fut in want:
                 if not fut.done():
                     fut.set_result(None)
+        finally:
+            self._snapshotting = False
 
     def _clear_pending_marks(self, batch: list[tuple[list[Any], Any]]) -> None:
         for recs, _ in batch:
             self.intake.settle(recs)
 
-    def _write_snapshot(self, snap: dict[str, Any]) -> int:
-        # (blocking, I/O thread; the commit loop waits for it, so no event is written
-        # meanwhile and the event files end at the snapshot's lsn)
+    def _write_snapshot_file(self, snap: dict[str, Any], epoch: int,
+                             webhook_cursors: list[int]) -> bytes:
+        # (blocking, in a thread of its own: the log goes on being appended meanwhile.
+        # The event files may already hold events after the snapshot's lsn: their records
+        # are committed, so a leader that restores them skips those events in its replay)
         from actors.webhooks import snapshot_events_tail
         # (webhook endpoints still behind: from their cursor, so a leader rebuilt elsewhere
         # has every event they have not acknowledged)
         snap["events_tail"] = snapshot_events_tail(
-            self.events, self.cfg.spool.snapshot_events_bytes,
-            [c for e, c in self.state.webhook_cursors.items()
-             if any(w.name == e for w in self.cfg.webhooks)])
-        return self.log.write_snapshot(snap)
+            self.events, self.cfg.spool.snapshot_events_bytes, webhook_cursors)
+        return self.log.write_snapshot_file(snap, epoch)
 
     async def _snapshot(self) -> None:
-        # bodies whose frames sit in well-filled segments stay in the log (the snapshot names
-        # their lsns): a snapshot is the queue's metadata plus the few bodies of sparse
-        # segments, not every queued body again (docs/replication.md, "Compaction")
+        # Built a slice at a time between which commits go on (QueueState.snapshot_begin),
+        # so a big queue never holds the event loop for the whole of it. Bodies whose frames
+        # sit in well-filled segments stay in the log (the snapshot names their lsns): a
+        # snapshot is the queue's metadata plus the few bodies of sparse segments, not every
+        # queued body again.
         t0 = time.perf_counter()
-        snap = self.state.snapshot(self.log.segment_ranges())
+        build = self.state.snapshot_begin()
+        slice_max = 0.0
+        try:
+            while True:
+                ts = time.perf_counter()
+                done = build.step(self.SNAPSHOT_SLICE)
+                slice_max = max(slice_max, time.perf_counter() - ts)
+                if done:
+                    break
+                await asyncio.sleep(0)
+            ts = time.perf_counter()
+            snap = build.finish(self.log.segment_ranges())
+            bytes_at = self.log.bytes_written   # (frames in flight now are after the lsn)
+        except BaseException:
+            build.abandon()
+            raise
         t1 = time.perf_counter()
+        finish_s = t1 - ts
+        epoch = self.log.epoch_at(snap["lsn"])
+        cursors = [c for e, c in self.state.webhook_cursors.items()
+                   if any(w.name == e for w in self.cfg.webhooks)]
         loop = asyncio.get_running_loop()
-        size = await loop.run_in_executor(self._io, self._write_snapshot, snap)
+        data = await loop.run_in_executor(None, self._write_snapshot_file, snap, epoch,
+                                          cursors)
         t2 = time.perf_counter()
-        self._snapshot_size = size
+        await loop.run_in_executor(
+            self._io, functools.partial(self.log.install_snapshot, data, written=True,
+                                        bytes_at=bytes_at))
+        t3 = time.perf_counter()
+        self._snapshot_size = len(data)
         self.counters["snapshots"] += 1
         self.last_snapshot = {
-            "lsn": snap["lsn"], "bytes": size, "messages": len(snap["messages"]),
+            "lsn": snap["lsn"], "bytes": len(data), "messages": len(snap["messages"]),
             "bodies_referenced": len(snap["keep"]),
             "bodies_copied": len(snap["bodies"]) - len(snap["keep"]),
+            # what held the event loop: the longest slice and the final catch-up
+            "loop_slice_max_ms": round(slice_max * 1000, 1),
+            "loop_finish_ms": round(finish_s * 1000, 1),
             "build_ms": round((t1 - t0) * 1000, 1), "write_ms": round((t2 - t1) * 1000, 1),
+            "install_ms": round((t3 - t2) * 1000, 1),
             "log_segments": len(self.log.segment_ranges())}
         log.info("shard %d snapshot: %s", self.shard, self.last_snapshot)
-        data = await loop.run_in_executor(
-            self._io, functools.partial(self.log.snapshot_file, self_contained=False))
-        if data is not None:
-            self._spawn(self.repl.compact(data))
+        self._spawn(self.repl.compact(data))
 
     async def compact(self) -> dict[str, Any]:
         """Write a snapshot now and drop the log it covers (operators, tests)."""

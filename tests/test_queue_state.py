@@ -293,3 +293,44 @@ def test_queue_shape_counts_domains_by_age_with_the_rest_as_other():
     assert queue_shape(st.messages.values(), now, limit=0)["sites"] == {"mx.shared.test": 5}
     with pytest.raises(ValueError):
         queue_shape(st.messages.values(), now, by="tag")
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_a_snapshot_built_in_slices_while_records_apply_equals_one_taken_at_the_end(seed):
+    """SnapshotBuild: records applied between its slices (new messages, bodies before their
+    accept, results, finished messages) are taken again, so the result is the state as of
+    the last record, like snapshot(); and a state restored from it replays the rest to the
+    same place as a full replay."""
+    rng = random.Random(1000 + seed)
+    recs = _random_history(seed)
+    st = q.QueueState()
+    lsn = 0
+    start = rng.randrange(20, 200)
+    for r in recs[:start]:
+        lsn += 1
+        st.apply(r, lsn)
+    build = st.snapshot_begin()
+    with pytest.raises(q.StateError, match="already being built"):
+        st.snapshot_begin()
+    stop = rng.randrange(start, len(recs))
+    i = start
+    while i < stop:
+        build.step(rng.randint(1, 7))
+        for r in recs[i:i + rng.randint(0, 6)]:
+            lsn += 1
+            st.apply(r, lsn)
+            i += 1
+    got = build.finish()
+    want = st.snapshot()
+    assert got["lsn"] == want["lsn"] == lsn
+    assert sorted(got["messages"]) == sorted(want["messages"])
+    assert sorted(got["bodies"]) == sorted(want["bodies"])
+    again = q.QueueState()
+    again.restore(got)
+    full = q.QueueState()
+    for k, r in enumerate(recs, 1):
+        full.apply(r, k)
+    for k, r in enumerate(recs[lsn:], lsn + 1):
+        again.apply(r, k)
+    assert sorted(again.snapshot()["messages"]) == sorted(full.snapshot()["messages"])
+    assert again.counts() == full.counts()

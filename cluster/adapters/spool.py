@@ -215,6 +215,9 @@ class SpoolLog:
         self._seg_size = 0
         self.next_lsn = 1
         self.bytes_since_snapshot = 0
+        #: frames appended by this process, in bytes (to count what a snapshot taken while
+        #: appending goes on did not cover)
+        self.bytes_written = 0
         self.snap_lsn = 0
         self.snap_epoch = 0
         self.snapshot_bytes = 0
@@ -423,6 +426,7 @@ class SpoolLog:
         self._seg_size += len(frames)
         self._segs[self._cur_first] = [self.next_lsn - 1, self._seg_size]
         self.bytes_since_snapshot += len(frames)
+        self.bytes_written += len(frames)
 
     # ------------------------------------------------------------------ reading, cutting back
     def read_frames(self, from_lsn: int, max_bytes: int = 8 << 20) -> bytes:
@@ -506,7 +510,28 @@ class SpoolLog:
         ep = self.last_epoch if epoch is None else epoch
         return self.install_snapshot(pack_snapshot(lsn, ep, packb_sliced(state)))
 
-    def install_snapshot(self, data: bytes) -> int:
+    def epoch_at(self, lsn: int) -> int:
+        """The epoch of the frame at ``lsn`` (held, after the snapshot)."""
+        epoch = self.snap_epoch
+        for ep, first in list(self.runs):
+            if first > lsn:
+                break
+            epoch = ep
+        return epoch
+
+    def write_snapshot_file(self, state: dict[str, Any], epoch: int) -> bytes:
+        """Pack a snapshot of ``state`` (as of ``state['lsn']``, which may be behind the log's
+        end) and write it durably beside the log, changing nothing else: safe in any thread
+        while the log is being appended to. A crash after it leaves a newer snapshot with
+        every frame it covers still in place. :meth:`install_snapshot` with ``written=True``
+        then drops what it covers. Returns the file's bytes."""
+        lsn = state["lsn"]
+        data = pack_snapshot(lsn, epoch, packb_sliced(state))
+        write_atomic(self.dir / f"snap-{lsn:020d}.msgpack", data, fsync=self.fsync)
+        return data
+
+    def install_snapshot(self, data: bytes, *, written: bool = False,
+                         bytes_at: int | None = None) -> int:
         """Make a snapshot (the bytes of a snapshot file, from this copy or another) the base
         of the log: frames it covers are dropped; a log that ended before it continues after
         it. Order: write snap-N.tmp, fsync, rename, fsync the directory, then drop covered
@@ -524,13 +549,21 @@ class SpoolLog:
         if self.fsync:
             os.fsync(self._fh.fileno())
         old_end = self.end
-        write_atomic(self.dir / f"snap-{lsn:020d}.msgpack", data, fsync=self.fsync)
+        if not written:
+            write_atomic(self.dir / f"snap-{lsn:020d}.msgpack", data, fsync=self.fsync)
         if old_end <= lsn:
             # every frame held is covered: continue in a fresh segment after the snapshot
             # (only once the snapshot is durable: opened before, a crash would leave an empty
             # seg-<lsn+1> that the old log, recovered, appends lsns <= lsn to)
             self.next_lsn = lsn + 1
             self._open_segment(self.dir / f"seg-{self.next_lsn:020d}.log")
+        else:
+            # frames after the snapshot were appended meanwhile (it was taken while the log
+            # went on): close the segment they share with covered frames, so that the next
+            # snapshot can drop it whole
+            written_end = self._segs.get(self._cur_first, [self._cur_first - 1])[0]
+            if written_end >= self._cur_first:
+                self._open_segment(self.dir / f"seg-{written_end + 1:020d}.log")
         segs = self._segments()
         kept = iter(keep)
         k = next(kept, None)
@@ -551,7 +584,10 @@ class SpoolLog:
                 runs.append([ep, max(first, lsn + 1)])
         self.runs = runs
         self.snap_lsn, self.snap_epoch = lsn, epoch
-        self._count_since_snapshot()
+        if bytes_at is None:
+            self._count_since_snapshot()
+        else:   # what was appended after the snapshot was taken
+            self.bytes_since_snapshot = self.bytes_written - bytes_at
         self.snapshot_bytes = len(data)
         return len(data)
 

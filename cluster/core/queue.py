@@ -57,7 +57,7 @@ __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
     "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record",
-    "QueuedMessage", "QueueState", "StateError",
+    "QueuedMessage", "QueueState", "SnapshotBuild", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
 ]
@@ -234,6 +234,89 @@ _FINAL_STATE = {"bounce": "bounced", "expired": "expired", "cancelled": "cancell
 _REPORT_EVENT = {"bounce": "OOBBounce", "complaint": "Complaint"}
 
 
+class SnapshotBuild:
+    """A snapshot of a :class:`QueueState` taken in slices between which records go on being
+    applied. :meth:`step` copies the next slice of the messages (and bodies) that were live
+    when it began; :meth:`finish` takes again every message and body a record touched
+    meanwhile (a new one, a changed one, a finished one), so the result is exactly the state
+    as of the last record applied, like :meth:`QueueState.snapshot`."""
+
+    def __init__(self, st: "QueueState") -> None:
+        self.st = st
+        self._ids = list(st.messages)
+        self._bids = list(st.bodies)
+        self._i = self._j = 0
+        self.rows: dict[str, list[Any]] = {}
+        self.bodies: dict[str, _Body] = {}
+
+    def step(self, n: int | None = 5000) -> bool:
+        """Copy up to ``n`` more messages and bodies (all of them: None); True when done."""
+        st = self.st
+        ids = self._ids[self._i:] if n is None else self._ids[self._i:self._i + n]
+        self._i += len(ids)
+        msgs, rows = st.messages, self.rows
+        for mid in ids:
+            m = msgs.get(mid)
+            if m is not None:
+                rows[mid] = m.to_snapshot()
+        bids = self._bids[self._j:] if n is None else self._bids[self._j:self._j + n]
+        self._j += len(bids)
+        have, got = st.bodies, self.bodies
+        for bid in bids:
+            b = have.get(bid)
+            if b is not None:
+                got[bid] = b
+        return self._i >= len(self._ids) and self._j >= len(self._bids)
+
+    def abandon(self) -> None:
+        """Give up this build (the state stops marking what records touch)."""
+        if self.st._dirty is not None:
+            self.st._dirty, self.st._dirty_bodies = None, set()
+
+    def finish(self, segments: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+        """The snapshot as of now (see :meth:`QueueState.snapshot` for ``segments``). The
+        slices not yet copied are copied now."""
+        st = self.st
+        self.step(None)
+        dirty, dirty_bodies = st._dirty or set(), st._dirty_bodies
+        st._dirty, st._dirty_bodies = None, set()
+        rows, got = self.rows, self.bodies
+        for mid in dirty:
+            old = rows.pop(mid, None)
+            m = st.messages.get(mid)
+            if m is not None:
+                rows[mid] = m.to_snapshot()
+                dirty_bodies.add(m.body_id)
+            if old is not None:
+                dirty_bodies.add(old[1])
+            dirty_bodies.add(mid)   # a message record's body is stored under its id
+        for bid in dirty_bodies:
+            b = st.bodies.get(bid)
+            if b is not None:
+                got[bid] = b
+        # a body copied in a slice whose message finished before its own slice came (the
+        # message's id names no body any longer): gone
+        live = st.bodies
+        got = {bid: b for bid, b in got.items() if live.get(bid) is b}
+        refs = reference_segments([(b.lsn, len(b.data)) for b in got.values() if b.lsn],
+                                  segments or [])
+        keep: list[int] = []
+        bodies: list[list[Any]] = []
+        for bid, b in got.items():
+            if b.lsn and refs(b.lsn):
+                keep.append(b.lsn)
+                bodies.append([bid, None, b.lsn])
+            else:
+                # its segment may be dropped once this snapshot is written: from now on the
+                # bytes live in the snapshots
+                if segments is not None:
+                    b.lsn = 0
+                bodies.append([bid, b.data])
+        keep.sort()
+        return {"keep": keep, "lsn": st.last_lsn, "bodies": bodies,
+                "messages": list(rows.values()), **st._snapshot_rest()}
+
+
 class QueueState:
     """Live messages, their bodies and the scheduling indexes of one queue shard."""
 
@@ -274,6 +357,10 @@ class QueueState:
         self.counters_quarantined = 0
         #: webhook endpoint → the seq up to which it has acknowledged this shard's events
         self.webhook_cursors: dict[str, int] = {}
+        #: while a snapshot is built a slice at a time: ids of messages (and bodies) that
+        #: records applied meanwhile touched (:class:`SnapshotBuild`)
+        self._dirty: set[str] | None = None
+        self._dirty_bodies: set[str] = set()
 
     def apply_or_quarantine(self, rec: Any, lsn: int) -> dict[str, Any] | None:
         """:meth:`apply`, except that a record the queue cannot take (a :class:`StateError`)
@@ -299,6 +386,11 @@ class QueueState:
         A record that does not fit raises :class:`StateError` before it changes anything."""
         if lsn <= self.last_lsn:
             raise StateError(f"record lsn {lsn} not after {self.last_lsn}")
+        if self._dirty is not None and type(rec) is list and len(rec) > 1 and \
+                type(rec[1]) is str:
+            # (marked before applying: a record that fails changes nothing, and one more id
+            # to take again costs nothing)
+            (self._dirty_bodies if rec[0] == REC_BODY else self._dirty).add(rec[1])
         try:
             return self._apply(rec, lsn)
         except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
@@ -684,7 +776,7 @@ class QueueState:
 
     # ------------------------------------------------------------------ snapshots
     def snapshot(self, segments: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
-        """Everything hard about the queue, as plain data (msgpack-able).
+        """Everything hard about the queue, as plain data (msgpack-able), in one go.
 
         ``segments``: ``(first lsn, last lsn, bytes)`` of the log segments that hold frames
         covered by this snapshot (from :meth:`SpoolLog.segment_ranges`). With them, a body
@@ -693,26 +785,22 @@ class QueueState:
         the rest) lists the lsns the log must keep. Bodies in sparse segments (live body
         bytes under a quarter of the segment) are copied in, so those segments can go.
         Without ``segments`` every body is copied in (a backup, a test)."""
-        refs = reference_segments(
-            [(b.lsn, len(b.data)) for b in self.bodies.values() if b.lsn], segments or [])
-        keep: list[int] = []
-        bodies: list[list[Any]] = []
-        for bid, b in self.bodies.items():
-            if b.lsn and refs(b.lsn):
-                keep.append(b.lsn)
-                bodies.append([bid, None, b.lsn])
-            else:
-                # its segment may be dropped once this snapshot is written: from now on the
-                # bytes live in the snapshots
-                if segments is not None:
-                    b.lsn = 0
-                bodies.append([bid, b.data])
-        keep.sort()
+        build = self.snapshot_begin()
+        build.step(None)
+        return build.finish(segments)
+
+    def snapshot_begin(self) -> "SnapshotBuild":
+        """Start a snapshot taken a slice at a time (:class:`SnapshotBuild`), so that a big
+        queue does not hold the event loop for the whole of it: records applied meanwhile
+        mark what they touch, and :meth:`SnapshotBuild.finish` takes those again."""
+        if self._dirty is not None:
+            raise StateError("a snapshot is already being built")
+        self._dirty = set()
+        self._dirty_bodies = set()
+        return SnapshotBuild(self)
+
+    def _snapshot_rest(self) -> dict[str, Any]:
         return {
-            "keep": keep,
-            "lsn": self.last_lsn,
-            "bodies": bodies,
-            "messages": [m.to_snapshot() for m in self.messages.values()],
             "idempotency": [[k, ts, ids] for k, (ts, ids) in self.idempotency.items()],
             "counters": dict(self.counters),
             # the bounded status cache, so status() answers the same after a restart
