@@ -39,10 +39,11 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +54,14 @@ from actors.loop import LoopLag, preload, tune_gc, use_uvloop
 from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.mxguard import AddressGuard
-from cluster.core.replies import (Classification, Outcome, address_refused, classify,
-                                  connection_failure, tls_failure)
+from cluster.core.replies import (
+    Classification,
+    Outcome,
+    address_refused,
+    classify,
+    connection_failure,
+    tls_failure,
+)
 from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ideal_connections
 from cluster.core.tls_policy import BrokenTls, ca_file_for
@@ -99,7 +106,7 @@ def own_addresses(cfg: Config, source: EgressSource) -> set[str]:
         pass
     try:
         out.update(n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive"))
-    except Exception:  # noqa: BLE001 - outside a Ray worker (tests of the pure parts)
+    except Exception:  # noqa: BLE001, S110 - outside a Ray worker (tests of the pure parts)
         pass
     out.update(e.bind_address for e in cfg.egress if e.bind_address)
     if source.bind_address:

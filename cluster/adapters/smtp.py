@@ -16,7 +16,7 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import aiosmtplib
 
@@ -39,7 +39,7 @@ class ConnectFailure(Exception):
     ``all_421`` tells whether every host answered 421 (the site asks us to back off)."""
 
     def __init__(self, code: int | None, text: str, all_421: bool, tried: list[str],
-                 tls: "TlsFailure | None" = None, tls_failures: int = 0) -> None:
+                 tls: TlsFailure | None = None, tls_failures: int = 0) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
@@ -445,9 +445,10 @@ async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: in
     tried: list[str] = []
     tls_failure: TlsFailure | None = None
     tls_failures = 0
-    opts = dict(ehlo_name=ehlo_name, bind_address=bind_address, tls=tls,
-                connect_timeout=connect_timeout, command_timeout=command_timeout,
-                data_timeout=data_timeout, tls_ca_file=tls_ca_file)
+    opts: dict[str, Any] = {"ehlo_name": ehlo_name, "bind_address": bind_address, "tls": tls,
+                            "connect_timeout": connect_timeout,
+                            "command_timeout": command_timeout, "data_timeout": data_timeout,
+                            "tls_ca_file": tls_ca_file}
     for _pref, host, addresses in sorted(hosts, key=lambda h: h[0]):
         for address in addresses:
             tried.append(f"{host}[{address}]")
@@ -456,7 +457,7 @@ async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: in
             try:
                 try:
                     conn = await _try_address(host, address, port, plaintext=fallback,
-                                              **opts)  # type: ignore[arg-type]
+                                              **opts)
                 except _TlsBroken:
                     # Opportunistic TLS: the host offered STARTTLS and the handshake failed.
                     # Postfix tries the same host again without TLS; so do we.
@@ -464,7 +465,7 @@ async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: in
                         broken_tls.mark(host, time.monotonic())
                     fallback = True
                     conn = await _try_address(host, address, port, plaintext=True,
-                                              **opts)  # type: ignore[arg-type]
+                                              **opts)
                 conn.tls_fallback = fallback
                 conn.tls_failures = tls_failures
                 return conn

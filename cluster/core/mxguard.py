@@ -19,14 +19,15 @@ IPv4-mapped IPv6 address (``::ffff:10.0.0.5``) is judged as the IPv4 address it 
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence, Union
+from typing import Any
 
 __all__ = ["AddressGuard", "GuardDecision", "IPAddress", "IPNetwork", "parse_networks",
            "refused_range"]
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: (network, what it is): the first match names the refusal; order matters only for the name
 _REFUSED: tuple[tuple[IPNetwork, str], ...] = tuple(
@@ -101,7 +102,7 @@ class AddressGuard:
     own: frozenset[IPAddress] = frozenset()
 
     @classmethod
-    def build(cls, allow_networks: Iterable[str], own: Iterable[str] = ()) -> "AddressGuard":
+    def build(cls, allow_networks: Iterable[str], own: Iterable[str] = ()) -> AddressGuard:
         mine = set()
         for a in own:
             try:

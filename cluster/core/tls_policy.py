@@ -15,7 +15,7 @@ Pure: no sockets, no clock (``now`` is an argument), no Ray.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 from cluster.core.sites import SiteOverride
 
