@@ -86,6 +86,10 @@ EXPORTED: dict[str, tuple[str, tuple[str, ...], str]] = {
                                               "opened (tls yes/no)"),
     "raymta_relay_results_total": ("counter", ("egress", "outcome", "category"),
                                    "SMTP results by egress source, outcome and category"),
+    "raymta_relay_tls_total": ("counter", ("site", "kind"), "SMTP connections by site (top "
+                               "sites + other) and TLS outcome: tls, plaintext, fallback "
+                               "(plaintext after a failed opportunistic handshake), "
+                               "tls_failures (hosts failing a required TLS policy)"),
     "raymta_connect_failures_total": ("counter", ("egress",), "sites none of whose MX hosts "
                                       "could be used"),
     "raymta_dkim_signatures_total": ("counter", ("egress",), "DKIM signatures made"),
@@ -436,8 +440,27 @@ class MetricsExporter:
                          ("tls",): st.get("tls_connections", 0),
                          ("connect_failures",): st.get("connect_failures", 0),
                          ("dkim",): dk.get("signatures", 0), ("dkim_errors",): dk.get("errors", 0)})
+            for site, kinds in (st.get("tls_sites") or {}).items():
+                for kind, n in kinds.items():
+                    flat[("tls_site", site, kind)] = n
             _sum_into(per_egress.setdefault(egress, {}),
                       self._carry.update(name, st.get("incarnation"), flat))
+        # per-site TLS figures: the top sites by connections keep their label, the rest "other"
+        tls_sites: dict[tuple[str, str], float] = {}
+        for t in per_egress.values():
+            for key, n in t.items():
+                if key[0] == "tls_site":
+                    tls_sites[(key[1], key[2])] = tls_sites.get((key[1], key[2]), 0) + n
+        conns: dict[str, float] = {}
+        for (site, _kind), n in tls_sites.items():
+            conns[site] = conns.get(site, 0) + n
+        keep = set(sorted((s for s in conns if s != "other"), key=lambda s: -conns[s])[:top])
+        by_label: dict[tuple[str, str], float] = {}
+        for (site, kind), n in tls_sites.items():
+            label = (site if site in keep else "other", kind)
+            by_label[label] = by_label.get(label, 0) + n
+        for (site, kind), n in sorted(by_label.items()):
+            f["raymta_relay_tls_total"].add_metric([site, kind], n)
         for egress, t in sorted(per_egress.items()):
             for key, n in sorted(t.items(), key=str):
                 if key[0] == "res":

@@ -20,6 +20,13 @@ VERP: with ``[bounce]`` configured, each message goes out with MAIL FROM = its V
 One-click unsubscribe: mail from a sender domain with ``[[unsubscribe]]`` gets List-Unsubscribe
 and List-Unsubscribe-Post (``cluster.core.unsubscribe``), before DKIM signing.
 
+TLS and the address guard: each site's route is first checked by the MX address guard
+(``cluster.core.mxguard``): a route whose every address is loopback, private, link-local, ... or
+one of the cluster's own (unless ``delivery.allow_networks`` allows it) bounces at once with
+5.4.4, without a lease and without a connection. STARTTLS follows the site's ``tls`` policy
+(``cluster.adapters.smtp``; opportunistic falls back to plaintext on the same host, required
+verifies and defers as a TLS failure); per-site TLS figures are in :meth:`RelayPool.stats`.
+
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
 by what was in flight here). Leases of a dead incarnation are dropped by the throttle when the
@@ -32,10 +39,11 @@ import asyncio
 import concurrent.futures
 import logging
 import os
+import socket
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,9 +53,18 @@ import ray
 from actors.loop import LoopLag, preload, tune_gc, use_uvloop
 from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
-from cluster.core.replies import Classification, Outcome, classify, connection_failure
+from cluster.core.mxguard import AddressGuard
+from cluster.core.replies import (
+    Classification,
+    Outcome,
+    address_refused,
+    classify,
+    connection_failure,
+    tls_failure,
+)
 from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ideal_connections
+from cluster.core.tls_policy import BrokenTls, ca_file_for
 from cluster.core.unsubscribe import add_header_fields, domain_matches, header_fields
 from cluster.core.verp import return_path
 
@@ -69,6 +86,36 @@ _RESEND_AFTER = 2.0
 #: a site at its connection cap is asked for more leases at most this often while this relay
 #: has connections open to it (they drain its queue meanwhile)
 _CAP_RECHECK = 0.5
+#: sites with TLS figures of their own in stats (the rest are summed under "other")
+_TLS_SITES_MAX = 500
+#: the cluster's own addresses are looked up again this often (nodes come and go)
+_OWN_REFRESH = 300.0
+#: TLS figures kept per site
+TLS_KINDS = ("tls", "plaintext", "fallback", "tls_failures")
+
+
+def own_addresses(cfg: Config, source: EgressSource) -> set[str]:
+    """This cluster's addresses, which the MX guard refuses unless allowed: this host's
+    (from its name), every Ray node's, the egress bind addresses and the ingress listeners'.
+    Blocking (a Ray GCS call): run it off the event loop."""
+    out: set[str] = set()
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None):
+            out.add(str(info[4][0]))
+    except OSError:
+        pass
+    try:
+        out.update(n["NodeManagerAddress"] for n in ray.nodes() if n.get("Alive"))
+    except Exception:  # noqa: BLE001, S110 - outside a Ray worker (tests of the pure parts)
+        pass
+    out.update(e.bind_address for e in cfg.egress if e.bind_address)
+    if source.bind_address:
+        out.add(source.bind_address)
+    ing = cfg.ingress
+    for hp in (*ing.submission, *ing.submissions, *ing.http):
+        out.add(hp.rpartition(":")[0].strip("[]"))
+    out.discard("")
+    return out
 
 
 class _Call:
@@ -109,6 +156,11 @@ class _Site:
     ask_after: float = 0.0        # at the site's cap: do not ask again before (monotonic)
     delivered: int = 0
     failed: int = 0
+    #: the address guard's view of ``hosts`` (recomputed when the route changes)
+    guard_of: list[list[Any]] | None = None
+    usable_hosts: list[list[Any]] = field(default_factory=list)
+    refusal: Classification | None = None
+    ca_file: str = ""
 
 
 def _result(item: list[Any], c: Classification, host: str) -> list[Any]:
@@ -149,7 +201,18 @@ class RelayPool:
         self._sent = 0       # of those, handed to Ray (as of the last flush)
         self._flushed: asyncio.Future | None = None
         self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
-                         "tls_connections": 0, "connect_failures": 0}
+                         "tls_connections": 0, "connect_failures": 0, "tls_fallbacks": 0,
+                         "tls_failures": 0, "guard_refused": 0}
+        #: per site: connections with TLS, in plaintext, plaintext after a failed handshake,
+        #: hosts that failed a required TLS policy (bounded: the oldest go into "other")
+        self.tls_sites: OrderedDict[str, dict[str, int]] = OrderedDict()
+        #: opportunistic TLS: MX hosts whose handshake failed, sent to in plaintext a while
+        self.broken_tls = BrokenTls(config.delivery.tls_broken_ttl)
+        self._own_at = time.monotonic()
+        self.guard = AddressGuard.build(config.delivery.allow_networks,
+                                        own_addresses(config, source))
+        #: (host, port) of [routes]: an operator's own choice, not guarded
+        self._static = {(r.host, r.port) for r in config.routes}
         from actors.metrics import loop_lag_reporter
         self.loop_lag = LoopLag(report=loop_lag_reporter(name, config.metrics.enabled))
         from cluster.adapters.dkim_keys import signer_from_config
@@ -238,9 +301,16 @@ class RelayPool:
         batch = msgpack.unpackb(payload, raw=False)
         call = _Call(self, reply_to)
         mine: list[str] = []
+        refused: list[tuple[list[Any], Classification]] = []
         for site_name, spec in batch.items():
             s = self._site(site_name, spec)
+            refusal = self._guard(s)
             for item in spec["items"]:
+                if refusal is not None and item[0] not in self._holding:
+                    # no address may be used: bounce now, without a lease or a connection
+                    call.expected += 1
+                    refused.append((item, refusal))
+                    continue
                 if item[0] in self._holding:
                     # already here from an earlier batch (a shard leader that restarted hands
                     # out again what its predecessor had sent): that one's result will come
@@ -252,6 +322,10 @@ class RelayPool:
                 s.queue.append((item, call))
                 call.expected += 1
             self._start_workers(s)
+        for item, c in refused:      # once call.expected is complete
+            call.add(_result(item, c, ""))
+            self.counters["permanent"] += 1
+            self.counters["guard_refused"] += 1
         try:
             if call.expected:
                 await call.finished.wait()
@@ -322,6 +396,38 @@ class RelayPool:
         if wire != s.limits_wire:
             s.limits, s.limits_wire = limits_from_wire(wire), wire
         return s
+
+    def _guard(self, s: _Site) -> Classification | None:
+        """The MX address guard for the site's route (cached until the route changes): the
+        hosts and addresses that may be used go to ``s.usable_hosts``; when none may, the
+        permanent 5.4.4 classification every message for the site gets."""
+        if s.guard_of is s.hosts:
+            return s.refusal
+        s.guard_of = s.hosts
+        s.ca_file = ca_file_for(s.name, [h[1] for h in s.hosts], self.cfg.sites,
+                                self.cfg.delivery.tls_ca_file)
+        if s.hosts and all((h[1], s.port) in self._static for h in s.hosts):
+            s.usable_hosts, s.refusal = s.hosts, None
+            return None
+        d = self.guard.check_route(s.hosts)
+        s.usable_hosts = d.hosts
+        s.refusal = address_refused(d.refusal) if d.refusal else None
+        if d.refused and d.refusal is None:
+            self.counters["guard_dropped"] = self.counters.get("guard_dropped", 0) + d.refused
+        return s.refusal
+
+    def _tls_count(self, site: str, kind: str, n: int = 1) -> None:
+        t = self.tls_sites.get(site)
+        if t is None:
+            t = self.tls_sites[site] = dict.fromkeys(TLS_KINDS, 0)
+            while len(self.tls_sites) > _TLS_SITES_MAX:
+                # the oldest site's figures join "other": totals stay monotonic
+                old_name, old = next((k, v) for k, v in self.tls_sites.items() if k != "other")
+                del self.tls_sites[old_name]
+                o = self.tls_sites.setdefault("other", dict.fromkeys(TLS_KINDS, 0))
+                for k, v in old.items():
+                    o[k] += v
+        t[kind] += n
 
     def _start_workers(self, s: _Site) -> None:
         s.wake.set()
@@ -430,11 +536,15 @@ class RelayPool:
     async def _connection(self, s: _Site, lease: int) -> None:
         d = self.cfg.delivery
         try:
-            conn = await connect_site(s.hosts, s.port, ehlo_name=self.source.ehlo_name,
+            if self._guard(s) is not None:     # the route changed to one the guard refuses
+                self._defer_queued(s, connection_failure("route refused by the MX guard"))
+                return
+            conn = await connect_site(s.usable_hosts, s.port, ehlo_name=self.source.ehlo_name,
                                       bind_address=self.source.bind_address, tls=s.limits.tls,
                                       connect_timeout=d.connect_timeout,
                                       command_timeout=d.command_timeout,
-                                      data_timeout=d.data_timeout)
+                                      data_timeout=d.data_timeout, tls_ca_file=s.ca_file,
+                                      broken_tls=self.broken_tls)
         except ConnectFailure as e:
             self.counters["connect_failures"] += 1
             self.metrics.connect_failures.inc(1, self.metrics.tags)
@@ -443,6 +553,12 @@ class RelayPool:
                 connection_failure(e.text)
             if c.outcome != Outcome.TRANSIENT:
                 c = connection_failure(e.text)   # no host answered: always worth retrying
+            if e.tls is not None:
+                # the site's required TLS policy failed: a TLS failure, never plaintext
+                self.counters["tls_failures"] += e.tls_failures
+                self._tls_count(s.name, "tls_failures", e.tls_failures)
+                c = tls_failure(e.tls.text, no_starttls=e.tls.no_starttls)
+                log.warning("%s: %s", s.name, e.tls.text)
             if e.all_421:
                 self._feedback.append((s.throttle, s.name, "backoff", e.text))
             # Postfix marks the destination dead and defers its queue; so do we.
@@ -450,6 +566,13 @@ class RelayPool:
             return
         self.counters["connections"] += 1
         self.counters["tls_connections"] += conn.tls
+        self.counters["tls_fallbacks"] += conn.tls_fallback
+        self.counters["tls_failures"] += conn.tls_failures
+        self._tls_count(s.name, "tls" if conn.tls else "plaintext")
+        if conn.tls_fallback:
+            self._tls_count(s.name, "fallback")
+        if conn.tls_failures:
+            self._tls_count(s.name, "tls_failures", conn.tls_failures)
         host = f"{conn.host}[{conn.address}]"
         limit = s.limits.deliveries_per_connection
         carry: tuple[list[Any], _Call] | None = None   # next message, its envelope sent ahead
@@ -593,6 +716,12 @@ class RelayPool:
                         self.sites[site].refused.update(ids)
             self.metrics.set_state(sum(len(s.leases) for s in self.sites.values()),
                                    self.counters, self.signer and self._dkim_counters())
+            if time.monotonic() - self._own_at > _OWN_REFRESH:
+                self._own_at = time.monotonic()
+                own = await asyncio.to_thread(own_addresses, self.cfg, self.source)
+                self.guard = AddressGuard.build(self.cfg.delivery.allow_networks, own)
+                for st in self.sites.values():
+                    st.guard_of = None
             # forget idle sites so the table stays bounded
             for name in [n for n, s in self.sites.items()
                          if not s.queue and not s.workers and not s.leases]:
@@ -628,6 +757,8 @@ class RelayPool:
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
                 "dkim": dkim, "egress": self.source.name, "results": self.metrics.snapshot(),
                 "loop_lag": self.loop_lag.snapshot(),
+                "tls_sites": {n: dict(t) for n, t in self.tls_sites.items()},
+                "tls_broken_hosts": len(self.broken_tls),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases)} for n, s in self.sites.items()}}
 

@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from cluster.core.bounce_rules import RuleError, RuleSet, rules_from_toml
 from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
+from cluster.core.mxguard import parse_networks
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
@@ -178,6 +179,16 @@ class DeliveryConfig:
     #: s/1k against 0.59). Raise it when a throttle's loop lag or CPU grows (many sites, many
     #: nodes).
     throttle_actors: int = 1
+    #: networks MX hosts and address literals may resolve to although they are loopback,
+    #: private, link-local, CGNAT, ... or the cluster's own addresses (cluster/core/mxguard.py;
+    #: tests and the demo allow 127.0.0.0/8). Empty: only public addresses are used.
+    allow_networks: tuple[str, ...] = ()
+    #: CA certificates (PEM file) that verify MX hosts of sites with tls = "required"; ""
+    #: = the system's CAs. [[site]] tls_ca_file overrides it per site.
+    tls_ca_file: str = ""
+    #: an MX host whose STARTTLS handshake failed is sent to in plaintext (opportunistic TLS)
+    #: without trying TLS again for this long
+    tls_broken_ttl: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -665,12 +676,36 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=65535)
         elif f.name == "throttle_actors":
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=64)
+        elif f.name == "allow_networks":
+            kw[f.name] = _networks(raw[f.name], key)
+        elif f.name == "tls_ca_file":
+            kw[f.name] = _ca_file(raw[f.name], key)
         else:
             kw[f.name] = _dur(raw[f.name], key)
     out = replace(d, **kw)
     if out.site_backoff_max < out.site_backoff:
         raise ConfigError(f"{w}.site_backoff_max", "must be >= delivery.site_backoff")
     return out
+
+
+def _networks(v: Any, key: str) -> tuple[str, ...]:
+    """A list of networks ("127.0.0.0/8", "::1"), kept as canonical text."""
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise ConfigError(key, f"expected a list of networks such as '127.0.0.0/8', got {v!r}")
+    try:
+        return tuple(str(n) for n in parse_networks([_str(x, f"{key}[{i}]")
+                                                     for i, x in enumerate(v)], key))
+    except ValueError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def _ca_file(v: Any, key: str) -> str:
+    path = _str(v, key)
+    if path and not os.path.isfile(path):
+        raise ConfigError(key, f"CA file not found: {path!r}")
+    return path
 
 
 def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
@@ -706,6 +741,8 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
 
 _LIMIT_KEYS = {"rate", "max_connections", "deliveries_per_connection", "tls", "dedicated",
                "sources"}
+#: [[site]] keys that are not limits
+_SITE_KEYS = {"domain", "mx_suffix", "tls_ca_file"}
 
 
 def _parse_limits(raw: Mapping[str, Any], base: SiteLimits, w: str,
@@ -761,13 +798,15 @@ def _parse_sites(raw: Any, defaults: SiteLimits,
         w = f"site[{i}]"
         if not isinstance(s, Mapping):
             raise ConfigError(w, "expected a table")
-        _check_keys(s, _LIMIT_KEYS | {"domain", "mx_suffix"}, w)
+        _check_keys(s, _LIMIT_KEYS | _SITE_KEYS, w)
         domain = _str(s.get("domain", ""), f"{w}.domain").lower().rstrip(".")
         suffix = _str(s.get("mx_suffix", ""), f"{w}.mx_suffix").lower().rstrip(".")
         if bool(domain) == bool(suffix):
             raise ConfigError(w, "give exactly one of 'domain' or 'mx_suffix'")
         out.append(SiteOverride(limits=_parse_limits(s, defaults, w, egress), domain=domain,
-                                mx_suffix=suffix))
+                                mx_suffix=suffix,
+                                tls_ca_file=_ca_file(s.get("tls_ca_file", ""),
+                                                     f"{w}.tls_ca_file")))
     return tuple(out)
 
 

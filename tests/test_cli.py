@@ -132,6 +132,7 @@ def config_toml(spool: Path, dns_port: int, smtp_port: int) -> str:
 
         [delivery]
         smtp_port = {smtp_port}
+        allow_networks = ["127.0.0.0/8"]
         connect_timeout = "2s"
         command_timeout = "10s"
         idle_timeout = "1s"

@@ -229,6 +229,10 @@ def test_exporter_serves_every_family_with_true_figures(cluster):
         assert total(s, "raymta_shard_copies_in_sync") == mc.cfg.queue.shards * 3
         assert total(s, "raymta_nodes_alive") == 1
         assert total(s, "raymta_relay_connections_opened_total", tls="no") > 0
+        # per-site TLS figures: the sinks offer no STARTTLS, so every connection is plaintext
+        assert total(s, "raymta_relay_tls_total", kind="plaintext") == \
+            total(s, "raymta_relay_connections_opened_total")
+        assert len({dict(lb)["site"] for lb in s["raymta_relay_tls_total"]} - {"other"}) <= 5
         assert all(v > 0 for v in s["raymta_spool_size_bytes"].values())
         assert total(s, "raymta_throttle_granted_total") >= n
         assert time.time() - total(s, "raymta_exporter_last_gather_timestamp_seconds") < 10

@@ -1,14 +1,15 @@
 """MX resolution: turn a recipient domain into a delivery :class:`Route` (RFC 5321 §5.1, RFC 7505).
 
 Role: the DNS I/O adapter the SiteThrottle actors use to learn where a domain's mail goes.
-Owns: the MX → A/AAAA lookup sequence, implicit MX (no MX: the domain's own address records,
+Owns: the MX → A/AAAA lookup sequence, address literals (``user@[192.0.2.1]``: a route to
+that address, no lookup), implicit MX (no MX: the domain's own address records,
 preference 0), null MX (RFC 7505: "0 ." means the domain accepts no mail), the mapping of DNS
 outcomes to permanent/transient :class:`DnsFailure` kinds, and a bounded TTL cache of routes,
 failures (negative caching) and MX host addresses.
 Must not: decide what a failure *means* for a message (bounce, defer, for how long: that is the
 pure core's retry/bounce policy), filter addresses by policy (a route to a loopback or private
-address is reported as DNS says it; refusing to deliver there is the delivery policy's call,
-and the tests and demo deliberately route to loopback sinks), open SMTP connections, or touch
+address, or an address literal, is reported as given; refusing to deliver there is the MX
+address guard's call, ``cluster.core.mxguard``, applied by the relay), open SMTP connections, or touch
 the system resolver configuration when explicit nameservers are given.
 
 Time is an argument (``now``, seconds since the epoch as from :func:`time.time`): every
@@ -39,6 +40,7 @@ __all__ = [
     "MxHost",
     "MxResolver",
     "Route",
+    "address_literal_route",
     "normalize_domain",
 ]
 
@@ -132,6 +134,26 @@ class DnsFailure(Exception):
 def _rebuild_failure(kind: FailureKind, domain: str, permanent: bool, expires_at: float,
                      detail: str) -> DnsFailure:
     return DnsFailure(kind, domain, permanent=permanent, expires_at=expires_at, detail=detail)
+
+
+def address_literal_route(domain: str, now: float, ttl: float) -> Route | DnsFailure | None:
+    """RFC 5321 §4.1.3 / §5.1: a recipient domain that is an address literal (``[192.0.2.1]``,
+    ``[IPv6:2001:db8::1]``) is delivered to that address, no DNS asked. None when ``domain`` is
+    not a literal. Whether the address may be used is the MX guard's call (the relay's)."""
+    d = domain.strip()
+    if not (d.startswith("[") and d.endswith("]")):
+        return None
+    inner = d[1:-1]
+    text = inner[5:] if inner[:5].lower() == "ipv6:" else inner
+    try:
+        addr = ipaddress.ip_address(text)
+        if (addr.version == 6) != (inner[:5].lower() == "ipv6:"):
+            raise ValueError("an IPv6 literal needs the 'IPv6:' tag, an IPv4 one none")
+    except ValueError as e:
+        return DnsFailure("nxdomain", domain, permanent=True, expires_at=now + ttl,
+                          detail=f"invalid address literal ({e})")
+    name = f"[IPv6:{addr}]" if addr.version == 6 else f"[{addr}]"
+    return Route(name, (MxHost(0, name, (str(addr),)),), True, now + ttl)
 
 
 def normalize_domain(domain: str) -> str:
@@ -288,6 +310,9 @@ class MxResolver:
 
     # ------------------------------------------------------------------ caching layer
     async def _resolve_cached(self, domain: str, now: float) -> Route | DnsFailure:
+        literal = address_literal_route(domain, now, self.max_ttl)
+        if literal is not None:
+            return literal
         try:
             key = normalize_domain(domain)
             if not key:

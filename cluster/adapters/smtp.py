@@ -2,7 +2,9 @@
 
 Owns: opening a connection to a site (hosts in MX preference order, each address in turn,
 failing over on connect errors and 421 greetings, RFC 5321 §5.1), EHLO, STARTTLS by policy
-(these with aiosmtplib), and one transaction per message (MAIL, RCPT, DATA; pipelined in one
+(these with aiosmtplib; the policy's pure half is ``cluster.core.tls_policy``: opportunistic
+falls back to plaintext on the same host when the handshake fails, required verifies the chain
+and the host name and never falls back), and one transaction per message (MAIL, RCPT, DATA; pipelined in one
 write when the server offers PIPELINING, RFC 2920) returning the raw reply of the step that
 decided it. What a reply *means* is decided by ``cluster.core.replies``, not here.
 """
@@ -11,13 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import aiosmtplib
 
-__all__ = ["Attempt", "ConnectFailure", "SmtpConnection", "connect_site"]
+from cluster.core.tls_policy import BrokenTls, tls_server_name, verify_text
+
+__all__ = ["Attempt", "ConnectFailure", "SmtpConnection", "TlsFailure", "connect_site"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +38,34 @@ class ConnectFailure(Exception):
     """No host of the site could be used. ``code``/``text`` are those of the last host tried;
     ``all_421`` tells whether every host answered 421 (the site asks us to back off)."""
 
-    def __init__(self, code: int | None, text: str, all_421: bool, tried: list[str]) -> None:
+    def __init__(self, code: int | None, text: str, all_421: bool, tried: list[str],
+                 tls: TlsFailure | None = None, tls_failures: int = 0) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
         self.all_421 = all_421
         self.tried = tried
+        #: the first failure of the site's required TLS policy, if a host failed it (the
+        #: message is then deferred as a TLS failure, whatever the other hosts did)
+        self.tls = tls
+        #: hosts that failed the required TLS policy
+        self.tls_failures = tls_failures
+
+
+class TlsFailure(Exception):
+    """A host could not meet the site's required TLS policy: no STARTTLS offered
+    (``no_starttls``), or the handshake or certificate check failed (``verify`` tells the
+    latter). ``text`` says which host and why, without the enhanced code."""
+
+    def __init__(self, text: str, *, no_starttls: bool = False, verify: bool = False) -> None:
+        super().__init__(text)
+        self.text = text
+        self.no_starttls = no_starttls
+        self.verify = verify
+
+
+class _TlsBroken(Exception):
+    """An opportunistic STARTTLS handshake failed: the caller retries the host in plaintext."""
 
 
 def _insecure_tls() -> ssl.SSLContext:
@@ -51,6 +78,17 @@ def _insecure_tls() -> ssl.SSLContext:
 
 
 _TLS_CTX: ssl.SSLContext | None = None
+#: verifying contexts by CA file ("" = the system CAs); as many as the config names
+_VERIFY_CTX: dict[str, ssl.SSLContext] = {}
+
+
+def _verifying_tls(ca_file: str) -> ssl.SSLContext:
+    """Chain and host name checked (RFC 6125 via ``ssl``): against ``ca_file`` only when one is
+    given, else the system's CAs."""
+    ctx = _VERIFY_CTX.get(ca_file)
+    if ctx is None:
+        ctx = _VERIFY_CTX[ca_file] = ssl.create_default_context(cafile=ca_file or None)
+    return ctx
 
 
 class _Wire(asyncio.Protocol):
@@ -204,6 +242,10 @@ class SmtpConnection:
         self.eightbit = eightbit
         self.smtputf8 = smtputf8
         self.tls = tls
+        #: opportunistic TLS: this session is plaintext because the host's handshake failed
+        self.tls_fallback = False
+        #: hosts skipped before this one because they failed the required TLS policy
+        self.tls_failures = 0
         self.timeout = timeout
         #: the wait for the reply to the final dot: RFC 5321 §4.5.3.2.6 asks for 10 minutes
         #: (a receiver may scan the content first; giving up sooner sends the message again)
@@ -325,7 +367,10 @@ class SmtpConnection:
 
 async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bind_address: str,
                        tls: str, connect_timeout: float, command_timeout: float,
-                       data_timeout: float = 600.0) -> SmtpConnection:
+                       data_timeout: float = 600.0, tls_ca_file: str = "",
+                       plaintext: bool = False) -> SmtpConnection:
+    """One session to one address. ``plaintext``: do not try STARTTLS (opportunistic TLS to a
+    host whose handshake is known to fail)."""
     global _TLS_CTX
     client = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=ehlo_name,
                              source_address=(bind_address, 0) if bind_address else None,
@@ -334,16 +379,30 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
     try:
         await client.ehlo()
         secure = False
-        if tls != "disabled" and client.supports_extension("starttls"):
-            if _TLS_CTX is None:
-                _TLS_CTX = _insecure_tls()
-            await client.starttls(tls_context=_TLS_CTX, server_hostname=host)
+        offered = client.supports_extension("starttls")
+        if tls == "required" and not offered:
+            raise TlsFailure(f"TLS required: {host} [{address}] does not offer STARTTLS",
+                             no_starttls=True)
+        if tls != "disabled" and offered and not plaintext:
+            if tls == "required":
+                ctx = _verifying_tls(tls_ca_file)
+            else:
+                if _TLS_CTX is None:
+                    _TLS_CTX = _insecure_tls()
+                ctx = _TLS_CTX
+            try:
+                await client.starttls(tls_context=ctx, server_hostname=tls_server_name(host))
+            except ssl.SSLCertVerificationError as e:
+                raise TlsFailure(verify_text(host, address, e.verify_message, e.verify_code),
+                                 verify=True) from None
+            except (ssl.SSLError, aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+                if tls == "required":
+                    raise TlsFailure(f"TLS required: STARTTLS with {host} [{address}] failed: "
+                                     f"{_short(e)}") from None
+                raise _TlsBroken(f"{host} [{address}]: {_short(e)}") from None
             # RFC 3207 §4.2: forget what the server said before TLS and ask again
             await client.ehlo()
             secure = True
-        elif tls == "required":
-            raise aiosmtplib.SMTPResponseException(
-                421, f"4.7.10 {host} does not offer STARTTLS and this site requires TLS")
         # the session is set up: transactions go over the same transport, our protocol
         transport = client.transport
         if transport is None or transport.is_closing():
@@ -360,31 +419,66 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
         raise
 
 
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
 async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: int, *,
                        ehlo_name: str, bind_address: str = "", tls: str = "opportunistic",
                        connect_timeout: float = 30.0, command_timeout: float = 60.0,
-                       data_timeout: float = 600.0) -> SmtpConnection:
+                       data_timeout: float = 600.0, tls_ca_file: str = "",
+                       broken_tls: BrokenTls | None = None) -> SmtpConnection:
     """Connect to the first usable host, walking MX hosts in preference order.
 
     Fails over on connection errors, timeouts and 4xx/5xx greetings or EHLO replies, as
-    RFC 5321 §5.1 asks ("try the next MX"); raises :class:`ConnectFailure` when all fail."""
+    RFC 5321 §5.1 asks ("try the next MX"); raises :class:`ConnectFailure` when all fail.
+
+    TLS (``tls``): "opportunistic" retries a host whose STARTTLS handshake failed in plaintext
+    at once (and, with ``broken_tls``, goes straight to plaintext with it for a while; the
+    connection then says ``tls_fallback``); "required" verifies with ``tls_ca_file`` (""
+    = system CAs) and fails the host over to the next one on any TLS failure, never sending
+    in plaintext; "disabled" never starts TLS."""
     last_code: int | None = None
     last_text = "no MX host has an address"
     all_421 = True
     tried: list[str] = []
+    tls_failure: TlsFailure | None = None
+    tls_failures = 0
+    opts: dict[str, Any] = {"ehlo_name": ehlo_name, "bind_address": bind_address, "tls": tls,
+                            "connect_timeout": connect_timeout,
+                            "command_timeout": command_timeout, "data_timeout": data_timeout,
+                            "tls_ca_file": tls_ca_file}
     for _pref, host, addresses in sorted(hosts, key=lambda h: h[0]):
         for address in addresses:
             tried.append(f"{host}[{address}]")
+            fallback = (tls == "opportunistic" and broken_tls is not None
+                        and broken_tls.is_broken(host, time.monotonic()))
             try:
-                return await _try_address(host, address, port, ehlo_name=ehlo_name,
-                                          bind_address=bind_address, tls=tls,
-                                          connect_timeout=connect_timeout,
-                                          command_timeout=command_timeout,
-                                          data_timeout=data_timeout)
+                try:
+                    conn = await _try_address(host, address, port, plaintext=fallback,
+                                              **opts)
+                except _TlsBroken:
+                    # Opportunistic TLS: the host offered STARTTLS and the handshake failed.
+                    # Postfix tries the same host again without TLS; so do we.
+                    if broken_tls is not None:
+                        broken_tls.mark(host, time.monotonic())
+                    fallback = True
+                    conn = await _try_address(host, address, port, plaintext=True,
+                                              **opts)
+                conn.tls_fallback = fallback
+                conn.tls_failures = tls_failures
+                return conn
+            except TlsFailure as e:
+                tls_failures += 1
+                tls_failure = tls_failure or e
+                last_code, last_text = None, e.text
+                all_421 = False
             except aiosmtplib.SMTPResponseException as e:
                 last_code, last_text = e.code, f"{host}[{address}] said: {e.code} {e.message}"
                 all_421 = all_421 and e.code == 421
             except (aiosmtplib.SMTPException, OSError, TimeoutError) as e:
                 last_code, last_text = None, f"{host}[{address}]:{port}: {e}"
                 all_421 = False
-    raise ConnectFailure(last_code, last_text, all_421 and bool(tried), tried)
+    raise ConnectFailure(last_code, last_text, all_421 and bool(tried), tried,
+                         tls=tls_failure, tls_failures=tls_failures)

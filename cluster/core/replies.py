@@ -33,11 +33,13 @@ __all__ = [
     "Classification",
     "Outcome",
     "Reply",
+    "address_refused",
     "classify",
     "connection_failure",
     "dns_failure",
     "expired",
     "parse_reply",
+    "tls_failure",
 ]
 
 
@@ -362,6 +364,25 @@ def connection_failure(text: str) -> Classification:
     enh = next((e for pat, e in _CONNECTION_CODES if pat.search(text or "")), "4.4.0")
     return Classification(Outcome.TRANSIENT, "no-answer", None, enh,
                           text or "connection failed", False, rule="connection-failure")
+
+
+def tls_failure(text: str, *, no_starttls: bool = False) -> Classification:
+    """The site's TLS policy could not be met: STARTTLS not offered (X.7.10 encryption
+    needed, RFC 5248), or the handshake or the certificate check failed (X.7.5 cryptographic
+    failure). Transient (the receiver may fix its certificate, an operator its CA file), never
+    a reason to send in plaintext; category auth-failure, class soft (nothing is wrong with
+    the recipient or the sender)."""
+    enh = "4.7.10" if no_starttls else "4.7.5"
+    return Classification(Outcome.TRANSIENT, "auth-failure", None, enh, text, False,
+                          bounce_class="soft", rule="tls-policy")
+
+
+def address_refused(text: str) -> Classification:
+    """Every address of the route is one raymta refuses to connect to (loopback, private,
+    its own: :mod:`cluster.core.mxguard`). Permanent (the domain's DNS points there; retrying
+    changes nothing until it is fixed), X.4.4 unable to route, category routing."""
+    return Classification(Outcome.PERMANENT, "routing", None, "5.4.4", text, False,
+                          rule="mx-guard")
 
 
 def expired(text: str = "") -> Classification:

@@ -67,6 +67,8 @@ class SiteOverride:
     limits: SiteLimits
     domain: str = ""
     mx_suffix: str = ""
+    #: CA file verifying this site's MX hosts when its TLS is required ("" = the default)
+    tls_ca_file: str = ""
 
 
 @dataclass(frozen=True)
