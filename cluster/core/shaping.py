@@ -34,11 +34,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 from cluster.core.ratespec import RateSpec, format_duration, parse_duration
+from cluster.core.replies import Classification, Outcome
 from cluster.core.sites import SiteLimits
 
 __all__ = ["ShapingRule", "ShapingRules", "ShapingEngine", "Action", "ShapingError",
            "ACTIONS", "rules_from_toml", "apply_limits", "own_text", "source_key",
-           "split_key"]
+           "split_key", "reshape"]
 
 ACTIONS = ("suspend", "set_limits", "bounce", "transient")
 _KEYS = {"name", "provider", "code", "enhanced", "text", "action", "duration", "trigger",
@@ -442,3 +443,20 @@ class ShapingEngine:
     def in_force(self, now: float) -> list[Action]:
         return sorted((a for a in self.active.values() if a.until > now),
                       key=lambda a: (a.key, a.action))
+
+
+def reshape(rules: ShapingRules | None, site: str, c: Classification) -> Classification:
+    """A :class:`cluster.core.replies.Classification` as the rules' ``bounce`` / ``transient``
+    actions re-classify it (unchanged when none matches): bounce makes a transient reply
+    permanent; transient makes a permanent reply transient and never slows the site."""
+    if rules is None or c.code is None or c.outcome is Outcome.DELIVERED:
+        return c
+    what = rules.outcome(site, c.code, c.enhanced, c.text)
+    if what is None:
+        return c
+    if what == "bounce":
+        return replace(c, outcome=Outcome.PERMANENT, site_backoff=False,
+                       bounce_class=c.bounce_class if c.bounce_class != "soft" else "block",
+                       rule=c.rule or "shaping")
+    return replace(c, outcome=Outcome.TRANSIENT, site_backoff=False,
+                   bounce_class="soft" if c.bounce_class in ("hard", "block") else c.bounce_class)
