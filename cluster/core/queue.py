@@ -320,7 +320,8 @@ class QueueState:
         kind = rec[0]
         if kind != REC_ACCEPT and kind != REC_MESSAGE and kind not in _RECORD_LENGTHS:
             raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
-        if kind in _RECORD_LENGTHS and len(rec) != _RECORD_LENGTHS[kind]:
+        if kind in _RECORD_LENGTHS and len(rec) != _RECORD_LENGTHS[kind] and not (
+                kind == REC_PAUSE and len(rec) == 5):   # a shaping rule's pause
             raise StateError(f"record {kind!r} at lsn {lsn} has {len(rec)} fields, not "
                              f"{_RECORD_LENGTHS[kind]}")
         if kind == REC_SUPPRESS or kind == REC_REPORT:
