@@ -476,6 +476,8 @@ class MetricsExporter:
             f["raymta_throttle_connection_leases"].add_metric(
                 [name], sum(s.get("connections", 0) for s in sites.values()))
 
+        for r in self.cfg.shaping.rules.rules if self.cfg.shaping.enabled else ():
+            fired.setdefault(f"{r.name}|{r.provider or 'other'}", 0)   # every rule, from 0
         for key, n in sorted(fired.items()):
             rule, _, provider = str(key).partition("|")
             f["raymta_shaping_rules_fired_total"].add_metric([rule, provider or "other"], n)
