@@ -10,8 +10,7 @@ import pytest
 
 from cluster.config import ConfigError, parse_config, shipped_shaping_rules
 from cluster.core.replies import Outcome, classify
-from cluster.core.shaping import (ShapingEngine, ShapingError, apply_limits, reshape,
-                                  rules_from_toml)
+from cluster.core.shaping import ShapingEngine, ShapingError, apply_limits, reshape, rules_from_toml
 from cluster.core.sites import SiteLimits
 from cluster.core.throttle import ThrottleBook
 

@@ -30,16 +30,28 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from cluster.core.ratespec import RateSpec, format_duration, parse_duration
 from cluster.core.replies import Classification, Outcome
 from cluster.core.sites import SiteLimits
 
-__all__ = ["ShapingRule", "ShapingRules", "ShapingEngine", "Action", "ShapingError",
-           "ACTIONS", "rules_from_toml", "apply_limits", "own_text", "source_key",
-           "split_key", "reshape"]
+__all__ = [
+    "ACTIONS",
+    "Action",
+    "ShapingEngine",
+    "ShapingError",
+    "ShapingRule",
+    "ShapingRules",
+    "apply_limits",
+    "own_text",
+    "reshape",
+    "rules_from_toml",
+    "source_key",
+    "split_key",
+]
 
 ACTIONS = ("suspend", "set_limits", "bounce", "transient")
 _KEYS = {"name", "provider", "code", "enhanced", "text", "action", "duration", "trigger",
@@ -79,9 +91,9 @@ class ShapingRule:
     pattern: re.Pattern[str] | None = field(default=None, compare=False, repr=False)
 
     def matches_code(self, code: int | None, enhanced: str | None) -> bool:
-        if self.code is not None:
-            if code is None or not all(p in ("x", c) for p, c in zip(self.code, f"{code:03d}")):
-                return False
+        if self.code is not None and (
+                code is None or not all(p in ("x", c) for p, c in zip(self.code, f"{code:03d}"))):
+            return False
         if self.enhanced is not None:
             if enhanced is None:
                 return False
@@ -131,7 +143,7 @@ class Action:
                 "text": self.text}
 
     @classmethod
-    def from_wire(cls, w: Mapping[str, Any]) -> "Action":
+    def from_wire(cls, w: Mapping[str, Any]) -> Action:
         return cls(str(w["rule"]), str(w["action"]), str(w["key"]), float(w["until"]),
                    float(w.get("fired_at", 0.0)), tuple(w.get("rates", ())),
                    int(w.get("max_connections", 0)), int(w.get("deliveries_per_connection", 0)),
