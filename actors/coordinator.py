@@ -49,6 +49,7 @@ from cluster.core.queue_shape import queue_shape as sampled_shape
 from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
 from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
+from cluster.core.shaping import Action, apply_limits
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -688,6 +689,8 @@ class QueueCoordinator:
                 d[1].append(domain)
         if recs:
             self._enqueue(recs)
+        if st.shaping:   # shaping rules' set_limits in force lower their sites' limits
+            self._shaped_limits(demand, now)
         # 3. grants, one call per throttle actor; with them, in-flight counts that went down
         # for sites with nothing ready here (ready 0: a report only)
         shared = self.cfg.delivery.throttle_actors
@@ -1186,6 +1189,28 @@ class QueueCoordinator:
         n = sum(1 for m in self.state.messages.values()
                 if m.domain == key.lower() or m.site == key.lower())
         return {"shard": self.shard, "site": key.lower(), "until": until, "messages": n}
+
+    def _shaped_limits(self, demand: dict[str, list[Any]], now: float) -> None:
+        for a in self.state.shaping_in_force(now):
+            d = demand.get(a["key"]) if a["action"] == "set_limits" else None
+            if d is not None:
+                d[2] = SiteInfo(d[2].key, apply_limits(d[2].limits, Action.from_wire(a)))
+
+    async def shaping(self, key: str, until: float, action: dict[str, Any]) -> int:
+        """A shaping rule's action fired (``until`` > now) or ended (``until`` 0), from the
+        site's throttle: a durable pause record with the action (cluster/core/queue.py), so
+        a suspend holds across restarts of the throttle and of this leader. Idempotent."""
+        await self._until_serving()
+        cur = self.state.shaping.get(f"{action['action']}:{key}")
+        if until and cur is not None and cur.get("until") == until:
+            return 0   # a retried call: already recorded
+        await self._commit([q.pause_record(key, float(until), time.time(), action)])
+        return 1
+
+    async def shaping_state(self) -> list[dict[str, Any]]:
+        """Shaping actions in force on this shard (a restarted throttle adopts its own)."""
+        await self._until_serving()
+        return self.state.shaping_in_force(time.time())
 
     async def retry_now(self, key: str) -> int:
         """Deferred messages for a domain or site become ready now (``raymta retry``)."""

@@ -100,6 +100,9 @@ EXPORTED: dict[str, tuple[str, tuple[str, ...], str]] = {
     "raymta_throttle_suspensions_total": ("counter", ("throttle",), "sites paused after a "
                                           "reply asked to slow down"),
     "raymta_throttle_sites_paused": ("gauge", ("throttle",), "sites in backoff now"),
+    "raymta_shaping_rules_fired_total": ("counter", ("rule", "provider"), "shaping rules "
+                                         "fired (provider: the site's, or other)"),
+    "raymta_shaping_rules_active": ("gauge", ("action",), "shaping actions in force now"),
     "raymta_throttle_connection_leases": ("gauge", ("throttle",), "connection leases held"),
     "raymta_spool_free_bytes": ("gauge", ("node",), "free bytes on the spool filesystem"),
     "raymta_spool_size_bytes": ("gauge", ("node",), "size of the spool filesystem"),
@@ -476,9 +479,15 @@ class MetricsExporter:
             f["raymta_dkim_errors_total"].add_metric([egress], t.get(("dkim_errors",), 0))
 
         # ---- throttles
+        fired: dict[Any, float] = {}
+        active = {"suspend": 0, "set_limits": 0}
         for name, st in throttles:
             if st is None:
                 continue
+            _sum_into(fired, self._carry.update(f"{name}/shaping", st.get("started"),
+                                                st.get("shaping_fired") or {}))
+            for a in st.get("shaping_active") or ():
+                active[a["action"]] = active.get(a["action"], 0) + 1
             sites = st.get("sites") or {}
             t = self._carry.update(name, st.get("started"),
                                    {"granted": st.get("granted", 0),
@@ -489,6 +498,14 @@ class MetricsExporter:
                 [name], sum(1 for s in sites.values() if s.get("backoff_remaining", 0) > 0))
             f["raymta_throttle_connection_leases"].add_metric(
                 [name], sum(s.get("connections", 0) for s in sites.values()))
+
+        for r in self.cfg.shaping.rules.rules if self.cfg.shaping.enabled else ():
+            fired.setdefault(f"{r.name}|{r.provider or 'other'}", 0)   # every rule, from 0
+        for key, n in sorted(fired.items()):
+            rule, _, provider = str(key).partition("|")
+            f["raymta_shaping_rules_fired_total"].add_metric([rule, provider or "other"], n)
+        for action, n in sorted(active.items()):
+            f["raymta_shaping_rules_active"].add_metric([action], n)
 
         # ---- disks, nodes
         for st in replicas:

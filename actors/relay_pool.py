@@ -62,6 +62,7 @@ from cluster.core.replies import (
     connection_failure,
     tls_failure,
 )
+from cluster.core.shaping import reshape
 from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ideal_connections
 from cluster.core.tls_policy import BrokenTls, ca_file_for
@@ -179,7 +180,8 @@ class RelayPool:
         self.incarnation = uuid.uuid4().hex[:12]
         self.sites: dict[str, _Site] = {}
         self._handles: dict[str, Any] = {}
-        self._feedback: list[tuple[str, str, str, str]] = []   # throttle, site, kind, text
+        self._feedback: list[tuple[str, ...]] = []   # throttle, site, kind, text[, source]
+        self._shaping_rules = config.shaping.rules if config.shaping.enabled else None
         #: lease requests waiting to go out, per throttle: site -> (site, n, future); and
         #: leases to give back, per throttle: site -> ids. Both go as one call per throttle.
         self._asks: dict[str, dict[str, tuple[_Site, int, asyncio.Future]]] = {}
@@ -561,6 +563,8 @@ class RelayPool:
                 log.warning("%s: %s", s.name, e.tls.text)
             if e.all_421:
                 self._feedback.append((s.throttle, s.name, "backoff", e.text))
+            if e.code:
+                self._shaping_feedback(s, e.code, c)
             # Postfix marks the destination dead and defers its queue; so do we.
             self._defer_queued(s, c)
             return
@@ -607,6 +611,9 @@ class RelayPool:
                 c = classify(a.code, a.text, phase=a.phase,
                              rules=self.cfg.classification.rules) if a.code is not None else \
                     connection_failure(a.text)
+                if a.code is not None and c.outcome != Outcome.DELIVERED:
+                    c = reshape(self._shaping_rules, s.name, c)
+                    self._shaping_feedback(s, a.code, c)
                 call.add(_result(item, c, host))
                 if c.outcome == Outcome.DELIVERED:
                     s.delivered += 1
@@ -629,6 +636,13 @@ class RelayPool:
                 s.queue.appendleft(carry)
                 s.wake.set()
             await conn.close()
+
+    def _shaping_feedback(self, s: _Site, code: int, c: Classification) -> None:
+        """A remote reply that was not a delivery, for the site's shaping rules (bounded: a
+        throttle that does not answer loses feedback, never grows this list without limit)."""
+        if self._shaping_rules is not None and len(self._feedback) < 10_000:
+            self._feedback.append((s.throttle, s.name, "reply",
+                                   f"{code} {c.enhanced or ''} {c.text}", self.source.name))
 
     def _mail_from(self, item: list[Any]) -> str:
         """The envelope sender on the wire: with ``[bounce]`` configured, the message's VERP
@@ -741,9 +755,9 @@ class RelayPool:
             if not self._feedback:
                 continue
             items, self._feedback = self._feedback, []
-            by_throttle: dict[str, list[tuple[str, str, str]]] = {}
-            for tname, site, kind, text in items:
-                by_throttle.setdefault(tname, []).append((site, kind, text))
+            by_throttle: dict[str, list[tuple[str, ...]]] = {}
+            for tname, *rest in items:
+                by_throttle.setdefault(tname, []).append(tuple(rest))
             for tname, fb in by_throttle.items():
                 try:
                     await asyncio.wait_for(self._actor(tname).feedback.remote(fb), timeout=10)

@@ -7,13 +7,26 @@ of their own (``throttle:<site>``); the long tail shares ``throttle:pool:<k>``.
 Everything it holds is soft state: if it dies, Ray restarts it empty, coordinators re-report
 their in-flight counts on the next grant round and relays re-register the connections they hold
 (:meth:`renew`), so limits hold again within one renewal period. Every method is safe to retry.
+
+Adaptive shaping (:mod:`cluster.core.shaping`): relays send every remote reply that was not a
+delivery as feedback; the rules that fire are applied here at once and written down durably on
+every shard as a pause record carrying the action (``coordinator.shaping``). Why there: the
+shards already honour pause records (a suspended site's mail stays ready, no grant is even
+asked for), the record is replicated and snapshotted like the rest of the queue, its apply
+makes the SiteSuspended / SiteShaped event, and a shard leader that restarts keeps it. A
+restarted throttle recovers the actions of its sites from the shards (``shaping_state``) on its
+first call, so a suspension neither ends early nor loses its expiry event. When an action runs
+out, the throttle that holds it records its end (SiteResumed / SiteShapingEnded).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import logging
 import os
 import time
+from collections import deque
 from typing import Any
 
 import msgpack
@@ -21,8 +34,15 @@ import msgpack
 from actors.loop import tune_gc, use_uvloop
 from cluster.adapters.dns import DnsFailure, MxResolver, Route
 from cluster.config import Config
-from cluster.core.sites import SiteLimits, limits_from_wire
+from cluster.core.replies import parse_reply
+from cluster.core.shaping import Action, ShapingEngine
+from cluster.core.sites import SiteLimits, limits_from_wire, throttle_actor_name
 from cluster.core.throttle import ThrottleBook
+
+log = logging.getLogger("raymta.throttle")
+
+#: shaping events this throttle keeps for ``stats`` (the durable ones are the shards')
+_EVENTS_KEPT = 200
 
 __all__ = ["SiteThrottle"]
 
@@ -34,13 +54,23 @@ class SiteThrottle:
         self.cfg = config
         self.name = name
         d = config.delivery
+        sh = config.shaping
+        self.shaping = ShapingEngine(sh.rules, sh.max_keys) if sh.enabled else None
         self.book = ThrottleBook(lease_ttl=d.lease_ttl, backoff=d.site_backoff,
-                                 backoff_max=d.site_backoff_max)
+                                 backoff_max=d.site_backoff_max, shaping=self.shaping)
+        #: shaping actions fired / ended here, newest last (bounded)
+        self.shaping_events: deque[dict[str, Any]] = deque(maxlen=_EVENTS_KEPT)
+        #: rule firings by (rule, provider): bounded by the number of rules × providers
+        self.fired: dict[str, int] = {}
+        self._recovered = self.shaping is None
+        self._recovering: asyncio.Task | None = None
+        self._coords: dict[str, Any] = {}
+        self._tasks: set[asyncio.Task] = set()
         self._resolver: MxResolver | None = None
         self.started = time.time()
         #: calls served, per method (operators: what the throttle spends its time on)
         self.calls = dict.fromkeys(("resolve", "grant", "acquire", "release", "renew",
-                                    "feedback"), 0)
+                                    "feedback", "shaping_records"), 0)
         from actors.metrics import ThrottleMetrics
         self.metrics = ThrottleMetrics(name, config.metrics.enabled)
         #: messages granted and sites paused by a reply, ever (the exporter reads them)
@@ -104,7 +134,9 @@ class SiteThrottle:
         bytes: Ray pickling SiteLimits objects for every site of every round cost more than
         the grants themselves)."""
         self.calls["grant"] += 1
+        await self._shaping_ready()
         now = time.time()
+        self._expire_shaping(now)
         out = {}
         for site, ready, inflight, wire in msgpack.unpackb(demand, raw=False):
             g = self.book.grant(shard, site, limits_from_wire(wire), ready, inflight, now)
@@ -122,6 +154,7 @@ class SiteThrottle:
         call per throttle for all the sites a relay wants connections to: a Ray call costs
         ~2-5 ms of CPU on its two sides, a lease in the book a few microseconds."""
         self.calls["acquire"] += 1
+        await self._shaping_ready()
         now = time.time()
         out = {}
         for site, (wire, n) in msgpack.unpackb(request, raw=False).items():
@@ -138,7 +171,9 @@ class SiteThrottle:
     async def renew(self, pool: str, incarnation: str,
                     held: dict[str, tuple[SiteLimits, list[int]]]) -> dict[str, list[int]]:
         self.calls["renew"] += 1
+        await self._shaping_ready()
         now = time.time()
+        self._expire_shaping(now)
         self.book.bump_ids(i for _, ids in held.values() for i in ids)
         refused = {}
         for site, (limits, ids) in held.items():
@@ -153,19 +188,138 @@ class SiteThrottle:
         self._exported = now
         self.metrics.export(self.book.snapshot(now), self.counters)
 
-    async def feedback(self, items: list[tuple[str, str, str]]) -> None:
-        """Replies that concern a whole site: ``(site, kind, text)``; kind "backoff"."""
+    async def feedback(self, items: list[Any]) -> None:
+        """Replies from sites: ``(site, kind, text[, egress source])``. Kind "backoff": the
+        reply asked the whole site to slow down; kind "reply": a remote reply that was not a
+        delivery (text: the reply line, code first), for the shaping rules."""
         self.calls["feedback"] += 1
+        await self._shaping_ready()
         now = time.time()
-        for site, kind, _text in items:
+        for site, kind, text, *rest in items:
+            if kind == "reply":
+                if self.shaping is not None:
+                    r = parse_reply(text)
+                    for a in self.shaping.observe(site, rest[0] if rest else "", r.code,
+                                                  r.enhanced, r.text, now):
+                        self._fired(a, now)
+                continue
             if kind == "backoff":
                 self.book.back_off(site, now)
                 b = self.book.sites.get(site)
                 if b is not None and b.last_backoff == now:   # a new pause, not a repeat
                     self.counters["suspensions"] += 1
 
+    # ------------------------------------------------------------------ shaping
+    def _fired(self, a: Action, now: float) -> None:
+        prov = self.shaping.rules.provider_of(a.site) if self.shaping else ""
+        k = f"{a.rule}|{prov or 'other'}"
+        self.fired[k] = self.fired.get(k, 0) + 1
+        log.warning("shaping rule %s: %s %s until %.0f (%s)", a.rule, a.action, a.key,
+                    a.until, a.text[:120])
+        self.shaping_events.append({"type": "fired", "ts": now, **a.to_wire()})
+        self._record(a, a.until)
+
+    def _expire_shaping(self, now: float) -> None:
+        if self.shaping is None or not self._recovered:
+            return
+        for a in self.shaping.expire(now):
+            self.shaping_events.append({"type": "expired", "ts": now, **a.to_wire()})
+            self._record(a, 0.0)
+
+    def _record(self, a: Action, until: float) -> None:
+        """Write the action's start (``until``) or end (0) on every shard, in the background,
+        retried: the shards' pause records are where it survives restarts."""
+        t = asyncio.get_running_loop().create_task(self._record_on_shards(a, until))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    def _coordinator(self, name: str) -> Any:
+        h = self._coords.get(name)
+        if h is None:
+            import ray
+            h = self._coords[name] = ray.get_actor(name, namespace=self.cfg.cluster.namespace)
+        return h
+
+    async def _record_on_shards(self, a: Action, until: float) -> None:
+        import ray
+        pending = [f"coordinator:{s}" for s in range(self.cfg.queue.shards)]
+        delay = 0.2
+        for _ in range(8):
+            failed = []
+            for name in pending:
+                try:
+                    await asyncio.wait_for(self._coordinator(name).shaping.remote(
+                        a.key, until, a.to_wire()), timeout=10)
+                    self.calls["shaping_records"] += 1
+                except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+                    log.warning("shaping record on %s failed: %s", name, e)
+                    self._coords.pop(name, None)
+                    failed.append(name)
+            if not failed:
+                return
+            pending = failed
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _mine(self, site: str) -> bool:
+        """Is this throttle the authority for ``site``? (shared pool or dedicated)"""
+        if self.name == f"throttle:{site}":
+            return True
+        return self.name == throttle_actor_name(site, False, self.cfg.delivery.throttle_actors)
+
+    async def _shaping_ready(self) -> None:
+        """After a (re)start: adopt the actions in force for this throttle's sites from the
+        shards (once; calls wait for it, at most a few seconds)."""
+        if self._recovered:
+            return
+        if self._recovering is None:
+            self._recovering = asyncio.get_running_loop().create_task(self._recover())
+        try:
+            await asyncio.wait_for(asyncio.shield(self._recovering), timeout=5)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _recover(self) -> None:
+        import ray
+        assert self.shaping is not None
+        got: dict[tuple[str, str], Action] = {}
+        for s in range(self.cfg.queue.shards):
+            try:
+                rows = await asyncio.wait_for(
+                    self._coordinator(f"coordinator:{s}").shaping_state.remote(), timeout=10)
+            except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+                log.warning("shaping recovery from coordinator:%d failed: %s", s, e)
+                continue
+            for w in rows:
+                a = Action.from_wire(w)
+                if self._mine(a.site):
+                    got[(a.key, a.action)] = a
+        now = time.time()
+        for a in got.values():
+            if a.until > now:
+                self.shaping.adopt(a)
+                self.shaping_events.append({"type": "recovered", "ts": now, **a.to_wire()})
+        self._recovered = True
+
+    async def shaping_state(self) -> dict[str, Any]:
+        """Shaping rules in force here, recent firings and counters (``raymta status``)."""
+        await self._shaping_ready()
+        now = time.time()
+        if self.shaping is None:
+            return {"enabled": False, "active": [], "events": [], "fired": {}}
+        return {"enabled": True, "rules": len(self.shaping.rules),
+                "active": [{**a.to_wire(), "remaining": round(a.until - now, 1)}
+                           for a in self.shaping.in_force(now)],
+                "events": list(self.shaping_events), "fired": dict(self.fired),
+                "counters": dict(self.shaping.counters)}
+
     async def stats(self) -> dict[str, Any]:
         return {"name": self.name, "calls": dict(self.calls), **self.counters,
+                "shaping_fired": dict(self.fired),
+                "shaping_active": ([{"rule": a.rule, "action": a.action, "key": a.key,
+                                     "until": a.until}
+                                    for a in self.shaping.in_force(time.time())]
+                                   if self.shaping is not None else []),
                 "started": self.started,
                 "sites": self.book.snapshot(time.time()),
                 "dns_cache": self._resolver.cache_info() if self._resolver else {}}

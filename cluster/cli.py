@@ -260,6 +260,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             if c["state"] != "streaming" or c["lag_seconds"] > 1:
                 print(f"  {c['name']}: {c['state']}, {c['lag_records']} records / "
                       f"{c['lag_seconds']}s behind {c.get('error', '')}")
+    now = time.time()
+    for a in mc.shaping():
+        limits = ", ".join(f"{k}={a[k]}" for k in ("rates", "max_connections",
+                                                   "deliveries_per_connection") if a.get(k))
+        print(f"shaping rule {a['rule']}: {a['action']} {a['key']}"
+              + (f" ({limits})" if limits else "")
+              + f" for {max(0.0, a['until'] - now):.0f}s more: {a.get('text', '')[:100]}")
     ns = mc.cfg.cluster.namespace
     for a in sorted(ray.util.list_named_actors(all_namespaces=True), key=lambda a: a["name"]):
         if a["name"] == "webhooks:dispatcher" and a["namespace"] == ns:

@@ -528,6 +528,15 @@ class MailCluster:
         return {"site": res[0]["site"], "until": until,
                 "messages": sum(r["messages"] for r in res)}
 
+    def shaping(self) -> list[dict[str, Any]]:
+        """Shaping rules in force (every shard's pause records, merged): one row per site (or
+        site#source) and action, with the rule's name, ``until`` and the reply that fired it."""
+        rows: dict[tuple[str, str], dict[str, Any]] = {}
+        for shard_rows in ray.get([c.shaping_state.remote() for c in self.coordinators]):
+            for a in shard_rows:
+                rows[(a["key"], a["action"])] = a
+        return [rows[k] for k in sorted(rows)]
+
     def resume(self, site: str) -> dict[str, Any]:
         return self.suspend(site, 0)
 

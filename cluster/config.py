@@ -12,12 +12,14 @@ first retry after 10 minutes, doubling, capped at 4 hours, give up after 5 days;
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,6 +28,8 @@ from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.mxguard import parse_networks
 from cluster.core.ratespec import RateSpec, parse_duration
 from cluster.core.retry import RetryPolicy
+from cluster.core.shaping import ShapingError, ShapingRules
+from cluster.core.shaping import rules_from_toml as shaping_rules_from_toml
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 from cluster.core.submission import ApiKey, PasswordHashError, SubmissionUser
 from cluster.core.verp import VerpError, VerpKeys
@@ -33,6 +37,8 @@ from cluster.core.webhooks import WebhookEndpoint, resolve_event_names
 
 __all__ = [
     "ClassificationConfig",
+    "ShapingConfig",
+    "shipped_shaping_rules",
     "ConfigError",
     "ReplicationConfig",
     "BackupConfig",
@@ -330,6 +336,28 @@ class ClassificationConfig:
     rules: RuleSet | None = field(default=None, compare=False, repr=False)
 
 
+@functools.lru_cache(maxsize=1)
+def shipped_shaping_rules() -> ShapingRules:
+    """The shaping rules shipped with raymta (``cluster/shaping_rules.toml``), compiled once."""
+    text = (resources.files("cluster") / "shaping_rules.toml").read_text("utf-8")
+    return shaping_rules_from_toml(tomllib.loads(text), "shaping_rules.toml")
+
+
+@dataclass(frozen=True)
+class ShapingConfig:
+    """Adaptive shaping (``cluster/core/shaping.py``, README "Shaping rules")."""
+
+    #: false: no rule ever fires (replies still back a site off as before)
+    enabled: bool = True
+    #: the operator's TOML rules file (None: the shipped rules only)
+    rules_file: str | None = None
+    #: keys (sites, site#source) the throttles keep trigger counters and actions for, each
+    max_keys: int = 10_000
+    #: the rules in force: the file's before the shipped ones (or instead, ``replace = true``)
+    rules: ShapingRules = field(default_factory=shipped_shaping_rules, compare=False,
+                                repr=False)
+
+
 @dataclass(frozen=True)
 class DkimKeyConfig:
     """One ``[[dkim.key]]``: a private key that signs mail From ``domain`` (or a subdomain of
@@ -468,6 +496,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     dsn: DsnConfig = field(default_factory=DsnConfig)
     webhooks: tuple[WebhookEndpoint, ...] = ()
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
 
     @property
     def dsn_hostname(self) -> str:
@@ -1232,9 +1261,35 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
     return ClassificationConfig(rules_file=str(path), rules=rules)
 
 
+def _parse_shaping(raw: Mapping[str, Any], base: Path | None) -> ShapingConfig:
+    w = "shaping"
+    _check_keys(raw, {"enabled", "rules_file", "max_keys"}, w)
+    enabled = _bool(raw.get("enabled", True), f"{w}.enabled")
+    max_keys = _int(raw.get("max_keys", 10_000), f"{w}.max_keys", minimum=10,
+                    maximum=10_000_000)
+    if "rules_file" not in raw:
+        return ShapingConfig(enabled=enabled, max_keys=max_keys)
+    path = Path(_str(raw["rules_file"], f"{w}.rules_file"))
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        doc = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{w}.rules_file", f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not UTF-8: {e}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{w}.rules_file", f"{path} is not valid TOML: {e}") from None
+    try:
+        rules = shaping_rules_from_toml(doc, str(path), shipped_shaping_rules())
+    except ShapingError as e:   # names the file and the rule
+        raise ConfigError(f"{w}.rules_file", str(e)) from None
+    return ShapingConfig(enabled=enabled, rules_file=str(path), max_keys=max_keys, rules=rules)
+
+
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
         "replication", "backup", "classification", "suppression", "dkim", "bounce",
-        "unsubscribe", "ingress", "metrics", "dsn", "webhooks"}
+        "unsubscribe", "ingress", "metrics", "dsn", "webhooks", "shaping"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -1269,6 +1324,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         metrics=_parse_metrics(_table(raw, "metrics", ""), base),
         dsn=_parse_dsn(_table(raw, "dsn", "")),
         webhooks=_parse_webhooks(raw.get("webhooks"), base),
+        shaping=_parse_shaping(_table(raw, "shaping", ""), base),
     )
 
 

@@ -25,7 +25,11 @@ Record layout (msgpack arrays, first element the type):
                      created, expires_at, cause]), "remove" (rows [address, scope]) or "sent"
                      (rows: keys of this shard's outbox now on every other shard)
 ``p``     pause:     [p, key, until, ts] — dispatch to a domain or site (key) is suspended until
-                     ``until`` (0: resumed); an operator's ``raymta suspend``
+                     ``until`` (0: resumed); an operator's ``raymta suspend``. With a fifth
+                     field, [p, key, until, ts, action], a shaping rule's action
+                     (:class:`cluster.core.shaping.Action` wire) fired (until > ts) or ended:
+                     a suspend pauses the key like an operator's; a set_limits is kept in
+                     :attr:`QueueState.shaping` and lowers the site's limits while it lasts
 ``o``     outside report: [o, kind, id, recipient, detail, ts] — an asynchronous bounce
                      (kind "bounce") or a complaint (kind "complaint") about a message this
                      shard sent; an event only (the message has usually finished)
@@ -122,8 +126,9 @@ def suppress_record(op: str, rows: list[list[Any]], ts: float, propagate: bool =
     return [REC_SUPPRESS, op, rows, ts, propagate]
 
 
-def pause_record(key: str, until: float, ts: float) -> list[Any]:
-    return [REC_PAUSE, key, until, ts]
+def pause_record(key: str, until: float, ts: float,
+                 action: dict[str, Any] | None = None) -> list[Any]:
+    return [REC_PAUSE, key, until, ts] if action is None else [REC_PAUSE, key, until, ts, action]
 
 
 def webhook_record(endpoint: str, cursor: int, ts: float) -> list[Any]:
@@ -346,6 +351,9 @@ class QueueState:
         self.suppress_outbox: dict[str, list[Any]] = {}
         #: domains or sites an operator suspended: key → until (epoch seconds)
         self.suspended: dict[str, float] = {}
+        #: shaping rules' actions in force (cluster/core/shaping.py), "action:key" → Action
+        #: wire; the throttles recover from them after a restart. Soft-expired on read.
+        self.shaping: dict[str, dict[str, Any]] = {}
         #: DSNs owed to envelope senders (:mod:`cluster.core.dsn_build`): original id → what
         #: the DSN says. Hard state: added when the bounce or expiry of a message that asked
         #: for one applies, removed when the DSN's own message record (metadata
@@ -404,7 +412,8 @@ class QueueState:
         kind = rec[0]
         if kind != REC_ACCEPT and kind != REC_MESSAGE and kind not in _RECORD_LENGTHS:
             raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
-        if kind in _RECORD_LENGTHS and len(rec) != _RECORD_LENGTHS[kind]:
+        if kind in _RECORD_LENGTHS and len(rec) != _RECORD_LENGTHS[kind] and not (
+                kind == REC_PAUSE and len(rec) == 5):   # a shaping rule's pause
             raise StateError(f"record {kind!r} at lsn {lsn} has {len(rec)} fields, not "
                              f"{_RECORD_LENGTHS[kind]}")
         if kind == REC_SUPPRESS or kind == REC_REPORT:
@@ -421,10 +430,12 @@ class QueueState:
                 self.webhook_cursors[endpoint] = cursor
             return None
         if kind == REC_PAUSE:
-            _, key, until, ts = rec
+            _, key, until, ts = rec[:4]
             _check_numbers(rec, lsn, until, ts)
             if type(key) is not str or not key:
                 raise StateError(f"pause record at lsn {lsn}: key is not a name")
+            if len(rec) > 4:
+                return self._apply_shaping(lsn, key, until, ts, rec[4])
             self.last_lsn = lsn
             if until > ts:
                 self.suspended[key] = until
@@ -744,6 +755,43 @@ class QueueState:
                 break
             self.idempotency.popitem(last=False)
 
+    def _apply_shaping(self, lsn: int, key: str, until: float, ts: float,
+                       action: Any) -> dict[str, Any]:
+        if not isinstance(action, dict) or action.get("action") not in ("suspend", "set_limits") \
+                or type(action.get("rule")) is not str:
+            raise StateError(f"pause record at lsn {lsn}: shaping action is malformed")
+        self.last_lsn = lsn
+        slot = f"{action['action']}:{key}"
+        fired = until > ts
+        if fired:
+            self.shaping[slot] = {**action, "until": until}
+            if action["action"] == "suspend":
+                self.suspended[key] = max(until, self.suspended.get(key, 0.0))
+        else:
+            self.shaping.pop(slot, None)
+            # only the rule's own pause ends: an operator's longer one stays
+            if action["action"] == "suspend" and self.suspended.get(key) == action.get("until"):
+                del self.suspended[key]
+        suspend = action["action"] == "suspend"
+        etype = ("SiteSuspended" if fired else "SiteResumed") if suspend else \
+            ("SiteShaped" if fired else "SiteShapingEnded")
+        ev = {"seq": lsn, "type": etype, "ts": ts, "id": None, "site": key,
+              "rule": action["rule"], "action": action["action"]}
+        if fired:
+            ev["until"] = until
+            ev["text"] = action.get("text", "")
+            if not suspend:
+                ev["limits"] = {k: action[k] for k in ("rates", "max_connections",
+                                                       "deliveries_per_connection")
+                                if action.get(k)}
+        return ev
+
+    def shaping_in_force(self, now: float) -> list[dict[str, Any]]:
+        """Shaping actions in force (expired ones dropped: soft, every copy does the same)."""
+        for slot in [k for k, a in self.shaping.items() if a["until"] <= now]:
+            del self.shaping[slot]
+        return list(self.shaping.values())
+
     def is_suspended(self, domain: str, site: str, now: float) -> bool:
         """Is dispatch to ``domain`` (or its ``site``) suspended by an operator now?"""
         s = self.suspended
@@ -809,6 +857,7 @@ class QueueState:
             "suppression": self.suppression.snapshot(),
             "suppress_outbox": list(self.suppress_outbox.values()),
             "suspended": dict(self.suspended),
+            "shaping": dict(self.shaping),
             "dsn_due": [[k, *v] for k, v in self.dsn_due.items()],
             "webhook_cursors": dict(self.webhook_cursors),
         }
@@ -843,6 +892,7 @@ class QueueState:
                                   "site": site, "ts": ts}
         self.suppression.restore(snap.get("suppression", ()))
         self.suspended.update(snap.get("suspended", {}))
+        self.shaping.update(snap.get("shaping", {}))
         for row in snap.get("dsn_due", ()):
             self.dsn_due[row[0]] = list(row[1:])
         self.webhook_cursors.update(snap.get("webhook_cursors", {}))

@@ -7,6 +7,11 @@ the book starts empty, relays re-register the connections they hold (:meth:`rene
 coordinators report their absolute in-flight counts with every grant request, so nothing leaks.
 A shard that stops asking (nothing more ready for the site) stops reporting: its last count is
 forgotten after ``report_ttl``, so it can never hold the other shards back for good.
+
+Adaptive shaping: with a :class:`cluster.core.shaping.ShapingEngine`, a site (or a site from one
+egress source) that a rule suspended gets no grants and no leases until the rule ends, and a
+site a rule gave lower limits is granted and leased under those. The engine's actions are hard
+state kept elsewhere (pause records on the shards); the book only applies them.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from cluster.core.ratespec import Gcra, MultiLimiter
+from cluster.core.shaping import ShapingEngine
 from cluster.core.sites import SiteLimits
 
 __all__ = ["ThrottleBook", "SiteBook", "Grant", "max_inflight", "ideal_connections",
@@ -79,8 +85,9 @@ class SiteBook:
 class ThrottleBook:
     def __init__(self, *, lease_ttl: float = 20.0, backoff: float = 30.0,
                  backoff_max: float = 600.0, idle_forget: float = 3600.0,
-                 report_ttl: float = 5.0) -> None:
+                 report_ttl: float = 5.0, shaping: ShapingEngine | None = None) -> None:
         self.sites: dict[str, SiteBook] = {}
+        self.shaping = shaping
         self.report_ttl = report_ttl
         self.lease_ttl = lease_ttl
         self.backoff = backoff
@@ -104,6 +111,12 @@ class ThrottleBook:
     def grant(self, shard: int, site: str, limits: SiteLimits, ready: int, inflight: int,
               now: float) -> Grant:
         """How many of ``ready`` messages shard may hand to relays for ``site`` right now."""
+        if self.shaping is not None:
+            held = self.shaping.suspended(site, "", now)
+            if held is not None:
+                self._site(site, limits, now).inflight[shard] = (inflight, now)
+                return Grant(0, held.until)
+            limits = self.shaping.limits(site, limits, now)
         b = self._site(site, limits, now)
         b.inflight[shard] = (inflight, now)
         if now < b.backoff_until:
@@ -134,7 +147,13 @@ class ThrottleBook:
                 now: float) -> list[int]:
         """Up to ``n`` new connection leases for ``pool``; fewer (or none) at the site's cap.
 
-        Leases held by an earlier incarnation of the same pool died with it: dropped."""
+        Leases held by an earlier incarnation of the same pool died with it: dropped. A pool
+        is named ``relay:<node>:<egress source>``: a rule suspending the site from that source
+        refuses it leases."""
+        if self.shaping is not None:
+            if self.shaping.suspended(site, pool.rsplit(":", 1)[-1], now) is not None:
+                return []
+            limits = self.shaping.limits(site, limits, now)
         b = self._site(site, limits, now)
         self._expire_leases(b, now)
         for lid in [lid for lid, (p, inc, _) in b.leases.items() if p == pool and inc != incarnation]:
@@ -160,7 +179,14 @@ class ThrottleBook:
               lease_ids: Iterable[int], now: float) -> list[int]:
         """Extend leases; adopt unknown ones (this book restarted) while under the cap.
 
-        Returns the lease ids refused: the relay must close those connections."""
+        Returns the lease ids refused: the relay must close those connections (all of them
+        while a shaping rule suspends the site for this pool)."""
+        if self.shaping is not None:
+            if self.shaping.suspended(site, pool.rsplit(":", 1)[-1], now) is not None:
+                ids = list(lease_ids)
+                self.release(site, ids)
+                return ids
+            limits = self.shaping.limits(site, limits, now)
         b = self._site(site, limits, now)
         self._expire_leases(b, now)
         refused = []

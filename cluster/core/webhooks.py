@@ -41,7 +41,7 @@ SIGNATURE_HEADER = "X-Raymta-Signature"
 EVENT_TYPES = frozenset({
     "Reception", "TransientFailure", "Delivery", "Bounce", "Expiration", "AdminBounce",
     "Suppressed", "OOBBounce", "Complaint", "Suppression", "Unsuppression", "SiteSuspended",
-    "SiteResumed"})
+    "SiteResumed", "SiteShaped", "SiteShapingEnded"})
 
 #: names an operator may use for groups of event types
 EVENT_GROUPS: dict[str, frozenset[str]] = {
@@ -58,7 +58,7 @@ EVENT_GROUPS: dict[str, frozenset[str]] = {
     "suppressed": frozenset({"Suppressed", "Suppression"}),
     "unsubscribed": frozenset({"Suppression"}),
     "unsuppressed": frozenset({"Unsuppression"}),
-    "site": frozenset({"SiteSuspended", "SiteResumed"}),
+    "site": frozenset({"SiteSuspended", "SiteResumed", "SiteShaped", "SiteShapingEnded"}),
 }
 
 
