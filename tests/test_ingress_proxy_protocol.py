@@ -160,3 +160,53 @@ def test_v2_bytes_needed_asks_for_exactly_the_rest():
     assert bytes_needed(h[:3]) == 13
     assert bytes_needed(h[:16]) == len(h) - 16
     assert bytes_needed(h) == 0
+
+
+# --------------------------------------------------------------------- [ingress] proxy keys
+def _ingress(**kw):
+    from cluster.config import parse_config
+    base = {"auth": False, "submission": ["127.0.0.1:2587", "127.0.0.1:2588"]}
+    return parse_config({"ingress": {**base, **kw}}).ingress
+
+
+@pytest.mark.parametrize("kw,listeners,networks", [
+    ({}, (), ()),
+    ({"proxy_protocol": False}, (), ()),
+    ({"proxy_protocol": True, "proxy_networks": ["10.0.0.7"]},
+     ("127.0.0.1:2587", "127.0.0.1:2588"), ("10.0.0.7/32",)),
+    ({"proxy_protocol": ["127.0.0.1:2588"], "proxy_networks": ["10.0.0.9/24", "fd00::/8"]},
+     ("127.0.0.1:2588",), ("10.0.0.0/24", "fd00::/8")),
+])
+def test_proxy_config_names_the_listeners_and_networks(kw, listeners, networks):
+    ing = _ingress(**kw)
+    assert ing.proxy_protocol == listeners and ing.proxy_networks == networks
+    assert ing.proxy_timeout == 10.0
+
+
+@pytest.mark.parametrize("kw,key,words", [
+    ({"proxy_protocol": True}, "ingress.proxy_networks", "source networks"),
+    ({"proxy_networks": ["10.0.0.0/8"]}, "ingress.proxy_protocol", "no listener takes"),
+    ({"proxy_protocol": True, "proxy_networks": ["10.0.0.300/8"]}, "ingress.proxy_networks[0]",
+     "not a network"),
+    ({"proxy_protocol": True, "proxy_networks": 10}, "ingress.proxy_networks", "expected a list"),
+    ({"proxy_protocol": ["127.0.0.1:9"], "proxy_networks": ["10.0.0.0/8"]},
+     "ingress.proxy_protocol[0]", "not one of ingress.submission"),
+    ({"proxy_protocol": ["nowhere"], "proxy_networks": ["10.0.0.0/8"]},
+     "ingress.proxy_protocol[0]", "host:port"),
+    ({"proxy_protocol": True, "proxy_networks": ["10.0.0.0/8"], "proxy_timeout": "soon"},
+     "ingress.proxy_timeout", "invalid duration"),
+])
+def test_bad_proxy_config_names_the_key(kw, key, words):
+    from cluster.config import ConfigError
+    with pytest.raises(ConfigError) as e:
+        _ingress(**kw)
+    assert e.value.key == key and words in e.value.problem, str(e.value)
+
+
+def test_proxy_on_an_implicit_tls_listener_is_refused():
+    from cluster.config import ConfigError, parse_config
+    with pytest.raises(ConfigError, match="implicit-TLS listener"):
+        parse_config({"ingress": {
+            "auth": False, "cert_file": "c.pem", "key_file": "k.pem",
+            "submission": ["127.0.0.1:2587"], "submissions": ["127.0.0.1:2465"],
+            "proxy_protocol": ["127.0.0.1:2465"], "proxy_networks": ["127.0.0.1"]}})
