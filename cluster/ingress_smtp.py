@@ -521,7 +521,10 @@ class SmtpIngress:
             for li in self.listeners:
                 srv = await loop.create_server(
                     lambda li=li: self._factory(li), host=li.host, port=li.port,
-                    ssl=self._tls if li.mode == "implicit" else None)
+                    ssl=self._tls if li.mode == "implicit" else None,
+                    # several listener processes per node share the port; the kernel
+                    # spreads new connections over them
+                    reuse_port=self.settings.processes > 1 or None)
                 self._servers.append(srv)
                 port = srv.sockets[0].getsockname()[1]
                 self.addresses.append(Listener(li.host, port, li.mode, li.proxy))
