@@ -83,6 +83,9 @@ class IngressNode:
         out = [RemoteIngress.options(
             name=f"{self.name}:{k}", namespace=self.cfg.cluster.namespace, get_if_exists=True,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            # a helper is called only by its primary (ping, stats, reload, stop): a few
+            # threads, not the 10,000 Ray would start for the actors' common setting
+            max_concurrency=4,
         ).remote(self.cfg, f"{self.name}:{k}", True) for k in range(1, n + 1)]
         ray.get([h.ping.remote() for h in out], timeout=120)
         return out
