@@ -14,13 +14,6 @@ One ``[ingress]`` config serves every ingress node; a node labelled
 ``ingress-address=<ip>`` (``ray start --labels``) binds its SMTP listeners on that address
 instead of the configured hosts (same ports), so each node listens on its own address, as a
 load balancer in front expects.
-
-``[ingress] processes = N`` (N > 1): the node's actor (the primary) starts N-1 helper actors
-on its own node (``ingress:<node>:<k>``, owned by it, so they die and come back with it), each
-running the same SMTP listeners on the same ports with SO_REUSEPORT: the kernel spreads new
-connections over the N processes, and each has its own event loop, TLS and AUTH work and
-submit stream to the leaders. Only the primary serves the HTTP API. ``stats`` adds the
-helpers' counters to the primary's.
 """
 
 from __future__ import annotations
@@ -43,7 +36,7 @@ def ingress_name(node_id: str) -> str:
 class IngressNode:
     """Listens as ``cfg.ingress`` says on the node it was placed on."""
 
-    def __init__(self, cfg: Config, name: str, helper: bool = False) -> None:
+    def __init__(self, cfg: Config, name: str) -> None:
         import ray
 
         from cluster.client import MailCluster
@@ -55,15 +48,9 @@ class IngressNode:
                   for s in range(cfg.queue.shards)]
         self.mc = MailCluster(cfg, coords, direct=True)
         s = cfg.ingress
-        bind_host = ray.get_runtime_context().get_node_labels().get(ADDRESS_LABEL) or None
-        self.smtp = SmtpIngress.from_config(self.mc, s, bind_host=bind_host).start() \
+        self.smtp = SmtpIngress.from_config(self.mc, s, bind_host=_node_address()).start() \
             if s.submission or s.submissions else None
         self.http = None
-        self.helpers: list[Any] = []
-        if helper:
-            return
-        if self.smtp is not None and s.processes > 1:
-            self.helpers = self._start_helpers(s.processes - 1)
         if s.http:
             from cluster.ingress_http import HttpIngress
             from cluster.ingress_smtp import tls_context
@@ -73,22 +60,6 @@ class IngressNode:
                 host, _, port = a.rpartition(":")
                 return host.strip("[]"), int(port)
             self.http = HttpIngress(self.mc, s, tls).start([split(a) for a in s.http])
-
-    def _start_helpers(self, n: int) -> list[Any]:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        from actors.remote import RemoteIngress
-        node = ray.get_runtime_context().get_node_id()
-        out = [RemoteIngress.options(
-            name=f"{self.name}:{k}", namespace=self.cfg.cluster.namespace, get_if_exists=True,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            # a helper is called only by its primary (ping, stats, reload, stop): a few
-            # threads, not the 10,000 Ray would start for the actors' common setting
-            max_concurrency=4,
-        ).remote(self.cfg, f"{self.name}:{k}", True) for k in range(1, n + 1)]
-        ray.get([h.ping.remote() for h in out], timeout=120)
-        return out
 
     def ping(self) -> int:
         return os.getpid()
@@ -105,40 +76,25 @@ class IngressNode:
         out: dict[str, Any] = {"name": self.name, "pid": os.getpid()}
         if self.smtp is not None:
             out.update(self.smtp.stats())
-        if self.helpers:
-            import ray
-            out["processes"] = 1 + len(self.helpers)
-            for h in ray.get([h.stats.remote() for h in self.helpers], timeout=30):
-                _add(out, h)
         if self.http is not None:
             out.update(self.http.stats())
         return out
 
     def reload(self) -> dict[str, Any]:
         """Read the certificate, key and users file again (SMTP listeners)."""
-        if self.helpers:
-            import ray
-            ray.get([h.reload.remote() for h in self.helpers], timeout=60)
         return self.smtp.reload() if self.smtp is not None else {}
 
     def stop(self) -> None:
-        if self.helpers:
-            import ray
-            ray.get([h.stop.remote() for h in self.helpers], timeout=60)
         if self.smtp is not None:
             self.smtp.stop()
         if self.http is not None:
             self.http.stop()
 
 
-def _add(into: dict[str, Any], other: dict[str, Any]) -> None:
-    """Add a helper's counters (numbers, nested dicts of numbers) into the primary's."""
-    for k, v in other.items():
-        if k in ("name", "pid", "listeners"):
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float, dict)):
-            continue
-        if isinstance(v, dict):
-            _add(into.setdefault(k, {}), v)
-        else:
-            into[k] = max(into.get(k, 0), v) if k == "largest" else into.get(k, 0) + v
+def _node_address() -> str | None:
+    """This node's ``ingress-address`` label, if it has one."""
+    import ray
+    v: Any = ray.get_runtime_context().get_node_labels().get(ADDRESS_LABEL)
+    if isinstance(v, (list, tuple)):     # typed as a list in some Ray versions
+        v = v[0] if v else None
+    return str(v) if v else None

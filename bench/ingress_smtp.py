@@ -16,11 +16,14 @@ submit call carried; writes ``bench/results/ingress-smtp-<ts>.json``.
 
     python bench/ingress_smtp.py --mode tls --procs 2 --threads 8 --seconds 8
 
-``--processes N``: N listener processes on the node sharing the port (``[ingress] processes``,
-SO_REUSEPORT). ``--injector smtp-source`` (plain mode only: it speaks neither STARTTLS nor
-AUTH): Postfix's C injector instead of the Python clients, ``--messages`` messages over
-``procs x threads`` reused sessions; ``--postfix`` then also feeds a throwaway Postfix's smtpd
-the same smtp-source command (bench/peer_postfix.py) and prints its intake beside raymta's.
+``--injector smtp-source`` (plain mode only: it speaks neither STARTTLS nor AUTH): Postfix's C
+injector instead of the Python clients, ``--messages`` messages over ``procs x threads`` reused
+sessions (the clients then take little of the 2 cores); ``--postfix`` then also feeds a
+throwaway Postfix's smtpd the same smtp-source command (bench/peer_postfix.py, which relays
+to a sink as it accepts) and prints its intake beside raymta's.
+
+    python bench/ingress_smtp.py --mode plain --injector smtp-source --procs 2 --threads 32 \
+        --messages 20000 --postfix
 """
 
 from __future__ import annotations
@@ -108,8 +111,7 @@ def _client(port: int, mode: str, ca_file: str, threads: int, until: float, cap:
 
 def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float = 8.0,
         messages: int = 100_000, batch_window: str = "2ms", batch_max: int = 1000,
-        in_process: bool = False, processes: int = 1,
-        injector: str = "smtplib") -> dict[str, Any]:
+        in_process: bool = False, injector: str = "smtplib") -> dict[str, Any]:
     import ray
 
     from cluster.client import MailCluster
@@ -125,15 +127,8 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         cfg = c.raymta_config(str(tmp / "spool"), dns.port, 9, rate="1/h", max_connections=1)
         ca = make_ca(tmp / "ca")
         cert, key = ca.server_cert("ingress.bench.test", ["127.0.0.1"])
-        port0 = 0
-        if processes > 1:      # processes share a fixed port
-            import socket
-            with socket.socket() as sk:
-                sk.bind(("127.0.0.1", 0))
-                port0 = sk.getsockname()[1]
-        section: dict[str, Any] = {"hostname": "ingress.bench.test", "processes": processes,
-                                   "submission": [f"127.0.0.1:{port0}"],
-                                   "batch_window": batch_window,
+        section: dict[str, Any] = {"hostname": "ingress.bench.test",
+                                   "submission": ["127.0.0.1:0"], "batch_window": batch_window,
                                    "batch_max": batch_max,
                                    "max_connections_per_ip": 1000,
                                    "max_connections_per_user": 1000}
@@ -162,7 +157,7 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         before = stats()
         if injector == "smtp-source":
             return _smtp_source_run(port, messages, procs * threads, stats, before,
-                                    mode=mode, processes=processes, seconds=seconds)
+                                    mode=mode, seconds=seconds)
         ctxmp = mp.get_context("spawn")
         q = ctxmp.Queue()
         start = time.time() + 3.0          # every process connected and ready by then
@@ -199,7 +194,7 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
             "latency_ms_p99": round(1000 * lat[int(0.99 * (len(lat) - 1))], 2) if lat else None,
             "submit_calls": calls, "messages_per_call": round(sent / calls, 1) if calls else 0,
             "largest_call": after["batches"]["largest"], "batch_window": batch_window,
-            "batch_max": batch_max, "processes": processes, "injector": injector,
+            "batch_max": batch_max, "injector": injector,
             "machine": c.machine_info(),
         }
         return out
@@ -212,9 +207,10 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
 
 
 def _smtp_source_run(port: int, n: int, sessions: int, stats: Any, before: dict[str, Any], *,
-                     mode: str, processes: int, seconds: float) -> dict[str, Any]:
+                     mode: str, seconds: float) -> dict[str, Any]:
     from bench.peer_postfix import _inject_smtp_source
-    assert mode == "plain", "smtp-source speaks neither STARTTLS nor AUTH: --mode plain"
+    if mode != "plain":
+        raise SystemExit("smtp-source speaks neither STARTTLS nor AUTH: use --mode plain")
     r = _inject_smtp_source("127.0.0.1", port, n, 2000, sessions,
                             time.time() + max(60.0, seconds * 20))
     after = stats()
@@ -223,7 +219,7 @@ def _smtp_source_run(port: int, n: int, sessions: int, stats: Any, before: dict[
     calls = after["batches"]["calls"] - before["batches"]["calls"]
     sent = after["batches"]["messages"] - before["batches"]["messages"]
     return {"mode": mode, "injector": "smtp-source", "command": r["command"],
-            "processes": processes, "sessions": sessions, "seconds": round(took, 2),
+            "sessions": sessions, "seconds": round(took, 2),
             "accepted": ok, "replies": {250: ok}, "session_errors": len(r["errors"]),
             "first_error": (r["errors"] or [""])[0],
             "accepted_per_s": round(ok / took, 1) if took else 0.0,
@@ -248,8 +244,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-window", default="2ms")
     ap.add_argument("--batch-max", type=int, default=1000,
                     help="most messages per submit call (1: one commit per message)")
-    ap.add_argument("--processes", type=int, default=1,
-                    help="listener processes sharing the port (SO_REUSEPORT)")
     ap.add_argument("--injector", choices=("smtplib", "smtp-source"), default="smtplib")
     ap.add_argument("--postfix", action="store_true",
                     help="also feed Postfix's smtpd the same smtp-source command")
@@ -260,8 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--seconds: at most 60 (the machine is shared)")
     res = run(mode=args.mode, procs=args.procs, threads=args.threads, seconds=args.seconds,
               messages=args.messages, batch_window=args.batch_window,
-              batch_max=args.batch_max, in_process=args.in_process,
-              processes=args.processes, injector=args.injector)
+              batch_max=args.batch_max, in_process=args.in_process, injector=args.injector)
     if args.postfix:
         from bench.peer_postfix import run_postfix
         pf = run_postfix(args.messages, connections=args.procs * args.threads,
@@ -274,7 +267,6 @@ def main(argv: list[str] | None = None) -> int:
               "latency_ms_p50", "latency_ms_p99", "submit_calls", "messages_per_call",
               "largest_call"):
         print(f"{k:<20} {res[k]}")
-    print(f"processes            {res['processes']}   injector {res.get('injector')}")
     if "postfix" in res:
         print(f"postfix smtpd        {res['postfix']['accepted_per_s']} msgs/s accepted "
               f"({res['postfix']['accepted']} messages, same smtp-source)")

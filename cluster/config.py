@@ -286,9 +286,6 @@ class IngressConfig:
     proxy_networks: tuple[str, ...] = ()
     #: a connection whose PROXY header has not arrived within this long is closed
     proxy_timeout: float = 10.0
-    #: SMTP listener processes per ingress node, sharing each port (SO_REUSEPORT; the kernel
-    #: spreads connections): more than 1 needs fixed ports (not ":0")
-    processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -947,7 +944,7 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
     kw["users"] = _parse_users(raw.get("user"), f"{w}.user")
     kw["users_file"] = _str(raw.get("users_file", ""), f"{w}.users_file")
     for k in ("max_recipients", "max_connections_per_ip", "max_connections_per_user",
-              "max_hops", "batch_max", "batch_concurrency", "processes"):
+              "max_hops", "batch_max", "batch_concurrency"):
         if k in raw:
             kw[k] = _int(raw[k], f"{w}.{k}", minimum=1)
     if kw.get("max_recipients", d.max_recipients) > 1000:
@@ -964,13 +961,6 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
         if k in raw:
             kw[k] = _dur(raw[k], f"{w}.{k}")
     kw.update(_parse_proxy(raw, kw, w))
-    if kw.get("processes", 1) > 1:
-        if kw["processes"] > 32:
-            raise ConfigError(f"{w}.processes", "at most 32")
-        zero = [x for x in kw["submission"] + kw["submissions"] if x.endswith(":0")]
-        if zero:
-            raise ConfigError(f"{w}.processes", f"{kw['processes']} processes share each port: "
-                              f"give {zero[0]} a fixed port")
     out = replace(d, **kw)
     if out.cert_file or out.key_file:
         if not (out.cert_file and out.key_file):

@@ -216,7 +216,7 @@ class _Submission(SMTP):
             if header.address is not None:
                 self.peer_ip = header.address
                 if self.session is not None:
-                    self.session.peer = (header.address, header.port)
+                    self.session.peer = (header.address, header.port)  # type: ignore[assignment]
             return True
         ing.count("proxy_refused")
         log.warning("%s: connection from %s refused: %s", where, self.peer_ip, problem)
@@ -521,10 +521,7 @@ class SmtpIngress:
             for li in self.listeners:
                 srv = await loop.create_server(
                     lambda li=li: self._factory(li), host=li.host, port=li.port,
-                    ssl=self._tls if li.mode == "implicit" else None,
-                    # several listener processes per node share the port; the kernel
-                    # spreads new connections over them
-                    reuse_port=self.settings.processes > 1 or None)
+                    ssl=self._tls if li.mode == "implicit" else None)
                 self._servers.append(srv)
                 port = srv.sockets[0].getsockname()[1]
                 self.addresses.append(Listener(li.host, port, li.mode, li.proxy))
