@@ -209,7 +209,8 @@ class _Submission(SMTP):
         except ProxyProtocolError as e:
             problem = str(e)
         except TimeoutError:
-            problem = (f"no PROXY header within {ing.settings.proxy_timeout:g} s")
+            problem = (f"PROXY header incomplete after {len(buf)} bytes" if buf else
+                       "no PROXY header") + f" within {ing.settings.proxy_timeout:g} s"
         except (asyncio.IncompleteReadError, ConnectionError):
             problem = f"closed after {len(buf)} bytes of a PROXY header"
         else:

@@ -29,7 +29,6 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -152,7 +151,8 @@ def env(tmp_path_factory, dns_server):
         wait_for(lambda: os.path.exists(stats) and _servers_up(stats) == {"n1", "n2"}, 30,
                  "HAProxy to see both ingress nodes up")
         yield {"cfg": cfg, "sink": sink, "actors": actors, "port": port, "front": front,
-               "stats": stats, "ray": ray, "log": tmp / "haproxy.log"}
+               "stats": stats, "ray": ray, "log": tmp / "haproxy.log",
+               "ray_logs": Path(cluster.head_node.get_session_dir_path()) / "logs"}
     finally:
         if proxy is not None:
             proxy.terminate()
@@ -312,6 +312,18 @@ def test_only_the_trusted_balancer_may_send_a_header_and_it_must_be_valid(env):
     got = wait_for(lambda: ray.get(actor.stats.remote()).get("proxy_refused", 0) - refused
                    >= 4 or None, 10, "four refusals counted")
     assert got
+    # each refusal is a log line of the ingress actor saying who and why
+    where = f"PROXY listener {node}:{port}: connection from"
+    want = [f"{where} 127.0.0.1 refused: not in ingress.proxy_networks",
+            f"{where} {LB} refused: not a PROXY protocol header",
+            f"{where} {LB} refused: PROXY header incomplete after 21 bytes within 1 s",
+            f"{where} {LB} refused: no PROXY header within 1 s"]
+
+    def logged() -> bool:
+        text = "".join(f.read_text(errors="replace")
+                       for f in env["ray_logs"].glob("worker-*.err"))
+        return all(w in text for w in want)
+    wait_for(logged, 10, f"the refusals in the ingress actor's log: {want}")
     # a v2 LOCAL header (a health check) is served
     local = b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"
     with _connect(LB, node, port) as s:
