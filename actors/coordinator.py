@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import gc
 import logging
 import os
@@ -38,9 +39,12 @@ from actors.metrics import spool_disk
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
 from cluster.adapters.replicator import Fenced, NoQuorum, Replicator
+from cluster.adapters.spool import pack_nested
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
+from cluster.core.dsn_build import DSN_OF_KEY, dsn_for_entry
+from cluster.core.message import new_message_ids
 from cluster.core.queue_shape import queue_shape as sampled_shape
 from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
@@ -110,6 +114,7 @@ class QueueCoordinator:
         self._fatal = ""
         self._last_backup = time.time()
         self._snapshot_size = 0
+        self.last_snapshot: dict[str, Any] = {}
         self._io = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="spool")
         rc = config.replication
         self.repl = Replicator(shard, config.cluster.replicas, self.copy, self._io,
@@ -144,6 +149,9 @@ class QueueCoordinator:
         self._rng = random.Random()
         self._last_housekeeping = 0.0
         self._propagating = False
+        #: originals whose DSN record this instance has enqueued (soft: a new leader finds
+        #: what is still owed in the replayed QueueState.dsn_due)
+        self._dsn_queued: set[str] = set()
         from actors.metrics import CoordinatorMetrics
         self.metrics = CoordinatorMetrics(shard, config.metrics.enabled,
                                           config.metrics.top_sites)
@@ -218,6 +226,7 @@ class QueueCoordinator:
             # results the old instance was sent but had not committed: relays keep them until
             # a leader confirms them; take them before handing messages out again
             await self._take_unacked_results()
+        self._queue_dsns()   # owed before the restart and not yet queued
         self._spawn(self._dispatch_loop())
         if self.cfg.replication.rebalance_interval > 0 and self.cfg.cluster.replicas > 1:
             self._spawn(self._rebalance_loop())
@@ -355,6 +364,8 @@ class QueueCoordinator:
                 if ev is not None:
                     evs.append(ev)
             self._clear_pending_marks(batch)
+            if self.state.dsn_due or self._dsn_queued:
+                self._queue_dsns()
             self.metrics.count_events(evs)
             try:
                 self.events.write(evs)
@@ -366,6 +377,34 @@ class QueueCoordinator:
             assert self._dispatch_wake is not None
             self._dispatch_wake.set()
             await self._snapshot_safely()
+
+    def _queue_dsns(self) -> None:
+        """Queue, as a message record of this shard, each DSN the queue owes (a bounce or
+        expiry of a message that asked for one: cluster/core/dsn_build.py). Its metadata names
+        the original, so applying it settles the debt; until then this instance does not
+        queue it twice, and an instance that dies first leaves the debt to its successor."""
+        due = self.state.dsn_due
+        self._dsn_queued.intersection_update(due)
+        todo = [k for k in due if k not in self._dsn_queued]
+        if not todo:
+            return
+        now = time.time()
+        ids = new_message_ids(now, len(todo), self.shard, self.cfg.queue.shards)
+        recs = []
+        for orig, mid in zip(todo, ids):
+            try:
+                body, rcpt, domain, utf8 = dsn_for_entry(orig, due[orig], dsn_id=mid,
+                                                         reporting_mta=self.cfg.dsn_hostname)
+            except ValueError as e:
+                log.error("shard %d: no DSN: %s", self.shard, e)
+                del due[orig]
+                continue
+            self._dsn_queued.add(orig)
+            recs.append(q.message_record(mid, body, "", rcpt, domain, now, None,
+                                         now + self.cfg.queue.retry.max_age, None,
+                                         {DSN_OF_KEY: orig}, None, utf8))
+        if recs:
+            self._enqueue(recs)
 
     def _refuse_waiting_calls(self) -> None:
         """No quorum: calls whose records wait behind the stuck batch (submissions, cancels,
@@ -427,17 +466,36 @@ class QueueCoordinator:
     def _write_snapshot(self, snap: dict[str, Any]) -> int:
         # (blocking, I/O thread; the commit loop waits for it, so no event is written
         # meanwhile and the event files end at the snapshot's lsn)
-        snap["events_tail"] = self.events.tail_bytes(self.cfg.spool.snapshot_events_bytes)
+        from actors.webhooks import snapshot_events_tail
+        # (webhook endpoints still behind: from their cursor, so a leader rebuilt elsewhere
+        # has every event they have not acknowledged)
+        snap["events_tail"] = snapshot_events_tail(
+            self.events, self.cfg.spool.snapshot_events_bytes,
+            [c for e, c in self.state.webhook_cursors.items()
+             if any(w.name == e for w in self.cfg.webhooks)])
         return self.log.write_snapshot(snap)
 
     async def _snapshot(self) -> None:
-        snap = self.state.snapshot()
+        # bodies whose frames sit in well-filled segments stay in the log (the snapshot names
+        # their lsns): a snapshot is the queue's metadata plus the few bodies of sparse
+        # segments, not every queued body again (docs/replication.md, "Compaction")
+        t0 = time.perf_counter()
+        snap = self.state.snapshot(self.log.segment_ranges())
+        t1 = time.perf_counter()
         loop = asyncio.get_running_loop()
         size = await loop.run_in_executor(self._io, self._write_snapshot, snap)
+        t2 = time.perf_counter()
         self._snapshot_size = size
         self.counters["snapshots"] += 1
-        log.info("shard %d snapshot at lsn %d: %d bytes", self.shard, snap["lsn"], size)
-        data = await loop.run_in_executor(self._io, self.log.snapshot_file)
+        self.last_snapshot = {
+            "lsn": snap["lsn"], "bytes": size, "messages": len(snap["messages"]),
+            "bodies_referenced": len(snap["keep"]),
+            "bodies_copied": len(snap["bodies"]) - len(snap["keep"]),
+            "build_ms": round((t1 - t0) * 1000, 1), "write_ms": round((t2 - t1) * 1000, 1),
+            "log_segments": len(self.log.segment_ranges())}
+        log.info("shard %d snapshot: %s", self.shard, self.last_snapshot)
+        data = await loop.run_in_executor(
+            self._io, functools.partial(self.log.snapshot_file, self_contained=False))
         if data is not None:
             self._spawn(self.repl.compact(data))
 
@@ -473,9 +531,9 @@ class QueueCoordinator:
         try:
             await self._until_serving()
         except RuntimeError as e:
-            return [retryable_error(str(e)) for _ in items]
+            return [retryable_error(str(e), reason="not_serving") for _ in items]
         if self._stalled:   # no quorum right now: say so at once rather than after a timeout
-            return [retryable_error(self._stalled) for _ in items]
+            return [retryable_error(self._stalled, reason="no_quorum") for _ in items]
         qc = self.cfg.queue
         limits = Limits(qc.max_messages, qc.max_bytes, qc.max_message_size, qc.retry.max_age,
                         self.cfg.suppression.on_submit)
@@ -489,13 +547,15 @@ class QueueCoordinator:
             try:
                 await fut
             except NotWritten as e:
-                return [r if "error" in r or r.get("duplicate") else retryable_error(str(e))
+                return [r if "error" in r or r.get("duplicate") else
+                        retryable_error(str(e), reason="no_quorum")
                         for r in results]
             except RuntimeError as e:
                 # not durable in time: the batch may still commit (its frames may be on
                 # copies already); a retry with the same ids is answered as a duplicate then
                 return [r if "error" in r or r.get("duplicate") else
-                        retryable_error(f"outcome unknown: {e}", unknown=True)
+                        retryable_error(f"outcome unknown: {e}", unknown=True,
+                                        reason="not_serving" if self._fatal else "no_quorum")
                         for r in results]
             self.metrics.observe_submit(time.monotonic() - t_arrived)
         return results
@@ -1008,6 +1068,35 @@ class QueueCoordinator:
         await self._until_serving()
         return self.events.read(since, limit)
 
+    # ------------------------------------------------------------------ webhooks (actors/webhooks.py)
+    async def wait_events(self, since: int = 0, limit: int = 1000, wait: float = 0.0
+                          ) -> list[dict[str, Any]]:
+        """:meth:`events`, but when there is none after ``since`` wait up to ``wait`` seconds
+        (at most 30) for one (long-poll: ``GET /v1/events?wait=``, the webhook dispatcher)."""
+        await self._until_serving()
+        deadline = time.monotonic() + min(max(float(wait), 0.0), 30.0)
+        while self.events.last_seq <= since and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.events.read(since, limit) if self.events.last_seq > since else []
+
+    async def webhook_cursors(self) -> dict[str, int]:
+        """Per webhook endpoint, the seq up to which it acknowledged this shard's events."""
+        await self._until_serving()
+        return dict(self.state.webhook_cursors)
+
+    async def webhook_ack(self, endpoint: str, cursor: int) -> int:
+        """Make "``endpoint`` has every event up to ``cursor``" durable on a quorum (a ``w``
+        record); returns the endpoint's cursor. Idempotent; a cursor never goes back."""
+        await self._until_serving()
+        if type(endpoint) is not str or not endpoint or len(endpoint) > 100:
+            raise ValueError(f"endpoint: {endpoint!r} is not a webhook name")
+        if type(cursor) is not int or not 0 <= cursor <= self.state.last_lsn:
+            raise ValueError(f"cursor: {cursor!r} is not a seq of shard {self.shard} "
+                             f"(0..{self.state.last_lsn})")
+        if cursor > self.state.webhook_cursors.get(endpoint, 0):
+            await self._commit([q.webhook_record(endpoint, cursor, time.time())])
+        return self.state.webhook_cursors.get(endpoint, 0)
+
     async def stats(self) -> dict[str, Any]:
         self._ensure_started()
         return {"shard": self.shard, "pid": os.getpid(), "epoch": self.epoch,
@@ -1022,7 +1111,7 @@ class QueueCoordinator:
                 "pending_commit": self.intake.pending_msgs,
                 "refused_items": self.intake.counters["refused"],
                 "quarantined": self.state.counters_quarantined, "recovered": self.recovered,
-                "disk_bytes": self.log.disk_bytes(),
+                "disk_bytes": self.log.disk_bytes(), "last_snapshot": self.last_snapshot,
                 "site_inflight": {s: n for s, n in self._site_inflight.items() if n},
                 "submit_stream_calls": (self._submit_stream.counters["requests"]
                                         if self._submit_stream is not None else 0),
@@ -1218,13 +1307,16 @@ class QueueCoordinator:
         """A snapshot of the queue as of now, for ``raymta backup`` (returned as bytes) or,
         with ``write``, written under the configured backup directory (returns the path)."""
         await self._until_serving()
-        data = msgpack.packb({"format": "raymta-backup-1", "shard": self.shard,
-                              "shards": self.cfg.queue.shards, "epoch": self.epoch,
-                              "lsn": self.state.last_lsn, "taken_at": time.time(),
-                              "state": self.state.snapshot()}, use_bin_type=True)
+        backup = {"format": "raymta-backup-1", "shard": self.shard,
+                  "shards": self.cfg.queue.shards, "epoch": self.epoch,
+                  "lsn": self.state.last_lsn, "taken_at": time.time(),
+                  "state": self.state.snapshot()}   # every body copied in: it stands alone
+        # packed off the event loop, in slices (the same bytes as one packb of the whole)
+        loop = asyncio.get_running_loop()
+        data = await loop.run_in_executor(None, pack_nested, backup)
         if not write:
             return data
-        return await asyncio.get_running_loop().run_in_executor(None, self._write_backup, data)
+        return await loop.run_in_executor(None, self._write_backup, data)
 
     def _backup_root(self) -> Path:
         d = self.cfg.backup.directory

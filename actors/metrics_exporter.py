@@ -41,7 +41,7 @@ from actors.metrics import SUBMIT_LATENCY_BOUNDS
 from cluster.config import Config
 from cluster.core.queue_shape import AGE_BUCKETS, merge_shapes
 
-__all__ = ["EXPORTED", "EXPORTER_NAME", "MetricsExporter"]
+__all__ = ["EXPORTED", "EXPORTER_NAME", "MetricsExporter", "WEBHOOK_EXPORTED"]
 
 log = logging.getLogger("raymta.metrics")
 
@@ -105,6 +105,20 @@ EXPORTED: dict[str, tuple[str, tuple[str, ...], str]] = {
                                                       "were gathered"),
     "raymta_exporter_gather_errors_total": ("counter", (), "actor calls that failed or timed "
                                             "out while gathering"),
+}
+
+#: served only when ``[[webhooks]]`` are configured (one sample per endpoint)
+WEBHOOK_EXPORTED: dict[str, tuple[str, tuple[str, ...], str]] = {
+    "raymta_webhook_backlog_events": ("gauge", ("endpoint",), "selected events read and not "
+                                      "yet acknowledged by the endpoint"),
+    "raymta_webhook_oldest_event_age_seconds": ("gauge", ("endpoint",), "age of the oldest "
+                                                "event the endpoint has not acknowledged"),
+    "raymta_webhook_events_total": ("counter", ("endpoint",), "events the endpoint "
+                                    "acknowledged (since the dispatcher started)"),
+    "raymta_webhook_failures_total": ("counter", ("endpoint",), "failed POSTs (since the "
+                                      "dispatcher started)"),
+    "raymta_webhook_given_up_events_total": ("counter", ("endpoint",), "events given up "
+                                             "after retry_for"),
 }
 
 
@@ -291,6 +305,8 @@ class MetricsExporter:
         replicas = rest[len(names["throttle"]):]
         fams = self._build(stats, shapes, list(zip(names["relay"], relays)),
                            list(zip(names["throttle"], throttles)), replicas, nodes)
+        if cfg.webhooks:
+            fams += self._webhook_families(await self._call("webhooks:dispatcher", "stats"))
         self._families = fams
         self._gathers += 1
         self._last = time.time()
@@ -471,6 +487,23 @@ class MetricsExporter:
             f["raymta_nodes_alive"].add_metric([region], alive[region])
         f["raymta_exporter_last_gather_timestamp_seconds"].add_metric([], time.time())
         f["raymta_exporter_gather_errors_total"].add_metric([], self._errors)
+        return list(f.values())
+
+    def _webhook_families(self, st: dict[str, Any] | None) -> list[Any]:
+        """Per endpoint: backlog, oldest unacknowledged event, counters (actors/webhooks.py)."""
+        f = {name: (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+            name, doc, labels=list(labels)) for name, (kind, labels, doc)
+            in WEBHOOK_EXPORTED.items()}
+        if st is None:
+            return []
+        for ep, e in st["endpoints"].items():
+            f["raymta_webhook_backlog_events"].add_metric([ep], e["backlog"])
+            f["raymta_webhook_oldest_event_age_seconds"].add_metric([ep], e["oldest_seconds"])
+            t = self._carry.update(f"webhooks:{ep}", st.get("pid"),
+                                   {k: e[k] for k in ("events", "failures", "given_up")})
+            f["raymta_webhook_events_total"].add_metric([ep], t["events"])
+            f["raymta_webhook_failures_total"].add_metric([ep], t["failures"])
+            f["raymta_webhook_given_up_events_total"].add_metric([ep], t["given_up"])
         return list(f.values())
 
     @staticmethod

@@ -142,7 +142,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                replicas: int | None = None, probe_rate: float = 1000.0,
                probe_seconds: float = 10.0, gc_freeze: bool = True,
                intake: int | None = None, dkim: str | None = None,
-               metrics: bool = True, metrics_interval: float | None = None) -> dict[str, Any]:
+               metrics: bool = True, metrics_interval: float | None = None,
+               watch: bool = False) -> dict[str, Any]:
     """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta).
 
     dkim: "rsa" (RSA-2048) or "ed25519": the relays sign every message From the workload's
@@ -173,6 +174,7 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
         mc = MailCluster.connect(config=cfg, num_cpus=num_cpus)
         startup = time.time() - t
         scraper = _Scraper(mc) if metrics else None
+        watcher = ShardWatch(mc) if watch else None
         during = None
         if profile:
             c.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
@@ -186,6 +188,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             gc.freeze()
         res = c.drive_raymta(mc, workload, recv, threads=threads, batch=batch,
                              timeout=timeout, progress=progress, during=during)
+        if watcher is not None:
+            res["shards_watched"] = watcher.stop()
         if probe_rate > 0 and probe_seconds > 0:
             res["latency_probe"] = c.probe_latency(mc, workload.messages, rate=probe_rate,
                                                    batch=batch, seconds=probe_seconds)
@@ -215,6 +219,86 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             dns.stop()
         recv.stop()
         shutil.rmtree(spool, ignore_errors=True)
+
+
+class ShardWatch:
+    """Samples each queue shard leader every ``every`` s in a thread: messages queued, body
+    bytes, the leader process's resident memory, event-loop lag, and each compaction snapshot
+    (its size, how long building it held the loop, how long writing it took). Gives the
+    memory a queued message costs as the slope of RSS over queued messages."""
+
+    def __init__(self, mc: Any, every: float = 1.0) -> None:
+        import threading
+
+        import ray
+        self.coords = {name: h for name, h in mc.handles.items()
+                       if name.startswith("coordinator:")}
+        self.pids = {name: ray.get(h.ping.remote()) for name, h in self.coords.items()}
+        self.samples: dict[str, list[list[float]]] = {n: [] for n in self.coords}
+        self.snapshots: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in self.coords}
+        self.lag_max_ms = {n: 0.0 for n in self.coords}
+        self.every = every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss(pid: int) -> int:
+        try:
+            with open(f"/proc/{pid}/status") as fh:
+                for line in fh:
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _run(self) -> None:
+        import ray
+        t0 = time.time()
+        while not self._stop.wait(self.every):
+            for name, h in self.coords.items():
+                try:
+                    st = ray.get(h.stats.remote(), timeout=10)
+                except Exception:   # a slow answer is a missing sample, not a failed run
+                    continue
+                self.samples[name].append([round(time.time() - t0, 2), st["live"],
+                                           st["body_bytes"], self._rss(self.pids[name])])
+                self.lag_max_ms[name] = max(self.lag_max_ms[name],
+                                            float(st["loop_lag"].get("max_ms", 0.0)))
+                snap = st.get("last_snapshot") or {}
+                if snap:
+                    self.snapshots[name][snap["lsn"]] = snap
+
+    def stop(self) -> dict[str, Any]:
+        self._stop.set()
+        self._thread.join(30)
+        out: dict[str, Any] = {}
+        for name, rows in self.samples.items():
+            peak = max(rows, key=lambda r: r[1]) if rows else [0, 0, 0, 0]
+            out[name] = {"peak_queued": peak[1], "rss_at_peak": peak[3],
+                         "rss_bytes_per_queued_message": _slope(
+                             [(r[1], r[3]) for r in rows]),
+                         "body_bytes_per_queued_message": round(peak[2] / peak[1])
+                         if peak[1] else None,
+                         "loop_lag_max_ms": self.lag_max_ms[name],
+                         "snapshots": sorted(self.snapshots[name].values(),
+                                             key=lambda x: x["lsn"]),
+                         "samples": rows}
+        return out
+
+
+def _slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y over x (None without spread in x)."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mx = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    var = sum((p[0] - mx) ** 2 for p in points)
+    if var == 0:
+        return None
+    return round(sum((p[0] - mx) * (p[1] - my) for p in points) / var, 1)
 
 
 class _Scraper:

@@ -71,7 +71,8 @@ def cmd_down(args: argparse.Namespace) -> int:
     n = 0
     for a in ray.util.list_named_actors(all_namespaces=True):
         if a["namespace"] == args.namespace and a["name"].split(":")[0] in (
-                "coordinator", "replica", "throttle", "relay", "bounce", "ingress", "metrics"):
+                "coordinator", "replica", "throttle", "relay", "bounce", "ingress", "metrics",
+                "webhooks"):
             ray.kill(ray.get_actor(a["name"], namespace=args.namespace), no_restart=True)
             n += 1
     print(f"stopped {n} raymta actors (the spool stays on disk)")
@@ -259,6 +260,14 @@ def cmd_status(args: argparse.Namespace) -> int:
                       f"{c['lag_seconds']}s behind {c.get('error', '')}")
     ns = mc.cfg.cluster.namespace
     for a in sorted(ray.util.list_named_actors(all_namespaces=True), key=lambda a: a["name"]):
+        if a["name"] == "webhooks:dispatcher" and a["namespace"] == ns:
+            info = ray.get(ray.get_actor(a["name"], namespace=ns).stats.remote())
+            for name, e in info["endpoints"].items():
+                print(f"webhook {name}: backlog={e['backlog']} oldest={e['oldest_seconds']}s "
+                      f"sent={e['events']} failures={e['failures']} "
+                      f"given_up={e['given_up']} cursors={e['cursors']}"
+                      + (f" last_error={e['last_error']}" if e["last_error"] else ""))
+            continue
         if a["namespace"] != ns or a["name"].split(":")[0] not in ("throttle", "relay"):
             continue
         info = ray.get(ray.get_actor(a["name"], namespace=ns).stats.remote())

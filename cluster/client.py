@@ -27,7 +27,7 @@ import ray
 from cluster.adapters.stream import BlockingStreamClient, StreamError
 from cluster.config import Config, load_config
 from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
-from cluster.core.intake import wire_item
+from cluster.core.intake import retryable_error, wire_item
 from cluster.core.message import ValidationError, new_message_ids, validate_batch
 from cluster.core.sites import stable_hash
 
@@ -49,6 +49,10 @@ class SubmitResult:
     #: the refusal may pass later (no quorum, shard not serving, queue full, still being
     #: committed, timeout): try again; protocol front ends answer 4xx, never 5xx, for these
     retryable: bool = False
+    #: why a retryable refusal is retryable, machine-readable (``cluster.core.intake.
+    #: RETRY_REASONS``): "queue_full", "no_quorum", "not_serving", "pending_commit", "timeout";
+    #: None for an accepted or a permanently refused message
+    reason: str | None = None
     #: the message may or may not be queued (the shard had it but could not confirm it in
     #: time): ``ids`` are the ids it was sent with; ``status(ids)`` tells, and submitting it
     #: again with the same ``idempotency_key`` is safe
@@ -282,6 +286,9 @@ class MailCluster:
         refused then comes back with ``retryable`` (and ``outcome_unknown`` where the shard
         could not tell) set."""
         msgs = [messages] if isinstance(messages, dict) else list(messages)
+        if self.cfg.dsn.api:   # DSNs on failure unless a message says otherwise
+            msgs = [{**m, "dsn": True} if isinstance(m, dict) and m.get("dsn") is None else m
+                    for m in msgs]
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
         if _requires_dkim(self.cfg):
@@ -328,6 +335,7 @@ class MailCluster:
                     results[i] = SubmitResult(
                         i, ids=[r[0] for r in item[3]] if a.get("unknown") else [],
                         error=error, retryable=retryable,
+                        reason=a.get("reason") if retryable else None,
                         outcome_unknown=bool(a.get("unknown")),
                         suppressed=a.get("suppressed") or [])
                     if retryable:
@@ -366,11 +374,12 @@ class MailCluster:
         try:
             return ray.get(ref, timeout=timeout)
         except ray.exceptions.GetTimeoutError:
-            why = "the queue shard did not answer within the submit timeout"
+            why, reason = "the queue shard did not answer within the submit timeout", "timeout"
         except ray.exceptions.RayError as e:
             why = f"the queue shard's call failed ({type(e).__name__})"
-        return [{"error": f"outcome unknown: {why}; the message may or may not be queued",
-                 "retryable": True, "unknown": True}] * n
+            reason = "not_serving"
+        return [retryable_error(f"outcome unknown: {why}; the message may or may not be queued",
+                                reason=reason, unknown=True)] * n
 
     def _submit_chunk(self, shard: int, items: list[list[Any]], deadline: float
                       ) -> list[dict[str, Any]]:
@@ -428,17 +437,35 @@ class MailCluster:
         """Cancel queued messages: "cancelled", "cancel pending (in flight)", "already …"."""
         return self._fan_out("cancel", ids)
 
-    def events(self, since: int | dict[int, int] = 0, limit: int = 10_000
-               ) -> list[dict[str, Any]]:
+    def events(self, since: int | dict[int, int] = 0, limit: int = 10_000, *,
+               wait: float = 0.0) -> list[dict[str, Any]]:
         """Events after ``since`` (a seq, or per-shard seqs), oldest first per shard.
 
-        Each event carries ``shard`` and ``seq``; pass ``next_cursor(events)`` back in."""
+        Each event carries ``shard`` and ``seq``; pass ``next_cursor(events)`` back in. With
+        ``wait`` (seconds, at most 30): when there is none yet, wait for the first shard that
+        has one (long-poll), returning an empty list after ``wait``."""
+        def after(shard: int) -> int:
+            return since.get(shard, 0) if isinstance(since, dict) else since
         out: list[dict[str, Any]] = []
         for shard, c in enumerate(self.coordinators):
-            s = since.get(shard, 0) if isinstance(since, dict) else since
-            for ev in ray.get(c.events.remote(s, limit)):
+            for ev in ray.get(c.events.remote(after(shard), limit)):
                 ev["shard"] = shard
                 out.append(ev)
+        if out or wait <= 0:
+            return out
+        refs = {c.wait_events.remote(after(shard), limit, min(wait, 30.0)): shard
+                for shard, c in enumerate(self.coordinators)}
+        pending = list(refs)
+        deadline = time.monotonic() + min(wait, 30.0) + 10.0
+        while pending and not out:
+            ready, pending = ray.wait(pending, num_returns=1,
+                                      timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for ref in ready:
+                for ev in ray.get(ref):
+                    ev["shard"] = refs[ref]
+                    out.append(ev)
         return out
 
     def follow(self, since: int | dict[int, int] = 0, *, poll: float = 1.0,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from cluster.core.retry import RetryPolicy
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 from cluster.core.submission import ApiKey, PasswordHashError, SubmissionUser
 from cluster.core.verp import VerpError, VerpKeys
+from cluster.core.webhooks import WebhookEndpoint, resolve_event_names
 
 __all__ = [
     "ClassificationConfig",
@@ -303,6 +305,21 @@ class SuppressionConfig:
 
 
 @dataclass(frozen=True)
+class DsnConfig:
+    """Delivery status notifications to envelope senders (cluster/core/dsn_build.py): a bounce
+    or expiry of a message that asked for one queues an RFC 3464 report to its sender (never
+    to ``<>``, never about a report)."""
+
+    #: messages submitted over the SMTP ingress ask for one
+    smtp: bool = True
+    #: messages submitted through the Python client or the HTTP API ask for one unless the
+    #: submission's ``dsn`` option says otherwise
+    api: bool = False
+    #: the Reporting-MTA and the MAILER-DAEMON@ domain ("": ingress.hostname)
+    hostname: str = ""
+
+
+@dataclass(frozen=True)
 class ClassificationConfig:
     #: the TOML rules file given (None: the shipped rules only)
     rules_file: str | None = None
@@ -447,6 +464,12 @@ class Config:
     bounce: BounceConfig = field(default_factory=BounceConfig)
     unsubscribe: tuple[UnsubscribeConfig, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    dsn: DsnConfig = field(default_factory=DsnConfig)
+    webhooks: tuple[WebhookEndpoint, ...] = ()
+
+    @property
+    def dsn_hostname(self) -> str:
+        return self.dsn.hostname or self.ingress.hostname
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
@@ -1219,7 +1242,7 @@ def _parse_classification(raw: Mapping[str, Any], base: Path | None) -> Classifi
 
 _TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
         "replication", "backup", "classification", "suppression", "dkim", "bounce",
-        "unsubscribe", "ingress", "metrics"}
+        "unsubscribe", "ingress", "metrics", "dsn", "webhooks"}
 
 
 def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
@@ -1252,7 +1275,20 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         bounce=bounce,
         unsubscribe=_parse_unsubscribe(raw.get("unsubscribe"), bounce, base),
         metrics=_parse_metrics(_table(raw, "metrics", ""), base),
+        dsn=_parse_dsn(_table(raw, "dsn", "")),
+        webhooks=_parse_webhooks(raw.get("webhooks"), base),
     )
+
+
+def _parse_dsn(raw: Mapping[str, Any]) -> DsnConfig:
+    w = "dsn"
+    _check_keys(raw, {f.name for f in fields(DsnConfig)}, w)
+    d = DsnConfig()
+    host = _str(raw.get("hostname", d.hostname), f"{w}.hostname")
+    if host and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+        raise ConfigError(f"{w}.hostname", f"must be a host name, got {host!r}")
+    return DsnConfig(smtp=_bool(raw.get("smtp", d.smtp), f"{w}.smtp"),
+                     api=_bool(raw.get("api", d.api), f"{w}.api"), hostname=host)
 
 
 def _verp_secret(v: Any, key: str) -> bytes:
@@ -1463,3 +1499,76 @@ def load_config(path: str | os.PathLike[str] | None) -> Config:
     for w in warnings:
         _log.warning("config %s", w)
     return cfg
+
+
+_WEBHOOK_KEYS = {"name", "url", "secret", "secret_file", "events", "batch_size", "concurrency",
+                 "timeout", "retry_initial", "retry_max_delay", "retry_for", "jitter"}
+
+
+def _parse_webhooks(raw: Any, base: Path | None) -> tuple[WebhookEndpoint, ...]:
+    """``[[webhooks]]``: endpoints that get events POSTed (cluster/core/webhooks.py)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("webhooks", "expected an array of tables ([[webhooks]])")
+    out: list[WebhookEndpoint] = []
+    for i, w_raw in enumerate(raw):
+        w = f"webhooks[{i}]"
+        if not isinstance(w_raw, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(w_raw, _WEBHOOK_KEYS, w)
+        for req in ("name", "url"):
+            if req not in w_raw:
+                raise ConfigError(f"{w}.{req}", "missing (required)")
+        name = _str(w_raw["name"], f"{w}.name")
+        if not name or len(name) > 64 or not all(c.isalnum() or c in "-_." for c in name):
+            raise ConfigError(f"{w}.name", f"{name!r}: 1-64 letters, digits, '-', '_', '.'")
+        if any(x.name == name for x in out):
+            raise ConfigError(f"{w}.name", f"{name} is listed twice")
+        url = _str(w_raw["url"], f"{w}.url")
+        from urllib.parse import urlsplit
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{w}.url", f"{url!r}: expected an http:// or https:// URL "
+                              "with a host")
+        if ("secret" in w_raw) == ("secret_file" in w_raw):
+            raise ConfigError(f"{w}.secret", "give exactly one of secret and secret_file")
+        if "secret" in w_raw:
+            secret = _verp_secret(w_raw["secret"], f"{w}.secret")
+        else:
+            path = Path(_str(w_raw["secret_file"], f"{w}.secret_file"))
+            if base is not None and not path.is_absolute():
+                path = base / path
+            try:
+                text = path.read_text("utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise ConfigError(f"{w}.secret_file", f"cannot read {path}: "
+                                  f"{getattr(e, 'strerror', None) or e}") from None
+            secret = _verp_secret(text, f"{w}.secret_file ({path})")
+        names = w_raw.get("events", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{w}.events", "expected a list of event names")
+        try:
+            events = resolve_event_names(names)
+        except ValueError as e:
+            raise ConfigError(f"{w}.events", str(e)) from None
+        d = WebhookEndpoint(name=name, url=url, secret=b"")
+        initial = _dur(w_raw.get("retry_initial", d.retry_initial), f"{w}.retry_initial")
+        max_delay = _dur(w_raw.get("retry_max_delay", d.retry_max_delay),
+                         f"{w}.retry_max_delay")
+        if max_delay < initial:
+            raise ConfigError(f"{w}.retry_max_delay", f"must be >= retry_initial ({initial:g}s)")
+        jitter = _float(w_raw.get("jitter", d.jitter), f"{w}.jitter")
+        if jitter >= 1:
+            raise ConfigError(f"{w}.jitter", f"must be below 1, got {jitter}")
+        out.append(WebhookEndpoint(
+            name=name, url=url, secret=secret, events=events,
+            batch_size=_int(w_raw.get("batch_size", d.batch_size), f"{w}.batch_size",
+                            minimum=1, maximum=1000),
+            concurrency=_int(w_raw.get("concurrency", d.concurrency), f"{w}.concurrency",
+                             minimum=1, maximum=64),
+            timeout=_dur(w_raw.get("timeout", d.timeout), f"{w}.timeout"),
+            retry_initial=initial, retry_max_delay=max_delay,
+            retry_for=_dur(w_raw.get("retry_for", d.retry_for), f"{w}.retry_for"),
+            jitter=jitter))
+    return tuple(out)

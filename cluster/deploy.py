@@ -124,6 +124,11 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     if cfg.metrics.enabled:
         # serves at once; a port in use is reported by its status() and retried, never fatal
         ray.get(handles[EXPORTER_NAME].start.remote(), timeout=60)
+    if cfg.webhooks:
+        # after the shard leaders serve: it reads their cursors and events
+        from actors.webhooks import WEBHOOKS_NAME, ensure_webhooks
+        handles[WEBHOOKS_NAME] = ensure_webhooks(cfg, detached=detached)
+        ray.get(handles[WEBHOOKS_NAME].start.remote(), timeout=60)
     if cfg.ingress.enabled:
         handles.update(deploy_ingress(cfg, detached=detached))
     return handles

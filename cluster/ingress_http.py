@@ -7,14 +7,20 @@ the SMTP listeners) and the mapping between HTTP and :class:`cluster.client.Mail
   ``{"address", "variables"}``; ``"template": true`` renders subject/text/html per recipient
   (:mod:`cluster.core.templates`); ``Idempotency-Key`` makes a retried request queue nothing
   twice; 200 once every message is durable on a quorum or refused for good (per-message errors
-  name the field), 503 with ``Retry-After`` when any message was refused ``retryable``;
+  name the field); when a message was refused ``retryable``: 429 with ``Retry-After`` when
+  every such refusal is a full queue (``reason`` "queue_full"), else 503 with ``Retry-After``
+  (no quorum, not serving, still being committed, timeout) — chosen from
+  :attr:`cluster.client.SubmitResult.reason`, never from the text;
 - ``GET /v1/messages/{id}``, ``DELETE /v1/messages/{id}`` (cancel);
-- ``GET /v1/events?cursor=0:12,1:40`` (keys with ``events = true``);
+- ``GET /v1/events?cursor=0:12,1:40&wait=10`` (keys with ``events = true``): long-poll — at
+  once when there are events after the cursor, else when the first comes, at most ``wait``
+  seconds (0-30);
 - ``GET /healthz`` (process up), ``GET /readyz`` (every shard serving with a quorum);
 - ``GET /v1/openapi.json`` (the document in :mod:`cluster.ingress_openapi`).
 
 Errors are JSON ``{"error": {"status", "field", "message"}}``: 400 bad input, 401 no or an
-unknown key, 403 a domain the key may not use, 404, 413 too big or too many, 503 retry. API keys
+unknown key, 403 a domain the key may not use, 404, 413 too big or too many, 429 queue full
+(retry after ``Retry-After``), 503 retry (no quorum, not serving). API keys
 are checked by hash and never logged. It must not decide queue matters (the leader does) nor
 render templates anywhere but here.
 """
@@ -41,9 +47,15 @@ __all__ = ["HttpIngress", "MAX_BATCH"]
 #: messages per POST /v1/messages
 MAX_BATCH = 1000
 _ULID = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}\Z")
-_PASSED = ("to", "cc", "reply_to", "headers", "tags", "metadata", "not_before", "max_age")
+_PASSED = ("to", "cc", "reply_to", "headers", "tags", "metadata", "not_before", "max_age",
+           "dsn")
 _ALLOWED = {"from", "sender", "recipients", "subject", "text", "html", "template", *_PASSED}
 _KEY = web.AppKey("ingress", object)
+#: the longest ``wait`` of GET /v1/events (a load balancer's idle timeout is usually >= 60 s)
+MAX_EVENTS_WAIT = 30.0
+#: Retry-After (seconds) for a full queue (429) and for no quorum / not serving (503)
+RETRY_AFTER_FULL = "5"
+RETRY_AFTER_UNAVAILABLE = "1"
 
 
 class _Fail(Exception):
@@ -167,7 +179,7 @@ class HttpIngress:
                 raise _Fail(503, None, f"the queue could not be reached: {e}",
                             {"Retry-After": "5"}) from None
         out: list[dict[str, Any]] = [{"index": i} for i in range(len(msgs))]
-        retry = False
+        reasons: set[str] = set()
         for i, err in errors.items():
             out[i]["error"] = err
         for r, i in zip(results, owners, strict=True):
@@ -185,10 +197,18 @@ class HttpIngress:
                 o["error"] = {"field": f"messages[{i}].{field}" if field else None,
                               "message": message, "retryable": r.retryable,
                               "outcome_unknown": r.outcome_unknown}
-                retry = retry or r.retryable
+                if r.retryable:
+                    o["error"]["reason"] = r.reason
+                    reasons.add(r.reason or "not_serving")
         self.counters["messages"] = self.counters.get("messages", 0) + len(msgs)
-        if retry:
-            return web.json_response({"results": out}, status=503, headers={"Retry-After": "1"})
+        if reasons == {"queue_full"}:
+            self.counters["429"] = self.counters.get("429", 0) + 1
+            return web.json_response({"results": out}, status=429,
+                                     headers={"Retry-After": RETRY_AFTER_FULL})
+        if reasons:
+            self.counters["503"] = self.counters.get("503", 0) + 1
+            return web.json_response({"results": out}, status=503,
+                                     headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
         return web.json_response({"results": out})
 
     def _expand(self, msgs: list[Any], key: ApiKey, idem: str | None
@@ -303,10 +323,45 @@ class HttpIngress:
                         "last answer) and an integer limit") from None
         if not 1 <= limit <= 10_000:
             raise _Fail(400, "limit", "between 1 and 10000")
+        try:
+            wait = float(request.query.get("wait", "0"))
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= MAX_EVENTS_WAIT:
+            raise _Fail(400, "wait", f"seconds between 0 and {MAX_EVENTS_WAIT:g}")
+        if any(s < 0 or s >= len(self.mc.coordinators) for s in cursor):
+            raise _Fail(400, "cursor", f"shards are 0..{len(self.mc.coordinators) - 1}")
         evs = await self._call(self.mc.events, cursor, limit)
+        if not evs and wait > 0:
+            evs = await self._wait_events(cursor, limit, wait)
         nxt = self.mc.next_cursor(evs, cursor)
         return web.json_response({"events": evs, "cursor": ",".join(
             f"{s}:{q}" for s, q in sorted(nxt.items()))})
+
+    async def _wait_events(self, cursor: dict[int, int], limit: int, wait: float
+                           ) -> list[dict[str, Any]]:
+        """Long-poll every shard leader (``wait_events``) without holding a thread: the first
+        shard with an event after the cursor answers; none within ``wait``: []."""
+        futs = {asyncio.wrap_future(c.wait_events.remote(cursor.get(s, 0), limit, wait)
+                                    .future()): s
+                for s, c in enumerate(self.mc.coordinators)}
+        out: list[dict[str, Any]] = []
+        pending = set(futs)
+        deadline = time.monotonic() + wait + 10.0
+        try:
+            while pending and not out:
+                done, pending = await asyncio.wait(
+                    pending, timeout=max(0.0, deadline - time.monotonic()),
+                    return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    break
+                for f in done:
+                    if f.exception() is None:
+                        out.extend({**ev, "shard": futs[f]} for ev in f.result())
+        finally:
+            for f in pending:
+                f.cancel()
+        return out
 
     # ---------------------------------------------------------------------- running
     def start(self, listeners: list[tuple[str, int]]) -> "HttpIngress":

@@ -40,7 +40,9 @@ def openapi_document() -> dict[str, Any]:
             "tags": {"type": "object", "additionalProperties": {"type": "string"}},
             "metadata": {"type": "object"},
             "not_before": {"type": "number", "description": "Unix time"},
-            "max_age": {"type": "number", "description": "seconds"}}}
+            "max_age": {"type": "number", "description": "seconds"},
+            "dsn": {"type": "boolean", "description": "a bounce or expiry sends a delivery "
+                    "status notification (RFC 3464) to the envelope sender"}}}
     result = {"type": "object", "required": ["index"], "properties": {
         "index": {"type": "integer"},
         "ids": {"type": "array", "items": {"type": "string"},
@@ -49,6 +51,9 @@ def openapi_document() -> dict[str, Any]:
         "error": {"type": "object", "properties": {
             "field": {"type": ["string", "null"]}, "message": {"type": "string"},
             "line": {"type": ["integer", "null"]}, "retryable": {"type": "boolean"},
+            "reason": {"type": "string", "enum": ["queue_full", "no_quorum", "not_serving",
+                                                  "pending_commit", "timeout"],
+                       "description": "why a retryable refusal may pass later"},
             "outcome_unknown": {"type": "boolean"}}}}}
     bearer: list[dict[str, list[str]]] = [{"apiKey": []}]
     mid = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
@@ -83,9 +88,13 @@ def openapi_document() -> dict[str, Any]:
                     "401": _err("no or unknown API key"),
                     "403": _err("a from/sender domain the key may not use"),
                     "413": _err("body too large or more than 1,000 messages"),
-                    "503": {"description": "some messages were refused retryable (no quorum, "
-                            "queue full): retry with the same Idempotency-Key after "
-                            "Retry-After seconds; results as for 200"}}}},
+                    "429": {"description": "the queue is full (every retryable refusal has "
+                            "reason queue_full): retry with the same Idempotency-Key after "
+                            "Retry-After seconds; results as for 200"},
+                    "503": {"description": "some messages were refused retryable for another "
+                            "reason (no quorum, not serving, still being committed, timeout): "
+                            "retry with the same Idempotency-Key after Retry-After seconds; "
+                            "results as for 200"}}}},
             "/v1/messages/{id}": {
                 "get": {"summary": "a message's state", "security": bearer,
                         "parameters": [mid],
@@ -103,8 +112,14 @@ def openapi_document() -> dict[str, Any]:
                 "parameters": [{"name": "cursor", "in": "query", "schema": {"type": "string"},
                                 "description": "shard:seq,... from the last answer"},
                                {"name": "limit", "in": "query",
-                                "schema": {"type": "integer", "maximum": 10000}}],
-                "responses": {"200": {"description": "events and the next cursor"},
+                                "schema": {"type": "integer", "maximum": 10000}},
+                               {"name": "wait", "in": "query",
+                                "schema": {"type": "number", "minimum": 0, "maximum": 30},
+                                "description": "long-poll: when no event follows the cursor, "
+                                "answer when the first one comes, at most this many seconds"}],
+                "responses": {"200": {"description": "events and the next cursor (no events "
+                                      "and the same cursor when none came within wait)"},
+                              "400": _err("bad cursor, limit or wait"),
                               "401": _err("no key"), "403": _err("key may not read events")}}},
             "/healthz": {"get": {"summary": "process up", "responses": {
                 "200": {"description": "ok"}}}},

@@ -372,7 +372,7 @@ class _Handler:
         utf8 = "SMTPUTF8" in [o.upper() for o in envelope.mail_options]
         added = completion_fields(raw, now=time.time(), token=txid, domain=ing.hostname)
         msg = {"sender": envelope.mail_from or "<>", "recipients": rcpts,
-               "raw": received + added + raw, "smtputf8": utf8}
+               "raw": received + added + raw, "smtputf8": utf8, "dsn": ing.dsn}
         try:
             res = await ing.batcher.submit(msg)
         except Exception as e:   # cluster unreachable, timeout: the sender must retry
@@ -408,6 +408,8 @@ class SmtpIngress:
         self.max_recipients = s.max_recipients
         self.max_hops = s.max_hops
         self.max_size = max_size or s.max_message_size or mc.cfg.queue.max_message_size
+        #: a bounce or expiry sends a DSN to the envelope sender ([dsn] smtp)
+        self.dsn = mc.cfg.dsn.smtp
         self.counters: dict[str, int] = {}
         self._tls: ssl.SSLContext | None = None
         self.users = UserTable()

@@ -24,8 +24,8 @@ from typing import Any
 
 import msgpack
 
-from cluster.adapters.spool import (SpoolCorrupt, SpoolLog, skip_frames, unpack_snapshot,
-                                    write_atomic)
+from cluster.adapters.spool import (SpoolCorrupt, SpoolLog, Unresolved, skip_frames,
+                                    unpack_snapshot, write_atomic)
 from cluster.core.replication import CopyInfo, Fence, LogShape, Members, Refused
 
 __all__ = ["CopyStore", "DirectoryBusy"]
@@ -155,7 +155,12 @@ class CopyStore:
         if lsn > self.log.snap_lsn:
             if self.log.end < lsn and self.fence.synced != epoch:
                 raise Refused("unsynced", self.fence.promised, "compact on an unsynced copy")
-            self.log.install_snapshot(snapshot)
+            try:
+                self.log.install_snapshot(snapshot)
+            except Unresolved as e:
+                # it refers to bodies in frames this copy never had (it installed a snapshot
+                # past them): the leader sends the snapshot with the bodies copied in
+                raise Refused("unresolved", self.fence.promised, str(e)) from None
         return self.log.disk_bytes()
 
     def read(self, from_lsn: int, max_bytes: int) -> bytes:

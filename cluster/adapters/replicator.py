@@ -474,16 +474,29 @@ class Replicator:
 
     # ------------------------------------------------------------------ compaction, lag
     async def compact(self, snapshot: bytes) -> None:
-        """The local copy has written this snapshot: replicas drop what it covers."""
-        ref = ray.put(snapshot) if len(snapshot) > 100_000 else snapshot
-        calls = []
-        for d in self.drivers.values():
-            if d.synced:
-                calls.append(self._call(d, "compact", self.epoch, self.leader_id, ref,
-                                        timeout=300.0))
-        for res in await asyncio.gather(*calls, return_exceptions=True):
-            if isinstance(res, BaseException) and not isinstance(res, Refused):
-                log.warning("replica compaction failed: %s", res)
+        """The local copy has written this snapshot: replicas drop what it covers. The
+        snapshot may leave bodies in the log (by lsn); a copy that does not hold those frames
+        refuses it as "unresolved" and gets it again with the bodies copied in."""
+        drivers = [d for d in self.drivers.values() if d.synced]
+        for attempt in range(2):
+            ref = ray.put(snapshot) if len(snapshot) > 100_000 else snapshot
+            res = await asyncio.gather(*[
+                self._call(d, "compact", self.epoch, self.leader_id, ref, timeout=300.0)
+                for d in drivers], return_exceptions=True)
+            again = []
+            for d, r in zip(drivers, res):
+                if isinstance(r, Refused) and r.reason == "unresolved" and attempt == 0:
+                    again.append(d)
+                elif isinstance(r, BaseException) and not isinstance(r, Refused):
+                    log.warning("replica compaction failed: %s", r)
+            if not again:
+                return
+            whole = await self._io(self.local.log.snapshot_file)
+            if whole is None:
+                return
+            snapshot, drivers = whole, again
+            log.info("shard %d: %d copies compact with the self-contained snapshot",
+                     self.shard, len(again))
 
     def lag(self) -> list[dict[str, Any]]:
         """Per copy: how far behind the leader's log it is, in records and seconds."""

@@ -27,6 +27,8 @@ rather than silently dropping mail.
 
 from __future__ import annotations
 
+import bisect
+import io
 import os
 import struct
 import zlib
@@ -35,8 +37,9 @@ from typing import Any, Iterator
 
 import msgpack
 
-__all__ = ["SpoolLog", "SpoolCorrupt", "Compacted", "encode_frame", "iter_headers",
-           "skip_frames", "numbered_files", "pack_snapshot", "unpack_snapshot", "write_atomic"]
+__all__ = ["SpoolLog", "SpoolCorrupt", "Compacted", "Unresolved", "encode_frame", "iter_headers",
+           "skip_frames", "numbered_files", "pack_snapshot", "unpack_snapshot", "write_atomic",
+           "snapshot_keep", "packb_sliced", "pack_nested"]
 
 _HDR = struct.Struct("<IIQQ")
 _LEN_CRC = struct.Struct("<II")      # the two halves of _HDR, as assign builds it
@@ -53,6 +56,55 @@ class Compacted(LookupError):
     """Frames asked for are covered by a snapshot and no longer in the log."""
 
 
+class Unresolved(LookupError):
+    """A snapshot refers to frames this copy of the log does not hold."""
+
+
+def packb_sliced(obj: dict[str, Any], items: int = 2000) -> bytes:
+    """``msgpack.packb(obj)``, byte for byte, made by many small packs: the lists among
+    the map's values are packed ``items`` entries at a time. Run in a thread, the GIL
+    can pass to the event loop between them (one packb of a few hundred MB holds it for
+    a second)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    pack = packer.pack
+    parts = [packer.pack_map_header(len(obj))]
+    for k, v in obj.items():
+        parts.append(pack(k))
+        if type(v) is list and len(v) > items:
+            parts.append(packer.pack_array_header(len(v)))
+            for i in range(0, len(v), items):
+                parts.append(b"".join(map(pack, v[i:i + items])))
+        else:
+            parts.append(pack(v))
+    return b"".join(parts)
+
+
+def pack_nested(obj: dict[str, Any]) -> bytes:
+    """:func:`packb_sliced` one level down: a map whose ``state`` value is a snapshot."""
+    packer = msgpack.Packer(use_bin_type=True)
+    parts = [packer.pack_map_header(len(obj))]
+    for k, v in obj.items():
+        parts.append(packer.pack(k))
+        parts.append(packb_sliced(v) if type(v) is dict else packer.pack(v))
+    return b"".join(parts)
+
+
+def snapshot_keep(payload: bytes) -> list[int]:
+    """The lsns a snapshot's payload refers to (its first key, ``keep``), read without
+    decoding the rest of it: the frames carrying bodies the snapshot leaves in the log."""
+    u = msgpack.Unpacker(io.BytesIO(payload), raw=False, strict_map_key=False,
+                         max_buffer_size=_MAX_FRAME)
+    try:
+        n = u.read_map_header()
+        if n and u.unpack() == "keep":
+            keep = u.unpack()
+            if type(keep) is list:
+                return keep
+    except (ValueError, msgpack.UnpackException):
+        pass
+    return []
+
+
 def pack_snapshot(lsn: int, epoch: int, payload: bytes) -> bytes:
     return _SNAP_HDR.pack(lsn, epoch, zlib.crc32(payload)) + payload
 
@@ -66,6 +118,14 @@ def unpack_snapshot(data: bytes, where: str = "snapshot") -> tuple[int, int, byt
     if zlib.crc32(payload) != crc:
         raise SpoolCorrupt(f"{where}: snapshot checksum mismatch")
     return lsn, epoch, payload
+
+
+def _body_of(rec: Any, lsn: int, where: Path) -> bytes:
+    """The body a body or message record carries (both keep it at index 2)."""
+    if type(rec) is list and len(rec) > 2 and rec[0] in ("b", "m") and \
+            type(rec[2]) is bytes:
+        return rec[2]
+    raise SpoolCorrupt(f"{where}: lsn {lsn} is referred to as a body but carries none")
 
 
 def _crc(epoch: int, lsn: int, payload: bytes) -> int:
@@ -161,6 +221,11 @@ class SpoolLog:
         #: [[epoch, first lsn], ...] of the frames after the snapshot
         self.runs: list[list[int]] = []
         self._assigned_epoch = 0
+        #: segments by first lsn: [last lsn held (first - 1 if empty), bytes]. Segments
+        #: below the snapshot may be kept for the bodies a snapshot refers to, so the lsns
+        #: held are not one range (see :meth:`install_snapshot`)
+        self._segs: dict[int, list[int]] = {}
+        self._cur_first = 0
 
     @property
     def end(self) -> int:
@@ -192,7 +257,9 @@ class SpoolLog:
             p.unlink()
         snap = None
         snap_lsn = 0
+        want: dict[int, list[Any]] = {}
         self.runs = []
+        self._segs = {}
         snaps = self._snapshots()
         if snaps:
             snap_lsn, sp = snaps[-1]
@@ -203,6 +270,7 @@ class SpoolLog:
             self.snapshot_bytes = len(data)
             if decode:
                 snap = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+                want = {e[2]: e for e in snap.get("bodies", ()) if e[1] is None}
         self.snap_lsn = snap_lsn
         records: list[tuple[int, int, Any]] = []
         segs = self._segments()
@@ -210,9 +278,15 @@ class SpoolLog:
         for i, (first, path) in enumerate(segs):
             data = path.read_bytes()
             good_end = 0
+            seg_last = first - 1
             for epoch, lsn, start, end in iter_headers(data):
                 good_end = end
+                seg_last = lsn
                 if lsn <= snap_lsn:
+                    if lsn in want:   # a body the snapshot left in the log
+                        want.pop(lsn)[1] = _body_of(msgpack.unpackb(
+                            data[start + _HDR.size:end], raw=False, strict_map_key=False),
+                            lsn, path)
                     continue
                 if lsn != last_lsn + 1:
                     raise SpoolCorrupt(f"{path}: lsn {lsn} follows {last_lsn}")
@@ -228,19 +302,32 @@ class SpoolLog:
                 with open(path, "r+b") as fh:  # torn tail of an unacknowledged write
                     fh.truncate(good_end)
                     os.fsync(fh.fileno())
+            self._segs[first] = [seg_last, good_end]
+        if want:
+            raise SpoolCorrupt(f"{self.dir}: the snapshot at lsn {snap_lsn} refers to "
+                               f"{len(want)} frames the log does not hold (first: lsn "
+                               f"{min(want)})")
         self.next_lsn = last_lsn + 1
         if segs:
             self._open_segment(segs[-1][1])
         else:
             self._open_segment(self.dir / f"seg-{self.next_lsn:020d}.log")
-        self.bytes_since_snapshot = sum(p.stat().st_size for _, p in segs)
+        self._count_since_snapshot()
         return snap, records
+
+    def _count_since_snapshot(self) -> None:
+        """Bytes of the segments holding frames after the snapshot (what compaction would
+        drop), not those kept only for the bodies the snapshot refers to."""
+        self.bytes_since_snapshot = sum(size for last, size in self._segs.values()
+                                        if last > self.snap_lsn)
 
     def _open_segment(self, path: Path) -> None:
         if self._fh is not None:
             self._fh.close()
         self._fh = open(path, "ab")
         self._seg_size = self._fh.tell()
+        self._cur_first = int(path.name[4:-4])
+        self._segs.setdefault(self._cur_first, [self._cur_first - 1, self._seg_size])
         _fsync_dir(self.dir)
 
     # ------------------------------------------------------------------ appending
@@ -334,6 +421,7 @@ class SpoolLog:
         for epoch, lsn in hdrs:
             self._note(epoch, lsn)
         self._seg_size += len(frames)
+        self._segs[self._cur_first] = [self.next_lsn - 1, self._seg_size]
         self.bytes_since_snapshot += len(frames)
 
     # ------------------------------------------------------------------ reading, cutting back
@@ -388,6 +476,7 @@ class SpoolLog:
         for first, path in reversed(segs):
             if first > lsn:
                 path.unlink()   # every frame in it is after lsn
+                self._segs.pop(first, None)
         _fsync_dir(self.dir)
         for first, path in segs:
             if first > lsn:
@@ -398,13 +487,14 @@ class SpoolLog:
                     with open(path, "r+b") as fh:
                         fh.truncate(start)
                         os.fsync(fh.fileno())
+                    self._segs[first] = [lsn, start]
                     break
         self.next_lsn = lsn + 1
         self.runs = [r for r in self.runs if r[1] <= lsn]
         remaining = self._segments()
         self._open_segment(remaining[-1][1] if remaining
                            else self.dir / f"seg-{self.next_lsn:020d}.log")
-        self.bytes_since_snapshot = sum(p.stat().st_size for _, p in self._segments())
+        self._count_since_snapshot()
 
     # ------------------------------------------------------------------ compaction
     def write_snapshot(self, state: dict[str, Any], epoch: int | None = None) -> int:
@@ -414,8 +504,7 @@ class SpoolLog:
         if lsn != self.end:
             raise ValueError(f"snapshot lsn {lsn} is not the log end {self.end}")
         ep = self.last_epoch if epoch is None else epoch
-        return self.install_snapshot(pack_snapshot(
-            lsn, ep, msgpack.packb(state, use_bin_type=True)))
+        return self.install_snapshot(pack_snapshot(lsn, ep, packb_sliced(state)))
 
     def install_snapshot(self, data: bytes) -> int:
         """Make a snapshot (the bytes of a snapshot file, from this copy or another) the base
@@ -423,9 +512,14 @@ class SpoolLog:
         it. Order: write snap-N.tmp, fsync, rename, fsync the directory, then drop covered
         segments and older snapshots; a crash at any step leaves the old snapshot with all its
         segments, or the new one: never a gap. Returns the snapshot's size. Blocking."""
-        lsn, epoch, _ = unpack_snapshot(data)
+        lsn, epoch, payload = unpack_snapshot(data)
         if lsn < self.snap_lsn:
             raise ValueError(f"snapshot at lsn {lsn} is older than the one held ({self.snap_lsn})")
+        keep = snapshot_keep(payload)
+        missing = self.missing(keep)
+        if missing:
+            raise Unresolved(f"snapshot at lsn {lsn} refers to {missing} frames this copy "
+                             "does not hold")
         self._fh.flush()
         if self.fsync:
             os.fsync(self._fh.fileno())
@@ -438,9 +532,15 @@ class SpoolLog:
             self.next_lsn = lsn + 1
             self._open_segment(self.dir / f"seg-{self.next_lsn:020d}.log")
         segs = self._segments()
-        for i, (first, p) in enumerate(segs[:-1]):
-            if segs[i + 1][0] <= lsn + 1:   # every frame in it is ≤ lsn
-                p.unlink()
+        kept = iter(keep)
+        k = next(kept, None)
+        for first, p in segs[:-1]:
+            last = self._segs.get(first, [first - 1])[0]
+            while k is not None and k < first:
+                k = next(kept, None)
+            if last <= lsn and (k is None or k > last):
+                p.unlink()   # every frame in it is ≤ lsn and no body in it is referred to
+                self._segs.pop(first, None)
         for s_lsn, p in self._snapshots():
             if s_lsn < lsn:
                 p.unlink()
@@ -451,14 +551,69 @@ class SpoolLog:
                 runs.append([ep, max(first, lsn + 1)])
         self.runs = runs
         self.snap_lsn, self.snap_epoch = lsn, epoch
-        self.bytes_since_snapshot = sum(p.stat().st_size for _, p in self._segments())
+        self._count_since_snapshot()
         self.snapshot_bytes = len(data)
         return len(data)
 
-    def snapshot_file(self) -> bytes | None:
-        """The bytes of the newest snapshot (to install on another copy), if any."""
+    def segment_ranges(self) -> list[tuple[int, int, int]]:
+        """(first lsn, last lsn, bytes) of each segment, oldest first (what a snapshot's
+        choice of bodies to leave in the log is made on)."""
+        return [(f, v[0], v[1]) for f, v in sorted(self._segs.items())]
+
+    def missing(self, lsns: list[int]) -> int:
+        """How many of these (sorted) lsns this copy does not hold a frame for."""
+        if not lsns:
+            return 0
+        firsts = sorted(self._segs)
+        n = 0
+        for lsn in lsns:
+            i = bisect.bisect_right(firsts, lsn) - 1
+            if i < 0 or lsn > self._segs[firsts[i]][0] or lsn > self.end:
+                n += 1
+        return n
+
+    def read_bodies(self, lsns: list[int]) -> dict[int, bytes]:
+        """The bodies carried by the frames at these lsns (kept below a snapshot that refers
+        to them). Blocking."""
+        want = set(lsns)
+        lsns = sorted(want)
+        out: dict[int, bytes] = {}
+        self._fh.flush()
+        for first in sorted(self._segs):
+            last = self._segs[first][0]
+            j = bisect.bisect_left(lsns, first)
+            if j == len(lsns) or lsns[j] > last:
+                continue
+            path = self.dir / f"seg-{first:020d}.log"
+            data = path.read_bytes()
+            for _e, lsn, start, end in iter_headers(data):
+                if lsn in want:
+                    out[lsn] = _body_of(msgpack.unpackb(
+                        data[start + _HDR.size:end], raw=False, strict_map_key=False), lsn, path)
+        if len(out) != len(want):
+            raise Unresolved(f"{self.dir}: {len(want) - len(out)} referred-to frames not found")
+        return out
+
+    def snapshot_file(self, *, self_contained: bool = True) -> bytes | None:
+        """The bytes of the newest snapshot, if any. Self-contained (the default, to install
+        on a copy that may not hold the frames it refers to): bodies left in the log are
+        read and copied in. ``self_contained=False``: as written (compaction, where the
+        copy is checked to hold them)."""
         snaps = self._snapshots()
-        return snaps[-1][1].read_bytes() if snaps else None
+        if not snaps:
+            return None
+        data = snaps[-1][1].read_bytes()
+        if not self_contained:
+            return data
+        lsn, epoch, payload = unpack_snapshot(data)
+        keep = snapshot_keep(payload)
+        if not keep:
+            return data
+        snap = msgpack.unpackb(payload, raw=False, strict_map_key=False)
+        found = self.read_bodies(keep)
+        snap["keep"] = []
+        snap["bodies"] = [[e[0], found[e[2]]] if e[1] is None else e for e in snap["bodies"]]
+        return pack_snapshot(lsn, epoch, msgpack.packb(snap, use_bin_type=True))
 
     def disk_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.dir.iterdir() if p.is_file())

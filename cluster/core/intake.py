@@ -35,7 +35,7 @@ from cluster.core.message import (MAX_QUEUE_LIFETIME, MAX_RECIPIENTS, PreparedMe
                                   _idempotency_key, _metadata, _tags)
 
 __all__ = ["Intake", "Limits", "ITEM_FIELDS", "check_item", "dkim_required_check",
-           "retryable_error", "wire_item"]
+           "retryable_error", "wire_item", "RETRY_REASONS"]
 
 #: a submit item: [body_id, body, sender, [[id, rcpt, domain], ...], tags, metadata,
 #: idempotency_key, not_before, max_age, smtputf8]
@@ -66,10 +66,19 @@ def _suppressed_note(rcpt: str, e: dict[str, Any]) -> dict[str, Any]:
             "error": f"{rcpt} is suppressed{scope}: {e['reason']} since {when}"}
 
 
-def retryable_error(text: str, *, unknown: bool = False) -> dict[str, Any]:
+#: why a refusal is retryable (``reason`` of a retryable answer, machine-readable: protocol
+#: front ends choose their reply from it, never from the text): the queue is full (HTTP 429),
+#: the shard has no quorum or is not serving (503), an earlier submission of the same item
+#: is still being committed, or the outcome is not known in time
+RETRY_REASONS = ("queue_full", "no_quorum", "not_serving", "pending_commit", "timeout")
+
+
+def retryable_error(text: str, *, reason: str, unknown: bool = False) -> dict[str, Any]:
     """An answer that says "try again" (with the same ids: a retry is answered as a
-    duplicate if this attempt did commit)."""
-    out: dict[str, Any] = {"error": text, "retryable": True}
+    duplicate if this attempt did commit), with its ``reason`` (:data:`RETRY_REASONS`)."""
+    if reason not in RETRY_REASONS:
+        raise ValueError(f"retry reason {reason!r} is not one of {RETRY_REASONS}")
+    out: dict[str, Any] = {"error": text, "retryable": True, "reason": reason}
     if unknown:
         out["unknown"] = True
     return out
@@ -270,7 +279,7 @@ class Intake:
                     # the first submission is not durable yet: only its answer may say so
                     results.append({**retryable_error(
                         f"idempotency_key: the first submission with key {idem!r} is still "
-                        "being committed; retry"), "pending": True})
+                        "being committed; retry", reason="pending_commit"), "pending": True})
                     continue
             if not call_ids.isdisjoint(ids):
                 self.counters["refused"] += 1
@@ -279,7 +288,7 @@ class Intake:
             if not pending_ids.isdisjoint(ids):
                 results.append({**retryable_error(
                     "recipients: these message ids are still being committed by an earlier "
-                    "call; retry"), "pending": True})
+                    "call; retry", reason="pending_commit"), "pending": True})
                 continue
             known = [i for i in ids if i in messages or i in finished]
             if known:
@@ -301,7 +310,7 @@ class Intake:
                 results.append(retryable_error(
                     full(live) if full else
                     f"queue full ({live} messages, {state.body_bytes + added_bytes} body "
-                    "bytes): retry later"))
+                    "bytes): retry later", reason="queue_full"))
                 continue
             supp = state.suppression
             blocked: list[tuple[list[Any], dict[str, Any]]] = []

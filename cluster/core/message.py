@@ -33,6 +33,7 @@ from email.utils import format_datetime, parsedate_to_datetime
 from typing import NamedTuple
 
 from cluster.core.addresses import Address, AddressError, parse_address
+from cluster.core.dsn_build import DSN_OF_KEY, DSN_REQUEST_KEY
 from cluster.core.ratespec import parse_duration
 from cluster.core.sites import stable_hash
 
@@ -72,7 +73,8 @@ _STRUCTURED_KEYS = ("from", "to", "cc", "reply_to", "subject", "text", "html", "
 _STRUCTURED_KEY_SET = frozenset(_STRUCTURED_KEYS)
 _SENDERS: dict[str, Address] = {}   # sender text → checked address (prepare)
 SUBMISSION_KEYS = frozenset(("sender", "recipients", "raw", *_STRUCTURED_KEYS, "tags",
-                             "metadata", "idempotency_key", "not_before", "max_age", "smtputf8"))
+                             "metadata", "idempotency_key", "not_before", "max_age", "smtputf8",
+                             "dsn"))
 
 # RFC 5322 §3.6: fields that may occur at most once in a message.
 _SINGLETON_FIELDS = {"date": "Date", "from": "From", "sender": "Sender", "reply-to": "Reply-To",
@@ -136,7 +138,8 @@ def prepare(submission: dict, *, now: float, max_size: int = DEFAULT_MAX_SIZE) -
     Keys: ``sender``, ``recipients`` (required), then either ``raw`` (a complete RFC 5322
     message, bytes or str) or the structured fields ``from``, ``to``, ``cc``, ``reply_to``,
     ``subject``, ``text``, ``html``, ``headers``; and the options ``tags``, ``metadata``,
-    ``idempotency_key``, ``not_before``, ``max_age``, ``smtputf8``. A key set to None counts as
+    ``idempotency_key``, ``not_before``, ``max_age``, ``smtputf8``, ``dsn`` (true: a bounce or
+    expiry sends a DSN to the envelope sender; kept as metadata ``raymta.dsn``). A key set to None counts as
     absent. ``now`` (epoch seconds) dates the message; ``max_size`` bounds the final bytes.
     """
     _check_max_size(max_size)
@@ -176,7 +179,14 @@ def prepare(submission: dict, *, now: float, max_size: int = DEFAULT_MAX_SIZE) -
                     _SENDERS.clear()
                 _SENDERS[sub["sender"]] = sender
     tags = _tags(sub.get("tags"))
-    metadata = _metadata(sub.get("metadata"))
+    dsn = sub.get("dsn", False)
+    if not isinstance(dsn, bool):
+        raise ValidationError("dsn", f"must be true or false, not {_type(dsn)}")
+    meta_in = sub.get("metadata")
+    if dsn:   # a DSN to the envelope sender on a bounce or expiry (cluster/core/dsn_build.py)
+        meta_in = {**(meta_in if isinstance(meta_in, dict) else {}), DSN_REQUEST_KEY: True} \
+            if meta_in is None or isinstance(meta_in, dict) else meta_in
+    metadata = _metadata(meta_in)
     idem = _idempotency_key(sub.get("idempotency_key"))
     not_before = _not_before(sub.get("not_before"))
     if not_before is not None and not_before > now + MAX_QUEUE_LIFETIME:
@@ -455,6 +465,12 @@ def _metadata(value: object) -> dict:
         return {}
     if not isinstance(value, dict):
         raise ValidationError("metadata", f"must be a dict, not {_type(value)}")
+    if DSN_OF_KEY in value:
+        raise ValidationError(f"metadata.{DSN_OF_KEY}", "reserved: raymta sets it on the "
+                              "delivery status notifications it makes")
+    if DSN_REQUEST_KEY in value and value[DSN_REQUEST_KEY] is not True:
+        raise ValidationError(f"metadata.{DSN_REQUEST_KEY}", "reserved: true (or absent); "
+                              "use the submission's 'dsn' option")
     try:
         encoded = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as e:

@@ -29,26 +29,34 @@ Record layout (msgpack arrays, first element the type):
 ``o``     outside report: [o, kind, id, recipient, detail, ts] — an asynchronous bounce
                      (kind "bounce") or a complaint (kind "complaint") about a message this
                      shard sent; an event only (the message has usually finished)
+``w``     webhook cursor: [w, endpoint, cursor, ts] — webhook ``endpoint`` has acknowledged
+                     every event of this shard up to seq ``cursor`` (no event of its own)
 ========  ===================================================================================
 An accept record restored from a backup carries two more fields, ``attempts, next_at``.
+A message whose metadata asks for a DSN (``raymta.dsn``) owes one when its ``f`` record
+(bounce or expiry) applies (:attr:`QueueState.dsn_due`); the DSN is an ``m`` record of its own,
+made by the leader, whose metadata ``raymta.dsn_of`` names the message and settles the debt.
 A message state machine: accepted → (ready | deferred) → inflight → delivered | transient
 (→ deferred) | bounced; any live, not inflight message → expired | cancelled.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from cluster.core.dsn_build import DSN_OF_KEY, header_section, wants_dsn
 from cluster.core.suppression import REASONS as SUPPRESSION_REASONS
 from cluster.core.suppression import SuppressionList, entry_key
 
 __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
-    "pause_record",
+    "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record",
     "QueuedMessage", "QueueState", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -64,6 +72,7 @@ REC_EPOCH = "e"
 REC_SUPPRESS = "s"
 REC_REPORT = "o"
 REC_PAUSE = "p"
+REC_WEBHOOK = "w"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -117,9 +126,41 @@ def pause_record(key: str, until: float, ts: float) -> list[Any]:
     return [REC_PAUSE, key, until, ts]
 
 
+def webhook_record(endpoint: str, cursor: int, ts: float) -> list[Any]:
+    return [REC_WEBHOOK, endpoint, cursor, ts]
+
+
 def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
                   ts: float) -> list[Any]:
     return [REC_REPORT, kind, msg_id, recipient, detail, ts]
+
+
+def reference_segments(bodies: list[tuple[int, int]], segments: list[tuple[int, int, int]],
+                       min_live: float = 0.25) -> Callable[[int], bool]:
+    """Which bodies a snapshot may leave in the log: a predicate over a body's lsn.
+
+    ``bodies``: (lsn, size) of each body a log record carries; ``segments``: (first lsn, last
+    lsn, bytes) of the log's segments. A segment whose live body bytes are at least
+    ``min_live`` of its size is worth keeping (its bodies are referenced); the bodies of a
+    sparser one are copied into the snapshot so that the segment can be deleted. The last
+    segment (still being written) is always kept. A body outside every segment is copied."""
+    if not segments:
+        return lambda lsn: False
+    firsts = [s[0] for s in segments]
+    live = [0] * len(segments)
+    for lsn, size in bodies:
+        i = bisect.bisect_right(firsts, lsn) - 1
+        if i >= 0 and lsn <= segments[i][1]:
+            live[i] += size
+    last = len(segments) - 1
+    keep = {segments[i][0] for i in range(len(segments))
+            if i == last or (segments[i][2] and live[i] >= min_live * segments[i][2])}
+
+    def referenced(lsn: int) -> bool:
+        i = bisect.bisect_right(firsts, lsn) - 1
+        return i >= 0 and lsn <= segments[i][1] and firsts[i] in keep
+
+    return referenced
 
 
 def final_record(msg_id: str, attempt: int, kind: str, code: int | None, enhanced: str | None,
@@ -163,15 +204,19 @@ class QueuedMessage:
         return m
 
 
-@dataclass
+@dataclass(slots=True)
 class _Body:
     data: bytes
     refs: int
+    #: lsn of the log record that carries the body (0: none does any longer; a snapshot
+    #: then carries the bytes themselves)
+    lsn: int = 0
 
 
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
 _RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
-                   REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4}
+                   REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4,
+                   REC_WEBHOOK: 4}
 
 
 def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
@@ -218,9 +263,17 @@ class QueueState:
         self.suppress_outbox: dict[str, list[Any]] = {}
         #: domains or sites an operator suspended: key → until (epoch seconds)
         self.suspended: dict[str, float] = {}
+        #: DSNs owed to envelope senders (:mod:`cluster.core.dsn_build`): original id → what
+        #: the DSN says. Hard state: added when the bounce or expiry of a message that asked
+        #: for one applies, removed when the DSN's own message record (metadata
+        #: ``raymta.dsn_of``) applies; the leader queues one for each entry it finds, so a
+        #: failover neither loses a DSN (the entry is replayed) nor sends two (the record is)
+        self.dsn_due: dict[str, list[Any]] = {}
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
+        #: webhook endpoint → the seq up to which it has acknowledged this shard's events
+        self.webhook_cursors: dict[str, int] = {}
 
     def apply_or_quarantine(self, rec: Any, lsn: int) -> dict[str, Any] | None:
         """:meth:`apply`, except that a record the queue cannot take (a :class:`StateError`)
@@ -264,6 +317,17 @@ class QueueState:
                              f"{_RECORD_LENGTHS[kind]}")
         if kind == REC_SUPPRESS or kind == REC_REPORT:
             return self._apply_other(rec, lsn)
+        if kind == REC_WEBHOOK:
+            _, endpoint, cursor, ts = rec
+            _check_numbers(rec, lsn, ts)
+            if type(endpoint) is not str or not endpoint or type(cursor) is not int or \
+                    cursor < 0:
+                raise StateError(f"webhook record at lsn {lsn}: endpoint or cursor of the "
+                                 "wrong type")
+            self.last_lsn = lsn
+            if cursor > self.webhook_cursors.get(endpoint, 0):   # never goes back
+                self.webhook_cursors[endpoint] = cursor
+            return None
         if kind == REC_PAUSE:
             _, key, until, ts = rec
             _check_numbers(rec, lsn, until, ts)
@@ -287,7 +351,7 @@ class QueueState:
             if type(body_id) is not str or type(data) not in (bytes, bytearray, memoryview):
                 raise StateError(f"body record at lsn {lsn}: id or bytes of the wrong type")
             if body_id not in self.bodies:
-                self.bodies[body_id] = _Body(bytes(data), 0)
+                self.bodies[body_id] = _Body(bytes(data), 0, lsn)
                 self.body_bytes += len(data)
             return None
         if kind == REC_ACCEPT or kind == REC_MESSAGE:
@@ -326,6 +390,11 @@ class QueueState:
                 raise StateError(f"final record at lsn {lsn}: unknown kind {fkind!r}")
             m.attempts = max(m.attempts, attempt)
             self.counters[_FINAL_STATE[fkind]] += 1
+            if fkind in ("bounce", "expired") and wants_dsn(m.sender, m.metadata):
+                body = self.bodies.get(m.body_id)
+                self.dsn_due[m.id] = [m.sender, m.rcpt, fkind, code, enhanced, text, site,
+                                      m.created, ts,
+                                      header_section(body.data) if body is not None else b""]
             ev = self._event(_FINAL_EVENT[fkind], lsn, m, ts, attempt=attempt, code=code,
                              enhanced=enhanced, text=text, site=site, category=category)
             self._finish(m, _FINAL_STATE[fkind], ev)
@@ -397,12 +466,15 @@ class QueueState:
             m.body_id = m.id
             if m.id not in self.bodies:
                 data = bytes(rec[2])
-                self.bodies[m.id] = _Body(data, 0)
+                self.bodies[m.id] = _Body(data, 0, lsn)
                 self.body_bytes += len(data)
         body = self.bodies.get(m.body_id)
         if body is None:
             raise StateError(f"message {m.id} refers to unknown body {m.body_id} (lsn {lsn})")
         body.refs += 1
+        if m.metadata and type(m.metadata) is dict and \
+                type(m.metadata.get(DSN_OF_KEY)) is str:
+            self.dsn_due.pop(m.metadata[DSN_OF_KEY], None)   # the DSN owed is now queued
         self.messages[m.id] = m
         if m.idempotency_key:
             ent = self.idempotency.get(m.idempotency_key)
@@ -611,11 +683,35 @@ class QueueState:
                 "bodies": len(self.bodies), "body_bytes": self.body_bytes, **self.counters}
 
     # ------------------------------------------------------------------ snapshots
-    def snapshot(self) -> dict[str, Any]:
-        """Everything hard about the queue, as plain data (msgpack-able)."""
+    def snapshot(self, segments: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+        """Everything hard about the queue, as plain data (msgpack-able).
+
+        ``segments``: ``(first lsn, last lsn, bytes)`` of the log segments that hold frames
+        covered by this snapshot (from :meth:`SpoolLog.segment_ranges`). With them, a body
+        whose record sits in a segment worth keeping is written as a reference ``[id, None,
+        lsn]`` instead of its bytes, and ``keep`` (the first key, readable without decoding
+        the rest) lists the lsns the log must keep. Bodies in sparse segments (live body
+        bytes under a quarter of the segment) are copied in, so those segments can go.
+        Without ``segments`` every body is copied in (a backup, a test)."""
+        refs = reference_segments(
+            [(b.lsn, len(b.data)) for b in self.bodies.values() if b.lsn], segments or [])
+        keep: list[int] = []
+        bodies: list[list[Any]] = []
+        for bid, b in self.bodies.items():
+            if b.lsn and refs(b.lsn):
+                keep.append(b.lsn)
+                bodies.append([bid, None, b.lsn])
+            else:
+                # its segment may be dropped once this snapshot is written: from now on the
+                # bytes live in the snapshots
+                if segments is not None:
+                    b.lsn = 0
+                bodies.append([bid, b.data])
+        keep.sort()
         return {
+            "keep": keep,
             "lsn": self.last_lsn,
-            "bodies": [[bid, b.data] for bid, b in self.bodies.items()],
+            "bodies": bodies,
             "messages": [m.to_snapshot() for m in self.messages.values()],
             "idempotency": [[k, ts, ids] for k, (ts, ids) in self.idempotency.items()],
             "counters": dict(self.counters),
@@ -625,13 +721,20 @@ class QueueState:
             "suppression": self.suppression.snapshot(),
             "suppress_outbox": list(self.suppress_outbox.values()),
             "suspended": dict(self.suspended),
+            "dsn_due": [[k, *v] for k, v in self.dsn_due.items()],
+            "webhook_cursors": dict(self.webhook_cursors),
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
         if self.messages or self.bodies or self.last_lsn:
             raise StateError("restore into a non-empty queue state")
-        for bid, data in snap["bodies"]:
-            self.bodies[bid] = _Body(bytes(data), 0)
+        for entry in snap["bodies"]:
+            # [id, bytes] or, resolved from a reference by the log, [id, bytes, lsn]
+            data = entry[1]
+            if data is None:
+                raise StateError(f"snapshot body {entry[0]}: reference to lsn {entry[2]} "
+                                 "was not resolved")
+            self.bodies[entry[0]] = _Body(bytes(data), 0, entry[2] if len(entry) > 2 else 0)
             self.body_bytes += len(data)
         for row in snap["messages"]:
             m = QueuedMessage.from_snapshot(row)
@@ -652,6 +755,9 @@ class QueueState:
                                   "site": site, "ts": ts}
         self.suppression.restore(snap.get("suppression", ()))
         self.suspended.update(snap.get("suspended", {}))
+        for row in snap.get("dsn_due", ()):
+            self.dsn_due[row[0]] = list(row[1:])
+        self.webhook_cursors.update(snap.get("webhook_cursors", {}))
         for row in snap.get("suppress_outbox", ()):
             self.suppress_outbox[entry_key(row[0], row[1])] = row
         self.last_lsn = snap["lsn"]

@@ -32,7 +32,8 @@ class Refused(Exception):
     """A copy refuses a leader's request. ``reason``: "stale" (a newer epoch was promised: the
     caller is a superseded leader), "unclaimed" (the epoch was never claimed here) or
     "unsynced" (the leader must sync this copy first), "gap" (not contiguous), "corrupt"
-    (appended frames failed their checksum on the way: nothing was written)."""
+    (appended frames failed their checksum on the way: nothing was written), "unresolved"
+    (a snapshot to compact at refers to frames the copy does not hold: send it whole)."""
 
     def __init__(self, reason: str, promised: int, detail: str = "") -> None:
         self.reason = reason
