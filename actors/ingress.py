@@ -9,6 +9,11 @@ load balancer sends them to another node).
 The one actor above the client in the import order: an ingress is a submitter like any
 sender, so it uses the client's API (validation, ids, the leaders' submit streams) rather
 than a private path into the coordinator. It never talks to relays or replicas.
+
+One ``[ingress]`` config serves every ingress node; a node labelled
+``ingress-address=<ip>`` (``ray start --labels``) binds its SMTP listeners on that address
+instead of the configured hosts (same ports), so each node listens on its own address, as a
+load balancer in front expects.
 """
 
 from __future__ import annotations
@@ -18,7 +23,10 @@ from typing import Any
 
 from cluster.config import Config
 
-__all__ = ["IngressNode", "ingress_name"]
+__all__ = ["IngressNode", "ingress_name", "ADDRESS_LABEL"]
+
+#: node label: the address this node's SMTP listeners bind (instead of the configured hosts)
+ADDRESS_LABEL = "ingress-address"
 
 
 def ingress_name(node_id: str) -> str:
@@ -40,7 +48,7 @@ class IngressNode:
                   for s in range(cfg.queue.shards)]
         self.mc = MailCluster(cfg, coords, direct=True)
         s = cfg.ingress
-        self.smtp = SmtpIngress.from_config(self.mc, s).start() \
+        self.smtp = SmtpIngress.from_config(self.mc, s, bind_host=_node_address()).start() \
             if s.submission or s.submissions else None
         self.http = None
         if s.http:
@@ -81,3 +89,12 @@ class IngressNode:
             self.smtp.stop()
         if self.http is not None:
             self.http.stop()
+
+
+def _node_address() -> str | None:
+    """This node's ``ingress-address`` label, if it has one."""
+    import ray
+    v: Any = ray.get_runtime_context().get_node_labels().get(ADDRESS_LABEL)
+    if isinstance(v, (list, tuple)):     # typed as a list in some Ray versions
+        v = v[0] if v else None
+    return str(v) if v else None

@@ -15,6 +15,15 @@ stopped. Prints msgs/s, the per-message DATA latency (p50/p99) and how many mess
 submit call carried; writes ``bench/results/ingress-smtp-<ts>.json``.
 
     python bench/ingress_smtp.py --mode tls --procs 2 --threads 8 --seconds 8
+
+``--injector smtp-source`` (plain mode only: it speaks neither STARTTLS nor AUTH): Postfix's C
+injector instead of the Python clients, ``--messages`` messages over ``procs x threads`` reused
+sessions (the clients then take little of the 2 cores); ``--postfix`` then also feeds a
+throwaway Postfix's smtpd the same smtp-source command (bench/peer_postfix.py, which relays
+to a sink as it accepts) and prints its intake beside raymta's.
+
+    python bench/ingress_smtp.py --mode plain --injector smtp-source --procs 2 --threads 32 \
+        --messages 20000 --postfix
 """
 
 from __future__ import annotations
@@ -102,7 +111,7 @@ def _client(port: int, mode: str, ca_file: str, threads: int, until: float, cap:
 
 def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float = 8.0,
         messages: int = 100_000, batch_window: str = "2ms", batch_max: int = 1000,
-        in_process: bool = False) -> dict[str, Any]:
+        in_process: bool = False, injector: str = "smtplib") -> dict[str, Any]:
     import ray
 
     from cluster.client import MailCluster
@@ -146,6 +155,9 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
             def stats() -> dict[str, Any]:
                 return ray.get(actor.stats.remote())
         before = stats()
+        if injector == "smtp-source":
+            return _smtp_source_run(port, messages, procs * threads, stats, before,
+                                    mode=mode, seconds=seconds)
         ctxmp = mp.get_context("spawn")
         q = ctxmp.Queue()
         start = time.time() + 3.0          # every process connected and ready by then
@@ -182,7 +194,7 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
             "latency_ms_p99": round(1000 * lat[int(0.99 * (len(lat) - 1))], 2) if lat else None,
             "submit_calls": calls, "messages_per_call": round(sent / calls, 1) if calls else 0,
             "largest_call": after["batches"]["largest"], "batch_window": batch_window,
-            "batch_max": batch_max,
+            "batch_max": batch_max, "injector": injector,
             "machine": c.machine_info(),
         }
         return out
@@ -192,6 +204,29 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         if dns is not None:
             dns.stop()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _smtp_source_run(port: int, n: int, sessions: int, stats: Any, before: dict[str, Any], *,
+                     mode: str, seconds: float) -> dict[str, Any]:
+    from bench.peer_postfix import _inject_smtp_source
+    if mode != "plain":
+        raise SystemExit("smtp-source speaks neither STARTTLS nor AUTH: use --mode plain")
+    r = _inject_smtp_source("127.0.0.1", port, n, 2000, sessions,
+                            time.time() + max(60.0, seconds * 20))
+    after = stats()
+    took = r["t_last"] - r["t_first"]
+    ok = after.get("accepted", 0) - before.get("accepted", 0)
+    calls = after["batches"]["calls"] - before["batches"]["calls"]
+    sent = after["batches"]["messages"] - before["batches"]["messages"]
+    return {"mode": mode, "injector": "smtp-source", "command": r["command"],
+            "sessions": sessions, "seconds": round(took, 2),
+            "accepted": ok, "replies": {250: ok}, "session_errors": len(r["errors"]),
+            "first_error": (r["errors"] or [""])[0],
+            "accepted_per_s": round(ok / took, 1) if took else 0.0,
+            "latency_ms_p50": None, "latency_ms_p99": None, "submit_calls": calls,
+            "messages_per_call": round(sent / calls, 1) if calls else 0,
+            "largest_call": after["batches"]["largest"], "injector_cpu_s": r["cpu_s"],
+            "machine": c.machine_info()}
 
 
 def _wait_then_client(start: float, *args: Any) -> None:
@@ -209,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-window", default="2ms")
     ap.add_argument("--batch-max", type=int, default=1000,
                     help="most messages per submit call (1: one commit per message)")
+    ap.add_argument("--injector", choices=("smtplib", "smtp-source"), default="smtplib")
+    ap.add_argument("--postfix", action="store_true",
+                    help="also feed Postfix's smtpd the same smtp-source command")
     ap.add_argument("--in-process", action="store_true",
                     help="run the listener in this process instead of an ingress actor")
     args = ap.parse_args(argv)
@@ -216,13 +254,22 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--seconds: at most 60 (the machine is shared)")
     res = run(mode=args.mode, procs=args.procs, threads=args.threads, seconds=args.seconds,
               messages=args.messages, batch_window=args.batch_window,
-              batch_max=args.batch_max, in_process=args.in_process)
+              batch_max=args.batch_max, in_process=args.in_process, injector=args.injector)
+    if args.postfix:
+        from bench.peer_postfix import run_postfix
+        pf = run_postfix(args.messages, connections=args.procs * args.threads,
+                         injector="smtp-source", progress=False)
+        res["postfix"] = {k: pf[k] for k in ("accepted", "accepted_per_s", "injector_command",
+                                             "inject_errors")}
     path = c.write_result("ingress-smtp", res)
     for k in ("mode", "sessions", "session_errors", "seconds", "accepted", "replies",
               "accepted_per_s",
               "latency_ms_p50", "latency_ms_p99", "submit_calls", "messages_per_call",
               "largest_call"):
         print(f"{k:<20} {res[k]}")
+    if "postfix" in res:
+        print(f"postfix smtpd        {res['postfix']['accepted_per_s']} msgs/s accepted "
+              f"({res['postfix']['accepted']} messages, same smtp-source)")
     print(f"load average at start {res['machine'].get('loadavg_at_start')}; written to {path}")
     if res["session_errors"]:
         print(f"INVALID RUN: {res['session_errors']} sessions failed: {res['first_error']}")

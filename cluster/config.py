@@ -296,6 +296,15 @@ class IngressConfig:
     batch_concurrency: int = 4
     #: an idle SMTP session is closed after this long (RFC 5321 §4.5.3.2.7: 5 minutes)
     command_timeout: float = 300.0
+    #: SMTP listeners ("host:port" as in ``submission``) that require a PROXY protocol (v1 or
+    #: v2) header from a load balancer before the session; ``proxy_protocol = true`` in the
+    #: file means every STARTTLS listener
+    proxy_protocol: tuple[str, ...] = ()
+    #: the load balancers' source networks ("10.0.0.0/24"): a connection to a PROXY listener
+    #: from anywhere else is refused
+    proxy_networks: tuple[str, ...] = ()
+    #: a connection whose PROXY header has not arrived within this long is closed
+    proxy_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -1039,9 +1048,10 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
     for k in ("message_rate_per_ip", "message_rate_per_user"):
         if k in raw:
             kw[k] = _rate_or_none(raw[k], f"{w}.{k}")
-    for k in ("batch_window", "command_timeout"):
+    for k in ("batch_window", "command_timeout", "proxy_timeout"):
         if k in raw:
             kw[k] = _dur(raw[k], f"{w}.{k}")
+    kw.update(_parse_proxy(raw, kw, w))
     out = replace(d, **kw)
     if out.cert_file or out.key_file:
         if not (out.cert_file and out.key_file):
@@ -1073,6 +1083,43 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
     if out.submissions and not out.cert_file:
         raise ConfigError(f"{w}.submissions", "implicit TLS needs cert_file and key_file")
     return out
+
+
+def _parse_proxy(raw: Mapping[str, Any], kw: dict[str, Any], w: str) -> dict[str, Any]:
+    """``proxy_protocol`` (true: every STARTTLS listener; or a list of them) and the
+    ``proxy_networks`` trusted to send the header."""
+    v = raw.get("proxy_protocol", False)
+    k = f"{w}.proxy_protocol"
+    if isinstance(v, bool):
+        listeners = tuple(kw["submission"]) if v else ()
+    else:
+        listeners = _listeners(v, k)
+        for i, a in enumerate(listeners):
+            if a in kw["submissions"]:
+                raise ConfigError(f"{k}[{i}]", f"{a} is an implicit-TLS listener: the PROXY "
+                                  "header is supported on STARTTLS listeners (submission) only")
+            if a not in kw["submission"]:
+                raise ConfigError(f"{k}[{i}]", f"{a} is not one of ingress.submission")
+    nets = raw.get("proxy_networks", [])
+    kn = f"{w}.proxy_networks"
+    if isinstance(nets, str):
+        nets = [nets]
+    if not isinstance(nets, list):
+        raise ConfigError(kn, f"expected a list of networks like '10.0.0.0/24', got {nets!r}")
+    out = []
+    for i, n in enumerate(nets):
+        try:
+            out.append(str(ipaddress.ip_network(_str(n, f"{kn}[{i}]"), strict=False)))
+        except ValueError:
+            raise ConfigError(f"{kn}[{i}]", f"not a network like '10.0.0.0/24': {n!r}") from None
+    if listeners and not out:
+        raise ConfigError(kn, "proxy_protocol is on: list the load balancers' source networks "
+                          "(anyone else could claim any client address)")
+    if out and not listeners:
+        raise ConfigError(k, "proxy_networks is set but no listener takes a PROXY header: "
+                          "set proxy_protocol = true (or a list of ingress.submission "
+                          "listeners)")
+    return {"proxy_protocol": listeners, "proxy_networks": tuple(out)}
 
 
 _DKIM_ALGORITHMS = ("rsa", "ed25519")

@@ -21,6 +21,13 @@ address but loopback (:class:`IngressError`), and with it nothing is accepted be
 (530 5.7.0 on MAIL, RCPT and DATA). Passwords are checked off the loop (scrypt takes ~50 ms)
 and appear in no log line, error or repr; aiosmtpd's own debug log (which would show an AUTH
 LOGIN response) is held at INFO.
+
+Behind a TCP load balancer (docs: README "Behind a load balancer"), a STARTTLS listener may
+require the PROXY protocol (v1 or v2, ``[ingress] proxy_protocol``): a connection from outside
+``proxy_networks``, or one whose first bytes are not a valid header
+(:mod:`cluster.core.proxy_protocol`), is logged and closed before the greeting; the client
+address the header carries is the one the per-IP limits, the ``Received:`` field and the logs
+use. A LOCAL header (the balancer's own health check) keeps the connection's own address.
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from cluster.config import IngressConfig, load_users_file
 from cluster.core.addresses import AddressError, parse_address
+from cluster.core.proxy_protocol import ProxyProtocolError, bytes_needed
+from cluster.core.proxy_protocol import parse as parse_proxy_header
 from cluster.core.submission import (
     LimitBook,
     completion_fields,
@@ -77,11 +86,13 @@ class IngressError(RuntimeError):
 
 @dataclass(frozen=True)
 class Listener:
-    """One listening socket: ``mode`` is "starttls" (587), "implicit" (465) or "plain"."""
+    """One listening socket: ``mode`` is "starttls" (587), "implicit" (465) or "plain";
+    ``proxy``: every connection must start with a PROXY protocol header."""
 
     host: str
     port: int
     mode: str = "starttls"
+    proxy: bool = False
 
 
 def reply_for_refusal(res: Any) -> str:
@@ -141,9 +152,11 @@ class _Submission(SMTP):
             return m.group(1), arg[m.end():]
         return super()._getaddr(arg)
 
-    def __init__(self, ingress: "SmtpIngress", handler: "_Handler", **kw: Any) -> None:
+    def __init__(self, ingress: "SmtpIngress", handler: "_Handler", listener: Listener,
+                 **kw: Any) -> None:
         super().__init__(handler, **kw)
         self.ingress = ingress
+        self.listener = listener
         self.user: SubmissionUser | None = None
         self.peer_ip = "?"
         self._refused: str | None = None
@@ -158,12 +171,9 @@ class _Submission(SMTP):
         self.ingress.sessions.add(self)
         peer = transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else "?"
-        refusal = self.ingress.limits.open_ip(self.peer_ip)
-        if refusal is not None:
-            self._refused = refusal.reason
-        else:
-            self._counted = True
         self.ingress.count("connections")
+        if not self.listener.proxy:     # else once the PROXY header names the client
+            self._open_ip()
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             # implicit TLS (465): the session is encrypted from the first byte; aiosmtpd only
@@ -171,6 +181,47 @@ class _Submission(SMTP):
             self._tls_protocol = True  # type: ignore[assignment]
             assert self.session is not None
             self.session.ssl = {"ssl_object": sslobj}
+
+    def _open_ip(self) -> None:
+        refusal = self.ingress.limits.open_ip(self.peer_ip)
+        if refusal is not None:
+            self._refused = refusal.reason
+        else:
+            self._counted = True
+
+    async def _read_proxy_header(self) -> bool:
+        """Read and check the PROXY header (never a byte past it); False when the
+        connection was refused (logged, closed)."""
+        ing, li = self.ingress, self.listener
+        where = f"PROXY listener {li.host}:{li.port}"
+        if not ing.proxy_trusted(self.peer_ip):
+            ing.count("proxy_refused")
+            log.warning("%s: connection from %s refused: not in ingress.proxy_networks",
+                        where, self.peer_ip)
+            return False
+        assert self._reader is not None
+        buf = b""
+        try:
+            async with asyncio.timeout(ing.settings.proxy_timeout):
+                while (n := bytes_needed(buf)) > 0:
+                    buf += await self._reader.readexactly(n)
+            header = parse_proxy_header(buf)
+        except ProxyProtocolError as e:
+            problem = str(e)
+        except TimeoutError:
+            problem = (f"PROXY header incomplete after {len(buf)} bytes" if buf else
+                       "no PROXY header") + f" within {ing.settings.proxy_timeout:g} s"
+        except (asyncio.IncompleteReadError, ConnectionError):
+            problem = f"closed after {len(buf)} bytes of a PROXY header"
+        else:
+            if header.address is not None:
+                self.peer_ip = header.address
+                if self.session is not None:
+                    self.session.peer = (header.address, header.port)  # type: ignore[assignment]
+            return True
+        ing.count("proxy_refused")
+        log.warning("%s: connection from %s refused: %s", where, self.peer_ip, problem)
+        return False
 
     def connection_lost(self, error: Exception | None) -> None:
         self.ingress.sessions.discard(self)
@@ -183,6 +234,12 @@ class _Submission(SMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
+        if self.listener.proxy:
+            if not await self._read_proxy_header():
+                if self.transport is not None:
+                    self.transport.close()
+                return
+            self._open_ip()
         if self._refused is not None:
             # RFC 5321 §3.8: a server that cannot serve a client now says 421 and closes
             await self.push(f"421 4.7.0 {self.ingress.hostname} {self._refused}; try again "
@@ -375,6 +432,10 @@ class SmtpIngress:
                                    "(starttls or implicit), not plain")
         if self.auth_required and not len(self.users):
             raise IngressError("authentication is required but no users are configured")
+        self.proxy_networks = [ipaddress.ip_network(n) for n in s.proxy_networks]
+        if any(li.proxy for li in self.listeners) and not self.proxy_networks:
+            raise IngressError("a listener requires the PROXY protocol but "
+                               "ingress.proxy_networks is empty")
         self.limits = LimitBook(per_ip_connections=s.max_connections_per_ip,
                                 per_user_connections=s.max_connections_per_user,
                                 ip_rate=s.message_rate_per_ip, user_rate=s.message_rate_per_user)
@@ -387,15 +448,19 @@ class SmtpIngress:
         self.sessions: set[_Submission] = set()
 
     @classmethod
-    def from_config(cls, mc: Any, settings: IngressConfig) -> "SmtpIngress":
+    def from_config(cls, mc: Any, settings: IngressConfig, *,
+                    bind_host: str | None = None) -> "SmtpIngress":
+        """``bind_host``: listen on this address instead of each configured listener's host
+        (the node's own address, where one config serves several nodes)."""
         def split(a: str) -> tuple[str, int]:
             host, _, port = a.rpartition(":")
-            return host.strip("[]"), int(port)
-        listeners = [Listener(*split(a), "starttls") for a in settings.submission] + \
-                    [Listener(*split(a), "implicit") for a in settings.submissions]
+            return bind_host or host.strip("[]"), int(port)
+        proxied = set(settings.proxy_protocol)
+        listeners = [Listener(*split(a), "starttls", a in proxied) for a in settings.submission] \
+            + [Listener(*split(a), "implicit") for a in settings.submissions]
         if not settings.auth:   # loopback only (checked): STARTTLS only when a cert is given
             listeners = [li if settings.cert_file or li.mode == "implicit" else
-                         Listener(li.host, li.port, "plain") for li in listeners]
+                         Listener(li.host, li.port, "plain", li.proxy) for li in listeners]
         return cls(mc, settings=settings, listeners=listeners)
 
     # ---------------------------------------------------------------------- configuration
@@ -413,13 +478,24 @@ class SmtpIngress:
         self.load_users()
         return {"users": len(self.users), "tls": self._tls is not None}
 
+    def proxy_trusted(self, ip: str) -> bool:
+        """Whether ``ip`` (a connection's own peer) may send a PROXY header."""
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in n for n in self.proxy_networks)
+
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "batches": dict(self.batcher.stats),
                 "open_connections": sum(self.limits.ip_conns.values()),
-                "listeners": [f"{a.mode}:{a.host}:{a.port}" for a in self.addresses]}
+                "listeners": [f"{a.mode}{'+proxy' if a.proxy else ''}:{a.host}:{a.port}"
+                              for a in self.addresses]}
 
     def _submit(self, msgs: list[dict[str, Any]]) -> list[Any]:
         # a short retry window: a failover longer than this is the sending MTA's to retry
@@ -429,7 +505,7 @@ class SmtpIngress:
     def _factory(self, li: Listener) -> _Submission:
         starttls = li.mode == "starttls"
         return _Submission(
-            self, _Handler(self), hostname=self.hostname, data_size_limit=self.max_size,
+            self, _Handler(self), li, hostname=self.hostname, data_size_limit=self.max_size,
             enable_SMTPUTF8=True, decode_data=False,
             tls_context=self._tls if starttls else None,
             require_starttls=starttls and self.auth_required,
@@ -451,7 +527,7 @@ class SmtpIngress:
                     ssl=self._tls if li.mode == "implicit" else None)
                 self._servers.append(srv)
                 port = srv.sockets[0].getsockname()[1]
-                self.addresses.append(Listener(li.host, port, li.mode))
+                self.addresses.append(Listener(li.host, port, li.mode, li.proxy))
 
         def run() -> None:
             asyncio.set_event_loop(loop)
