@@ -493,7 +493,7 @@ class QueueCoordinator:
         # snapshot is the queue's metadata plus the few bodies of sparse segments, not every
         # queued body again.
         t0 = time.perf_counter()
-        build = self.state.snapshot_begin()
+        build = self.state.snapshot_begin(self.log.segment_ranges())
         slice_max = 0.0
         try:
             while True:
@@ -504,7 +504,7 @@ class QueueCoordinator:
                     break
                 await asyncio.sleep(0)
             ts = time.perf_counter()
-            snap = build.finish(self.log.segment_ranges())
+            snap = build.finish()
             bytes_at = self.log.bytes_written   # (frames in flight now are after the lsn)
         except BaseException:
             build.abandon()
@@ -1090,7 +1090,7 @@ class QueueCoordinator:
             m = self.state.messages.get(mid)
             if m is None:
                 fin = self.state.finished.get(mid)
-                out.append(f"already {fin['state']}" if fin else "unknown")
+                out.append(f"already {fin[1]}" if fin else "unknown")
             elif m.state == q.INFLIGHT:
                 m.cancel_requested = True
                 out.append("cancel pending (in flight)")

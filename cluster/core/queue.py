@@ -157,6 +157,15 @@ def reference_segments(bodies: list[tuple[int, int]], segments: list[tuple[int, 
         i = bisect.bisect_right(firsts, lsn) - 1
         if i >= 0 and lsn <= segments[i][1]:
             live[i] += size
+    return _referenced(segments, live, min_live)
+
+
+def _referenced(segments: list[tuple[int, int, int]], live: list[int],
+                min_live: float = 0.25) -> Callable[[int], bool]:
+    """The predicate of :func:`reference_segments`, from the live body bytes per segment."""
+    if not segments:
+        return lambda lsn: False
+    firsts = [s[0] for s in segments]
     last = len(segments) - 1
     keep = {segments[i][0] for i in range(len(segments))
             if i == last or (segments[i][2] and live[i] >= min_live * segments[i][2])}
@@ -239,24 +248,61 @@ _FINAL_STATE = {"bounce": "bounced", "expired": "expired", "cancelled": "cancell
 _REPORT_EVENT = {"bounce": "OOBBounce", "complaint": "Complaint"}
 
 
+_FINISHED_KEYS = ("id", "state", "recipient", "attempts", "code", "text", "site", "ts")
+
+
 class SnapshotBuild:
     """A snapshot of a :class:`QueueState` taken in slices between which records go on being
-    applied. :meth:`step` copies the next slice of the messages (and bodies) that were live
-    when it began; :meth:`finish` takes again every message and body a record touched
-    meanwhile (a new one, a changed one, a finished one), so the result is exactly the state
-    as of the last record applied, like :meth:`QueueState.snapshot`."""
+    applied. :meth:`step` first adds up the live body bytes per log segment (what decides
+    which bodies stay in the log), then copies the next slice of the messages and bodies
+    that were live when it began; :meth:`finish` takes again every message and body a record
+    touched meanwhile (a new one, a changed one, a finished one), so the result is exactly
+    the state as of the last record applied, like :meth:`QueueState.snapshot`. ``segments``:
+    see :meth:`QueueState.snapshot`."""
 
-    def __init__(self, st: "QueueState") -> None:
+    def __init__(self, st: "QueueState",
+                 segments: list[tuple[int, int, int]] | None = None) -> None:
         self.st = st
+        self.segments = segments
         self._ids = list(st.messages)
         self._bids = list(st.bodies)
-        self._i = self._j = 0
+        self._sized = 0                 # phase 1: bodies added up per segment so far
+        self._i = self._j = 0           # phase 2: messages, bodies copied so far
+        self._firsts = [sg[0] for sg in segments or ()]
+        self._live = [0] * len(self._firsts)
+        self._refs: Callable[[int], bool] | None = None
         self.rows: dict[str, list[Any]] = {}
-        self.bodies: dict[str, _Body] = {}
+        self.entries: dict[str, list[Any]] = {}
+
+    def _entry(self, bid: str, b: _Body) -> list[Any]:
+        if b.lsn and self._refs is not None and self._refs(b.lsn):
+            return [bid, None, b.lsn]
+        if self.segments is not None:
+            # its segment may be dropped once this snapshot is written: from now on the
+            # bytes live in the snapshots
+            b.lsn = 0
+        return [bid, b.data]
 
     def step(self, n: int | None = 5000) -> bool:
-        """Copy up to ``n`` more messages and bodies (all of them: None); True when done."""
+        """Do up to ``n`` more items of work (all of it: None); True when done."""
         st = self.st
+        have = st.bodies
+        if self._sized < len(self._bids):
+            bids = self._bids[self._sized:] if n is None else \
+                self._bids[self._sized:self._sized + n]
+            self._sized += len(bids)
+            firsts, live, segs = self._firsts, self._live, self.segments or ()
+            if firsts:
+                for bid in bids:
+                    b = have.get(bid)
+                    if b is not None and b.lsn:
+                        k = bisect.bisect_right(firsts, b.lsn) - 1
+                        if k >= 0 and b.lsn <= segs[k][1]:
+                            live[k] += len(b.data)
+            if n is not None:
+                return False
+        if self._refs is None:
+            self._refs = _referenced(self.segments or [], self._live)
         ids = self._ids[self._i:] if n is None else self._ids[self._i:self._i + n]
         self._i += len(ids)
         msgs, rows = st.messages, self.rows
@@ -266,11 +312,11 @@ class SnapshotBuild:
                 rows[mid] = m.to_snapshot()
         bids = self._bids[self._j:] if n is None else self._bids[self._j:self._j + n]
         self._j += len(bids)
-        have, got = st.bodies, self.bodies
+        entries, entry = self.entries, self._entry
         for bid in bids:
             b = have.get(bid)
             if b is not None:
-                got[bid] = b
+                entries[bid] = entry(bid, b)
         return self._i >= len(self._ids) and self._j >= len(self._bids)
 
     def abandon(self) -> None:
@@ -278,14 +324,13 @@ class SnapshotBuild:
         if self.st._dirty is not None:
             self.st._dirty, self.st._dirty_bodies = None, set()
 
-    def finish(self, segments: list[tuple[int, int, int]] | None = None) -> dict[str, Any]:
-        """The snapshot as of now (see :meth:`QueueState.snapshot` for ``segments``). The
-        slices not yet copied are copied now."""
+    def finish(self) -> dict[str, Any]:
+        """The snapshot as of now. The work not yet done in slices is done now."""
         st = self.st
         self.step(None)
         dirty, dirty_bodies = st._dirty or set(), st._dirty_bodies
         st._dirty, st._dirty_bodies = None, set()
-        rows, got = self.rows, self.bodies
+        rows, entries = self.rows, self.entries
         for mid in dirty:
             old = rows.pop(mid, None)
             m = st.messages.get(mid)
@@ -295,29 +340,14 @@ class SnapshotBuild:
             if old is not None:
                 dirty_bodies.add(old[1])
             dirty_bodies.add(mid)   # a message record's body is stored under its id
-        for bid in dirty_bodies:
+        for bid in dirty_bodies:    # (bodies dropped meanwhile are among them: _finish)
             b = st.bodies.get(bid)
-            if b is not None:
-                got[bid] = b
-        # a body copied in a slice whose message finished before its own slice came (the
-        # message's id names no body any longer): gone
-        live = st.bodies
-        got = {bid: b for bid, b in got.items() if live.get(bid) is b}
-        refs = reference_segments([(b.lsn, len(b.data)) for b in got.values() if b.lsn],
-                                  segments or [])
-        keep: list[int] = []
-        bodies: list[list[Any]] = []
-        for bid, b in got.items():
-            if b.lsn and refs(b.lsn):
-                keep.append(b.lsn)
-                bodies.append([bid, None, b.lsn])
+            if b is None:
+                entries.pop(bid, None)
             else:
-                # its segment may be dropped once this snapshot is written: from now on the
-                # bytes live in the snapshots
-                if segments is not None:
-                    b.lsn = 0
-                bodies.append([bid, b.data])
-        keep.sort()
+                entries[bid] = self._entry(bid, b)
+        bodies = list(entries.values())
+        keep = sorted(e[2] for e in bodies if e[1] is None)
         return {"keep": keep, "lsn": st.last_lsn, "bodies": bodies,
                 "messages": list(rows.values()), **st._snapshot_rest()}
 
@@ -340,7 +370,9 @@ class QueueState:
         self.inflight: dict[str, QueuedMessage] = {}
         self.idempotency: OrderedDict[str, tuple[float, list[str]]] = OrderedDict()
         self.idempotency_window = idempotency_window
-        self.finished: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        #: id → [id, state, recipient, attempts, code, text, site, ts] (the snapshot's row:
+        #: a snapshot copies the references, not 200,000 dicts)
+        self.finished: OrderedDict[str, list[Any]] = OrderedDict()
         self.status_cache = status_cache
         self.last_lsn = 0
         self.counters = {"accepted": 0, "delivered": 0, "transient": 0, "bounced": 0,
@@ -612,12 +644,13 @@ class QueueState:
             body.refs -= 1
             if body.refs <= 0:
                 del self.bodies[m.body_id]
+                if self._dirty is not None:   # a snapshot being built must drop it too
+                    self._dirty_bodies.add(m.body_id)
                 self.body_bytes -= len(body.data)
         if self.status_cache:
-            self.finished[m.id] = {"id": m.id, "state": state, "recipient": m.rcpt,
-                                   "attempts": ev.get("attempt", m.attempts),
-                                   "code": ev.get("code"), "text": ev.get("text", ""),
-                                   "site": ev.get("site", m.site), "ts": ev["ts"]}
+            self.finished[m.id] = [m.id, state, m.rcpt, ev.get("attempt", m.attempts),
+                                   ev.get("code"), ev.get("text", ""), ev.get("site", m.site),
+                                   ev["ts"]]
             while len(self.finished) > self.status_cache:
                 self.finished.popitem(last=False)
 
@@ -813,7 +846,10 @@ class QueueState:
                     "next_attempt": m.next_at if m.state == DEFERRED else None,
                     "code": m.last_code, "text": m.last_text, "site": m.site,
                     "created": m.created, "expires_at": m.expires_at}
-        return self.finished.get(msg_id)
+        f = self.finished.get(msg_id)
+        if f is None:
+            return None
+        return dict(zip(_FINISHED_KEYS, f))
 
     def counts(self) -> dict[str, int]:
         # every live message is exactly one of queued (in a ready queue), in flight, deferred
@@ -833,11 +869,10 @@ class QueueState:
         the rest) lists the lsns the log must keep. Bodies in sparse segments (live body
         bytes under a quarter of the segment) are copied in, so those segments can go.
         Without ``segments`` every body is copied in (a backup, a test)."""
-        build = self.snapshot_begin()
-        build.step(None)
-        return build.finish(segments)
+        return self.snapshot_begin(segments).finish()
 
-    def snapshot_begin(self) -> "SnapshotBuild":
+    def snapshot_begin(self, segments: list[tuple[int, int, int]] | None = None
+                       ) -> "SnapshotBuild":
         """Start a snapshot taken a slice at a time (:class:`SnapshotBuild`), so that a big
         queue does not hold the event loop for the whole of it: records applied meanwhile
         mark what they touch, and :meth:`SnapshotBuild.finish` takes those again."""
@@ -845,15 +880,14 @@ class QueueState:
             raise StateError("a snapshot is already being built")
         self._dirty = set()
         self._dirty_bodies = set()
-        return SnapshotBuild(self)
+        return SnapshotBuild(self, segments)
 
     def _snapshot_rest(self) -> dict[str, Any]:
         return {
             "idempotency": [[k, ts, ids] for k, (ts, ids) in self.idempotency.items()],
             "counters": dict(self.counters),
             # the bounded status cache, so status() answers the same after a restart
-            "finished": [[f["id"], f["state"], f["recipient"], f["attempts"], f["code"],
-                          f["text"], f["site"], f["ts"]] for f in self.finished.values()],
+            "finished": list(self.finished.values()),
             "suppression": self.suppression.snapshot(),
             "suppress_outbox": list(self.suppress_outbox.values()),
             "suspended": dict(self.suspended),
@@ -887,9 +921,7 @@ class QueueState:
             self.idempotency[k] = (ts, list(ids))
         self.counters.update(snap.get("counters", {}))
         for mid, state, rcpt, attempts, code, text, site, ts in snap.get("finished", []):
-            self.finished[mid] = {"id": mid, "state": state, "recipient": rcpt,
-                                  "attempts": attempts, "code": code, "text": text,
-                                  "site": site, "ts": ts}
+            self.finished[mid] = [mid, state, rcpt, attempts, code, text, site, ts]
         self.suppression.restore(snap.get("suppression", ()))
         self.suspended.update(snap.get("suspended", {}))
         self.shaping.update(snap.get("shaping", {}))
