@@ -50,6 +50,7 @@ from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_e
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
 from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.shaping import Action, apply_limits
+from cluster.core.relay_choice import choose_relays, split_counts, spread_count
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -149,6 +150,8 @@ class QueueCoordinator:
         self._rate_at = time.monotonic()
         self._relays: list[str] = []
         self._relays_checked = 0.0
+        #: hot sites spread over several relays: which relay gets the odd message next
+        self._spread_turn: dict[str, int] = {}
         self._handles: dict[str, Any] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
@@ -741,8 +744,8 @@ class QueueCoordinator:
                 if not msgs:
                     continue
                 budget -= len(msgs)
-                relay = self._relay_for(site, info.limits)
-                if relay is None:
+                relays = self._relays_for(site, info.limits, ready)
+                if not relays:
                     st.requeue([m.id for m in msgs])
                     continue
                 route = self._routes[msgs[0].domain]
@@ -751,12 +754,21 @@ class QueueCoordinator:
                     self._inflight_site[m.id] = site
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + len(msgs)
                 self._site_reported[site] = (self._site_inflight[site], tname, info.limits)
-                per_relay.setdefault(relay, {})[site] = {
-                    "hosts": route.hosts, "port": route.port,
-                    "limits": limits_to_wire(info.limits), "throttle": tname,
-                    "items": [[m.id, m.attempts + 1, m.sender, m.rcpt, st.body(m.body_id),
-                               bool(m.smtputf8)] for m in msgs]}
-                taken_ids.setdefault(relay, []).extend(m.id for m in msgs)
+                turn = self._spread_turn.get(site, 0) if len(relays) > 1 else 0
+                at = 0
+                for relay, k in zip(relays, split_counts(len(msgs), len(relays), turn)):
+                    if k <= 0:
+                        continue
+                    part = msgs[at:at + k]
+                    at += k
+                    per_relay.setdefault(relay, {})[site] = {
+                        "hosts": route.hosts, "port": route.port,
+                        "limits": limits_to_wire(info.limits), "throttle": tname,
+                        "items": [[m.id, m.attempts + 1, m.sender, m.rcpt, st.body(m.body_id),
+                                   bool(m.smtputf8)] for m in part]}
+                    taken_ids.setdefault(relay, []).extend(m.id for m in part)
+                if len(relays) > 1:
+                    self._spread_turn[site] = (turn + len(msgs)) % len(relays)
         for relay, batch in per_relay.items():
             self.counters["dispatched"] += len(taken_ids[relay])
             self._spawn(self._deliver(relay, batch, taken_ids[relay]))
@@ -803,7 +815,9 @@ class QueueCoordinator:
         self._handles[tname] = await asyncio.get_running_loop().run_in_executor(
             None, ensure_throttle, self.cfg, tname)
 
-    def _relay_for(self, site: str, limits: SiteLimits) -> str | None:
+    def _relays_for(self, site: str, limits: SiteLimits, ready: int) -> list[str]:
+        """The relays that carry ``site`` this round: its top relay by rendezvous weight, or
+        its top k on distinct nodes while it is hot (:mod:`cluster.core.relay_choice`)."""
         now = time.time()
         if not self._relays or now - self._relays_checked > 10:
             self._relays_checked = now
@@ -813,8 +827,16 @@ class QueueCoordinator:
                  if not limits.sources or r.rsplit(":", 1)[-1] in limits.sources]
         if not cands:
             log.error("no relay pool for site %s (sources %s)", site, limits.sources)
-            return None
-        return cands[stable_hash(site) % len(cands)]
+            return []
+        d = self.cfg.delivery
+        k = spread_count(ready=ready, configured=limits.relays, hot_ready=d.hot_site_ready,
+                         hot_relays=d.hot_site_relays, max_connections=limits.max_connections,
+                         available=len(cands))
+        if k == 1:
+            self._spread_turn.pop(site, None)
+        elif site not in self._spread_turn and len(self._spread_turn) >= 10_000:
+            self._spread_turn.clear()   # bounded: a turn is only a tie-breaker
+        return choose_relays(site, cands, k)
 
     def _settle(self, mid: str) -> str | None:
         """The message is no longer out at a relay: free its place in the site's count."""

@@ -195,6 +195,13 @@ class DeliveryConfig:
     #: an MX host whose STARTTLS handshake failed is sent to in plaintext (opportunistic TLS)
     #: without trying TLS again for this long
     tls_broken_ttl: float = 3600.0
+    #: a site with at least this many messages ready at a shard in one dispatch round is hot:
+    #: its mail spreads over ``hot_site_relays`` relays (on distinct nodes first; rendezvous
+    #: hashing, cluster/core/relay_choice.py). 0 = only sites with ``relays`` set spread.
+    hot_site_ready: int = 500
+    #: relays a hot site spreads over (at most its max_connections; its limits hold
+    #: cluster-wide: every relay leases its connections from the site's one throttle)
+    hot_site_relays: int = 3
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,10 @@ class EgressSource:
     bind_address: str = ""
     #: name sent in EHLO (RFC 5321 §4.1.1.1); should resolve back to bind_address in production
     ehlo_name: str = "localhost"
+    #: the nodes that own bind_address: those labelled ``egress = <node_label>`` (or with an
+    #: ``egress:<node_label>`` resource). Relays for this source run only there. "" = every
+    #: node (a source without an address of its own, or one every node has)
+    node_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -714,6 +725,10 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=65535)
         elif f.name == "throttle_actors":
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=64)
+        elif f.name == "hot_site_ready":
+            kw[f.name] = _int(raw[f.name], key, minimum=0)
+        elif f.name == "hot_site_relays":
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=256)
         elif f.name == "allow_networks":
             kw[f.name] = _networks(raw[f.name], key)
         elif f.name == "tls_ca_file":
@@ -757,7 +772,7 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
         w = f"egress[{i}]"
         if not isinstance(e, Mapping):
             raise ConfigError(w, "expected a table")
-        _check_keys(e, {"name", "bind_address", "ehlo_name"}, w)
+        _check_keys(e, {"name", "bind_address", "ehlo_name", "node_label"}, w)
         name = _str(e.get("name", "default"), f"{w}.name")
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(f"{w}.name", f"use letters, digits, '-', '_' or '.', got {name!r}")
@@ -773,12 +788,16 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
         ehlo = _str(e.get("ehlo_name", "localhost"), f"{w}.ehlo_name")
         if not ehlo or any(c.isspace() for c in ehlo):
             raise ConfigError(f"{w}.ehlo_name", f"must be a host name, got {ehlo!r}")
-        out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo))
+        label = _str(e.get("node_label", ""), f"{w}.node_label")
+        if label and not all(c.isalnum() or c in "-_." for c in label):
+            raise ConfigError(f"{w}.node_label",
+                              f"use letters, digits, '-', '_' or '.', got {label!r}")
+        out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo, node_label=label))
     return tuple(out)
 
 
 _LIMIT_KEYS = {"rate", "max_connections", "deliveries_per_connection", "tls", "dedicated",
-               "sources"}
+               "sources", "relays"}
 #: [[site]] keys that are not limits
 _SITE_KEYS = {"domain", "mx_suffix", "tls_ca_file"}
 
@@ -813,6 +832,8 @@ def _parse_limits(raw: Mapping[str, Any], base: SiteLimits, w: str,
         kw["tls"] = tls
     if "dedicated" in raw:
         kw["dedicated"] = _bool(raw["dedicated"], f"{w}.dedicated")
+    if "relays" in raw:
+        kw["relays"] = _int(raw["relays"], f"{w}.relays", minimum=0, maximum=256)
     if "sources" in raw:
         src = raw["sources"]
         if not isinstance(src, list) or not all(isinstance(s, str) for s in src):
