@@ -158,13 +158,18 @@ def test_a_waiting_relay_gets_its_share_and_the_total_never_passes_the_limit():
     # relay n1's next renewal gives back what it holds above its share (6 / 2 relays)
     refused = b.renew("hot", HOT, "relay:n1:d", "i1", a, 1.0)
     assert len(refused) == 3 and set(refused) == set(sorted(a)[3:])
+    # they count until n1 has closed those connections and given them back
+    assert b.acquire("hot", HOT, "relay:n2:d", "i2", 3, 1.05) == []
+    b.release("hot", refused)
     got = b.acquire("hot", HOT, "relay:n2:d", "i2", 3, 1.1)
     assert len(got) == 3
     # a third relay: shares of 2 each; n1 cannot take back more meanwhile
     assert b.acquire("hot", HOT, "relay:n3:d", "i3", 2, 1.2) == []
     assert b.acquire("hot", HOT, "relay:n1:d", "i1", 3, 1.3) == []
-    assert len(b.renew("hot", HOT, "relay:n1:d", "i1", sorted(a)[:3], 2.0)) == 1
-    assert len(b.renew("hot", HOT, "relay:n2:d", "i2", got, 2.0)) == 1
+    r1 = b.renew("hot", HOT, "relay:n1:d", "i1", sorted(a)[:3], 2.0)
+    r2 = b.renew("hot", HOT, "relay:n2:d", "i2", got, 2.0)
+    assert len(r1) == 1 and len(r2) == 1
+    b.release("hot", r1 + r2)
     assert len(b.acquire("hot", HOT, "relay:n3:d", "i3", 2, 2.1)) == 2
     assert len(b.sites["hot"].leases) == 6
     by_pool = {}

@@ -215,14 +215,15 @@ class ThrottleBook:
         refused = []
         ids = sorted(lease_ids)
         # another relay waits for connections to this site: this one gives back what it holds
-        # above its share (its newest leases), so the site's traffic spreads as intended
+        # above its share (its newest leases), so the site's traffic spreads as intended. They
+        # stay counted (not renewed) until the relay releases them, as it does once their
+        # connection has closed: freeing them here would let the waiting relay connect while
+        # the old connection still sends, one over the site's limit at the receiver
         share = self.fair_share(b, limits, pool, now) if \
             any(p != pool for p in b.waiting) else len(ids)
         for i, lid in enumerate(ids):
             cur = b.leases.get(lid)
             if i >= share:
-                if cur is not None and cur[0] == pool:
-                    del b.leases[lid]
                 refused.append(lid)
             elif cur is not None and cur[0] == pool:
                 b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
