@@ -726,6 +726,7 @@ class QueueCoordinator:
         budget = self.cfg.queue.dispatch_batch
         per_relay: dict[str, dict[str, Any]] = {}
         taken_ids: dict[str, list[str]] = {}
+        bodies_sent: dict[str, set[str]] = {}
         now = time.time()
         for tname, grants in zip(names, replies):
             for site, (n, retry_after) in grants.items():
@@ -761,11 +762,20 @@ class QueueCoordinator:
                         continue
                     part = msgs[at:at + k]
                     at += k
+                    # a body goes once per relay batch; the recipients of one message carry
+                    # its body id (the relay fills the body in, and may send them in one
+                    # transaction)
+                    sent = bodies_sent.setdefault(relay, set())
+                    items = []
+                    for m in part:
+                        b = m.body_id
+                        items.append([m.id, m.attempts + 1, m.sender, m.rcpt,
+                                      None if b in sent else st.body(b), bool(m.smtputf8), b])
+                        sent.add(b)
                     per_relay.setdefault(relay, {})[site] = {
                         "hosts": route.hosts, "port": route.port,
                         "limits": limits_to_wire(info.limits), "throttle": tname,
-                        "items": [[m.id, m.attempts + 1, m.sender, m.rcpt, st.body(m.body_id),
-                                   bool(m.smtputf8)] for m in part]}
+                        "items": items}
                     taken_ids.setdefault(relay, []).extend(m.id for m in part)
                 if len(relays) > 1:
                     self._spread_turn[site] = (turn + len(msgs)) % len(relays)

@@ -202,6 +202,10 @@ class DeliveryConfig:
     #: relays a hot site spreads over (at most its max_connections; its limits hold
     #: cluster-wide: every relay leases its connections from the site's one throttle)
     hot_site_relays: int = 3
+    #: recipients of one message at one site sent in one transaction (one RCPT each), at
+    #: most this many; 1 = a transaction per recipient. Not with VERP return paths or
+    #: per-recipient List-Unsubscribe (the envelope or body differs per recipient)
+    max_rcpts_per_transaction: int = 50
 
 
 @dataclass(frozen=True)
@@ -729,6 +733,9 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             kw[f.name] = _int(raw[f.name], key, minimum=0)
         elif f.name == "hot_site_relays":
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=256)
+        elif f.name == "max_rcpts_per_transaction":
+            # RFC 5321 §4.5.3.1.8: a server must take at least 100 recipients
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=1000)
         elif f.name == "allow_networks":
             kw[f.name] = _networks(raw[f.name], key)
         elif f.name == "tls_ca_file":
