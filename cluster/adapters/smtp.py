@@ -325,12 +325,7 @@ class SmtpConnection:
                 await w.write(b".\r\n")
                 await w.reply(t)
             phase, (code, text) = failed
-            if any(r[0] == 421 for r in got):
-                self._close_now()     # the server is closing the channel (RFC 5321 §3.8)
-            else:
-                await w.write(b"RSET\r\n")
-                if (await w.reply(t))[0] != 250:
-                    self._close_now()
+            await self._reset_or_close(got)
             return Attempt(phase, code, text)
         except (ConnectionError, TimeoutError, OSError) as e:
             lost = e
@@ -404,12 +399,8 @@ class SmtpConnection:
                 whole = Attempt("data", code, text)
                 if code == 421:
                     self._close_now()
-            elif any(r[0] == 421 for r in got):
-                self._close_now()     # the server is closing the channel (RFC 5321 §3.8)
             else:
-                await w.write(b"RSET\r\n")
-                if (await w.reply(t))[0] != 250:
-                    self._close_now()
+                await self._reset_or_close(got)
             return [a if a is not None else whole for a in out]   # type: ignore[misc]
         except (ConnectionError, TimeoutError, OSError) as e:
             self._close_now()
@@ -419,6 +410,16 @@ class SmtpConnection:
                        for r in got[1:1 + len(rcpts)]] if got and got[0][0] == 250 else []
             decided += [None] * (len(rcpts) - len(decided))
             return [a if a is not None else lost for a in decided]
+
+    async def _reset_or_close(self, got: list[tuple[int, str]]) -> None:
+        """After a failed transaction: RSET, or close when the server said 421 (it is closing
+        the channel, RFC 5321 §3.8) or the RSET failed."""
+        if any(r[0] == 421 for r in got):
+            self._close_now()
+            return
+        await self.wire.write(b"RSET\r\n")
+        if (await self.wire.reply(self.timeout))[0] != 250:
+            self._close_now()
 
     def _close_now(self) -> None:
         if self.wire.lost is None:
