@@ -27,6 +27,7 @@ from cluster.core.bounce_rules import RuleError, RuleSet, rules_from_toml
 from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.mxguard import parse_networks
 from cluster.core.ratespec import RateSpec, parse_duration
+from cluster.core.relay_choice import EgressPool
 from cluster.core.retry import RetryPolicy
 from cluster.core.shaping import ShapingError, ShapingRules
 from cluster.core.shaping import rules_from_toml as shaping_rules_from_toml
@@ -505,6 +506,8 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     egress: tuple[EgressSource, ...] = (EgressSource(),)
+    #: [[egress_pool]]: sources with weights per sender domain (cluster/core/relay_choice.py)
+    egress_pools: tuple[EgressPool, ...] = ()
     site_defaults: SiteLimits = field(default_factory=SiteLimits)
     sites: tuple[SiteOverride, ...] = ()
     routes: tuple[StaticRoute, ...] = ()
@@ -800,6 +803,54 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
             raise ConfigError(f"{w}.node_label",
                               f"use letters, digits, '-', '_' or '.', got {label!r}")
         out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo, node_label=label))
+    return tuple(out)
+
+
+def _parse_egress_pools(raw: Any, egress: tuple[EgressSource, ...]
+                        ) -> tuple[EgressPool, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("egress_pool", "expected an array of tables ([[egress_pool]])")
+    known = {e.name for e in egress}
+    out: list[EgressPool] = []
+    owner: dict[str, str] = {}
+    for i, p in enumerate(raw):
+        w = f"egress_pool[{i}]"
+        if not isinstance(p, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(p, {"name", "sources", "sender_domains"}, w)
+        name = _str(p.get("name", ""), f"{w}.name")
+        if not name or any(x.name == name for x in out):
+            raise ConfigError(f"{w}.name", f"needs a name of its own, got {name!r}")
+        srcs = p.get("sources")
+        if not isinstance(srcs, list) or not srcs:
+            raise ConfigError(f"{w}.sources", 'expected a list such as ["ip1:3", "ip2"]')
+        weights: list[tuple[str, float]] = []
+        for j, t in enumerate(srcs):
+            try:
+                src, weight = EgressPool.parse_source(_str(t, f"{w}.sources[{j}]"))
+            except ValueError as e:
+                raise ConfigError(f"{w}.sources[{j}]", str(e)) from None
+            if src not in known:
+                raise ConfigError(f"{w}.sources[{j}]", f"unknown egress source {src!r}")
+            if any(s == src for s, _ in weights):
+                raise ConfigError(f"{w}.sources[{j}]", f"source {src!r} listed twice")
+            weights.append((src, weight))
+        doms = p.get("sender_domains", [])
+        if not isinstance(doms, list):
+            raise ConfigError(f"{w}.sender_domains", "expected a list of domains")
+        domains = []
+        for j, d in enumerate(doms):
+            d = _str(d, f"{w}.sender_domains[{j}]").lower().rstrip(".")
+            if not d or "@" in d or any(c.isspace() for c in d):
+                raise ConfigError(f"{w}.sender_domains[{j}]", f"not a domain: {d!r}")
+            if d in owner:
+                raise ConfigError(f"{w}.sender_domains[{j}]",
+                                  f"{d!r} is already in egress pool {owner[d]!r}")
+            owner[d] = name
+            domains.append(d)
+        out.append(EgressPool(name, tuple(weights), tuple(domains)))
     return tuple(out)
 
 
@@ -1362,7 +1413,7 @@ def _parse_shaping(raw: Mapping[str, Any], base: Path | None) -> ShapingConfig:
     return ShapingConfig(enabled=enabled, rules_file=str(path), max_keys=max_keys, rules=rules)
 
 
-_TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
+_TOP = {"spool", "queue", "dns", "delivery", "egress", "egress_pool", "site_defaults", "site", "routes", "cluster",
         "replication", "backup", "classification", "suppression", "dkim", "bounce",
         "unsubscribe", "ingress", "metrics", "dsn", "webhooks", "shaping"}
 
@@ -1384,6 +1435,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         dns=_parse_dns(_table(raw, "dns", "")),
         delivery=_parse_delivery(_table(raw, "delivery", "")),
         egress=egress,
+        egress_pools=_parse_egress_pools(raw.get("egress_pool"), egress),
         site_defaults=site_defaults,
         sites=_parse_sites(raw.get("site"), site_defaults, egress),
         routes=_parse_routes(raw.get("routes")),

@@ -43,7 +43,7 @@ def three_nodes(tmp_path_factory, dns_server):
     cluster = None
     try:
         dns_server.add_a("mx.hot.test", SINK)
-        for d in ("hot.test", "only-a.test", "only-b.test", "only-c.test"):
+        for d in ("hot.test", "only-a.test", "only-b.test", "only-c.test", "pooled.test"):
             dns_server.add_mx(d, [(10, "mx.hot.test")])
         base = pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port, sink.port)
         raw = {"egress": [{"name": n, "bind_address": a, "ehlo_name": f"{n}.relay.test",
@@ -51,9 +51,12 @@ def three_nodes(tmp_path_factory, dns_server):
                # one site per source: only that source's relay may carry it
                "site": [{"domain": "hot.test", "max_connections": HOT_LIMIT, "rate": "5000/s",
                          "deliveries_per_connection": 50}] +
-                       [{"domain": f"only-{n}.test", "sources": [n]} for n in SOURCES]}
+                       [{"domain": f"only-{n}.test", "sources": [n]} for n in SOURCES],
+               # mail from pool.example leaves from a and b, 3:1
+               "egress_pool": [{"name": "ab", "sources": ["a:3", "b"],
+                                "sender_domains": ["pool.example"]}]}
         cfg = parse_config(raw)
-        cfg = replace(base, egress=cfg.egress, sites=cfg.sites,
+        cfg = replace(base, egress=cfg.egress, sites=cfg.sites, egress_pools=cfg.egress_pools,
                       queue=replace(base.queue, shards=1),
                       cluster=replace(base.cluster, replicas=1),
                       delivery=replace(base.delivery, hot_site_ready=40, hot_site_relays=3,
@@ -80,8 +83,8 @@ def three_nodes(tmp_path_factory, dns_server):
         sink.stop()
 
 
-def _submit(mc: Any, rcpts: list[str]) -> None:
-    msgs = [{"sender": "s@origin.test", "recipients": [r], "raw": raw_message(i, r, size=300)}
+def _submit(mc: Any, rcpts: list[str], sender: str = "s@origin.test") -> None:
+    msgs = [{"sender": sender, "recipients": [r], "raw": raw_message(i, r, size=300)}
             for i, r in enumerate(rcpts)]
     for k in range(0, len(msgs), 500):
         assert all(r.accepted for r in mc.submit(msgs[k:k + 500]))
@@ -133,3 +136,16 @@ def test_hot_site_spreads_over_nodes_within_its_connection_limit(three_nodes):
     print("hot site: deliveries by source", dict(by_source), "peak sessions",
           sink.max_concurrent_sessions)
     assert 2 <= sink.max_concurrent_sessions <= HOT_LIMIT, sink.max_concurrent_sessions
+
+
+def test_a_sender_domains_pool_sends_from_its_sources_by_weight(three_nodes):
+    mc, sink = three_nodes["mc"], three_nodes["sink"]
+    rcpts = [f"p{i}@pooled.test" for i in range(400)]
+    _submit(mc, rcpts, sender="news@mail.pool.example")
+    want = set(rcpts)
+    wait_for(lambda: len({r.rcpt_to for r in _delivered(sink, want)}) == len(want), 60,
+             "every pooled message delivered")
+    by_source = Counter(ADDR_SOURCE.get(r.peer[0], r.peer[0]) for r in _delivered(sink, want))
+    print("pool a:3 b:1 ->", dict(by_source))
+    assert set(by_source) == {"a", "b"}, by_source
+    assert 0.65 <= by_source["a"] / sum(by_source.values()) <= 0.85, by_source

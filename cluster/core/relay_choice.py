@@ -12,6 +12,10 @@ Owns three decisions the coordinator and the deployment make:
   destination is no longer capped at one process and one address. Its connection limit still
   holds cluster-wide (every relay leases its connections from the site's one throttle,
   :mod:`cluster.core.throttle`) and so does its rate (grants come from the same throttle).
+- **Egress pools**: a sender domain can be tied to a pool of sources with weights; each of its
+  messages goes out from one of them, picked by weighted rendezvous hashing on the message id
+  (Schindelhauer & Schomaker's logarithmic method), so the shares follow the weights and a
+  message keeps its source across attempts while the pool is unchanged.
 - **Where an egress source lives**: a source with ``node_label`` belongs to the nodes that carry
   that label (``egress = <label>``) or resource (``egress:<label>``); relays for it run only
   there, since only those nodes own its bind address.
@@ -22,11 +26,15 @@ Pure: no Ray, no I/O. Relay names are ``relay:<node>:<source>`` (``actors.remote
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "EgressPool",
+    "pool_for",
+    "weighted_pick",
     "EGRESS_LABEL",
     "NodeInfo",
     "choose_relays",
@@ -142,3 +150,62 @@ def source_nodes(node_label: str, nodes: Sequence[NodeInfo]) -> list[str]:
     if not node_label:
         return [n.node_id for n in nodes]
     return [n.node_id for n in nodes if node_label in n.egress_labels()]
+
+
+@dataclass(frozen=True)
+class EgressPool:
+    """Sources with weights for the mail of some sender domains (and their sub-domains)."""
+
+    name: str
+    #: (source name, weight > 0)
+    weights: tuple[tuple[str, float], ...]
+    sender_domains: tuple[str, ...] = ()
+
+    @staticmethod
+    def parse_source(text: str) -> tuple[str, float]:
+        """``"ip1"`` (weight 1) or ``"ip1:3"``; :meth:`format_source` reverses."""
+        name, sep, w = text.partition(":")
+        if not name:
+            raise ValueError(f"no source name in {text!r}")
+        if not sep:
+            return name, 1.0
+        try:
+            weight = float(w)
+        except ValueError:
+            raise ValueError(f"weight {w!r} in {text!r} is not a number") from None
+        if not weight > 0 or math.isinf(weight):
+            raise ValueError(f"weight in {text!r} must be a positive number")
+        return name, weight
+
+    @staticmethod
+    def format_source(name: str, weight: float) -> str:
+        return name if weight == 1.0 else f"{name}:{weight:g}"
+
+
+def pool_for(sender: str, pools: Sequence[EgressPool]) -> EgressPool | None:
+    """The pool of ``sender``'s domain: the one naming the longest matching domain (the domain
+    itself or a parent), or None (the site's sources, all of them by default)."""
+    domain = sender.rpartition("@")[2].lower().rstrip(".")
+    if not domain or not pools:
+        return None
+    best: tuple[int, EgressPool] | None = None
+    for p in pools:
+        for d in p.sender_domains:
+            if (domain == d or domain.endswith("." + d)) and (best is None or len(d) > best[0]):
+                best = (len(d), p)
+    return best[1] if best else None
+
+
+def weighted_pick(key: str, weights: Mapping[str, float]) -> str:
+    """One of ``weights``' names for ``key``, each with probability weight / total: the name
+    with the highest ``-weight / ln(u)``, u a hash of (key, name) in (0, 1). Removing a name
+    moves only the keys it had."""
+    if not weights:
+        raise ValueError("no sources to pick from")
+    best, best_score = "", -math.inf
+    for name, w in weights.items():
+        u = (hrw_weight(key, name) + 0.5) / 2.0 ** 64
+        score = -w / math.log(u)
+        if score > best_score or (score == best_score and name < best):
+            best, best_score = name, score
+    return best
