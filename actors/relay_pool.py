@@ -1,6 +1,7 @@
 """RelayPool actor: the only part of raymta that talks SMTP to the outside world.
 
-One per node and egress source (``relay:<node>:<source>``). It takes batches of messages from
+One per egress source on each node that owns it (``relay:<node>:<source>``; a source's
+``node_label`` names its nodes). It takes batches of messages from
 coordinators (grouped by site), keeps up to the site's connection limit open per site — each
 connection under a lease from the site's SiteThrottle — reuses a connection for up to the site's
 deliveries-per-connection, walks MX hosts in preference order, and streams back one classified

@@ -353,7 +353,7 @@ class SmtpConnection:
             a = Attempt("mail", 553, f"5.6.7 SMTPUTF8 required but not offered by {self.host}")
             return [a] * len(rcpts)
         mail, _ = self._envelope(sender, rcpts[0], smtputf8)
-        cmds = [("mail", mail, (250,))]
+        cmds: list[tuple[str, bytes, tuple[int, ...]]] = [("mail", mail, (250,))]
         cmds += [("rcpt", self._envelope(sender, r, smtputf8)[1], (250, 251)) for r in rcpts]
         cmds.append(("data", b"DATA\r\n", (354,)))
         w, t = self.wire, self.timeout
