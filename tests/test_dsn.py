@@ -461,3 +461,25 @@ def test_an_address_verification_report_is_no_bounce():
     r = parse_message(_report("Final-Recipient: rfc822; a@example.net\nAction: deliverable\n"
                               "Status: 2.1.5\nDiagnostic-Code: smtp; 250 2.1.5 Ok\n"))
     assert (r.recipients[0].category, r.recipients[0].bounce_class) == (None, None)
+
+
+@pytest.mark.parametrize("status, diag, klass", [
+    # RFC 3463 §3.1: a 4.X.X status is a temporary condition that caused abandonment; giving
+    # up on it does not prove the domain is gone
+    ("4.0.0", "smtp; DNS Error: DNS type 'mx' lookup of example.net responded with code "
+              "NXDOMAIN Domain name not found: example.net", "soft"),
+    ("4.1.1", "smtp; 450 4.1.1 <a@example.net>: Recipient address rejected: User unknown",
+     "soft"),
+    # RFC 7505: a null MX is a definitive "accepts no mail", whatever class it was given
+    ("4.0.0", "smtp; DNS Error: DNS type 'mx' lookup of example.net responded with code "
+              "NOERROR The domain example.net doesn't receive email: returned Null MX", "hard"),
+    # the same texts with a permanent status stay hard
+    ("5.0.0", "smtp; DNS Error: DNS type 'mx' lookup of example.net responded with code "
+              "NXDOMAIN Domain name not found: example.net", "hard"),
+    ("5.1.1", "smtp; 550 5.1.1 <a@example.net>: Recipient address rejected: User unknown",
+     "hard"),
+])
+def test_a_failed_action_with_a_temporary_status_is_never_hard(status, diag, klass):
+    r = parse_message(_report(f"Final-Recipient: rfc822; a@example.net\nAction: failed\n"
+                              f"Status: {status}\nDiagnostic-Code: {diag}\n"))
+    assert r.recipients[0].bounce_class == klass

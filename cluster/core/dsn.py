@@ -53,6 +53,7 @@ _VERP_ID = re.compile(rf"-[a-z0-9]{{1,8}}[a-z2-7]{{10}}-({_ULID})@", re.IGNORECA
 _ADDR = r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+"
 _ADDR_RE = re.compile(_ADDR)
 _ENH = re.compile(r"(?<![\w.])([245])\.([0-7])\.(\d{1,3})(?![\w.])")   # RFC 3463 subjects
+_NULL_MX = re.compile(r"\bnull mx\b|\brfc ?7505\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,14 @@ def _classify(diagnostic: str | None, status: str | None, action: str | None,
         c = classify(None, diag, phase=phase, rules=rules)
     if c.category is None:      # the text looked like a success or an auto-reply
         return code, "other", "soft"
+    if c.bounce_class == "hard" and status and status[0] == "4" and (
+            code is None or code < 500) and not _NULL_MX.search(diag):
+        # RFC 3463 §3.1: a 4.X.X status reports "persistence of some temporary condition"
+        # that "caused abandonment or delay"; a reporter that gave up (Action: failed) on a
+        # temporary condition has not learnt that the address or domain is gone. A null MX
+        # is the exception: RFC 7505 §3 makes it a definitive "accepts no mail", whatever
+        # class the reporter put on it
+        return code, c.category, "soft"
     return code, c.category, c.bounce_class
 
 
