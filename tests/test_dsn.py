@@ -483,3 +483,54 @@ def test_a_failed_action_with_a_temporary_status_is_never_hard(status, diag, kla
     r = parse_message(_report(f"Final-Recipient: rfc822; a@example.net\nAction: failed\n"
                               f"Status: {status}\nDiagnostic-Code: {diag}\n"))
     assert r.recipients[0].bounce_class == klass
+
+
+def _sendmail_notice(transcript: str) -> bytes:
+    return ("From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.com>\n"
+            "To: sender@example.com\nSubject: Returned mail: see transcript for details\n\n"
+            "   ----- Transcript of session follows -----\n" + transcript +
+            "\n   ----- Unsent message follows -----\nFrom: sender@example.com\n"
+            "To: someone@example.net\nSubject: hi\n\nhello\n").encode()
+
+
+@pytest.mark.parametrize("transcript, want", [
+    # the reply to MAIL FROM refuses our sender (RFC 5321 §3.3): block, whatever the verdict
+    ("While talking to mx.example.net:\n>>> MAIL From:<sender@example.com>\n"
+     "<<< 550 Insecure Mail Relay\n554 <a@example.net>... Remote protocol error\n",
+     [("a@example.net", "550 Insecure Mail Relay", "block")]),
+    # a refusal of DATA: the message, not the address
+    ("While talking to mx.example.net:\n>>> DATA\n<<< 550 Go away\n"
+     "554 <a@example.net>... Remote protocol error\n",
+     [("a@example.net", "550 Go away", "block")]),
+    # sessions are separate: a verdict with no reply of its own keeps its own text
+    ("While talking to mx.example.net:\n>>> DATA\n<<< 550 Go away\n"
+     "554 <a@example.net>... Remote protocol error\n"
+     "550 example.org (smtp)... 550 Host unknown\n"
+     "554 <b@example.org>... 550 Host unknown (Authoritative answer from name server)\n"
+     "While talking to mx.example.co.jp:\n>>> RCPT To:<c@example.co.jp>\n"
+     "<<< 550 Requested mailbox not found. No such user here.\n"
+     "550 <c@example.co.jp>... User unknown\n",
+     [("a@example.net", "550 Go away", "block"),
+      ("b@example.org", "554 <b@example.org>... 550 Host unknown (Authoritative answer from "
+                        "name server)", "hard"),
+      ("c@example.co.jp", "550 Requested mailbox not found. No such user here.", "hard")]),
+    # a local mailer's output explains Sendmail's verdict
+    ("mail.local: unknown user: a\n554 <a@example.net>... Service unavailable\n",
+     [("a@example.net", "554 <a@example.net>... Service unavailable mail.local: unknown user: a",
+       "hard")]),
+    # pipelining (RFC 2920): the replies read after ">>> DATA" answered the RCPTs when the
+    # server then refuses the DATA for want of recipients
+    ("... while talking to mx.example.net.:\n>>> DATA\n<<< 550 5.0.0 <a@example.net>... "
+     "User unknown\n550 5.1.1 <a@example.net>... User unknown\n<<< 503 5.0.0 Need RCPT\n",
+     [("a@example.net", "550 5.0.0 <a@example.net>... User unknown", "hard")]),
+    # without that, a "user unknown" in reply to DATA is a filter's verdict (sisimai
+    # "filtered"): the address was accepted at RCPT
+    ("... while talking to mx.example.net.:\n>>> DATA\n<<< 550 Unknown user a@example.net\n"
+     "554 5.0.0 <a@example.net>... Service unavailable\n",
+     [("a@example.net", "550 Unknown user a@example.net", "block")]),
+])
+def test_a_sendmail_transcript_gives_each_recipient_the_reply_and_phase_it_got(transcript,
+                                                                              want):
+    r = parse_message(_sendmail_notice(transcript))
+    assert r.kind == "dsn"
+    assert [(x.recipient, x.diagnostic, x.bounce_class) for x in r.recipients] == want
