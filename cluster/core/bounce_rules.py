@@ -600,9 +600,16 @@ _CAUSE: tuple[BounceRule, ...] = (
     # comes from a filter judging the message (sisimai "filtered"), not from a missing mailbox
     _R("recipient-refused-after-data", "policy",
        r"\b(?:user|mailbox|recipient|address)s? (?:is )?(?:unknown|not found|does ?n[o']t exist|"
-       r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)",
+       r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)|"
+       # "All recipient addresses rejected" read after DATA (m-FILTER, Exchange)
+       r"\brecipients?(?: address(?:es)?)? (?:were |are |is )?rejected",
        phase=("data",)),
     _R("recipient-code-after-data", "policy", code="5xx", enhanced="x.1.*", phase=("data",)),
+    # RFC 7504 §3 (521 "Host does not accept mail") and RFC 7505 §4.1 (null MX: the domain
+    # "does not accept mail"): the recipient's host or domain, whatever enhanced code a
+    # reporter put on it (Sendmail reports a recipient domain's null MX as 5.7.27)
+    _R("host-accepts-no-mail", "bad-domain", r"\b(?:host|domain) does not accept (?:e-?)?mail\b",
+       code="5xx"),
     # RFC 7504: 521 (host) and 556 (domain) say "this does not accept mail", whatever follows
     _R("code-521", "bad-domain", code="521"),
     _R("code-556", "bad-domain", code="556"),
