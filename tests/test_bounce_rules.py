@@ -180,3 +180,20 @@ def test_the_phase_a_reply_answered_decides_what_was_refused(code, text, phase, 
                                                              klass) -> None:
     c = classify(code, text, phase=phase)
     assert (c.category, c.bounce_class) == (category, klass), c
+
+
+@pytest.mark.parametrize("code, text, phase, category, klass", [
+    # RFC 5321 §3.1, §4.1.1.1: before MAIL FROM nothing but our client was named
+    (501, "5.0.0 Invalid domain name", "ehlo", "policy", "block"),
+    (550, "User unknown", "greeting", "policy", "block"),
+    (554, "No such domain", "connect", "policy", "block"),
+    # the cause texts still name the reason
+    (554, "5.7.1 Service unavailable; Client host blocked using zen.spamhaus.org", "greeting",
+     "spam-block", "block"),
+    # the same words after RCPT are about the recipient
+    (501, "5.0.0 Invalid domain name", "rcpt", "bad-domain", "hard"),
+])
+def test_a_refusal_before_mail_from_is_of_our_client(code, text, phase, category,
+                                                     klass) -> None:
+    c = classify(code, text, phase=phase)
+    assert (c.category, c.bounce_class) == (category, klass), c

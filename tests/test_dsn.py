@@ -534,3 +534,23 @@ def test_a_sendmail_transcript_gives_each_recipient_the_reply_and_phase_it_got(t
     r = parse_message(_sendmail_notice(transcript))
     assert r.kind == "dsn"
     assert [(x.recipient, x.diagnostic, x.bounce_class) for x in r.recipients] == want
+
+
+@pytest.mark.parametrize("said, klass", [
+    # qmail-remote's own words name the command a reply answered
+    ("Connected to 192.0.2.1 but my name was rejected.\nRemote host said: 501 5.0.0 Invalid "
+     "domain name", "block"),
+    ("Connected to 192.0.2.1 but sender was rejected.\nRemote host said: 550 User unknown",
+     "block"),
+    ("192.0.2.1 does not like recipient.\nRemote host said: 550 User unknown", "hard"),
+    ("192.0.2.1 failed after I sent the message.\nRemote host said: 550 User unknown", "block"),
+])
+def test_qmail_remote_texts_name_the_phase(said, klass):
+    raw = ("From: MAILER-DAEMON@mx.example.com\nTo: sender@example.com\n"
+           "Subject: failure notice\n\nHi. This is the qmail-send program at mx.example.com.\n"
+           "I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+           "This is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+           f"<a@example.net>:\n{said}\n\n--- Below this line is a copy of the message.\n\n"
+           "From: sender@example.com\nTo: a@example.net\n\nhi\n").encode()
+    r = parse_message(raw)
+    assert (r.recipients[0].recipient, r.recipients[0].bounce_class) == ("a@example.net", klass)

@@ -619,6 +619,11 @@ _CAUSE: tuple[BounceRule, ...] = (
        # the notice of Google Groups in any language links its help centre (URLs reach the
        # rules as their host name)
        r"\bgroups\.google\.com\b"),
+    # RFC 5321 §3.1, §4.1.1.1: a 5xx to the connection, the greeting or EHLO/HELO comes before
+    # any sender or recipient was named, so whatever it says ("Invalid domain name" for our
+    # HELO name) it refuses our client; the cause texts above still name the reason
+    _R("client-refused-before-mail", "policy", code="5xx",
+       phase=("connect", "greeting", "ehlo")),
     # malware, then spam judgements on the message
     _R("virus", "virus", r"\bvirus|\bmalware|\binfected\b|\btrojan\b|\bworm\b"),
     _R("spam", "spam-content",

@@ -417,16 +417,23 @@ _PHASE_HINTS = (
     (re.compile(r"in reply to (?:end of )?data|after (?:end of )?data\b|>>> data\b|"
                 r"after (?:the )?message (?:body|content)|"
                 # m-FILTER: "-------SMTP command\nDATA"
-                r"-smtp command\s+data\b", re.IGNORECASE), "data"),
-    (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]", re.IGNORECASE), "rcpt"),
-    (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]",
-                re.IGNORECASE), "mail"),
+                r"-smtp command\s+data\b|"
+                # qmail-remote: "x failed on DATA command", "x failed after I sent the message"
+                r"failed on data command|failed after i sent the message", re.IGNORECASE), "data"),
+    (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]|"
+                r"does not like recipient", re.IGNORECASE), "rcpt"),   # (qmail-remote)
+    (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]|"
+                r"but sender was rejected", re.IGNORECASE), "mail"),      # (qmail-remote)
     (re.compile(r"after initial connection|in reply to (?:the )?(?:initial )?(?:greeting|"
                 r"banner)|while connecting|after connect|"
                 # Postfix: "host x refused to talk to me: <its greeting>"
-                r"refused to talk to me", re.IGNORECASE), "greeting"),
+                r"refused to talk to me|"
+                # qmail-remote: "Connected to x but greeting failed."
+                r"but greeting failed", re.IGNORECASE), "greeting"),
     # Exim "SMTP error from remote mail server after EHLO x", Postfix "in reply to EHLO"
-    (re.compile(r"after (?:EHLO|HELO)\b|in reply to (?:EHLO|HELO)\b", re.IGNORECASE), "ehlo"),
+    # qmail-remote "Connected to x but my name was rejected."
+    (re.compile(r"after (?:EHLO|HELO)\b|in reply to (?:EHLO|HELO)\b|but my name was rejected",
+                re.IGNORECASE), "ehlo"),
 )
 
 
