@@ -563,21 +563,21 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
         addr = m["a1"] or m["a2"]
         # a bare "<a@b>:" line names a recipient even when it is the sender (mail to oneself);
         # a labelled one ("To: ...") may be the returned message's header quoted in the text
-        if m["label"] and addr.lower() in ours or re.match(r"mailer-daemon@", addr, re.I):
+        if m["label"] and addr.lower() in ours or re.match(r"mailer-daemon@", addr, re.IGNORECASE):
             continue
-        para = [m["rest"] or ""]
+        parts = [m["rest"] or ""]
         indent = len(m["indent"].expandtabs())
         for nxt in lines[i + 1:i + 12]:
             if not nxt.strip():
-                if any(p.strip(" :") for p in para):
+                if any(p.strip(" :") for p in parts):
                     break
                 continue
             n = _RCPT_LINE.match(nxt)
             if n and (n["a1"] or n["a2"]).lower() != addr.lower() and \
-                    len(n["indent"].expandtabs()) <= indent and any(p.strip() for p in para):
+                    len(n["indent"].expandtabs()) <= indent and any(p.strip() for p in parts):
                 break       # the next recipient of a list without blank lines (Sendmail)
-            para.append(nxt.strip())
-        found.append((addr, " ".join(p.strip(" :") for p in para if p.strip(" :"))))
+            parts.append(nxt.strip())
+        found.append((addr, " ".join(p.strip(" :") for p in parts if p.strip(" :"))))
     transcript = _transcript_recipients(section) if re.search(
         r"transcript of session|^\s*>>>", section, re.IGNORECASE | re.MULTILINE) else []
     if not found and transcript:
@@ -599,7 +599,7 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
         # last resort: the first address in the notice that is not ours
         for m in _ADDR_RE.finditer(section):
             a = m.group(0)
-            if a.lower() not in ours and not re.match(r"(?:mailer-daemon|postmaster)@", a, re.I):
+            if a.lower() not in ours and not re.match(r"(?:mailer-daemon|postmaster)@", a, re.IGNORECASE):
                 found.append((a, ""))
                 break
     action = _action_of(section)
