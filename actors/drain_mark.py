@@ -43,6 +43,8 @@ def drained_nodes(namespace: str) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key in _internal_kv_list(_PREFIX, namespace=ns):
         k = key.decode() if isinstance(key, bytes) else str(key)
-        raw = _internal_kv_get(k, namespace=ns)
-        out[k.removeprefix(_PREFIX)] = json.loads(raw) if raw else {}
+        # Ray 2.60 lists a namespaced key with part of its namespace in front
+        node = k.rsplit(_PREFIX, 1)[-1]
+        raw = _internal_kv_get(_PREFIX + node, namespace=ns)
+        out[node] = json.loads(raw) if raw else {}
     return out
