@@ -11,10 +11,14 @@ member copies on 3 other nodes, and `raymta undrain` lifts the mark.
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,9 @@ def four_nodes(tmp_path_factory, dns_server):
     from ray.cluster_utils import Cluster
 
     from cluster.client import MailCluster
+    from cluster.config import parse_config
     from cluster.core.ratespec import RateSpec
+    from cluster.core.submission import hash_api_key
     from cluster.deploy import deploy
     from cluster.devservers import SinkGroup
     saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
@@ -55,6 +61,12 @@ def four_nodes(tmp_path_factory, dns_server):
             dns_server.add_mx(d, [(10, f"mx{i % 3 + 1}.drain.test")])
         base = pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port,
                                sinks.port)
+        # every worker is an ingress node (SMTP and HTTP on loopback, ports picked by the OS)
+        ingress = parse_config({"ingress": {
+            "hostname": "mx.raymta.test", "auth": False, "submission": ["127.0.0.1:0"],
+            "http": ["127.0.0.1:0"],
+            "api_key": [{"name": "t", "key_hash": hash_api_key("k" * 32),
+                         "domains": ["dr0.test"]}]}}).ingress
         cfg = replace(
             base, queue=replace(base.queue, shards=2),
             cluster=replace(base.cluster, replicas=3),
@@ -62,13 +74,14 @@ def four_nodes(tmp_path_factory, dns_server):
             metrics=replace(base.metrics, enabled=False),
             replication=replace(base.replication, ack_timeout=3.0, claim_timeout=60.0,
                                 rebalance_interval=0),
-            site_defaults=replace(base.site_defaults, rates=(RateSpec.parse("400/s"),)))
+            site_defaults=replace(base.site_defaults, rates=(RateSpec.parse("400/s"),)),
+            ingress=ingress)
         assert cfg.cluster.namespace == "raymta"   # the CLI below runs without --config
         cluster = Cluster(initialize_head=True, head_node_args={
             "num_cpus": 1, "include_dashboard": False, "labels": {"region": "us"},
             "_system_config": {**RAY_SYSTEM_CONFIG, **NODE_HEALTH}})
         for region in ("eu", "ap", "eu"):
-            cluster.add_node(num_cpus=1, labels={"region": region})
+            cluster.add_node(num_cpus=1, labels={"region": region, "role": "ingress"})
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=cfg.cluster.namespace, log_to_driver=False)
         handles = deploy(cfg)
@@ -86,12 +99,40 @@ def four_nodes(tmp_path_factory, dns_server):
         sinks.stop()
 
 
-def raymta(address: str, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
-    import os
+def _cmd(address: str, *args: str) -> tuple[list[str], dict[str, str]]:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "cluster.cli", *args, "--address", address],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
-                          check=False)
+    return [sys.executable, "-m", "cluster.cli", *args, "--address", address], env
+
+
+def raymta(address: str, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    cmd, env = _cmd(address, *args)
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def greeting(port: int) -> int | None:
+    """The SMTP greeting's code at 127.0.0.1:port; None when nothing listens."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            return int(s.recv(512)[:3])
+    except (OSError, ValueError):
+        return None
+
+
+def readyz(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as e:
+        return int(e.code)
+    except OSError:
+        return None
+
+
+def ports(name: str, ns: str) -> tuple[int, int]:
+    addrs = ray.get(ray.get_actor(name, namespace=ns).addresses.remote(), timeout=60)
+    return (next(p for _, p, m in addrs if m != "http"),
+            next(p for _, p, m in addrs if m == "http"))
 
 
 class _Sender(threading.Thread):
@@ -138,13 +179,30 @@ def test_drain_moves_leader_copies_and_relay_off_the_node_while_mail_flows(four_
     sender = _Sender(mc, _messages("dn", 6000, four_nodes["domains"]))
     sender.start()
     wait_for(lambda: len(sender.acked) >= 300, 60, "300 accepted before the drain")
+    smtp_port, http_port = ports(f"ingress:{victim[:12]}", ns)
+    other = next(w for w in workers if w != victim)
+    other_smtp, other_http = ports(f"ingress:{other[:12]}", ns)
+    assert greeting(smtp_port) == 220 and readyz(http_port) == 200
     t0 = time.time()
-    p = raymta(cluster.address, "drain", victim[:10], "--grace", "1", "--timeout", "120")
+    cmd, env = _cmd(cluster.address, "drain", victim[:10], "--grace", "3", "--timeout", "120")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    # while the drain runs: the node's ingress turns clients away before it stops
+    seen_smtp, seen_http = set(), set()
+    while proc.poll() is None and not ({421, None} <= seen_smtp and 503 in seen_http):
+        seen_smtp.add(greeting(smtp_port))
+        seen_http.add(readyz(http_port))
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=150)
     took = time.time() - t0
-    print(f"\n{p.stdout}\n{p.stderr[-2000:]}\ndrain took {took:.1f}s")
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert f"node {victim[:12]} drained: nothing of raymta's left on it" in p.stdout
-    assert "leader steps down" in p.stdout and "copy restarts on another node" in p.stdout
+    print(f"\n{out}\n{err[-2000:]}\ndrain took {took:.1f}s; the node's ingress answered "
+          f"{seen_smtp} (SMTP) and {seen_http} (readyz)")
+    assert proc.returncode == 0, err[-3000:]
+    assert f"node {victim[:12]} drained: nothing of raymta's left on it" in out
+    assert 421 in seen_smtp and 503 in seen_http
+    assert greeting(smtp_port) is None            # stopped after the grace period
+    assert greeting(other_smtp) == 220 and readyz(other_http) == 200   # the others serve
+    assert "leader steps down" in out and "copy restarts on another node" in out
     time.sleep(1.0)     # mail keeps flowing after the drain
     sender.done.set()
     sender.join(60)
