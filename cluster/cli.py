@@ -410,9 +410,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
         print(f"node {res['node'][:12]} drained: nothing of raymta's left on it "
               f"({res['seconds']} s)")
     else:
+        parts = ([", ".join(sorted(res["left"]))] if res["left"] else []) + res["problems"]
         print(f"node {res['node'][:12]} NOT drained after {res['seconds']} s: still there: "
-              + ", ".join(sorted(res["left"])) + ("; " if res["left"] else "")
-              + "; ".join(res["problems"]))
+              + "; ".join(parts))
     return 0 if ok else 1
 
 

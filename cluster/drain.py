@@ -105,18 +105,15 @@ def _ray_drain(node_id: str, reason: str) -> None:
         raise DrainError(f"Ray refused to drain node {node_id[:12]}: {why}")
 
 
-def _copies_ready(mc: Any, node_id: str, namespace: str) -> list[str]:
-    """What keeps the shards from being whole: a copy not a caught-up member, or on the
-    drained node. Empty when every shard has all its copies elsewhere."""
+def _copies_ready(mc: Any) -> list[str]:
+    """What keeps the shards from being whole: a copy that is not a caught-up member (yet).
+    Empty when every shard has all its copies serving."""
     problems = []
     for rep in mc.replication():
         for c in rep["copies"]:
             if not c.get("member") or c.get("state") not in ("leader", "streaming"):
                 problems.append(f"shard {rep['shard']} {c['name']}: {c.get('state')}"
                                 + ("" if c.get("member") else " (not yet a member)"))
-    on = raymta_actors_on(namespace, node_id)
-    problems += [f"{n} still on the node" for n in on
-                 if n.startswith(("coordinator:", "replica:"))]
     return problems
 
 
@@ -182,24 +179,27 @@ def drain(mc: Any, node_spec: str, *, timeout: float = 300.0, grace: float = 10.
             time.sleep(poll)
 
     # 4. and 5. leaders first (one at a time: each must serve again), then copies, then the
-    # soft-state actors
-    def restart_elsewhere(name: str) -> None:
-        ray.kill(handle(name), no_restart=False)
-
-    for name in sorted(n for n in on if n.startswith("coordinator:")):
+    # soft-state actors. Without Ray's drain, Ray would restart them on this node again:
+    # they stay (and are reported), rather than fail over for nothing.
+    movable = sorted(n for n in on if n.split(":")[0] in ("coordinator", "replica",
+                                                            "throttle", "metrics", "webhooks"))
+    if not ray_drain and movable:
+        say(f"  not moved (--keep-ray-node: Ray would restart them here): "
+            f"{', '.join(movable)}")
+        movable = []
+    for name in [n for n in movable if n.startswith("coordinator:")]:
         if time.time() >= deadline:
             break
-        restart_elsewhere(name)
+        ray.kill(handle(name), no_restart=False)
         say(f"  {name}: leader steps down; a new one starts on another node")
-        ray.get(handle(name).start.remote(),
-                timeout=max(1.0, deadline - time.time()))
+        ray.get(handle(name).start.remote(), timeout=max(1.0, deadline - time.time()))
         say(f"  {name}: serving again")
-    for name in sorted(n for n in on if n.startswith("replica:")):
-        restart_elsewhere(name)
+    for name in [n for n in movable if n.startswith("replica:")]:
+        ray.kill(handle(name), no_restart=False)
         say(f"  {name}: copy restarts on another node and catches up")
-    for name in sorted(n for n in on if n.split(":")[0] in ("throttle", "metrics",
-                                                               "webhooks")):
-        restart_elsewhere(name)
+    for name in [n for n in movable if n.split(":")[0] in ("throttle", "metrics",
+                                                             "webhooks")]:
+        ray.kill(handle(name), no_restart=False)
         say(f"  {name}: restarted on another node")
     for name in sorted(n for n in on if n.startswith("bounce:")):
         ray.kill(handle(name), no_restart=True)
@@ -214,14 +214,13 @@ def drain(mc: Any, node_spec: str, *, timeout: float = 300.0, grace: float = 10.
     last = ""
     while True:
         try:
-            problems = _copies_ready(mc, nid, ns)
+            problems = _copies_ready(mc)
         except (ray.exceptions.RayError, TimeoutError) as e:
             problems = [f"replication state not readable yet: {type(e).__name__}"]
         rest = left()
         if not problems and not rest:
             break
-        now_ = "; ".join(problems + [f"{n} on the node" for n in rest
-                                     if n.split(":")[0] not in ("coordinator", "replica")])
+        now_ = "; ".join(problems + [f"{n} on the node" for n in sorted(rest)])
         if now_ != last:
             say(f"  waiting: {now_}")
             last = now_

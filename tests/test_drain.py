@@ -243,3 +243,46 @@ def test_drain_refuses_the_head_and_an_unknown_node(four_nodes):
     assert p.returncode == 2 and "is the head node" in p.stderr, p.stderr[-2000:]
     p = raymta(cluster.address, "drain", "ffffzz")
     assert p.returncode == 2 and "no live Ray node has that id" in p.stderr, p.stderr[-2000:]
+
+
+def test_keep_ray_node_stops_ingress_and_relays_reports_the_rest_and_the_mark_holds(
+        four_nodes):
+    """``--keep-ray-node``: the node stays in Ray, so leaders and copies cannot move (Ray
+    would restart them there): they are reported, exit 1; the mark keeps ``deploy`` (as
+    `raymta up` runs it) from placing a relay or ingress there until ``undrain``."""
+    from actors.ingress import ingress_name
+    from actors.remote import node_regions, relay_name
+    from cluster.deploy import deploy
+    from cluster.drain import raymta_actors_on
+    mc, cfg, cluster, sinks = (four_nodes[k] for k in ("mc", "cfg", "cluster", "sinks"))
+    ns = cfg.cluster.namespace
+    alive = {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+    node = next(w.node_id for w in cluster.worker_nodes if w.node_id in alive
+                and any(n.split(":")[0] in ("coordinator", "replica")
+                        for n in raymta_actors_on(ns, w.node_id)))
+    relay, ingress = relay_name(node, "default"), ingress_name(node)
+    assert {relay, ingress} <= set(raymta_actors_on(ns, node))
+    p = raymta(cluster.address, "drain", node[:10], "--keep-ray-node", "--grace", "0",
+               "--timeout", "5")
+    print(f"\n{p.stdout}\n{p.stderr[-1500:]}")
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert f"node {node[:12]} NOT drained after" in p.stdout
+    left = raymta_actors_on(ns, node)
+    assert left and all(n.split(":")[0] in ("coordinator", "replica", "throttle") for n in left)
+    assert all(n in p.stdout.split("still there:", 1)[1] for n in left)
+    # the mark holds: no copy placed there, `up` adds no relay or ingress there
+    assert node not in dict(node_regions())
+    handles = deploy(cfg)
+    assert relay not in handles and ingress not in handles
+    assert raymta_actors_on(ns, node) == left
+    # mail goes on through the other nodes' relays
+    msgs = _messages("kn", 200, four_nodes["domains"])
+    res = mc.submit(msgs, retry_for=30)
+    assert all(r.accepted for r in res)
+    _wait_all_delivered(mc, sinks, {m["recipients"][0] for m in msgs}, 60)
+    # undrain: `up` places them there again
+    p = raymta(cluster.address, "undrain", node[:10])
+    assert p.returncode == 0 and "drain mark removed" in p.stdout, p.stderr[-3000:]
+    handles = deploy(cfg)
+    assert relay in handles and ingress in handles
+    assert {relay, ingress} <= set(raymta_actors_on(ns, node))
