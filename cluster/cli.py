@@ -268,6 +268,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               + (f" ({limits})" if limits else "")
               + f" for {max(0.0, a['until'] - now):.0f}s more: {a.get('text', '')[:100]}")
     ns = mc.cfg.cluster.namespace
+    from actors.drain_mark import drained_nodes
+    for nid, mark in sorted(drained_nodes(ns).items()):
+        print(f"node {nid[:12]} marked drained since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(mark.get('since', 0)))} UTC "
+              "(`raymta undrain` lifts it)")
     for a in sorted(ray.util.list_named_actors(all_namespaces=True), key=lambda a: a["name"]):
         if a["name"] == "webhooks:dispatcher" and a["namespace"] == ns:
             info = ray.get(ray.get_actor(a["name"], namespace=ns).stats.remote())

@@ -275,6 +275,8 @@ def test_keep_ray_node_stops_ingress_and_relays_reports_the_rest_and_the_mark_ho
     handles = deploy(cfg)
     assert relay not in handles and ingress not in handles
     assert raymta_actors_on(ns, node) == left
+    p = raymta(cluster.address, "status")
+    assert p.returncode == 0 and f"node {node[:12]} marked drained since" in p.stdout, p.stderr
     # mail goes on through the other nodes' relays
     msgs = _messages("kn", 200, four_nodes["domains"])
     res = mc.submit(msgs, retry_for=30)
