@@ -87,6 +87,17 @@ class IngressNode:
         """Read the certificate, key and users file again (SMTP listeners)."""
         return self.smtp.reload() if self.smtp is not None else {}
 
+    def drain(self, on: bool = True) -> dict[str, Any]:
+        """``raymta drain``: new SMTP connections get 421 (and are closed), HTTP /readyz
+        answers 503, so a load balancer takes this node out; sessions in progress finish.
+        Returns the sessions still open."""
+        if self.smtp is not None:
+            self.smtp.draining = on
+        if self.http is not None:
+            self.http.draining = on
+        return {"draining": on,
+                "smtp_sessions": len(self.smtp.sessions) if self.smtp is not None else 0}
+
     def stop(self) -> None:
         if self.smtp is not None:
             self.smtp.stop()

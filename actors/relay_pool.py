@@ -70,7 +70,7 @@ from cluster.core.tls_policy import BrokenTls, ca_file_for
 from cluster.core.unsubscribe import add_header_fields, domain_matches, header_fields
 from cluster.core.verp import return_path
 
-__all__ = ["RelayPool"]
+__all__ = ["RelayDraining", "RelayPool"]
 
 log = logging.getLogger("raymta.relay")
 
@@ -185,6 +185,10 @@ def _result(item: list[Any], c: Classification, host: str) -> list[Any]:
     return [item[0], c.outcome.value, c.code, c.enhanced, c.text, c.category, host]
 
 
+class RelayDraining(RuntimeError):
+    """A batch offered to a relay that is draining (its node is being emptied)."""
+
+
 class RelayPool:
     def __init__(self, config: Config, name: str, source: EgressSource) -> None:
         use_uvloop()
@@ -218,6 +222,8 @@ class RelayPool:
         self._added = 0      # results put in outboxes, ever
         self._sent = 0       # of those, handed to Ray (as of the last flush)
         self._flushed: asyncio.Future | None = None
+        #: set by ``raymta drain`` (:meth:`drain`): no new batch is taken
+        self.draining = False
         self.counters = {"delivered": 0, "transient": 0, "permanent": 0, "connections": 0,
                          "tls_connections": 0, "connect_failures": 0, "tls_fallbacks": 0,
                          "tls_failures": 0, "guard_refused": 0}
@@ -317,6 +323,10 @@ class RelayPool:
         call, so that they reach a coordinator restarted meanwhile (Ray queues calls to a
         restarting actor) and nothing here ever waits on a caller that has died."""
         self._ensure_started()
+        if self.draining:
+            # the leader requeues the batch (no message of it was taken) and lists the relays
+            # again, without this one (its node is marked drained)
+            raise RelayDraining(f"{self.name} is draining: it takes no new batches")
         batch = msgpack.unpackb(payload, raw=False)
         _fill_bodies(batch)
         call = _Call(self, reply_to)
@@ -395,6 +405,15 @@ class RelayPool:
         if again:
             self.counters["results_resent"] = self.counters.get("results_resent", 0) + len(again)
             self._report(coordinator, again)
+
+    async def drain(self) -> dict[str, int]:
+        """Take no new batch from now on (``raymta drain``); what this relay still holds:
+        messages queued or being sent, results not yet sent, results sent but not yet
+        confirmed committed by their leader. All 0: nothing is lost when it stops."""
+        self.draining = True
+        return {"holding": len(self._holding),
+                "outbox": sum(len(b) for b in self._outboxes.values()),
+                "unacked": sum(len(b) for b in self._unacked.values())}
 
     async def unacked_results(self, coordinator: str) -> bytes:
         """Results reported to ``coordinator`` that it has not confirmed as committed (its

@@ -60,11 +60,19 @@ def replica_name(shard: int, slot: int) -> str:
     return f"replica:{shard}:{slot}"
 
 
+def _drained() -> set[str]:
+    """Nodes marked drained (``raymta drain``) in this process's namespace."""
+    from actors.drain_mark import drained_nodes
+    return set(drained_nodes(ray.get_runtime_context().namespace))
+
+
 def node_regions() -> list[tuple[str, str]]:
-    """``[(node id, region)]`` of the live nodes ("" where a node says nothing)."""
+    """``[(node id, region)]`` of the live nodes ("" where a node says nothing), but those
+    marked drained (``raymta drain``): no shard copy is placed or moved there."""
     out = []
+    drained = _drained()
     for n in ray.nodes():
-        if not n.get("Alive"):
+        if not n.get("Alive") or n["NodeID"] in drained:
             continue
         region = (n.get("Labels") or {}).get("region", "")
         if not region:
@@ -148,8 +156,12 @@ def ensure_exporter(cfg: Config, *, detached: bool = False) -> Any:
 
 
 def list_relays(namespace: str) -> list[str]:
-    """Relay pools on live nodes (a relay is pinned to its node: on a dead node it is gone)."""
-    alive = {n["NodeID"][:12] for n in ray.nodes() if n.get("Alive")}
+    """Relay pools on live nodes (a relay is pinned to its node: on a dead node it is gone)
+    that are not marked drained (``raymta drain``: they get no new batches)."""
+    from actors.drain_mark import drained_nodes
+    drained = set(drained_nodes(namespace))
+    alive = {n["NodeID"][:12] for n in ray.nodes() if n.get("Alive") and
+             n["NodeID"] not in drained}
     names = ray.util.list_named_actors(all_namespaces=True)
     return sorted(a["name"] for a in names
                   if a.get("namespace") == namespace and a["name"].startswith("relay:")
@@ -158,8 +170,9 @@ def list_relays(namespace: str) -> list[str]:
 
 def bounce_listener_nodes() -> list[str]:
     """Where bounce listeners run: every live node labelled ``role=ingress`` (or with an
-    ``ingress`` resource); the head node when there is none."""
-    alive = [n for n in ray.nodes() if n.get("Alive")]
+    ``ingress`` resource); the head node when there is none. Never a node marked drained."""
+    drained = _drained()
+    alive = [n for n in ray.nodes() if n.get("Alive") and n["NodeID"] not in drained]
     ingress = [n["NodeID"] for n in alive
                if (n.get("Labels") or {}).get("role") == "ingress"
                or "ingress" in n.get("Resources", {})]

@@ -268,6 +268,11 @@ def cmd_status(args: argparse.Namespace) -> int:
               + (f" ({limits})" if limits else "")
               + f" for {max(0.0, a['until'] - now):.0f}s more: {a.get('text', '')[:100]}")
     ns = mc.cfg.cluster.namespace
+    from actors.drain_mark import drained_nodes
+    for nid, mark in sorted(drained_nodes(ns).items()):
+        print(f"node {nid[:12]} marked drained since "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(mark.get('since', 0)))} UTC "
+              "(`raymta undrain` lifts it)")
     for a in sorted(ray.util.list_named_actors(all_namespaces=True), key=lambda a: a["name"]):
         if a["name"] == "webhooks:dispatcher" and a["namespace"] == ns:
             info = ray.get(ray.get_actor(a["name"], namespace=ns).stats.remote())
@@ -389,6 +394,50 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"{k:>16}: {v}")
     if headers:
         print("\n" + headers.replace("\r\n", "\n"))
+    return 0
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    """Move everything raymta has on a node elsewhere, before the node is removed."""
+    from cluster.drain import DrainError, drain
+    mc = _attach(args.address, args.config)
+    try:
+        res = drain(mc, args.node, timeout=args.timeout, grace=args.grace,
+                    ray_drain=not args.keep_ray_node,
+                    say=(lambda s: None) if args.json else (lambda s: print(s, flush=True)))
+    except DrainError as e:
+        print(f"raymta drain: {e}", file=sys.stderr)
+        return 2
+    ok = not res["left"] and not res["problems"]
+    if args.json:
+        print(json.dumps({**res, "drained": ok}))
+    elif ok:
+        print(f"node {res['node'][:12]} drained: nothing of raymta's left on it "
+              f"({res['seconds']} s)")
+    else:
+        parts = ([", ".join(sorted(res["left"]))] if res["left"] else []) + res["problems"]
+        print(f"node {res['node'][:12]} NOT drained after {res['seconds']} s: still there: "
+              + "; ".join(parts))
+    return 0 if ok else 1
+
+
+def cmd_undrain(args: argparse.Namespace) -> int:
+    from cluster.drain import DrainError, undrain
+    mc = _attach(args.address, args.config)
+    try:
+        res = undrain(mc.cfg.cluster.namespace, args.node)
+    except DrainError as e:
+        print(f"raymta undrain: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res))
+    elif not res["was_marked"]:
+        print(f"node {res['node'][:12]} was not marked drained")
+    else:
+        print(f"node {res['node'][:12]}: drain mark removed; raymta may place work there "
+              "again (`raymta up` adds its relays and ingress)"
+              + ("" if res["alive"] else "; Ray no longer lists it alive (Ray's own drain "
+                 "cannot be undone: start the node's raylet again)"))
     return 0
 
 
@@ -730,6 +779,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_inspect)
+    p = sub.add_parser("drain", help="move everything raymta has on a node elsewhere "
+                       "before removing it")
+    common(p)
+    p.add_argument("node", help="Ray node id (or a unique prefix), or its address / host name")
+    p.add_argument("--timeout", type=float, default=300.0, help="give up after (s)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds the node's ingress answers 421 / readyz 503 before it stops")
+    p.add_argument("--keep-ray-node", action="store_true",
+                   help="do not ask Ray to drain the node too (then `undrain` can bring it "
+                   "back; actors Ray would restart there are not moved)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_drain)
+    p = sub.add_parser("undrain", help="remove a node's drain mark")
+    common(p)
+    p.add_argument("node")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_undrain)
+
     p = sub.add_parser("config", help="config check FILE: parse and check a config file")
     p.add_argument("action", choices=["check"])
     p.add_argument("file")

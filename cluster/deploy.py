@@ -88,6 +88,13 @@ def check_spool_shards(cfg: Config) -> None:
             f"count) and `raymta restore` (new count)"))
 
 
+def drained_node_ids(cfg: Config) -> set[str]:
+    """The nodes marked by ``raymta drain`` (cluster/drain.py): deploy places nothing there
+    (relays here; shard copies, ingress and bounce listeners through actors.remote)."""
+    from actors.drain_mark import drained_nodes
+    return set(drained_nodes(cfg.cluster.namespace))
+
+
 def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     """Create or attach to every actor; returns the handles by name."""
     check_spool_shards(cfg)
@@ -96,12 +103,15 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
                                ensure_relay, ensure_replica, ensure_throttle, relay_name,
                                replica_name, shard_placement)
     handles: dict[str, Any] = {}
+    drained = drained_node_ids(cfg)   # `raymta drain`: nothing new goes there
     for k in range(cfg.delivery.throttle_actors):
         name = f"throttle:pool:{k}"
         handles[name] = ensure_throttle(cfg, name, detached=detached)
-    # a relay per egress source on each node that owns the source's address (its node_label)
+    # a relay per egress source on each node that owns the source's address (its node_label),
+    # none on a node being drained
     from cluster.core.relay_choice import NodeInfo, source_nodes
-    live = [NodeInfo.from_ray(n) for n in ray.nodes() if n.get("Alive")]
+    live = [NodeInfo.from_ray(n) for n in ray.nodes()
+            if n.get("Alive") and n["NodeID"] not in drained]
     for src in cfg.egress:
         owners = source_nodes(src.node_label, live)
         if not owners:

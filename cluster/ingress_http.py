@@ -84,6 +84,8 @@ class HttpIngress:
                  tls: ssl.SSLContext | None = None) -> None:
         self.mc = mc
         self.settings = settings
+        #: set while this node is drained (``raymta drain``): /readyz answers 503
+        self.draining = False
         self.keys = ApiKeyTable(settings.api_keys)
         self.tls = tls
         self.addresses: list[tuple[str, int]] = []
@@ -140,6 +142,8 @@ class HttpIngress:
         return web.json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        if self.draining:
+            return web.json_response({"ready": False, "reason": "draining"}, status=503)
         try:
             st = await asyncio.wait_for(self._call(self.mc.stats), 5.0)
         except Exception as e:   # noqa: BLE001 - a leader moving, the cluster unreachable

@@ -240,6 +240,9 @@ class _Submission(SMTP):
                     self.transport.close()
                 return
             self._open_ip()
+        if self._refused is None and self.ingress.draining:
+            self._refused = "node draining"
+            self.ingress.count("refused_draining")
         if self._refused is not None:
             # RFC 5321 §3.8: a server that cannot serve a client now says 421 and closes
             await self.push(f"421 4.7.0 {self.ingress.hostname} {self._refused}; try again "
@@ -410,6 +413,10 @@ class SmtpIngress:
         self.max_size = max_size or s.max_message_size or mc.cfg.queue.max_message_size
         #: a bounce or expiry sends a DSN to the envelope sender ([dsn] smtp)
         self.dsn = mc.cfg.dsn.smtp
+        #: set while this node is drained (``raymta drain``): a new connection gets 421
+        #: and is closed, so senders and a load balancer go to another node; sessions
+        #: already open go on
+        self.draining = False
         self.counters: dict[str, int] = {}
         self._tls: ssl.SSLContext | None = None
         self.users = UserTable()
