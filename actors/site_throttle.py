@@ -81,13 +81,14 @@ class SiteThrottle:
         if self._resolver is None:
             dc = self.cfg.dns
             self._resolver = MxResolver(list(dc.nameservers) or None, dc.port, timeout=dc.timeout,
-                                        min_ttl=dc.min_ttl, max_ttl=dc.max_ttl)
+                                        min_ttl=dc.min_ttl, max_ttl=dc.max_ttl,
+                                        max_concurrent=dc.max_concurrent, policy=dc.policy())
         return self._resolver
 
     # ------------------------------------------------------------------ routing
     async def resolve(self, domains: list[str]) -> dict[str, list[Any]]:
         """Route per domain: ``["ok", [[pref, mx name, [addresses]], ...], port, expires_at,
-        static]`` or ``["fail", kind, permanent, text, expires_at]``."""
+        static]`` or ``["fail", kind, permanent, text, expires_at, timed_out]``."""
         self.calls["resolve"] += 1
         now = time.time()
         out: dict[str, list[Any]] = {}
@@ -123,7 +124,8 @@ class SiteThrottle:
                           self.cfg.delivery.smtp_port, res.expires_at, False]
             else:
                 assert isinstance(res, DnsFailure)
-                out[d] = ["fail", res.kind, res.permanent, str(res), res.expires_at]
+                out[d] = ["fail", res.kind, res.permanent, str(res), res.expires_at,
+                          res.timed_out]
         return out
 
     # ------------------------------------------------------------------ grants and leases
