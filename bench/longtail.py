@@ -106,10 +106,24 @@ def _cluster_counters(mc: Any, res: dict[str, Any]) -> None:
     res["throttles"] = thr
 
 
+def _cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as fh:
+        v = [float(x) for x in fh.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + (v[4] if len(v) > 4 else 0.0)
+    return (sum(v[:8]) - idle) / hz, sum(v[:8]) / hz
+
+
 def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 300.0,
                  progress: bool = True, seed: int = 1) -> dict[str, Any]:
-    """One raymta run of ``n`` messages over ``domains`` long-tail domains."""
+    """One raymta run of ``n`` messages over ``domains`` long-tail domains. Besides
+    run_raymta's figures: the machine's CPU use over the run (``machine_cpu``: busy cores on
+    average, and the share that was not this run's Ray processes, driver, receiver or DNS),
+    since the machine is shared."""
     workload, zone = longtail_workload(n, domains, seed)
+    busy0, total0 = _cpu_times()
+    t0 = time.time()
     used: dict[str, Any] = {}
 
     def start_dns(_w: c.Workload, _host: str) -> Any:
@@ -120,6 +134,15 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
 
     res = run_raymta(n, domains=domains, timeout=timeout, progress=progress, probe_rate=0,
                      intake=0, workload=workload, start_dns=start_dns, after=_cluster_counters)
+    busy1, total1 = _cpu_times()
+    wall = time.time() - t0
+    ours = (res.get("cpu_ray_s") or 0.0) + (res.get("cpu_client_s") or 0.0)
+    res["machine_cpu"] = {"wall_s": round(wall, 1),
+                          "busy_cores": round((busy1 - busy0) / wall, 2) if wall else None,
+                          "cores": os.cpu_count(),
+                          "busy_cpu_s": round(busy1 - busy0, 1),
+                          "raymta_and_driver_cpu_s": round(ours, 1),
+                          "loadavg_end": list(os.getloadavg())}
     res["dns_server"] = used
     res["domains_with_mail"] = len(workload.per_domain())
     res["system"] = f"raymta-longtail-{domains}"
@@ -128,7 +151,8 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
 
 def print_rows(rows: list[dict[str, Any]], base: float | None) -> None:
     cols = ("domains", "with mail", "msgs", "delivered/s", "10-90%/s", "x 100-dom",
-            "deferred DNS", "deferred other", "DNS timeouts retried", "CPU ms/msg", "hottest")
+            "deferred DNS", "deferred other", "DNS timeouts retried", "CPU ms/msg",
+            "busy cores", "hottest")
     out = []
     for r in rows:
         rate = r.get("delivered_per_s")
@@ -140,7 +164,7 @@ def print_rows(rows: list[dict[str, Any]], base: float | None) -> None:
                     str(r.get("deferred_dns", "-")), str(r.get("deferred_other", "-")),
                     str((r.get("dns_coordinator") or {}).get("timeouts_retried", "-")),
                     f"{r['cpu_ray_s_per_1000']:.2f}" if r.get("cpu_ray_s_per_1000") else "-",
-                    hot))
+                    str((r.get("machine_cpu") or {}).get("busy_cores", "-")), hot))
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *out)]
     line = "  ".join(f"{{:>{w}}}" for w in widths)
     print(line.format(*cols))
