@@ -82,7 +82,8 @@ class SiteThrottle:
             dc = self.cfg.dns
             self._resolver = MxResolver(list(dc.nameservers) or None, dc.port, timeout=dc.timeout,
                                         min_ttl=dc.min_ttl, max_ttl=dc.max_ttl,
-                                        max_concurrent=dc.max_concurrent, policy=dc.policy())
+                                        max_concurrent=dc.max_concurrent, policy=dc.policy(),
+                                        use_ipv6=dc.ipv6)
         return self._resolver
 
     # ------------------------------------------------------------------ routing

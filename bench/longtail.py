@@ -116,7 +116,8 @@ def _cpu_times() -> tuple[float, float]:
 
 
 def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 300.0,
-                 progress: bool = True, seed: int = 1) -> dict[str, Any]:
+                 progress: bool = True, seed: int = 1, throttles: int | None = None,
+                 ipv6: bool = False) -> dict[str, Any]:
     """One raymta run of ``n`` messages over ``domains`` long-tail domains. Besides
     run_raymta's figures: the machine's CPU use over the run (``machine_cpu``: busy cores on
     average, and the share that was not this run's Ray processes, driver, receiver or DNS),
@@ -132,8 +133,19 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
         used.update(kind=srv.kind, start_seconds=round(time.time() - t, 2))
         return srv
 
+    def configure(cfg: Any) -> Any:
+        from dataclasses import replace
+        if throttles:
+            cfg = replace(cfg, delivery=replace(cfg.delivery, throttle_actors=throttles))
+        # loopback is IPv4 here and so is the egress: no AAAA queries ([dns] ipv6 = false,
+        # as Postfix's inet_protocols = ipv4), unless --ipv6
+        return replace(cfg, dns=replace(cfg.dns, ipv6=ipv6))
+
     res = run_raymta(n, domains=domains, timeout=timeout, progress=progress, probe_rate=0,
-                     intake=0, workload=workload, start_dns=start_dns, after=_cluster_counters)
+                     intake=0, workload=workload, start_dns=start_dns, after=_cluster_counters,
+                     configure=configure)
+    res["throttle_actors"] = throttles or 1
+    res["dns_ipv6"] = ipv6
     busy1, total1 = _cpu_times()
     wall = time.time() - t0
     ours = (res.get("cpu_ray_s") or 0.0) + (res.get("cpu_client_s") or 0.0)
@@ -183,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dns", choices=["auto", "real", "python"], default="auto",
                     help="nsd+unbound (real), the Python server, or real when installed")
     ap.add_argument("--timeout", type=float, default=300.0, help="hard limit per run (s)")
+    ap.add_argument("--throttles", type=int, default=None,
+                    help="shared SiteThrottle actors ([delivery] throttle_actors; default 1)")
+    ap.add_argument("--ipv6", action="store_true",
+                    help="ask AAAA records of MX hosts too ([dns] ipv6; default off here: "
+                         "the bench's egress and MX hosts are IPv4)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -201,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== long tail: {args.messages:,} messages over {k:,} domains ===", flush=True)
         try:
             res = run_longtail(args.messages, k, dns=args.dns, timeout=args.timeout,
-                               progress=not args.quiet)
+                               progress=not args.quiet, throttles=args.throttles,
+                               ipv6=args.ipv6)
         except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
             print(c.banner(f"{k} domains FAILED: {type(e).__name__}: {e}"), file=sys.stderr)
             res = {"domains": k, "ok": False, "error": f"{type(e).__name__}: {e}"}

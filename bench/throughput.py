@@ -145,8 +145,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                metrics: bool = True, metrics_interval: float | None = None,
                watch: bool = False, workload: c.Workload | None = None,
                start_dns: Callable[[c.Workload, str], Any] | None = None,
-               after: Callable[[Any, dict[str, Any]], None] | None = None
-               ) -> dict[str, Any]:
+               after: Callable[[Any, dict[str, Any]], None] | None = None,
+               configure: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta).
 
     dkim: "rsa" (RSA-2048) or "ed25519": the relays sign every message From the workload's
@@ -158,7 +158,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
     workload / start_dns / after (bench/longtail.py): another workload than ``make_workload``'s,
     a function ``(workload, receiver host) -> started DNS server`` (``.host``, ``.port``,
     ``.query_count()``, ``.stop()``) instead of the Python one, and a hook called with the
-    cluster and the results before the cluster closes (to read its counters)."""
+    cluster and the results before the cluster closes (to read its counters); ``configure``
+    maps the bench Config to the one deployed (e.g. more throttle actors)."""
     from cluster.client import MailCluster
 
     workload = workload or c.make_workload(n, domains=domains)
@@ -179,6 +180,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             cfg = replace(cfg, dkim=_dkim_config(spool, dkim))
         cfg = replace(cfg, metrics=replace(cfg.metrics, enabled=metrics, port=0,
                                            interval=metrics_interval or cfg.metrics.interval))
+        if configure is not None:
+            cfg = configure(cfg)
         t = time.time()
         mc = MailCluster.connect(config=cfg, num_cpus=num_cpus)
         startup = time.time() - t

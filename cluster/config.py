@@ -173,6 +173,9 @@ class DnsConfig:
     retry_budget: float = 120.0
     #: routes of domains with queued mail are refreshed this long before they expire
     refresh_ahead: float = 30.0
+    #: ask AAAA records of MX hosts too; false where every egress source is IPv4 (as Postfix's
+    #: inet_protocols = ipv4): a third fewer queries per new domain
+    ipv6: bool = True
 
     def policy(self) -> DnsPolicy:
         """The pure cache/retry policy these settings describe."""
@@ -725,6 +728,7 @@ def _parse_dns(raw: Mapping[str, Any]) -> DnsConfig:
                           positive=False),
         refresh_ahead=_dur(raw.get("refresh_ahead", d.refresh_ahead), f"{w}.refresh_ahead",
                            positive=False),
+        ipv6=_bool(raw.get("ipv6", d.ipv6), f"{w}.ipv6"),
     )
     try:
         dc.policy()

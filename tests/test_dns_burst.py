@@ -84,10 +84,12 @@ def test_dns_config_keys_round_trip_and_bad_ones_name_the_key():
     from cluster.config import ConfigError, parse_config
     c = parse_config({"dns": {"max_concurrent": 16, "retry_initial": "2s",
                               "retry_max_delay": "20s", "retry_budget": "5m",
-                              "refresh_ahead": "10s"}}).dns
+                              "refresh_ahead": "10s", "ipv6": False}}).dns
     p = c.policy()
     assert (c.max_concurrent, p.retry_initial, p.retry_max_delay, p.retry_budget,
-            p.refresh_ahead) == (16, 2.0, 20.0, 300.0, 10.0)
+            p.refresh_ahead, c.ipv6) == (16, 2.0, 20.0, 300.0, 10.0, False)
+    with pytest.raises(ConfigError, match="dns.ipv6"):
+        parse_config({"dns": {"ipv6": "no"}})
     with pytest.raises(ConfigError, match="dns.max_concurrent"):
         parse_config({"dns": {"max_concurrent": 0}})
     with pytest.raises(ConfigError, match="retry_max_delay"):
