@@ -97,6 +97,18 @@ def _cluster_counters(mc: Any, res: dict[str, Any]) -> None:
     res["dns_coordinator"] = dns
     res["deferred_dns"] = dns.get("deferred_msgs", 0)
     res["deferred_other"] = res.get("deferred_attempts", 0) - res["deferred_dns"]
+    if res.get("deferred_attempts"):
+        # which failures: category counts and a few reply texts (events of this run only)
+        cats: dict[str, int] = {}
+        texts: list[str] = []
+        for ev in mc.events(0, limit=1_000_000):
+            if ev.get("type") == "TransientFailure":
+                k = str(ev.get("category"))
+                cats[k] = cats.get(k, 0) + 1
+                if len(texts) < 5:
+                    texts.append(f"{ev.get('code')} {str(ev.get('text'))[:160]}")
+        res["deferred_by_category"] = cats
+        res["deferred_samples"] = texts
     thr: dict[str, Any] = {}
     for name, h in mc.handles.items():
         if name.startswith("throttle:"):
@@ -156,6 +168,17 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
                           "raymta_and_driver_cpu_s": round(ours, 1),
                           "loadavg_end": list(os.getloadavg())}
     res["dns_server"] = used
+    # what the throttle process costs: per message granted, and per call it served (grants,
+    # leases, MX lookups: its calls counters); the lookups' share is the difference from the
+    # 100-domain run, whose few routes cost next to nothing
+    thr_cpu = sum(v for k, v in (res.get("cpu_by_process") or {}).items()
+                  if k.startswith("ray::SiteThrott"))
+    calls = sum(sum((t.get("calls") or {}).values()) for t in res.get("throttles", {}).values())
+    granted = sum(t.get("granted") or 0 for t in res.get("throttles", {}).values())
+    res["throttle_cpu"] = {"cpu_s": round(thr_cpu, 2), "calls": calls, "granted": granted,
+                           "us_per_granted_msg": round(thr_cpu / granted * 1e6, 1)
+                           if granted else None,
+                           "ms_per_call": round(thr_cpu / calls * 1e3, 2) if calls else None}
     res["domains_with_mail"] = len(workload.per_domain())
     res["system"] = f"raymta-longtail-{domains}"
     return res
