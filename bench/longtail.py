@@ -129,7 +129,7 @@ def _cpu_times() -> tuple[float, float]:
 
 def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 300.0,
                  progress: bool = True, seed: int = 1, throttles: int | None = None,
-                 ipv6: bool = False) -> dict[str, Any]:
+                 ipv6: bool = False, dns_concurrency: int | None = None) -> dict[str, Any]:
     """One raymta run of ``n`` messages over ``domains`` long-tail domains. Besides
     run_raymta's figures: the machine's CPU use over the run (``machine_cpu``: busy cores on
     average, and the share that was not this run's Ray processes, driver, receiver or DNS),
@@ -151,7 +151,8 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
             cfg = replace(cfg, delivery=replace(cfg.delivery, throttle_actors=throttles))
         # loopback is IPv4 here and so is the egress: no AAAA queries ([dns] ipv6 = false,
         # as Postfix's inet_protocols = ipv4), unless --ipv6
-        return replace(cfg, dns=replace(cfg.dns, ipv6=ipv6))
+        return replace(cfg, dns=replace(cfg.dns, ipv6=ipv6, max_concurrent=dns_concurrency
+                                        or cfg.dns.max_concurrent))
 
     res = run_raymta(n, domains=domains, timeout=timeout, progress=progress, probe_rate=0,
                      intake=0, workload=workload, start_dns=start_dns, after=_cluster_counters,
@@ -223,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ipv6", action="store_true",
                     help="ask AAAA records of MX hosts too ([dns] ipv6; default off here: "
                          "the bench's egress and MX hosts are IPv4)")
+    ap.add_argument("--dns-concurrency", type=int, default=None,
+                    help="[dns] max_concurrent (default: the config's, 64)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             res = run_longtail(args.messages, k, dns=args.dns, timeout=args.timeout,
                                progress=not args.quiet, throttles=args.throttles,
-                               ipv6=args.ipv6)
+                               ipv6=args.ipv6, dns_concurrency=args.dns_concurrency)
         except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
             print(c.banner(f"{k} domains FAILED: {type(e).__name__}: {e}"), file=sys.stderr)
             res = {"domains": k, "ok": False, "error": f"{type(e).__name__}: {e}"}
