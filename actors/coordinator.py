@@ -51,6 +51,8 @@ from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_e
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
 from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.shaping import Action, apply_limits
+from cluster.core.relay_choice import (choose_relays, pool_for, split_counts, spread_count,
+                                       weighted_pick)
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -161,6 +163,8 @@ class QueueCoordinator:
         self._rate_at = time.monotonic()
         self._relays: list[str] = []
         self._relays_checked = 0.0
+        #: hot sites spread over several relays: which relay gets the odd message next
+        self._spread_turn: dict[str, int] = {}
         self._handles: dict[str, Any] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
@@ -734,6 +738,7 @@ class QueueCoordinator:
         budget = self.cfg.queue.dispatch_batch
         per_relay: dict[str, dict[str, Any]] = {}
         taken_ids: dict[str, list[str]] = {}
+        bodies_sent: dict[str, set[str]] = {}
         now = time.time()
         for tname, grants in zip(names, replies):
             for site, (n, retry_after) in grants.items():
@@ -752,22 +757,39 @@ class QueueCoordinator:
                 if not msgs:
                     continue
                 budget -= len(msgs)
-                relay = self._relay_for(site, info.limits)
-                if relay is None:
-                    st.requeue([m.id for m in msgs])
+                placed, unplaced = self._place(site, info.limits, ready, msgs)
+                if unplaced:
+                    st.requeue([m.id for m in unplaced])
+                if not placed:
                     continue
                 route = self._routes[msgs[0].domain]
-                for m in msgs:
-                    m.site = site
-                    self._inflight_site[m.id] = site
-                self._site_inflight[site] = self._site_inflight.get(site, 0) + len(msgs)
+                n_placed = 0
+                for relay, part in placed:
+                    n_placed += len(part)
+                    for m in part:
+                        m.site = site
+                        self._inflight_site[m.id] = site
+                    # a body goes once per relay batch; the recipients of one message carry
+                    # its body id (the relay fills the body in, and may send them in one
+                    # transaction)
+                    sent = bodies_sent.setdefault(relay, set())
+                    items = []
+                    for m in part:
+                        b = m.body_id
+                        items.append([m.id, m.attempts + 1, m.sender, m.rcpt,
+                                      None if b in sent else st.body(b), bool(m.smtputf8), b])
+                        sent.add(b)
+                    spec = per_relay.setdefault(relay, {}).get(site)
+                    if spec is None:
+                        per_relay[relay][site] = {
+                            "hosts": route.hosts, "port": route.port,
+                            "limits": limits_to_wire(info.limits), "throttle": tname,
+                            "items": items}
+                    else:   # the same relay for two egress pools' shares of the site
+                        spec["items"].extend(items)
+                    taken_ids.setdefault(relay, []).extend(m.id for m in part)
+                self._site_inflight[site] = self._site_inflight.get(site, 0) + n_placed
                 self._site_reported[site] = (self._site_inflight[site], tname, info.limits)
-                per_relay.setdefault(relay, {})[site] = {
-                    "hosts": route.hosts, "port": route.port,
-                    "limits": limits_to_wire(info.limits), "throttle": tname,
-                    "items": [[m.id, m.attempts + 1, m.sender, m.rcpt, st.body(m.body_id),
-                               bool(m.smtputf8)] for m in msgs]}
-                taken_ids.setdefault(relay, []).extend(m.id for m in msgs)
         for relay, batch in per_relay.items():
             self.counters["dispatched"] += len(taken_ids[relay])
             self._spawn(self._deliver(relay, batch, taken_ids[relay]))
@@ -814,18 +836,80 @@ class QueueCoordinator:
         self._handles[tname] = await asyncio.get_running_loop().run_in_executor(
             None, ensure_throttle, self.cfg, tname)
 
-    def _relay_for(self, site: str, limits: SiteLimits) -> str | None:
+    def _relay_names(self) -> list[str]:
+        """The live relays (looked up again every 10 s, or after a relay was lost)."""
         now = time.time()
         if not self._relays or now - self._relays_checked > 10:
             self._relays_checked = now
             from actors.remote import list_relays
             self._relays = list_relays(self.ns)
-        cands = [r for r in self._relays
-                 if not limits.sources or r.rsplit(":", 1)[-1] in limits.sources]
+        return self._relays
+
+    def _place(self, site: str, limits: SiteLimits, ready: int, msgs: list[q.QueuedMessage]
+               ) -> tuple[list[tuple[str, list[q.QueuedMessage]]], list[q.QueuedMessage]]:
+        """Which relay sends each of ``msgs`` (taken for ``site``): ``([(relay, messages)],
+        messages no relay can send now)``. A message whose sender domain has an egress pool
+        goes out from one of the pool's sources, picked by weight on its id; the others from
+        any source the site allows. Over the relays of the allowed sources, the site's
+        rendezvous choice (:meth:`_relays_for`) and, for a hot site, an even split."""
+        groups: dict[tuple[str, ...], list[q.QueuedMessage]] = {}
+        unplaced: list[q.QueuedMessage] = []
+        pools = self.cfg.egress_pools
+        if not pools:
+            groups[()] = msgs
+        else:
+            have = {r.rsplit(":", 1)[-1] for r in self._relay_names()}
+            for m in msgs:
+                pool = pool_for(m.sender, pools)
+                if pool is None:
+                    groups.setdefault((), []).append(m)
+                    continue
+                w = {src: x for src, x in pool.weights if src in have and
+                     (not limits.sources or src in limits.sources)}
+                if not w:
+                    unplaced.append(m)
+                    continue
+                groups.setdefault((weighted_pick(m.id, w),), []).append(m)
+            if unplaced:
+                log.error("no relay for egress pool of %d messages to site %s", len(unplaced),
+                          site)
+        out: list[tuple[str, list[q.QueuedMessage]]] = []
+        for only, part in groups.items():
+            relays = self._relays_for(site, limits, ready, only)
+            if not relays:
+                unplaced.extend(part)
+                continue
+            key = site if not only else f"{site}|{only[0]}"
+            turn = self._spread_turn.get(key, 0) if len(relays) > 1 else 0
+            at = 0
+            for relay, k in zip(relays, split_counts(len(part), len(relays), turn)):
+                if k > 0:
+                    out.append((relay, part[at:at + k]))
+                    at += k
+            if len(relays) > 1:
+                if key not in self._spread_turn and len(self._spread_turn) >= 10_000:
+                    self._spread_turn.clear()   # bounded: a turn is only a tie-breaker
+                self._spread_turn[key] = (turn + len(part)) % len(relays)
+            else:
+                self._spread_turn.pop(key, None)
+        return out, unplaced
+
+    def _relays_for(self, site: str, limits: SiteLimits, ready: int,
+                    only: tuple[str, ...] = ()) -> list[str]:
+        """The relays that carry ``site`` this round (of the sources ``only``, when given): its
+        top relay by rendezvous weight, or its top k on distinct nodes while it is hot
+        (:mod:`cluster.core.relay_choice`)."""
+        cands = [r for r in self._relay_names()
+                 if (not limits.sources or r.rsplit(":", 1)[-1] in limits.sources)
+                 and (not only or r.rsplit(":", 1)[-1] in only)]
         if not cands:
-            log.error("no relay pool for site %s (sources %s)", site, limits.sources)
-            return None
-        return cands[stable_hash(site) % len(cands)]
+            log.error("no relay pool for site %s (sources %s)", site, only or limits.sources)
+            return []
+        d = self.cfg.delivery
+        k = spread_count(ready=ready, configured=limits.relays, hot_ready=d.hot_site_ready,
+                         hot_relays=d.hot_site_relays, max_connections=limits.max_connections,
+                         available=len(cands))
+        return choose_relays(site, cands, k)
 
     def _settle(self, mid: str) -> str | None:
         """The message is no longer out at a relay: free its place in the site's count."""

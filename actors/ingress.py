@@ -56,9 +56,12 @@ class IngressNode:
             from cluster.ingress_smtp import tls_context
             tls = tls_context(s.cert_file, s.key_file) if s.cert_file else None
 
+            here = _node_address()
+
             def split(a: str) -> tuple[str, int]:
+                # like the SMTP listeners: a node labelled ingress-address binds that address
                 host, _, port = a.rpartition(":")
-                return host.strip("[]"), int(port)
+                return here or host.strip("[]"), int(port)
             self.http = HttpIngress(self.mc, s, tls).start([split(a) for a in s.http])
 
     def ping(self) -> int:

@@ -1,6 +1,7 @@
 """RelayPool actor: the only part of raymta that talks SMTP to the outside world.
 
-One per node and egress source (``relay:<node>:<source>``). It takes batches of messages from
+One per egress source on each node that owns it (``relay:<node>:<source>``; a source's
+``node_label`` names its nodes). It takes batches of messages from
 coordinators (grouped by site), keeps up to the site's connection limit open per site — each
 connection under a lease from the site's SiteThrottle — reuses a connection for up to the site's
 deliveries-per-connection, walks MX hosts in preference order, and streams back one classified
@@ -84,6 +85,9 @@ _ASK_GATHER = 0.005
 #: never answers must not make a relay grow without limit)
 _UNACKED_MAX = 200_000
 _RESEND_AFTER = 2.0
+#: queued items a relay looks through for the other recipients of a message (bounded work
+#: per transaction; the coordinator hands a message's recipients out together)
+_GATHER_WINDOW = 200
 #: a site at its connection cap is asked for more leases at most this often while this relay
 #: has connections open to it (they drain its queue meanwhile)
 _CAP_RECHECK = 0.5
@@ -162,6 +166,18 @@ class _Site:
     usable_hosts: list[list[Any]] = field(default_factory=list)
     refusal: Classification | None = None
     ca_file: str = ""
+
+
+def _fill_bodies(batch: dict[str, Any]) -> None:
+    """Items whose body came with an earlier item of the batch (same body id) get it."""
+    bodies: dict[str, bytes] = {}
+    for spec in batch.values():
+        for item in spec["items"]:
+            if len(item) > 6:
+                if item[4] is None:
+                    item[4] = bodies[item[6]]
+                else:
+                    bodies.setdefault(item[6], item[4])
 
 
 def _result(item: list[Any], c: Classification, host: str) -> list[Any]:
@@ -292,7 +308,8 @@ class RelayPool:
         """Deliver a batch; results are pushed to the coordinator ``reply_to`` as they come.
 
         payload: msgpack ``{site: {"hosts", "port", "limits", "throttle",
-        "items": [[id, attempt, sender, rcpt, body, smtputf8], ...]}}``. Returns the number of
+        "items": [[id, attempt, sender, rcpt, body, smtputf8, body id], ...]}}`` (body None
+        when an earlier item of the batch with the same body id carries it). Returns the number of
         messages handled, after the last result was sent: the caller uses the return (or the
         error if this process dies) only to learn that the batch is finished.
 
@@ -301,6 +318,7 @@ class RelayPool:
         restarting actor) and nothing here ever waits on a caller that has died."""
         self._ensure_started()
         batch = msgpack.unpackb(payload, raw=False)
+        _fill_bodies(batch)
         call = _Call(self, reply_to)
         mine: list[str] = []
         refused: list[tuple[list[Any], Classification]] = []
@@ -595,7 +613,12 @@ class RelayPool:
                     continue
                 else:
                     item, call = s.queue.popleft()
-                _id, _attempt, _sender, rcpt, body, smtputf8 = item
+                    group = self._gather(s, item, call, limit - conn.sent)
+                    if len(group) > 1:
+                        if not await self._send_group(s, conn, group, host):
+                            return
+                        continue
+                _id, _attempt, _sender, rcpt, body, smtputf8 = item[:6]
                 sender = self._mail_from(item)
                 then = None
                 if conn.pipelining and s.queue and conn.sent + 1 < limit:
@@ -608,20 +631,8 @@ class RelayPool:
                     body = await asyncio.get_running_loop().run_in_executor(
                         self._sign_pool, self._sign, body)
                 a = await conn.send(sender, rcpt, body, smtputf8, then=then)
-                c = classify(a.code, a.text, phase=a.phase,
-                             rules=self.cfg.classification.rules) if a.code is not None else \
-                    connection_failure(a.text)
-                if a.code is not None and c.outcome != Outcome.DELIVERED:
-                    c = reshape(self._shaping_rules, s.name, c)
-                    self._shaping_feedback(s, a.code, c)
-                call.add(_result(item, c, host))
-                if c.outcome == Outcome.DELIVERED:
-                    s.delivered += 1
-                    self.counters["delivered"] += 1
-                elif c.outcome == Outcome.TRANSIENT:
-                    self.counters["transient"] += 1
-                else:
-                    self.counters["permanent"] += 1
+                c = self._classify(s, a)
+                self._count_result(s, item, call, c, host)
                 if c.site_backoff:
                     self._feedback.append((s.throttle, s.name, "backoff", c.text))
                     if carry is not None:
@@ -636,6 +647,79 @@ class RelayPool:
                 s.queue.appendleft(carry)
                 s.wake.set()
             await conn.close()
+
+    def _classify(self, s: _Site, a: Any) -> Classification:
+        """What a transaction's reply means for a recipient (reshaped by the site's rules,
+        which also hear of it when it was not a delivery)."""
+        c = classify(a.code, a.text, phase=a.phase,
+                     rules=self.cfg.classification.rules) if a.code is not None else \
+            connection_failure(a.text)
+        if a.code is not None and c.outcome != Outcome.DELIVERED:
+            c = reshape(self._shaping_rules, s.name, c)
+            self._shaping_feedback(s, a.code, c)
+        return c
+
+    def _count_result(self, s: _Site, item: list[Any], call: _Call, c: Classification,
+                      host: str) -> None:
+        call.add(_result(item, c, host))
+        if c.outcome == Outcome.DELIVERED:
+            s.delivered += 1
+            self.counters["delivered"] += 1
+        elif c.outcome == Outcome.TRANSIENT:
+            self.counters["transient"] += 1
+        else:
+            self.counters["permanent"] += 1
+
+    def _gather(self, s: _Site, item: list[Any], call: _Call, room: int
+                ) -> list[tuple[list[Any], _Call]]:
+        """``item`` and the other recipients of the same message queued for the site, for one
+        transaction (up to ``delivery.max_rcpts_per_transaction`` and the connection's
+        remaining deliveries). Only where the envelope sender and the body are the same for
+        all: not with VERP return paths (one per recipient) nor per-recipient
+        List-Unsubscribe. Looks at the next few queued items only (bounded work)."""
+        n = min(self.cfg.delivery.max_rcpts_per_transaction, room)
+        if n <= 1 or len(item) < 7 or not s.queue or (self.cfg.bounce.enabled and item[2]):
+            return [(item, call)]
+        if self.cfg.unsubscribe and self._unsubscribe_of(item) is not None:
+            return [(item, call)]
+        group = [(item, call)]
+        keep: list[tuple[list[Any], _Call]] = []
+        for _ in range(min(len(s.queue), _GATHER_WINDOW)):
+            x = s.queue.popleft()
+            it = x[0]
+            if len(it) > 6 and it[6] == item[6] and it[2] == item[2] and it[5] == item[5]:
+                group.append(x)
+                if len(group) >= n:
+                    break
+            else:
+                keep.append(x)
+        s.queue.extendleft(reversed(keep))
+        return group
+
+    async def _send_group(self, s: _Site, conn: Any, group: list[tuple[list[Any], _Call]],
+                          host: str) -> bool:
+        """One transaction for the recipients of ``group`` (one message); a result each.
+        False when the site asked to back off (what is queued was handed back)."""
+        item = group[0][0]
+        body = item[4]
+        if self._sign_pool is not None:
+            body = await asyncio.get_running_loop().run_in_executor(
+                self._sign_pool, self._sign, body)
+        attempts = await conn.send_many(self._mail_from(item), [it[3] for it, _ in group],
+                                        body, item[5])
+        self.counters["multi_rcpt_transactions"] = \
+            self.counters.get("multi_rcpt_transactions", 0) + 1
+        backoff = None
+        for (it, call), a in zip(group, attempts):
+            c = self._classify(s, a)
+            self._count_result(s, it, call, c, host)
+            if c.site_backoff:
+                backoff = c
+        if backoff is not None:
+            self._feedback.append((s.throttle, s.name, "backoff", backoff.text))
+            self._defer_queued(s, backoff)
+            return False
+        return True
 
     def _shaping_feedback(self, s: _Site, code: int, c: Classification) -> None:
         """A remote reply that was not a delivery, for the site's shaping rules (bounded: a
@@ -655,14 +739,19 @@ class RelayPool:
         assert b.keys is not None
         return return_path(item[2], item[0], b.keys, prefix=b.prefix, domain=b.domain)
 
+    def _unsubscribe_of(self, item: list[Any]) -> Any:
+        """The ``[[unsubscribe]]`` entry of the message's sender domain, if it has one."""
+        domain = item[2].rpartition("@")[2]
+        if not domain:
+            return None
+        u = next((u for u in self.cfg.unsubscribe if domain_matches(domain, u.domain)), None)
+        return None if u is None or u.keys is None else u
+
     def _list_unsubscribe(self, item: list[Any], body: bytes) -> bytes:
         """List-Unsubscribe and List-Unsubscribe-Post (RFC 8058) for a sender domain with
         ``[[unsubscribe]]``, added before DKIM signs them (both are in its signed list)."""
-        domain = item[2].rpartition("@")[2]
-        if not domain:
-            return body
-        u = next((u for u in self.cfg.unsubscribe if domain_matches(domain, u.domain)), None)
-        if u is None or u.keys is None:
+        u = self._unsubscribe_of(item)
+        if u is None:
             return body
         fields = header_fields(item[3], u.domain, u.keys, url_base=u.url_base,
                                mail_domain=self.cfg.bounce.domain if u.mailto else "")

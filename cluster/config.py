@@ -28,6 +28,7 @@ from cluster.core.dkim import DEFAULT_SIGN_HEADERS, is_valid_selector
 from cluster.core.dns_policy import DnsPolicy
 from cluster.core.mxguard import parse_networks
 from cluster.core.ratespec import RateSpec, parse_duration
+from cluster.core.relay_choice import EgressPool
 from cluster.core.retry import RetryPolicy
 from cluster.core.shaping import ShapingError, ShapingRules
 from cluster.core.shaping import rules_from_toml as shaping_rules_from_toml
@@ -216,6 +217,17 @@ class DeliveryConfig:
     #: an MX host whose STARTTLS handshake failed is sent to in plaintext (opportunistic TLS)
     #: without trying TLS again for this long
     tls_broken_ttl: float = 3600.0
+    #: a site with at least this many messages ready at a shard in one dispatch round is hot:
+    #: its mail spreads over ``hot_site_relays`` relays (on distinct nodes first; rendezvous
+    #: hashing, cluster/core/relay_choice.py). 0 = only sites with ``relays`` set spread.
+    hot_site_ready: int = 500
+    #: relays a hot site spreads over (at most its max_connections; its limits hold
+    #: cluster-wide: every relay leases its connections from the site's one throttle)
+    hot_site_relays: int = 3
+    #: recipients of one message at one site sent in one transaction (one RCPT each), at
+    #: most this many; 1 = a transaction per recipient. Not with VERP return paths or
+    #: per-recipient List-Unsubscribe (the envelope or body differs per recipient)
+    max_rcpts_per_transaction: int = 50
 
 
 @dataclass(frozen=True)
@@ -225,6 +237,10 @@ class EgressSource:
     bind_address: str = ""
     #: name sent in EHLO (RFC 5321 §4.1.1.1); should resolve back to bind_address in production
     ehlo_name: str = "localhost"
+    #: the nodes that own bind_address: those labelled ``egress = <node_label>`` (or with an
+    #: ``egress:<node_label>`` resource). Relays for this source run only there. "" = every
+    #: node (a source without an address of its own, or one every node has)
+    node_label: str = ""
 
 
 @dataclass(frozen=True)
@@ -511,6 +527,8 @@ class Config:
     dns: DnsConfig = field(default_factory=DnsConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     egress: tuple[EgressSource, ...] = (EgressSource(),)
+    #: [[egress_pool]]: sources with weights per sender domain (cluster/core/relay_choice.py)
+    egress_pools: tuple[EgressPool, ...] = ()
     site_defaults: SiteLimits = field(default_factory=SiteLimits)
     sites: tuple[SiteOverride, ...] = ()
     routes: tuple[StaticRoute, ...] = ()
@@ -750,6 +768,13 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=65535)
         elif f.name == "throttle_actors":
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=64)
+        elif f.name == "hot_site_ready":
+            kw[f.name] = _int(raw[f.name], key, minimum=0)
+        elif f.name == "hot_site_relays":
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=256)
+        elif f.name == "max_rcpts_per_transaction":
+            # RFC 5321 §4.5.3.1.8: a server must take at least 100 recipients
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=1000)
         elif f.name == "allow_networks":
             kw[f.name] = _networks(raw[f.name], key)
         elif f.name == "tls_ca_file":
@@ -793,7 +818,7 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
         w = f"egress[{i}]"
         if not isinstance(e, Mapping):
             raise ConfigError(w, "expected a table")
-        _check_keys(e, {"name", "bind_address", "ehlo_name"}, w)
+        _check_keys(e, {"name", "bind_address", "ehlo_name", "node_label"}, w)
         name = _str(e.get("name", "default"), f"{w}.name")
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(f"{w}.name", f"use letters, digits, '-', '_' or '.', got {name!r}")
@@ -809,12 +834,64 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
         ehlo = _str(e.get("ehlo_name", "localhost"), f"{w}.ehlo_name")
         if not ehlo or any(c.isspace() for c in ehlo):
             raise ConfigError(f"{w}.ehlo_name", f"must be a host name, got {ehlo!r}")
-        out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo))
+        label = _str(e.get("node_label", ""), f"{w}.node_label")
+        if label and not all(c.isalnum() or c in "-_." for c in label):
+            raise ConfigError(f"{w}.node_label",
+                              f"use letters, digits, '-', '_' or '.', got {label!r}")
+        out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo, node_label=label))
+    return tuple(out)
+
+
+def _parse_egress_pools(raw: Any, egress: tuple[EgressSource, ...]
+                        ) -> tuple[EgressPool, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        raise ConfigError("egress_pool", "expected an array of tables ([[egress_pool]])")
+    known = {e.name for e in egress}
+    out: list[EgressPool] = []
+    owner: dict[str, str] = {}
+    for i, p in enumerate(raw):
+        w = f"egress_pool[{i}]"
+        if not isinstance(p, Mapping):
+            raise ConfigError(w, "expected a table")
+        _check_keys(p, {"name", "sources", "sender_domains"}, w)
+        name = _str(p.get("name", ""), f"{w}.name")
+        if not name or any(x.name == name for x in out):
+            raise ConfigError(f"{w}.name", f"needs a name of its own, got {name!r}")
+        srcs = p.get("sources")
+        if not isinstance(srcs, list) or not srcs:
+            raise ConfigError(f"{w}.sources", 'expected a list such as ["ip1:3", "ip2"]')
+        weights: list[tuple[str, float]] = []
+        for j, t in enumerate(srcs):
+            try:
+                src, weight = EgressPool.parse_source(_str(t, f"{w}.sources[{j}]"))
+            except ValueError as e:
+                raise ConfigError(f"{w}.sources[{j}]", str(e)) from None
+            if src not in known:
+                raise ConfigError(f"{w}.sources[{j}]", f"unknown egress source {src!r}")
+            if any(s == src for s, _ in weights):
+                raise ConfigError(f"{w}.sources[{j}]", f"source {src!r} listed twice")
+            weights.append((src, weight))
+        doms = p.get("sender_domains", [])
+        if not isinstance(doms, list):
+            raise ConfigError(f"{w}.sender_domains", "expected a list of domains")
+        domains = []
+        for j, d in enumerate(doms):
+            d = _str(d, f"{w}.sender_domains[{j}]").lower().rstrip(".")
+            if not d or "@" in d or any(c.isspace() for c in d):
+                raise ConfigError(f"{w}.sender_domains[{j}]", f"not a domain: {d!r}")
+            if d in owner:
+                raise ConfigError(f"{w}.sender_domains[{j}]",
+                                  f"{d!r} is already in egress pool {owner[d]!r}")
+            owner[d] = name
+            domains.append(d)
+        out.append(EgressPool(name, tuple(weights), tuple(domains)))
     return tuple(out)
 
 
 _LIMIT_KEYS = {"rate", "max_connections", "deliveries_per_connection", "tls", "dedicated",
-               "sources"}
+               "sources", "relays"}
 #: [[site]] keys that are not limits
 _SITE_KEYS = {"domain", "mx_suffix", "tls_ca_file"}
 
@@ -849,6 +926,8 @@ def _parse_limits(raw: Mapping[str, Any], base: SiteLimits, w: str,
         kw["tls"] = tls
     if "dedicated" in raw:
         kw["dedicated"] = _bool(raw["dedicated"], f"{w}.dedicated")
+    if "relays" in raw:
+        kw["relays"] = _int(raw["relays"], f"{w}.relays", minimum=0, maximum=256)
     if "sources" in raw:
         src = raw["sources"]
         if not isinstance(src, list) or not all(isinstance(s, str) for s in src):
@@ -1370,7 +1449,7 @@ def _parse_shaping(raw: Mapping[str, Any], base: Path | None) -> ShapingConfig:
     return ShapingConfig(enabled=enabled, rules_file=str(path), max_keys=max_keys, rules=rules)
 
 
-_TOP = {"spool", "queue", "dns", "delivery", "egress", "site_defaults", "site", "routes", "cluster",
+_TOP = {"spool", "queue", "dns", "delivery", "egress", "egress_pool", "site_defaults", "site", "routes", "cluster",
         "replication", "backup", "classification", "suppression", "dkim", "bounce",
         "unsubscribe", "ingress", "metrics", "dsn", "webhooks", "shaping"}
 
@@ -1392,6 +1471,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         dns=_parse_dns(_table(raw, "dns", "")),
         delivery=_parse_delivery(_table(raw, "delivery", "")),
         egress=egress,
+        egress_pools=_parse_egress_pools(raw.get("egress_pool"), egress),
         site_defaults=site_defaults,
         sites=_parse_sites(raw.get("site"), site_defaults, egress),
         routes=_parse_routes(raw.get("routes")),

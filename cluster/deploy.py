@@ -9,6 +9,7 @@ that joined.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -98,12 +99,19 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     for k in range(cfg.delivery.throttle_actors):
         name = f"throttle:pool:{k}"
         handles[name] = ensure_throttle(cfg, name, detached=detached)
-    for node in ray.nodes():
-        if not node.get("Alive"):
-            continue
-        for src in cfg.egress:
-            handles[relay_name(node["NodeID"], src.name)] = ensure_relay(
-                cfg, node["NodeID"], src, detached=detached)
+    # a relay per egress source on each node that owns the source's address (its node_label)
+    from cluster.core.relay_choice import NodeInfo, source_nodes
+    live = [NodeInfo.from_ray(n) for n in ray.nodes() if n.get("Alive")]
+    for src in cfg.egress:
+        owners = source_nodes(src.node_label, live)
+        if not owners:
+            # not fatal: the node may join later (deploying again creates its relay)
+            logging.getLogger("raymta.deploy").warning(
+                "egress source %r: no live node is labelled egress=%s; it has no relay yet",
+                src.name, src.node_label)
+        for node_id in owners:
+            handles[relay_name(node_id, src.name)] = ensure_relay(
+                cfg, node_id, src, detached=detached)
     for shard in range(cfg.queue.shards):
         nodes = shard_placement(cfg, shard)
         for slot in range(1, cfg.cluster.replicas):

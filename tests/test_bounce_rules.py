@@ -154,3 +154,46 @@ def test_the_literal_prefilter_never_changes_which_rule_matches():
             want = _reference_match(RULES, *head, text)
             got = DEFAULT_RULES.match(*head, text)
             assert (got and got.name) == (want and want.name), (head, text)
+
+
+@pytest.mark.parametrize("code, text, phase, category, klass", [
+    # RFC 5321 §3.3: recipients are accepted or refused at RCPT; the same words in reply to
+    # DATA come from a filter judging the message (the address was accepted): block
+    (550, "5.1.1 <a@example.net>... User unknown", "rcpt", "invalid-recipient", "hard"),
+    (550, "5.1.1 <a@example.net>... User unknown", "data", "policy", "block"),
+    (550, "Unknown user a@example.net", "data", "policy", "block"),
+    (550, "No such user here", "data", "policy", "block"),
+    (550, "5.4.1 All recipient addresses rejected : Access denied", "data", "policy", "block"),
+    (550, "5.1.1 Recipient address rejected", "data", "policy", "block"),
+    # a refusal of MAIL FROM is about our sender, whatever it says (RFC 5321 §3.3)
+    (550, "Insecure Mail Relay", "mail", "policy", "block"),
+    (553, "5.1.8 Domain of sender address does not exist", "mail", "policy", "block"),
+    # the phase unknown (a DSN's Diagnostic-Code alone): the words decide
+    (550, "User unknown", "response_text", "invalid-recipient", "hard"),
+    # RFC 7504 / RFC 7505: the recipient's host or domain takes no mail, even under the
+    # sender-side 5.7.27 a reporter put on it
+    (550, "5.7.27 Host does not accept mail", "response_text", "bad-domain", "hard"),
+    (556, "5.1.10 Domain does not accept mail", "rcpt", "bad-domain", "hard"),
+    (550, "5.7.27 Sender address has null MX", "mail", "policy", "block"),
+])
+def test_the_phase_a_reply_answered_decides_what_was_refused(code, text, phase, category,
+                                                             klass) -> None:
+    c = classify(code, text, phase=phase)
+    assert (c.category, c.bounce_class) == (category, klass), c
+
+
+@pytest.mark.parametrize("code, text, phase, category, klass", [
+    # RFC 5321 §3.1, §4.1.1.1: before MAIL FROM nothing but our client was named
+    (501, "5.0.0 Invalid domain name", "ehlo", "policy", "block"),
+    (550, "User unknown", "greeting", "policy", "block"),
+    (554, "No such domain", "connect", "policy", "block"),
+    # the cause texts still name the reason
+    (554, "5.7.1 Service unavailable; Client host blocked using zen.spamhaus.org", "greeting",
+     "spam-block", "block"),
+    # the same words after RCPT are about the recipient
+    (501, "5.0.0 Invalid domain name", "rcpt", "bad-domain", "hard"),
+])
+def test_a_refusal_before_mail_from_is_of_our_client(code, text, phase, category,
+                                                     klass) -> None:
+    c = classify(code, text, phase=phase)
+    assert (c.category, c.bounce_class) == (category, klass), c

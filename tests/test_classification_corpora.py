@@ -155,9 +155,11 @@ def test_bounce_messages_agree_with_their_labels():
     classes, kinds, files = _bounce_tallies()
     print("\n" + classes.report() + "\n" + kinds.report())
     assert files > 400
-    # measured: 358/411 = 87.1 % of recipient classes (was 331/411 = 80.5 %; sisimai's reasons
-    # weigh things a parser of one message cannot see, e.g. "filtered" for any "User unknown"
-    # whose SMTP command is unknown; see the README); kinds 403/411 = 98.1 % (was 399/411).
-    # Floors against regressions, not goals: the 95 % is not reached on this corpus.
-    assert classes.rate >= 0.86, classes.report()
+    # measured: 369/411 = 89.8 % of recipient classes (was 358/411 = 87.1 % before the SMTP
+    # phase was read from Sendmail transcripts and qmail-remote texts and a 4.X.X abandonment
+    # stopped counting as hard); kinds 403/411 = 98.1 %. Most of the rest are sisimai's
+    # "filtered" for a "User unknown" whose bounce names no SMTP command: sisimai falls back to
+    # "filtered" (block) there, we to the words (hard: RFC 5321 §3.3 puts recipient refusals
+    # at RCPT). Floors against regressions, not goals: the 95 % is not reached.
+    assert classes.rate >= 0.895, classes.report()
     assert kinds.rate >= 0.97, kinds.report()

@@ -328,8 +328,8 @@ BAD = [
     ("not a message", b"\x00\x01\x02 binary garbage \xff\xfe", "not a message"),
     ("plain mail", b"From: a@example.com\nSubject: hi\n\nhello\n", "not a delivery report"),
     ("bounce of a bounce", BOUNCE_OF_BOUNCE, "bounce of a bounce"),
-    ("report without recipients", b"From: MAILER-DAEMON@x.example\nSubject: failure notice\n"
-                                   b"\nsomething went wrong\n", "without any recipient"),
+    ("report without recipients", (b"From: MAILER-DAEMON@x.example\nSubject: failure notice\n"
+                                   b"\nsomething went wrong\n"), "without any recipient"),
     ("not bytes", "a str", "not bytes"),
 ]
 
@@ -461,3 +461,96 @@ def test_an_address_verification_report_is_no_bounce():
     r = parse_message(_report("Final-Recipient: rfc822; a@example.net\nAction: deliverable\n"
                               "Status: 2.1.5\nDiagnostic-Code: smtp; 250 2.1.5 Ok\n"))
     assert (r.recipients[0].category, r.recipients[0].bounce_class) == (None, None)
+
+
+@pytest.mark.parametrize("status, diag, klass", [
+    # RFC 3463 §3.1: a 4.X.X status is a temporary condition that caused abandonment; giving
+    # up on it does not prove the domain is gone
+    ("4.0.0", ("smtp; DNS Error: DNS type 'mx' lookup of example.net responded with code "
+              "NXDOMAIN Domain name not found: example.net"), "soft"),
+    ("4.1.1", "smtp; 450 4.1.1 <a@example.net>: Recipient address rejected: User unknown",
+     "soft"),
+    # RFC 7505: a null MX is a definitive "accepts no mail", whatever class it was given
+    ("4.0.0", ("smtp; DNS Error: DNS type 'mx' lookup of example.net responded with code "
+              "NOERROR The domain example.net doesn't receive email: returned Null MX"), "hard"),
+    # the same texts with a permanent status stay hard
+    ("5.0.0", ("smtp; DNS Error: DNS type 'mx' lookup of example.net responded with code "
+              "NXDOMAIN Domain name not found: example.net"), "hard"),
+    ("5.1.1", "smtp; 550 5.1.1 <a@example.net>: Recipient address rejected: User unknown",
+     "hard"),
+])
+def test_a_failed_action_with_a_temporary_status_is_never_hard(status, diag, klass):
+    r = parse_message(_report(f"Final-Recipient: rfc822; a@example.net\nAction: failed\n"
+                              f"Status: {status}\nDiagnostic-Code: {diag}\n"))
+    assert r.recipients[0].bounce_class == klass
+
+
+def _sendmail_notice(transcript: str) -> bytes:
+    return ("From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.com>\n"
+            "To: sender@example.com\nSubject: Returned mail: see transcript for details\n\n"
+            "   ----- Transcript of session follows -----\n" + transcript +
+            "\n   ----- Unsent message follows -----\nFrom: sender@example.com\n"
+            "To: someone@example.net\nSubject: hi\n\nhello\n").encode()
+
+
+@pytest.mark.parametrize("transcript, want", [
+    # the reply to MAIL FROM refuses our sender (RFC 5321 §3.3): block, whatever the verdict
+    (("While talking to mx.example.net:\n>>> MAIL From:<sender@example.com>\n"
+     "<<< 550 Insecure Mail Relay\n554 <a@example.net>... Remote protocol error\n"),
+     [("a@example.net", "550 Insecure Mail Relay", "block")]),
+    # a refusal of DATA: the message, not the address
+    (("While talking to mx.example.net:\n>>> DATA\n<<< 550 Go away\n"
+     "554 <a@example.net>... Remote protocol error\n"),
+     [("a@example.net", "550 Go away", "block")]),
+    # sessions are separate: a verdict with no reply of its own keeps its own text
+    (("While talking to mx.example.net:\n>>> DATA\n<<< 550 Go away\n"
+     "554 <a@example.net>... Remote protocol error\n"
+     "550 example.org (smtp)... 550 Host unknown\n"
+     "554 <b@example.org>... 550 Host unknown (Authoritative answer from name server)\n"
+     "While talking to mx.example.co.jp:\n>>> RCPT To:<c@example.co.jp>\n"
+     "<<< 550 Requested mailbox not found. No such user here.\n"
+     "550 <c@example.co.jp>... User unknown\n"),
+     [("a@example.net", "550 Go away", "block"),
+      ("b@example.org", ("554 <b@example.org>... 550 Host unknown (Authoritative answer from "
+                        "name server)"), "hard"),
+      ("c@example.co.jp", "550 Requested mailbox not found. No such user here.", "hard")]),
+    # a local mailer's output explains Sendmail's verdict
+    ("mail.local: unknown user: a\n554 <a@example.net>... Service unavailable\n",
+     [("a@example.net", "554 <a@example.net>... Service unavailable mail.local: unknown user: a",
+       "hard")]),
+    # pipelining (RFC 2920): the replies read after ">>> DATA" answered the RCPTs when the
+    # server then refuses the DATA for want of recipients
+    (("... while talking to mx.example.net.:\n>>> DATA\n<<< 550 5.0.0 <a@example.net>... "
+     "User unknown\n550 5.1.1 <a@example.net>... User unknown\n<<< 503 5.0.0 Need RCPT\n"),
+     [("a@example.net", "550 5.0.0 <a@example.net>... User unknown", "hard")]),
+    # without that, a "user unknown" in reply to DATA is a filter's verdict (sisimai
+    # "filtered"): the address was accepted at RCPT
+    (("... while talking to mx.example.net.:\n>>> DATA\n<<< 550 Unknown user a@example.net\n"
+     "554 5.0.0 <a@example.net>... Service unavailable\n"),
+     [("a@example.net", "550 Unknown user a@example.net", "block")]),
+])
+def test_a_sendmail_transcript_gives_each_recipient_the_reply_and_phase_it_got(transcript,
+                                                                              want):
+    r = parse_message(_sendmail_notice(transcript))
+    assert r.kind == "dsn"
+    assert [(x.recipient, x.diagnostic, x.bounce_class) for x in r.recipients] == want
+
+
+@pytest.mark.parametrize("said, klass", [
+    # qmail-remote's own words name the command a reply answered
+    (("Connected to 192.0.2.1 but my name was rejected.\nRemote host said: 501 5.0.0 Invalid "
+     "domain name"), "block"),
+    ("Connected to 192.0.2.1 but sender was rejected.\nRemote host said: 550 User unknown",
+     "block"),
+    ("192.0.2.1 does not like recipient.\nRemote host said: 550 User unknown", "hard"),
+    ("192.0.2.1 failed after I sent the message.\nRemote host said: 550 User unknown", "block"),
+])
+def test_qmail_remote_texts_name_the_phase(said, klass):
+    raw = ("From: MAILER-DAEMON@mx.example.com\nTo: sender@example.com\n"
+           "Subject: failure notice\n\nHi. This is the qmail-send program at mx.example.com.\n"
+           "I'm afraid I wasn't able to deliver your message to the following addresses.\n"
+           "This is a permanent error; I've given up. Sorry it didn't work out.\n\n"
+           f"<a@example.net>:\n{said}\n\n--- Below this line is a copy of the message.\n\n"
+           "From: sender@example.com\nTo: a@example.net\n\nhi\n").encode()
+    r = parse_message(raw)
+    assert (r.recipients[0].recipient, r.recipients[0].bounce_class) == ("a@example.net", klass)

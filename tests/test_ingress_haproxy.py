@@ -44,6 +44,7 @@ SINK = "127.0.0.2"
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 MESSAGES = 240
 PER_IP = 3
+API_KEY = "rmta_lbtest_0123456789abcdef0123456789"
 
 
 def _free_port(*hosts: str) -> int:
@@ -62,10 +63,12 @@ def _free_port(*hosts: str) -> int:
     raise AssertionError(f"no port free on all of {hosts}")
 
 
-def _haproxy_config(front: int, port: int, stats: str) -> str:
+def _haproxy_config(front: int, port: int, stats: str, hfront: int, hport: int) -> str:
     servers = "\n".join(
         f"    server n{i + 1} {a}:{port} check inter 300ms fall 2 rise 2 "
         "send-proxy-v2 check-send-proxy" for i, a in enumerate(NODES))
+    hservers = "\n".join(f"    server h{i + 1} {a}:{hport} check inter 300ms fall 2 rise 2"
+                          for i, a in enumerate(NODES))
     return f"""global
     maxconn 256
     stats socket {stats} level admin
@@ -84,19 +87,31 @@ backend ingress
     source {LB}
     option smtpchk EHLO haproxy.test
 {servers}
+frontend api
+    mode http
+    bind {LB}:{hfront}
+    default_backend api
+backend api
+    mode http
+    balance roundrobin
+    source {LB}
+    option forwardfor
+    option httpchk GET /readyz
+    http-check expect status 200
+{hservers}
 """
 
 
-def _servers_up(stats: str) -> set[str]:
+def _servers_up(stats: str, backend: str = "ingress") -> set[str]:
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(stats)
-        s.sendall(b"show servers state ingress\n")
+        s.sendall(f"show servers state {backend}\n".encode())
         out = b""
         while chunk := s.recv(65536):
             out += chunk
     # columns: be_id be_name srv_id srv_name srv_addr srv_op_state (2 = running) ...
     return {f[3] for f in (line.split() for line in out.decode().splitlines())
-            if len(f) > 5 and f[1] == "ingress" and f[5] == "2"}
+            if len(f) > 5 and f[1] == backend and f[5] == "2"}
 
 
 @pytest.fixture(scope="module")
@@ -106,11 +121,13 @@ def env(tmp_path_factory, dns_server):
 
     from cluster.config import parse_config
     from cluster.deploy import NODE_HEALTH, RAY_SYSTEM_CONFIG, deploy
+    from cluster.core.submission import hash_api_key
     from cluster.devservers import SmtpSink
 
     assert os.path.exists(HAPROXY), "HAProxy is not installed (apt-get install haproxy)"
     tmp = tmp_path_factory.mktemp("haproxy")
     port, front = _free_port(*NODES), _free_port(LB)
+    hport, hfront = _free_port(*NODES), _free_port(LB)
     saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
     sink = SmtpSink(SINK).start()
     cluster = proxy = None
@@ -123,7 +140,10 @@ def env(tmp_path_factory, dns_server):
             # one config for both nodes: each binds its ingress-address label instead
             "submission": [f"127.0.0.1:{port}"],
             "proxy_protocol": True, "proxy_networks": [f"{LB}/32"], "proxy_timeout": "1s",
-            "max_connections_per_ip": PER_IP}}).ingress
+            "max_connections_per_ip": PER_IP,
+            "http": [f"127.0.0.1:{hport}"],
+            "api_key": [{"name": "lb", "key_hash": hash_api_key(API_KEY),
+                         "domains": ["origin.test"]}]}}).ingress
         cfg = replace(base, queue=replace(base.queue, shards=1),
                       replication=replace(base.replication, ack_timeout=2.0), ingress=ingress)
         cluster = Cluster(initialize_head=True, head_node_args={
@@ -140,17 +160,19 @@ def env(tmp_path_factory, dns_server):
                   for nid in labels if name == f"ingress:{nid[:12]}"}
         assert set(actors) == set(NODES), actors
         for a, h in actors.items():
-            assert ray.get(h.addresses.remote()) == [(a, port, "plain")]
+            assert ray.get(h.addresses.remote()) == [(a, port, "plain"), (a, hport, "http")]
         stats = str(tmp / "haproxy.sock")
         conf = tmp / "haproxy.cfg"
-        conf.write_text(_haproxy_config(front, port, stats))
+        conf.write_text(_haproxy_config(front, port, stats, hfront, hport))
         check = subprocess.run([HAPROXY, "-c", "-f", str(conf)], capture_output=True, text=True)
         assert check.returncode == 0, check.stdout + check.stderr
         proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(conf)], stdout=subprocess.DEVNULL,
                                  stderr=open(tmp / "haproxy.log", "wb"))
-        wait_for(lambda: os.path.exists(stats) and _servers_up(stats) == {"n1", "n2"}, 30,
+        wait_for(lambda: os.path.exists(stats) and _servers_up(stats) == {"n1", "n2"} and
+                 _servers_up(stats, "api") == {"h1", "h2"}, 30,
                  "HAProxy to see both ingress nodes up")
         yield {"cfg": cfg, "sink": sink, "actors": actors, "port": port, "front": front,
+               "hfront": hfront,
                "stats": stats, "ray": ray, "log": tmp / "haproxy.log",
                "ray_logs": Path(cluster.head_node.get_session_dir_path()) / "logs"}
     finally:
@@ -355,3 +377,87 @@ def test_per_ip_limits_count_the_address_the_header_names(env):
     finally:
         for s in held:
             s.close()
+
+
+# ----------------------------------------------------------------------------- the HTTP API
+def test_http_api_behind_haproxy_a_killed_node_costs_only_retries(env):
+    """The HTTP half: HAProxy in HTTP mode polling /readyz; batches of 10 POSTed with an
+    Idempotency-Key. One node's ingress actor SIGKILLed mid-run: the client sees 200s and, for
+    the requests caught by the kill, 502/503/504 or a dropped connection, which it retries
+    with the same key; never another error. Every message of a 200 is delivered, and a retried
+    request that had in fact been queued is not queued twice."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    ray = env["ray"]
+    url = f"http://{LB}:{env['hfront']}/v1/messages"
+    n_req, per = 30, 10
+    acked: set[str] = set()
+    bad: list[tuple[int, str]] = []
+    retried = {"5xx": 0, "dropped": 0}
+    lock = threading.Lock()
+    deadline = time.time() + 60
+
+    def post(k: int) -> None:
+        body = json.dumps({"messages": [
+            {"from": "<s@origin.test>", "recipients": [f"h{k}-{j}@lb.test"],
+             "subject": f"api {k}", "text": f"request {k} message {j}\n"}
+            for j in range(per)]}).encode()
+        while True:
+            assert time.time() < deadline, f"request {k} never accepted"
+            req = urllib.request.Request(url, data=body, method="POST", headers={
+                "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}",
+                "Idempotency-Key": f"lb-{k}"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    out = json.loads(r.read())
+                res = out.get("results", [])
+                if r.status != 200 or len(res) != per or not all(x.get("ids") for x in res):
+                    with lock:
+                        bad.append((r.status, json.dumps(out)[:300]))
+                    return
+                with lock:
+                    acked.update(f"h{k}-{j}@lb.test" for j in range(per))
+                return
+            except urllib.error.HTTPError as e:
+                if e.code in (502, 503, 504):
+                    with lock:
+                        retried["5xx"] += 1
+                else:
+                    with lock:
+                        bad.append((e.code, e.read()[:300].decode(errors="replace")))
+                    return
+            except (urllib.error.URLError, ConnectionError, OSError):
+                with lock:
+                    retried["dropped"] += 1
+            time.sleep(0.1)
+
+    def worker(ks: list[int]) -> None:
+        for k in ks:
+            post(k)
+
+    threads = [threading.Thread(target=worker, args=(list(range(i, n_req, 3)),))
+               for i in range(3)]
+    for t in threads:
+        t.start()
+    wait_for(lambda: len(acked) >= per * n_req // 3, 40, "a third of the requests accepted")
+    victim = env["actors"][NODES[0]]
+    os.kill(ray.get(victim.ping.remote()), signal.SIGKILL)
+    killed_at = len(acked)
+    for t in threads:
+        t.join(70)
+    assert not any(t.is_alive() for t in threads)
+    assert not bad, f"errors other than a retry through the load balancer: {bad[:5]}"
+    want = {f"h{k}-{j}@lb.test" for k in range(n_req) for j in range(per)}
+    assert acked == want and killed_at < len(want)
+    sink = env["sink"]
+    wait_for(lambda: want <= {r.rcpt_to for r in sink.received}, 60,
+             "every acknowledged message at the sink")
+    got = [r.rcpt_to for r in sink.received if r.rcpt_to in want]
+    # a retried request queues nothing twice (the Idempotency-Key); only a delivery caught
+    # in flight by a process's death could arrive twice, and no relay died here
+    assert len(got) == len(want), f"{len(got) - len(want)} messages queued twice"
+    wait_for(lambda: _servers_up(env["stats"], "api") == {"h1", "h2"}, 30,
+             "the node's API back up")
+    print(f"HTTP: killed after {killed_at} acks; retries {retried}")

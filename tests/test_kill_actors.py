@@ -122,5 +122,8 @@ def test_sigkill_mid_run_loses_nothing(killable, victim):
     shard = st["shards"][0]
     if victim == "coordinator":
         assert shard["recovered"]["snapshot_lsn"] > 0   # restarted from snapshot + tail
-    # disk follows the queue, not the history: ~45 MB of records were written in all
-    assert shard["disk_bytes"] < 3 * cfg.spool.compact_bytes + 1_000_000, shard["disk_bytes"]
+    # disk follows the queue, not the history: ~45 MB of records were written in all. What
+    # stays: the snapshot (its events tail), the segments since it (a snapshot taken while
+    # the log goes on closes the segment it shares with later frames: up to two of them) and
+    # those holding live bodies it refers to
+    assert shard["disk_bytes"] < 4 * cfg.spool.compact_bytes + 1_000_000, shard["disk_bytes"]

@@ -325,12 +325,7 @@ class SmtpConnection:
                 await w.write(b".\r\n")
                 await w.reply(t)
             phase, (code, text) = failed
-            if any(r[0] == 421 for r in got):
-                self._close_now()     # the server is closing the channel (RFC 5321 §3.8)
-            else:
-                await w.write(b"RSET\r\n")
-                if (await w.reply(t))[0] != 250:
-                    self._close_now()
+            await self._reset_or_close(got)
             return Attempt(phase, code, text)
         except (ConnectionError, TimeoutError, OSError) as e:
             lost = e
@@ -341,6 +336,90 @@ class SmtpConnection:
         step = steps[len(got)][0] if len(got) < len(steps) else "data"
         return Attempt("connection", None, f"connection to {self.host} [{self.address}] "
                        f"lost during {step.upper()}: {lost}")
+
+    async def send_many(self, sender: str, rcpts: Sequence[str], body: bytes,
+                        smtputf8: bool = False) -> list[Attempt]:
+        """One transaction for several recipients of one message (MAIL, one RCPT each, DATA;
+        in one write with PIPELINING): an :class:`Attempt` per recipient, in order. A refused
+        RCPT decides its own recipient only; the others get the reply to DATA's final dot (or
+        to MAIL or DATA when the transaction failed as a whole). Never raises for a reply; a
+        broken connection gives phase "connection" to those not yet decided."""
+        if len(rcpts) == 1:
+            return [await self.send(sender, rcpts[0], body, smtputf8)]
+        if self._ahead is not None:
+            self._close_now()
+            raise RuntimeError("send_many() after a send() that announced its next envelope")
+        if not self.can_send(smtputf8):
+            a = Attempt("mail", 553, f"5.6.7 SMTPUTF8 required but not offered by {self.host}")
+            return [a] * len(rcpts)
+        mail, _ = self._envelope(sender, rcpts[0], smtputf8)
+        cmds: list[tuple[str, bytes, tuple[int, ...]]] = [("mail", mail, (250,))]
+        cmds += [("rcpt", self._envelope(sender, r, smtputf8)[1], (250, 251)) for r in rcpts]
+        cmds.append(("data", b"DATA\r\n", (354,)))
+        w, t = self.wire, self.timeout
+        got: list[tuple[int, str]] = []
+        self.sent += len(rcpts)
+        try:
+            if self.pipelining:
+                await w.write(b"".join(c for _, c, _ in cmds))
+                for _ in cmds:
+                    got.append(await w.reply(t))
+            else:
+                for i, (phase, cmd, ok) in enumerate(cmds):
+                    if phase == "data" and not any(r[0] in (250, 251) for r in got[1:]):
+                        break     # every RCPT refused: no DATA
+                    await w.write(cmd)
+                    got.append(await w.reply(t))
+                    if i == 0 and got[0][0] not in ok:
+                        break
+            mail_r = got[0]
+            rcpt_r = got[1:1 + len(rcpts)]
+            data_r = got[1 + len(rcpts)] if len(got) > 1 + len(rcpts) else None
+            out: list[Attempt | None] = [None] * len(rcpts)
+            if mail_r[0] != 250:
+                whole: Attempt | None = Attempt("mail", *mail_r)
+            else:
+                for i, r in enumerate(rcpt_r):
+                    if r[0] not in (250, 251):
+                        out[i] = Attempt("rcpt", *r)
+                whole = None
+                if all(a is not None for a in out):
+                    pass                   # nobody left for DATA
+                elif data_r is None or data_r[0] != 354:
+                    whole = Attempt("data", *(data_r or (451, "4.5.0 no reply to DATA")))
+            if data_r is not None and data_r[0] == 354 and (whole is not None or
+                                                          all(a is not None for a in out)):
+                # RFC 2920 §3.1: DATA went through although the transaction did not; end it
+                await w.write(b".\r\n")
+                await w.reply(t)
+                data_r = None
+            if whole is None and data_r is not None and data_r[0] == 354:
+                await w.write(_dot_stuff(body))
+                code, text = await w.reply(self.data_timeout)
+                whole = Attempt("data", code, text)
+                if code == 421:
+                    self._close_now()
+            else:
+                await self._reset_or_close(got)
+            return [a if a is not None else whole for a in out]   # type: ignore[misc]
+        except (ConnectionError, TimeoutError, OSError) as e:
+            self._close_now()
+            lost = Attempt("connection", None, f"connection to {self.host} [{self.address}] "
+                           f"lost during a {len(rcpts)}-recipient transaction: {e}")
+            decided = [Attempt("rcpt", *r) if r[0] not in (250, 251) else None
+                       for r in got[1:1 + len(rcpts)]] if got and got[0][0] == 250 else []
+            decided += [None] * (len(rcpts) - len(decided))
+            return [a if a is not None else lost for a in decided]
+
+    async def _reset_or_close(self, got: list[tuple[int, str]]) -> None:
+        """After a failed transaction: RSET, or close when the server said 421 (it is closing
+        the channel, RFC 5321 §3.8) or the RSET failed."""
+        if any(r[0] == 421 for r in got):
+            self._close_now()
+            return
+        await self.wire.write(b"RSET\r\n")
+        if (await self.wire.reply(self.timeout))[0] != 250:
+            self._close_now()
 
     def _close_now(self) -> None:
         if self.wire.lost is None:

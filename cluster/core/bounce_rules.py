@@ -600,9 +600,16 @@ _CAUSE: tuple[BounceRule, ...] = (
     # comes from a filter judging the message (sisimai "filtered"), not from a missing mailbox
     _R("recipient-refused-after-data", "policy",
        r"\b(?:user|mailbox|recipient|address)s? (?:is )?(?:unknown|not found|does ?n[o']t exist|"
-       r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)",
+       r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)|"
+       # "All recipient addresses rejected" read after DATA (m-FILTER, Exchange)
+       r"\brecipients?(?: address(?:es)?)? (?:were |are |is )?rejected",
        phase=("data",)),
     _R("recipient-code-after-data", "policy", code="5xx", enhanced="x.1.*", phase=("data",)),
+    # RFC 7504 §3 (521 "Host does not accept mail") and RFC 7505 §4.1 (null MX: the domain
+    # "does not accept mail"): the recipient's host or domain, whatever enhanced code a
+    # reporter put on it (Sendmail reports a recipient domain's null MX as 5.7.27)
+    _R("host-accepts-no-mail", "bad-domain", r"\b(?:host|domain) does not accept (?:e-?)?mail\b",
+       code="5xx"),
     # RFC 7504: 521 (host) and 556 (domain) say "this does not accept mail", whatever follows
     _R("code-521", "bad-domain", code="521"),
     _R("code-556", "bad-domain", code="556"),
@@ -612,6 +619,11 @@ _CAUSE: tuple[BounceRule, ...] = (
        # the notice of Google Groups in any language links its help centre (URLs reach the
        # rules as their host name)
        r"\bgroups\.google\.com\b"),
+    # RFC 5321 §3.1, §4.1.1.1: a 5xx to the connection, the greeting or EHLO/HELO comes before
+    # any sender or recipient was named, so whatever it says ("Invalid domain name" for our
+    # HELO name) it refuses our client; the cause texts above still name the reason
+    _R("client-refused-before-mail", "policy", code="5xx",
+       phase=("connect", "greeting", "ehlo")),
     # malware, then spam judgements on the message
     _R("virus", "virus", r"\bvirus|\bmalware|\binfected\b|\btrojan\b|\bworm\b"),
     _R("spam", "spam-content",

@@ -53,6 +53,7 @@ _VERP_ID = re.compile(rf"-[a-z0-9]{{1,8}}[a-z2-7]{{10}}-({_ULID})@", re.IGNORECA
 _ADDR = r"[\w.!#$%&'*+/=?^`{|}~-]+@[\w-]+(?:\.[\w-]+)+"
 _ADDR_RE = re.compile(_ADDR)
 _ENH = re.compile(r"(?<![\w.])([245])\.([0-7])\.(\d{1,3})(?![\w.])")   # RFC 3463 subjects
+_NULL_MX = re.compile(r"\bnull mx\b|\brfc ?7505\b", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,14 @@ def _classify(diagnostic: str | None, status: str | None, action: str | None,
         c = classify(None, diag, phase=phase, rules=rules)
     if c.category is None:      # the text looked like a success or an auto-reply
         return code, "other", "soft"
+    if c.bounce_class == "hard" and status and status[0] == "4" and (
+            code is None or code < 500) and not _NULL_MX.search(diag):
+        # RFC 3463 §3.1: a 4.X.X status reports "persistence of some temporary condition"
+        # that "caused abandonment or delay"; a reporter that gave up (Action: failed) on a
+        # temporary condition has not learnt that the address or domain is gone. A null MX
+        # is the exception: RFC 7505 §3 makes it a definitive "accepts no mail", whatever
+        # class the reporter put on it
+        return code, c.category, "soft"
     return code, c.category, c.bounce_class
 
 
@@ -408,16 +417,23 @@ _PHASE_HINTS = (
     (re.compile(r"in reply to (?:end of )?data|after (?:end of )?data\b|>>> data\b|"
                 r"after (?:the )?message (?:body|content)|"
                 # m-FILTER: "-------SMTP command\nDATA"
-                r"-smtp command\s+data\b", re.IGNORECASE), "data"),
-    (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]", re.IGNORECASE), "rcpt"),
-    (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]",
-                re.IGNORECASE), "mail"),
+                r"-smtp command\s+data\b|"
+                # qmail-remote: "x failed on DATA command", "x failed after I sent the message"
+                r"failed on data command|failed after i sent the message", re.IGNORECASE), "data"),
+    (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]|"
+                r"does not like recipient", re.IGNORECASE), "rcpt"),   # (qmail-remote)
+    (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]|"
+                r"but sender was rejected", re.IGNORECASE), "mail"),      # (qmail-remote)
     (re.compile(r"after initial connection|in reply to (?:the )?(?:initial )?(?:greeting|"
                 r"banner)|while connecting|after connect|"
                 # Postfix: "host x refused to talk to me: <its greeting>"
-                r"refused to talk to me", re.IGNORECASE), "greeting"),
+                r"refused to talk to me|"
+                # qmail-remote: "Connected to x but greeting failed."
+                r"but greeting failed", re.IGNORECASE), "greeting"),
     # Exim "SMTP error from remote mail server after EHLO x", Postfix "in reply to EHLO"
-    (re.compile(r"after (?:EHLO|HELO)\b|in reply to (?:EHLO|HELO)\b", re.IGNORECASE), "ehlo"),
+    # qmail-remote "Connected to x but my name was rejected."
+    (re.compile(r"after (?:EHLO|HELO)\b|in reply to (?:EHLO|HELO)\b|but my name was rejected",
+                re.IGNORECASE), "ehlo"),
 )
 
 
@@ -448,6 +464,83 @@ _REPLY_IN_TEXT = re.compile(r"(?<![\d.])(?:[45]\d\d[ -](?:[245]\.\d{1,3}\.\d{1,3
                             r"[245]\.\d{1,3}\.\d{1,3})")
 
 
+# Sendmail's "Transcript of session follows" (RFC 5321 §4.2 replies quoted as the client saw
+# them): ">>> COMMAND" is what Sendmail sent, "<<< reply" what the server answered, a line
+# "550 <a@b>... text" Sendmail's verdict on one recipient, other lines the output of a local
+# mailer (mail.local, procmail); "While talking to host:" starts a new session
+_TS_SESSION = re.compile(r"^\s*(?:while talking to|\.\.\. while talking to)\b", re.IGNORECASE)
+_TS_SENT = re.compile(r"^\s*>>>\s*(?P<cmd>[A-Za-z]+(?: [A-Za-z]+)?)", re.IGNORECASE)
+_TS_RECEIVED = re.compile(r"^\s*<<<\s*(?P<reply>.*)$")
+_TS_VERDICT = re.compile(rf"^\s*(?P<code>[45]\d\d)(?:[ -](?:[245]\.\d{{1,3}}\.\d{{1,3}}))?\s+"
+                         rf"<?(?P<addr>{_ADDR})>?\.\.\.\s*(?P<text>.*)$")
+_TS_HOST_VERDICT = re.compile(r"^\s*[45]\d\d\s+\S+\s+\(\w+\)\.\.\.")   # "421 host (smtp)..."
+# the SMTP command sent -> the phase its reply answered (RFC 5321 §3.3: MAIL, RCPT, DATA)
+_TS_PHASES = {"mail": "mail", "rcpt": "rcpt", "data": "data", "ehlo": "ehlo", "helo": "ehlo",
+              "starttls": "starttls"}
+
+
+_PIPELINED_RCPT = re.compile(r"^\s*<<<\s*(?:503|554)\b.{0,40}?(?:need (?:rcpt|recipient)|"
+                             r"no valid recipients)", re.IGNORECASE | re.MULTILINE)
+
+
+def _session_rest(lines: list[str], i: int) -> str:
+    """The lines after ``i`` up to the next "While talking to" (the rest of one session)."""
+    rest = []
+    for line in lines[i + 1:i + 60]:
+        if _TS_SESSION.match(line):
+            break
+        rest.append(line)
+    return "\n".join(rest)
+
+
+def _transcript_recipients(section: str) -> list[tuple[str, str, str]]:
+    """(address, diagnostic, phase) per recipient verdict of a Sendmail session transcript.
+
+    A verdict takes the server's reply read since the last command (and the phase of that
+    command) when there is one not already taken by an earlier verdict; else the local
+    mailer's output since the previous verdict (no phase: no SMTP command was answered);
+    else only its own text. A pipelined batch (RFC 2920: the replies to MAIL, RCPT and DATA
+    read after ">>> DATA") names the phase of each reply by what follows: a server that then
+    refuses the DATA itself ("503 Need RCPT", "554 no valid recipients") refused the
+    recipients at RCPT; that case keeps the notice-level judgement of :func:`_phase`."""
+    out: list[tuple[str, str, str]] = []
+    cmd: str | None = None
+    replies: list[str] = []        # server replies since the last command, not yet taken
+    local: list[str] = []          # mailer output since the last verdict
+    lines = section.splitlines()
+    for i, line in enumerate(lines):
+        if _TS_SESSION.match(line):
+            cmd, replies, local = None, [], []
+            continue
+        m = _TS_SENT.match(line)
+        if m:
+            cmd, replies, local = m["cmd"].split()[0].lower(), [], []
+            continue
+        m = _TS_RECEIVED.match(line)
+        if m:
+            replies.append(m["reply"].strip())
+            continue
+        m = _TS_VERDICT.match(line)
+        if m:
+            own = line.strip()
+            if replies:
+                diag, phase = replies.pop(0), _TS_PHASES.get(cmd or "", "response_text")
+                if phase == "data" and _PIPELINED_RCPT.search(_session_rest(lines, i)):
+                    phase = "rcpt"
+            elif local:
+                diag, phase = f"{own} {' '.join(local)}", "response_text"
+            else:
+                diag, phase = own, "response_text"
+            out.append((m["addr"], diag, phase))
+            local = []
+            continue
+        if _TS_HOST_VERDICT.match(line) or not line.strip() or re.match(
+                r"\s*-{3,}", line):
+            continue
+        local.append(line.strip())
+    return out
+
+
 _SENTENCE_RCPT = re.compile(
     rf"(?:deliver(?:ing|ed|y)?|sent|send(?:ing)?|message|mail)\b[^\n]{{0,60}}?\b(?:to|for)\s*:?\s*"
     rf"<?(?P<addr>{_ADDR})>?", re.IGNORECASE)
@@ -470,21 +563,26 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
         addr = m["a1"] or m["a2"]
         # a bare "<a@b>:" line names a recipient even when it is the sender (mail to oneself);
         # a labelled one ("To: ...") may be the returned message's header quoted in the text
-        if m["label"] and addr.lower() in ours or re.match(r"mailer-daemon@", addr, re.I):
+        if m["label"] and addr.lower() in ours or re.match(r"mailer-daemon@", addr, re.IGNORECASE):
             continue
-        para = [m["rest"] or ""]
+        parts = [m["rest"] or ""]
         indent = len(m["indent"].expandtabs())
         for nxt in lines[i + 1:i + 12]:
             if not nxt.strip():
-                if any(p.strip(" :") for p in para):
+                if any(p.strip(" :") for p in parts):
                     break
                 continue
             n = _RCPT_LINE.match(nxt)
             if n and (n["a1"] or n["a2"]).lower() != addr.lower() and \
-                    len(n["indent"].expandtabs()) <= indent and any(p.strip() for p in para):
+                    len(n["indent"].expandtabs()) <= indent and any(p.strip() for p in parts):
                 break       # the next recipient of a list without blank lines (Sendmail)
-            para.append(nxt.strip())
-        found.append((addr, " ".join(p.strip(" :") for p in para if p.strip(" :"))))
+            parts.append(nxt.strip())
+        found.append((addr, " ".join(p.strip(" :") for p in parts if p.strip(" :"))))
+    transcript = _transcript_recipients(section) if re.search(
+        r"transcript of session|^\s*>>>", section, re.IGNORECASE | re.MULTILINE) else []
+    if not found and transcript:
+        return _transcript_result(transcript, section, rules)
+    verdicts = {a.lower(): (d, p) for a, d, p in reversed(transcript)}
     if not found:
         for a in header_rcpts:
             found.append((a, ""))
@@ -501,12 +599,10 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
         # last resort: the first address in the notice that is not ours
         for m in _ADDR_RE.finditer(section):
             a = m.group(0)
-            if a.lower() not in ours and not re.match(r"(?:mailer-daemon|postmaster)@", a, re.I):
+            if a.lower() not in ours and not re.match(r"(?:mailer-daemon|postmaster)@", a, re.IGNORECASE):
                 found.append((a, ""))
                 break
-    delayed = bool(_DELAY.search(section[:4000])) and not re.search(
-        r"permanent|given up|gave up|failed permanently", section[:4000], re.IGNORECASE)
-    action = "delayed" if delayed else "failed"
+    action = _action_of(section)
     # an address named twice (Exchange: once for people, once "for administrators" with the
     # reply): the paragraph that quotes a reply wins
     best: dict[str, tuple[str, str]] = {}
@@ -547,13 +643,40 @@ def _text_recipients(notice: str, header_rcpts: list[str], ours: set[str],
             nxt = re.search(rf"(?<=\s)(?!{first.group(0)})[45]\d\d[ -]", diag[3:])
             if nxt:
                 diag = diag[:3 + nxt.start()].rstrip()
+        phase = _phase(context, section)
+        if addr.lower() in verdicts:
+            # the transcript's own verdict on this recipient, with the reply it answered
+            diag, phase = verdicts[addr.lower()]
         status = _status(diag)
-        code, category, klass = _classify(diag, status, action, rules,
-                                          _phase(context, section))
+        code, category, klass = _classify(diag, status, action, rules, phase)
         out.append(Recipient(recipient=addr, action=action, status=status,
                              diagnostic=_one_line(diag), reply_code=code,
                              category=category, bounce_class=klass))
     return out
+
+
+def _transcript_result(transcript: list[tuple[str, str, str]], section: str,
+                       rules: RuleSet | None) -> list[Recipient]:
+    action = _action_of(section)
+    out: list[Recipient] = []
+    seen: set[str] = set()
+    for addr, diag, phase in transcript:
+        if addr.lower() in seen:
+            continue
+        seen.add(addr.lower())
+        status = _status(diag)
+        code, category, klass = _classify(diag, status, action, rules, phase)
+        out.append(Recipient(recipient=addr, action=action, status=status,
+                             diagnostic=_one_line(diag), reply_code=code,
+                             category=category, bounce_class=klass))
+    return out
+
+
+def _action_of(section: str) -> str:
+    """"delayed" for a warning that delivery is still being tried, else "failed"."""
+    delayed = bool(_DELAY.search(section[:4000])) and not re.search(
+        r"permanent|given up|gave up|failed permanently", section[:4000], re.IGNORECASE)
+    return "delayed" if delayed else "failed"
 
 
 # ------------------------------------------------------------------------------ autoreplies

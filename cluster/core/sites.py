@@ -31,6 +31,9 @@ class SiteLimits:
     dedicated: bool = False
     #: egress source names allowed for this site (empty = all)
     sources: tuple[str, ...] = ()
+    #: relays the site's mail spreads over (0 = one, or delivery.hot_site_relays while the
+    #: site is hot: cluster/core/relay_choice.py)
+    relays: int = 0
 
 
 @functools.lru_cache(maxsize=4096)
@@ -40,7 +43,7 @@ def limits_to_wire(lim: SiteLimits) -> dict[str, Any]:
     dispatch round): the dict is shared, callers must not change it."""
     return {"rates": [str(r) for r in lim.rates], "max_connections": lim.max_connections,
             "deliveries_per_connection": lim.deliveries_per_connection, "tls": lim.tls,
-            "dedicated": lim.dedicated, "sources": list(lim.sources)}
+            "dedicated": lim.dedicated, "sources": list(lim.sources), "relays": lim.relays}
 
 
 def limits_from_wire(w: dict[str, Any]) -> SiteLimits:
@@ -48,16 +51,16 @@ def limits_from_wire(w: dict[str, Any]) -> SiteLimits:
     grant request cost more than the grant)."""
     return _limits_from_key((tuple(w["rates"]), w["max_connections"],
                              w["deliveries_per_connection"], w["tls"], w["dedicated"],
-                             tuple(w["sources"])))
+                             tuple(w["sources"]), w.get("relays", 0)))
 
 
 @functools.lru_cache(maxsize=4096)
 def _limits_from_key(key: tuple[Any, ...]) -> SiteLimits:
-    rates, max_connections, per_connection, tls, dedicated, sources = key
+    rates, max_connections, per_connection, tls, dedicated, sources, relays = key
     return SiteLimits(rates=tuple(RateSpec.parse(r) for r in rates),
                       max_connections=max_connections,
                       deliveries_per_connection=per_connection, tls=tls, dedicated=dedicated,
-                      sources=sources)
+                      sources=sources, relays=relays)
 
 
 @dataclass(frozen=True)

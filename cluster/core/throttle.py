@@ -80,6 +80,10 @@ class SiteBook:
     last_backoff: float = 0.0
     granted: int = 0
     last_used: float = 0.0
+    #: pools (relays) that asked for connections and got fewer than they wanted, with when:
+    #: while one waits, the others hold no more than their fair share (bounded by the number
+    #: of relays)
+    waiting: dict[str, float] = field(default_factory=dict)
 
 
 class ThrottleBook:
@@ -101,7 +105,7 @@ class ThrottleBook:
             old = b
             b = SiteBook(limits, MultiLimiter([Gcra(r) for r in limits.rates]))
             if old is not None:  # limits changed: keep what is real (leases, in flight, backoff)
-                b.inflight, b.leases = old.inflight, old.leases
+                b.inflight, b.leases, b.waiting = old.inflight, old.leases, old.waiting
                 b.backoff_until, b.backoff_level = old.backoff_until, old.backoff_level
             self.sites[site] = b
         b.last_used = now
@@ -161,12 +165,31 @@ class ThrottleBook:
         if now < b.backoff_until:
             return []
         free = limits.max_connections - len(b.leases)
+        held = sum(1 for p, _, _ in b.leases.values() if p == pool)
+        room = min(free, self.fair_share(b, limits, pool, now) - held)
         out = []
-        for _ in range(max(0, min(n, free))):
+        for _ in range(max(0, min(n, room))):
             lid = next(self._ids)
             b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
             out.append(lid)
+        if len(out) < n:
+            b.waiting[pool] = now
+        else:
+            b.waiting.pop(pool, None)
         return out
+
+    def fair_share(self, b: SiteBook, limits: SiteLimits, pool: str, now: float) -> int:
+        """Connections ``pool`` may hold to the site: all of them while no other relay wants
+        any; with several relays carrying a hot site, an even share (rounded up) each, so a
+        relay that came first cannot keep the others from the site. The sum over all relays
+        is never above the site's max_connections whatever the shares (acquire and renew
+        check the total first)."""
+        for p in [p for p, t in b.waiting.items() if now - t > self.lease_ttl]:
+            del b.waiting[p]
+        pools = {p for p, _, _ in b.leases.values()} | set(b.waiting) | {pool}
+        if len(pools) == 1:
+            return limits.max_connections
+        return -(-limits.max_connections // len(pools))
 
     def release(self, site: str, lease_ids: Iterable[int]) -> None:
         b = self.sites.get(site)
@@ -190,9 +213,19 @@ class ThrottleBook:
         b = self._site(site, limits, now)
         self._expire_leases(b, now)
         refused = []
-        for lid in lease_ids:
+        ids = sorted(lease_ids)
+        # another relay waits for connections to this site: this one gives back what it holds
+        # above its share (its newest leases), so the site's traffic spreads as intended. They
+        # stay counted (not renewed) until the relay releases them, as it does once their
+        # connection has closed: freeing them here would let the waiting relay connect while
+        # the old connection still sends, one over the site's limit at the receiver
+        share = self.fair_share(b, limits, pool, now) if \
+            any(p != pool for p in b.waiting) else len(ids)
+        for i, lid in enumerate(ids):
             cur = b.leases.get(lid)
-            if cur is not None and cur[0] == pool:
+            if i >= share:
+                refused.append(lid)
+            elif cur is not None and cur[0] == pool:
                 b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
             elif cur is None and len(b.leases) < limits.max_connections:
                 b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
