@@ -135,7 +135,7 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
     average, and the share that was not this run's Ray processes, driver, receiver or DNS),
     since the machine is shared."""
     workload, zone = longtail_workload(n, domains, seed)
-    busy0, total0 = _cpu_times()
+    busy0, _ = _cpu_times()
     t0 = time.time()
     used: dict[str, Any] = {}
 
@@ -159,7 +159,7 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
                      configure=configure)
     res["throttle_actors"] = throttles or 1
     res["dns_ipv6"] = ipv6
-    busy1, total1 = _cpu_times()
+    busy1, _ = _cpu_times()
     wall = time.time() - t0
     ours = (res.get("cpu_ray_s") or 0.0) + (res.get("cpu_client_s") or 0.0)
     res["machine_cpu"] = {"wall_s": round(wall, 1),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,8 +30,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common as c
-from bench.peer_postfix import print_peer, run_physical, run_pipelined_ceiling, run_postfix
 from bench.longtail import print_rows, run_longtail
+from bench.peer_postfix import print_peer, run_physical, run_pipelined_ceiling, run_postfix
 from bench.throughput import print_raymta, run_raymta
 
 __all__ = ["chart", "main", "summarize"]
