@@ -43,6 +43,7 @@ from cluster.adapters.spool import pack_nested
 from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
+from cluster.core.dns_policy import TimeoutRetry
 from cluster.core.dsn_build import DSN_OF_KEY, dsn_for_entry
 from cluster.core.message import new_message_ids
 from cluster.core.queue_shape import queue_shape as sampled_shape
@@ -67,10 +68,13 @@ class NotWritten(RuntimeError):
 
 
 class _Route:
-    __slots__ = ("ok", "site", "hosts", "port", "expires_at", "fail_kind", "permanent", "text")
+    __slots__ = ("ok", "site", "hosts", "port", "expires_at", "fail_kind", "permanent", "text",
+                 "timed_out", "resolved_at")
 
-    def __init__(self, raw: list[Any], domain: str, cfg: Config) -> None:
+    def __init__(self, raw: list[Any], domain: str, cfg: Config, now: float = 0.0) -> None:
         self.expires_at = 0.0
+        self.resolved_at = now
+        self.timed_out = False
         self.site: SiteInfo | None = None
         self.hosts: list[Any] = []
         self.port = 0
@@ -84,7 +88,8 @@ class _Route:
                                  cfg.route_for(domain) if static else None)
         else:
             self.ok = False
-            _, self.fail_kind, self.permanent, self.text, self.expires_at = raw
+            _, self.fail_kind, self.permanent, self.text, self.expires_at, *rest = raw
+            self.timed_out = bool(rest and rest[0])
 
 
 class QueueCoordinator:
@@ -135,6 +140,13 @@ class QueueCoordinator:
         self._dispatch_wake: asyncio.Event | None = None
         self._routes: dict[str, _Route] = {}
         self._resolving: set[str] = set()
+        #: domains whose lookups timed out, asked again in seconds (never defers their mail
+        #: unless timeouts go on past [dns] retry_budget): cluster.core.dns_policy
+        self._dns_policy = config.dns.policy()
+        self._dns_retry: dict[str, TimeoutRetry] = {}
+        #: lookups that timed out and were asked again, and those that ran out of budget
+        self.dns_counters = {"timeouts_retried": 0, "timeouts_deferred": 0,
+                             "deferred_msgs": 0, "bounced_msgs": 0}
         self._site_inflight: dict[str, int] = {}
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
@@ -667,8 +679,7 @@ class QueueCoordinator:
         if not st.ready and not stale:
             return
         # 1. routes for domains we have none for (or whose TTL ran out)
-        need = [d for d in st.ready if d not in self._resolving and
-                (d not in self._routes or self._routes[d].expires_at <= now)]
+        need = self._routes_needed(now)
         if need:
             self._resolving.update(need)
             self._spawn(self._resolve(need))
@@ -1041,6 +1052,7 @@ class QueueCoordinator:
         recs = []
         for m in self.state.take_ready(domain, 1 << 30, now):
             attempt = m.attempts + 1
+            self.dns_counters["bounced_msgs" if r.permanent else "deferred_msgs"] += 1
             if r.permanent:
                 recs.append(q.final_record(m.id, attempt, "bounce", c.code, c.enhanced, c.text,
                                            "", c.category, now))
@@ -1049,26 +1061,83 @@ class QueueCoordinator:
                                                c.category, now, "dns"))
         return recs
 
+    #: domains per resolve call: routes arrive a chunk at a time (dispatch starts on the first),
+    #: and one call's work stays well inside its timeout however big the burst
+    RESOLVE_CHUNK = 256
+
+    def _routes_needed(self, now: float) -> list[str]:
+        """Domains with ready mail to resolve now: no route yet, or one that expires soon
+        (refreshed ahead, so dispatch never waits on it); not those being resolved, nor those
+        whose lookup timed out and whose next try is not due."""
+        pol, routes, retry = self._dns_policy, self._routes, self._dns_retry
+        if retry:
+            for d in [d for d in retry if d not in self.state.ready]:
+                del retry[d]   # nothing queued any more: forget it (bounded by ready domains)
+        need = []
+        for d in self.state.ready:
+            if d in self._resolving:
+                continue
+            r = routes.get(d)
+            if r is not None and not pol.needs_lookup(r.resolved_at, r.expires_at, now):
+                continue
+            t = retry.get(d)
+            if t is not None and t.next_at > now:
+                continue
+            need.append(d)
+        return need
+
     async def _resolve(self, domains: list[str]) -> None:
+        """Resolve ``domains`` through their throttles (concurrently across throttles, in
+        chunks), waking dispatch as each chunk's routes arrive."""
         shared = self.cfg.delivery.throttle_actors
         groups: dict[str, list[str]] = {}
         for d in domains:
             groups.setdefault(f"throttle:pool:{stable_hash(d) % shared}", []).append(d)
-        try:
-            for tname, ds in groups.items():
+        # a chunk may wait behind ~max_concurrent-sized waves of lookups at the throttle
+        waves = -(-self.RESOLVE_CHUNK * 3 // self.cfg.dns.max_concurrent)
+        call_timeout = self.cfg.dns.timeout * (3 + waves) + 5
+
+        async def through(tname: str, ds: list[str]) -> None:
+            for i in range(0, len(ds), self.RESOLVE_CHUNK):
+                chunk = ds[i:i + self.RESOLVE_CHUNK]
                 try:
-                    res = await asyncio.wait_for(self._handle(tname).resolve.remote(ds),
-                                                 timeout=self.cfg.dns.timeout * 3 + 5)
+                    res = await asyncio.wait_for(self._handle(tname).resolve.remote(chunk),
+                                                 timeout=call_timeout)
                 except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
                     log.warning("MX lookup via %s failed: %s", tname, e)
                     self._handles.pop(tname, None)
-                    continue
-                for d, raw in res.items():
-                    self._routes[d] = _Route(raw, d, self.cfg)
+                    self._resolving.difference_update(ds[i:])
+                    return
+                self._apply_routes(res, time.time())
+                self._resolving.difference_update(chunk)
+                assert self._dispatch_wake is not None
+                self._dispatch_wake.set()
+
+        try:
+            await asyncio.gather(*(through(t, ds) for t, ds in groups.items()))
         finally:
             self._resolving.difference_update(domains)
             assert self._dispatch_wake is not None
             self._dispatch_wake.set()
+
+    def _apply_routes(self, res: dict[str, list[Any]], now: float) -> None:
+        """Keep the routes a throttle returned. A lookup that timed out is asked again in
+        seconds (the domain's mail stays ready, and an old route keeps serving); only timeouts
+        past the policy's budget are kept as a failure, which defers the mail."""
+        for d, raw in res.items():
+            r = _Route(raw, d, self.cfg, now)
+            if not r.ok and r.timed_out and not r.permanent:
+                nxt = self._dns_policy.timeout_retry_at(self._dns_retry.get(d), now)
+                if nxt is not None:
+                    self._dns_retry[d] = nxt
+                    self.dns_counters["timeouts_retried"] += 1
+                    old = self._routes.get(d)
+                    if old is not None and not old.ok:
+                        del self._routes[d]   # an older failure must not defer the mail now
+                    continue
+                self.dns_counters["timeouts_deferred"] += 1
+            self._dns_retry.pop(d, None)
+            self._routes[d] = r
 
     def _housekeeping(self, now: float) -> None:
         st = self.state
@@ -1237,6 +1306,8 @@ class QueueCoordinator:
                 "quarantined": self.state.counters_quarantined, "recovered": self.recovered,
                 "disk_bytes": self.log.disk_bytes(), "last_snapshot": self.last_snapshot,
                 "site_inflight": {s: n for s, n in self._site_inflight.items() if n},
+                "dns": {**self.dns_counters, "routes": len(self._routes),
+                        "resolving": len(self._resolving), "retrying": len(self._dns_retry)},
                 "submit_stream_calls": (self._submit_stream.counters["requests"]
                                         if self._submit_stream is not None else 0),
                 "loop_lag": self.loop_lag.snapshot(),

@@ -65,6 +65,8 @@ __all__ = [
     "REPO",
     "RESULTS_DIR",
     "AiosmtpdReceiver",
+    "BenchZone",
+    "RealDns",
     "CpuMeter",
     "ProcStat",
     "Receiver",
@@ -87,6 +89,8 @@ __all__ = [
     "percentiles",
     "raymta_config",
     "start_dns",
+    "start_zone_dns",
+    "have_real_dns",
     "probe_latency",
     "steady_rate",
     "submit_concurrently",
@@ -122,11 +126,16 @@ def domain_weights(domains: int, big: int = 3, big_share: float = 0.6) -> list[f
 
 
 def make_workload(n: int, *, domains: int = 100, size: int = 2048, seed: int = 1,
-                  big: int = 3, big_share: float = 0.6) -> Workload:
-    """``n`` single-recipient messages of about ``size`` bytes, deterministic for a seed."""
+                  big: int = 3, big_share: float = 0.6, names: list[str] | None = None,
+                  weights: Sequence[float] | None = None) -> Workload:
+    """``n`` single-recipient messages of about ``size`` bytes, deterministic for a seed.
+    ``names`` and ``weights`` (bench/longtail.py) replace the 100 ``d<i>.bench.test`` domains
+    and their shares."""
     rng = random.Random(seed)
-    names = [f"d{i}.bench.test" for i in range(domains)]
-    picks = rng.choices(names, weights=domain_weights(domains, big, big_share), k=n)
+    if names is None:
+        names = [f"d{i}.bench.test" for i in range(domains)]
+        weights = domain_weights(domains, big, big_share)
+    picks = rng.choices(names, weights=weights, k=n)
     line = b"The quick brown fox jumps over the lazy dog, benchmark line padding.\r\n"
     msgs: list[dict[str, Any]] = []
     total = 0
@@ -172,9 +181,13 @@ from cluster.devservers import LoopbackDNS
 spec = json.loads(sys.stdin.readline())
 dns = LoopbackDNS("127.0.0.1", ttl=3600).start()
 try:
-    for d in spec["domains"]:
+    for d in spec.get("domains", ()):
         dns.add_mx(d, [(10, "mx." + d)])
         dns.add_a("mx." + d, spec["mx_address"])
+    for d, mx in spec.get("mx", {}).items():
+        dns.add_mx(d, [tuple(x) for x in mx])
+    for h, a in spec.get("a", {}).items():
+        dns.add_a(h, a)
     print(dns.port, flush=True)
     for line in sys.stdin:
         if line.strip() != "count":
@@ -190,13 +203,19 @@ HELPER_PIDS: set[int] = set()
 
 class DnsProcess:
     """A LoopbackDNS in its own process: every domain has MX ``mx.<domain>`` whose A is
-    ``mx_address``. In the bench driver's process its thread would wait for the GIL behind the
-    submitting threads (measured: deliveries held back for seconds while MX lookups queued);
-    a real resolver is never in the submitter's process either."""
+    ``mx_address`` (or, given ``zone``, exactly its MX and A records). In the bench driver's
+    process its thread would wait for the GIL behind the submitting threads (measured:
+    deliveries held back for seconds while MX lookups queued); a real resolver is never in the
+    submitter's process either."""
 
-    def __init__(self, domains: Sequence[str], mx_address: str) -> None:
+    kind = "python"
+    host = "127.0.0.1"
+
+    def __init__(self, domains: Sequence[str], mx_address: str,
+                 zone: BenchZone | None = None) -> None:
         self.domains = list(domains)
         self.mx_address = mx_address
+        self.zone = zone
         self.port = 0
         self.proc: subprocess.Popen[str] | None = None
 
@@ -207,8 +226,10 @@ class DnsProcess:
                                      stdout=subprocess.PIPE, text=True, env=env)
         HELPER_PIDS.add(self.proc.pid)
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps({"domains": self.domains,
-                                          "mx_address": self.mx_address}) + "\n")
+        spec: dict[str, Any] = {"domains": self.domains, "mx_address": self.mx_address}
+        if self.zone is not None:
+            spec = {"mx": self.zone.mx, "a": self.zone.a}
+        self.proc.stdin.write(json.dumps(spec) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line.strip().isdigit():
@@ -240,6 +261,207 @@ class DnsProcess:
 def start_dns(domains: Sequence[str], mx_address: str) -> DnsProcess:
     """A started :class:`DnsProcess` answering for ``domains``."""
     return DnsProcess(domains, mx_address).start()
+
+
+# ====================================================================== real DNS (nsd + unbound)
+@dataclass
+class BenchZone:
+    """DNS data of a workload: MX records per domain and A records per host, all under
+    ``origin`` (one zone: nsd serves it; every name in it is ``<label>.<origin>``)."""
+
+    origin: str
+    #: domain -> [[preference, MX host], ...]
+    mx: dict[str, list[list[Any]]]
+    #: host -> IPv4 address
+    a: dict[str, str]
+
+    def zone_text(self, ns_address: str, ttl: int = 3600) -> str:
+        """The zone in master-file format (RFC 1035 §5), for nsd."""
+        o = self.origin.rstrip(".") + "."
+        lines = [f"$ORIGIN {o}", f"$TTL {ttl}",
+                 f"@ IN SOA ns.{o} hostmaster.{o} 1 3600 600 86400 300",
+                 f"@ IN NS ns.{o}", f"ns IN A {ns_address}"]
+        for d, mx in self.mx.items():
+            for pref, host in mx:
+                lines.append(f"{d}. IN MX {int(pref)} {host}.")
+        for h, addr in self.a.items():
+            lines.append(f"{h}. IN A {addr}")
+        return "\n".join(lines) + "\n"
+
+
+NSD = "/usr/sbin/nsd"
+UNBOUND = "/usr/sbin/unbound"
+NSD_HOST = "127.0.0.53"
+UNBOUND_HOST = "127.0.0.54"
+
+
+def have_real_dns() -> bool:
+    return os.access(NSD, os.X_OK) and os.access(UNBOUND, os.X_OK)
+
+
+def _free_udp_tcp_port(host: str) -> int:
+    for _ in range(50):
+        port = free_port(host)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            try:
+                u.bind((host, port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no port free for both UDP and TCP on {host}")
+
+
+class RealDns:
+    """Debian's ``nsd`` serving a :class:`BenchZone` authoritatively on 127.0.0.53, with
+    ``unbound`` on 127.0.0.54 as the caching resolver in front (a stub zone to nsd), as a
+    production MTA host would have: raymta asks unbound only. Both in the foreground as
+    children of this process, on unprivileged ports, with their files in a temporary
+    directory; :meth:`stop` ends both and removes it."""
+
+    kind = "nsd+unbound"
+    host = UNBOUND_HOST
+
+    def __init__(self, zone: BenchZone) -> None:
+        self.zone = zone
+        self.port = 0
+        self.nsd_port = 0
+        self.dir = ""
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.zone_seconds = 0.0
+
+    def start(self) -> "RealDns":
+        import tempfile
+        self.dir = d = tempfile.mkdtemp(prefix="raymta-bench-dns-")
+        try:
+            self._start(d)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start(self, d: str) -> None:
+        origin = self.zone.origin.rstrip(".")
+        t = time.time()
+        Path(d, "bench.zone").write_text(self.zone.zone_text(NSD_HOST))
+        self.nsd_port = _free_udp_tcp_port(NSD_HOST)
+        Path(d, "nsd.conf").write_text(f"""server:
+  ip-address: {NSD_HOST}@{self.nsd_port}
+  port: {self.nsd_port}
+  do-ip6: no
+  username: ""
+  chroot: ""
+  zonesdir: "{d}"
+  database: ""
+  zonelistfile: "{d}/zone.list"
+  xfrdfile: "{d}/xfrd.state"
+  xfrdir: "{d}"
+  pidfile: "{d}/nsd.pid"
+  logfile: "{d}/nsd.log"
+  server-count: 1
+  verbosity: 0
+  hide-version: yes
+remote-control:
+  control-enable: no
+zone:
+  name: "{origin}"
+  zonefile: "{d}/bench.zone"
+""")
+        self.procs.append(subprocess.Popen([NSD, "-d", "-c", f"{d}/nsd.conf"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        HELPER_PIDS.add(self.procs[-1].pid)
+        self._wait_answers(NSD_HOST, self.nsd_port, f"ns.{origin}", "nsd", timeout=120)
+        self.zone_seconds = round(time.time() - t, 2)
+        self.port = _free_udp_tcp_port(UNBOUND_HOST)
+        cache = "256m" if len(self.zone.mx) > 20_000 else "64m"
+        Path(d, "unbound.conf").write_text(f"""server:
+  interface: {UNBOUND_HOST}@{self.port}
+  port: {self.port}
+  do-ip6: no
+  access-control: 127.0.0.0/8 allow
+  username: ""
+  chroot: ""
+  directory: "{d}"
+  pidfile: "{d}/unbound.pid"
+  use-syslog: no
+  logfile: ""
+  verbosity: 0
+  num-threads: 1
+  do-not-query-localhost: no
+  qname-minimisation: no
+  module-config: "iterator"
+  msg-cache-size: {cache}
+  rrset-cache-size: {cache}
+  num-queries-per-thread: 4096
+  outgoing-range: 8192
+  local-zone: "test." nodefault
+  domain-insecure: "{origin}"
+remote-control:
+  control-enable: no
+stub-zone:
+  name: "{origin}"
+  stub-addr: {NSD_HOST}@{self.nsd_port}
+""")
+        self.procs.append(subprocess.Popen([UNBOUND, "-d", "-c", f"{d}/unbound.conf"],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        HELPER_PIDS.add(self.procs[-1].pid)
+        self._wait_answers(UNBOUND_HOST, self.port, f"ns.{origin}", "unbound", timeout=30)
+
+    def _wait_answers(self, host: str, port: int, name: str, what: str, timeout: float) -> None:
+        import dns.exception
+        import dns.message
+        import dns.query
+        deadline = time.time() + timeout
+        while True:
+            p = self.procs[-1]
+            if p.poll() is not None:
+                err = (p.stderr.read() if p.stderr else b"").decode(errors="replace")
+                log = Path(self.dir, "nsd.log")
+                if what == "nsd" and log.exists():
+                    err += log.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{what} exited ({p.returncode}): {err[-2000:]}")
+            try:
+                r = dns.query.udp(dns.message.make_query(name, "A"), host, port=port,
+                                  timeout=1.0)
+                if r.answer:
+                    return
+            except (dns.exception.DNSException, OSError):
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"{what} on {host}:{port} did not answer for {name} "
+                                   f"within {timeout}s")
+            time.sleep(0.2)
+
+    def query_count(self) -> int | None:
+        return None   # neither keeps a count we can read without its control channel
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=10)
+            HELPER_PIDS.discard(p.pid)
+        self.procs = []
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = ""
+
+
+def start_zone_dns(zone: BenchZone, prefer: str = "auto") -> RealDns | DnsProcess:
+    """DNS for a workload's zone: nsd + unbound (:class:`RealDns`) when installed (``prefer``
+    "auto" or "real"), else, with a clear message, the Python server (:class:`DnsProcess`)."""
+    if prefer in ("auto", "real"):
+        if have_real_dns():
+            return RealDns(zone).start()
+        if prefer == "real":
+            raise RuntimeError(f"{NSD} or {UNBOUND} not found: apt-get install -y nsd unbound")
+        print(banner("nsd/unbound not installed (apt-get install -y nsd unbound): serving the "
+                     "bench zone with the Python DNS server instead"), file=sys.stderr,
+              flush=True)
+    return DnsProcess([], RECEIVER_HOST, zone).start()
 
 
 # ====================================================================== Postfix package
@@ -707,14 +929,15 @@ def banner(text: str) -> str:
 
 # ====================================================================== raymta
 def raymta_config(spool: str, dns_port: int, smtp_port: int, *, max_connections: int = 10,
-                  rate: str = "100000/s", fsync: bool = True) -> Any:
+                  rate: str = "100000/s", fsync: bool = True,
+                  dns_host: str = "127.0.0.1") -> Any:
     """A raymta Config for the benchmark: loopback DNS, fast retries, unthrottled sites."""
     from cluster.config import parse_config
     return parse_config({
         "spool": {"directory": spool, "fsync": fsync},
         "queue": {"retry_initial": "2s", "retry_max_delay": "10s", "dns_retry_initial": "1s",
                   "max_age": "30m", "inflight_timeout": "120s"},
-        "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "2s"},
+        "dns": {"nameservers": [dns_host], "port": dns_port, "timeout": "2s"},
         # the sinks are on loopback: the MX address guard must be told so
         "delivery": {"smtp_port": smtp_port, "allow_networks": ["127.0.0.0/8"],
                      "connect_timeout": "5s", "command_timeout": "30s",

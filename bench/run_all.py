@@ -8,7 +8,11 @@ all systems. Prints the medians with the ratios raymta/Postfix and raymta/physic
 ``bench/results/summary-<ts>.json`` and ``bench/results/summary-<ts>.png`` (delivered over
 time per system, with the ``bench`` extra's matplotlib: ``pip install -e ".[bench]"``).
 
-    python bench/run_all.py [--messages 20000] [--rounds 3]
+    python bench/run_all.py [--messages 20000] [--rounds 3] [--no-longtail]
+
+After the rounds, the long-tail workload (``bench/longtail.py``: giants sharing MX sites and a
+Zipf tail over 10,000 and 100,000 domains, DNS by nsd + unbound) runs once, with its own
+100-domain run of the same shape beside it; its rows go into the summary under ``longtail``.
 
 ``raymta bench`` calls :func:`main` with its arguments.
 """
@@ -17,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +30,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common as c
+from bench.longtail import print_rows, run_longtail
 from bench.peer_postfix import print_peer, run_physical, run_pipelined_ceiling, run_postfix
 from bench.throughput import print_raymta, run_raymta
 
@@ -170,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
                     default="auto", help="who submits to Postfix (auto: smtp-source, the "
                     "lightest, when installed; python: aiosmtplib, with per-message latency)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--no-longtail", action="store_true",
+                    help="skip the long-tail workload (bench/longtail.py) after the rounds")
+    ap.add_argument("--longtail-domains", default="10000,100000",
+                    help="domain counts of the long-tail runs (a 100-domain run comes first)")
+    ap.add_argument("--longtail-messages", type=int, default=30_000)
     ap.add_argument("--table-of", metavar="SUMMARY_JSON",
                     help="print the table of a saved summary-*.json (its medians recomputed "
                     "from its rounds) and exit")
@@ -228,18 +237,51 @@ def main(argv: list[str] | None = None) -> int:
                 c.check_counts(res)
             res["round"] = rnd
             runs[system].append(res)
+    longtail = [] if args.no_longtail else _longtail(args)
     summary = summarize(runs)
     print_table(summary, args.messages)
+    if longtail:
+        base = next((r.get("delivered_per_s") for r in longtail if r.get("domains") == 100),
+                    None)
+        print(f"\nlong tail, {args.longtail_messages:,} messages per run "
+              f"(DNS {longtail[0].get('dns_server', {}).get('kind', '?')}):")
+        print_rows(longtail, base)
     out = {"messages": args.messages, "rounds": args.rounds, "machine": machine,
-           "wall_seconds": round(time.time() - t0, 1), **summary, "runs": runs}
+           "wall_seconds": round(time.time() - t0, 1), **summary, "runs": runs,
+           "longtail": longtail}
     path = c.write_result("summary", out, ts)
     print(f"\nresults: {path}")
     if not args.no_chart and _has_matplotlib():
         png = chart(runs, c.RESULTS_DIR / f"summary-{ts}.png", args.messages)
         if png is not None:
             print(f"chart:   {png}")
-    all_ok = all(r.get("ok") for rs in runs.values() for r in rs)
+    all_ok = all(r.get("ok") for rs in [*runs.values(), longtail] for r in rs)
     return 0 if all_ok else 1
+
+
+def _longtail(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The long-tail runs: 100 domains, then each of ``--longtail-domains``, same shape."""
+    rows = []
+    counts = [100] + [int(x) for x in args.longtail_domains.split(",") if x.strip()
+                      and int(x) != 100]
+    for k in counts:
+        print(f"\n=== long tail: {args.longtail_messages:,} messages over {k:,} domains ===",
+              flush=True)
+        try:
+            res = run_longtail(args.longtail_messages, k, timeout=args.timeout,
+                               progress=not args.quiet)
+            c.check_counts(res)
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+            print(c.banner(f"long tail, {k} domains, FAILED: {type(e).__name__}: {e}"),
+                  file=sys.stderr)
+            res = {"domains": k, "ok": False, "error": f"{type(e).__name__}: {e}"}
+        res.pop("series", None)
+        rows.append(res)
+    base = next((r.get("delivered_per_s") for r in rows if r.get("domains") == 100), None)
+    for r in rows:
+        rate = r.get("delivered_per_s")
+        r["ratio_to_100_domains"] = round(rate / base, 3) if rate and base else None
+    return rows
 
 
 def _has_matplotlib() -> bool:

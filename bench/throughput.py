@@ -143,24 +143,34 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                probe_seconds: float = 10.0, gc_freeze: bool = True,
                intake: int | None = None, dkim: str | None = None,
                metrics: bool = True, metrics_interval: float | None = None,
-               watch: bool = False) -> dict[str, Any]:
+               watch: bool = False, workload: c.Workload | None = None,
+               start_dns: Callable[[c.Workload, str], Any] | None = None,
+               after: Callable[[Any, dict[str, Any]], None] | None = None,
+               configure: Callable[[Any], Any] | None = None) -> dict[str, Any]:
     """One raymta run on an embedded local Ray; returns the measurements (see drive_raymta).
 
     dkim: "rsa" (RSA-2048) or "ed25519": the relays sign every message From the workload's
     domain with a fresh key of that kind (docs/dkim.md); None: no keys, no signing.
 
     metrics: ``[metrics] enabled`` (Ray metrics in every actor and the head's exporter, which
-    a thread here scrapes every 10 s as Prometheus would); False measures their cost."""
+    a thread here scrapes every 10 s as Prometheus would); False measures their cost.
+
+    workload / start_dns / after (bench/longtail.py): another workload than ``make_workload``'s,
+    a function ``(workload, receiver host) -> started DNS server`` (``.host``, ``.port``,
+    ``.query_count()``, ``.stop()``) instead of the Python one, and a hook called with the
+    cluster and the results before the cluster closes (to read its counters); ``configure``
+    maps the bench Config to the one deployed (e.g. more throttle actors)."""
     from cluster.client import MailCluster
 
-    workload = c.make_workload(n, domains=domains)
+    workload = workload or c.make_workload(n, domains=domains)
     spool = tempfile.mkdtemp(prefix="raymta-bench-")
     recv = c.make_receiver(receiver)
     dns = mc = None
     try:
         recv.start()
-        dns = c.start_dns(workload.domains, recv.host)
-        cfg = c.raymta_config(spool, dns.port, recv.port, max_connections=max_connections)
+        dns = (start_dns or (lambda w, h: c.start_dns(w.domains, h)))(workload, recv.host)
+        cfg = c.raymta_config(spool, dns.port, recv.port, max_connections=max_connections,
+                              dns_host=getattr(dns, "host", "127.0.0.1"))
         from dataclasses import replace
         if shards:
             cfg = replace(cfg, queue=replace(cfg.queue, shards=shards))
@@ -170,6 +180,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
             cfg = replace(cfg, dkim=_dkim_config(spool, dkim))
         cfg = replace(cfg, metrics=replace(cfg.metrics, enabled=metrics, port=0,
                                            interval=metrics_interval or cfg.metrics.interval))
+        if configure is not None:
+            cfg = configure(cfg)
         t = time.time()
         mc = MailCluster.connect(config=cfg, num_cpus=num_cpus)
         startup = time.time() - t
@@ -209,6 +221,8 @@ def run_raymta(n: int, *, domains: int = 100, threads: int = 4, batch: int = 100
                    message_bytes=round(workload.raw_bytes / n),
                    max_connections_per_site=max_connections, ray_num_cpus=num_cpus,
                    dns_queries=dns.query_count(), ray_nodes=1)
+        if after is not None:
+            after(mc, res)
         return res
     finally:
         if gc_freeze:

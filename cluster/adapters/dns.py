@@ -5,7 +5,11 @@ Owns: the MX → A/AAAA lookup sequence, address literals (``user@[192.0.2.1]``:
 that address, no lookup), implicit MX (no MX: the domain's own address records,
 preference 0), null MX (RFC 7505: "0 ." means the domain accepts no mail), the mapping of DNS
 outcomes to permanent/transient :class:`DnsFailure` kinds, and a bounded TTL cache of routes,
-failures (negative caching) and MX host addresses.
+failures (negative caching) and MX host addresses, and a bound on the DNS queries in flight at
+once (a burst of new domains queues here, where waiting costs nothing, rather than in the
+resolver, where it turns into timeouts). How long each outcome is cached is
+:class:`cluster.core.dns_policy.DnsPolicy`'s table; a timeout is cached for a second only and
+flagged (``DnsFailure.timed_out``) so the caller can ask again soon instead of deferring mail.
 Must not: decide what a failure *means* for a message (bounce, defer, for how long: that is the
 pure core's retry/bounce policy), filter addresses by policy (a route to a loopback or private
 address, or an address literal, is reported as given; refusing to deliver there is the MX
@@ -34,6 +38,8 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from cluster.core.dns_policy import DnsPolicy
+
 __all__ = [
     "DnsFailure",
     "FailureKind",
@@ -54,6 +60,8 @@ DEFAULT_NEGATIVE_TTL = 300.0
 DEFAULT_TRANSIENT_TTL = 10.0
 #: at most this many lookups in flight per :meth:`MxResolver.resolve_many` call
 RESOLVE_MANY_CONCURRENCY = 64
+#: default bound on DNS queries in flight at once per resolver (``[dns] max_concurrent``)
+DEFAULT_MAX_CONCURRENT = 64
 
 _T = TypeVar("_T")
 
@@ -105,26 +113,30 @@ class DnsFailure(Exception):
     ``timeout`` (transient), ``no_address`` (MX hosts exist but none has an address:
     transient; no MX and the domain itself has no address: permanent).
     ``expires_at``: the failure is negative-cached until then.
+    ``timed_out``: the resolver did not answer in time (``timeout``, or ``no_address`` because
+    the MX hosts' lookups timed out): worth asking again in seconds, not a fact about the domain.
     """
 
     def __init__(self, kind: FailureKind, domain: str, *, permanent: bool,
-                 expires_at: float, detail: str = "") -> None:
+                 expires_at: float, detail: str = "", timed_out: bool | None = None) -> None:
         self.kind: FailureKind = kind
         self.domain = domain
         self.permanent = permanent
         self.expires_at = expires_at
         self.detail = detail
+        self.timed_out = (kind == "timeout") if timed_out is None else bool(timed_out)
         super().__init__(f"{kind}: {domain}" + (f": {detail}" if detail else ""))
 
     def copy(self) -> DnsFailure:
         """A fresh instance (raising a cached instance again would grow its traceback)."""
         return DnsFailure(self.kind, self.domain, permanent=self.permanent,
-                          expires_at=self.expires_at, detail=self.detail)
+                          expires_at=self.expires_at, detail=self.detail,
+                          timed_out=self.timed_out)
 
     def __reduce__(self) -> tuple[Any, ...]:
         # keyword-only arguments: teach pickle (Ray) how to rebuild us
         return (_rebuild_failure, (self.kind, self.domain, self.permanent, self.expires_at,
-                                   self.detail))
+                                   self.detail, self.timed_out))
 
     def __repr__(self) -> str:
         return (f"DnsFailure(kind={self.kind!r}, domain={self.domain!r}, "
@@ -132,8 +144,9 @@ class DnsFailure(Exception):
 
 
 def _rebuild_failure(kind: FailureKind, domain: str, permanent: bool, expires_at: float,
-                     detail: str) -> DnsFailure:
-    return DnsFailure(kind, domain, permanent=permanent, expires_at=expires_at, detail=detail)
+                     detail: str, timed_out: bool = False) -> DnsFailure:
+    return DnsFailure(kind, domain, permanent=permanent, expires_at=expires_at, detail=detail,
+                      timed_out=timed_out)
 
 
 def address_literal_route(domain: str, now: float, ttl: float) -> Route | DnsFailure | None:
@@ -239,8 +252,11 @@ class MxResolver:
     preference are shuffled once per lookup (RFC 5321 §5.1 asks senders to spread load over
     equal-preference hosts); without it their order is the answer's order (deterministic).
 
-    Concurrent lookups of the same domain (or the same MX host) share one query. Not
-    thread-safe: use from one event loop (an actor's).
+    Concurrent lookups of the same domain (or the same MX host) share one query, and at most
+    ``max_concurrent`` queries are in flight at once (the others wait, and their ``timeout``
+    starts only when they are sent). ``policy`` sets the cache times of timeouts and transient
+    failures (:class:`DnsPolicy`; ``min_ttl``/``max_ttl`` given here win). Not thread-safe: use
+    from one event loop (an actor's).
     """
 
     negative_ttl: float = DEFAULT_NEGATIVE_TTL
@@ -249,7 +265,11 @@ class MxResolver:
     def __init__(self, nameservers: list[str] | None = None, port: int = 53, *,
                  timeout: float = 5.0, min_ttl: float = 5.0, max_ttl: float = 3600.0,
                  cache_size: int = 100_000, use_ipv6: bool = True,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+                 policy: DnsPolicy | None = None) -> None:
+        if max_concurrent < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
         if min_ttl < 0 or max_ttl < min_ttl:
             raise ValueError(f"need 0 <= min_ttl <= max_ttl, got {min_ttl}, {max_ttl}")
         if timeout <= 0:
@@ -281,6 +301,16 @@ class MxResolver:
         self._hits = 0
         self._misses = 0
         self._queries = 0
+        self.max_concurrent = max_concurrent
+        base = policy or DnsPolicy(transient_ttl=self.transient_ttl)
+        self.policy = DnsPolicy(**{**base.__dict__, "min_ttl": self.min_ttl,
+                                   "max_ttl": self.max_ttl})
+        self._slots: asyncio.Semaphore | None = None
+        self._slots_loop: asyncio.AbstractEventLoop | None = None
+        #: queries sent and not yet answered now, and the most there ever were
+        self._queries_active = 0
+        self._queries_peak = 0
+        self._timeouts = 0
 
     # ------------------------------------------------------------------ public API
     async def resolve(self, domain: str, now: float) -> Route:
@@ -306,7 +336,9 @@ class MxResolver:
     def cache_info(self) -> dict[str, Any]:
         return {"routes": len(self._routes), "hosts": len(self._hosts),
                 "max_size": self._routes.size, "hits": self._hits, "misses": self._misses,
-                "queries": self._queries, "inflight": len(self._inflight)}
+                "queries": self._queries, "inflight": len(self._inflight),
+                "queries_active": self._queries_active, "queries_peak": self._queries_peak,
+                "max_concurrent": self.max_concurrent, "timeouts": self._timeouts}
 
     # ------------------------------------------------------------------ caching layer
     async def _resolve_cached(self, domain: str, now: float) -> Route | DnsFailure:
@@ -397,7 +429,8 @@ class MxResolver:
             detail = "no MX host has an address"
             if errors:
                 detail += " (" + "; ".join(errors) + ")"
-            return self._transient("no_address", key, now, detail)
+            timed_out = any(e.error == "timeout" for e in entries)
+            return self._transient("no_address", key, now, detail, timed_out=timed_out)
         if self._rng is not None:
             self._rng.shuffle(hosts)
         hosts.sort(key=lambda h: h.preference)  # stable: ties keep answer (or shuffled) order
@@ -439,7 +472,10 @@ class MxResolver:
             return _HostEntry((), now + self.negative_ttl, now + self._clamp(self.negative_ttl),
                               None, str(e))
         addrs, ttl, error, detail = await self._addresses(qname)
-        valid = now + (self._transient_ttl() if error else self._clamp(ttl))
+        if error == "timeout":
+            valid = now + self.policy.cache_ttl("timeout")
+        else:
+            valid = now + (self._transient_ttl() if error else self._clamp(ttl))
         entry = _HostEntry(addrs, now + ttl, valid, error if error != "nxdomain" else None,
                            detail)
         self._hosts.put(name, entry)
@@ -463,7 +499,27 @@ class MxResolver:
             return addrs, ttl, "nxdomain", "name does not exist"
         return addrs, ttl, None, ""
 
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._slots is None or self._slots_loop is not loop:
+            self._slots = asyncio.Semaphore(self.max_concurrent)
+            self._slots_loop = loop
+        return self._slots
+
     async def _query(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType) -> _Lookup:
+        async with self._semaphore():
+            self._queries_active += 1
+            self._queries_peak = max(self._queries_peak, self._queries_active)
+            try:
+                res = await self._query_now(qname, rdtype)
+            finally:
+                self._queries_active -= 1
+        if res.error == "timeout":
+            self._timeouts += 1
+        return res
+
+    async def _query_now(self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType
+                         ) -> _Lookup:
         self._queries += 1
         try:
             ans = await self._resolver.resolve(qname, rdtype, raise_on_no_answer=False,
@@ -494,10 +550,15 @@ class MxResolver:
         return DnsFailure(kind, domain, permanent=True, expires_at=now + self._clamp(ttl),
                           detail=detail)
 
-    def _transient(self, kind: str, domain: str, now: float, detail: str) -> DnsFailure:
+    def _transient(self, kind: str, domain: str, now: float, detail: str, *,
+                   timed_out: bool = False) -> DnsFailure:
         assert kind in ("servfail", "timeout", "no_address"), kind
+        timed_out = timed_out or kind == "timeout"
+        # a timeout is asked again in seconds (DnsPolicy.timeout_retry_at): cache it only
+        # long enough to merge the shards' repeats
+        ttl = self.policy.cache_ttl("timeout") if timed_out else self._transient_ttl()
         return DnsFailure(kind, domain, permanent=False,  # type: ignore[arg-type]
-                          expires_at=now + self._transient_ttl(), detail=detail)
+                          expires_at=now + ttl, detail=detail, timed_out=timed_out)
 
 
 def _expires_at(v: Route | DnsFailure) -> float:
