@@ -34,7 +34,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import LoopLag, preload, tune_gc, use_uvloop
+from actors.loop import GC_PAUSES, LoopLag, preload, tune_gc, use_uvloop
 from actors.metrics import spool_disk
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
@@ -1295,7 +1295,9 @@ class QueueCoordinator:
         return {"shard": self.shard, "pid": os.getpid(), "epoch": self.epoch,
                 "gc": {"thresholds": list(gc.get_threshold()),
                        "collections": [g["collections"] for g in gc.get_stats()],
-                       "frozen": gc.get_freeze_count()},
+                       "frozen": gc.get_freeze_count(),
+                       # per generation: collections, seconds in all, longest (s)
+                       "pauses": {g: list(v) for g, v in GC_PAUSES.items()}},
                 "serving": not self._not_serving and not self._fatal,
                 "not_serving": self._fatal or self._not_serving or self._stalled,
                 "node": ray.get_runtime_context().get_node_id(),

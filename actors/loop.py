@@ -31,6 +31,22 @@ def use_uvloop() -> bool:
     return True
 
 
+GC_PAUSES: dict[int, list[float]] = {0: [0, 0.0, 0.0], 1: [0, 0.0, 0.0], 2: [0, 0.0, 0.0]}
+_gc_t0 = [0.0]
+
+
+def _gc_timer(phase: str, info: dict) -> None:
+    import time
+    if phase == "start":
+        _gc_t0[0] = time.perf_counter()
+    else:
+        d = time.perf_counter() - _gc_t0[0]
+        g = GC_PAUSES[info["generation"]]
+        g[0] += 1
+        g[1] += d
+        g[2] = max(g[2], d)
+
+
 def tune_gc() -> None:
     """Collect cycles rarely. An actor keeps what it holds (a shard leader: every queued
     message, several objects each) and allocates per message mostly objects that refcounting
@@ -39,6 +55,8 @@ def tune_gc() -> None:
     20,000 messages (228 collections). At 50,000 it ran once (0.04 s). Cycles are still
     collected, only later."""
     gc.set_threshold(*GC_THRESHOLDS)
+    if _gc_timer not in gc.callbacks:
+        gc.callbacks.append(_gc_timer)
 
 
 class LoopLag:

@@ -251,6 +251,7 @@ class ShardWatch:
         self.samples: dict[str, list[list[float]]] = {n: [] for n in self.coords}
         self.snapshots: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in self.coords}
         self.lag_max_ms = {n: 0.0 for n in self.coords}
+        self.gc: dict[str, Any] = {}
         self.every = every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -280,6 +281,7 @@ class ShardWatch:
                                            st["body_bytes"], self._rss(self.pids[name])])
                 self.lag_max_ms[name] = max(self.lag_max_ms[name],
                                             float(st["loop_lag"].get("max_ms", 0.0)))
+                self.gc[name] = st.get("gc", {}).get("pauses")
                 snap = st.get("last_snapshot") or {}
                 if snap:
                     self.snapshots[name][snap["lsn"]] = snap
@@ -296,6 +298,7 @@ class ShardWatch:
                          "body_bytes_per_queued_message": round(peak[2] / peak[1])
                          if peak[1] else None,
                          "loop_lag_max_ms": self.lag_max_ms[name],
+                         "gc_pauses": self.gc.get(name),
                          "snapshots": sorted(self.snapshots[name].values(),
                                              key=lambda x: x["lsn"]),
                          "samples": rows}
