@@ -205,11 +205,14 @@ class QueuedMessage:
         self.cancel_requested = False
         self.dispatched_at = 0.0
 
-    def to_snapshot(self) -> list[Any]:
-        return [self.id, self.body_id, self.sender, self.rcpt, self.domain, self.created,
+    def to_snapshot(self) -> tuple[Any, ...]:
+        # a tuple: once the cycle collector sees it holds only atoms it stops tracking it, so
+        # the 300,000 rows a big snapshot holds while it is written cost no collection time
+        # (as lists, one gen-1 collection took 0.46-0.81 s of a leader's event loop)
+        return (self.id, self.body_id, self.sender, self.rcpt, self.domain, self.created,
                 self.not_before, self.expires_at, self.tags, self.metadata,
                 self.idempotency_key, self.smtputf8, self.attempts, self.next_at,
-                self.last_code, self.last_text, self.site]
+                self.last_code, self.last_text, self.site)
 
     @classmethod
     def from_snapshot(cls, row: list[Any]) -> "QueuedMessage":
@@ -271,17 +274,17 @@ class SnapshotBuild:
         self._firsts = [sg[0] for sg in segments or ()]
         self._live = [0] * len(self._firsts)
         self._refs: Callable[[int], bool] | None = None
-        self.rows: dict[str, list[Any]] = {}
-        self.entries: dict[str, list[Any]] = {}
+        self.rows: dict[str, tuple[Any, ...]] = {}
+        self.entries: dict[str, tuple[Any, ...]] = {}
 
-    def _entry(self, bid: str, b: _Body) -> list[Any]:
+    def _entry(self, bid: str, b: _Body) -> tuple[Any, ...]:
         if b.lsn and self._refs is not None and self._refs(b.lsn):
-            return [bid, None, b.lsn]
+            return (bid, None, b.lsn)
         if self.segments is not None:
             # its segment may be dropped once this snapshot is written: from now on the
             # bytes live in the snapshots
             b.lsn = 0
-        return [bid, b.data]
+        return (bid, b.data)
 
     def step(self, n: int | None = 5000) -> bool:
         """Do up to ``n`` more items of work (all of it: None); True when done."""
@@ -372,7 +375,7 @@ class QueueState:
         self.idempotency_window = idempotency_window
         #: id → [id, state, recipient, attempts, code, text, site, ts] (the snapshot's row:
         #: a snapshot copies the references, not 200,000 dicts)
-        self.finished: OrderedDict[str, list[Any]] = OrderedDict()
+        self.finished: OrderedDict[str, tuple[Any, ...]] = OrderedDict()
         self.status_cache = status_cache
         self.last_lsn = 0
         self.counters = {"accepted": 0, "delivered": 0, "transient": 0, "bounced": 0,
@@ -648,9 +651,9 @@ class QueueState:
                     self._dirty_bodies.add(m.body_id)
                 self.body_bytes -= len(body.data)
         if self.status_cache:
-            self.finished[m.id] = [m.id, state, m.rcpt, ev.get("attempt", m.attempts),
+            self.finished[m.id] = (m.id, state, m.rcpt, ev.get("attempt", m.attempts),
                                    ev.get("code"), ev.get("text", ""), ev.get("site", m.site),
-                                   ev["ts"]]
+                                   ev["ts"])
             while len(self.finished) > self.status_cache:
                 self.finished.popitem(last=False)
 
@@ -921,7 +924,7 @@ class QueueState:
             self.idempotency[k] = (ts, list(ids))
         self.counters.update(snap.get("counters", {}))
         for mid, state, rcpt, attempts, code, text, site, ts in snap.get("finished", []):
-            self.finished[mid] = [mid, state, rcpt, attempts, code, text, site, ts]
+            self.finished[mid] = (mid, state, rcpt, attempts, code, text, site, ts)
         self.suppression.restore(snap.get("suppression", ()))
         self.suspended.update(snap.get("suspended", {}))
         self.shaping.update(snap.get("shaping", {}))
