@@ -54,3 +54,21 @@ def test_tune_gc_sets_the_actor_thresholds() -> None:
         assert GC_THRESHOLDS[0] > 10 * before[0] or before == GC_THRESHOLDS
     finally:
         gc.set_threshold(*before)
+
+
+def test_gc_pauses_are_timed_per_generation():
+    """tune_gc installs a gc.callbacks hook: each collection's count, total and longest
+    pause per generation (what a shard leader's stats()["gc"]["pauses"] reports)."""
+    import gc
+
+    from actors.loop import GC_PAUSES, tune_gc
+    tune_gc()
+    tune_gc()                                   # installed once, however often it is called
+    from actors.loop import _gc_timer
+    assert gc.callbacks.count(_gc_timer) == 1
+    before = list(GC_PAUSES[2])
+    keep = [[i] for i in range(100_000)]        # something for the collector to walk
+    gc.collect()
+    n, total, longest = GC_PAUSES[2]
+    assert n == before[0] + 1 and total > before[1] and 0 < longest <= total
+    del keep
