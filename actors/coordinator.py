@@ -34,7 +34,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import GC_PAUSES, LoopLag, preload, tune_gc, use_uvloop
+from actors.loop import GC_PAUSES, LoopLag, preload, spawn, tune_gc, use_uvloop
 from actors.metrics import spool_disk
 from cluster.adapters.copystore import CopyStore
 from cluster.adapters.eventlog import EventLog
@@ -187,10 +187,7 @@ class QueueCoordinator:
 
     # ------------------------------------------------------------------ plumbing
     def _spawn(self, coro: Any) -> asyncio.Task:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
+        return spawn(self._tasks, coro)
 
     def _ensure_started(self) -> None:
         if self._started:

@@ -96,6 +96,15 @@ class LoopLag:
                 "max_ms": round(max(xs) * 1000, 2)}
 
 
+def spawn(tasks: set[asyncio.Task], coro: Any) -> asyncio.Task:
+    """Start ``coro`` as a task kept in ``tasks`` until it ends (the loop itself holds only
+    weak references to tasks: an unreferenced one can be collected mid-run)."""
+    t = asyncio.get_running_loop().create_task(coro)
+    tasks.add(t)
+    t.add_done_callback(tasks.discard)
+    return t
+
+
 def preload(*modules: str) -> None:
     """Import now the modules of the actor classes this actor will call. The first
     ``ray.get_actor`` of a class in a process imports its module (dnspython, aiosmtplib, ...):

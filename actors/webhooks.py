@@ -29,6 +29,7 @@ from typing import Any
 import orjson
 import ray
 
+from actors.loop import spawn
 from cluster.config import Config
 from cluster.core.webhooks import (
     SIGNATURE_HEADER,
@@ -108,10 +109,7 @@ class WebhookDispatcher:
 
     # ------------------------------------------------------------------ plumbing
     def _spawn(self, coro: Any) -> asyncio.Task:
-        t = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(t)
-        t.add_done_callback(self._tasks.discard)
-        return t
+        return spawn(self._tasks, coro)
 
     def _ensure_started(self) -> None:
         if self._started:
