@@ -46,6 +46,7 @@ from cluster.core import queue as q
 from cluster.core.dns_policy import TimeoutRetry
 from cluster.core.dsn_build import DSN_OF_KEY, dsn_for_entry
 from cluster.core.message import new_message_ids
+from cluster.core.replication import compaction_due
 from cluster.core.queue_shape import queue_shape as sampled_shape
 from cluster.core.intake import Intake, Limits, dkim_required_check, retryable_error
 from cluster.core.suppression import HARD_CATEGORIES, check_rows, entry_key, normalize_address
@@ -459,10 +460,9 @@ class QueueCoordinator:
         if self._snapshotting:
             return
         want = self._snapshot_waiters
-        # compact when the log outgrows both the threshold and twice the last snapshot: the
-        # snapshot (which every replica receives too) then costs at most half the log writes
-        limit = max(self.cfg.spool.compact_bytes, 2 * self._snapshot_size)
-        if want or self.log.bytes_since_snapshot > limit:
+        due = compaction_due(self.log.bytes_since_snapshot, self.cfg.spool.compact_bytes,
+                             self._snapshot_size, self.state.body_bytes)
+        if want or due:
             self._snapshot_waiters = []
             self._snapshotting = True
             self._spawn(self._snapshot_task(want))

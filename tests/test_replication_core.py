@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 
 from cluster.core.replication import (CopyInfo, Fence, LogShape, Members, Refused, agreement,
+                                      compaction_due,
                                       can_replace, majority, place_copies, plan_claim)
 
 
@@ -560,3 +561,34 @@ from cluster.core.replication import plan_move  # noqa: E402
 ])
 def test_plan_move(copies, nodes, want):
     assert plan_move(copies, nodes) == want
+
+
+@pytest.mark.parametrize("since,threshold,last,queued,due", [
+    (100, 256, 0, 0, False),            # under the threshold
+    (300, 256, 0, 0, True),             # past it, small snapshot, nothing queued
+    (300, 256, 200, 0, False),          # not yet twice the last snapshot
+    (401, 256, 200, 0, True),
+    (600, 256, 0, 1000, False),         # the queued bodies are bigger: wait for them
+    (1001, 256, 0, 1000, True),
+])
+def test_compaction_due(since, threshold, last, queued, due):
+    assert compaction_due(since, threshold, last, queued) is due
+
+
+@pytest.mark.parametrize("queued", [20_000, 100_000, 330_000, 1_000_000])
+def test_compaction_walks_about_one_message_per_message_written(queued):
+    # a steady queue of `queued` 2 KB messages (300 bytes of metadata each in a snapshot):
+    # each snapshot walks the whole queue; count queued messages walked per message written.
+    # With the old rule (threshold and twice the last snapshot only) a 1M queue walked ~4
+    # per message written at a 256 MiB threshold.
+    body, meta, threshold = 2_048, 300, 256 << 20
+    written_bytes = 2_400                       # one message's log frames
+    since, writes, walked = 0, 0, 0
+    for _ in range(3_000_000):
+        since += written_bytes
+        writes += 1
+        if compaction_due(since, threshold, queued * meta, queued * body):
+            walked += queued
+            since = 0
+    assert walked > 0
+    assert walked / writes <= 1.2, walked / writes     # (log bytes / body bytes: 1.17)
