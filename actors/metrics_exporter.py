@@ -2,7 +2,8 @@
 
 One per cluster (``metrics:exporter``, placed on the head). Every ``metrics.interval`` it asks
 each shard leader for ``stats()`` (queue counts, replication, its event and submit-latency
-tallies, spool disk) and ``metrics_shape()``, every relay and throttle for ``stats()``, every
+tallies, spool disk) and ``metrics_shape()`` (past 5,000 queued in a shard, at most every
+30 s), every relay and throttle for ``stats()``, every
 replica for its spool disk, and Ray for the live nodes; from that it builds cluster-wide
 metric families that a scrape of ``http://<metrics.host>:<metrics.port>/metrics`` returns as
 they were at the last gathering (a scrape never makes an actor call). The names it serves are
@@ -173,6 +174,17 @@ class MetricsExporter:
         self._last = 0.0
         self._regions: set[str] = set()
         self._handles: dict[str, Any] = {}
+        #: each shard's last queue shape and when it was taken (see SHAPE_EVERY)
+        self._shapes: dict[str, tuple[float, Any]] = {}
+        #: each shard's live messages at the last gathering
+        self._live: dict[str, int] = {}
+
+    #: a shard's queue shape (by site and age) walks the shard's whole queue: 30 ms of the
+    #: leader's CPU per call at 20,000 queued, and more as the queue grows. Past SHAPE_CHEAP
+    #: live messages (at the last gathering) it is taken at most every SHAPE_EVERY seconds
+    #: (the figures it gives move slowly there); below, at every gathering.
+    SHAPE_EVERY = 30.0
+    SHAPE_CHEAP = 5_000
 
     # ------------------------------------------------------------------ prometheus_client
     def collect(self) -> list[Any]:
@@ -278,10 +290,21 @@ class MetricsExporter:
             log.debug("metrics: %s.%s failed: %s", name, method, e)
             return None
 
-    def _actor_names(self) -> dict[str, list[str]]:
+    async def _shape(self, name: str, top: int, now: float) -> Any:
+        """The shard's queue shape, asked again only past :attr:`SHAPE_EVERY`."""
+        last = self._shapes.get(name)
+        if last is not None and now - last[0] < self.SHAPE_EVERY and \
+                self._live.get(name, 0) > self.SHAPE_CHEAP:
+            return last[1]
+        shape = await self._call(name, "metrics_shape", top)
+        if shape is not None:
+            self._shapes[name] = (now, shape)
+        return shape
+
+    def _actor_names(self, nodes: list[dict[str, Any]]) -> dict[str, list[str]]:
         # (not actors.remote.list_relays: importing it loads every actor module, ~0.2 s of
         # CPU in this small process)
-        alive = {n["NodeID"][:12] for n in ray.nodes() if n.get("Alive")}
+        alive = {n["NodeID"][:12] for n in nodes if n.get("Alive")}
         names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                  if a.get("namespace") == self.ns]
         return {"relay": sorted(n for n in names if n.startswith("relay:") and
@@ -295,17 +318,21 @@ class MetricsExporter:
         cfg = self.cfg
         top = cfg.metrics.top_sites
         shards = list(range(cfg.queue.shards))
-        names, nodes = await asyncio.gather(loop.run_in_executor(None, self._actor_names),
-                                            loop.run_in_executor(None, ray.nodes))
+        nodes = await loop.run_in_executor(None, ray.nodes)
+        names = await loop.run_in_executor(None, self._actor_names, nodes)
         coord = [f"coordinator:{s}" for s in shards]
+        now = time.monotonic()
         calls = ([self._call(n, "stats") for n in coord] +
-                 [self._call(n, "metrics_shape", top) for n in coord] +
+                 [self._shape(n, top, now) for n in coord] +
                  [self._call(n, "stats") for n in names["relay"]] +
                  [self._call(n, "stats") for n in names["throttle"]] +
                  [self._call(n, "stats") for n in names["replica"]])
         res = await asyncio.gather(*calls)
         k = len(coord)
         stats, shapes = res[:k], res[k:2 * k]
+        for n, st in zip(coord, stats):
+            if st is not None:
+                self._live[n] = st.get("live", 0)
         relays = res[2 * k:2 * k + len(names["relay"])]
         rest = res[2 * k + len(names["relay"]):]
         throttles = rest[:len(names["throttle"])]
