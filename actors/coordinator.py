@@ -53,6 +53,7 @@ from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.shaping import Action, apply_limits
 from cluster.core.relay_choice import (choose_relays, pool_for, split_counts, spread_count,
                                        weighted_pick)
+from cluster.core.warmup import DEFAULT, WarmupLedger, next_day_start, shard_status
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -178,7 +179,10 @@ class QueueCoordinator:
         self.metrics = CoordinatorMetrics(shard, config.metrics.enabled,
                                           config.metrics.top_sites)
         self.counters = {"dispatched": 0, "requeued_after_relay_loss": 0, "commits": 0,
-                         "snapshots": 0}
+                         "snapshots": 0, "warmup_held": 0}
+        plans = config.warmup_plans()
+        #: this shard's warm-up counts (None: no source warms up)
+        self._warmup = WarmupLedger(plans, config.queue.shards, shard) if plans else None
 
     def _drop_orphan_bodies(self) -> None:
         # A body whose accept records were cut off with a torn tail belongs to no message.
@@ -754,9 +758,12 @@ class QueueCoordinator:
                 if not msgs:
                     continue
                 budget -= len(msgs)
-                placed, unplaced = self._place(site, info.limits, ready, msgs)
+                placed, unplaced, held = self._place(site, info.limits, ready, msgs)
                 if unplaced:
                     st.requeue([m.id for m in unplaced])
+                if held:   # a cold source at its cap: tomorrow (not an attempt, no record)
+                    st.hold_until([m.id for m in held], next_day_start(now))
+                    self.counters["warmup_held"] += len(held)
                 if not placed:
                     continue
                 route = self._routes[msgs[0].domain]
@@ -787,9 +794,21 @@ class QueueCoordinator:
                     taken_ids.setdefault(relay, []).extend(m.id for m in part)
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + n_placed
                 self._site_reported[site] = (self._site_inflight[site], tname, info.limits)
+        if self._warmup is not None:
+            self._warmup_records(now)
         for relay, batch in per_relay.items():
             self.counters["dispatched"] += len(taken_ids[relay])
             self._spawn(self._deliver(relay, batch, taken_ids[relay]))
+
+    def _warmup_records(self, now: float) -> None:
+        """Reservations of warm-up counts and first-of-the-day cap events, as ``u`` records:
+        a cold source sends only what a committed record reserved, so a restarted leader
+        (which takes every reserved count as used) can never send past the cap."""
+        assert self._warmup is not None
+        recs = [q.warmup_record(s, p, d, n, now, note) for s, p, d, n, note in
+                self._warmup.records(now, self.state.warmup, self.state.warmup_notes)]
+        if recs:
+            self._enqueue(recs)
 
     def _stale_reports(self) -> list[tuple[str, str, SiteLimits, int]]:
         """Sites whose in-flight count went down since the throttle last heard it."""
@@ -843,31 +862,62 @@ class QueueCoordinator:
         return self._relays
 
     def _place(self, site: str, limits: SiteLimits, ready: int, msgs: list[q.QueuedMessage]
-               ) -> tuple[list[tuple[str, list[q.QueuedMessage]]], list[q.QueuedMessage]]:
+               ) -> tuple[list[tuple[str, list[q.QueuedMessage]]], list[q.QueuedMessage],
+                          list[q.QueuedMessage]]:
         """Which relay sends each of ``msgs`` (taken for ``site``): ``([(relay, messages)],
-        messages no relay can send now)``. A message whose sender domain has an egress pool
-        goes out from one of the pool's sources, picked by weight on its id; the others from
-        any source the site allows. Over the relays of the allowed sources, the site's
-        rendezvous choice (:meth:`_relays_for`) and, for a hot site, an even split."""
+        messages no relay can send now, messages held for a warm-up cap)``. A message whose
+        sender domain has an egress pool goes out from one of the pool's sources, picked by
+        weight on its id; the others from any source the site allows. A source still warming
+        up (:mod:`cluster.core.warmup`) sends only its share of today's cap: past it, the
+        message overflows to another source with room or is held. Over the relays of the
+        allowed sources, the site's rendezvous choice (:meth:`_relays_for`) and, for a hot
+        site, an even split."""
         groups: dict[tuple[str, ...], list[q.QueuedMessage]] = {}
         unplaced: list[q.QueuedMessage] = []
+        held: list[q.QueuedMessage] = []
         pools = self.cfg.egress_pools
-        if not pools:
+        warm = self._warmup
+        now = time.time()
+        prov = (self.cfg.shaping.rules.provider_of(site) or DEFAULT) if warm else ""
+        natural: dict[str, float] = {}
+        allowed: dict[str, float] = {}
+        if warm is not None:
+            have = {r.rsplit(":", 1)[-1] for r in self._relay_names()}
+            allowed = {src: 1.0 for src in sorted(have)
+                       if not limits.sources or src in limits.sources}
+            natural = {r.rsplit(":", 1)[-1]: 1.0
+                       for r in self._relays_for(site, limits, ready)}
+            if not any(warm.cold(src, now) for src in natural):
+                natural = {}   # the site's own relays are warm: placed as before
+        if not pools and not natural:
             groups[()] = msgs
         else:
             have = {r.rsplit(":", 1)[-1] for r in self._relay_names()}
             for m in msgs:
-                pool = pool_for(m.sender, pools)
-                if pool is None:
+                pool = pool_for(m.sender, pools) if pools else None
+                if pool is None and not natural:
                     groups.setdefault((), []).append(m)
                     continue
-                w = {src: x for src, x in pool.weights if src in have and
-                     (not limits.sources or src in limits.sources)}
+                if pool is None:
+                    w, fallback = natural, allowed
+                else:
+                    w = {src: x for src, x in pool.weights if src in have and
+                         (not limits.sources or src in limits.sources)}
+                    fallback = {}
                 if not w:
                     unplaced.append(m)
                     continue
-                groups.setdefault((weighted_pick(m.id, w),), []).append(m)
-            if unplaced:
+                if warm is None:
+                    groups.setdefault((weighted_pick(m.id, w),), []).append(m)
+                    continue
+                src, outcome = warm.choose(m.id, w, prov, now, self.state.warmup, fallback)
+                if src is not None:
+                    groups.setdefault((src,), []).append(m)
+                elif outcome == "hold":
+                    held.append(m)
+                else:   # a reservation is on its way: next round
+                    unplaced.append(m)
+            if unplaced and not warm:
                 log.error("no relay for egress pool of %d messages to site %s", len(unplaced),
                           site)
         out: list[tuple[str, list[q.QueuedMessage]]] = []
@@ -889,7 +939,7 @@ class QueueCoordinator:
                 self._spread_turn[key] = (turn + len(part)) % len(relays)
             else:
                 self._spread_turn.pop(key, None)
-        return out, unplaced
+        return out, unplaced, held
 
     def _relays_for(self, site: str, limits: SiteLimits, ready: int,
                     only: tuple[str, ...] = ()) -> list[str]:
@@ -1365,6 +1415,13 @@ class QueueCoordinator:
         """Shaping actions in force on this shard (a restarted throttle adopts its own)."""
         await self._until_serving()
         return self.state.shaping_in_force(time.time())
+
+    async def warmup_state(self) -> list[dict[str, Any]]:
+        """This shard's warm-up counts today per (source, provider) (``raymta status``)."""
+        await self._until_serving()
+        if self._warmup is None:
+            return []
+        return shard_status(self._warmup, time.time(), self.state.warmup)
 
     async def retry_now(self, key: str) -> int:
         """Deferred messages for a domain or site become ready now (``raymta retry``)."""

@@ -267,6 +267,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"shaping rule {a['rule']}: {a['action']} {a['key']}"
               + (f" ({limits})" if limits else "")
               + f" for {max(0.0, a['until'] - now):.0f}s more: {a.get('text', '')[:100]}")
+    for w in mc.warmup():
+        print(f"warm-up {w['source']} ({w['plan']}): " + (
+            f"warm (the plan ended on day {w['last_day']})" if w["day"] > w["last_day"] else
+            f"day {w['day']} of {w['last_day']}, {w['provider']} {w['sent']}/"
+            f"{'-' if w['cap'] is None else w['cap']} today (when capped: {w['when_capped']})"))
     ns = mc.cfg.cluster.namespace
     from actors.drain_mark import drained_nodes
     for nid, mark in sorted(drained_nodes(ns).items()):
