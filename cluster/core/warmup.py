@@ -232,6 +232,8 @@ class WarmupLedger:
         if b is None:
             return "ok"
         k = self.key(source, provider, utc_day(now))
+        # pinned at first sight: a restarted leader counts every reserved message as sent
+        self.used.setdefault(k, b.used)
         if b.used >= b.share:
             self.notes.add(f"{k}|capped")
             return "capped"
