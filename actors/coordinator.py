@@ -53,7 +53,8 @@ from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.shaping import Action, apply_limits
 from cluster.core.relay_choice import (choose_relays, pool_for, split_counts, spread_count,
                                        weighted_pick)
-from cluster.core.warmup import DEFAULT, WarmupLedger, next_day_start, shard_status
+from cluster.core.warmup import (DEFAULT, WarmupLedger, grant, home_shard, next_day_start,
+                                 shard_status, utc_day)
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -183,6 +184,8 @@ class QueueCoordinator:
         plans = config.warmup_plans()
         #: this shard's warm-up counts (None: no source warms up)
         self._warmup = WarmupLedger(plans, config.queue.shards, shard) if plans else None
+        #: as the home shard of warm-up sources: counts granted, committed or on their way
+        self._warmup_promised: dict[str, int] = {}
 
     def _drop_orphan_bodies(self) -> None:
         # A body whose accept records were cut off with a torn tail belongs to no message.
@@ -801,14 +804,63 @@ class QueueCoordinator:
             self._spawn(self._deliver(relay, batch, taken_ids[relay]))
 
     def _warmup_records(self, now: float) -> None:
-        """Reservations of warm-up counts and first-of-the-day cap events, as ``u`` records:
-        a cold source sends only what a committed record reserved, so a restarted leader
-        (which takes every reserved count as used) can never send past the cap."""
-        assert self._warmup is not None
-        recs = [q.warmup_record(s, p, d, n, now, note) for s, p, d, n, note in
-                self._warmup.records(now, self.state.warmup, self.state.warmup_notes)]
+        """Warm-up bookkeeping after a round: blocks of counts to ask the sources' home shards
+        for (a cold source sends only counts its home granted and wrote down, so no restart
+        anywhere lets it send past its cap), and first-of-the-day events as ``u`` records."""
+        w = self._warmup
+        assert w is not None
+        for src, prov, day, n in w.requests(now):
+            self._spawn(self._warmup_ask(src, prov, day, n))
+        recs = [q.warmup_record(s, p, d, self.state.warmup.get(w.key(s, p, d), 0), now, note)
+                for s, p, d, note in w.take_notes(self.state.warmup_notes)]
         if recs:
             self._enqueue(recs)
+
+    async def _warmup_ask(self, source: str, provider: str, day: int, n: int) -> None:
+        assert self._warmup is not None
+        home = home_shard(source, self.cfg.queue.shards)
+        got: int | None = None
+        try:
+            if home == self.shard:
+                got = await self.warmup_reserve(source, provider, day, n)
+            else:
+                got = await asyncio.wait_for(self._handle(f"coordinator:{home}").warmup_reserve
+                                             .remote(source, provider, day, n), timeout=10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError, RuntimeError,
+                NotWritten) as e:
+            log.warning("warm-up counts for %s/%s from coordinator:%d failed: %s", source,
+                        provider, home, e)
+            self._handles.pop(f"coordinator:{home}", None)
+        self._warmup.answered(source, provider, day, n, got)
+        assert self._dispatch_wake is not None
+        self._dispatch_wake.set()
+
+    async def warmup_reserve(self, source: str, provider: str, day: int, n: int) -> int:
+        """Grant up to ``n`` of egress ``source``'s cap for ``provider`` on UTC ``day`` to a
+        shard (this shard is the source's home): written down before it answers, so the
+        total granted, which never passes the cap, survives any restart."""
+        await self._until_serving()
+        plan = self.cfg.warmup_plans().get(source)
+        if plan is None or home_shard(source, self.cfg.queue.shards) != self.shard:
+            raise ValueError(f"coordinator:{self.shard} keeps no warm-up counts of {source!r}")
+        now = time.time()
+        if day < utc_day(now) - 1:
+            return 0
+        cap = plan.cap(provider, day * 86400.0)
+        if cap is None:
+            return n
+        k = WarmupLedger.key(source, provider, day)
+        total = max(self.state.warmup.get(k, 0), self._warmup_promised.get(k, 0))
+        g = grant(total, cap, n)
+        if g > 0:
+            # promised at once (calls interleave while the record commits); a commit that
+            # fails leaves the promise standing: fewer sent, never more
+            self._warmup_promised[k] = total + g
+            for old in [x for x in self._warmup_promised if int(x.rsplit("|", 1)[1]) < day - 1]:
+                del self._warmup_promised[old]
+            await self._commit([q.warmup_record(source, provider, day, total + g, now,
+                                                "capped" if total + g >= cap else "")])
+        return g
 
     def _stale_reports(self) -> list[tuple[str, str, SiteLimits, int]]:
         """Sites whose in-flight count went down since the throttle last heard it."""
@@ -910,7 +962,7 @@ class QueueCoordinator:
                 if warm is None:
                     groups.setdefault((weighted_pick(m.id, w),), []).append(m)
                     continue
-                src, outcome = warm.choose(m.id, w, prov, now, self.state.warmup, fallback)
+                src, outcome = warm.choose(m.id, w, prov, now, fallback)
                 if src is not None:
                     groups.setdefault((src,), []).append(m)
                 elif outcome == "hold":

@@ -10,9 +10,9 @@ import pytest
 
 from cluster.config import ConfigError, parse_config
 from cluster.core import queue as q
-from cluster.core.warmup import (WarmupLedger, WarmupSchedule, choose_source, merge_status,
-                                 next_day_start, parse_schedule, shard_share, shard_status,
-                                 utc_day)
+from cluster.core.warmup import (WarmupLedger, WarmupSchedule, block_size, choose_source, grant,
+                                 home_shard, merge_status, next_day_start, parse_schedule,
+                                 shard_status, utc_day)
 
 PROVIDERS = ("gmail", "yahoo", "outlook")
 
@@ -52,11 +52,22 @@ def test_a_plan_without_default_leaves_other_providers_uncapped():
     assert p.cap("gmail", at("2026-12-01")) == 5 and p.cap("yahoo", at("2026-12-01")) is None
 
 
-@pytest.mark.parametrize("cap,shards,parts", [
-    (20, 1, [20]), (20, 2, [10, 10]), (21, 2, [11, 10]), (2, 4, [1, 1, 0, 0]), (0, 3, [0] * 3),
+@pytest.mark.parametrize("cap,shards,block", [
+    (20, 2, 5), (20, 1, 10), (1, 4, 1), (10_000, 2, 50), (0, 2, 1),
 ])
-def test_shard_shares_add_up_to_the_cap(cap, shards, parts):
-    assert [shard_share(cap, shards, s) for s in range(shards)] == parts
+def test_block_size_is_small_next_to_the_cap(cap, shards, block):
+    assert block_size(cap, shards) == block
+
+
+@pytest.mark.parametrize("total,cap,n,got", [(0, 20, 5, 5), (18, 20, 5, 2), (20, 20, 5, 0),
+                                             (25, 20, 5, 0)])
+def test_the_home_never_grants_past_the_cap(total, cap, n, got):
+    assert grant(total, cap, n) == got
+
+
+def test_home_shard_is_stable_and_in_range():
+    assert {home_shard("ip1", 4) for _ in range(3)} == {home_shard("ip1", 4)}
+    assert all(0 <= home_shard(f"ip{i}", 3) < 3 for i in range(50))
 
 
 def test_utc_day_and_next_day_start():
@@ -65,54 +76,70 @@ def test_utc_day_and_next_day_start():
     assert next_day_start(now) == at("2026-12-02", 0)
 
 
-def test_ledger_sends_only_what_was_reserved_and_never_past_the_share():
+class Home:
+    """A source's home shard, as the coordinator runs it: durable totals, granted blocks."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.total = 0      # what the u records say
+
+    def ask(self, led: WarmupLedger, now: float) -> None:
+        for src, prov, day, n in led.requests(now):
+            g = grant(self.total, self.cap, n)
+            self.total += g
+            led.answered(src, prov, day, n, g)
+
+
+def test_shards_send_only_granted_counts_and_never_past_the_cap_together():
     now = at("2026-12-01")
-    led = WarmupLedger({"cold": PLAN}, shards=2, shard=0, block=4)
-    reserved: dict[str, int] = {}
-    # nothing reserved yet: wait, and a reservation of one block is asked for
-    assert led.take("cold", "gmail", now, reserved) == "wait"
-    assert led.records(now, reserved, set()) == [("cold", "gmail", utc_day(now), 4, "")]
-    assert led.records(now, reserved, set()) == []          # asked once (5 s before again)
-    assert led.records(now + 6, reserved, set()) == [("cold", "gmail", utc_day(now), 4, "")]
-    reserved[WarmupLedger.key("cold", "gmail", utc_day(now))] = 4    # it applied
-    got = []
-    for _ in range(30):
-        r = led.take("cold", "gmail", now, reserved)
-        got.append(r)
-        for src, prov, day, n, note in led.records(now, reserved, set()):
-            if not note:   # the record commits and applies
-                k = WarmupLedger.key(src, prov, day)
-                reserved[k] = max(reserved.get(k, 0), n)
-    assert got.count("ok") == 10        # the share of 20 over 2 shards, exactly
-    assert got[-1] == "capped"
-    assert reserved[WarmupLedger.key("cold", "gmail", utc_day(now))] == 10
+    home = Home(20)
+    a = WarmupLedger({"cold": PLAN}, shards=2, shard=0)
+    b = WarmupLedger({"cold": PLAN}, shards=2, shard=1)
+    assert a.take("cold", "gmail", now) == "wait"      # nothing granted yet: asks a block
+    assert a.requests(now) == [("cold", "gmail", utc_day(now), 5)]
+    assert a.requests(now) == []                       # one request at a time
+    a.asking.clear()
+    sent = {"a": 0, "b": 0}
+    # shard a has 50 messages, shard b 3: a may use what b does not
+    for i in range(60):
+        for name, led, want in (("a", a, 50), ("b", b, 3)):
+            if sent[name] < want and led.take("cold", "gmail", now) == "ok":
+                sent[name] += 1
+            home.ask(led, now)
+    assert sent["a"] + sent["b"] <= 20 and home.total == 20
+    assert sent["b"] == 3 and sent["a"] >= 20 - 3 - 5   # b holds at most a block unused
+    assert a.take("cold", "gmail", now) == "capped"
+    assert f"cold|gmail|{utc_day(now)}|capped" in a.notes
     # a warm source is never counted
-    assert all(led.take("warm", "gmail", now, reserved) == "ok" for _ in range(100))
+    assert all(a.take("warm", "gmail", now) == "ok" for _ in range(100))
 
 
-def test_a_restarted_leader_takes_every_reserved_count_as_sent():
+def test_a_restarted_leader_starts_with_nothing_granted():
     now = at("2026-12-01")
-    k = WarmupLedger.key("cold", "gmail", utc_day(now))
-    reserved = {k: 8}                    # 8 reserved before the SIGKILL, maybe 3 of them sent
-    led = WarmupLedger({"cold": PLAN}, shards=1, shard=0, block=8)
+    home = Home(20)
+    home.total = 15          # granted before the SIGKILL (whatever of it was sent)
+    led = WarmupLedger({"cold": PLAN}, shards=1, shard=0)
     oks = 0
     for _ in range(40):
-        if led.take("cold", "gmail", now, reserved) == "ok":
+        if led.take("cold", "gmail", now) == "ok":
             oks += 1
-        for src, prov, day, n, note in led.records(now, reserved, set()):
-            reserved[WarmupLedger.key(src, prov, day)] = n
-    assert oks == 20 - 8                 # never more than the cap in all
+        home.ask(led, now)
+    assert oks == 5 and home.total == 20
 
 
-def test_counts_start_again_the_next_day_and_old_days_are_forgotten():
-    led = WarmupLedger({"cold": PLAN}, shards=1, shard=0, block=100)
+def test_a_failed_request_is_asked_again_and_old_days_are_forgotten():
+    led = WarmupLedger({"cold": PLAN}, shards=1, shard=0)
     d1, d2 = at("2026-12-01"), at("2026-12-02")
-    reserved = {WarmupLedger.key("cold", "gmail", utc_day(d1)): 20}
-    led.used[WarmupLedger.key("cold", "gmail", utc_day(d1))] = 20
-    assert led.take("cold", "gmail", d1, reserved) == "capped"
-    assert led.take("cold", "gmail", d2, reserved) == "wait"     # a new day, a new block
-    led.records(d2, reserved, set())
-    assert all(int(k.rsplit("|", 1)[1]) == utc_day(d2) for k in led.used)
+    assert led.take("cold", "gmail", d1) == "wait"
+    (req,) = led.requests(d1)
+    led.answered(*req, None)                              # the home did not answer
+    assert led.take("cold", "gmail", d1) == "wait" and led.requests(d1) == [req]
+    led.answered(*req, 2)                                 # fewer than asked: capped
+    assert [led.take("cold", "gmail", d1) for _ in range(3)] == ["ok", "ok", "capped"]
+    assert led.take("cold", "gmail", d2) == "wait"        # a new day
+    led.requests(d2)
+    assert all(int(k.rsplit("|", 1)[1]) == utc_day(d2) for k in (*led.used, *led.granted))
+    assert not led.capped
 
 
 def _taker(room: dict[str, int]):
@@ -180,10 +207,11 @@ def test_status_rows_add_up_over_shards():
     for shard, sent in ((0, 7), (1, 9)):
         led = WarmupLedger({"cold": PLAN}, shards=2, shard=shard)
         led.used[k] = sent
-        rows.append(shard_status(led, now, {k: 10}))
+        rows.append(shard_status(led, now, {k: 18} if shard == home_shard("cold", 2) else {}))
     merged = {r["provider"]: r for r in merge_status(rows)}
-    assert merged["gmail"]["sent"] == 16 and merged["gmail"]["cap"] == 20
-    assert merged["gmail"]["day"] == 1 and merged["default"]["sent"] == 0
+    assert merged["gmail"]["sent"] == 16 and merged["gmail"]["count"] == 18
+    assert merged["gmail"]["cap"] == 20 and merged["gmail"]["day"] == 1
+    assert merged["default"]["sent"] == 0 and merged["default"]["cap"] == 50
 
 
 EGRESS = [{"name": "cold", "warmup": "new"}, {"name": "warm"}]

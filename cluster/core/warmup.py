@@ -34,9 +34,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cluster.core.relay_choice import weighted_pick
+from cluster.core.sites import stable_hash
 
 __all__ = ["DEFAULT", "POLICIES", "WarmupError", "WarmupSchedule", "WarmupLedger",
-           "choose_source", "next_day_start", "parse_schedule", "shard_share", "utc_day"]
+           "block_size", "choose_source", "grant", "home_shard", "merge_status",
+           "next_day_start", "parse_schedule", "shard_status", "utc_day"]
 
 #: the column for sites of no listed provider
 DEFAULT = "default"
@@ -60,13 +62,6 @@ def utc_day(now: float) -> int:
 
 def next_day_start(now: float) -> float:
     return (utc_day(now) + 1) * _DAY
-
-
-def shard_share(cap: int, shards: int, shard: int) -> int:
-    """Shard ``shard``'s part of a daily cap: even, the remainder to the first shards, so the
-    parts add up to the cap exactly."""
-    base, extra = divmod(cap, shards)
-    return base + (1 if shard < extra else 0)
 
 
 @dataclass(frozen=True)
@@ -175,35 +170,45 @@ def parse_schedule(name: str, raw: Any, providers: Sequence[str], where: str = "
     return WarmupSchedule(name, start, tuple(rows), policy)
 
 
-@dataclass
-class Budget:
-    """One (source, provider)'s standing today on one shard."""
+def home_shard(source: str, shards: int) -> int:
+    """The shard that keeps ``source``'s counts (and grants blocks of them to the others)."""
+    return stable_hash(f"warmup:{source}") % shards
 
-    cap: int | None          # the whole cluster's cap today (None: none)
-    share: int               # this shard's part of it
-    used: int                # sent (reserved counts after a restart) today by this shard
-    reserved: int            # durably reserved today by this shard
+
+def block_size(cap: int, shards: int, largest: int = 50) -> int:
+    """How many counts a shard reserves at once: small next to the cap (what a shard holds
+    unused is what the source may send less than its cap), at most ``largest``."""
+    return max(1, min(largest, cap // (2 * shards)))
+
+
+def grant(total: int, cap: int, n: int) -> int:
+    """The home shard's answer to a request for ``n`` counts when ``total`` are already
+    reserved today: never past the cap."""
+    return max(0, min(n, cap - total))
 
 
 @dataclass
 class WarmupLedger:
-    """Today's counts of one queue shard, per (source, provider).
+    """One queue shard's warm-up counts today, per (source, provider, day) key.
 
-    ``reserved`` is the durable side (the shard's applied ``u`` records, "source|provider|day"
-    → count, :attr:`cluster.core.queue.QueueState.warmup`); :attr:`used` is this leader's own
-    count since it started, and starts at the reserved count (a restart forgets what was left
-    of a block, never what was sent)."""
+    The durable total of a source is kept by its home shard (:func:`home_shard`) in ``u``
+    records; a shard sends only counts the home granted it (:attr:`granted`, asked for a block
+    at a time, :meth:`requests`). This leader's counts are soft: a restarted leader starts with
+    none granted, so what it held unused is lost for the day (the source sends less), and what
+    it sent stays in the home's total (it never sends more)."""
 
     schedules: Mapping[str, WarmupSchedule]      # source → its plan
     shards: int
     shard: int
-    #: counts reserved per record; the last block of a day is cut to the share
+    #: the most a block may be (:func:`block_size`)
     block: int = 50
+    granted: dict[str, int] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)
-    #: key → the reservation asked for (a record on its way)
-    asked: dict[str, tuple[int, float]] = field(default_factory=dict)
-    #: events to record: "source|provider|day|note" (made once a day per shard: the state
-    #: keeps the ones already made)
+    #: keys whose home said "nothing left today"
+    capped: set[str] = field(default_factory=set)
+    #: key → (counts asked, when the request went out; -1: not yet)
+    asking: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: events to record: "source|provider|day|note"
     notes: set[str] = field(default_factory=set)
 
     @staticmethod
@@ -214,88 +219,82 @@ class WarmupLedger:
         s = self.schedules.get(source)
         return s is not None and not s.warm(now)
 
-    def budget(self, source: str, provider: str, now: float,
-               reserved: Mapping[str, int]) -> Budget | None:
+    def take(self, source: str, provider: str, now: float) -> str:
+        """Count one message for ``source``: "ok" (counted, or the source has no cap today),
+        "capped" (today's cap is used up) or "wait" (a block is asked for: next round)."""
         s = self.schedules.get(source)
         cap = s.cap(provider, now) if s is not None else None
         if cap is None:
-            return None
-        k = self.key(source, provider, utc_day(now))
-        r = reserved.get(k, 0)
-        return Budget(cap, shard_share(cap, self.shards, self.shard), self.used.get(k, r), r)
-
-    def take(self, source: str, provider: str, now: float, reserved: Mapping[str, int]) -> str:
-        """Count one message for ``source``: "ok" (counted, or the source has no cap),
-        "capped" (this shard's share of today's cap is used up) or "wait" (within the cap,
-        but the reservation it needs is not durable yet: ask again next round)."""
-        b = self.budget(source, provider, now, reserved)
-        if b is None:
             return "ok"
         k = self.key(source, provider, utc_day(now))
-        # pinned at first sight: a restarted leader counts every reserved message as sent
-        self.used.setdefault(k, b.used)
-        if b.used >= b.share:
+        used, got = self.used.get(k, 0), self.granted.get(k, 0)
+        if used < got:
+            # (no asking ahead: a block this shard asks for and then has no mail for is lost
+            # to the others for the day; a cold source waits a round per block instead)
+            self.used[k] = used + 1
+            return "ok"
+        if cap == 0 or k in self.capped:
             self.notes.add(f"{k}|capped")
             return "capped"
-        if b.used >= b.reserved:
-            self._ask(k, min(b.share, b.used + self.block), now)
-            return "wait"
-        self.used[k] = b.used + 1
-        if b.reserved - (b.used + 1) < self.block // 2 and b.reserved < b.share:
-            self._ask(k, min(b.share, b.reserved + self.block), now)   # the next block, early
-        return "ok"
+        self._ask(k, block_size(cap, self.shards, self.block))
+        return "wait"
 
-    def _ask(self, k: str, want: int, now: float) -> None:
-        prev = self.asked.get(k)
-        if prev is None or prev[0] < want or now - prev[1] > 5.0:
-            self.asked[k] = (max(want, prev[0] if prev else 0), -1.0)   # -1: not sent yet
+    def _ask(self, k: str, n: int) -> None:
+        if k not in self.asking:
+            self.asking[k] = (n, -1.0)
+
+    def requests(self, now: float) -> list[tuple[str, str, int, int]]:
+        """Blocks to ask the home shards for now: ``(source, provider, day, n)``. One request
+        per key at a time; one unanswered for 15 s is asked again."""
+        out = []
+        today = utc_day(now)
+        for k, (n, sent) in list(self.asking.items()):
+            src, prov, day = k.rsplit("|", 2)
+            if int(day) < today:
+                del self.asking[k]
+            elif sent < 0 or now - sent > 15.0:
+                self.asking[k] = (n, now)
+                out.append((src, prov, int(day), n))
+        for d in (self.used, self.granted):
+            for k in [k for k in d if int(k.rsplit("|", 1)[1]) < today]:
+                del d[k]    # bounded: yesterday's counts go
+        self.capped = {k for k in self.capped if int(k.rsplit("|", 1)[1]) >= today}
+        return out
+
+    def answered(self, source: str, provider: str, day: int, asked: int, got: int | None
+                 ) -> None:
+        """The home's answer: ``got`` counts granted (fewer than asked: the cap is reached),
+        None: the request failed (asked again next round)."""
+        k = self.key(source, provider, day)
+        self.asking.pop(k, None)
+        if got is None:
+            return
+        self.granted[k] = self.granted.get(k, 0) + got
+        if got < asked:
+            self.capped.add(k)
 
     def choose(self, msg_id: str, weights: Mapping[str, float], provider: str, now: float,
-               reserved: Mapping[str, int], fallback: Mapping[str, float] | None = None
-               ) -> tuple[str | None, str]:
+               fallback: Mapping[str, float] | None = None) -> tuple[str | None, str]:
         """:func:`choose_source` with this ledger's counts and plans: ``(source, outcome)``."""
         def when_capped(src: str) -> str:
             s = self.schedules.get(src)
             return s.when_capped if s is not None else "overflow"
 
         src, outcome, notes = choose_source(
-            msg_id, weights, when_capped,
-            lambda x: self.take(x, provider, now, reserved), fallback)
+            msg_id, weights, when_capped, lambda x: self.take(x, provider, now), fallback)
         day = utc_day(now)
         for s, note in notes:
             self.notes.add(f"{self.key(s, provider, day)}|{note}")
         return src, outcome
 
-    def records(self, now: float, reserved: Mapping[str, int], noted: set[str]
-                ) -> list[tuple[str, str, int, int, str]]:
-        """What to write down now: reservations and first-of-the-day events, as
-        ``(source, provider, day, reserved count, note)``; ``noted``: the notes the state
-        already holds."""
-        out = [(s, p, d, n, "") for s, p, d, n in self.reservations(now, reserved)]
-        for n in sorted(self.notes):
-            if n not in noted:
-                src, prov, day, note = n.rsplit("|", 3)
-                k = self.key(src, prov, int(day))
-                out.append((src, prov, int(day), reserved.get(k, 0), note))
-        self.notes.clear()
-        return out
-
-    def reservations(self, now: float, reserved: Mapping[str, int]) -> list[tuple[str, str, int,
-                                                                             int]]:
-        """Reservations to record now: ``(source, provider, day, count)``; each is asked
-        again after 5 s if its record has not applied by then (a commit that failed)."""
+    def take_notes(self, noted: set[str]) -> list[tuple[str, str, int, str]]:
+        """First-of-the-day events to record, ``(source, provider, day, note)``; ``noted``:
+        the ones the state already holds."""
         out = []
-        today = utc_day(now)
-        for k, (want, sent) in list(self.asked.items()):
-            src, prov, day = k.rsplit("|", 2)
-            if int(day) < today or reserved.get(k, 0) >= want:
-                del self.asked[k]
-                continue
-            if sent < 0 or now - sent > 5.0:
-                self.asked[k] = (want, now)
-                out.append((src, prov, int(day), want))
-        for k in [k for k in self.used if int(k.rsplit("|", 1)[1]) < today]:
-            del self.used[k]    # bounded: yesterday's counts go
+        for n in sorted(self.notes - noted):
+            src, prov, day, note = n.rsplit("|", 3)
+            out.append((src, prov, int(day), note))
+        self.notes.clear()
         return out
 
 
@@ -333,33 +332,34 @@ def choose_source(key: str, weights: Mapping[str, float], when_capped: Callable[
 
 def shard_status(ledger: WarmupLedger, now: float, reserved: Mapping[str, int]
                  ) -> list[dict[str, Any]]:
-    """One shard's standing today per (source, provider): the plan's providers and the ones
-    counted today (``raymta status``, :func:`merge_status`)."""
+    """One shard's rows today per (source, provider): ``count`` is the durable total (on the
+    source's home shard only, else 0), ``sent`` what this leader sent since it started
+    (:func:`merge_status` adds the shards up)."""
     day = utc_day(now)
     out = []
     for src, plan in sorted(ledger.schedules.items()):
+        home = home_shard(src, ledger.shards) == ledger.shard
         provs = set(plan.rows[0][1])
-        provs.update(k.split("|")[1] for k in reserved
+        provs.update(k.split("|")[1] for k in (*reserved, *ledger.used)
                      if k.startswith(src + "|") and k.endswith(f"|{day}"))
         for p in sorted(provs):
-            b = ledger.budget(src, p, now, reserved)
+            k = WarmupLedger.key(src, p, day)
             out.append({"source": src, "plan": plan.name, "day": plan.day_of(now),
-                        "last_day": plan.last_day, "provider": p,
-                        "cap": b.cap if b else None, "sent": b.used if b else 0,
-                        "reserved": b.reserved if b else 0, "when_capped": plan.when_capped})
+                        "last_day": plan.last_day, "provider": p, "cap": plan.cap(p, now),
+                        "count": reserved.get(k, 0) if home else 0,
+                        "sent": ledger.used.get(k, 0), "when_capped": plan.when_capped})
     return out
 
 
 def merge_status(per_shard: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
-    """The shards' rows added up per (source, provider): ``sent`` and ``reserved`` are sums,
-    the rest is the plan's."""
+    """The shards' rows added up per (source, provider)."""
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for shard_rows in per_shard:
         for r in shard_rows:
             k = (r["source"], r["provider"])
             if k in rows:
                 rows[k]["sent"] += r["sent"]
-                rows[k]["reserved"] += r["reserved"]
+                rows[k]["count"] += r["count"]
             else:
                 rows[k] = dict(r)
     return [rows[k] for k in sorted(rows)]
