@@ -10,9 +10,19 @@ import pytest
 
 from cluster.config import ConfigError, parse_config
 from cluster.core import queue as q
-from cluster.core.warmup import (WarmupLedger, WarmupSchedule, block_size, choose_source, grant,
-                                 home_shard, merge_status, next_day_start, parse_schedule,
-                                 shard_status, utc_day)
+from cluster.core.warmup import (
+    WarmupLedger,
+    WarmupSchedule,
+    block_size,
+    choose_source,
+    grant,
+    home_shard,
+    merge_status,
+    next_day_start,
+    parse_schedule,
+    shard_status,
+    utc_day,
+)
 
 PROVIDERS = ("gmail", "yahoo", "outlook")
 

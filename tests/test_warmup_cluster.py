@@ -38,7 +38,7 @@ def warming(tmp_path_factory, dns_server):
     try:
         dns_server.add_a("mx.warmup.test", SINK)
         dns_server.add_mx("warmup.test", [(10, "mx.warmup.test")])
-        today = dt.datetime.now(dt.timezone.utc).date().isoformat()
+        today = dt.datetime.now(dt.UTC).date().isoformat()
         base = pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port, sink.port)
         raw = {"egress": [{"name": n, "bind_address": a, "ehlo_name": f"{n}.relay.test",
                            **({"warmup": {"cold": "new-ip", "coldhold": "slow"}[n]}

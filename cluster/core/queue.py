@@ -35,9 +35,10 @@ Record layout (msgpack arrays, first element the type):
                      shard sent; an event only (the message has usually finished)
 ``w``     webhook cursor: [w, endpoint, cursor, ts] — webhook ``endpoint`` has acknowledged
                      every event of this shard up to seq ``cursor`` (no event of its own)
-``u``     warm-up:   [u, source, provider, day, reserved, ts, note] — this shard has reserved
-                     ``reserved`` of egress ``source``'s cap for ``provider`` on UTC ``day``
-                     (:mod:`cluster.core.warmup`; counts only go up). ``note`` "" (no event),
+``u``     warm-up:   [u, source, provider, day, reserved, ts, note] — as egress ``source``'s
+                     home shard, this shard has granted ``reserved`` of its cap for
+                     ``provider`` on UTC ``day`` in all (:mod:`cluster.core.warmup`; counts only
+                     go up; another shard's note-only record carries its own, 0). ``note`` "" (no event),
                      "capped", "overflow" or "hold": the first such of the day makes the event
                      WarmupCapReached / WarmupOverflow / WarmupHold
 ========  ===================================================================================
@@ -414,7 +415,7 @@ class QueueState:
         self.counters_quarantined = 0
         #: webhook endpoint → the seq up to which it has acknowledged this shard's events
         self.webhook_cursors: dict[str, int] = {}
-        #: warm-up counts this shard reserved, "source|provider|day" → count, and the notes
+        #: warm-up counts granted by this (home) shard, "source|provider|day" → count, and the notes
         #: (events) already made, "source|provider|day|note"; only today's and yesterday's
         #: are kept (``u`` records, :mod:`cluster.core.warmup`)
         self.warmup: dict[str, int] = {}

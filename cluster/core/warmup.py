@@ -11,12 +11,14 @@ Owns:
   day N until the next row (the last row for its day only), and what happens to a message whose
   cold source is at its cap: ``overflow`` (another source of its pool with room sends it) or
   ``hold`` (it waits for the next day, deferred without an attempt);
-- the per-shard ledger (:class:`WarmupLedger`): each queue shard may send ``share`` of a
-  (source, provider)'s daily cap (the cap split evenly over the shards, so no shard ever asks
-  another), and it **reserves** counts in blocks through a durable ``u`` record
-  (:func:`cluster.core.queue.warmup_record`) *before* handing messages to the source. A
-  restarted leader starts from the reserved count (every reserved count is taken as used), so a
-  SIGKILL at any moment can only make the source send fewer than its cap, never more;
+- the counts (:class:`WarmupLedger`, one per queue shard): a batch of submissions lands on one
+  shard, so the cap is not split over the shards in advance. Each source has a **home shard**
+  (:func:`home_shard`) that keeps the day's total granted and writes it down in a ``u`` record
+  (:func:`cluster.core.queue.warmup_record`) *before* it answers; every shard, the home
+  included, sends from a cold source only counts granted to it, asked for a small block at a
+  time (:func:`block_size`). A restarted leader starts with nothing granted, so a SIGKILL
+  anywhere can only make a source send fewer than its cap (what a shard held unused, at most
+  one block per shard), never more;
 - the choice of source for one message (:func:`choose_source`).
 
 A provider is the shaping rules' provider of the site (MX host suffixes,
@@ -36,9 +38,22 @@ from typing import Any
 from cluster.core.relay_choice import weighted_pick
 from cluster.core.sites import stable_hash
 
-__all__ = ["DEFAULT", "POLICIES", "WarmupError", "WarmupSchedule", "WarmupLedger",
-           "block_size", "choose_source", "grant", "home_shard", "merge_status",
-           "next_day_start", "parse_schedule", "shard_status", "utc_day"]
+__all__ = [
+    "DEFAULT",
+    "POLICIES",
+    "WarmupError",
+    "WarmupLedger",
+    "WarmupSchedule",
+    "block_size",
+    "choose_source",
+    "grant",
+    "home_shard",
+    "merge_status",
+    "next_day_start",
+    "parse_schedule",
+    "shard_status",
+    "utc_day",
+]
 
 #: the column for sites of no listed provider
 DEFAULT = "default"
