@@ -269,3 +269,19 @@ def test_plans_and_sources_must_match(raw, where, what):
     with pytest.raises(ConfigError) as e:
         parse_config(raw)
     assert e.value.key == where and what in str(e.value), str(e.value)
+
+
+def test_the_readme_warmup_example_parses_as_written():
+    import re
+    import tomllib
+    from pathlib import Path
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### Egress and warm-up", 1)[1]
+    block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    cfg = parse_config(tomllib.loads(block))
+    plan = cfg.warmup_plans()["ip-new"]
+    assert "ip-warm" not in cfg.warmup_plans() and plan.when_capped == "overflow"
+    assert plan.cap("gmail", at("2026-12-01")) == 50
+    assert plan.cap("apple", at("2026-12-04")) == 400             # the default column
+    assert plan.cap("yahoo", at("2026-12-14")) == 4000            # day 14, the last
+    assert plan.cap("yahoo", at("2026-12-15")) is None            # warm
