@@ -783,26 +783,23 @@ class QueueState:
 
     def requeue(self, ids: Iterable[str], front: bool = True) -> int:
         """Put in-flight messages back to ready (their relay died without a result)."""
-        n = 0
         ids = list(ids)
         # appendleft reverses: walk backwards so the batch keeps its order at the front
-        for mid in (reversed(ids) if front else ids):
-            m = self.inflight.pop(mid, None)
-            if m is None or mid not in self.messages:
-                continue
-            self._make_ready(m, front)
-            n += 1
-        return n
+        return self._out_of_flight(reversed(ids) if front else ids,
+                                   lambda m: self._make_ready(m, front))
 
     def hold_until(self, ids: Iterable[str], at: float) -> int:
         """In-flight (just taken) messages wait until ``at`` without an attempt: soft, no
         record (a restarted leader finds them ready and decides again)."""
+        return self._out_of_flight(ids, lambda m: self._defer(m, at))
+
+    def _out_of_flight(self, ids: Iterable[str], put: Callable[[QueuedMessage], None]) -> int:
         n = 0
         for mid in ids:
             m = self.inflight.pop(mid, None)
             if m is None or mid not in self.messages:
                 continue
-            self._defer(m, at)
+            put(m)
             n += 1
         return n
 
