@@ -38,6 +38,8 @@ def warming(tmp_path_factory, dns_server):
     try:
         dns_server.add_a("mx.warmup.test", SINK)
         dns_server.add_mx("warmup.test", [(10, "mx.warmup.test")])
+        dns_server.add_mx("onlycold.test", [(10, "mx.onlycold.test")])
+        dns_server.add_a("mx.onlycold.test", SINK)
         today = dt.datetime.now(dt.UTC).date().isoformat()
         base = pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port, sink.port)
         raw = {"egress": [{"name": n, "bind_address": a, "ehlo_name": f"{n}.relay.test",
@@ -51,10 +53,12 @@ def warming(tmp_path_factory, dns_server):
                "egress_pool": [{"name": "news", "sources": ["cold", "warm"],
                                 "sender_domains": ["news.example"]},
                                {"name": "held", "sources": ["coldhold", "warm"],
-                                "sender_domains": ["hold.example"]}]}
+                                "sender_domains": ["hold.example"]}],
+               # a site only the cold source may carry (mail of no pool)
+               "site": [{"domain": "onlycold.test", "sources": ["cold"]}]}
         parsed = parse_config(raw)
         cfg = replace(base, egress=parsed.egress, egress_pools=parsed.egress_pools,
-                      warmups=parsed.warmups)
+                      warmups=parsed.warmups, sites=base.sites + parsed.sites)
         mc = MailCluster.connect(config=cfg, num_cpus=2)
         try:
             yield {"mc": mc, "sink": sink, "cfg": cfg}
@@ -64,9 +68,9 @@ def warming(tmp_path_factory, dns_server):
         sink.stop()
 
 
-def _submit(mc, sender: str, tag: str, n: int) -> list[str]:
-    msgs = [{"sender": sender, "recipients": [f"{tag}{i}@warmup.test"],
-             "raw": raw_message(i, f"{tag}{i}@warmup.test", size=300)} for i in range(n)]
+def _submit(mc, sender: str, tag: str, n: int, domain: str = "warmup.test") -> list[str]:
+    msgs = [{"sender": sender, "recipients": [f"{tag}{i}@{domain}"],
+             "raw": raw_message(i, f"{tag}{i}@{domain}", size=300)} for i in range(n)]
     res = mc.submit(msgs)
     assert all(r.accepted for r in res)
     return [i for r in res for i in r.ids]
@@ -135,3 +139,27 @@ def test_hold_keeps_the_rest_waiting_without_an_attempt(warming):
     assert not [e for e in evs if e["type"] in ("TransientFailure", "Bounce")]
     assert any(e["type"] == "WarmupHold" and e["source"] == "coldhold"
                for e in mc.events(0, limit=100_000))
+
+
+def test_mail_of_no_pool_waits_when_its_only_source_is_capped(warming):
+    """After the first test, the cold source has sent its 20 today; a site that only it may
+    carry gets mail of no pool: nothing else may send it, so it waits (overflow has nowhere
+    to go), without an attempt."""
+    mc, sink = warming["mc"], warming["sink"]
+
+    def cold_count() -> int:
+        return {(w["source"], w["provider"]): w["count"] for w in mc.warmup()}[
+            ("cold", "default")]
+
+    if cold_count() < CAP:   # run alone: use the cold source's cap up first
+        _submit(mc, "s@news.example", "fill", 3 * CAP)
+        wait_for(lambda: cold_count() == CAP and sum(_by_source(sink, "fill").values()) ==
+                 3 * CAP, 60, "the cold source's cap to be used up")
+    ids = _submit(mc, "s@plain.example", "np", 10, domain="onlycold.test")
+    held = wait_for(lambda: [s for s in mc.status(ids) if s and s["state"] == "deferred"
+                             and s["attempts"] == 0] if all(
+        s and s["state"] == "deferred" for s in mc.status(ids)) else None, 30,
+        "the site's mail to wait")
+    tomorrow = (int(time.time() // 86400) + 1) * 86400
+    assert len(held) == 10 and all(h["next_attempt"] == tomorrow for h in held), held[:2]
+    assert not _by_source(sink, "np")
