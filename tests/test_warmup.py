@@ -277,7 +277,7 @@ def test_the_readme_warmup_example_parses_as_written():
     from pathlib import Path
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("### Egress and warm-up", 1)[1]
-    block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    block = re.search(r"```toml\n(.*?)```", section, re.DOTALL).group(1)
     cfg = parse_config(tomllib.loads(block))
     plan = cfg.warmup_plans()["ip-new"]
     assert "ip-warm" not in cfg.warmup_plans() and plan.when_capped == "overflow"
