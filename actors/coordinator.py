@@ -54,6 +54,8 @@ from cluster.core.replies import EXPIRED_CATEGORY, PACE_CATEGORIES, dns_failure
 from cluster.core.shaping import Action, apply_limits
 from cluster.core.relay_choice import (choose_relays, pool_for, split_counts, spread_count,
                                        weighted_pick)
+from cluster.core.warmup import (DEFAULT, WarmupLedger, grant, home_shard, next_day_start,
+                                 shard_status, utc_day)
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -181,7 +183,12 @@ class QueueCoordinator:
         self.metrics = CoordinatorMetrics(shard, config.metrics.enabled,
                                           config.metrics.top_sites)
         self.counters = {"dispatched": 0, "requeued_after_relay_loss": 0, "commits": 0,
-                         "snapshots": 0}
+                         "snapshots": 0, "warmup_held": 0}
+        plans = config.warmup_plans()
+        #: this shard's warm-up counts (None: no source warms up)
+        self._warmup = WarmupLedger(plans, config.queue.shards, shard) if plans else None
+        #: as the home shard of warm-up sources: counts granted, committed or on their way
+        self._warmup_promised: dict[str, int] = {}
 
     def _drop_orphan_bodies(self) -> None:
         # A body whose accept records were cut off with a torn tail belongs to no message.
@@ -759,9 +766,12 @@ class QueueCoordinator:
                 if not msgs:
                     continue
                 budget -= len(msgs)
-                placed, unplaced = self._place(site, info.limits, ready, msgs)
+                placed, unplaced, held = self._place(site, info.limits, ready, msgs)
                 if unplaced:
                     st.requeue([m.id for m in unplaced])
+                if held:   # a cold source at its cap: tomorrow (not an attempt, no record)
+                    st.hold_until([m.id for m in held], next_day_start(now))
+                    self.counters["warmup_held"] += len(held)
                 if not placed:
                     continue
                 route = self._routes[msgs[0].domain]
@@ -792,9 +802,70 @@ class QueueCoordinator:
                     taken_ids.setdefault(relay, []).extend(m.id for m in part)
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + n_placed
                 self._site_reported[site] = (self._site_inflight[site], tname, info.limits)
+        if self._warmup is not None:
+            self._warmup_records(now)
         for relay, batch in per_relay.items():
             self.counters["dispatched"] += len(taken_ids[relay])
             self._spawn(self._deliver(relay, batch, taken_ids[relay]))
+
+    def _warmup_records(self, now: float) -> None:
+        """Warm-up bookkeeping after a round: blocks of counts to ask the sources' home shards
+        for (a cold source sends only counts its home granted and wrote down, so no restart
+        anywhere lets it send past its cap), and first-of-the-day events as ``u`` records."""
+        w = self._warmup
+        assert w is not None
+        for src, prov, day, n in w.requests(now):
+            self._spawn(self._warmup_ask(src, prov, day, n))
+        recs = [q.warmup_record(s, p, d, self.state.warmup.get(w.key(s, p, d), 0), now, note)
+                for s, p, d, note in w.take_notes(self.state.warmup_notes)]
+        if recs:
+            self._enqueue(recs)
+
+    async def _warmup_ask(self, source: str, provider: str, day: int, n: int) -> None:
+        assert self._warmup is not None
+        home = home_shard(source, self.cfg.queue.shards)
+        got: int | None = None
+        try:
+            if home == self.shard:
+                got = await self.warmup_reserve(source, provider, day, n)
+            else:
+                got = await asyncio.wait_for(self._handle(f"coordinator:{home}").warmup_reserve
+                                             .remote(source, provider, day, n), timeout=10)
+        except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError, RuntimeError,
+                NotWritten) as e:
+            log.warning("warm-up counts for %s/%s from coordinator:%d failed: %s", source,
+                        provider, home, e)
+            self._handles.pop(f"coordinator:{home}", None)
+        self._warmup.answered(source, provider, day, n, got)
+        assert self._dispatch_wake is not None
+        self._dispatch_wake.set()
+
+    async def warmup_reserve(self, source: str, provider: str, day: int, n: int) -> int:
+        """Grant up to ``n`` of egress ``source``'s cap for ``provider`` on UTC ``day`` to a
+        shard (this shard is the source's home): written down before it answers, so the
+        total granted, which never passes the cap, survives any restart."""
+        await self._until_serving()
+        plan = self.cfg.warmup_plans().get(source)
+        if plan is None or home_shard(source, self.cfg.queue.shards) != self.shard:
+            raise ValueError(f"coordinator:{self.shard} keeps no warm-up counts of {source!r}")
+        now = time.time()
+        if day < utc_day(now) - 1:
+            return 0
+        cap = plan.cap(provider, day * 86400.0)
+        if cap is None:
+            return n
+        k = WarmupLedger.key(source, provider, day)
+        total = max(self.state.warmup.get(k, 0), self._warmup_promised.get(k, 0))
+        g = grant(total, cap, n)
+        if g > 0:
+            # promised at once (calls interleave while the record commits); a commit that
+            # fails leaves the promise standing: fewer sent, never more
+            self._warmup_promised[k] = total + g
+            for old in [x for x in self._warmup_promised if int(x.rsplit("|", 1)[1]) < day - 1]:
+                del self._warmup_promised[old]
+            await self._commit([q.warmup_record(source, provider, day, total + g, now,
+                                                "capped" if total + g >= cap else "")])
+        return g
 
     def _stale_reports(self) -> list[tuple[str, str, SiteLimits, int]]:
         """Sites whose in-flight count went down since the throttle last heard it."""
@@ -848,31 +919,62 @@ class QueueCoordinator:
         return self._relays
 
     def _place(self, site: str, limits: SiteLimits, ready: int, msgs: list[q.QueuedMessage]
-               ) -> tuple[list[tuple[str, list[q.QueuedMessage]]], list[q.QueuedMessage]]:
+               ) -> tuple[list[tuple[str, list[q.QueuedMessage]]], list[q.QueuedMessage],
+                          list[q.QueuedMessage]]:
         """Which relay sends each of ``msgs`` (taken for ``site``): ``([(relay, messages)],
-        messages no relay can send now)``. A message whose sender domain has an egress pool
-        goes out from one of the pool's sources, picked by weight on its id; the others from
-        any source the site allows. Over the relays of the allowed sources, the site's
-        rendezvous choice (:meth:`_relays_for`) and, for a hot site, an even split."""
+        messages no relay can send now, messages held for a warm-up cap)``. A message whose
+        sender domain has an egress pool goes out from one of the pool's sources, picked by
+        weight on its id; the others from any source the site allows. A source still warming
+        up (:mod:`cluster.core.warmup`) sends only its share of today's cap: past it, the
+        message overflows to another source with room or is held. Over the relays of the
+        allowed sources, the site's rendezvous choice (:meth:`_relays_for`) and, for a hot
+        site, an even split."""
         groups: dict[tuple[str, ...], list[q.QueuedMessage]] = {}
         unplaced: list[q.QueuedMessage] = []
+        held: list[q.QueuedMessage] = []
         pools = self.cfg.egress_pools
-        if not pools:
+        warm = self._warmup
+        now = time.time()
+        prov = (self.cfg.shaping.rules.provider_of(site) or DEFAULT) if warm else ""
+        natural: dict[str, float] = {}
+        allowed: dict[str, float] = {}
+        if warm is not None:
+            have = {r.rsplit(":", 1)[-1] for r in self._relay_names()}
+            allowed = {src: 1.0 for src in sorted(have)
+                       if not limits.sources or src in limits.sources}
+            natural = {r.rsplit(":", 1)[-1]: 1.0
+                       for r in self._relays_for(site, limits, ready)}
+            if not any(warm.cold(src, now) for src in natural):
+                natural = {}   # the site's own relays are warm: placed as before
+        if not pools and not natural:
             groups[()] = msgs
         else:
             have = {r.rsplit(":", 1)[-1] for r in self._relay_names()}
             for m in msgs:
-                pool = pool_for(m.sender, pools)
-                if pool is None:
+                pool = pool_for(m.sender, pools) if pools else None
+                if pool is None and not natural:
                     groups.setdefault((), []).append(m)
                     continue
-                w = {src: x for src, x in pool.weights if src in have and
-                     (not limits.sources or src in limits.sources)}
+                if pool is None:
+                    w, fallback = natural, allowed
+                else:
+                    w = {src: x for src, x in pool.weights if src in have and
+                         (not limits.sources or src in limits.sources)}
+                    fallback = {}
                 if not w:
                     unplaced.append(m)
                     continue
-                groups.setdefault((weighted_pick(m.id, w),), []).append(m)
-            if unplaced:
+                if warm is None:
+                    groups.setdefault((weighted_pick(m.id, w),), []).append(m)
+                    continue
+                src, outcome = warm.choose(m.id, w, prov, now, fallback)
+                if src is not None:
+                    groups.setdefault((src,), []).append(m)
+                elif outcome == "hold":
+                    held.append(m)
+                else:   # a reservation is on its way: next round
+                    unplaced.append(m)
+            if unplaced and not warm:
                 log.error("no relay for egress pool of %d messages to site %s", len(unplaced),
                           site)
         out: list[tuple[str, list[q.QueuedMessage]]] = []
@@ -894,7 +996,7 @@ class QueueCoordinator:
                 self._spread_turn[key] = (turn + len(part)) % len(relays)
             else:
                 self._spread_turn.pop(key, None)
-        return out, unplaced
+        return out, unplaced, held
 
     def _relays_for(self, site: str, limits: SiteLimits, ready: int,
                     only: tuple[str, ...] = ()) -> list[str]:
@@ -1370,6 +1472,13 @@ class QueueCoordinator:
         """Shaping actions in force on this shard (a restarted throttle adopts its own)."""
         await self._until_serving()
         return self.state.shaping_in_force(time.time())
+
+    async def warmup_state(self) -> list[dict[str, Any]]:
+        """This shard's warm-up counts today per (source, provider) (``raymta status``)."""
+        await self._until_serving()
+        if self._warmup is None:
+            return []
+        return shard_status(self._warmup, time.time(), self.state.warmup)
 
     async def retry_now(self, key: str) -> int:
         """Deferred messages for a domain or site become ready now (``raymta retry``)."""

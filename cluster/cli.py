@@ -241,6 +241,26 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def warmup_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """``raymta status`` lines for egress sources warming up: one per source with its plan's
+    day and today's count / cap per provider (:meth:`MailCluster.warmup`)."""
+    out: list[str] = []
+    by_source: dict[str, list[dict[str, Any]]] = {}
+    for w in rows:
+        by_source.setdefault(w["source"], []).append(w)
+    for src, ws in by_source.items():
+        w = ws[0]
+        if w["day"] > w["last_day"]:
+            out.append(f"warm-up {src} ({w['plan']}): warm, the plan ended on day "
+                       f"{w['last_day']}")
+            continue
+        caps = ", ".join(f"{x['provider']} {x['count']}/"
+                         f"{'no cap' if x['cap'] is None else x['cap']}" for x in ws)
+        out.append(f"warm-up {src} ({w['plan']}): day {w['day']} of {w['last_day']}, today "
+                   f"{caps} (at the cap: {w['when_capped']})")
+    return out
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     import ray
     mc = _attach(args.address, args.config)
@@ -267,6 +287,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"shaping rule {a['rule']}: {a['action']} {a['key']}"
               + (f" ({limits})" if limits else "")
               + f" for {max(0.0, a['until'] - now):.0f}s more: {a.get('text', '')[:100]}")
+    for line in warmup_lines(mc.warmup()):
+        print(line)
     ns = mc.cfg.cluster.namespace
     from actors.drain_mark import drained_nodes
     for nid, mark in sorted(drained_nodes(ns).items()):

@@ -537,6 +537,12 @@ class MailCluster:
                 rows[(a["key"], a["action"])] = a
         return [rows[k] for k in sorted(rows)]
 
+    def warmup(self) -> list[dict[str, Any]]:
+        """Warm-up standing today per (egress source, provider), every shard added up:
+        the plan's ``day``, today's ``cap`` (None: warm) and what was ``sent``."""
+        from cluster.core.warmup import merge_status
+        return merge_status(ray.get([c.warmup_state.remote() for c in self.coordinators]))
+
     def resume(self, site: str) -> dict[str, Any]:
         return self.suspend(site, 0)
 

@@ -35,6 +35,7 @@ from cluster.core.shaping import rules_from_toml as shaping_rules_from_toml
 from cluster.core.sites import SiteLimits, SiteOverride, StaticRoute
 from cluster.core.submission import ApiKey, PasswordHashError, SubmissionUser
 from cluster.core.verp import VerpError, VerpKeys
+from cluster.core.warmup import WarmupError, WarmupSchedule, parse_schedule
 from cluster.core.webhooks import WebhookEndpoint, resolve_event_names
 
 __all__ = [
@@ -241,6 +242,8 @@ class EgressSource:
     #: ``egress:<node_label>`` resource). Relays for this source run only there. "" = every
     #: node (a source without an address of its own, or one every node has)
     node_label: str = ""
+    #: the warm-up plan this source follows (a ``[warmup.NAME]``; "" = warm, no cap)
+    warmup: str = ""
 
 
 @dataclass(frozen=True)
@@ -529,6 +532,8 @@ class Config:
     egress: tuple[EgressSource, ...] = (EgressSource(),)
     #: [[egress_pool]]: sources with weights per sender domain (cluster/core/relay_choice.py)
     egress_pools: tuple[EgressPool, ...] = ()
+    #: [warmup.NAME]: warm-up plans by name (cluster/core/warmup.py)
+    warmups: tuple[WarmupSchedule, ...] = ()
     site_defaults: SiteLimits = field(default_factory=SiteLimits)
     sites: tuple[SiteOverride, ...] = ()
     routes: tuple[StaticRoute, ...] = ()
@@ -552,6 +557,11 @@ class Config:
 
     def with_spool(self, directory: str) -> "Config":
         return replace(self, spool=replace(self.spool, directory=directory))
+
+    def warmup_plans(self) -> dict[str, WarmupSchedule]:
+        """Egress source → the warm-up plan it follows (sources without one are warm)."""
+        by_name = {s.name: s for s in self.warmups}
+        return {e.name: by_name[e.warmup] for e in self.egress if e.warmup in by_name}
 
     def route_for(self, domain: str) -> StaticRoute | None:
         for r in self.routes:
@@ -818,7 +828,7 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
         w = f"egress[{i}]"
         if not isinstance(e, Mapping):
             raise ConfigError(w, "expected a table")
-        _check_keys(e, {"name", "bind_address", "ehlo_name", "node_label"}, w)
+        _check_keys(e, {"name", "bind_address", "ehlo_name", "node_label", "warmup"}, w)
         name = _str(e.get("name", "default"), f"{w}.name")
         if not name or not all(c.isalnum() or c in "-_." for c in name):
             raise ConfigError(f"{w}.name", f"use letters, digits, '-', '_' or '.', got {name!r}")
@@ -838,7 +848,9 @@ def _parse_egress(raw: Any) -> tuple[EgressSource, ...]:
         if label and not all(c.isalnum() or c in "-_." for c in label):
             raise ConfigError(f"{w}.node_label",
                               f"use letters, digits, '-', '_' or '.', got {label!r}")
-        out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo, node_label=label))
+        warmup = _str(e.get("warmup", ""), f"{w}.warmup")
+        out.append(EgressSource(name=name, bind_address=bind, ehlo_name=ehlo, node_label=label,
+                                warmup=warmup))
     return tuple(out)
 
 
@@ -1449,7 +1461,35 @@ def _parse_shaping(raw: Mapping[str, Any], base: Path | None) -> ShapingConfig:
     return ShapingConfig(enabled=enabled, rules_file=str(path), max_keys=max_keys, rules=rules)
 
 
-_TOP = {"spool", "queue", "dns", "delivery", "egress", "egress_pool", "site_defaults", "site", "routes", "cluster",
+def _parse_warmups(raw: Any, egress: tuple[EgressSource, ...], shaping: ShapingConfig
+                   ) -> tuple[WarmupSchedule, ...]:
+    """``[warmup.NAME]`` plans, each used by some ``[[egress]] warmup = "NAME"``."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError("warmup", "expected tables [warmup.NAME]")
+    providers = sorted(shaping.rules.providers)
+    out = []
+    for name, t in raw.items():
+        try:
+            out.append(parse_schedule(name, t, providers))
+        except WarmupError as e:
+            raise ConfigError(e.key, e.problem) from None
+    names = {s.name for s in out}
+    used = set()
+    for i, e in enumerate(egress):
+        if e.warmup and e.warmup not in names:
+            raise ConfigError(f"egress[{i}].warmup", f"unknown warm-up plan {e.warmup!r} "
+                              f"(defined: {', '.join(sorted(names)) or 'none'})")
+        used.add(e.warmup)
+    for s in out:
+        if s.name not in used:
+            raise ConfigError(f"warmup.{s.name}", "no [[egress]] source uses this plan "
+                              "(set warmup = \"" + s.name + "\" on one)")
+    return tuple(out)
+
+
+_TOP = {"warmup", "spool", "queue", "dns", "delivery", "egress", "egress_pool", "site_defaults", "site", "routes", "cluster",
         "replication", "backup", "classification", "suppression", "dkim", "bounce",
         "unsubscribe", "ingress", "metrics", "dsn", "webhooks", "shaping"}
 
@@ -1465,6 +1505,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
     site_defaults = _parse_limits(sd_raw, SiteLimits(), "site_defaults", egress)
     queue = _parse_queue(_table(raw, "queue", ""))
     ingress_raw = _table(raw, "ingress", "") if "ingress" in raw else None
+    shaping = _parse_shaping(_table(raw, "shaping", ""), base)
     return Config(
         spool=_parse_spool(_table(raw, "spool", "")),
         queue=queue,
@@ -1472,6 +1513,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         delivery=_parse_delivery(_table(raw, "delivery", "")),
         egress=egress,
         egress_pools=_parse_egress_pools(raw.get("egress_pool"), egress),
+        warmups=_parse_warmups(raw.get("warmup"), egress, shaping),
         site_defaults=site_defaults,
         sites=_parse_sites(raw.get("site"), site_defaults, egress),
         routes=_parse_routes(raw.get("routes")),
@@ -1487,7 +1529,7 @@ def parse_config(raw: Mapping[str, Any], base: Path | None = None) -> Config:
         metrics=_parse_metrics(_table(raw, "metrics", ""), base),
         dsn=_parse_dsn(_table(raw, "dsn", "")),
         webhooks=_parse_webhooks(raw.get("webhooks"), base),
-        shaping=_parse_shaping(_table(raw, "shaping", ""), base),
+        shaping=shaping,
     )
 
 

@@ -35,6 +35,12 @@ Record layout (msgpack arrays, first element the type):
                      shard sent; an event only (the message has usually finished)
 ``w``     webhook cursor: [w, endpoint, cursor, ts] — webhook ``endpoint`` has acknowledged
                      every event of this shard up to seq ``cursor`` (no event of its own)
+``u``     warm-up:   [u, source, provider, day, reserved, ts, note] — as egress ``source``'s
+                     home shard, this shard has granted ``reserved`` of its cap for
+                     ``provider`` on UTC ``day`` in all (:mod:`cluster.core.warmup`; counts only
+                     go up; another shard's note-only record carries its own, 0). ``note`` "" (no event),
+                     "capped", "overflow" or "hold": the first such of the day makes the event
+                     WarmupCapReached / WarmupOverflow / WarmupHold
 ========  ===================================================================================
 An accept record restored from a backup carries two more fields, ``attempts, next_at``.
 A message whose metadata asks for a DSN (``raymta.dsn``) owes one when its ``f`` record
@@ -60,7 +66,8 @@ from cluster.core.suppression import SuppressionList, entry_key
 __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
-    "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record",
+    "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record", "REC_WARMUP",
+    "warmup_record",
     "QueuedMessage", "QueueState", "SnapshotBuild", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -77,6 +84,7 @@ REC_SUPPRESS = "s"
 REC_REPORT = "o"
 REC_PAUSE = "p"
 REC_WEBHOOK = "w"
+REC_WARMUP = "u"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -133,6 +141,11 @@ def pause_record(key: str, until: float, ts: float,
 
 def webhook_record(endpoint: str, cursor: int, ts: float) -> list[Any]:
     return [REC_WEBHOOK, endpoint, cursor, ts]
+
+
+def warmup_record(source: str, provider: str, day: int, reserved: int, ts: float,
+                  note: str = "") -> list[Any]:
+    return [REC_WARMUP, source, provider, day, reserved, ts, note]
 
 
 def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
@@ -233,7 +246,7 @@ class _Body:
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
 _RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
                    REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4,
-                   REC_WEBHOOK: 4}
+                   REC_WEBHOOK: 4, REC_WARMUP: 7}
 
 
 def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
@@ -242,6 +255,8 @@ def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
             raise StateError(f"record {rec[0]!r} at lsn {lsn}: {v!r} is not a number")
 
 
+_WARMUP_EVENT = {"": "", "capped": "WarmupCapReached", "overflow": "WarmupOverflow",
+                 "hold": "WarmupHold"}
 _EVENT_TYPES = {REC_ACCEPT: "Reception", REC_TRANSIENT: "TransientFailure",
                 REC_DELIVERED: "Delivery"}
 _FINAL_EVENT = {"bounce": "Bounce", "expired": "Expiration", "cancelled": "AdminBounce",
@@ -400,6 +415,11 @@ class QueueState:
         self.counters_quarantined = 0
         #: webhook endpoint → the seq up to which it has acknowledged this shard's events
         self.webhook_cursors: dict[str, int] = {}
+        #: warm-up counts granted by this (home) shard, "source|provider|day" → count, and the notes
+        #: (events) already made, "source|provider|day|note"; only today's and yesterday's
+        #: are kept (``u`` records, :mod:`cluster.core.warmup`)
+        self.warmup: dict[str, int] = {}
+        self.warmup_notes: set[str] = set()
         #: while a snapshot is built a slice at a time: ids of messages (and bodies) that
         #: records applied meanwhile touched (:class:`SnapshotBuild`)
         self._dirty: set[str] | None = None
@@ -453,6 +473,8 @@ class QueueState:
                              f"{_RECORD_LENGTHS[kind]}")
         if kind == REC_SUPPRESS or kind == REC_REPORT:
             return self._apply_other(rec, lsn)
+        if kind == REC_WARMUP:
+            return self._apply_warmup(rec, lsn)
         if kind == REC_WEBHOOK:
             _, endpoint, cursor, ts = rec
             _check_numbers(rec, lsn, ts)
@@ -761,14 +783,23 @@ class QueueState:
 
     def requeue(self, ids: Iterable[str], front: bool = True) -> int:
         """Put in-flight messages back to ready (their relay died without a result)."""
-        n = 0
         ids = list(ids)
         # appendleft reverses: walk backwards so the batch keeps its order at the front
-        for mid in (reversed(ids) if front else ids):
+        return self._out_of_flight(reversed(ids) if front else ids,
+                                   lambda m: self._make_ready(m, front))
+
+    def hold_until(self, ids: Iterable[str], at: float) -> int:
+        """In-flight (just taken) messages wait until ``at`` without an attempt: soft, no
+        record (a restarted leader finds them ready and decides again)."""
+        return self._out_of_flight(ids, lambda m: self._defer(m, at))
+
+    def _out_of_flight(self, ids: Iterable[str], put: Callable[[QueuedMessage], None]) -> int:
+        n = 0
+        for mid in ids:
             m = self.inflight.pop(mid, None)
             if m is None or mid not in self.messages:
                 continue
-            self._make_ready(m, front)
+            put(m)
             n += 1
         return n
 
@@ -821,6 +852,28 @@ class QueueState:
                                                        "deliveries_per_connection")
                                 if action.get(k)}
         return ev
+
+    def _apply_warmup(self, rec: list[Any], lsn: int) -> dict[str, Any] | None:
+        _, source, provider, day, reserved, ts, note = rec
+        _check_numbers(rec, lsn, ts)
+        if type(source) is not str or not source or type(provider) is not str or \
+                not provider or type(day) is not int or type(reserved) is not int or \
+                reserved < 0 or note not in _WARMUP_EVENT:
+            raise StateError(f"warm-up record at lsn {lsn}: a field of the wrong type")
+        self.last_lsn = lsn
+        key = f"{source}|{provider}|{day}"
+        if reserved > self.warmup.get(key, 0):   # never goes back
+            self.warmup[key] = reserved
+        old = [k for k in self.warmup if int(k.rsplit("|", 1)[1]) < day - 1]
+        for k in old:   # bounded: days before yesterday go
+            del self.warmup[k]
+        for n in [n for n in self.warmup_notes if int(n.rsplit("|", 2)[1]) < day - 1]:
+            self.warmup_notes.discard(n)
+        if not note or f"{key}|{note}" in self.warmup_notes:
+            return None
+        self.warmup_notes.add(f"{key}|{note}")
+        return {"seq": lsn, "type": _WARMUP_EVENT[note], "ts": ts, "id": None,
+                "source": source, "provider": provider, "day": day, "reserved": reserved}
 
     def shaping_in_force(self, now: float) -> list[dict[str, Any]]:
         """Shaping actions in force (expired ones dropped: soft, every copy does the same)."""
@@ -897,6 +950,8 @@ class QueueState:
             "shaping": dict(self.shaping),
             "dsn_due": [[k, *v] for k, v in self.dsn_due.items()],
             "webhook_cursors": dict(self.webhook_cursors),
+            "warmup": dict(self.warmup),
+            "warmup_notes": sorted(self.warmup_notes),
         }
 
     def restore(self, snap: dict[str, Any]) -> None:
@@ -931,6 +986,8 @@ class QueueState:
         for row in snap.get("dsn_due", ()):
             self.dsn_due[row[0]] = list(row[1:])
         self.webhook_cursors.update(snap.get("webhook_cursors", {}))
+        self.warmup.update(snap.get("warmup", {}))
+        self.warmup_notes.update(snap.get("warmup_notes", ()))
         for row in snap.get("suppress_outbox", ()):
             self.suppress_outbox[entry_key(row[0], row[1])] = row
         self.last_lsn = snap["lsn"]

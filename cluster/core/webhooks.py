@@ -41,7 +41,8 @@ SIGNATURE_HEADER = "X-Raymta-Signature"
 EVENT_TYPES = frozenset({
     "Reception", "TransientFailure", "Delivery", "Bounce", "Expiration", "AdminBounce",
     "Suppressed", "OOBBounce", "Complaint", "Suppression", "Unsuppression", "SiteSuspended",
-    "SiteResumed", "SiteShaped", "SiteShapingEnded"})
+    "SiteResumed", "SiteShaped", "SiteShapingEnded", "WarmupCapReached", "WarmupOverflow",
+    "WarmupHold"})
 
 #: names an operator may use for groups of event types
 EVENT_GROUPS: dict[str, frozenset[str]] = {
@@ -59,6 +60,7 @@ EVENT_GROUPS: dict[str, frozenset[str]] = {
     "unsubscribed": frozenset({"Suppression"}),
     "unsuppressed": frozenset({"Unsuppression"}),
     "site": frozenset({"SiteSuspended", "SiteResumed", "SiteShaped", "SiteShapingEnded"}),
+    "warmup": frozenset({"WarmupCapReached", "WarmupOverflow", "WarmupHold"}),
 }
 
 
