@@ -203,10 +203,23 @@ def test_bad_proxy_config_names_the_key(kw, key, words):
     assert e.value.key == key and words in e.value.problem, str(e.value)
 
 
-def test_proxy_on_an_implicit_tls_listener_is_refused():
+def test_proxy_on_implicit_tls_and_http_listeners_and_networks_for_x_forwarded_for():
     from cluster.config import ConfigError, parse_config
-    with pytest.raises(ConfigError, match="implicit-TLS listener"):
-        parse_config({"ingress": {
-            "auth": False, "cert_file": "c.pem", "key_file": "k.pem",
+    from cluster.core.submission import hash_api_key
+    base = {"auth": False, "cert_file": "c.pem", "key_file": "k.pem",
             "submission": ["127.0.0.1:2587"], "submissions": ["127.0.0.1:2465"],
-            "proxy_protocol": ["127.0.0.1:2465"], "proxy_networks": ["127.0.0.1"]}})
+            "http": ["127.0.0.1:8080"],
+            "api_key": [{"name": "k", "key_hash": hash_api_key("rmta_k_0123456789abcdef0123"),
+                         "domains": ["a.test"]}]}
+    ing = parse_config({"ingress": {**base, "proxy_protocol": ["127.0.0.1:2465",
+                                                               "127.0.0.1:8080"],
+                                    "proxy_networks": ["127.0.0.1"]}}).ingress
+    assert ing.proxy_protocol == ("127.0.0.1:2465", "127.0.0.1:8080")
+    # proxy_networks alone: the HTTP listeners believe X-Forwarded-For from them
+    ing = parse_config({"ingress": {**base, "proxy_networks": ["10.0.0.0/8"]}}).ingress
+    assert ing.proxy_protocol == () and ing.proxy_networks == ("10.0.0.0/8",)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"ingress": {**base, "proxy_protocol": ["127.0.0.1:9"],
+                                  "proxy_networks": ["127.0.0.1"]}})
+    assert e.value.key == "ingress.proxy_protocol[0]"
+    assert "not one of ingress.submission, ingress.submissions or ingress.http" in str(e.value)
