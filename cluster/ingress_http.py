@@ -133,7 +133,7 @@ class HttpIngress:
         peer = self._clients.get(request.transport) if request.transport else None
         client = forwarded_client(peer or request.remote,
                                   request.headers.getall("X-Forwarded-For", []), self.gate)
-        if client != request.remote:
+        if client is not None and client != request.remote:
             request = request.clone(remote=client)
         try:
             return await handler(request)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -486,9 +487,9 @@ class SmtpIngress:
                 tls = self._tls if li.mode == "implicit" else None
                 srv: Any
                 if li.proxy:     # the header first, then (465) the TLS handshake
-                    srv = await ProxyListener(
-                        self.proxy_gate, li.host, li.port,
-                        lambda client, li=li: self._factory(li, client), ssl=tls).start()
+                    srv = await ProxyListener(self.proxy_gate, li.host, li.port,
+                                              functools.partial(self._factory, li),
+                                              ssl=tls).start()
                 else:
                     srv = await loop.create_server(lambda li=li: self._factory(li),
                                                    host=li.host, port=li.port, ssl=tls)

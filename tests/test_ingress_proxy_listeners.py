@@ -141,9 +141,9 @@ def test_implicit_tls_refuses_outsiders_and_a_missing_header(env, caplog):
         with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
             env.ctx.wrap_socket(raw, server_hostname="mx.raymta.test")
     # TLS straight away from the balancer (no header): its ClientHello is not a header
-    with _connect(LB, SMTP_HOST, port) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            env.ctx.wrap_socket(raw, server_hostname="mx.raymta.test")
+    with _connect(LB, SMTP_HOST, port) as raw, \
+            pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        env.ctx.wrap_socket(raw, server_hostname="mx.raymta.test")
     # silence: closed after proxy_timeout (1 s)
     with _connect(LB, SMTP_HOST, port) as raw:
         t = time.monotonic()

@@ -29,7 +29,7 @@ import ipaddress
 import logging
 import socket
 import ssl as _ssl
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from cluster.core.proxy_protocol import ProxyHeader, ProxyProtocolError, bytes_needed
 from cluster.core.proxy_protocol import parse as parse_proxy_header
@@ -115,7 +115,7 @@ class ProxyListener:
         self._accepting: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> "ProxyListener":
+    async def start(self) -> ProxyListener:
         loop = asyncio.get_running_loop()
         infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
