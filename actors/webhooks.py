@@ -171,7 +171,8 @@ class WebhookDispatcher:
                 "behind_records": sum(max(0, w.book.read - w.book.acked)
                                       for w in ws if w.book is not None),
                 **self.counters[ep.name]}
-        return {"pid": os.getpid(), "started": self.started_at, "endpoints": out}
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "started": self.started_at, "endpoints": out}
 
     # ------------------------------------------------------------------ workers
     async def _open(self, w: _Worker) -> CursorBook:
