@@ -7,7 +7,9 @@ only one in ``proxy_networks``) or another, speaking PROXY v1/v2 and then TLS. N
 submitted here (so no Ray): what is asserted is the address each listener takes for the
 client — in the per-IP connection limit (SMTP) and in the log line of a refused API key (HTTP)
 — and that a header from outside, a missing header, or a forged ``X-Forwarded-For`` changes
-nothing. The submit path behind a PROXY listener runs in tests/test_ingress_haproxy.py.
+nothing. Last, Debian's HAProxy in front of all three (TCP mode with send-proxy-v2 and
+send-proxy, HTTP mode with ``option forwardfor``). The submit path behind a PROXY listener
+runs in tests/test_ingress_haproxy.py.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import logging
+import shutil
+import smtplib
 import socket
 import ssl
 import struct
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -49,7 +54,7 @@ def env(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("proxy")
     ca = make_ca(tmp)
-    cert, key = ca.server_cert("mx.raymta.test", [SMTP_HOST, HTTP_PROXIED, HTTP_PLAIN])
+    cert, key = ca.server_cert("mx.raymta.test", [SMTP_HOST, HTTP_PROXIED, HTTP_PLAIN, LB])
     cfg = parse_config({"ingress": {
         "hostname": "mx.raymta.test", "auth": False,
         "cert_file": str(cert), "key_file": str(key),
@@ -71,7 +76,7 @@ def env(tmp_path_factory):
         assert (li.mode, li.proxy) == ("implicit", True)
         ctx = ssl.create_default_context(cafile=str(ca.ca_file))
         yield SimpleNamespace(smtp=smtp, http=http_, ctx=ctx, smtp_port=li.port,
-                              http_ports=dict(http_.addresses))
+                              http_ports=dict(http_.addresses), tmp=tmp)
     finally:
         smtp.stop()
         http_.stop()
@@ -232,3 +237,101 @@ def test_x_forwarded_for_is_believed_only_from_the_balancer(env, caplog, src, xf
         c.close()
     assert r.status == 401
     assert _logged_from(caplog, client), caplog.text
+
+
+# ------------------------------------------------------------------------- through HAProxy
+HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
+CLIENT = "127.0.0.51"
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def test_through_haproxy_every_listener_sees_the_client(env, caplog):
+    """Debian's HAProxy on 127.0.0.20: TCP mode with send-proxy-v2 to the 465 listener and
+    send-proxy (v1) to the HTTPS API listener, HTTP mode with ``option forwardfor`` to the
+    other API listener; a client on 127.0.0.51 is the address each listener counts and logs."""
+    import os
+    assert os.path.exists(HAPROXY), "HAProxy is not installed (apt-get install haproxy)"
+    caplog.set_level(logging.WARNING, "raymta.ingress")
+    f_smtp, f_tcp, f_http = _free_port(LB), _free_port(LB), _free_port(LB)
+    conf = env.tmp / "haproxy.cfg"
+    conf.write_text(f"""global
+    maxconn 64
+defaults
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend smtps
+    mode tcp
+    bind {LB}:{f_smtp}
+    default_backend smtps
+backend smtps
+    mode tcp
+    source {LB}
+    server s1 {SMTP_HOST}:{env.smtp_port} send-proxy-v2
+frontend api_tcp
+    mode tcp
+    bind {LB}:{f_tcp}
+    default_backend api_tcp
+backend api_tcp
+    mode tcp
+    source {LB}
+    server h1 {HTTP_PROXIED}:{env.http_ports[HTTP_PROXIED]} send-proxy
+frontend api_http
+    mode http
+    bind {LB}:{f_http}
+    default_backend api_http
+backend api_http
+    mode http
+    source {LB}
+    option forwardfor
+    server h2 {HTTP_PLAIN}:{env.http_ports[HTTP_PLAIN]} ssl verify none
+""")
+    with open(env.tmp / "haproxy.log", "wb") as errors:
+        proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(conf)],
+                                 stdout=subprocess.DEVNULL, stderr=errors)
+    try:
+        for port in (f_smtp, f_tcp, f_http):
+            def listening(port: int = port) -> bool:
+                try:
+                    socket.create_connection((LB, port), timeout=1).close()
+                    return True
+                except OSError:
+                    return False
+            deadline = time.monotonic() + 10
+            while not listening() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # SMTP over implicit TLS: the PROXY v2 header, then the client's own handshake
+        with smtplib.SMTP_SSL(LB, f_smtp, context=env.ctx, timeout=10,
+                              source_address=(CLIENT, 0)) as c:
+            code, _ = c.ehlo("client.test")
+            assert code == 250
+            assert env.smtp.limits.ip_conns.get(CLIENT) == 1, env.smtp.limits.ip_conns
+            assert LB not in env.smtp.limits.ip_conns
+        # the HTTPS API behind a TCP balancer: PROXY v1, then TLS
+        raw = _connect(CLIENT, LB, f_tcp)
+        c = http.client.HTTPSConnection(LB, f_tcp, timeout=10, context=env.ctx)
+        c.sock = env.ctx.wrap_socket(raw, server_hostname=LB)
+        c.request("GET", "/v1/events", headers=BAD_KEY)
+        assert c.getresponse().status == 401
+        c.close()
+        assert _logged_from(caplog, CLIENT), caplog.text
+        caplog.clear()
+        # the API behind an HTTP-mode balancer: X-Forwarded-For from a trusted peer
+        raw = _connect(CLIENT, LB, f_http)
+        h = http.client.HTTPConnection(LB, f_http, timeout=10)
+        h.sock = raw
+        h.request("GET", "/v1/events", headers=BAD_KEY)
+        assert h.getresponse().status == 401
+        h.close()
+        assert _logged_from(caplog, CLIENT), caplog.text
+    finally:
+        proxy.terminate()
+        try:
+            proxy.wait(10)
+        except subprocess.TimeoutExpired:
+            proxy.kill()
