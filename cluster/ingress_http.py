@@ -14,7 +14,8 @@ the SMTP listeners) and the mapping between HTTP and :class:`cluster.client.Mail
 - ``GET /v1/messages/{id}``, ``DELETE /v1/messages/{id}`` (cancel);
 - ``GET /v1/events?cursor=0:12,1:40&wait=10`` (keys with ``events = true``): long-poll — at
   once when there are events after the cursor, else when the first comes, at most ``wait``
-  seconds (0-30);
+  seconds (0-30); ``skipped`` (per shard) when events after the cursor were rotated out of
+  the event files before this reader got them;
 - ``GET /healthz`` (process up), ``GET /readyz`` (every shard serving with a quorum);
 - ``GET /v1/openapi.json`` (the document in :mod:`cluster.ingress_openapi`).
 
@@ -365,8 +366,13 @@ class HttpIngress:
         if not evs and wait > 0:
             evs = await self._wait_events(cursor, limit, wait)
         nxt = self.mc.next_cursor(evs, cursor)
-        return web.json_response({"events": evs, "cursor": ",".join(
-            f"{s}:{q}" for s, q in sorted(nxt.items()))})
+        out: dict[str, Any] = {"events": evs, "cursor": ",".join(
+            f"{s}:{q}" for s, q in sorted(nxt.items()))}
+        if cursor:   # a reader behind the event files' rotation is told what it lost
+            skipped = await self._call(self.mc.skipped, cursor)
+            if skipped:
+                out["skipped"] = {str(s): g for s, g in skipped.items()}
+        return web.json_response(out)
 
     async def _wait_events(self, cursor: dict[int, int], limit: int, wait: float
                            ) -> list[dict[str, Any]]:

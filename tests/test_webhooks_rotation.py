@@ -8,7 +8,8 @@ which fails some requests). The dispatcher is stopped, 150 messages are submitte
 that rotate most of them out of the files (within the 4 × 2 seq lists that keep the count
 exact); a new dispatcher resumes from the endpoint's committed cursor.
 What must hold: it reports, for the endpoint, exactly the number of events that are gone and
-the seqs they spanned; the receiver gets exactly the events still in the files.
+the seqs they spanned; the receiver gets exactly the events still in the files; and a reader
+of ``GET /v1/events`` at the same cursor gets the same count as ``skipped``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,29 @@ def env(tmp_path_factory, dns_server, sinks):
         rx.stop()
 
 
+def _get_events(mc: Any, cursor: str) -> tuple[int, dict[str, Any]]:
+    """GET /v1/events from an HTTP API listener of this process on the same cluster."""
+    import json
+    import urllib.request
+
+    from cluster.config import parse_config
+    from cluster.core.submission import hash_api_key
+    from cluster.ingress_http import HttpIngress
+    key = "rmta_rotation_0123456789abcdef0123"
+    ing = parse_config({"ingress": {"http": ["127.0.0.1:0"], "api_key": [
+        {"name": "ops", "key_hash": hash_api_key(key), "domains": ["a.test"],
+         "events": True}]}}).ingress
+    api = HttpIngress(mc, ing).start([("127.0.0.1", 0)])
+    try:
+        host, port = api.addresses[0]
+        req = urllib.request.Request(f"http://{host}:{port}/v1/events?cursor={cursor}",
+                                     headers={"Authorization": f"Bearer {key}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    finally:
+        api.stop()
+
+
 def test_an_endpoint_behind_rotation_gets_the_gap_reported_exactly(env):
     import ray
 
@@ -85,5 +109,11 @@ def test_an_endpoint_behind_rotation_gets_the_gap_reported_exactly(env):
     assert (gap["first_seq"], gap["events"], gap["exact"]) == (c0 + 1, N - len(kept), True)
     assert c0 < gap["last_seq"] < first_kept
     assert rx.ids() == kept and rx.bad_signatures == 0
+    # a reader of the events API at the same cursor is told the same, a reader past it nothing
+    assert mc.skipped({0: c0}) == {0: gap}
+    assert mc.skipped({0: first_kept - 1}) == {}
+    code, page = _get_events(mc, f"0:{c0}")
+    assert code == 200 and page["skipped"] == {"0": gap}
+    assert [e["seq"] for e in page["events"]][:1] == [first_kept]
     print(f"\nrotation: {N} events after the cursor, {len(kept)} kept and delivered, "
           f"{st['skipped_events']} reported skipped (seq {c0 + 1}-{gap['last_seq']}); receiver requests {rx.requests}")
