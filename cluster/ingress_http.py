@@ -47,7 +47,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from cluster.adapters.proxy_listen import ProxyGate, ProxyListener, forwarded_client
+from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
 from cluster.config import IngressConfig
 from cluster.core.submission import ApiKey, ApiKeyTable, domain_allowed
 from cluster.core.templates import MessageTemplate, TemplateError
@@ -132,8 +132,8 @@ class HttpIngress:
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
         peer = self._clients.get(request.transport) if request.transport else None
-        client = forwarded_client(peer or request.remote,
-                                  request.headers.getall("X-Forwarded-For", []), self.gate)
+        client = self.gate.client(peer or request.remote,
+                                  request.headers.getall("X-Forwarded-For", []))
         if client is not None and client != request.remote:
             request = request.clone(remote=client)
         try:

@@ -17,7 +17,7 @@ implicit TLS (465) and the HTTP API — so the rules live in one place:
 - bounded: at most ``max_pending`` connections wait for their header at once (each for at
   most ``timeout``); past that a new connection is closed at once.
 
-:func:`forwarded_client` is the rule for an HTTP-mode balancer (``X-Forwarded-For``): the
+:meth:`ProxyGate.client` is the rule for an HTTP-mode balancer (``X-Forwarded-For``): the
 header is believed only from a trusted peer.
 """
 
@@ -31,10 +31,16 @@ import socket
 import ssl as _ssl
 from collections.abc import Callable, Iterable, Sequence
 
-from cluster.core.proxy_protocol import ProxyHeader, ProxyProtocolError, bytes_needed
+from cluster.core.proxy_protocol import (
+    ProxyHeader,
+    ProxyProtocolError,
+    bytes_needed,
+    forwarded_client,
+    trusted,
+)
 from cluster.core.proxy_protocol import parse as parse_proxy_header
 
-__all__ = ["ProxyGate", "ProxyListener", "forwarded_client", "read_proxy_header"]
+__all__ = ["ProxyGate", "ProxyListener", "read_proxy_header"]
 
 log = logging.getLogger("raymta.ingress")
 
@@ -53,28 +59,11 @@ class ProxyGate:
 
     def trusted(self, ip: str) -> bool:
         """Whether ``ip`` (a connection's own peer) is one of the balancers."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in n for n in self.networks)
+        return trusted(ip, self.networks)
 
-
-def forwarded_client(peer: str | None, forwarded_for: Sequence[str], gate: ProxyGate
-                     ) -> str | None:
-    """The client of an HTTP request: the last address of ``X-Forwarded-For`` (the one the
-    balancer itself appended; those before it are the client's word) when ``peer`` is a
-    trusted balancer and it is an IP address; else ``peer``. ``forwarded_for``: every
-    X-Forwarded-For header line, in order."""
-    if peer is None or not forwarded_for or not gate.trusted(peer):
-        return peer
-    last = ",".join(forwarded_for).split(",")[-1].strip()
-    try:
-        return str(ipaddress.ip_address(last.strip("[]")))
-    except ValueError:
-        return peer
+    def client(self, peer: str | None, forwarded_for: Sequence[str]) -> str | None:
+        """An HTTP request's client (:func:`cluster.core.proxy_protocol.forwarded_client`)."""
+        return forwarded_client(peer, forwarded_for, self.networks)
 
 
 async def read_proxy_header(loop: asyncio.AbstractEventLoop, sock: socket.socket,
