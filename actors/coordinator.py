@@ -1376,6 +1376,19 @@ class QueueCoordinator:
             await asyncio.sleep(0.05)
         return self.events.read(since, limit) if self.events.last_seq > since else []
 
+    async def events_gap(self, since: int) -> dict[str, Any] | None:
+        """The events after ``since`` that rotated out of the event files (:meth:`EventLog.gap`):
+        what a reader at that cursor will never see, or None."""
+        await self._until_serving()
+        return self.events.gap(int(since))
+
+    async def webhook_events(self, since: int = 0, limit: int = 1000, wait: float = 0.0
+                             ) -> dict[str, Any]:
+        """:meth:`wait_events` for the webhook dispatcher, with ``skipped``: the events after
+        ``since`` that rotated away before it read them (:meth:`EventLog.gap`), or None."""
+        evs = await self.wait_events(since, limit, wait)
+        return {"events": evs, "skipped": self.events.gap(int(since))}
+
     async def webhook_cursors(self) -> dict[str, int]:
         """Per webhook endpoint, the seq up to which it acknowledged this shard's events."""
         await self._until_serving()

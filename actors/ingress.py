@@ -62,7 +62,8 @@ class IngressNode:
                 # like the SMTP listeners: a node labelled ingress-address binds that address
                 host, _, port = a.rpartition(":")
                 return here or host.strip("[]"), int(port)
-            self.http = HttpIngress(self.mc, s, tls).start([split(a) for a in s.http])
+            self.http = HttpIngress(self.mc, s, tls).start(
+                [split(a) for a in s.http], proxy=[a in s.proxy_protocol for a in s.http])
 
     def ping(self) -> int:
         return os.getpid()

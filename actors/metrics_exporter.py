@@ -127,6 +127,8 @@ WEBHOOK_EXPORTED: dict[str, tuple[str, tuple[str, ...], str]] = {
                                       "dispatcher started)"),
     "raymta_webhook_given_up_events_total": ("counter", ("endpoint",), "events given up "
                                              "after retry_for"),
+    "raymta_webhook_skipped_events_total": ("counter", ("endpoint",), "events rotated out of "
+                                            "the event files before the endpoint read them"),
 }
 
 
@@ -567,10 +569,12 @@ class MetricsExporter:
             f["raymta_webhook_backlog_events"].add_metric([ep], e["backlog"])
             f["raymta_webhook_oldest_event_age_seconds"].add_metric([ep], e["oldest_seconds"])
             t = self._carry.update(f"webhooks:{ep}", st.get("pid"),
-                                   {k: e[k] for k in ("events", "failures", "given_up")})
+                                   {k: e[k] for k in ("events", "failures", "given_up",
+                                                      "skipped_events")})
             f["raymta_webhook_events_total"].add_metric([ep], t["events"])
             f["raymta_webhook_failures_total"].add_metric([ep], t["failures"])
             f["raymta_webhook_given_up_events_total"].add_metric([ep], t["given_up"])
+            f["raymta_webhook_skipped_events_total"].add_metric([ep], t["skipped_events"])
         return list(f.values())
 
     @staticmethod

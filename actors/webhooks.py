@@ -3,14 +3,18 @@ batches, to the ``[[webhooks]]`` endpoints; keeps each endpoint's cursor in the 
 replicated state.
 
 One per cluster (``webhooks:dispatcher``), restarted by Ray for ever. For each endpoint and
-shard a worker long-polls the shard leader (``wait_events``), keeps what the endpoint asked
+shard a worker long-polls the shard leader (``webhook_events``), keeps what the endpoint asked
 for (:class:`cluster.core.webhooks.CursorBook`), hands batches to senders (at most
 ``concurrency`` POSTs in flight per endpoint, over all shards), retries a failed batch with
 exponential backoff and jitter for ``retry_for`` (then gives it up, counted and logged), and
 commits "endpoint E has everything of this shard up to seq C" as a ``w`` record on the shard
 (``webhook_ack``) once every batch up to C was answered 2xx. A restarted dispatcher or a new
 shard leader resumes from that committed cursor: events are delivered at least once, never
-skipped; receivers drop repeats by the events' ``event_id`` (``<shard>:<seq>``).
+skipped; receivers drop repeats by the events' ``event_id`` (``<shard>:<seq>``). The one
+exception is bounded and reported: an endpoint so far behind that the events after its cursor
+were rotated out of the event files (``spool.event_files_kept`` × ``event_file_bytes``) gets
+what follows, and ``stats()`` counts the events it lost (``skipped_events``, ``skipped``), with
+an error in the log.
 
 An endpoint seen for the first time starts at the shard's end of log (committed at once, before
 anything is sent). Owns no state that matters beyond those records. Must not: log or show a
@@ -105,7 +109,8 @@ class WebhookDispatcher:
         self.started_at = time.time()
         self.counters: dict[str, dict[str, Any]] = {
             ep.name: {"batches": 0, "events": 0, "failures": 0, "given_up": 0, "commits": 0,
-                      "last_error": "", "last_status": None} for ep in self.endpoints}
+                      "skipped_events": 0, "skipped": {}, "last_error": "",
+                      "last_status": None} for ep in self.endpoints}
 
     # ------------------------------------------------------------------ plumbing
     def _spawn(self, coro: Any) -> asyncio.Task:
@@ -166,7 +171,8 @@ class WebhookDispatcher:
                 "behind_records": sum(max(0, w.book.read - w.book.acked)
                                       for w in ws if w.book is not None),
                 **self.counters[ep.name]}
-        return {"pid": os.getpid(), "started": self.started_at, "endpoints": out}
+        return {"pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+                "started": self.started_at, "endpoints": out}
 
     # ------------------------------------------------------------------ workers
     async def _open(self, w: _Worker) -> CursorBook:
@@ -216,8 +222,11 @@ class WebhookDispatcher:
             wait = _POLL_IDLE if not book.out and not book.pending else _POLL_BUSY
             if book.pending and w.sending >= w.ep.concurrency:
                 wait = _POLL_BUSY
-            evs = await self._call(w.shard, "wait_events", book.read,
+            got = await self._call(w.shard, "webhook_events", book.read,
                                    min(book.room(), 1000), wait, timeout=_CALL_TIMEOUT + wait)
+            evs = got["events"]
+            if got["skipped"] is not None:
+                self._skipped(w, got["skipped"])
             book.feed(evs)
             if evs:
                 return
@@ -227,6 +236,19 @@ class WebhookDispatcher:
                 await asyncio.wait_for(w.wake.wait(), _POLL_BUSY)
             except asyncio.TimeoutError:
                 pass
+
+    def _skipped(self, w: _Worker, gap: dict[str, Any]) -> None:
+        """Events that rotated out of the shard's event files before this endpoint read them:
+        never a silent skip — counted per endpoint (``skipped_events``, and the last gap per
+        shard in ``skipped``: seqs, count, whether exact) and logged as an error."""
+        c = self.counters[w.ep.name]
+        c["skipped_events"] += gap["events"]
+        c["skipped"][w.shard] = dict(gap)
+        log.error("webhook %s: %s%d events of shard %d (seq %d-%d) were rotated out of the "
+                  "event files before it read them; they are skipped (raise "
+                  "spool.event_files_kept / event_file_bytes, or fix the endpoint sooner)",
+                  w.ep.name, "" if gap["exact"] else "at least ", gap["events"], w.shard,
+                  gap["first_seq"], gap["last_seq"])
 
     async def _send(self, w: _Worker, b: OutBatch) -> None:
         ep = w.ep

@@ -301,7 +301,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             for name, e in info["endpoints"].items():
                 print(f"webhook {name}: backlog={e['backlog']} oldest={e['oldest_seconds']}s "
                       f"sent={e['events']} failures={e['failures']} "
-                      f"given_up={e['given_up']} cursors={e['cursors']}"
+                      f"given_up={e['given_up']} skipped={e['skipped_events']} "
+                      f"cursors={e['cursors']}"
                       + (f" last_error={e['last_error']}" if e["last_error"] else ""))
             continue
         if a["namespace"] != ns or a["name"].split(":")[0] not in ("throttle", "relay"):

@@ -468,6 +468,15 @@ class MailCluster:
                     out.append(ev)
         return out
 
+    def skipped(self, cursor: dict[int, int]) -> dict[int, dict[str, Any]]:
+        """Per shard of ``cursor``, the events after its seq that rotated out of the event
+        files before they were read (``{"first_seq", "last_seq", "events", "exact"}``); shards
+        that lost none are left out. A reader that fell this far behind is told, not skipped
+        over silently."""
+        shards = sorted(s for s in cursor if 0 <= s < len(self.coordinators))
+        gaps = ray.get([self.coordinators[s].events_gap.remote(cursor[s]) for s in shards])
+        return {s: g for s, g in zip(shards, gaps, strict=True) if g is not None}
+
     def follow(self, since: int | dict[int, int] = 0, *, poll: float = 1.0,
                limit: int = 10_000, until: float | None = None,
                stop: Callable[[], bool] | None = None) -> Iterator[dict[str, Any]]:

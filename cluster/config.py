@@ -336,12 +336,14 @@ class IngressConfig:
     batch_concurrency: int = 4
     #: an idle SMTP session is closed after this long (RFC 5321 §4.5.3.2.7: 5 minutes)
     command_timeout: float = 300.0
-    #: SMTP listeners ("host:port" as in ``submission``) that require a PROXY protocol (v1 or
-    #: v2) header from a load balancer before the session; ``proxy_protocol = true`` in the
+    #: listeners ("host:port" as in ``submission``, ``submissions`` or ``http``) that require a
+    #: PROXY protocol (v1 or v2) header from a load balancer before the session (before the
+    #: TLS handshake on an implicit-TLS or HTTPS listener); ``proxy_protocol = true`` in the
     #: file means every STARTTLS listener
     proxy_protocol: tuple[str, ...] = ()
     #: the load balancers' source networks ("10.0.0.0/24"): a connection to a PROXY listener
-    #: from anywhere else is refused
+    #: from anywhere else is refused; an HTTP request's ``X-Forwarded-For`` is believed only
+    #: from these
     proxy_networks: tuple[str, ...] = ()
     #: a connection whose PROXY header has not arrived within this long is closed
     proxy_timeout: float = 10.0
@@ -1213,20 +1215,20 @@ def _parse_ingress(raw: Mapping[str, Any] | None, queue: QueueConfig) -> Ingress
 
 
 def _parse_proxy(raw: Mapping[str, Any], kw: dict[str, Any], w: str) -> dict[str, Any]:
-    """``proxy_protocol`` (true: every STARTTLS listener; or a list of them) and the
-    ``proxy_networks`` trusted to send the header."""
+    """``proxy_protocol`` (true: every STARTTLS listener; or a list of any listeners:
+    submission, submissions, http) and the ``proxy_networks`` trusted to send the header (and,
+    to an HTTP listener, ``X-Forwarded-For``)."""
     v = raw.get("proxy_protocol", False)
     k = f"{w}.proxy_protocol"
     if isinstance(v, bool):
         listeners = tuple(kw["submission"]) if v else ()
     else:
         listeners = _listeners(v, k)
+        known = (*kw["submission"], *kw["submissions"], *kw["http"])
         for i, a in enumerate(listeners):
-            if a in kw["submissions"]:
-                raise ConfigError(f"{k}[{i}]", f"{a} is an implicit-TLS listener: the PROXY "
-                                  "header is supported on STARTTLS listeners (submission) only")
-            if a not in kw["submission"]:
-                raise ConfigError(f"{k}[{i}]", f"{a} is not one of ingress.submission")
+            if a not in known:
+                raise ConfigError(f"{k}[{i}]", f"{a} is not one of ingress.submission, "
+                                  "ingress.submissions or ingress.http")
     nets = raw.get("proxy_networks", [])
     kn = f"{w}.proxy_networks"
     if isinstance(nets, str):
@@ -1242,10 +1244,10 @@ def _parse_proxy(raw: Mapping[str, Any], kw: dict[str, Any], w: str) -> dict[str
     if listeners and not out:
         raise ConfigError(kn, "proxy_protocol is on: list the load balancers' source networks "
                           "(anyone else could claim any client address)")
-    if out and not listeners:
-        raise ConfigError(k, "proxy_networks is set but no listener takes a PROXY header: "
-                          "set proxy_protocol = true (or a list of ingress.submission "
-                          "listeners)")
+    if out and not listeners and not kw["http"]:
+        raise ConfigError(k, "proxy_networks is set but no listener takes a PROXY header "
+                          "(nor an X-Forwarded-For: there is no ingress.http): set "
+                          "proxy_protocol = true (or a list of listeners)")
     return {"proxy_protocol": listeners, "proxy_networks": tuple(out)}
 
 

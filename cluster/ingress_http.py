@@ -14,9 +14,17 @@ the SMTP listeners) and the mapping between HTTP and :class:`cluster.client.Mail
 - ``GET /v1/messages/{id}``, ``DELETE /v1/messages/{id}`` (cancel);
 - ``GET /v1/events?cursor=0:12,1:40&wait=10`` (keys with ``events = true``): long-poll — at
   once when there are events after the cursor, else when the first comes, at most ``wait``
-  seconds (0-30);
+  seconds (0-30); ``skipped`` (per shard) when events after the cursor were rotated out of
+  the event files before this reader got them;
 - ``GET /healthz`` (process up), ``GET /readyz`` (every shard serving with a quorum);
 - ``GET /v1/openapi.json`` (the document in :mod:`cluster.ingress_openapi`).
+
+Behind a load balancer: a listener named in ``[ingress] proxy_protocol`` takes a PROXY header
+(v1/v2, before the TLS handshake on HTTPS) from ``proxy_networks`` only
+(:mod:`cluster.adapters.proxy_listen`); behind an HTTP-mode balancer, ``X-Forwarded-For`` is
+believed only from a peer in ``proxy_networks`` and ignored from anyone else. The client so
+found is ``request.remote`` for every handler and the address the logs name (a refused key
+is logged with it).
 
 Errors are JSON ``{"error": {"status", "field", "message"}}``: 400 bad input, 401 no or an
 unknown key, 403 a domain the key may not use, 404, 413 too big or too many, 429 queue full
@@ -30,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import re
 import ssl
 import threading
@@ -38,6 +47,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
 from cluster.config import IngressConfig
 from cluster.core.submission import ApiKey, ApiKeyTable, domain_allowed
 from cluster.core.templates import MessageTemplate, TemplateError
@@ -51,6 +61,7 @@ _PASSED = ("to", "cc", "reply_to", "headers", "tags", "metadata", "not_before", 
            "dsn")
 _ALLOWED = {"from", "sender", "recipients", "subject", "text", "html", "template", *_PASSED}
 _KEY = web.AppKey("ingress", object)
+log = logging.getLogger("raymta.ingress")
 #: the longest ``wait`` of GET /v1/events (a load balancer's idle timeout is usually >= 60 s)
 MAX_EVENTS_WAIT = 30.0
 #: Retry-After (seconds) for a full queue (429) and for no quorum / not serving (503)
@@ -93,6 +104,14 @@ class HttpIngress:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._runner: web.AppRunner | None = None
+        self.gate = ProxyGate(settings.proxy_networks, settings.proxy_timeout,
+                              lambda: self._count("proxy_refused"))
+        #: transport -> the client its PROXY header named (PROXY listeners only)
+        self._clients: dict[asyncio.BaseTransport, str] = {}
+        self._proxy_servers: list[ProxyListener] = []
+
+    def _count(self, what: str) -> None:
+        self.counters[what] = self.counters.get(what, 0) + 1
 
     # ---------------------------------------------------------------------- app
     def app(self) -> web.Application:
@@ -112,10 +131,18 @@ class HttpIngress:
     async def _errors(self, request: web.Request,
                       handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                       ) -> web.StreamResponse:
+        peer = self._clients.get(request.transport) if request.transport else None
+        client = self.gate.client(peer or request.remote,
+                                  request.headers.getall("X-Forwarded-For", []))
+        if client is not None and client != request.remote:
+            request = request.clone(remote=client)
         try:
             return await handler(request)
         except _Fail as f:
-            self.counters[str(f.status)] = self.counters.get(str(f.status), 0) + 1
+            self._count(str(f.status))
+            if f.status in (401, 403):
+                log.warning("HTTP API %s %s from %s: %d %s", request.method, request.path,
+                            request.remote, f.status, f.message)
             return _error(f.status, f.field, f.message, f.headers)
         except web.HTTPRequestEntityTooLarge:
             return _error(413, "body", f"request body over {self.settings.http_max_body} bytes")
@@ -339,8 +366,13 @@ class HttpIngress:
         if not evs and wait > 0:
             evs = await self._wait_events(cursor, limit, wait)
         nxt = self.mc.next_cursor(evs, cursor)
-        return web.json_response({"events": evs, "cursor": ",".join(
-            f"{s}:{q}" for s, q in sorted(nxt.items()))})
+        out: dict[str, Any] = {"events": evs, "cursor": ",".join(
+            f"{s}:{q}" for s, q in sorted(nxt.items()))}
+        if cursor:   # a reader behind the event files' rotation is told what it lost
+            skipped = await self._call(self.mc.skipped, cursor)
+            if skipped:
+                out["skipped"] = {str(s): g for s, g in skipped.items()}
+        return web.json_response(out)
 
     async def _wait_events(self, cursor: dict[int, int], limit: int, wait: float
                            ) -> list[dict[str, Any]]:
@@ -368,7 +400,10 @@ class HttpIngress:
         return out
 
     # ---------------------------------------------------------------------- running
-    def start(self, listeners: list[tuple[str, int]]) -> "HttpIngress":
+    def start(self, listeners: list[tuple[str, int]],
+              proxy: list[bool] | None = None) -> "HttpIngress":
+        """Listen on ``listeners``; ``proxy[i]``: listener ``i`` takes a PROXY header."""
+        proxy = proxy or [False] * len(listeners)
         loop = asyncio.new_event_loop()
         self._loop = loop
         started = threading.Event()
@@ -377,7 +412,17 @@ class HttpIngress:
         async def serve() -> None:
             self._runner = web.AppRunner(self.app(), access_log=None)
             await self._runner.setup()
-            for host, port in listeners:
+            server = self._runner.server
+            assert server is not None
+            for (host, port), proxied in zip(listeners, proxy, strict=True):
+                if proxied:
+                    pl = await ProxyListener(
+                        self.gate, host, port,
+                        lambda client: _ClientTag(server(), client[0], self._clients),
+                        ssl=self.tls).start()
+                    self._proxy_servers.append(pl)
+                    self.addresses.append((host, pl.port))
+                    continue
                 site = web.TCPSite(self._runner, host, port, ssl_context=self.tls)
                 await site.start()
                 sock = site._server.sockets[0]   # type: ignore[union-attr]
@@ -405,6 +450,8 @@ class HttpIngress:
     def stop(self) -> None:
         loop, runner = self._loop, self._runner
         if loop is not None and self._thread is not None and self._thread.is_alive():
+            for pl in self._proxy_servers:
+                loop.call_soon_threadsafe(pl.close)
             if runner is not None:
                 with contextlib.suppress(Exception):
                     asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
@@ -417,3 +464,35 @@ class HttpIngress:
     def stats(self) -> dict[str, Any]:
         return {"http": dict(self.counters),
                 "http_listeners": [f"{h}:{p}" for h, p in self.addresses], "at": time.time()}
+
+
+class _ClientTag(asyncio.Protocol):
+    """aiohttp's protocol for one connection of a PROXY listener, noting in ``book`` which
+    client (from the header) its transport carries until the connection ends."""
+
+    def __init__(self, inner: asyncio.Protocol, client: str,
+                 book: dict[asyncio.BaseTransport, str]) -> None:
+        self.inner, self.client, self.book = inner, client, book
+        self.transport: asyncio.BaseTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        self.book[transport] = self.client
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.book.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()

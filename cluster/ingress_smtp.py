@@ -22,18 +22,20 @@ address but loopback (:class:`IngressError`), and with it nothing is accepted be
 and appear in no log line, error or repr; aiosmtpd's own debug log (which would show an AUTH
 LOGIN response) is held at INFO.
 
-Behind a TCP load balancer (docs: README "Behind a load balancer"), a STARTTLS listener may
-require the PROXY protocol (v1 or v2, ``[ingress] proxy_protocol``): a connection from outside
-``proxy_networks``, or one whose first bytes are not a valid header
-(:mod:`cluster.core.proxy_protocol`), is logged and closed before the greeting; the client
-address the header carries is the one the per-IP limits, the ``Received:`` field and the logs
-use. A LOCAL header (the balancer's own health check) keeps the connection's own address.
+Behind a TCP load balancer (docs: README "Behind a load balancer"), any listener — STARTTLS
+or implicit TLS — may require the PROXY protocol (v1 or v2, ``[ingress] proxy_protocol``;
+:mod:`cluster.adapters.proxy_listen`): a connection from outside ``proxy_networks``, or one
+whose first bytes are not a valid header, is logged and closed before the greeting (on 465
+before the TLS handshake, which follows the header); the client address the header carries
+is the one the per-IP limits, the ``Received:`` field and the logs use. A LOCAL header (the
+balancer's own health check) keeps the connection's own address.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -48,8 +50,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from cluster.config import IngressConfig, load_users_file
 from cluster.core.addresses import AddressError, parse_address
-from cluster.core.proxy_protocol import ProxyProtocolError, bytes_needed
-from cluster.core.proxy_protocol import parse as parse_proxy_header
+from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
 from cluster.core.submission import (
     LimitBook,
     completion_fields,
@@ -153,10 +154,12 @@ class _Submission(SMTP):
         return super()._getaddr(arg)
 
     def __init__(self, ingress: "SmtpIngress", handler: "_Handler", listener: Listener,
-                 **kw: Any) -> None:
+                 client: tuple[str, int] | None = None, **kw: Any) -> None:
         super().__init__(handler, **kw)
         self.ingress = ingress
         self.listener = listener
+        #: the client a PROXY header named (cluster/adapters/proxy_listen.py), else None
+        self.client = client
         self.user: SubmissionUser | None = None
         self.peer_ip = "?"
         self._refused: str | None = None
@@ -169,11 +172,12 @@ class _Submission(SMTP):
         if upgrade:
             return
         self.ingress.sessions.add(self)
-        peer = transport.get_extra_info("peername")
+        peer = self.client or transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else "?"
+        if self.client is not None and self.session is not None:
+            self.session.peer = self.client  # type: ignore[assignment]
         self.ingress.count("connections")
-        if not self.listener.proxy:     # else once the PROXY header names the client
-            self._open_ip()
+        self._open_ip()
         sslobj = transport.get_extra_info("ssl_object")
         if sslobj is not None:
             # implicit TLS (465): the session is encrypted from the first byte; aiosmtpd only
@@ -189,40 +193,6 @@ class _Submission(SMTP):
         else:
             self._counted = True
 
-    async def _read_proxy_header(self) -> bool:
-        """Read and check the PROXY header (never a byte past it); False when the
-        connection was refused (logged, closed)."""
-        ing, li = self.ingress, self.listener
-        where = f"PROXY listener {li.host}:{li.port}"
-        if not ing.proxy_trusted(self.peer_ip):
-            ing.count("proxy_refused")
-            log.warning("%s: connection from %s refused: not in ingress.proxy_networks",
-                        where, self.peer_ip)
-            return False
-        assert self._reader is not None
-        buf = b""
-        try:
-            async with asyncio.timeout(ing.settings.proxy_timeout):
-                while (n := bytes_needed(buf)) > 0:
-                    buf += await self._reader.readexactly(n)
-            header = parse_proxy_header(buf)
-        except ProxyProtocolError as e:
-            problem = str(e)
-        except TimeoutError:
-            problem = (f"PROXY header incomplete after {len(buf)} bytes" if buf else
-                       "no PROXY header") + f" within {ing.settings.proxy_timeout:g} s"
-        except (asyncio.IncompleteReadError, ConnectionError):
-            problem = f"closed after {len(buf)} bytes of a PROXY header"
-        else:
-            if header.address is not None:
-                self.peer_ip = header.address
-                if self.session is not None:
-                    self.session.peer = (header.address, header.port)  # type: ignore[assignment]
-            return True
-        ing.count("proxy_refused")
-        log.warning("%s: connection from %s refused: %s", where, self.peer_ip, problem)
-        return False
-
     def connection_lost(self, error: Exception | None) -> None:
         self.ingress.sessions.discard(self)
         if self._counted:
@@ -234,12 +204,6 @@ class _Submission(SMTP):
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
-        if self.listener.proxy:
-            if not await self._read_proxy_header():
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            self._open_ip()
         if self._refused is None and self.ingress.draining:
             self._refused = "node draining"
             self.ingress.count("refused_draining")
@@ -439,8 +403,9 @@ class SmtpIngress:
                                    "(starttls or implicit), not plain")
         if self.auth_required and not len(self.users):
             raise IngressError("authentication is required but no users are configured")
-        self.proxy_networks = [ipaddress.ip_network(n) for n in s.proxy_networks]
-        if any(li.proxy for li in self.listeners) and not self.proxy_networks:
+        self.proxy_gate = ProxyGate(s.proxy_networks, s.proxy_timeout,
+                                    lambda: self.count("proxy_refused"))
+        if any(li.proxy for li in self.listeners) and not self.proxy_gate.networks:
             raise IngressError("a listener requires the PROXY protocol but "
                                "ingress.proxy_networks is empty")
         self.limits = LimitBook(per_ip_connections=s.max_connections_per_ip,
@@ -464,7 +429,7 @@ class SmtpIngress:
             return bind_host or host.strip("[]"), int(port)
         proxied = set(settings.proxy_protocol)
         listeners = [Listener(*split(a), "starttls", a in proxied) for a in settings.submission] \
-            + [Listener(*split(a), "implicit") for a in settings.submissions]
+            + [Listener(*split(a), "implicit", a in proxied) for a in settings.submissions]
         if not settings.auth:   # loopback only (checked): STARTTLS only when a cert is given
             listeners = [li if settings.cert_file or li.mode == "implicit" else
                          Listener(li.host, li.port, "plain", li.proxy) for li in listeners]
@@ -485,16 +450,6 @@ class SmtpIngress:
         self.load_users()
         return {"users": len(self.users), "tls": self._tls is not None}
 
-    def proxy_trusted(self, ip: str) -> bool:
-        """Whether ``ip`` (a connection's own peer) may send a PROXY header."""
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in n for n in self.proxy_networks)
-
     def count(self, what: str) -> None:
         self.counters[what] = self.counters.get(what, 0) + 1
 
@@ -509,10 +464,10 @@ class SmtpIngress:
         return self.mc.submit(msgs, timeout=120.0, retry_for=5.0)
 
     # ---------------------------------------------------------------------- running
-    def _factory(self, li: Listener) -> _Submission:
+    def _factory(self, li: Listener, client: tuple[str, int] | None = None) -> _Submission:
         starttls = li.mode == "starttls"
         return _Submission(
-            self, _Handler(self), li, hostname=self.hostname, data_size_limit=self.max_size,
+            self, _Handler(self), li, client, hostname=self.hostname, data_size_limit=self.max_size,
             enable_SMTPUTF8=True, decode_data=False,
             tls_context=self._tls if starttls else None,
             require_starttls=starttls and self.auth_required,
@@ -529,9 +484,15 @@ class SmtpIngress:
 
         async def serve() -> None:
             for li in self.listeners:
-                srv = await loop.create_server(
-                    lambda li=li: self._factory(li), host=li.host, port=li.port,
-                    ssl=self._tls if li.mode == "implicit" else None)
+                tls = self._tls if li.mode == "implicit" else None
+                srv: Any
+                if li.proxy:     # the header first, then (465) the TLS handshake
+                    srv = await ProxyListener(self.proxy_gate, li.host, li.port,
+                                              functools.partial(self._factory, li),
+                                              ssl=tls).start()
+                else:
+                    srv = await loop.create_server(lambda li=li: self._factory(li),
+                                                   host=li.host, port=li.port, ssl=tls)
                 self._servers.append(srv)
                 port = srv.sockets[0].getsockname()[1]
                 self.addresses.append(Listener(li.host, port, li.mode, li.proxy))

@@ -107,3 +107,41 @@ def test_a_snapshot_tail_rebuilds_the_newest_events_in_an_empty_directory(tmp_pa
     assert [e["seq"] for e in new.read(299)] == [300, 301]
     # the whole log fits: every event
     assert EventLog(tmp_path / "all").write_lines(old.tail_bytes(1 << 30)) == 300
+
+
+# ------------------------------------------------------------- events rotated away from a reader
+def _rotated(tmp_path, n=200, step=2, kept=2):
+    """Events at every ``step``-th seq (records without events in between), rotated often."""
+    log = EventLog(tmp_path, file_bytes=300, files_kept=kept, seq_files_kept=kept)
+    for i in range(step, n * step + 1, step):
+        log.write([ev(i)])
+    return log
+
+
+def test_a_reader_behind_rotation_learns_exactly_how_many_events_it_lost(tmp_path):
+    log = _rotated(tmp_path)
+    first = log.read(0, limit=1)[0]["seq"]         # the oldest event still in a file
+    assert first > 2
+    assert log.gap(first - 1) is None              # nothing lost after the last lost one
+    assert log.gap(first - 2) is None
+    assert log.gap(400) is None
+    for since in (first - 3, first - 4, first - 10, first - 11):
+        g = log.gap(since)
+        # events are at even seqs: those in (since, first) are the lost ones
+        lost = len([s for s in range(since + 1, first) if s % 2 == 0])
+        assert g == {"first_seq": since + 1, "last_seq": first - 2, "events": lost,
+                     "exact": True}, (since, g)
+
+
+def test_a_reader_older_than_the_kept_seq_lists_gets_a_lower_bound(tmp_path):
+    log = _rotated(tmp_path)
+    lists = sorted(tmp_path.glob("events-*.seqs"))
+    assert len(lists) == 2                         # bounded
+    assert (tmp_path / "events-dropped.json").exists()
+    g = log.gap(0)
+    assert g is not None and g["exact"] is False and g["first_seq"] == 1
+    first = log.read(0, limit=1)[0]["seq"]
+    assert g["last_seq"] == first - 2 and 0 < g["events"] < first // 2
+    log.close()
+    # the lists survive a restart
+    assert EventLog(tmp_path, file_bytes=300, files_kept=2, seq_files_kept=2).gap(0) == g

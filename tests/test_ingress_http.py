@@ -242,6 +242,55 @@ def test_the_readme_curl_commands(api):
     assert b"Subject: Hello Bob" in got[0].data and b"this is our news." in got[0].data
 
 
+def test_the_readme_events_long_poll_runs_as_written(api, tmp_path):
+    """The README's "Webhooks and the events endpoint" block, as written (only its base URL
+    is this listener's): the first call prints the events kept, the second long-polls from
+    the cursor the first returned and answers with the event of a message submitted while
+    it waits."""
+    import threading
+    import time
+    for tool in ("curl", "jq"):
+        assert shutil.which(tool), f"{tool} is not installed (apt-get install {tool})"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Webhooks and the events endpoint", 1)[1]
+    script = re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1)
+    assert "$(jq -r .cursor page.json)&wait=25" in script
+    script = script.replace("https://10.0.0.5:8443", api["url"])
+    code, out, _ = call(api, "POST", "/v1/messages", {"messages": [msg("poll1@api.test")]})
+    assert code == 200, out
+    id1 = out["results"][0]["ids"][0]
+    mc = api["mc"]
+    wait_for(lambda: (mc.status(id1) or {}).get("state") == "delivered", 60, "poll1 delivered")
+    assert len(mc.events({0: 0}, 100_000)) < 900, "the first page (limit 1000) holds them all"
+    before = mc.events({0: 0}, 100_000)[-1]["seq"]
+    page = tmp_path / "page.json"
+    id2: list[str] = []
+
+    def submit_while_it_waits() -> None:
+        wait_for(lambda: page.exists() and page.stat().st_size > 0, 30, "the first page")
+        time.sleep(1.0)             # the second call is waiting by now
+        id2.extend(call(api, "POST", "/v1/messages",
+                        {"messages": [msg("poll2@api.test")]})[1]["results"][0]["ids"])
+    t = threading.Thread(target=submit_while_it_waits)
+    t.start()
+    t0 = time.monotonic()
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, timeout=60,
+                       env=dict(os.environ, RAYMTA_KEY=KEY_OPS), capture_output=True,
+                       text=True, check=False)
+    took = time.monotonic() - t0
+    t.join(30)
+    assert p.returncode == 0, p.stderr
+    *listed, last = p.stdout.strip().splitlines()
+    first = [json.loads(line) for line in listed]
+    assert any(e["type"] == "Delivery" and e["id"] == id1 for e in first), first[-3:]
+    assert first[-1]["seq"] == before
+    polled = json.loads(last)
+    assert [(e["type"], e["id"]) for e in polled["events"]][:1] == [("Reception", id2[0])]
+    assert all(e["seq"] > before for e in polled["events"])
+    assert polled["cursor"] == f"0:{polled['events'][-1]['seq']}"
+    assert 1.0 < took < 20, took       # it waited for the event, and not for all 25 s
+
+
 def test_no_quorum_is_503_with_retry_after(api):
     """Runs last: stops both replicas, then lets them go on."""
     import ray

@@ -203,10 +203,52 @@ def test_bad_proxy_config_names_the_key(kw, key, words):
     assert e.value.key == key and words in e.value.problem, str(e.value)
 
 
-def test_proxy_on_an_implicit_tls_listener_is_refused():
+def test_proxy_on_implicit_tls_and_http_listeners_and_networks_for_x_forwarded_for():
     from cluster.config import ConfigError, parse_config
-    with pytest.raises(ConfigError, match="implicit-TLS listener"):
-        parse_config({"ingress": {
-            "auth": False, "cert_file": "c.pem", "key_file": "k.pem",
+    from cluster.core.submission import hash_api_key
+    base = {"auth": False, "cert_file": "c.pem", "key_file": "k.pem",
             "submission": ["127.0.0.1:2587"], "submissions": ["127.0.0.1:2465"],
-            "proxy_protocol": ["127.0.0.1:2465"], "proxy_networks": ["127.0.0.1"]}})
+            "http": ["127.0.0.1:8080"],
+            "api_key": [{"name": "k", "key_hash": hash_api_key("rmta_k_0123456789abcdef0123"),
+                         "domains": ["a.test"]}]}
+    ing = parse_config({"ingress": {**base, "proxy_protocol": ["127.0.0.1:2465",
+                                                               "127.0.0.1:8080"],
+                                    "proxy_networks": ["127.0.0.1"]}}).ingress
+    assert ing.proxy_protocol == ("127.0.0.1:2465", "127.0.0.1:8080")
+    # proxy_networks alone: the HTTP listeners believe X-Forwarded-For from them
+    ing = parse_config({"ingress": {**base, "proxy_networks": ["10.0.0.0/8"]}}).ingress
+    assert ing.proxy_protocol == () and ing.proxy_networks == ("10.0.0.0/8",)
+    with pytest.raises(ConfigError) as e:
+        parse_config({"ingress": {**base, "proxy_protocol": ["127.0.0.1:9"],
+                                  "proxy_networks": ["127.0.0.1"]}})
+    assert e.value.key == "ingress.proxy_protocol[0]"
+    assert "not one of ingress.submission, ingress.submissions or ingress.http" in str(e.value)
+
+
+# ------------------------------------------------------------ who may speak for a client
+NETS = [ipaddress.ip_network("10.0.0.0/24"), ipaddress.ip_network("fd00::/8")]
+
+
+@pytest.mark.parametrize("ip,ok", [
+    ("10.0.0.7", True), ("10.0.1.7", False), ("::ffff:10.0.0.7", True), ("fd00::1", True),
+    ("fe80::1", False), ("not-an-ip", False), ("", False),
+])
+def test_only_the_balancers_networks_are_trusted(ip, ok):
+    from cluster.core.proxy_protocol import trusted
+    assert trusted(ip, NETS) is ok
+
+
+@pytest.mark.parametrize("peer,xff,client", [
+    ("10.0.0.7", ["198.51.100.4"], "198.51.100.4"),
+    # the balancer appended the last address; the ones before are the client's own word
+    ("10.0.0.7", ["203.0.113.5, 198.51.100.4"], "198.51.100.4"),
+    ("10.0.0.7", ["203.0.113.5", "198.51.100.6"], "198.51.100.6"),     # two header lines
+    ("10.0.0.7", ["203.0.113.5,[2001:db8::9]"], "2001:db8::9"),
+    ("10.0.0.7", ["198.51.100.4, unknown"], "10.0.0.7"),              # not an address
+    ("10.0.0.7", [], "10.0.0.7"),
+    ("192.0.2.1", ["198.51.100.4"], "192.0.2.1"),                      # not a balancer
+    (None, ["198.51.100.4"], None),
+])
+def test_x_forwarded_for_is_believed_only_from_a_balancer(peer, xff, client):
+    from cluster.core.proxy_protocol import forwarded_client
+    assert forwarded_client(peer, xff, NETS) == client

@@ -4,10 +4,19 @@ Owns: ``events-<first seq>.jsonl`` files in a shard's ``events/`` directory. An 
 is the log sequence number of the record that produced it, so after a crash the coordinator
 rewrites exactly the events whose records are durable but whose lines were not yet written
 (:attr:`EventLog.last_seq`). Bounded: at most ``files_kept`` files of ``file_bytes`` each.
+
+A reader that falls behind rotation (a webhook endpoint down for long) must not skip events
+silently: when a file is deleted its events' seqs are kept as ``events-<first seq>.seqs`` (8
+bytes an event against the ~300 of its line; at most ``seq_files_kept``, by default
+:data:`SEQ_FILES_PER_FILE_KEPT` × ``files_kept``, such files; anything older is summed up in
+``events-dropped.json``), and :meth:`EventLog.gap` says how many events after a cursor are gone
+and which seqs they spanned — exactly while the cursor is within those seq lists, as a lower
+bound beyond them.
 """
 
 from __future__ import annotations
 
+import array
 import bisect
 import itertools
 import json
@@ -21,6 +30,11 @@ from cluster.adapters.spool import numbered_files
 
 __all__ = ["EventLog"]
 
+_DROPPED = "events-dropped.json"
+#: seq lists of deleted files kept per event file kept: a reader up to this many times
+#: ``files_kept`` files behind the oldest kept file learns exactly how many events it lost
+SEQ_FILES_PER_FILE_KEPT = 4
+
 #: one (seq, byte offset) index entry per this many lines: read(since) seeks instead of scanning
 _STRIDE = 256
 
@@ -29,11 +43,13 @@ _JSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 
 class EventLog:
     def __init__(self, directory: str | os.PathLike[str], *, file_bytes: int = 64 << 20,
-                 files_kept: int = 16) -> None:
+                 files_kept: int = 16, seq_files_kept: int | None = None) -> None:
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.file_bytes = file_bytes
         self.files_kept = files_kept
+        self.seq_files_kept = (SEQ_FILES_PER_FILE_KEPT * files_kept if seq_files_kept is None
+                               else seq_files_kept)
         self._fh: Any = None
         self._size = 0
         self._lines = 0                                   # lines in the active file
@@ -142,9 +158,67 @@ class EventLog:
         self._index[path.name] = ([], [])
         self._lines = 0
         files = self._files()
-        for _, p in files[: max(0, len(files) - self.files_kept)]:
+        for first, p in files[: max(0, len(files) - self.files_kept)]:
+            self._keep_seqs(first, p)
             p.unlink()
             self._index.pop(p.name, None)
+
+    # ------------------------------------------------------------------ rotated-away events
+    def _keep_seqs(self, first: int, path: Path) -> None:
+        """Before ``path`` is deleted: its events' seqs as ``events-<first>.seqs``; the oldest
+        such lists beyond ``seq_files_kept`` are folded into ``events-dropped.json``."""
+        seqs = array.array("q")
+        with open(path, "rb") as fh:
+            for line in fh:
+                if line.endswith(b"\n"):
+                    seqs.append(orjson.loads(line)["seq"])
+        tmp = self.dir / f"events-{first:020d}.seqs.tmp"
+        tmp.write_bytes(seqs.tobytes())
+        os.replace(tmp, self.dir / f"events-{first:020d}.seqs")
+        lists = self._seq_files()
+        for _, old in lists[: max(0, len(lists) - self.seq_files_kept)]:
+            gone = self._read_seqs(old)
+            agg = self._dropped()
+            agg = {"through": max(agg["through"], gone[-1] if gone else 0),
+                   "events": agg["events"] + len(gone)}
+            t = self.dir / (_DROPPED + ".tmp")
+            t.write_bytes(orjson.dumps(agg))
+            os.replace(t, self.dir / _DROPPED)
+            old.unlink()
+
+    def _seq_files(self) -> list[tuple[int, Path]]:
+        return numbered_files(self.dir, "events-", ".seqs")
+
+    @staticmethod
+    def _read_seqs(path: Path) -> array.array:
+        a = array.array("q")
+        a.frombytes(path.read_bytes())
+        return a
+
+    def _dropped(self) -> dict[str, int]:
+        try:
+            d = orjson.loads((self.dir / _DROPPED).read_bytes())
+            return {"through": int(d["through"]), "events": int(d["events"])}
+        except FileNotFoundError:
+            return {"through": 0, "events": 0}
+
+    def gap(self, since: int) -> dict[str, Any] | None:
+        """The events after ``since`` that were rotated away (a reader at ``since`` will never
+        see them): ``{"first_seq", "last_seq", "events", "exact"}``, or None when nothing
+        after ``since`` is gone. ``exact`` is False when the cursor is older than the kept
+        seq lists: ``events`` then counts only the events of those lists (at least that many
+        are gone)."""
+        agg = self._dropped()
+        lost, last = 0, agg["through"]
+        for _, p in self._seq_files():
+            seqs = self._read_seqs(p)
+            if seqs and seqs[-1] > since:
+                lost += len(seqs) - bisect.bisect_right(seqs, since)
+                last = max(last, seqs[-1])
+        if last <= since:
+            return None
+        return {"first_seq": since + 1, "last_seq": last, "events": lost,
+                "exact": since >= agg["through"]}
 
     def _file_index(self, path: Path) -> tuple[list[int], list[int]]:
         idx = self._index.get(path.name)

@@ -22,16 +22,21 @@ What the specification asks of a receiver, and what this module does:
   returned by type; a TLV running past the header is an error.
 - Bounded: a v2 header announcing more than :data:`MAX_V2_LENGTH` bytes is refused before
   any of it is read (a load balancer sends a few dozen bytes; TLVs add a few hundred).
+
+Who may speak for a client: :func:`trusted` (a connection's own peer is one of the
+balancers' networks) decides who may send a header, and :func:`forwarded_client` applies the
+same rule to ``X-Forwarded-For`` behind an HTTP-mode balancer.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 __all__ = ["ProxyProtocolError", "ProxyHeader", "V2_SIGNATURE", "MAX_V1_LENGTH",
-           "MAX_V2_LENGTH", "bytes_needed", "parse"]
+           "MAX_V2_LENGTH", "bytes_needed", "forwarded_client", "parse", "trusted"]
 
 #: the first 12 bytes of every version 2 header
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -201,3 +206,33 @@ def _tlvs(b: bytes) -> dict[int, bytes]:
         out[typ] = bytes(b[i + 3:i + 3 + n])
         i += 3 + n
     return out
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def trusted(ip: str, networks: Sequence[Network]) -> bool:
+    """Whether ``ip`` (a connection's own peer; an IPv4-mapped IPv6 address counts as its
+    IPv4 address) is in one of ``networks``, the load balancers'."""
+    try:
+        addr = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return any(addr in n for n in networks)
+
+
+def forwarded_client(peer: str | None, forwarded_for: Sequence[str],
+                     networks: Sequence[Network]) -> str | None:
+    """The client of an HTTP request: when ``peer`` is a trusted balancer, the last address of
+    ``X-Forwarded-For`` (the one the balancer itself appended; those before it are the
+    client's own word) if it is an IP address; else ``peer``. ``forwarded_for``: every
+    X-Forwarded-For header line, in order."""
+    if peer is None or not forwarded_for or not trusted(peer, networks):
+        return peer
+    last = ",".join(forwarded_for).split(",")[-1].strip()
+    try:
+        return str(ipaddress.ip_address(last.strip("[]")))
+    except ValueError:
+        return peer
