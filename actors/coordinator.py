@@ -845,6 +845,10 @@ class QueueCoordinator:
         shard (this shard is the source's home): written down before it answers, so the
         total granted, which never passes the cap, survives any restart."""
         await self._until_serving()
+        if type(source) is not str or type(provider) is not str or type(day) is not int \
+                or type(n) is not int or not 0 < n <= 1_000_000:
+            raise ValueError("warmup_reserve(source: str, provider: str, day: int, n: int "
+                             "in 1..1,000,000)")
         plan = self.cfg.warmup_plans().get(source)
         if plan is None or home_shard(source, self.cfg.queue.shards) != self.shard:
             raise ValueError(f"coordinator:{self.shard} keeps no warm-up counts of {source!r}")

@@ -163,3 +163,14 @@ def test_mail_of_no_pool_waits_when_its_only_source_is_capped(warming):
     tomorrow = (int(time.time() // 86400) + 1) * 86400
     assert len(held) == 10 and all(h["next_attempt"] == tomorrow for h in held), held[:2]
     assert not _by_source(sink, "np")
+
+
+def test_warmup_reserve_checks_what_a_caller_sends(warming):
+    # a Ray caller reaches the leader's method directly: it is checked there, and a bad call
+    # neither grants anything nor stops the shard
+    h = warming["mc"].coordinators[0]
+    for args in (("cold", "default", "1", 5), ("cold", "default", 1, -5), (7, "default", 1, 5),
+                 ("cold", "default", 1, 10**9)):
+        with pytest.raises(ray.exceptions.RayTaskError, match="warmup_reserve"):
+            ray.get(h.warmup_reserve.remote(*args), timeout=60)
+    assert warming["mc"].stats()["serving"]
