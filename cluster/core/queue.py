@@ -35,11 +35,16 @@ Record layout (msgpack arrays, first element the type):
                      shard sent; an event only (the message has usually finished)
 ``w``     webhook cursor: [w, endpoint, cursor, ts] — webhook ``endpoint`` has acknowledged
                      every event of this shard up to seq ``cursor`` (no event of its own)
+``n``     DSNs owed: [n, rows, ts] — rows ``[original id, *entry]`` of
+                     :attr:`QueueState.dsn_due` restored from a backup (no event of its own);
+                     an original already owed, or whose DSN this shard already queued, is
+                     left out
 ========  ===================================================================================
 An accept record restored from a backup carries two more fields, ``attempts, next_at``.
 A message whose metadata asks for a DSN (``raymta.dsn``) owes one when its ``f`` record
 (bounce or expiry) applies (:attr:`QueueState.dsn_due`); the DSN is an ``m`` record of its own,
-made by the leader, whose metadata ``raymta.dsn_of`` names the message and settles the debt.
+made by the leader, whose metadata ``raymta.dsn_of`` names the message (or, for one DSN about
+several recipients of a submission, the list of them) and settles the debt.
 A message state machine: accepted → (ready | deferred) → inflight → delivered | transient
 (→ deferred) | bounced; any live, not inflight message → expired | cancelled.
 """
@@ -53,14 +58,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from cluster.core.dsn_build import DSN_OF_KEY, header_section, wants_dsn
+from cluster.core.dsn_build import dsn_of, header_section, wants_dsn
 from cluster.core.suppression import REASONS as SUPPRESSION_REASONS
 from cluster.core.suppression import SuppressionList, entry_key
 
 __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
-    "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record",
+    "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record", "REC_DSN_OWED",
+    "dsn_owed_record",
     "QueuedMessage", "QueueState", "SnapshotBuild", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -77,6 +83,7 @@ REC_SUPPRESS = "s"
 REC_REPORT = "o"
 REC_PAUSE = "p"
 REC_WEBHOOK = "w"
+REC_DSN_OWED = "n"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -133,6 +140,11 @@ def pause_record(key: str, until: float, ts: float,
 
 def webhook_record(endpoint: str, cursor: int, ts: float) -> list[Any]:
     return [REC_WEBHOOK, endpoint, cursor, ts]
+
+
+def dsn_owed_record(rows: list[list[Any]], ts: float) -> list[Any]:
+    """DSNs owed, restored from a backup: rows ``[original id, *dsn_due entry]``."""
+    return [REC_DSN_OWED, rows, ts]
 
 
 def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
@@ -233,7 +245,7 @@ class _Body:
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
 _RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
                    REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4,
-                   REC_WEBHOOK: 4}
+                   REC_WEBHOOK: 4, REC_DSN_OWED: 3}
 
 
 def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
@@ -395,6 +407,10 @@ class QueueState:
         #: ``raymta.dsn_of``) applies; the leader queues one for each entry it finds, so a
         #: failover neither loses a DSN (the entry is replayed) nor sends two (the record is)
         self.dsn_due: dict[str, list[Any]] = {}
+        #: originals whose DSN record applied → the DSN's id, the newest ``status_cache`` kept
+        #: (hard state, in snapshots): a DSN debt restored from a backup a second time is
+        #: not owed again
+        self.dsn_settled: OrderedDict[str, str] = OrderedDict()
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
@@ -453,6 +469,8 @@ class QueueState:
                              f"{_RECORD_LENGTHS[kind]}")
         if kind == REC_SUPPRESS or kind == REC_REPORT:
             return self._apply_other(rec, lsn)
+        if kind == REC_DSN_OWED:
+            return self._apply_dsn_owed(rec, lsn)
         if kind == REC_WEBHOOK:
             _, endpoint, cursor, ts = rec
             _check_numbers(rec, lsn, ts)
@@ -519,6 +537,7 @@ class QueueState:
             self.counters["delivered"] += 1
             ev = self._event("Delivery", lsn, m, ts, attempt=attempt, code=code, text=text,
                              site=site)
+            self._mark_dsn(m, ev)
             self._finish(m, "delivered", ev)
             return ev
         if kind == REC_FINAL:
@@ -530,11 +549,15 @@ class QueueState:
             self.counters[_FINAL_STATE[fkind]] += 1
             if fkind in ("bounce", "expired") and wants_dsn(m.sender, m.metadata):
                 body = self.bodies.get(m.body_id)
+                # (the body id last: the recipients of one submission share it, and are
+                # reported together: cluster/core/dsn_due.py)
                 self.dsn_due[m.id] = [m.sender, m.rcpt, fkind, code, enhanced, text, site,
                                       m.created, ts,
-                                      header_section(body.data) if body is not None else b""]
+                                      header_section(body.data) if body is not None else b"",
+                                      m.body_id]
             ev = self._event(_FINAL_EVENT[fkind], lsn, m, ts, attempt=attempt, code=code,
                              enhanced=enhanced, text=text, site=site, category=category)
+            self._mark_dsn(m, ev)
             self._finish(m, _FINAL_STATE[fkind], ev)
             return ev
         raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
@@ -610,9 +633,10 @@ class QueueState:
         if body is None:
             raise StateError(f"message {m.id} refers to unknown body {m.body_id} (lsn {lsn})")
         body.refs += 1
-        if m.metadata and type(m.metadata) is dict and \
-                type(m.metadata.get(DSN_OF_KEY)) is str:
-            self.dsn_due.pop(m.metadata[DSN_OF_KEY], None)   # the DSN owed is now queued
+        if m.metadata and m.sender == "":
+            for orig in dsn_of(m.metadata):    # the DSN owed is now queued
+                self.dsn_due.pop(orig, None)
+                self._settle_dsn(orig, m.id)
         self.messages[m.id] = m
         if m.idempotency_key:
             ent = self.idempotency.get(m.idempotency_key)
@@ -627,6 +651,38 @@ class QueueState:
             self._make_ready(m)
         self.counters["accepted"] += 1
         return self._event("Reception", lsn, m, m.created, size=len(body.data))
+
+    @staticmethod
+    def _mark_dsn(m: QueuedMessage, ev: dict[str, Any]) -> None:
+        """The fate of a DSN (delivered, bounced, suppressed…) says which messages it was
+        about: ``dsn_of``, a list of ids."""
+        if m.sender == "" and m.metadata:
+            reported = dsn_of(m.metadata)
+            if reported:
+                ev["dsn_of"] = reported
+
+    def _settle_dsn(self, orig: str, dsn_id: str) -> None:
+        self.dsn_settled[orig] = dsn_id
+        self.dsn_settled.move_to_end(orig)
+        while len(self.dsn_settled) > max(self.status_cache, 1):
+            self.dsn_settled.popitem(last=False)
+
+    def _apply_dsn_owed(self, rec: list[Any], lsn: int) -> None:
+        """An ``n`` record: checked whole before anything changes."""
+        _, rows, ts = rec
+        _check_numbers(rec, lsn, ts)
+        if type(rows) is not list or not all(
+                type(r) is list and len(r) in (11, 12) and type(r[0]) is str and
+                type(r[1]) is str and r[1] and type(r[2]) is str and
+                r[3] in ("bounce", "expired") and type(r[8]) in (int, float) and
+                type(r[9]) in (int, float) and type(r[10]) in (bytes, bytearray) and
+                (len(r) == 11 or type(r[11]) is str) for r in rows):
+            raise StateError(f"DSN record at lsn {lsn}: a row of the wrong shape")
+        self.last_lsn = lsn
+        for orig, *entry in rows:
+            if orig not in self.dsn_due and orig not in self.dsn_settled:
+                entry[9] = bytes(entry[9])
+                self.dsn_due[orig] = entry
 
     def _event(self, etype: str, lsn: int, m: QueuedMessage, ts: float,
                **extra: Any) -> dict[str, Any]:
@@ -896,6 +952,7 @@ class QueueState:
             "suspended": dict(self.suspended),
             "shaping": dict(self.shaping),
             "dsn_due": [[k, *v] for k, v in self.dsn_due.items()],
+            "dsn_settled": list(self.dsn_settled.items()),
             "webhook_cursors": dict(self.webhook_cursors),
         }
 
@@ -930,6 +987,8 @@ class QueueState:
         self.shaping.update(snap.get("shaping", {}))
         for row in snap.get("dsn_due", ()):
             self.dsn_due[row[0]] = list(row[1:])
+        for orig, dsn_id in snap.get("dsn_settled", ()):
+            self.dsn_settled[orig] = dsn_id
         self.webhook_cursors.update(snap.get("webhook_cursors", {}))
         for row in snap.get("suppress_outbox", ()):
             self.suppress_outbox[entry_key(row[0], row[1])] = row
