@@ -11,6 +11,7 @@ Ray this process is connected to.
 from __future__ import annotations
 
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -87,6 +88,82 @@ def test_backup_wipe_restore_delivers_everything(tmp_path, dns_server, capsys):
             mc.close()
         with pytest.raises(SubmitError, match="not a raymta backup"):
             MailCluster.restore(_Nothing(), tmp_path)
+    finally:
+        sinks.stop()
+
+
+DSN_MX = "127.0.0.23"
+
+
+def test_a_dsn_still_owed_at_backup_time_is_sent_after_the_restore(tmp_path, dns_server):
+    """A message to two recipients asks for a DSN: one is refused (550), the other's server is
+    down, so the DSN waits for it (a coalescing window of an hour) and is still owed when the
+    backup is taken. The new cluster, restored from it, sends that DSN — once: a second
+    restore of the same backup owes nothing again."""
+    from dataclasses import replace
+
+    from cluster.client import MailCluster
+    from cluster.config import parse_config
+    from cluster.core.dsn import parse_message
+    from cluster.devservers import SinkGroup
+    sinks = SinkGroup([DSN_MX]).start()
+    sinks.by_address(DSN_MX).rcpt_reply = lambda rcpt, attempt: (
+        (550, "5.1.1 User unknown") if rcpt.startswith("unknown") else None)
+    try:
+        dns_server.add_a("mx.fail.bk.test", DSN_MX)
+        dns_server.add_mx("fail.bk.test", [(10, "mx.fail.bk.test")])
+        dns_server.add_a("mx.origin.bk.test", DSN_MX)
+        dns_server.add_mx("origin.bk.test", [(10, "mx.origin.bk.test")])
+        dns_server.add_a("mx.held.bk.test", DOWN)
+        dns_server.add_mx("held.bk.test", [(10, "mx.held.bk.test")])
+        base = pipeline_config(str(tmp_path / "spool-a"), dns_server.port, sinks.port,
+                               retry_initial="2s", retry_max_delay="4s")
+        cfg = replace(base, dsn=parse_config({"dsn": {"coalesce": "1h"}}).dsn)
+
+        def dsns():
+            return [r for r in sinks.received if r.rcpt_to == "s@origin.bk.test"]
+        mc = MailCluster.connect(config=cfg, num_cpus=2)
+        try:
+            [res] = mc.submit({"sender": "s@origin.bk.test", "dsn": True,
+                               "recipients": ["unknown1@fail.bk.test", "h1@held.bk.test"],
+                               "raw": b"From: <s@origin.bk.test>\r\nSubject: bk\r\n"
+                                      b"Message-ID: <bk@origin.bk.test>\r\n\r\nbody\r\n"})
+            assert res.accepted, res.error
+            bounced, held = res.ids
+            wait_for(lambda: mc.status(bounced)["state"] == "bounced"
+                     and mc.status(held)["attempts"] >= 1, 60, "one bounced, one deferred")
+            assert mc.status(held)["state"] == "deferred"
+            # owed, not queued: no message from <> yet
+            assert not [e for e in mc.events(0) if e["type"] == "Reception"
+                        and e["sender"] == ""]
+            mc.backup(tmp_path / "backups")
+        finally:
+            mc.close()
+        shutil.rmtree(tmp_path / "spool-a")
+        backup_dir = next((tmp_path / "backups").iterdir())
+        assert not dsns()
+
+        dns_server.remove("mx.held.bk.test", "A")              # the held site is back
+        dns_server.add_a("mx.held.bk.test", DSN_MX)
+        cfg_b = replace(cfg.with_spool(str(tmp_path / "spool-b")),
+                        dsn=parse_config({"dsn": {"coalesce": "0s"}}).dsn)
+        mc = MailCluster.connect(config=cfg_b, num_cpus=2)
+        try:
+            r = mc.restore(backup_dir)
+            assert (r["restored"], r["dsns"]) == (1, 1), r
+            [got] = wait_for(dsns, 60, "the DSN owed in the backup")
+            rep = parse_message(got.data)
+            assert rep.raymta_id == bounced and rep.original_message_id == "<bk@origin.bk.test>"
+            assert [(x.recipient, x.status) for x in rep.recipients] == \
+                [("unknown1@fail.bk.test", "5.1.1")]
+            wait_for(lambda: mc.status(held)["state"] == "delivered", 60, "h1 delivered")
+            assert mc.wait_until_idle(30), mc.stats()   # (a DSN's record is not pending)
+            r2 = mc.restore(backup_dir)
+            assert (r2["restored"], r2["skipped"], r2["dsns"]) == (0, 1, 0), r2
+            time.sleep(2)   # a second DSN would be queued in the restore's commit round
+            assert len(dsns()) == 1
+        finally:
+            mc.close()
     finally:
         sinks.stop()
 

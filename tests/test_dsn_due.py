@@ -202,3 +202,30 @@ def test_a_malformed_dsn_record_is_quarantined_whole(rows):
     assert st.counters_quarantined == 1 and st.dsn_due == {}
     assert "DSN record at lsn 1" in st.quarantine[0]["reason"] or \
         "malformed" in st.quarantine[0]["reason"]
+
+
+def test_a_dsn_record_is_not_counted_as_a_pending_submission():
+    """The leader's own DSN records were never marked pending: settling them must not drive
+    the count below zero (it made ``wait_until_idle`` wait forever after any DSN)."""
+    from cluster.core.intake import Intake
+    it = Intake(0, 1)
+    it.mark(["R1"])
+    log = Log()
+    submission(log, n=1)
+    log.add(bounce(R[0], 200.0))
+    dsn = plan(log.st, groups(log.st, now=200.0), now=200.0).records
+    it.settle(dsn + [q.message_record("R1", b"x", "s@o.test", "r@o.test", "o.test", 1.0,
+                                      None, 9.0, None, None, None, False)])
+    assert it.pending_msgs == 0 and it.pending_ids == set()
+
+
+@pytest.mark.parametrize("value,want", [("10s", 10.0), ("0s", 0.0), (0, 0.0), ("1h", 3600.0),
+                                        ("2h", "between 0 and 1h"), ("-1s", "invalid"),
+                                        ("soon", "invalid")])
+def test_coalesce_config(value, want):
+    from cluster.config import ConfigError, parse_config
+    if isinstance(want, float):
+        assert parse_config({"dsn": {"coalesce": value}}).dsn.coalesce == want
+    else:
+        with pytest.raises(ConfigError, match=f"dsn.coalesce.*{want}"):
+            parse_config({"dsn": {"coalesce": value}})

@@ -368,7 +368,9 @@ class Intake:
     def settle(self, records: list[list[Any]]) -> None:
         """The records' ids and keys are committed (or were dropped): no longer pending."""
         for r in records:
-            if r[0] == q.REC_ACCEPT or r[0] == q.REC_MESSAGE:
+            # (only ids marked pending count: a DSN's record, made by the leader, never was,
+            # and counting it drove pending_msgs below zero, so wait_until_idle never ended)
+            if (r[0] == q.REC_ACCEPT or r[0] == q.REC_MESSAGE) and r[1] in self.pending_ids:
                 self.pending_ids.discard(r[1])
                 self.pending_msgs -= 1
                 if r[11]:
