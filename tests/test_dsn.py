@@ -584,6 +584,6 @@ def test_a_notice_returning_the_message_undelivered_to_an_address_is_a_bounce(wh
 
 def test_a_message_that_mentions_delivery_but_returns_nothing_is_no_bounce():
     # the same sentence without the returned message: a person's mail, not a notice
-    raw = ("From: ann@example.org\nTo: bob@example.net\nSubject: hello\n\n"
-           "The parcel could not be delivered to: <bob@example.net> yesterday.\n").encode()
+    raw = (b"From: ann@example.org\nTo: bob@example.net\nSubject: hello\n\n"
+           b"The parcel could not be delivered to: <bob@example.net> yesterday.\n")
     assert parse_message(raw).kind in ("unknown", "autoreply")

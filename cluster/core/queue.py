@@ -470,7 +470,8 @@ class QueueState:
         if kind == REC_SUPPRESS or kind == REC_REPORT:
             return self._apply_other(rec, lsn)
         if kind == REC_DSN_OWED:
-            return self._apply_dsn_owed(rec, lsn)
+            self._apply_dsn_owed(rec, lsn)
+            return None
         if kind == REC_WEBHOOK:
             _, endpoint, cursor, ts = rec
             _check_numbers(rec, lsn, ts)
