@@ -174,6 +174,7 @@ class QueueCoordinator:
         #: originals whose DSN record this instance has enqueued (soft: a new leader finds
         #: what is still owed in the replayed QueueState.dsn_due)
         self._dsn_queued: set[str] = set()
+        self._dsn_owed_seen = 0   # QueueState.dsn_owed when this instance last looked
         from actors.metrics import CoordinatorMetrics
         self.metrics = CoordinatorMetrics(shard, config.metrics.enabled,
                                           config.metrics.top_sites)
@@ -383,7 +384,10 @@ class QueueCoordinator:
                 if ev is not None:
                     evs.append(ev)
             self._clear_pending_marks(batch)
-            if self.state.dsn_due or self._dsn_queued:
+            if self.state.dsn_owed != self._dsn_owed_seen:
+                # new DSN debts: queue what is ready now (debts held for a sibling are looked
+                # at again by housekeeping, once a second, not after every commit)
+                self._dsn_owed_seen = self.state.dsn_owed
                 self._queue_dsns()
             self.metrics.count_events(evs)
             try:

@@ -74,6 +74,7 @@ def test_recipients_that_fail_together_share_one_dsn_listing_each():
     log.add(bounce(R[0], 200.0), bounce(R[1], 200.0))
     # two failed, two still queued: held for a sibling that may still fail in this pass
     assert groups(log.st, now=201.0) == []
+    assert log.st.dsn_owed == 2     # (what tells the leader to look again after a commit)
     log.add(expire(R[2], 203.0), bounce(R[3], 204.0))
     # the last recipient finished: the submission's body is gone, so it goes at once
     assert SUB not in log.st.bodies
@@ -183,7 +184,7 @@ def test_dsns_owed_in_a_backup_are_owed_once_after_a_restore():
     assert b.st.dsn_due == {} and R[0] in b.st.dsn_settled
     # a second restore of the same backup owes nothing again, and a snapshot keeps that
     b.add(q.dsn_owed_record(rows, 301.0))
-    assert b.st.dsn_due == {}
+    assert b.st.dsn_due == {} and b.st.dsn_owed == 1
     c = q.QueueState()
     c.restore(b.st.snapshot())
     c.apply(q.dsn_owed_record(rows, 302.0), c.last_lsn + 1)

@@ -411,6 +411,9 @@ class QueueState:
         #: (hard state, in snapshots): a DSN debt restored from a backup a second time is
         #: not owed again
         self.dsn_settled: OrderedDict[str, str] = OrderedDict()
+        #: how many DSN debts were ever added here (soft): the leader looks for DSNs to
+        #: queue after a commit only when this moved
+        self.dsn_owed = 0
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
@@ -556,6 +559,7 @@ class QueueState:
                                       m.created, ts,
                                       header_section(body.data) if body is not None else b"",
                                       m.body_id]
+                self.dsn_owed += 1
             ev = self._event(_FINAL_EVENT[fkind], lsn, m, ts, attempt=attempt, code=code,
                              enhanced=enhanced, text=text, site=site, category=category)
             self._mark_dsn(m, ev)
@@ -684,6 +688,7 @@ class QueueState:
             if orig not in self.dsn_due and orig not in self.dsn_settled:
                 entry[9] = bytes(entry[9])
                 self.dsn_due[orig] = entry
+                self.dsn_owed += 1
 
     def _event(self, etype: str, lsn: int, m: QueuedMessage, ts: float,
                **extra: Any) -> dict[str, Any]:
