@@ -436,10 +436,12 @@ class QueueCoordinator:
         """Owe again the DSNs of a backup (rows ``[original id, *dsn_due entry]`` of its
         snapshot), as one durable record; originals already owed here, or whose DSN this
         shard already queued, are skipped. Returns counts."""
+        bad = q.bad_dsn_owed_row(rows)
+        if bad is not None:
+            raise ValueError(f"restore_dsns on shard {self.shard}: {bad}")
         await self._until_serving()
         st = self.state
-        new = [r for r in rows if type(r) is list and r and r[0] not in st.dsn_due
-               and r[0] not in st.dsn_settled]
+        new = [r for r in rows if r[0] not in st.dsn_due and r[0] not in st.dsn_settled]
         if new:
             fut = asyncio.get_running_loop().create_future()
             self._enqueue([q.dsn_owed_record(new, time.time())], fut)

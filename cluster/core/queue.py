@@ -66,7 +66,7 @@ __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
     "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record", "REC_DSN_OWED",
-    "dsn_owed_record",
+    "dsn_owed_record", "bad_dsn_owed_row",
     "QueuedMessage", "QueueState", "SnapshotBuild", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -145,6 +145,22 @@ def webhook_record(endpoint: str, cursor: int, ts: float) -> list[Any]:
 def dsn_owed_record(rows: list[list[Any]], ts: float) -> list[Any]:
     """DSNs owed, restored from a backup: rows ``[original id, *dsn_due entry]``."""
     return [REC_DSN_OWED, rows, ts]
+
+
+def bad_dsn_owed_row(rows: Any) -> str | None:
+    """What is wrong with the rows of a :func:`dsn_owed_record` (None: nothing): each must be
+    ``[original id, sender, recipient, "bounce" | "expired", code, enhanced, text, site,
+    created, ts, headers (bytes)[, body id]]`` with a sender (never ``<>``)."""
+    if type(rows) is not list:
+        return f"rows must be a list, not {type(rows).__name__}"
+    for k, r in enumerate(rows):
+        if not (type(r) is list and len(r) in (11, 12) and type(r[0]) is str and
+                type(r[1]) is str and r[1] and type(r[2]) is str and
+                r[3] in ("bounce", "expired") and type(r[8]) in (int, float) and
+                type(r[9]) in (int, float) and type(r[10]) in (bytes, bytearray) and
+                (len(r) == 11 or type(r[11]) is str)):
+            return f"row {k} is not a DSN owed: {r!r:.120}"
+    return None
 
 
 def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
@@ -676,13 +692,9 @@ class QueueState:
         """An ``n`` record: checked whole before anything changes."""
         _, rows, ts = rec
         _check_numbers(rec, lsn, ts)
-        if type(rows) is not list or not all(
-                type(r) is list and len(r) in (11, 12) and type(r[0]) is str and
-                type(r[1]) is str and r[1] and type(r[2]) is str and
-                r[3] in ("bounce", "expired") and type(r[8]) in (int, float) and
-                type(r[9]) in (int, float) and type(r[10]) in (bytes, bytearray) and
-                (len(r) == 11 or type(r[11]) is str) for r in rows):
-            raise StateError(f"DSN record at lsn {lsn}: a row of the wrong shape")
+        bad = bad_dsn_owed_row(rows)
+        if bad is not None:
+            raise StateError(f"DSN record at lsn {lsn}: {bad}")
         self.last_lsn = lsn
         for orig, *entry in rows:
             if orig not in self.dsn_due and orig not in self.dsn_settled:
