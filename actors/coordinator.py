@@ -44,7 +44,7 @@ from cluster.adapters.stream import StreamServer
 from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.dns_policy import TimeoutRetry
-from cluster.core.dsn_build import DSN_OF_KEY, dsn_for_entry
+from cluster.core.dsn_due import plan_dsns, ready_groups
 from cluster.core.message import new_message_ids
 from cluster.core.replication import compaction_due
 from cluster.core.queue_shape import queue_shape as sampled_shape
@@ -179,6 +179,7 @@ class QueueCoordinator:
         #: originals whose DSN record this instance has enqueued (soft: a new leader finds
         #: what is still owed in the replayed QueueState.dsn_due)
         self._dsn_queued: set[str] = set()
+        self._dsn_owed_seen = 0   # QueueState.dsn_owed when this instance last looked
         from actors.metrics import CoordinatorMetrics
         self.metrics = CoordinatorMetrics(shard, config.metrics.enabled,
                                           config.metrics.top_sites)
@@ -396,7 +397,10 @@ class QueueCoordinator:
                 if ev is not None:
                     evs.append(ev)
             self._clear_pending_marks(batch)
-            if self.state.dsn_due or self._dsn_queued:
+            if self.state.dsn_owed != self._dsn_owed_seen:
+                # new DSN debts: queue what is ready now (debts held for a sibling are looked
+                # at again by housekeeping, once a second, not after every commit)
+                self._dsn_owed_seen = self.state.dsn_owed
                 self._queue_dsns()
             self.metrics.count_events(evs)
             try:
@@ -410,33 +414,52 @@ class QueueCoordinator:
             self._dispatch_wake.set()
             self._maybe_snapshot()
 
-    def _queue_dsns(self) -> None:
-        """Queue, as a message record of this shard, each DSN the queue owes (a bounce or
-        expiry of a message that asked for one: cluster/core/dsn_build.py). Its metadata names
-        the original, so applying it settles the debt; until then this instance does not
-        queue it twice, and an instance that dies first leaves the debt to its successor."""
+    def _queue_dsns(self, now: float | None = None) -> None:
+        """Queue the DSNs the queue owes that are ready (cluster/core/dsn_due.py: the failed
+        recipients of one submission together, one message record of this shard each, whose
+        metadata names the originals it settles; a suppressed sender's DSN is finished as
+        suppressed at once). Until the record applies this instance does not queue the same
+        originals twice; an instance that dies first leaves the debt to its successor."""
         due = self.state.dsn_due
         self._dsn_queued.intersection_update(due)
-        todo = [k for k in due if k not in self._dsn_queued]
-        if not todo:
+        if len(self._dsn_queued) == len(due):
             return
-        now = time.time()
-        ids = new_message_ids(now, len(todo), self.shard, self.cfg.queue.shards)
-        recs = []
-        for orig, mid in zip(todo, ids):
-            try:
-                body, rcpt, domain, utf8 = dsn_for_entry(orig, due[orig], dsn_id=mid,
-                                                         reporting_mta=self.cfg.dsn_hostname)
-            except ValueError as e:
-                log.error("shard %d: no DSN: %s", self.shard, e)
-                del due[orig]
-                continue
-            self._dsn_queued.add(orig)
-            recs.append(q.message_record(mid, body, "", rcpt, domain, now, None,
-                                         now + self.cfg.queue.retry.max_age, None,
-                                         {DSN_OF_KEY: orig}, None, utf8))
-        if recs:
-            self._enqueue(recs)
+        now = time.time() if now is None else now
+        bodies = self.state.bodies
+        groups = ready_groups(due, queued=self._dsn_queued, body_live=bodies.__contains__,
+                              now=now, window=self.cfg.dsn.coalesce)
+        if not groups:
+            return
+        plan = plan_dsns(groups, due,
+                         new_message_ids(now, len(groups), self.shard, self.cfg.queue.shards),
+                         suppression=self.state.suppression,
+                         reporting_mta=self.cfg.dsn_hostname, now=now,
+                         max_age=self.cfg.queue.retry.max_age)
+        for orig, why in plan.bad:
+            log.error("shard %d: no DSN: %s", self.shard, why)
+            due.pop(orig, None)
+        if plan.suppressed:
+            log.info("shard %d: DSN about %d recipient(s) not sent: the sender is suppressed",
+                     self.shard, len(plan.suppressed))
+        self._dsn_queued.update(plan.queued)
+        if plan.records:
+            self._enqueue(plan.records)
+
+    async def restore_dsns(self, rows: list[list[Any]]) -> dict[str, Any]:
+        """Owe again the DSNs of a backup (rows ``[original id, *dsn_due entry]`` of its
+        snapshot), as one durable record; originals already owed here, or whose DSN this
+        shard already queued, are skipped. Returns counts."""
+        bad = q.bad_dsn_owed_row(rows)
+        if bad is not None:
+            raise ValueError(f"restore_dsns on shard {self.shard}: {bad}")
+        await self._until_serving()
+        st = self.state
+        new = [r for r in rows if r[0] not in st.dsn_due and r[0] not in st.dsn_settled]
+        if new:
+            fut = asyncio.get_running_loop().create_future()
+            self._enqueue([q.dsn_owed_record(new, time.time())], fut)
+            await fut
+        return {"shard": self.shard, "dsns": len(new), "skipped": len(rows) - len(new)}
 
     def _refuse_waiting_calls(self) -> None:
         """No quorum: calls whose records wait behind the stuck batch (submissions, cancels,
@@ -1264,6 +1287,8 @@ class QueueCoordinator:
                 log.warning("%d messages in flight past inflight_timeout: retrying", n)
         st.prune_idempotency(now)
         st.suppression.expire(now)
+        if st.dsn_due:   # DSNs held for siblings whose coalescing window has run out
+            self._queue_dsns(now)
         if st.suppress_outbox and not self._propagating:
             self._propagating = True
             self._spawn(self._propagate_suppressions())

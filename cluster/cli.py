@@ -344,7 +344,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
     mc = _attach(args.address, args.config)
     res = mc.restore(args.dir)
     print(f"restored {res['restored']} messages from {res['files']} shard files "
-          f"({res['skipped']} already queued here were skipped)")
+          f"({res['skipped']} already queued here were skipped)"
+          + (f"; {res['dsns']} DSNs owed" if res.get("dsns") else ""))
     return 0
 
 

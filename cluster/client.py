@@ -650,7 +650,8 @@ class MailCluster:
         """Queue every message of a backup (a directory of ``shard-<n>.msgpack``, as written by
         :meth:`backup` or the periodic backups) into this cluster, which must hold no live
         messages. Messages go to the shard their id hashes to here, so the shard count may
-        differ from the backup's. Attempts and next-attempt times carry over."""
+        differ from the backup's. Attempts and next-attempt times carry over, and so do the
+        DSNs the backup still owed (``dsns``: how many are owed again here)."""
         files = sorted(Path(backup_dir).glob("shard-*.msgpack"))
         if not files:
             raise SubmitError(f"{backup_dir}: no shard-<n>.msgpack files: not a raymta backup")
@@ -664,7 +665,7 @@ class MailCluster:
             raise SubmitError(f"restore needs an empty cluster; this one has {live} live "
                               "messages")
         shards = len(self.coordinators)
-        restored = skipped = suppressed = 0
+        restored = skipped = suppressed = dsns = 0
         for f in files:
             try:
                 doc = msgpack.unpackb(f.read_bytes(), raw=False, strict_map_key=False)
@@ -690,8 +691,17 @@ class MailCluster:
                         msgpack.packb(items[k:k + chunk], use_bin_type=True)))
                     restored += res["restored"]
                     skipped += res["skipped"]
+            # DSNs owed but not yet queued when the backup was taken: owed again here, on
+            # the shard the original's id hashes to (which remembers what it settled)
+            owed: dict[int, list[Any]] = {}
+            for row in state.get("dsn_due") or ():
+                owed.setdefault(shard_of(row[0], shards), []).append(row)
+            for shard, rows in owed.items():
+                for k in range(0, len(rows), chunk):
+                    dsns += ray.get(self.coordinators[shard].restore_dsns.remote(
+                        rows[k:k + chunk]))["dsns"]
         return {"files": len(files), "restored": restored, "skipped": skipped,
-                "suppressions": suppressed}
+                "suppressions": suppressed, "dsns": dsns}
 
     def wait_until_idle(self, timeout: float = 60.0, poll: float = 0.2) -> bool:
         """Wait until every shard serves and none has a message queued, deferred or in flight;

@@ -376,6 +376,10 @@ class DsnConfig:
     api: bool = False
     #: the Reporting-MTA and the MAILER-DAEMON@ domain ("": ingress.hostname)
     hostname: str = ""
+    #: recipients of one message that fail within this many seconds of the first share one
+    #: DSN (it goes at once when no recipient of the message is left in the queue); 0: only
+    #: those that fail together (cluster/core/dsn_due.py)
+    coalesce: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -1542,8 +1546,12 @@ def _parse_dsn(raw: Mapping[str, Any]) -> DsnConfig:
     host = _str(raw.get("hostname", d.hostname), f"{w}.hostname")
     if host and not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
         raise ConfigError(f"{w}.hostname", f"must be a host name, got {host!r}")
+    coalesce = _dur(raw.get("coalesce", d.coalesce), f"{w}.coalesce", positive=False)
+    if not 0 <= coalesce <= 3600:
+        raise ConfigError(f"{w}.coalesce", f"must be between 0 and 1h, got {coalesce}")
     return DsnConfig(smtp=_bool(raw.get("smtp", d.smtp), f"{w}.smtp"),
-                     api=_bool(raw.get("api", d.api), f"{w}.api"), hostname=host)
+                     api=_bool(raw.get("api", d.api), f"{w}.api"), hostname=host,
+                     coalesce=coalesce)
 
 
 def _verp_secret(v: Any, key: str) -> bytes:

@@ -11,6 +11,7 @@ Ray this process is connected to.
 from __future__ import annotations
 
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -25,17 +26,28 @@ DOWN = "127.0.0.9"     # nothing listens here
 
 
 def test_backup_wipe_restore_delivers_everything(tmp_path, dns_server, capsys):
+    """… and a DSN still owed when the backup is taken is sent by the restored cluster, once:
+    a message asking for DSNs goes to a recipient that is refused (550) and one on the held
+    site, so its DSN waits for the latter (a coalescing window of an hour in cluster A)."""
+    from dataclasses import replace
+
     from cluster.client import MailCluster, SubmitError
+    from cluster.config import parse_config
+    from cluster.core.dsn import parse_message
     from cluster.devservers import SinkGroup
     sinks = SinkGroup(MAIN_SINKS[:1]).start()
+    sinks.by_address(MAIN_SINKS[0]).rcpt_reply = lambda rcpt, attempt: (
+        (550, "5.1.1 User unknown") if rcpt.startswith("unknown") else None)
     try:
         dns_server.add_a("mx.held.test", DOWN)
         dns_server.add_mx("held.test", [(10, "mx.held.test")])
         dns_server.add_a("mx.live.test", MAIN_SINKS[0])
         dns_server.add_mx("live.test", [(10, "mx.live.test")])
+        dns_server.add_mx("origin.test", [(10, "mx.live.test")])     # where DSNs go
         spool_a = tmp_path / "spool-a"
         cfg = pipeline_config(str(spool_a), dns_server.port, sinks.port,
                               retry_initial="2s", retry_max_delay="4s")
+        cfg = replace(cfg, dsn=parse_config({"dsn": {"coalesce": "1h"}}).dsn)
         n = 300
         held = [{"sender": "s@origin.test", "recipients": [f"h{i}@held.test"],
                  "raw": raw_message(i, f"h{i}@held.test", size=400),
@@ -43,18 +55,31 @@ def test_backup_wipe_restore_delivers_everything(tmp_path, dns_server, capsys):
                 for i in range(n)]
         live = [{"sender": "s@origin.test", "recipients": [f"l{i}@live.test"],
                  "raw": raw_message(i, f"l{i}@live.test")} for i in range(50)]
+        asks = {"sender": "s@origin.test", "dsn": True,
+                "recipients": ["unknown1@live.test", "hdsn@held.test"],
+                "raw": b"From: <s@origin.test>\r\nSubject: bk\r\n"
+                       b"Message-ID: <bk@origin.test>\r\n\r\nbody\r\n"}
+
+        def dsns():
+            return [r for r in sinks.received if r.rcpt_to == "s@origin.test"]
         mc = MailCluster.connect(config=cfg, num_cpus=2)
         try:
-            res = mc.submit(held + live)
+            res = mc.submit(held + live + [asks])
             assert all(r.accepted for r in res)
             ids = [r.ids[0] for r in res[:n]]
+            bounced, hdsn = res[-1].ids
             # the live ones go; the held ones fail once (connection refused) and wait
             wait_for(lambda: Counter(s["state"] for s in mc.status(ids)) == {"deferred": n}
-                     and all(s["attempts"] >= 1 for s in mc.status(ids)), 60,
-                     "every held message tried once and deferred")
+                     and all(s["attempts"] >= 1 for s in mc.status(ids))
+                     and mc.status(bounced)["state"] == "bounced"
+                     and mc.status(hdsn)["state"] == "deferred", 60,
+                     "every held message tried once and deferred, unknown1 bounced")
+            # its DSN is owed, not queued: no message from <> yet
+            assert not [e for e in mc.events(0) if e["type"] == "Reception"
+                        and e["sender"] == ""]
             assert cli.main(["backup", str(tmp_path / "backups")]) == 0
             out = capsys.readouterr().out
-            assert f"backed up {n} queued messages" in out, out
+            assert f"backed up {n + 1} queued messages" in out, out
         finally:
             mc.close()
         shutil.rmtree(spool_a)                                # the cluster's disks are gone
@@ -65,24 +90,37 @@ def test_backup_wipe_restore_delivers_everything(tmp_path, dns_server, capsys):
 
         dns_server.remove("mx.held.test", "A")                # the site is back
         dns_server.add_a("mx.held.test", MAIN_SINKS[0])
-        cfg_b = cfg.with_spool(str(tmp_path / "spool-b"))
+        assert not dsns()
+        cfg_b = replace(cfg.with_spool(str(tmp_path / "spool-b")),
+                        dsn=parse_config({"dsn": {"coalesce": "0s"}}).dsn)
         mc = MailCluster.connect(config=cfg_b, num_cpus=2)
         try:
             assert cli.main(["restore", str(backup_dir)]) == 0
-            assert f"restored {n} messages" in capsys.readouterr().out
-            wait_for(lambda: Counter(s["state"] for s in mc.status(ids)) == {"delivered": n},
-                     60, "every restored message delivered")
+            out = capsys.readouterr().out
+            assert f"restored {n + 1} messages" in out and "; 1 DSNs owed" in out, out
+            wait_for(lambda: Counter(s["state"] for s in mc.status(ids + [hdsn])) ==
+                     {"delivered": n + 1}, 60, "every restored message delivered")
             got = Counter(r.rcpt_to for r in sinks.received[before:])
-            assert set(got) == {f"h{i}@held.test" for i in range(n)}
+            assert set(got) == {f"h{i}@held.test" for i in range(n)} | {"hdsn@held.test",
+                                                                        "s@origin.test"}
             assert max(got.values()) == 1
+            # the DSN owed in the backup: about unknown1 only, tied to its message
+            [dsn] = dsns()
+            rep = parse_message(dsn.data)
+            assert rep.raymta_id == bounced and rep.original_message_id == "<bk@origin.test>"
+            assert [(x.recipient, x.status) for x in rep.recipients] == \
+                [("unknown1@live.test", "5.1.1")]
             st = mc.status(ids[0])
             assert st["attempts"] >= 2      # the attempt made before the backup carried over
             # idempotency keys came back with the messages
             again = mc.submit([held[10]])[0]
             assert again.duplicate and again.ids == [ids[10]]
             # a second restore finds every id already known and queues nothing
+            assert mc.wait_until_idle(30), mc.stats()   # (a DSN's record is not pending)
             res2 = mc.restore(backup_dir)
-            assert res2["restored"] == 0 and res2["skipped"] == n
+            assert (res2["restored"], res2["skipped"], res2["dsns"]) == (0, n + 1, 0), res2
+            time.sleep(2)   # a DSN owed again would be queued in the restore's commit round
+            assert len(dsns()) == 1
         finally:
             mc.close()
         with pytest.raises(SubmitError, match="not a raymta backup"):

@@ -155,11 +155,13 @@ def test_bounce_messages_agree_with_their_labels():
     classes, kinds, files = _bounce_tallies()
     print("\n" + classes.report() + "\n" + kinds.report())
     assert files > 400
-    # measured: 369/411 = 89.8 % of recipient classes (was 358/411 = 87.1 % before the SMTP
-    # phase was read from Sendmail transcripts and qmail-remote texts and a 4.X.X abandonment
-    # stopped counting as hard); kinds 403/411 = 98.1 %. Most of the rest are sisimai's
+    # measured: 371/411 = 90.3 % of recipient classes (369 before a notice that returns the
+    # message and says it "could not be delivered to <address>" counted as a bounce — au/KDDI's
+    # own format; 358/411 = 87.1 % before the SMTP phase was read from Sendmail transcripts
+    # and qmail-remote texts and a 4.X.X abandonment stopped counting as hard); kinds
+    # 405/411 = 98.5 % (was 403). Most of the rest are sisimai's
     # "filtered" for a "User unknown" whose bounce names no SMTP command: sisimai falls back to
     # "filtered" (block) there, we to the words (hard: RFC 5321 §3.3 puts recipient refusals
     # at RCPT). Floors against regressions, not goals: the 95 % is not reached.
-    assert classes.rate >= 0.895, classes.report()
-    assert kinds.rate >= 0.97, kinds.report()
+    assert classes.rate >= 0.902, classes.report()
+    assert kinds.rate >= 0.98, kinds.report()

@@ -554,3 +554,36 @@ def test_qmail_remote_texts_name_the_phase(said, klass):
            "From: sender@example.com\nTo: a@example.net\n\nhi\n").encode()
     r = parse_message(raw)
     assert (r.recipients[0].recipient, r.recipients[0].bounce_class) == ("a@example.net", klass)
+
+
+# a provider's own notice (no DSN part, no daemon sender, its subject in another language)
+# that returns the message and says it could not be delivered to an address
+_RETURNED_NOTICE = (
+    "From: no-reply@notify.example.net\nTo: <sender@example.org>\n"
+    "Subject: =?UTF-8?B?44Ko44Op44O8?=\nMIME-Version: 1.0\n"
+    'Content-Type: multipart/mixed; boundary="Z"\n\n--Z\nContent-Type: text/plain\n\n'
+    "Your mail sent on: Mon, 1 Jun 2026 10:00:00 +0900\n"
+    "     Could not be delivered to: <user@mobile.example.net>\n"
+    "     {why}\n\n--Z\nContent-Type: message/rfc822\n\n"
+    "From: sender@example.org\nTo: user@mobile.example.net\nSubject: hi\n"
+    "Message-ID: <orig-1@example.org>\n\nhello\n--Z--\n")
+
+
+@pytest.mark.parametrize("why, category, klass", [
+    ("As their mailbox is full.", "quota", "soft"),
+    ("The user does not exist.", "invalid-recipient", "hard"),
+])
+def test_a_notice_returning_the_message_undelivered_to_an_address_is_a_bounce(why, category,
+                                                                             klass):
+    r = parse_message(_RETURNED_NOTICE.format(why=why).encode())
+    assert r.kind == "dsn" and r.original_message_id == "<orig-1@example.org>"
+    [a] = r.recipients
+    assert (a.recipient, a.category, a.bounce_class) == ("user@mobile.example.net", category,
+                                                        klass)
+
+
+def test_a_message_that_mentions_delivery_but_returns_nothing_is_no_bounce():
+    # the same sentence without the returned message: a person's mail, not a notice
+    raw = (b"From: ann@example.org\nTo: bob@example.net\nSubject: hello\n\n"
+           b"The parcel could not be delivered to: <bob@example.net> yesterday.\n")
+    assert parse_message(raw).kind in ("unknown", "autoreply")

@@ -72,17 +72,20 @@ def env(tmp_path_factory, dns_server):
         sinks.stop()
 
 
-def smtp_send(env, sender: str, rcpt: str, subject: str) -> str:
-    """Submit over the SMTP ingress; returns the queue id from the 250 reply."""
-    data = (f"From: <{sender or 'nobody@origin.dsn.test'}>\r\nTo: <{rcpt}>\r\n"
+def smtp_send(env, sender: str, rcpt: str | list[str], subject: str) -> str:
+    """Submit over the SMTP ingress (one message, one or several recipients); returns the
+    queue id from the 250 reply."""
+    rcpts = [rcpt] if isinstance(rcpt, str) else rcpt
+    data = (f"From: <{sender or 'nobody@origin.dsn.test'}>\r\nTo: <{rcpts[0]}>\r\n"
             f"Subject: {subject}\r\nMessage-ID: <{subject}@origin.dsn.test>\r\n\r\n"
             "a body that a DSN never returns\r\n").encode()
     with smtplib.SMTP("127.0.0.1", env["port"], timeout=30) as c:
         c.ehlo("client.test")
         code, text = c.mail(sender)
         assert code == 250, text
-        code, text = c.rcpt(rcpt)
-        assert code == 250, text
+        for r in rcpts:
+            code, text = c.rcpt(r)
+            assert code == 250, text
         code, text = c.data(data)
     assert code == 250, text
     return text.decode().split("queued as ")[1].split()[0]
@@ -92,14 +95,15 @@ def dsns_to(env, sender: str) -> list:
     return [r for r in env["sinks"].by_address(SENDER_MX).received if r.rcpt_to == sender]
 
 
-def check_dsn(got, *, orig_id: str, rcpt: str, status: str, subject: str) -> None:
+def check_dsn(got, *, orig_id: str, rcpt: str | list[str], status: str, subject: str) -> None:
     assert got.mail_from == "<>"          # a DSN goes out from the null sender
     rep = parse_message(got.data)
     assert rep.kind == "dsn" and rep.reason == "rfc3464", rep
     assert rep.raymta_id == orig_id and rep.reporting_mta == "mx.raymta.test"
     assert rep.original_message_id == f"<{subject}@origin.dsn.test>"
-    [r] = rep.recipients
-    assert (r.recipient, r.action, r.status) == (rcpt, "failed", status)
+    rcpts = [rcpt] if isinstance(rcpt, str) else rcpt
+    assert sorted((r.recipient, r.action, r.status) for r in rep.recipients) == \
+        sorted((x, "failed", status) for x in rcpts)
     msg = email.message_from_bytes(got.data, policy=policy.SMTP)
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
@@ -154,7 +158,9 @@ def test_no_dsn_to_the_null_sender_nor_by_default_for_the_api(env):
 def test_a_leader_sigkill_after_the_bounce_neither_loses_nor_doubles_the_dsn(env):
     mc = env["mc"]
     h = mc.handles["coordinator:0"]
-    mid = smtp_send(env, "held@origin.dsn.test", "unknown4@fail.dsn.test", "kill")
+    # two recipients that fail together: one DSN about both, once, across the kill
+    both = ["unknown4@fail.dsn.test", "unknown4b@fail.dsn.test"]
+    mid = smtp_send(env, "held@origin.dsn.test", both, "kill")
 
     def dsn_receptions():
         return [e for e in mc.events(0) if e["type"] == "Reception" and e["sender"] == ""
@@ -170,8 +176,38 @@ def test_a_leader_sigkill_after_the_bounce_neither_loses_nor_doubles_the_dsn(env
     wait_for(lambda: mc.stats()["serving"], 120, "the shard serving again")
     HELD["on"] = False
     [got] = wait_for(lambda: dsns_to(env, "held@origin.dsn.test"), 60, "the DSN delivered")
-    check_dsn(got, orig_id=mid, rcpt="unknown4@fail.dsn.test", status="5.1.1", subject="kill")
+    check_dsn(got, orig_id=mid, rcpt=both, status="5.1.1", subject="kill")
     time.sleep(3)   # a second DSN, if one were made, would arrive within a retry or two
     assert len(dsns_to(env, "held@origin.dsn.test")) == 1
     assert len(dsn_receptions()) == 1
     assert mc.stats()["shards"][0]["recovered"]["epoch"] > 1
+
+
+def test_recipients_of_one_message_that_fail_together_get_one_dsn(env):
+    """Three recipients of one SMTP message are refused (550): the sender gets one DSN with
+    a per-recipient group for each, not three DSNs."""
+    rcpts = [f"unknown{k}@fail.dsn.test" for k in (5, 6, 7)]
+    mid = smtp_send(env, "erin@origin.dsn.test", rcpts, "three")
+    [got] = wait_for(lambda: dsns_to(env, "erin@origin.dsn.test"), 60, "the DSN")
+    check_dsn(got, orig_id=mid, rcpt=rcpts, status="5.1.1", subject="three")
+    assert b"could not be delivered to 3 of its recipients" in got.data
+    time.sleep(2)   # a second DSN would be queued in the same commit round
+    assert len(dsns_to(env, "erin@origin.dsn.test")) == 1
+    [ev] = [e for e in env["mc"].events(0) if e["type"] == "Delivery"
+            and e["recipient"] == "erin@origin.dsn.test"]
+    assert len(set(ev["dsn_of"])) == 3 and mid in ev["dsn_of"]
+    assert {mc_state["state"] for mc_state in env["mc"].status(ev["dsn_of"])} == {"bounced"}
+
+
+def test_a_suppressed_sender_gets_no_dsn_and_a_suppressed_event(env):
+    mc = env["mc"]
+    assert mc.suppress("frank@origin.dsn.test", reason="complaint")["added"] == 1
+    mid = smtp_send(env, "frank@origin.dsn.test", "unknown8@fail.dsn.test", "supp")
+    [ev] = wait_for(lambda: [e for e in mc.events(0) if e["type"] == "Suppressed"
+                             and e.get("dsn_of") == [mid]], 60, "the DSN's Suppressed event")
+    assert ev["recipient"] == "frank@origin.dsn.test" and ev["sender"] == ""
+    assert ev["text"].startswith("DSN not sent: frank@origin.dsn.test is suppressed: "
+                                 "complaint since ")
+    assert mc.status(mid)["state"] == "bounced"
+    time.sleep(2)
+    assert not dsns_to(env, "frank@origin.dsn.test")

@@ -399,6 +399,9 @@ _BOUNCE_SUBJECT = re.compile(
     r"delivery problem|delivery report|failed delivery|permanent (?:error|failure)|"
     r"\bbounce|warning: (?:could not|delayed)|delayed mail|unzustellbar|nicht zustellbar|"
     r"message not delivered|rejected|delivery has failed|delivery error", re.IGNORECASE)
+_UNDELIVERED_TO = re.compile(
+    rf"\b(?:could not|couldn't|cannot|can't|was not|unable to) be delivered to\s*:?\s*<?{_ADDR}",
+    re.IGNORECASE)
 _DAEMON = re.compile(r"mailer-daemon|post_?master|mail delivery (?:system|subsystem)|"
                      r"mail administrator|\bmta\b|mdaemon|mailerdaemon", re.IGNORECASE)
 _DELAY = re.compile(r"\b(?:delayed|will (?:be )?retr(?:y|ied)|still trying|not yet been "
@@ -785,7 +788,10 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
     sender = (_header(msg, "From") or "").lower()
     looks_bounce = bool(recipients) or bool(_DAEMON.search(sender)) or bool(
         _BOUNCE_SUBJECT.search(subject or "")) or msg.get("X-Failed-Recipients") is not None \
-        or (msg.get_content_type() == "multipart/report")
+        or (msg.get_content_type() == "multipart/report") or (
+            # a notice that returns the message and says it could not be delivered to an
+            # address (a provider's own format, its subject in another language: au/KDDI)
+            returned is not None and _UNDELIVERED_TO.search(notice[:_TEXT_MAX]) is not None)
     if not looks_bounce:
         why = _is_autoreply(msg)
         if why:

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import math
 import re
-import time
 import zlib
 from typing import Any, Callable, Iterable
 
 from cluster.core import queue as q
 from cluster.core.addresses import AddressError, canonical_plain_domain, parse_address
-from cluster.core.suppression import normalize_address
 from cluster.core.message import (MAX_QUEUE_LIFETIME, MAX_RECIPIENTS, PreparedMessage, ValidationError,
                                   _idempotency_key, _metadata, _tags)
+from cluster.core.suppression import normalize_address, suppressed_note
 
 __all__ = ["Intake", "Limits", "ITEM_FIELDS", "check_item", "dkim_required_check",
            "retryable_error", "wire_item", "RETRY_REASONS"]
@@ -57,13 +56,6 @@ def wire_item(p: PreparedMessage, ids: Iterable[str]) -> list[Any]:
     rcpts = [[mid, str(addr), addr.ascii_domain] for addr, mid in zip(p.recipients, ids)]
     return [rcpts[0][0], p.body, p.sender, rcpts, p.tags or None, p.metadata or None,
             p.idempotency_key, p.not_before, p.max_age, p.smtputf8]
-
-
-def _suppressed_note(rcpt: str, e: dict[str, Any]) -> dict[str, Any]:
-    when = time.strftime("%Y-%m-%d", time.gmtime(e["created"]))
-    scope = f" for mail from {e['scope']}" if e["scope"] else ""
-    return {"recipient": rcpt, "reason": e["reason"], "since": e["created"],
-            "error": f"{rcpt} is suppressed{scope}: {e['reason']} since {when}"}
 
 
 #: why a refusal is retryable (``reason`` of a retryable answer, machine-readable: protocol
@@ -320,7 +312,7 @@ class Intake:
                     e = supp.find(normalize_address(r[1]), sdom, now)
                     if e is not None:
                         blocked.append((r, e))
-            notes = [_suppressed_note(r[1], e) for r, e in blocked]
+            notes = [suppressed_note(r[1], e) for r, e in blocked]
             if blocked and limits.suppressed != "drop":
                 if len(blocked) == len(rcpts):
                     self.counters["suppressed"] += len(blocked)
@@ -376,7 +368,9 @@ class Intake:
     def settle(self, records: list[list[Any]]) -> None:
         """The records' ids and keys are committed (or were dropped): no longer pending."""
         for r in records:
-            if r[0] == q.REC_ACCEPT or r[0] == q.REC_MESSAGE:
+            # (only ids marked pending count: a DSN's record, made by the leader, never was,
+            # and counting it drove pending_msgs below zero, so wait_until_idle never ended)
+            if (r[0] == q.REC_ACCEPT or r[0] == q.REC_MESSAGE) and r[1] in self.pending_ids:
                 self.pending_ids.discard(r[1])
                 self.pending_msgs -= 1
                 if r[11]:

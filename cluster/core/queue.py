@@ -41,11 +41,16 @@ Record layout (msgpack arrays, first element the type):
                      go up; another shard's note-only record carries its own, 0). ``note`` "" (no event),
                      "capped", "overflow" or "hold": the first such of the day makes the event
                      WarmupCapReached / WarmupOverflow / WarmupHold
+``n``     DSNs owed: [n, rows, ts] — rows ``[original id, *entry]`` of
+                     :attr:`QueueState.dsn_due` restored from a backup (no event of its own);
+                     an original already owed, or whose DSN this shard already queued, is
+                     left out
 ========  ===================================================================================
 An accept record restored from a backup carries two more fields, ``attempts, next_at``.
 A message whose metadata asks for a DSN (``raymta.dsn``) owes one when its ``f`` record
 (bounce or expiry) applies (:attr:`QueueState.dsn_due`); the DSN is an ``m`` record of its own,
-made by the leader, whose metadata ``raymta.dsn_of`` names the message and settles the debt.
+made by the leader, whose metadata ``raymta.dsn_of`` names the message (or, for one DSN about
+several recipients of a submission, the list of them) and settles the debt.
 A message state machine: accepted → (ready | deferred) → inflight → delivered | transient
 (→ deferred) | bounced; any live, not inflight message → expired | cancelled.
 """
@@ -59,7 +64,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from cluster.core.dsn_build import DSN_OF_KEY, header_section, wants_dsn
+from cluster.core.dsn_build import dsn_of, header_section, wants_dsn
 from cluster.core.suppression import REASONS as SUPPRESSION_REASONS
 from cluster.core.suppression import SuppressionList, entry_key
 
@@ -67,7 +72,7 @@ __all__ = [
     "REC_BODY", "REC_ACCEPT", "REC_MESSAGE", "REC_TRANSIENT", "REC_DELIVERED", "REC_FINAL",
     "REC_EPOCH", "REC_SUPPRESS", "REC_REPORT", "REC_PAUSE", "suppress_record", "report_record",
     "reference_segments", "pause_record", "REC_WEBHOOK", "webhook_record", "REC_WARMUP",
-    "warmup_record",
+    "warmup_record", "REC_DSN_OWED", "dsn_owed_record", "bad_dsn_owed_row",
     "QueuedMessage", "QueueState", "SnapshotBuild", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
     "final_record",
@@ -85,6 +90,7 @@ REC_REPORT = "o"
 REC_PAUSE = "p"
 REC_WEBHOOK = "w"
 REC_WARMUP = "u"
+REC_DSN_OWED = "n"
 
 QUEUED = "queued"      # ready to send now
 DEFERRED = "deferred"  # waiting for next_at (retry or not_before)
@@ -146,6 +152,27 @@ def webhook_record(endpoint: str, cursor: int, ts: float) -> list[Any]:
 def warmup_record(source: str, provider: str, day: int, reserved: int, ts: float,
                   note: str = "") -> list[Any]:
     return [REC_WARMUP, source, provider, day, reserved, ts, note]
+
+
+def dsn_owed_record(rows: list[list[Any]], ts: float) -> list[Any]:
+    """DSNs owed, restored from a backup: rows ``[original id, *dsn_due entry]``."""
+    return [REC_DSN_OWED, rows, ts]
+
+
+def bad_dsn_owed_row(rows: Any) -> str | None:
+    """What is wrong with the rows of a :func:`dsn_owed_record` (None: nothing): each must be
+    ``[original id, sender, recipient, "bounce" | "expired", code, enhanced, text, site,
+    created, ts, headers (bytes)[, body id]]`` with a sender (never ``<>``)."""
+    if type(rows) is not list:
+        return f"rows must be a list, not {type(rows).__name__}"
+    for k, r in enumerate(rows):
+        if not (type(r) is list and len(r) in (11, 12) and type(r[0]) is str and
+                type(r[1]) is str and r[1] and type(r[2]) is str and
+                r[3] in ("bounce", "expired") and type(r[8]) in (int, float) and
+                type(r[9]) in (int, float) and type(r[10]) in (bytes, bytearray) and
+                (len(r) == 11 or type(r[11]) is str)):
+            return f"row {k} is not a DSN owed: {r!r:.120}"
+    return None
 
 
 def report_record(kind: str, msg_id: str | None, recipient: str, detail: dict[str, Any],
@@ -246,7 +273,7 @@ class _Body:
 #: fields of each fixed-length record type (accepts vary: see _apply_accept)
 _RECORD_LENGTHS = {REC_BODY: 3, REC_TRANSIENT: 10, REC_DELIVERED: 7, REC_FINAL: 10,
                    REC_EPOCH: 3, REC_SUPPRESS: 5, REC_REPORT: 6, REC_PAUSE: 4,
-                   REC_WEBHOOK: 4, REC_WARMUP: 7}
+                   REC_WEBHOOK: 4, REC_WARMUP: 7, REC_DSN_OWED: 3}
 
 
 def _check_numbers(rec: list[Any], lsn: int, *values: Any) -> None:
@@ -410,6 +437,13 @@ class QueueState:
         #: ``raymta.dsn_of``) applies; the leader queues one for each entry it finds, so a
         #: failover neither loses a DSN (the entry is replayed) nor sends two (the record is)
         self.dsn_due: dict[str, list[Any]] = {}
+        #: originals whose DSN record applied → the DSN's id, the newest ``status_cache`` kept
+        #: (hard state, in snapshots): a DSN debt restored from a backup a second time is
+        #: not owed again
+        self.dsn_settled: OrderedDict[str, str] = OrderedDict()
+        #: how many DSN debts were ever added here (soft): the leader looks for DSNs to
+        #: queue after a commit only when this moved
+        self.dsn_owed = 0
         #: records this state refused to apply (lsn, type, id, reason), the newest kept
         self.quarantine: deque[dict[str, Any]] = deque(maxlen=1000)
         self.counters_quarantined = 0
@@ -475,6 +509,9 @@ class QueueState:
             return self._apply_other(rec, lsn)
         if kind == REC_WARMUP:
             return self._apply_warmup(rec, lsn)
+        if kind == REC_DSN_OWED:
+            self._apply_dsn_owed(rec, lsn)
+            return None
         if kind == REC_WEBHOOK:
             _, endpoint, cursor, ts = rec
             _check_numbers(rec, lsn, ts)
@@ -541,6 +578,7 @@ class QueueState:
             self.counters["delivered"] += 1
             ev = self._event("Delivery", lsn, m, ts, attempt=attempt, code=code, text=text,
                              site=site)
+            self._mark_dsn(m, ev)
             self._finish(m, "delivered", ev)
             return ev
         if kind == REC_FINAL:
@@ -552,11 +590,16 @@ class QueueState:
             self.counters[_FINAL_STATE[fkind]] += 1
             if fkind in ("bounce", "expired") and wants_dsn(m.sender, m.metadata):
                 body = self.bodies.get(m.body_id)
+                # (the body id last: the recipients of one submission share it, and are
+                # reported together: cluster/core/dsn_due.py)
                 self.dsn_due[m.id] = [m.sender, m.rcpt, fkind, code, enhanced, text, site,
                                       m.created, ts,
-                                      header_section(body.data) if body is not None else b""]
+                                      header_section(body.data) if body is not None else b"",
+                                      m.body_id]
+                self.dsn_owed += 1
             ev = self._event(_FINAL_EVENT[fkind], lsn, m, ts, attempt=attempt, code=code,
                              enhanced=enhanced, text=text, site=site, category=category)
+            self._mark_dsn(m, ev)
             self._finish(m, _FINAL_STATE[fkind], ev)
             return ev
         raise StateError(f"unknown record type {kind!r} at lsn {lsn}")
@@ -632,9 +675,10 @@ class QueueState:
         if body is None:
             raise StateError(f"message {m.id} refers to unknown body {m.body_id} (lsn {lsn})")
         body.refs += 1
-        if m.metadata and type(m.metadata) is dict and \
-                type(m.metadata.get(DSN_OF_KEY)) is str:
-            self.dsn_due.pop(m.metadata[DSN_OF_KEY], None)   # the DSN owed is now queued
+        if m.metadata and m.sender == "":
+            for orig in dsn_of(m.metadata):    # the DSN owed is now queued
+                self.dsn_due.pop(orig, None)
+                self._settle_dsn(orig, m.id)
         self.messages[m.id] = m
         if m.idempotency_key:
             ent = self.idempotency.get(m.idempotency_key)
@@ -649,6 +693,35 @@ class QueueState:
             self._make_ready(m)
         self.counters["accepted"] += 1
         return self._event("Reception", lsn, m, m.created, size=len(body.data))
+
+    @staticmethod
+    def _mark_dsn(m: QueuedMessage, ev: dict[str, Any]) -> None:
+        """The fate of a DSN (delivered, bounced, suppressed…) says which messages it was
+        about: ``dsn_of``, a list of ids."""
+        if m.sender == "" and m.metadata:
+            reported = dsn_of(m.metadata)
+            if reported:
+                ev["dsn_of"] = reported
+
+    def _settle_dsn(self, orig: str, dsn_id: str) -> None:
+        self.dsn_settled[orig] = dsn_id
+        self.dsn_settled.move_to_end(orig)
+        while len(self.dsn_settled) > max(self.status_cache, 1):
+            self.dsn_settled.popitem(last=False)
+
+    def _apply_dsn_owed(self, rec: list[Any], lsn: int) -> None:
+        """An ``n`` record: checked whole before anything changes."""
+        _, rows, ts = rec
+        _check_numbers(rec, lsn, ts)
+        bad = bad_dsn_owed_row(rows)
+        if bad is not None:
+            raise StateError(f"DSN record at lsn {lsn}: {bad}")
+        self.last_lsn = lsn
+        for orig, *entry in rows:
+            if orig not in self.dsn_due and orig not in self.dsn_settled:
+                entry[9] = bytes(entry[9])
+                self.dsn_due[orig] = entry
+                self.dsn_owed += 1
 
     def _event(self, etype: str, lsn: int, m: QueuedMessage, ts: float,
                **extra: Any) -> dict[str, Any]:
@@ -949,6 +1022,7 @@ class QueueState:
             "suspended": dict(self.suspended),
             "shaping": dict(self.shaping),
             "dsn_due": [[k, *v] for k, v in self.dsn_due.items()],
+            "dsn_settled": list(self.dsn_settled.items()),
             "webhook_cursors": dict(self.webhook_cursors),
             "warmup": dict(self.warmup),
             "warmup_notes": sorted(self.warmup_notes),
@@ -985,6 +1059,8 @@ class QueueState:
         self.shaping.update(snap.get("shaping", {}))
         for row in snap.get("dsn_due", ()):
             self.dsn_due[row[0]] = list(row[1:])
+        for orig, dsn_id in snap.get("dsn_settled", ()):
+            self.dsn_settled[orig] = dsn_id
         self.webhook_cursors.update(snap.get("webhook_cursors", {}))
         self.warmup.update(snap.get("warmup", {}))
         self.warmup_notes.update(snap.get("warmup_notes", ()))

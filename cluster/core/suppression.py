@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import heapq
 import struct
+import time
 from typing import Any, Iterable, Iterator
 
 __all__ = ["REASONS", "HARD_CATEGORIES", "SuppressionList", "Entry", "check_rows", "entry_key",
-           "normalize_address", "rows_from_snapshot"]
+           "normalize_address", "rows_from_snapshot", "suppressed_note"]
 
 REASONS = ("hard-bounce", "complaint", "unsubscribe", "manual")
 _REASON_CODE = {r: i for i, r in enumerate(REASONS)}
@@ -45,6 +46,15 @@ def entry_key(address: str, scope: str = "") -> str:
 
 class Entry(dict):  # type: ignore[type-arg]
     """One suppression as plain data (what ``list``/``export``/events show)."""
+
+
+def suppressed_note(rcpt: str, e: dict[str, Any]) -> dict[str, Any]:
+    """Why mail to ``rcpt`` is not sent, from the entry ``e`` that stops it: recipient,
+    reason, since, and an ``error`` sentence naming the reason and the date."""
+    when = time.strftime("%Y-%m-%d", time.gmtime(e["created"]))
+    scope = f" for mail from {e['scope']}" if e["scope"] else ""
+    return {"recipient": rcpt, "reason": e["reason"], "since": e["created"],
+            "error": f"{rcpt} is suppressed{scope}: {e['reason']} since {when}"}
 
 
 class SuppressionList:
