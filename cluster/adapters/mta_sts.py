@@ -104,9 +104,15 @@ class StsFetcher:
         return await asyncio.shield(fut)
 
     def current(self, domain: str, now: float | None = None) -> tuple[bool, StsPolicy | None]:
-        """Without I/O: (known, policy). Not known: ask :meth:`policy` first."""
+        """Without I/O: (known, policy); a cached policy holds until it expires even when
+        its TXT record is due to be looked at again. Not known: ask :meth:`policy` first."""
         now = time.time() if now is None else now
-        return self.cache.fresh(domain, now)
+        return self.cache.known(domain, now)
+
+    def due(self, domain: str, now: float | None = None) -> bool:
+        """Whether :meth:`policy` would look at DNS (the domain is new or due a recheck)."""
+        now = time.time() if now is None else now
+        return not self.cache.fresh(domain, now)[0]
 
     async def _lookup(self, domain: str, now: float) -> StsPolicy | None:
         self.counters["sts_lookups"] += 1

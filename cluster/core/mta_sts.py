@@ -191,6 +191,13 @@ class StsCache:
             return False, None
         return True, self.current(domain, now)
 
+    def known(self, domain: str, now: float) -> tuple[bool, StsPolicy | None]:
+        """(whether the domain was looked up at all, the policy in force): a cached policy
+        holds until it expires even when its TXT record is due to be looked at again."""
+        if domain not in self._d:
+            return False, None
+        return True, self.current(domain, now)
+
     def current(self, domain: str, now: float) -> StsPolicy | None:
         """The cached policy if not expired (mode none counts as no policy)."""
         e = self._d.get(domain)

@@ -38,6 +38,7 @@ __all__ = [
     "connection_failure",
     "dns_failure",
     "expired",
+    "mta_sts_failure",
     "parse_reply",
     "tls_failure",
 ]
@@ -375,6 +376,15 @@ def tls_failure(text: str, *, no_starttls: bool = False) -> Classification:
     enh = "4.7.10" if no_starttls else "4.7.5"
     return Classification(Outcome.TRANSIENT, "auth-failure", None, enh, text, False,
                           bounce_class="soft", rule="tls-policy")
+
+
+def mta_sts_failure(text: str) -> Classification:
+    """A recipient domain's MTA-STS policy in mode enforce (RFC 8461 §5) could not be met: no
+    MX host matches its patterns, or a matching host offered no STARTTLS or no certificate
+    valid for its name. Transient X.7.5 (the domain may fix its MX, policy or certificate),
+    category auth-failure, never sent in plaintext or to another host instead."""
+    return Classification(Outcome.TRANSIENT, "auth-failure", None, "4.7.5", text, False,
+                          bounce_class="soft", rule="mta-sts")
 
 
 def address_refused(text: str) -> Classification:
