@@ -63,6 +63,7 @@ from cluster.core.replies import (
     classify,
     connection_failure,
     mta_sts_failure,
+    route_refused,
     tls_failure,
 )
 from cluster.core.shaping import reshape
@@ -240,7 +241,7 @@ class RelayPool:
                                         own_addresses(config, source))
         #: MTA-STS (RFC 8461): recipient domains' policies (actors/relay_sts.py)
         self.sts = StsGate(config, lambda: self.guard)
-        #: (host, port) of [routes]: an operator's own choice, not guarded
+        #: (host, port) of [routes]: guarded too, but a refusal defers (the config's fault)
         self._static = {(r.host, r.port) for r in config.routes}
         from actors.metrics import loop_lag_reporter
         self.loop_lag = LoopLag(report=loop_lag_reporter(name, config.metrics.enabled))
@@ -347,7 +348,8 @@ class RelayPool:
             refusal = self._guard(s)
             for item in spec["items"]:
                 if refusal is not None and item[0] not in self._holding:
-                    # no address may be used: bounce now, without a lease or a connection
+                    # no address may be used: bounce (a [routes] host: defer) now, without a
+                    # lease or a connection
                     call.expected += 1
                     refused.append((item, refusal))
                     continue
@@ -364,7 +366,7 @@ class RelayPool:
             self._start_workers(s)
         for item, c in refused:      # once call.expected is complete
             call.add(_result(item, c, ""))
-            self.counters["permanent"] += 1
+            self.counters[c.outcome.value] += 1
             self.counters["guard_refused"] += 1
         try:
             if call.expected:
@@ -455,12 +457,11 @@ class RelayPool:
         s.guard_of = s.hosts
         s.ca_file = ca_file_for(s.name, [h[1] for h in s.hosts], self.cfg.sites,
                                 self.cfg.delivery.tls_ca_file)
-        if s.hosts and all((h[1], s.port) in self._static for h in s.hosts):
-            s.usable_hosts, s.refusal = s.hosts, None
-            return None
+        static = bool(s.hosts) and all((h[1], s.port) in self._static for h in s.hosts)
         d = self.guard.check_route(s.hosts)
         s.usable_hosts = d.hosts
-        s.refusal = address_refused(d.refusal) if d.refusal else None
+        s.refusal = None if not d.refusal else \
+            route_refused(d.refusal) if static else address_refused(d.refusal)
         if d.refused and d.refusal is None:
             self.counters["guard_dropped"] = self.counters.get("guard_dropped", 0) + d.refused
         return s.refusal

@@ -54,8 +54,12 @@ class StsPlan:
     testing: dict[str, StsPolicy] = field(default_factory=dict)
 
     def hosts(self, usable: list[list[Any]]) -> list[list[Any]]:
-        """The usable hosts some enforced policy allows."""
-        return [h for h in usable if any(p.matches(h[1]) for p in self.enforce.values())]
+        """The usable hosts the policy of the first enforced domain in queue order allows.
+        One policy, not any of them: a connection to a host only another domain's patterns
+        allow would carry none of the head's messages, and the next plan would be the same
+        (each connection now carries at least the head domain's messages)."""
+        lead = next(iter(self.enforce.values()))
+        return [h for h in usable if lead.matches(h[1])]
 
 
 class StsGate:

@@ -129,3 +129,20 @@ def test_cache_remembers_no_policy_and_ignores_mode_none_and_is_bounded() -> Non
     assert c.fresh("off.test", 1) == (True, None)
     c.store("third.test", "a", StsPolicy("testing", ("m.t.test",), 100), 0)
     assert len(c) == 2 and c.fresh("none.test", 1) == (False, None)   # the oldest went
+
+
+def test_a_connection_plan_follows_the_first_enforced_domain_in_queue_order() -> None:
+    from actors.relay_sts import StsGate, StsPlan
+    from cluster.config import Config
+    from cluster.core.mxguard import AddressGuard
+    b = StsPolicy("enforce", ("mx.b.test",), 60)
+    a = StsPolicy("enforce", ("*.a.test",), 60)
+    c = StsPolicy("enforce", ("mx.c.test",), 60)
+    plan = StsPlan(enforce={"c.test": c, "b.test": b, "a.test": a})
+    usable = [[10, "mx1.a.test", ["192.0.2.1"]], [20, "mx.b.test", ["192.0.2.2"]]]
+    gate = StsGate(Config(), lambda: AddressGuard.build([]))
+    # c.test's patterns match no MX host: its mail is deferred, it leaves the plan
+    assert gate.unmatched(plan, usable) == {"c.test": unmatched_text(
+        "c.test", c, ["mx1.a.test", "mx.b.test"])}
+    # the head of the queue is now b.test's: its host only, although mx1.a.test is preferred
+    assert plan.hosts(usable) == [[20, "mx.b.test", ["192.0.2.2"]]]

@@ -40,6 +40,7 @@ __all__ = [
     "expired",
     "mta_sts_failure",
     "parse_reply",
+    "route_refused",
     "tls_failure",
 ]
 
@@ -393,6 +394,15 @@ def address_refused(text: str) -> Classification:
     changes nothing until it is fixed), X.4.4 unable to route, category routing."""
     return Classification(Outcome.PERMANENT, "routing", None, "5.4.4", text, False,
                           rule="mx-guard")
+
+
+def route_refused(text: str) -> Classification:
+    """Every address of a ``[routes]`` smart host is one the MX address guard refuses: the
+    operator's configuration, not the recipient's DNS, is at fault, so the mail waits
+    (transient X.4.4, category routing) for the route or ``delivery.allow_networks`` to be
+    fixed instead of bouncing."""
+    return Classification(Outcome.TRANSIENT, "routing", None, "4.4.4", f"[routes] {text}",
+                          False, bounce_class="soft", rule="mx-guard")
 
 
 def expired(text: str = "") -> Classification:
