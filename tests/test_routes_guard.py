@@ -34,17 +34,17 @@ def _spec(hosts: list, port: int) -> dict:
 
 @pytest.mark.parametrize("site, hosts, port, outcome, enhanced, text", [
     ("route:10.1.2.3:2525", [[0, "10.1.2.3", ["10.1.2.3"]]], 2525, "transient", "4.4.4",
-     "[routes] 10.1.2.3 resolves only to 10.1.2.3, a private address; refused "
-     "(delivery.allow_networks)"),
+     ("[routes] 10.1.2.3 resolves only to 10.1.2.3, a private address; refused "
+      "(delivery.allow_networks)")),
     # a route host name resolving to loopback
     ("route:relay.corp.test:587", [[0, "relay.corp.test", ["127.0.0.3"]]], 587, "transient",
-     "4.4.4", "[routes] relay.corp.test resolves only to 127.0.0.3, a loopback address; "
-     "refused (delivery.allow_networks)"),
+     "4.4.4", ("[routes] relay.corp.test resolves only to 127.0.0.3, a loopback address; "
+               "refused (delivery.allow_networks)")),
     ("route:10.9.9.9:25", [[0, "10.9.9.9", ["10.9.9.9"]]], 25, None, None, None),
     # not a route (the port differs from the route's): an MX, refused permanently as before
     ("mx.private.test", [[10, "10.1.2.3", ["10.1.2.3"]]], 25, "permanent", "5.4.4",
-     "10.1.2.3 resolves only to 10.1.2.3, a private address; refused "
-     "(delivery.allow_networks)"),
+     ("10.1.2.3 resolves only to 10.1.2.3, a private address; refused "
+      "(delivery.allow_networks)")),
 ])
 def test_route_hosts_are_guarded_and_allowed_networks_win(relay, site, hosts, port, outcome,
                                                          enhanced, text) -> None:
