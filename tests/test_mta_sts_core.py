@@ -146,3 +146,24 @@ def test_a_connection_plan_follows_the_first_enforced_domain_in_queue_order() ->
         "c.test", c, ["mx1.a.test", "mx.b.test"])}
     # the head of the queue is now b.test's: its host only, although mx1.a.test is preferred
     assert plan.hosts(usable) == [[20, "mx.b.test", ["192.0.2.2"]]]
+
+
+@pytest.mark.parametrize("site, hosts, sites, tls, want", [
+    ("mx.x.test", ["mx.x.test"], [], "opportunistic", True),
+    ("mx.x.test", ["mx.x.test"], [], "required", False),         # site_defaults says required
+    ("domain:x.test", ["mx.x.test"], [{"domain": "x.test", "tls": "opportunistic"}],
+     "opportunistic", False),                                   # written per site: it wins
+    ("domain:x.test", ["mx.x.test"], [{"domain": "x.test", "max_connections": 2}],
+     "opportunistic", True),                                    # a [[site]] without tls
+    ("mx.google.test", ["mx.google.test"], [{"mx_suffix": "google.test", "tls": "disabled"}],
+     "disabled", False),
+    ("[192.0.2.1]", ["[192.0.2.1]"], [], "opportunistic", False),   # an address literal
+    ("route:smart.test:25", ["smart.test"], [], "opportunistic", False),   # a [routes] host
+])
+def test_mta_sts_governs_only_sites_without_an_explicit_tls(site, hosts, sites, tls,
+                                                           want) -> None:
+    from cluster.config import parse_config
+    from cluster.core.tls_policy import mta_sts_applies
+    cfg = parse_config({"site": sites} if sites else {})
+    assert cfg.delivery.mta_sts is True
+    assert mta_sts_applies(site, hosts, cfg.sites, tls) is want
