@@ -170,6 +170,8 @@ class _Site:
     usable_hosts: list[list[Any]] = field(default_factory=list)
     refusal: Classification | None = None
     ca_file: str = ""
+    #: the MTA-STS mode the last connection was planned under ("" = none applied)
+    sts_mode: str = ""
 
 
 def _fill_bodies(batch: dict[str, Any]) -> None:
@@ -603,6 +605,7 @@ class RelayPool:
         if not self._sts_on(s.name, s.hosts, s.limits.tls):
             return await connect(s.limits.tls, s.usable_hosts), None
         plan = await self.sts.plan(s.queue)
+        s.sts_mode = "enforce" if plan.enforce else "testing" if plan.testing else ""
         for domain, text in self.sts.unmatched(plan, s.usable_hosts).items():
             self._sts_defer(s, domain, text)
         if not s.queue:
@@ -988,11 +991,13 @@ class RelayPool:
             "errors": self.signer.ring.errors}
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
                 "dkim": dkim, "egress": self.source.name, "results": self.metrics.snapshot(),
-                "loop_lag": self.loop_lag.snapshot(),
+                "loop_lag": self.loop_lag.snapshot(), "mta_sts": self.sts.stats(),
                 "tls_sites": {n: dict(t) for n, t in self.tls_sites.items()},
-                "tls_broken_hosts": len(self.broken_tls), "mta_sts": self.sts.stats(),
+                "tls_broken_hosts": len(self.broken_tls),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
-                              "leases": len(s.leases)} for n, s in self.sites.items()}}
+                              "leases": len(s.leases),
+                              **({"mta_sts": s.sts_mode} if s.sts_mode else {})}
+                          for n, s in self.sites.items()}}
 
     async def ping(self) -> int:
         return os.getpid()
