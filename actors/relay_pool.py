@@ -611,15 +611,19 @@ class RelayPool:
         if not s.queue:
             return None
         if plan.enforce:
+            hosts = plan.hosts(s.usable_hosts)
             try:
-                conn = await connect("required", plan.hosts(s.usable_hosts))
+                conn = await connect("required", hosts)
             except ConnectFailure as e:
                 if e.tls is None:
                     raise
                 self.counters["tls_failures"] += e.tls_failures
                 self._tls_count(s.name, "tls_failures", e.tls_failures)
-                for domain in plan.enforce:
-                    self._sts_defer(s, domain, f"MTA-STS: {e.tls.text}")
+                # the head's domain, and every other one whose policy allows all the hosts
+                # tried (the rest are planned for on their own)
+                for domain, pol in list(plan.enforce.items()):
+                    if all(pol.matches(h[1]) for h in hosts):
+                        self._sts_defer(s, domain, f"MTA-STS: {e.tls.text}")
                 return None
             self.sts.counters["sts_enforced_connections"] += 1
             self._tls_count(s.name, "sts_enforced")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,7 +112,9 @@ class StsGate:
         f = self.fetcher()
         plan = StsPlan()
         for d in domains:
-            _known, pol = f.current(d)
+            known, pol = f.current(d)
+            if not known:   # the lookup broke (logged): no policy, or we would plan forever
+                f.cache.txt_checked(d, time.time())
             if pol is not None:
                 (plan.enforce if pol.mode == "enforce" else plan.testing)[d] = pol
         return plan

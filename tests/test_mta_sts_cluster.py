@@ -10,7 +10,9 @@ sink offers no STARTTLS.
 - testing.test (testing, MX without STARTTLS): delivered in plaintext, the relay counts the
   failure (``sts_testing_failures``, overall and for the site);
 - override.test (enforce policy that would refuse it, but a [[site]] entry sets ``tls``):
-  the operator's setting wins, delivered."""
+  the operator's setting wins, delivered;
+- shared.test (no policy) shares mismatch.test's MX, hence its site: delivered all the same
+  (a policy binds its own domain's messages only)."""
 
 from __future__ import annotations
 
@@ -60,6 +62,7 @@ def test_mta_sts_enforce_and_testing_in_a_cluster(tmp_path, dns_server) -> None:
         z.add_mx(d, [(10, host)])
         z.add_record(f"_mta-sts.{d}", "TXT", '"v=STSv1; id=20261205"')
         z.add_a(f"mta-sts.{d}", HTTPS_HOST)
+    z.add_mx("shared.test", [(10, "mx.other.test")])
     web.serve("enforce.test", policy_text("enforce", ["*.enforce.test"]))
     web.serve("mismatch.test", policy_text("enforce", ["mx.mismatch.test", "*.mx.mismatch.test"]))
     web.serve("notls.test", policy_text("enforce", ["mx.notls.test"]))
@@ -74,6 +77,8 @@ def test_mta_sts_enforce_and_testing_in_a_cluster(tmp_path, dns_server) -> None:
                                             tls_set=True),))
         assert cfg.delivery.mta_sts     # on by default
         with MailCluster.connect(config=cfg, num_cpus=2) as mc:
+            # shared.test first: its message heads the shared site's queue
+            domains.insert(0, "shared.test")
             rcpts = [f"user@{d}" for d in domains]
             t0 = time.monotonic()
             res = mc.submit([{"sender": "s@origin.test", "recipients": [r],
@@ -89,12 +94,14 @@ def test_mta_sts_enforce_and_testing_in_a_cluster(tmp_path, dns_server) -> None:
                 return out
 
             wait_for(lambda: all(mc.status(ids[d])["state"] == "delivered"
-                                 for d in ("enforce.test", "testing.test", "override.test"))
+                                 for d in ("enforce.test", "testing.test", "override.test",
+                                           "shared.test"))
                      and {ids["mismatch.test"], ids["notls.test"]} <= set(first_failures()),
-                     60, "three deliveries and two MTA-STS deferrals")
+                     60, "four deliveries and two MTA-STS deferrals")
             took = time.monotonic() - t0
             got = {r.rcpt_to: r for r in tls_sink.received + plain.received}
-            assert set(got) == {"user@enforce.test", "user@testing.test", "user@override.test"}
+            assert set(got) == {"user@enforce.test", "user@testing.test", "user@override.test",
+                                "user@shared.test"}
             assert got["user@enforce.test"].tls and got["user@enforce.test"].sink == "tls"
             assert not got["user@testing.test"].tls and got["user@testing.test"].sink == "plain"
             fails = first_failures()
@@ -119,7 +126,7 @@ def test_mta_sts_enforce_and_testing_in_a_cluster(tmp_path, dns_server) -> None:
             site_figs = st["tls_sites"]
             assert site_figs["mx.testing.test"]["sts_testing_failures"] >= 1, site_figs
             assert site_figs["mx.enforce.test"]["sts_enforced"] >= 1, site_figs
-            print(f"mta-sts: 3 delivered, 2 deferred in {took:.1f} s; relay {sts}; "
+            print(f"mta-sts: 4 delivered, 2 deferred in {took:.1f} s; relay {sts}; "
                   f"tls_sites {site_figs}")
     finally:
         web.stop()
