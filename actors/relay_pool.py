@@ -26,7 +26,9 @@ TLS and the address guard: each site's route is first checked by the MX address 
 one of the cluster's own (unless ``delivery.allow_networks`` allows it) bounces at once with
 5.4.4, without a lease and without a connection. STARTTLS follows the site's ``tls`` policy
 (``cluster.adapters.smtp``; opportunistic falls back to plaintext on the same host, required
-verifies and defers as a TLS failure); per-site TLS figures are in :meth:`RelayPool.stats`.
+verifies and defers as a TLS failure), or the recipient domain's MTA-STS policy where no
+[[site]] sets ``tls`` (``actors/relay_sts.py``); ``[routes]`` hosts are guarded too (a refusal
+defers); per-site TLS figures are in :meth:`RelayPool.stats`.
 
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
