@@ -28,6 +28,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+# imported with the relay, not on the first lookup: an import (aiohttp) taking a moment while
+# a site's first grants arrive would bunch its first messages beyond its rate
+from cluster.adapters.dns import MxResolver
+from cluster.adapters.mta_sts import StsFetcher
 from cluster.config import Config
 from cluster.core.mta_sts import StsPolicy, unmatched_text
 from cluster.core.mxguard import AddressGuard
@@ -68,14 +72,14 @@ class StsGate:
         self.cfg = cfg
         self.enabled = cfg.delivery.mta_sts
         self._guard = guard
-        self._fetcher: Any = None
+        self._fetcher: StsFetcher | None = None
+        if self.enabled:
+            self.fetcher()   # now (CA certificates loaded), not while a site's first grants wait
         self.counters = {"sts_enforced_connections": 0, "sts_deferred": 0,
                          "sts_testing_failures": 0}
 
-    def fetcher(self) -> Any:
+    def fetcher(self) -> StsFetcher:
         if self._fetcher is None:
-            from cluster.adapters.dns import MxResolver
-            from cluster.adapters.mta_sts import StsFetcher
             dc, d = self.cfg.dns, self.cfg.delivery
             # the same nameservers as the MX lookups (never the system resolver when set)
             resolver = MxResolver(list(dc.nameservers) or None, dc.port, timeout=dc.timeout,

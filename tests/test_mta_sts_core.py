@@ -4,6 +4,8 @@ malformed, the error naming the line), the leftmost-label wildcard, and the cach
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from cluster.core.mta_sts import (
@@ -140,7 +142,9 @@ def test_a_connection_plan_follows_the_first_enforced_domain_in_queue_order() ->
     c = StsPolicy("enforce", ("mx.c.test",), 60)
     plan = StsPlan(enforce={"c.test": c, "b.test": b, "a.test": a})
     usable = [[10, "mx1.a.test", ["192.0.2.1"]], [20, "mx.b.test", ["192.0.2.2"]]]
-    gate = StsGate(Config(), lambda: AddressGuard.build([]))
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, delivery=dataclasses.replace(cfg.delivery, mta_sts=False))
+    gate = StsGate(cfg, lambda: AddressGuard.build([]))     # no resolver: none is needed
     # c.test's patterns match no MX host: its mail is deferred, it leaves the plan
     assert gate.unmatched(plan, usable) == {"c.test": unmatched_text(
         "c.test", c, ["mx1.a.test", "mx.b.test"])}
