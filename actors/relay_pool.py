@@ -26,7 +26,9 @@ TLS and the address guard: each site's route is first checked by the MX address 
 one of the cluster's own (unless ``delivery.allow_networks`` allows it) bounces at once with
 5.4.4, without a lease and without a connection. STARTTLS follows the site's ``tls`` policy
 (``cluster.adapters.smtp``; opportunistic falls back to plaintext on the same host, required
-verifies and defers as a TLS failure); per-site TLS figures are in :meth:`RelayPool.stats`.
+verifies and defers as a TLS failure), or the recipient domain's MTA-STS policy where no
+[[site]] sets ``tls`` (``actors/relay_sts.py``); ``[routes]`` hosts are guarded too (a refusal
+defers); per-site TLS figures are in :meth:`RelayPool.stats`.
 
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
@@ -52,6 +54,7 @@ import msgpack
 import ray
 
 from actors.loop import LoopLag, preload, tune_gc, use_uvloop
+from actors.relay_sts import StsGate, rcpt_domain
 from cluster.adapters.smtp import ConnectFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.mxguard import AddressGuard
@@ -61,12 +64,14 @@ from cluster.core.replies import (
     address_refused,
     classify,
     connection_failure,
+    mta_sts_failure,
+    route_refused,
     tls_failure,
 )
 from cluster.core.shaping import reshape
 from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ideal_connections
-from cluster.core.tls_policy import BrokenTls, ca_file_for
+from cluster.core.tls_policy import BrokenTls, ca_file_for, mta_sts_applies
 from cluster.core.unsubscribe import add_header_fields, domain_matches, header_fields
 from cluster.core.verp import return_path
 
@@ -96,7 +101,8 @@ _TLS_SITES_MAX = 500
 #: the cluster's own addresses are looked up again this often (nodes come and go)
 _OWN_REFRESH = 300.0
 #: TLS figures kept per site
-TLS_KINDS = ("tls", "plaintext", "fallback", "tls_failures")
+TLS_KINDS = ("tls", "plaintext", "fallback", "tls_failures", "sts_enforced",
+             "sts_testing_failures")
 
 
 def own_addresses(cfg: Config, source: EgressSource) -> set[str]:
@@ -166,6 +172,8 @@ class _Site:
     usable_hosts: list[list[Any]] = field(default_factory=list)
     refusal: Classification | None = None
     ca_file: str = ""
+    #: the MTA-STS mode the last connection was planned under ("" = none applied)
+    sts_mode: str = ""
 
 
 def _fill_bodies(batch: dict[str, Any]) -> None:
@@ -235,7 +243,9 @@ class RelayPool:
         self._own_at = time.monotonic()
         self.guard = AddressGuard.build(config.delivery.allow_networks,
                                         own_addresses(config, source))
-        #: (host, port) of [routes]: an operator's own choice, not guarded
+        #: MTA-STS (RFC 8461): recipient domains' policies (actors/relay_sts.py)
+        self.sts = StsGate(config, lambda: self.guard)
+        #: (host, port) of [routes]: guarded too, but a refusal defers (the config's fault)
         self._static = {(r.host, r.port) for r in config.routes}
         from actors.metrics import loop_lag_reporter
         self.loop_lag = LoopLag(report=loop_lag_reporter(name, config.metrics.enabled))
@@ -329,6 +339,11 @@ class RelayPool:
             raise RelayDraining(f"{self.name} is draining: it takes no new batches")
         batch = msgpack.unpackb(payload, raw=False)
         _fill_bodies(batch)
+        if self.sts.enabled:
+            # the policies of the recipient domains are known before their mail is queued
+            await self.sts.prefetch(rcpt_domain(it[3]) for name, spec in batch.items()
+                                    if self._sts_on(name, spec["hosts"], spec["limits"]["tls"])
+                                    for it in spec["items"])
         call = _Call(self, reply_to)
         mine: list[str] = []
         refused: list[tuple[list[Any], Classification]] = []
@@ -337,7 +352,8 @@ class RelayPool:
             refusal = self._guard(s)
             for item in spec["items"]:
                 if refusal is not None and item[0] not in self._holding:
-                    # no address may be used: bounce now, without a lease or a connection
+                    # no address may be used: bounce (a [routes] host: defer) now, without a
+                    # lease or a connection
                     call.expected += 1
                     refused.append((item, refusal))
                     continue
@@ -354,7 +370,7 @@ class RelayPool:
             self._start_workers(s)
         for item, c in refused:      # once call.expected is complete
             call.add(_result(item, c, ""))
-            self.counters["permanent"] += 1
+            self.counters[c.outcome.value] += 1
             self.counters["guard_refused"] += 1
         try:
             if call.expected:
@@ -445,12 +461,11 @@ class RelayPool:
         s.guard_of = s.hosts
         s.ca_file = ca_file_for(s.name, [h[1] for h in s.hosts], self.cfg.sites,
                                 self.cfg.delivery.tls_ca_file)
-        if s.hosts and all((h[1], s.port) in self._static for h in s.hosts):
-            s.usable_hosts, s.refusal = s.hosts, None
-            return None
+        static = bool(s.hosts) and all((h[1], s.port) in self._static for h in s.hosts)
         d = self.guard.check_route(s.hosts)
         s.usable_hosts = d.hosts
-        s.refusal = address_refused(d.refusal) if d.refusal else None
+        s.refusal = None if not d.refusal else \
+            route_refused(d.refusal) if static else address_refused(d.refusal)
         if d.refused and d.refusal is None:
             self.counters["guard_dropped"] = self.counters.get("guard_dropped", 0) + d.refused
         return s.refusal
@@ -572,18 +587,114 @@ class RelayPool:
             call.add(_result(item, c, ""))
             self.counters["transient"] += 1
 
+    def _sts_on(self, site: str, hosts: list[list[Any]], tls: str) -> bool:
+        return self.sts.enabled and mta_sts_applies(site, [h[1] for h in hosts],
+                                                    self.cfg.sites, tls)
+
+    async def _open(self, s: _Site) -> tuple[Any, bool | None] | None:
+        """A connection for the site's queue: (connection, None when MTA-STS does not govern
+        the site, else whether it was opened under an enforced policy); None when MTA-STS
+        deferred every message it was for. Raises ConnectFailure as connect_site does."""
+        d = self.cfg.delivery
+
+        def connect(tls: str, hosts: list[list[Any]]) -> Any:
+            return connect_site(hosts, s.port, ehlo_name=self.source.ehlo_name,
+                                bind_address=self.source.bind_address, tls=tls,
+                                connect_timeout=d.connect_timeout,
+                                command_timeout=d.command_timeout, data_timeout=d.data_timeout,
+                                tls_ca_file=s.ca_file, broken_tls=self.broken_tls)
+
+        if not self._sts_on(s.name, s.hosts, s.limits.tls):
+            return await connect(s.limits.tls, s.usable_hosts), None
+        plan = await self.sts.plan(s.queue)
+        s.sts_mode = "enforce" if plan.enforce else "testing" if plan.testing else ""
+        for domain, text in self.sts.unmatched(plan, s.usable_hosts).items():
+            self._sts_defer(s, domain, text)
+        if not s.queue:
+            return None
+        if plan.enforce:
+            hosts = plan.hosts(s.usable_hosts)
+            try:
+                conn = await connect("required", hosts)
+            except ConnectFailure as e:
+                if e.tls is None:
+                    raise
+                self.counters["tls_failures"] += e.tls_failures
+                self._tls_count(s.name, "tls_failures", e.tls_failures)
+                # the head's domain, and every other one whose policy allows all the hosts
+                # tried (the rest are planned for on their own)
+                for domain, pol in list(plan.enforce.items()):
+                    if all(pol.matches(h[1]) for h in hosts):
+                        self._sts_defer(s, domain, f"MTA-STS: {e.tls.text}")
+                return None
+            self.sts.counters["sts_enforced_connections"] += 1
+            self._tls_count(s.name, "sts_enforced")
+            enforced = True
+        elif plan.testing:
+            try:    # verified TLS first: what would fail under enforce is counted
+                conn = await connect("required", s.usable_hosts)
+                failed = conn.tls_failures
+            except ConnectFailure as e:
+                if e.tls is None:
+                    raise
+                failed = e.tls_failures
+                log.warning("%s: MTA-STS testing (%s) would defer: %s", s.name,
+                            ", ".join(plan.testing), e.tls.text)
+                conn = await connect(s.limits.tls, s.usable_hosts)
+            self._sts_testing_failed(s, failed)
+            enforced = False
+        else:
+            return await connect(s.limits.tls, s.usable_hosts), False
+        misses = self.sts.testing_misses(plan, conn.host)
+        if misses:
+            log.warning("%s: MTA-STS testing: %s is not an MX host %s allows", s.name,
+                        conn.host, ", ".join(misses))
+            self._sts_testing_failed(s, 1)
+        return conn, enforced
+
+    def _sts_testing_failed(self, s: _Site, n: int) -> None:
+        if n:
+            self.sts.counters["sts_testing_failures"] += n
+            self._tls_count(s.name, "sts_testing_failures", n)
+
+    def _sts_defer(self, s: _Site, domain: str, text: str) -> None:
+        """Every message queued for ``domain`` goes back deferred: its MTA-STS policy in mode
+        enforce cannot be met by this site now (never plaintext, never another host)."""
+        c = mta_sts_failure(text)
+        keep: deque = deque()
+        n = 0
+        for item, call in s.queue:
+            if rcpt_domain(item[3]) == domain:
+                call.add(_result(item, c, ""))
+                n += 1
+            else:
+                keep.append((item, call))
+        s.queue.clear()
+        s.queue.extend(keep)
+        self.counters["transient"] += n
+        self.sts.counters["sts_deferred"] += n
+        log.warning("%s: %d deferred: %s", s.name, n, text)
+
+    def _sts_group(self, s: _Site, group: list[tuple[list[Any], _Call]], host: str,
+                   enforced: bool) -> list[tuple[list[Any], _Call]]:
+        """The group's recipients this connection may carry (MTA-STS); the rest go back to
+        the head of the queue."""
+        ok = [x for x in group[1:] if self.sts.allows(x[0], host, enforced) is True]
+        if len(ok) < len(group) - 1:
+            back = [x for x in group[1:] if all(x is not y for y in ok)]
+            s.queue.extendleft(reversed(back))
+        return [group[0], *ok]
+
     async def _connection(self, s: _Site, lease: int) -> None:
         d = self.cfg.delivery
         try:
             if self._guard(s) is not None:     # the route changed to one the guard refuses
                 self._defer_queued(s, connection_failure("route refused by the MX guard"))
                 return
-            conn = await connect_site(s.usable_hosts, s.port, ehlo_name=self.source.ehlo_name,
-                                      bind_address=self.source.bind_address, tls=s.limits.tls,
-                                      connect_timeout=d.connect_timeout,
-                                      command_timeout=d.command_timeout,
-                                      data_timeout=d.data_timeout, tls_ca_file=s.ca_file,
-                                      broken_tls=self.broken_tls)
+            opened = await self._open(s)
+            if opened is None:
+                return      # MTA-STS deferred what this connection was for
+            conn, sts_conn = opened
         except ConnectFailure as e:
             self.counters["connect_failures"] += 1
             self.metrics.connect_failures.inc(1, self.metrics.tags)
@@ -632,7 +743,13 @@ class RelayPool:
                     continue
                 else:
                     item, call = s.queue.popleft()
+                    if sts_conn is not None and self.sts.allows(item, conn.host,
+                                                                sts_conn) is not True:
+                        s.queue.appendleft((item, call))   # the next connection is planned
+                        return                             # for its domain's MTA-STS policy
                     group = self._gather(s, item, call, limit - conn.sent)
+                    if sts_conn is not None and len(group) > 1:
+                        group = self._sts_group(s, group, conn.host, sts_conn)
                     if len(group) > 1:
                         if not await self._send_group(s, conn, group, host):
                             return
@@ -640,7 +757,9 @@ class RelayPool:
                 _id, _attempt, _sender, rcpt, body, smtputf8 = item[:6]
                 sender = self._mail_from(item)
                 then = None
-                if conn.pipelining and s.queue and conn.sent + 1 < limit:
+                if conn.pipelining and s.queue and conn.sent + 1 < limit and (
+                        sts_conn is None
+                        or self.sts.allows(s.queue[0][0], conn.host, sts_conn) is True):
                     # this connection takes the next one too: its envelope rides on this body
                     carry = s.queue.popleft()
                     then = (self._mail_from(carry[0]), carry[0][3], carry[0][5])
@@ -878,11 +997,13 @@ class RelayPool:
             "errors": self.signer.ring.errors}
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
                 "dkim": dkim, "egress": self.source.name, "results": self.metrics.snapshot(),
-                "loop_lag": self.loop_lag.snapshot(),
+                "loop_lag": self.loop_lag.snapshot(), "mta_sts": self.sts.stats(),
                 "tls_sites": {n: dict(t) for n, t in self.tls_sites.items()},
                 "tls_broken_hosts": len(self.broken_tls),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
-                              "leases": len(s.leases)} for n, s in self.sites.items()}}
+                              "leases": len(s.leases),
+                              **({"mta_sts": s.sts_mode} if s.sts_mode else {})}
+                          for n, s in self.sites.items()}}
 
     async def ping(self) -> int:
         return os.getpid()

@@ -218,6 +218,11 @@ class DeliveryConfig:
     #: an MX host whose STARTTLS handshake failed is sent to in plaintext (opportunistic TLS)
     #: without trying TLS again for this long
     tls_broken_ttl: float = 3600.0
+    #: MTA-STS (RFC 8461): recipient domains' published policies are fetched and honoured
+    #: for sites whose TLS is not set per site (cluster/core/mta_sts.py; README "MTA-STS")
+    mta_sts: bool = True
+    #: the port policy hosts are fetched from (443; tests run their HTTPS server elsewhere)
+    mta_sts_port: int = 443
     #: a site with at least this many messages ready at a shard in one dispatch round is hot:
     #: its mail spreads over ``hot_site_relays`` relays (on distinct nodes first; rendezvous
     #: hashing, cluster/core/relay_choice.py). 0 = only sites with ``relays`` set spread.
@@ -795,6 +800,10 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             kw[f.name] = _networks(raw[f.name], key)
         elif f.name == "tls_ca_file":
             kw[f.name] = _ca_file(raw[f.name], key)
+        elif f.name == "mta_sts":
+            kw[f.name] = _bool(raw[f.name], key)
+        elif f.name == "mta_sts_port":
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=65535)
         else:
             kw[f.name] = _dur(raw[f.name], key)
     out = replace(d, **kw)
@@ -977,7 +986,8 @@ def _parse_sites(raw: Any, defaults: SiteLimits,
         out.append(SiteOverride(limits=_parse_limits(s, defaults, w, egress), domain=domain,
                                 mx_suffix=suffix,
                                 tls_ca_file=_ca_file(s.get("tls_ca_file", ""),
-                                                     f"{w}.tls_ca_file")))
+                                                     f"{w}.tls_ca_file"),
+                                tls_set="tls" in s))
     return tuple(out)
 
 

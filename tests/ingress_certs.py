@@ -22,7 +22,7 @@ class TestCA:
     def __init__(self, directory: Path, name: str = "raymta test CA") -> None:
         self.dir = directory
         self.key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
         self.cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
                      .public_key(self.key.public_key()).serial_number(x509.random_serial_number())
@@ -37,12 +37,13 @@ class TestCA:
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self.cert.public_bytes(serialization.Encoding.PEM))
 
-    def server_cert(self, hostname: str, ips: list[str], stem: str = "server"
-                    ) -> tuple[Path, Path]:
-        """(cert file, key file) for ``hostname`` and ``ips``, signed by this CA."""
+    def server_cert(self, hostname: str, ips: list[str], stem: str = "server",
+                    also: list[str] | None = None) -> tuple[Path, Path]:
+        """(cert file, key file) for ``hostname`` (and the names ``also``) and ``ips``, signed
+        by this CA."""
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
-        san = [x509.DNSName(hostname)] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        now = datetime.datetime.now(datetime.UTC)
+        san = [x509.DNSName(n) for n in [hostname, *(also or [])]] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
         cert = (x509.CertificateBuilder()
                 .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)]))
                 .issuer_name(self.cert.subject).public_key(key.public_key())

@@ -77,6 +77,8 @@ rate = "5/m"
     ({"dns": {"nameservers": ["resolver.example"]}}, "dns.nameservers[0]", "not an IP"),
     ({"dns": {"port": 70000}}, "dns.port", "between"),
     ({"delivery": {"smtp_port": "25"}}, "delivery.smtp_port", "integer"),
+    ({"delivery": {"mta_sts": "on"}}, "delivery.mta_sts", "true or false"),
+    ({"delivery": {"mta_sts_port": 0}}, "delivery.mta_sts_port", "between"),
     ({"site_defaults": {"rate": "fast"}}, "site_defaults.rate", "fast"),
     ({"site_defaults": {"tls": "maybe"}}, "site_defaults.tls", "opportunistic"),
     ({"site_defaults": {"max_connections": 0}}, "site_defaults.max_connections", "between"),

@@ -333,6 +333,26 @@ class MxResolver:
         results = await asyncio.gather(*(one(d) for d in unique))
         return dict(zip(unique, results))
 
+    async def txt(self, name: str) -> tuple[list[str], str | None]:
+        """The TXT records at ``name``, each record's strings joined (RFC 7208 §3.3 style),
+        and the error: None (answered, maybe with no records), "nxdomain", "servfail" or
+        "timeout". Not cached here (the caller keeps what it learns: MTA-STS's cache)."""
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as e:
+            return [], f"invalid name ({e})"
+        res = await self._query(qname, dns.rdatatype.TXT)
+        texts = [b"".join(rd.strings).decode("utf-8", "replace") for rd in res.records]
+        return texts, res.error
+
+    async def host_addresses(self, name: str, now: float) -> tuple[tuple[str, ...], str | None]:
+        """A and AAAA addresses of a host name (cached with the MX hosts' addresses), and the
+        error that hid them, if any ("nxdomain", "servfail", "timeout")."""
+        entry = await self._host(name.lower().rstrip("."), now)
+        if entry.addresses:
+            return entry.addresses, None
+        return (), entry.error or "nxdomain"
+
     def cache_info(self) -> dict[str, Any]:
         return {"routes": len(self._routes), "hosts": len(self._hosts),
                 "max_size": self._routes.size, "hits": self._hits, "misses": self._misses,

@@ -38,7 +38,9 @@ __all__ = [
     "connection_failure",
     "dns_failure",
     "expired",
+    "mta_sts_failure",
     "parse_reply",
+    "route_refused",
     "tls_failure",
 ]
 
@@ -377,12 +379,30 @@ def tls_failure(text: str, *, no_starttls: bool = False) -> Classification:
                           bounce_class="soft", rule="tls-policy")
 
 
+def mta_sts_failure(text: str) -> Classification:
+    """A recipient domain's MTA-STS policy in mode enforce (RFC 8461 §5) could not be met: no
+    MX host matches its patterns, or a matching host offered no STARTTLS or no certificate
+    valid for its name. Transient X.7.5 (the domain may fix its MX, policy or certificate),
+    category auth-failure, never sent in plaintext or to another host instead."""
+    return Classification(Outcome.TRANSIENT, "auth-failure", None, "4.7.5", text, False,
+                          bounce_class="soft", rule="mta-sts")
+
+
 def address_refused(text: str) -> Classification:
     """Every address of the route is one raymta refuses to connect to (loopback, private,
     its own: :mod:`cluster.core.mxguard`). Permanent (the domain's DNS points there; retrying
     changes nothing until it is fixed), X.4.4 unable to route, category routing."""
     return Classification(Outcome.PERMANENT, "routing", None, "5.4.4", text, False,
                           rule="mx-guard")
+
+
+def route_refused(text: str) -> Classification:
+    """Every address of a ``[routes]`` smart host is one the MX address guard refuses: the
+    operator's configuration, not the recipient's DNS, is at fault, so the mail waits
+    (transient X.4.4, category routing) for the route or ``delivery.allow_networks`` to be
+    fixed instead of bouncing."""
+    return Classification(Outcome.TRANSIENT, "routing", None, "4.4.4", f"[routes] {text}",
+                          False, bounce_class="soft", rule="mx-guard")
 
 
 def expired(text: str = "") -> Classification:

@@ -72,6 +72,8 @@ class SiteOverride:
     mx_suffix: str = ""
     #: CA file verifying this site's MX hosts when its TLS is required ("" = the default)
     tls_ca_file: str = ""
+    #: the entry sets ``tls`` itself: it wins over the recipient domain's MTA-STS policy
+    tls_set: bool = False
 
 
 @dataclass(frozen=True)

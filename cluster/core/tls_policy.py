@@ -19,7 +19,8 @@ from collections.abc import Sequence
 
 from cluster.core.sites import SiteOverride
 
-__all__ = ["BrokenTls", "ca_file_for", "tls_server_name", "verify_text"]
+__all__ = ["BrokenTls", "ca_file_for", "mta_sts_applies", "site_override", "tls_server_name",
+           "verify_text"]
 
 #: OpenSSL X509_V_ERR_* codes operators recognise, as a short reason
 _VERIFY_REASONS = {
@@ -62,25 +63,42 @@ class BrokenTls:
         return len(self._until)
 
 
-def ca_file_for(site: str, hosts: Sequence[str], overrides: Sequence[SiteOverride],
-                default: str = "") -> str:
-    """The CA file for ``site`` (a key from :func:`cluster.core.sites.site_for`) whose MX host
-    names are ``hosts``: the first [[site]] override that made this site and names a CA file,
-    else ``default`` ("" = the system CAs). Mirrors ``site_for``: a domain override makes the
-    site ``domain:<name>``; an MX-suffix override applies when a host matches it."""
+def site_override(site: str, hosts: Sequence[str], overrides: Sequence[SiteOverride]
+                  ) -> SiteOverride | None:
+    """The [[site]] override that made ``site`` (a key from
+    :func:`cluster.core.sites.site_for`) whose MX host names are ``hosts``, or None. Mirrors
+    ``site_for``: a domain override makes the site ``domain:<name>``; an MX-suffix override
+    applies when a host matches it."""
     if site.startswith("domain:"):
         domain = site[len("domain:"):]
-        for o in overrides:
-            if o.domain == domain:
-                return o.tls_ca_file or default
-        return default
+        return next((o for o in overrides if o.domain == domain), None)
     names = [h.lower().rstrip(".") for h in hosts]
     for o in overrides:
         if o.mx_suffix:
             suffix = o.mx_suffix.lstrip(".*")
             if any(h == suffix or h.endswith("." + suffix) for h in names):
-                return o.tls_ca_file or default
-    return default
+                return o
+    return None
+
+
+def ca_file_for(site: str, hosts: Sequence[str], overrides: Sequence[SiteOverride],
+                default: str = "") -> str:
+    """The CA file for ``site`` whose MX host names are ``hosts``: the [[site]] override that
+    made this site, if it names a CA file, else ``default`` ("" = the system CAs)."""
+    o = site_override(site, hosts, overrides)
+    return (o.tls_ca_file if o is not None else "") or default
+
+
+def mta_sts_applies(site: str, hosts: Sequence[str], overrides: Sequence[SiteOverride],
+                    tls: str) -> bool:
+    """Whether recipient domains' MTA-STS policies govern ``site``: its TLS is the default
+    opportunistic one and no [[site]] entry sets ``tls`` for it (an operator's explicit
+    choice wins over what a domain publishes), and it is reached through MX records (not an
+    address literal nor a [routes] smart host)."""
+    if tls != "opportunistic" or site.startswith(("[", "route:")):
+        return False
+    o = site_override(site, hosts, overrides)
+    return o is None or not o.tls_set
 
 
 def tls_server_name(host: str) -> str:
