@@ -122,8 +122,13 @@ def ensure_coordinator(cfg: Config, shard: int, node: str | None = None,
     return RemoteCoordinator.options(**opts).remote(cfg, shard)
 
 
-def ensure_throttle(cfg: Config, name: str, *, detached: bool = False) -> Any:
+def ensure_throttle(cfg: Config, name: str, *, detached: bool = False,
+                    node: str | None = None) -> Any:
+    """The throttle ``name``; one that does not exist yet starts on ``node`` if given (soft:
+    if that node dies Ray restarts it on another)."""
     opts: dict[str, Any] = dict(name=name, namespace=cfg.cluster.namespace, get_if_exists=True)
+    if node is not None:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
     if detached:
         opts["lifetime"] = "detached"
     return RemoteThrottle.options(**opts).remote(cfg, name)
