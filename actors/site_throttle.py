@@ -177,7 +177,8 @@ class SiteThrottle:
         now = time.time()
         self._expire_shaping(now)
         rows = msgpack.unpackb(demand, raw=False)
-        await self._arrive([(r[0], r[3]) for r in rows], now)
+        if self.pooled and self.view.moving(now):
+            await self._arrive([(r[0], r[3]) for r in rows], now)
         out = {}
         for site, ready, inflight, wire in rows:
             if not self._mine(site):   # moved to another throttle: the asker will learn it

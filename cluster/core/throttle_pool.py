@@ -52,12 +52,17 @@ def pool_names(n: int) -> tuple[str, ...]:
     return tuple(pool_name(k) for k in range(n))
 
 
-@lru_cache(maxsize=1 << 18)
 def pool_owner(site: str, n: int) -> str:
-    """The pool throttle (of ``n``) that is the authority for ``site``. Cached (bounded): a
-    coordinator asks for every site it has mail for in every dispatch round."""
+    """The pool throttle (of ``n``) that is the authority for ``site``."""
     if n == 1:
         return pool_name(0)
+    return _hrw_owner(site, n)
+
+
+@lru_cache(maxsize=1 << 16)
+def _hrw_owner(site: str, n: int) -> str:
+    # cached (bounded, ~8 MiB full): a coordinator asks for every site it has mail for in
+    # every dispatch round, and ranking costs n keyed hashes
     return rank_relays(site, pool_names(n))[0]
 
 
