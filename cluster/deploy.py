@@ -164,8 +164,6 @@ def deploy_throttles(cfg: Config, nodes: list[str], *, detached: bool = False
     view = read_view(cfg)
     want = cfg.delivery.fixed_throttles or max(view.count, auto_count(len(nodes)))
     new_view = view.resized(want, time.time())
-    if new_view != view or view.since == 0.0:
-        publish_view(cfg, new_view)
     names = pool_names(want)
     running: dict[str, Any] = {}
     for name in names:
@@ -179,8 +177,11 @@ def deploy_throttles(cfg: Config, nodes: list[str], *, detached: bool = False
     out = {name: running.get(name) or ensure_throttle(cfg, name, detached=detached,
                                                      node=where.get(name))
            for name in names}
-    # the running ones learn the new size now (new ones read it when they start)
-    ray.get([h.set_pool.remote(new_view.to_wire()) for h in running.values()], timeout=120)
+    # published once every throttle of the new size exists (a leader that reads it at once
+    # finds them all), then every throttle is told (a new one may have read the old size)
+    if new_view != view or view.since == 0.0:
+        publish_view(cfg, new_view)
+    ray.get([h.set_pool.remote(new_view.to_wire()) for h in out.values()], timeout=120)
     return out
 
 
