@@ -262,7 +262,8 @@ class SiteThrottle:
 
     def _export(self, now: float) -> None:
         self._exported = now
-        self.metrics.export(self.book.snapshot(now), self.counters)
+        if self.metrics.enabled:
+            self.metrics.export(self.book.totals(now), self.counters)
 
     async def feedback(self, items: list[Any], view: dict[str, float] | None = None) -> None:
         """Replies from sites: ``(site, kind, text[, egress source])``. Kind "backoff": the

@@ -228,3 +228,15 @@ def test_a_site_handed_to_another_throttle_keeps_its_limits_there():
     # new ids never collide with the old throttle's
     assert not set(held) & set(new.sites["s"].leases) - set(held)
     assert min(set(new.sites["s"].leases) - set(held)) >= 1 << 40
+
+
+def test_totals_count_sites_paused_sites_and_live_leases():
+    b = ThrottleBook(lease_ttl=10.0, backoff=30.0)
+    for s in ("a", "b", "c"):
+        b.grant(0, s, LIM, 1, 0, 0.0)
+    b.acquire("a", LIM, "relay:n:x", "i", 2, 0.0)
+    b.acquire("b", LIM, "relay:n:x", "i", 1, 5.0)
+    b.back_off("c", 0.0)
+    assert b.totals(1.0) == (3, 1, 3)
+    assert b.totals(12.0) == (3, 1, 1)      # a's leases expired (not renewed)
+    assert b.totals(31.0) == (3, 0, 0)
