@@ -45,6 +45,8 @@ def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_li
     from cluster.config import parse_config
     from cluster.deploy import deploy
     from cluster.devservers import SmtpSink
+    import time
+    t0 = time.monotonic()
     saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
     sink = SmtpSink(SINK, 0).start()     # the moved site's MX
     other = SmtpSink(SINK_STAYS, sink.port).start()   # the other site's
@@ -70,7 +72,9 @@ def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_li
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace=cfg.cluster.namespace, log_to_driver=False)
         ns = cfg.cluster.namespace
+        print(f"cluster up {time.monotonic() - t0:.1f}s")
         handles = deploy(cfg)
+        print(f"deployed {time.monotonic() - t0:.1f}s")
         pool = sorted(n for n in handles if n.startswith("throttle:pool:"))
         assert pool == [f"throttle:pool:{k}" for k in range(3)]
         where = _nodes_of(pool, ns)
@@ -84,9 +88,11 @@ def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_li
             assert all(r.accepted for r in mc.submit(msgs[k:k + 400]))
         # mail is flowing at 60/s: a node joins and the deploy runs again mid-stream
         wait_for(lambda: len(sink.received) >= 30, 60, "delivery under way")
+        print(f"flowing {time.monotonic() - t0:.1f}s")
         new = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         handles = deploy(cfg)
+        print(f"redeployed {time.monotonic() - t0:.1f}s")
         pool = sorted(n for n in handles if n.startswith("throttle:pool:"))
         assert pool == [f"throttle:pool:{k}" for k in range(4)]
         after = _nodes_of(pool, ns)
@@ -98,6 +104,7 @@ def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_li
         want = set(rcpts)
         wait_for(lambda: want <= {r.rcpt_to for r in sink.received + other.received}, 120,
                  "every message delivered")
+        print(f"all delivered {time.monotonic() - t0:.1f}s")
         owner = ray.get_actor(pool_owner(f"domain:{MOVED}", 4), namespace=ns)
         old = ray.get_actor(pool_owner(f"domain:{MOVED}", 3), namespace=ns)
         new_stats, old_stats = ray.get([owner.stats.remote(), old.stats.remote()])
