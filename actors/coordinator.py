@@ -844,7 +844,8 @@ class QueueCoordinator:
             self._pool_read = now
             try:
                 self._pool_size = read_view(self.cfg).count
-            except Exception as e:   # the GCS is away for a moment: keep the last size
+            except (ray.exceptions.RayError, RuntimeError, OSError) as e:
+                # the GCS is away for a moment: keep the last size
                 log.warning("reading the throttle pool's size failed: %s", e)
         return self._pool_size
 

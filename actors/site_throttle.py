@@ -419,7 +419,7 @@ class SiteThrottle:
             return await asyncio.wait_for(
                 getattr(self._named(tname), method).remote(*args, **kw),
                 timeout=MOVE_WINDOW / 12)
-        except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
+        except (ray.exceptions.RayError, TimeoutError, ValueError) as e:
             log.warning("%s on %s failed: %s", method, tname, e)
             self._coords.pop(tname, None)
             return None

@@ -26,13 +26,12 @@ import tempfile
 import time
 from typing import Any
 
-from common import _read_stat, machine_info, write_result  # noqa: F401  (sets Ray's env)
+import msgpack
+from common import _read_stat, machine_info, write_result
 
-import msgpack  # noqa: E402
-
-from cluster.core.ratespec import RateSpec  # noqa: E402
-from cluster.core.sites import SiteLimits, limits_to_wire  # noqa: E402
-from cluster.core.throttle import ThrottleBook  # noqa: E402
+from cluster.core.ratespec import RateSpec
+from cluster.core.sites import SiteLimits, limits_to_wire
+from cluster.core.throttle import ThrottleBook
 
 LIMITS = SiteLimits(rates=(RateSpec.parse("100/s"),), max_connections=10,
                     deliveries_per_connection=100)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +101,8 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     check_spool_shards(cfg)
     check_dkim_keys(cfg)   # a bad DKIM key file stops the deploy with the file named
     from actors.remote import (coordinator_name, ensure_coordinator, ensure_exporter,
-                               ensure_relay, ensure_replica, ensure_throttle, relay_name,
-                               replica_name, shard_placement)
+                               ensure_relay, ensure_replica, relay_name, replica_name,
+                               shard_placement)
     handles: dict[str, Any] = {}
     drained = drained_node_ids(cfg)   # `raymta drain`: nothing new goes there
     # a relay per egress source on each node that owns the source's address (its node_label),
@@ -157,7 +158,6 @@ def deploy_throttles(cfg: Config, nodes: list[str], *, detached: bool = False
     throttles (:mod:`actors.throttle_pool`), each new throttle on a node without one first.
     Throttles already running stay where they are; the sites that move to new ones are handed
     over (:mod:`cluster.core.throttle_pool`)."""
-    import time
     from actors.remote import ensure_throttle
     from actors.throttle_pool import publish_view, read_view
     from cluster.core.throttle_pool import auto_count, place_throttles, pool_names

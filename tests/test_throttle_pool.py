@@ -2,8 +2,15 @@
 
 import pytest
 
-from cluster.core.throttle_pool import (AUTO_MAX, MOVE_WINDOW, PoolView, auto_count,
-                                        place_throttles, pool_names, pool_owner)
+from cluster.core.throttle_pool import (
+    AUTO_MAX,
+    MOVE_WINDOW,
+    PoolView,
+    auto_count,
+    place_throttles,
+    pool_names,
+    pool_owner,
+)
 
 SITES = [f"mx{i}.site{i}.test" for i in range(3000)]
 

@@ -39,13 +39,14 @@ def _nodes_of(names: list[str], ns: str) -> dict[str, str]:
 
 def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_limits(
         tmp_path, dns_server):
+    import time
+
     from ray.cluster_utils import Cluster
 
     from cluster.client import MailCluster
     from cluster.config import parse_config
     from cluster.deploy import deploy
     from cluster.devservers import SmtpSink
-    import time
     t0 = time.monotonic()
     saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
     sink = SmtpSink(SINK, 0).start()     # the moved site's MX
