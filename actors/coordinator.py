@@ -59,6 +59,7 @@ from cluster.core.warmup import (DEFAULT, WarmupLedger, grant, home_shard, next_
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
+from cluster.core.throttle_pool import pool_name
 
 __all__ = ["QueueCoordinator"]
 
@@ -168,6 +169,8 @@ class QueueCoordinator:
         self._rate_at = time.monotonic()
         self._relays: list[str] = []
         self._relays_checked = 0.0
+        #: the shared throttle pool's size (actors/throttle_pool.py), read every few seconds
+        self._pool_size, self._pool_read = 1, -1e9
         #: hot sites spread over several relays: which relay gets the odd message next
         self._spread_turn: dict[str, int] = {}
         self._handles: dict[str, Any] = {}
@@ -740,7 +743,7 @@ class QueueCoordinator:
             self._shaped_limits(demand, now)
         # 3. grants, one call per throttle actor; with them, in-flight counts that went down
         # for sites with nothing ready here (ready 0: a report only)
-        shared = self.cfg.delivery.throttle_actors
+        shared = self._throttle_pool()
         by_throttle: dict[str, list[list[Any]]] = {}
         for site, (ready, _domains, info) in demand.items():
             inflight = self._site_inflight.get(site, 0)
@@ -935,6 +938,19 @@ class QueueCoordinator:
         from actors.remote import ensure_throttle
         self._handles[tname] = await asyncio.get_running_loop().run_in_executor(
             None, ensure_throttle, self.cfg, tname)
+
+    def _throttle_pool(self) -> int:
+        """Shared throttles in the pool now (as the last deploy published it)."""
+        from actors.throttle_pool import REFRESH, read_view
+        now = time.time()
+        if now - self._pool_read > REFRESH:
+            self._pool_read = now
+            try:
+                self._pool_size = read_view(self.cfg).count
+            except (ray.exceptions.RayError, RuntimeError, OSError) as e:
+                # the GCS is away for a moment: keep the last size
+                log.warning("reading the throttle pool's size failed: %s", e)
+        return self._pool_size
 
     def _relay_names(self) -> list[str]:
         """The live relays (looked up again every 10 s, or after a relay was lost)."""
@@ -1220,10 +1236,10 @@ class QueueCoordinator:
     async def _resolve(self, domains: list[str]) -> None:
         """Resolve ``domains`` through their throttles (concurrently across throttles, in
         chunks), waking dispatch as each chunk's routes arrive."""
-        shared = self.cfg.delivery.throttle_actors
+        shared = self._throttle_pool()
         groups: dict[str, list[str]] = {}
-        for d in domains:
-            groups.setdefault(f"throttle:pool:{stable_hash(d) % shared}", []).append(d)
+        for d in domains:   # any pool throttle resolves any domain: spread by domain
+            groups.setdefault(pool_name(stable_hash(d) % shared), []).append(d)
         # a chunk may wait behind ~max_concurrent-sized waves of lookups at the throttle
         waves = -(-self.RESOLVE_CHUNK * 3 // self.cfg.dns.max_concurrent)
         call_timeout = self.cfg.dns.timeout * (3 + waves) + 5

@@ -267,13 +267,15 @@ class ThrottleMetrics(_Base):
                              "sites paused after a reply asked to slow down", ("throttle",))
         self._last: dict[str, int] = {}
 
-    def export(self, snap: dict[str, dict], counters: dict[str, int]) -> None:
+    def export(self, totals: tuple[int, int, int], counters: dict[str, int]) -> None:
+        """``totals``: sites, paused sites, leases (ThrottleBook.totals)."""
         if not self.enabled:
             return
         t = self.tags
-        self.sites.set(len(snap), t)
-        self.paused.set(sum(1 for s in snap.values() if s["backoff_remaining"] > 0), t)
-        self.leases.set(sum(s["connections"] for s in snap.values()), t)
+        sites, paused, leases = totals
+        self.sites.set(sites, t)
+        self.paused.set(paused, t)
+        self.leases.set(leases, t)
         for key, metric in (("granted", self.granted), ("suspensions", self.suspensions)):
             d = counters.get(key, 0) - self._last.get(key, 0)
             if d > 0:

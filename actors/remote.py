@@ -122,8 +122,21 @@ def ensure_coordinator(cfg: Config, shard: int, node: str | None = None,
     return RemoteCoordinator.options(**opts).remote(cfg, shard)
 
 
-def ensure_throttle(cfg: Config, name: str, *, detached: bool = False) -> Any:
+#: memory a SiteThrottle process takes, about (its scheduling request when it is placed)
+THROTTLE_MEMORY = 50 << 20
+
+
+def ensure_throttle(cfg: Config, name: str, *, detached: bool = False,
+                    node: str | None = None) -> Any:
+    """The throttle ``name``; one that does not exist yet starts on ``node`` if given (soft:
+    if that node dies Ray restarts it on another)."""
     opts: dict[str, Any] = dict(name=name, namespace=cfg.cluster.namespace, get_if_exists=True)
+    if node is not None:
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=True)
+        # an actor that asks for no resource at all is put on any node, soft affinity or not
+        # (Ray 2.60, 3-node cluster_utils: 2 of 3 throttles on the wrong node); asking for the
+        # memory a throttle process takes makes the scheduler honour the preferred node
+        opts["memory"] = THROTTLE_MEMORY
     if detached:
         opts["lifetime"] = "detached"
     return RemoteThrottle.options(**opts).remote(cfg, name)

@@ -17,6 +17,14 @@ makes the SiteSuspended / SiteShaped event, and a shard leader that restarts kee
 restarted throttle recovers the actions of its sites from the shards (``shaping_state``) on its
 first call, so a suspension neither ends early nor loses its expiry event. When an action runs
 out, the throttle that holds it records its end (SiteResumed / SiteShapingEnded).
+
+A pool throttle is the authority only for the sites the pool's published size gives it
+(:mod:`cluster.core.throttle_pool`). When the size changes, a site that moved here is first
+taken from its previous throttle (:meth:`hand_over`, one call per previous throttle for all
+the sites of a call), and the previous throttle refuses it grants and leases and forwards the
+relays' renewals, releases and feedback for it here, until relays and coordinators all name
+the new throttle. Idle sites' books are evicted (``delivery.throttle_site_idle``), so the
+throttle's memory follows the sites with mail, not all the sites ever seen.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import asyncio
 import ipaddress
 import logging
 import os
+import random
 import threading
 import time
 from collections import deque
@@ -37,8 +46,9 @@ from cluster.adapters.dns import DnsFailure, MxResolver, Route
 from cluster.config import Config
 from cluster.core.replies import parse_reply
 from cluster.core.shaping import Action, ShapingEngine
-from cluster.core.sites import SiteLimits, limits_from_wire, throttle_actor_name
+from cluster.core.sites import SiteLimits, limits_from_wire
 from cluster.core.throttle import ThrottleBook
+from cluster.core.throttle_pool import MOVE_WINDOW, PoolView
 
 log = logging.getLogger("raymta.throttle")
 
@@ -58,7 +68,16 @@ class SiteThrottle:
         sh = config.shaping
         self.shaping = ShapingEngine(sh.rules, sh.max_keys) if sh.enabled else None
         self.book = ThrottleBook(lease_ttl=d.lease_ttl, backoff=d.site_backoff,
-                                 backoff_max=d.site_backoff_max, shaping=self.shaping)
+                                 backoff_max=d.site_backoff_max, idle_evict=d.throttle_site_idle,
+                                 max_sites=d.throttle_max_sites, shaping=self.shaping,
+                                 first_lease_id=1 + random.getrandbits(48))
+        self.pooled = name.startswith("throttle:pool:")
+        from actors.throttle_pool import read_view
+        self.view: PoolView = read_view(config)
+        #: sites taken over from their previous throttle since the pool last changed size
+        #: (cleared when the move window ends: bounded by the sites that moved)
+        self._taken: set[str] = set()
+        self._taking = asyncio.Lock()
         #: shaping actions fired / ended here, newest last (bounded)
         self.shaping_events: deque[dict[str, Any]] = deque(maxlen=_EVENTS_KEPT)
         #: rule firings by (rule, provider): bounded by the number of rules × providers
@@ -72,7 +91,7 @@ class SiteThrottle:
         self.started = time.time()
         #: calls served, per method (operators: what the throttle spends its time on)
         self.calls = dict.fromkeys(("resolve", "grant", "acquire", "release", "renew",
-                                    "feedback", "shaping_records"), 0)
+                                    "feedback", "shaping_records", "hand_over", "forwarded"), 0)
         from actors.metrics import ThrottleMetrics
         self.metrics = ThrottleMetrics(name, config.metrics.enabled)
         #: messages granted and sites paused by a reply, ever (the exporter reads them)
@@ -157,11 +176,18 @@ class SiteThrottle:
         await self._shaping_ready()
         now = time.time()
         self._expire_shaping(now)
+        rows = msgpack.unpackb(demand, raw=False)
+        if self.pooled and self.view.moving(now):
+            await self._arrive([(r[0], r[3]) for r in rows], now)
         out = {}
-        for site, ready, inflight, wire in msgpack.unpackb(demand, raw=False):
+        for site, ready, inflight, wire in rows:
+            if not self._mine(site):   # moved to another throttle: the asker will learn it
+                out[site] = (0, now + 1.0)
+                continue
             g = self.book.grant(shard, site, limits_from_wire(wire), ready, inflight, now)
             out[site] = (g.count, g.retry_after)
             self.counters["granted"] += g.count
+        self.book.evict(now)
         if now - self._exported > 1.0:   # gauges and counters, once a second at most
             self._export(now)
         return out
@@ -176,46 +202,87 @@ class SiteThrottle:
         self.calls["acquire"] += 1
         await self._shaping_ready()
         now = time.time()
+        req = msgpack.unpackb(request, raw=False)
+        await self._arrive([(site, wire) for site, (wire, _) in req.items()], now)
         out = {}
-        for site, (wire, n) in msgpack.unpackb(request, raw=False).items():
+        for site, (wire, n) in req.items():
+            # a site that moved away: none here (the relay's next batch names its throttle)
             out[site] = self.book.acquire(site, limits_from_wire(wire), pool, incarnation, n,
-                                          now)
+                                          now) if self._mine(site) else []
         return out
 
-    async def release(self, leases: dict[str, list[int]]) -> None:
-        """Give back leases, ``{site: [lease ids]}``, several sites in one call."""
+    async def release(self, leases: dict[str, list[int]],
+                      view: dict[str, float] | None = None) -> None:
+        """Give back leases, ``{site: [lease ids]}``, several sites in one call. (``view``:
+        the pool's size, from a throttle that forwards this call.)"""
         self.calls["release"] += 1
+        if view is not None:
+            self._adopt_view(PoolView.from_wire(view))
+        away: dict[str, dict[str, list[int]]] = {}
         for site, ids in leases.items():
             self.book.release(site, ids)
+            if not self._mine(site):
+                away.setdefault(self.view.owner(site), {})[site] = ids
+        for owner, part in away.items():   # it may have been handed over with the site
+            await self._forward(owner, "release", part, view=self.view.to_wire())
 
     async def renew(self, pool: str, incarnation: str,
-                    held: dict[str, tuple[SiteLimits, list[int]]]) -> dict[str, list[int]]:
+                    held: dict[str, tuple[SiteLimits, list[int]]],
+                    view: dict[str, float] | None = None) -> dict[str, list[int]]:
         self.calls["renew"] += 1
+        if view is not None:
+            self._adopt_view(PoolView.from_wire(view))
         await self._shaping_ready()
         now = time.time()
         self._expire_shaping(now)
+        from cluster.core.sites import limits_to_wire
+        await self._arrive([(site, limits_to_wire(lim)) for site, (lim, _) in held.items()], now)
         self.book.bump_ids(i for _, ids in held.values() for i in ids)
-        refused = {}
+        refused: dict[str, list[int]] = {}
+        away: dict[str, dict[str, tuple[SiteLimits, list[int]]]] = {}
         for site, (limits, ids) in held.items():
+            if not self._mine(site):
+                if self.view.moving(now):   # the new owner holds the site's leases now
+                    away.setdefault(self.view.owner(site), {})[site] = (limits, ids)
+                else:   # nobody moved it here: close those connections (never over a limit)
+                    refused[site] = list(ids)
+                continue
             r = self.book.renew(site, limits, pool, incarnation, ids, now)
             if r:
                 refused[site] = r
-        self.book.forget_idle(now)
+        for owner, part in away.items():
+            got = await self._forward(owner, "renew", pool, incarnation, part,
+                                      view=self.view.to_wire())
+            if got is None:   # the owner did not answer: the relay renews again soon
+                continue
+            refused.update(got)
+        self.book.evict(now)
         self._export(now)
         return refused
 
     def _export(self, now: float) -> None:
         self._exported = now
-        self.metrics.export(self.book.snapshot(now), self.counters)
+        if self.metrics.enabled:
+            self.metrics.export(self.book.totals(now), self.counters)
 
-    async def feedback(self, items: list[Any]) -> None:
+    async def feedback(self, items: list[Any], view: dict[str, float] | None = None) -> None:
         """Replies from sites: ``(site, kind, text[, egress source])``. Kind "backoff": the
         reply asked the whole site to slow down; kind "reply": a remote reply that was not a
         delivery (text: the reply line, code first), for the shaping rules."""
         self.calls["feedback"] += 1
+        if view is not None:
+            self._adopt_view(PoolView.from_wire(view))
         await self._shaping_ready()
         now = time.time()
+        away: dict[str, list[Any]] = {}
+        for item in items:
+            if not self._mine(item[0]):
+                away.setdefault(self.view.owner(item[0]), []).append(item)
+        for owner, part in away.items():
+            await self._forward(owner, "feedback", part, view=self.view.to_wire())
         for site, kind, text, *rest in items:
+            if away and not self._mine(site):
+                continue
             if kind == "reply":
                 if self.shaping is not None:
                     r = parse_reply(text)
@@ -253,7 +320,7 @@ class SiteThrottle:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    def _coordinator(self, name: str) -> Any:
+    def _named(self, name: str) -> Any:
         h = self._coords.get(name)
         if h is None:
             import ray
@@ -268,7 +335,7 @@ class SiteThrottle:
             failed = []
             for name in pending:
                 try:
-                    await asyncio.wait_for(self._coordinator(name).shaping.remote(
+                    await asyncio.wait_for(self._named(name).shaping.remote(
                         a.key, until, a.to_wire()), timeout=10)
                     self.calls["shaping_records"] += 1
                 except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
@@ -283,9 +350,79 @@ class SiteThrottle:
 
     def _mine(self, site: str) -> bool:
         """Is this throttle the authority for ``site``? (shared pool or dedicated)"""
-        if self.name == f"throttle:{site}":
-            return True
-        return self.name == throttle_actor_name(site, False, self.cfg.delivery.throttle_actors)
+        if not self.pooled:
+            return self.name == f"throttle:{site}"
+        return self.name == self.view.owner(site)
+
+    # ------------------------------------------------------------------ moving sites
+    async def set_pool(self, view: dict[str, float]) -> None:
+        """The pool's new size (the deploy tells every running pool throttle)."""
+        self._adopt_view(PoolView.from_wire(view))
+
+    def _adopt_view(self, view: PoolView) -> None:
+        if view.since > self.view.since:
+            self.view = view
+            self._taken.clear()
+
+    async def node(self) -> str:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
+    async def hand_over(self, sites: list[str], view: dict[str, float]) -> bytes:
+        """The books of ``sites``, which moved to the asking throttle (msgpack ``{site:
+        book}``, :meth:`ThrottleBook.hand_over`). From now on this throttle refuses them grants
+        and leases and forwards what relays still send here for them."""
+        self.calls["hand_over"] += 1
+        self._adopt_view(PoolView.from_wire(view))
+        now = time.time()
+        out = {}
+        for site in sites:
+            if self._mine(site):   # not moved by the view we hold: keep it
+                continue
+            b = self.book.hand_over(site, now)
+            if b is not None:
+                out[site] = b
+        return msgpack.packb(out, use_bin_type=True)
+
+    async def _arrive(self, sites: list[tuple[str, Any]], now: float) -> None:
+        """Take the books of sites that moved here from their previous throttle, once, before
+        any grant or lease for them (``sites``: ``[(site, limits wire)]`` of a call)."""
+        if not self.pooled or not self.view.moving(now):
+            if self._taken:
+                self._taken.clear()
+            return
+        todo = {s: w for s, w in sites if s not in self._taken and self._mine(s)
+                and self.view.previous_owner(s, now) is not None}
+        if not todo:
+            return
+        async with self._taking:
+            by_prev: dict[str, list[str]] = {}
+            for s in todo:
+                if s not in self._taken:
+                    prev = self.view.previous_owner(s, now)
+                    assert prev is not None
+                    by_prev.setdefault(prev, []).append(s)
+            for prev, part in by_prev.items():
+                got = await self._forward(prev, "hand_over", part, self.view.to_wire())
+                books = msgpack.unpackb(got, raw=False) if got is not None else {}
+                for s in part:
+                    if s in books:
+                        self.book.take_over(s, limits_from_wire(todo[s]), books[s], now)
+                    self._taken.add(s)
+
+    async def _forward(self, tname: str, method: str, *args: Any, **kw: Any) -> Any:
+        """Call another throttle (a site's new or previous owner); None if it does not
+        answer in time (the caller goes on as after a restart of that throttle)."""
+        import ray
+        self.calls["forwarded"] += 1
+        try:
+            return await asyncio.wait_for(
+                getattr(self._named(tname), method).remote(*args, **kw),
+                timeout=MOVE_WINDOW / 12)
+        except (ray.exceptions.RayError, TimeoutError, ValueError) as e:
+            log.warning("%s on %s failed: %s", method, tname, e)
+            self._coords.pop(tname, None)
+            return None
 
     async def _shaping_ready(self) -> None:
         """After a (re)start: adopt the actions in force for this throttle's sites from the
@@ -306,7 +443,7 @@ class SiteThrottle:
         for s in range(self.cfg.queue.shards):
             try:
                 rows = await asyncio.wait_for(
-                    self._coordinator(f"coordinator:{s}").shaping_state.remote(), timeout=10)
+                    self._named(f"coordinator:{s}").shaping_state.remote(), timeout=10)
             except (ray.exceptions.RayError, asyncio.TimeoutError, ValueError) as e:
                 log.warning("shaping recovery from coordinator:%d failed: %s", s, e)
                 continue

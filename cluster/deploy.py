@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import ray
 
 from cluster.config import Config, ConfigError, check_dkim_keys
 
-__all__ = ["LOOPBACK_ENV", "NoCluster", "deploy", "deploy_ingress", "find_cluster",
+__all__ = ["LOOPBACK_ENV", "NoCluster", "deploy", "deploy_ingress", "deploy_throttles", "find_cluster",
            "init_local_ray", "join_with_token", "start_head", "wait_ready"]
 
 from cluster.connect import LOOPBACK_ENV, NoCluster, find_cluster, start_head  # noqa: F401
@@ -100,18 +101,16 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     check_spool_shards(cfg)
     check_dkim_keys(cfg)   # a bad DKIM key file stops the deploy with the file named
     from actors.remote import (coordinator_name, ensure_coordinator, ensure_exporter,
-                               ensure_relay, ensure_replica, ensure_throttle, relay_name,
-                               replica_name, shard_placement)
+                               ensure_relay, ensure_replica, relay_name, replica_name,
+                               shard_placement)
     handles: dict[str, Any] = {}
     drained = drained_node_ids(cfg)   # `raymta drain`: nothing new goes there
-    for k in range(cfg.delivery.throttle_actors):
-        name = f"throttle:pool:{k}"
-        handles[name] = ensure_throttle(cfg, name, detached=detached)
     # a relay per egress source on each node that owns the source's address (its node_label),
     # none on a node being drained
     from cluster.core.relay_choice import NodeInfo, source_nodes
     live = [NodeInfo.from_ray(n) for n in ray.nodes()
             if n.get("Alive") and n["NodeID"] not in drained]
+    handles.update(deploy_throttles(cfg, [n.node_id for n in live], detached=detached))
     for src in cfg.egress:
         owners = source_nodes(src.node_label, live)
         if not owners:
@@ -150,6 +149,40 @@ def deploy(cfg: Config, *, detached: bool = False) -> dict[str, Any]:
     if cfg.ingress.enabled:
         handles.update(deploy_ingress(cfg, detached=detached))
     return handles
+
+
+def deploy_throttles(cfg: Config, nodes: list[str], *, detached: bool = False
+                     ) -> dict[str, Any]:
+    """The shared throttle pool: its size (``delivery.throttle_actors``; "auto": one per node
+    in ``nodes``, never fewer than are running), published for the coordinators and
+    throttles (:mod:`actors.throttle_pool`), each new throttle on a node without one first.
+    Throttles already running stay where they are; the sites that move to new ones are handed
+    over (:mod:`cluster.core.throttle_pool`)."""
+    from actors.remote import ensure_throttle
+    from actors.throttle_pool import publish_view, read_view
+    from cluster.core.throttle_pool import auto_count, place_throttles, pool_names
+    view = read_view(cfg)
+    want = cfg.delivery.fixed_throttles or max(view.count, auto_count(len(nodes)))
+    new_view = view.resized(want, time.time())
+    names = pool_names(want)
+    running: dict[str, Any] = {}
+    for name in names:
+        try:
+            running[name] = ray.get_actor(name, namespace=cfg.cluster.namespace)
+        except ValueError:
+            pass
+    placed = dict(zip(running, ray.get([h.node.remote() for h in running.values()],
+                                       timeout=120)))
+    where = place_throttles(names, nodes, placed) if nodes else {}
+    out = {name: running.get(name) or ensure_throttle(cfg, name, detached=detached,
+                                                     node=where.get(name))
+           for name in names}
+    # published once every throttle of the new size exists (a leader that reads it at once
+    # finds them all), then every throttle is told (a new one may have read the old size)
+    if new_view != view or view.since == 0.0:
+        publish_view(cfg, new_view)
+    ray.get([h.set_pool.remote(new_view.to_wire()) for h in out.values()], timeout=120)
+    return out
 
 
 def deploy_ingress(cfg: Config, *, detached: bool = False, timeout: float = 120.0

@@ -14,7 +14,8 @@ def test_defaults_follow_the_design_card():
     assert c.site_defaults.rates == (RateSpec.parse("100/s"),)
     assert c.delivery.smtp_port == 25
     assert c.egress[0].name == "default"
-    assert c.delivery.throttle_actors == 1
+    assert c.delivery.throttle_actors == "auto" and c.delivery.fixed_throttles is None
+    assert parse_config({"delivery": {"throttle_actors": 3}}).delivery.fixed_throttles == 3
 
 
 def test_full_config_parses_to_typed_values(tmp_path):
@@ -93,6 +94,10 @@ rate = "5/m"
     ({"replication": {"transport": "carrier-pigeon"}}, "replication.transport", "carrier-pigeon"),
     ({"backup": {"keep": 0}}, "backup.keep", ""),
     ({"spool": {"per_node": 1}}, "spool.per_node", "true or false"),
+    ({"delivery": {"throttle_actors": "many"}}, "delivery.throttle_actors", '"auto"'),
+    ({"delivery": {"throttle_actors": 0}}, "delivery.throttle_actors", "between"),
+    ({"delivery": {"throttle_max_sites": 5}}, "delivery.throttle_max_sites", ">= 100"),
+    ({"delivery": {"throttle_site_idle": "a while"}}, "delivery.throttle_site_idle", "a while"),
 ])
 def test_bad_values_name_the_key_and_the_problem(raw, key, words):
     with pytest.raises(ConfigError) as ei:

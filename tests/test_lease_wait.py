@@ -29,7 +29,7 @@ def test_relay_gives_messages_back_when_no_connection_slot_comes(tmp_path, dns_s
                       delivery=replace(base.delivery, lease_ttl=60.0))
         with MailCluster.connect(config=cfg, num_cpus=2) as mc:
             limits = one[0].limits
-            name = throttle_actor_name("domain:busy.test", False, cfg.delivery.throttle_actors)
+            name = throttle_actor_name("domain:busy.test", False, cfg.delivery.fixed_throttles or 1)
             throttle = ray.get_actor(name, namespace="raymta")
             # someone else (another relay, say) holds the site's only connection
             req = msgpack.packb({"domain:busy.test": [limits_to_wire(limits), 1]})

@@ -84,7 +84,7 @@ def _submit(mc, tag: str, n: int) -> set[str]:
 
 
 def _throttle(mc, cfg):
-    name = throttle_actor_name(SITE, False, cfg.delivery.throttle_actors)
+    name = throttle_actor_name(SITE, False, cfg.delivery.fixed_throttles or 1)
     return name, ray.get_actor(name, namespace=cfg.cluster.namespace)
 
 

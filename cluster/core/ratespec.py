@@ -277,6 +277,10 @@ class Gcra:
             at = math.nextafter(at, math.inf)
         return at - now
 
+    def idle(self, now: float) -> bool:
+        """Nothing outstanding at ``now``: a fresh limiter would behave the same."""
+        return self._outstanding(now) <= 0.0
+
     def __repr__(self) -> str:
         return f"Gcra({str(self.spec)!r}, backlog={self._backlog:.3f} at {self._anchor})"
 
@@ -313,6 +317,22 @@ class MultiLimiter:
     def wait_time(self, now: float) -> float:
         """Seconds until every member allows at least one more event."""
         return max((g.wait_time(now) for g in self.members), default=0.0)
+
+    def idle(self, now: float) -> bool:
+        """Every member idle: dropping this limiter and building it again loses nothing."""
+        return all(g.idle(now) for g in self.members)
+
+    def state(self) -> list[list[float]]:
+        """Each member's ``[anchor, backlog]`` (to hand a site to another throttle)."""
+        return [[g._anchor, g._backlog] for g in self.members]
+
+    def restore(self, state: list[list[float]]) -> None:
+        """Take over :meth:`state` of a limiter of the same specs."""
+        if len(state) != len(self.members):
+            raise ValueError(f"limiter state of {len(state)} members for "
+                             f"{len(self.members)}")
+        for g, (anchor, backlog) in zip(self.members, state):
+            g._anchor, g._backlog = float(anchor), float(backlog)
 
     def __repr__(self) -> str:
         return f"MultiLimiter({self.members!r})"

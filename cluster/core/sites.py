@@ -134,7 +134,9 @@ def throttle_actor_name(site: str, dedicated: bool, shared_actors: int) -> str:
     """The SiteThrottle actor that is the authority for ``site``.
 
     Hot (dedicated) sites have their own actor, named after the site so the dashboard shows it;
-    the long tail is hashed over a fixed pool, since every actor process costs ~50 MiB."""
+    the long tail is hashed (rendezvous) over the pool of ``shared_actors``, since every actor
+    process costs ~50 MiB (:mod:`cluster.core.throttle_pool`)."""
     if dedicated:
         return f"throttle:{site}"
-    return f"throttle:pool:{stable_hash(site) % shared_actors}"
+    from cluster.core.throttle_pool import pool_owner
+    return pool_owner(site, shared_actors)

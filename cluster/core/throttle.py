@@ -8,6 +8,18 @@ coordinators report their absolute in-flight counts with every grant request, so
 A shard that stops asking (nothing more ready for the site) stops reporting: its last count is
 forgotten after ``report_ttl``, so it can never hold the other shards back for good.
 
+Bounded memory: the books are kept in least-recently-used order. A site unused for
+``idle_evict`` seconds whose book holds nothing real (no lease, nothing in flight, no backoff in
+force or remembered, a rate limiter with nothing outstanding) is dropped; a book rebuilt for it
+later from the limits the next call carries behaves exactly the same. Above ``max_sites`` books
+the least recently used such sites go early (their limiter may then forget part of a burst:
+the safety valve, never reached with the defaults). Each call evicts at most a few hundred
+books, so the work is spread over the calls that made them. Shaping actions (the durable
+part) are kept by the engine, not the books: eviction never lifts a suspension.
+
+Moving a site to another throttle (:mod:`cluster.core.throttle_pool`): :meth:`hand_over` takes
+a site's book out of this one as plain data and :meth:`take_over` puts it into another.
+
 Adaptive shaping: with a :class:`cluster.core.shaping.ShapingEngine`, a site (or a site from one
 egress source) that a rule suspended gets no grants and no leases until the rule ends, and a
 site a rule gave lower limits is granted and leased under those. The engine's actions are hard
@@ -17,14 +29,15 @@ state kept elsewhere (pause records on the shards); the book only applies them.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 from cluster.core.ratespec import Gcra, MultiLimiter
 from cluster.core.shaping import ShapingEngine
 from cluster.core.sites import SiteLimits
 
-__all__ = ["ThrottleBook", "SiteBook", "Grant", "max_inflight", "ideal_connections",
+__all__ = ["ThrottleBook", "EVICT_BATCH", "SiteBook", "Grant", "max_inflight", "ideal_connections",
            "round_interval", "QUEUED_PER_CONNECTION", "MAX_ROUND_INTERVAL"]
 
 #: a site gets another connection for every this many messages queued for it at a relay (up to
@@ -33,6 +46,9 @@ __all__ = ["ThrottleBook", "SiteBook", "Grant", "max_inflight", "ideal_connectio
 #: messages in the bench's 100-domain mix (907 connections for 3,898 messages, each a lease, a
 #: release, a connect and an EHLO).
 QUEUED_PER_CONNECTION = 20
+
+#: books looked at for eviction per call at most (the work is spread over the calls)
+EVICT_BATCH = 256
 
 #: longest pause between a shard's dispatch rounds while relays hold its mail
 MAX_ROUND_INTERVAL = 0.25
@@ -88,16 +104,22 @@ class SiteBook:
 
 class ThrottleBook:
     def __init__(self, *, lease_ttl: float = 20.0, backoff: float = 30.0,
-                 backoff_max: float = 600.0, idle_forget: float = 3600.0,
-                 report_ttl: float = 5.0, shaping: ShapingEngine | None = None) -> None:
-        self.sites: dict[str, SiteBook] = {}
+                 backoff_max: float = 600.0, idle_evict: float = 300.0,
+                 max_sites: int = 200_000, report_ttl: float = 5.0,
+                 shaping: ShapingEngine | None = None, first_lease_id: int = 1) -> None:
+        #: site books, least recently used first
+        self.sites: OrderedDict[str, SiteBook] = OrderedDict()
         self.shaping = shaping
         self.report_ttl = report_ttl
         self.lease_ttl = lease_ttl
         self.backoff = backoff
         self.backoff_max = backoff_max
-        self.idle_forget = idle_forget
-        self._ids = itertools.count(1)
+        self.idle_evict = idle_evict
+        self.max_sites = max_sites
+        #: lease ids are unique per throttle: start each throttle's at its own (random) base so
+        #: leases a relay holds from two throttles (a site that moved) never share an id
+        self._ids = itertools.count(first_lease_id)
+        self.evicted = 0
 
     def _site(self, site: str, limits: SiteLimits, now: float) -> SiteBook:
         b = self.sites.get(site)
@@ -108,6 +130,7 @@ class ThrottleBook:
                 b.inflight, b.leases, b.waiting = old.inflight, old.leases, old.waiting
                 b.backoff_until, b.backoff_level = old.backoff_until, old.backoff_level
             self.sites[site] = b
+        self.sites.move_to_end(site)
         b.last_used = now
         return b
 
@@ -255,14 +278,79 @@ class ThrottleBook:
         b.backoff_until = now + delay
         return b.backoff_until
 
-    def forget_idle(self, now: float) -> int:
-        """Drop books of sites unused for a long time (bounded memory for the long tail)."""
-        idle = [s for s, b in self.sites.items()
-                if now - b.last_used > self.idle_forget and not b.leases
-                and not self.site_inflight(b, now)]
-        for s in idle:
-            del self.sites[s]
-        return len(idle)
+    def evictable(self, b: SiteBook, now: float) -> bool:
+        """Nothing in the book that a rebuilt one would not have."""
+        self._expire_leases(b, now)
+        # a backoff is remembered for its doubling until 2 x backoff_max after it (back_off)
+        return (not b.leases and not self.site_inflight(b, now) and now >= b.backoff_until
+                and (b.backoff_level == 0 or now - b.last_backoff > 2 * self.backoff_max)
+                and b.limiter.idle(now))
+
+    def evict(self, now: float, batch: int = EVICT_BATCH) -> int:
+        """Drop books of idle sites, least recently used first, looking at ``batch`` at most;
+        above ``max_sites``, books with nothing live go early. Returns how many went."""
+        gone = 0
+        for _ in range(min(batch, len(self.sites))):
+            site, b = next(iter(self.sites.items()))
+            over = len(self.sites) > self.max_sites
+            if not over and now - b.last_used <= self.idle_evict:
+                break   # least recently used first: the rest are younger
+            if self.evictable(b, now) or (over and not b.leases
+                                          and not self.site_inflight(b, now)):
+                del self.sites[site]
+                gone += 1
+            else:   # still holds something real: look again after the younger ones
+                self.sites.move_to_end(site)
+        self.evicted += gone
+        return gone
+
+    # ------------------------------------------------------------------ moving a site
+    def hand_over(self, site: str, now: float) -> list[Any] | None:
+        """Take ``site``'s book out (it moves to another throttle): plain data for
+        :meth:`take_over`, or None when this throttle holds nothing for it."""
+        b = self.sites.pop(site, None)
+        if b is None:
+            return None
+        self._expire_leases(b, now)
+        self.site_inflight(b, now)
+        return [[str(r) for r in b.limits.rates], b.limiter.state(),
+                [[lid, p, inc, exp] for lid, (p, inc, exp) in b.leases.items()],
+                [[sh, n, t] for sh, (n, t) in b.inflight.items()],
+                b.backoff_until, b.backoff_level, b.last_backoff, b.granted,
+                [[p, t] for p, t in b.waiting.items()]]
+
+    def take_over(self, site: str, limits: SiteLimits, wire: list[Any], now: float) -> SiteBook:
+        """Adopt a site's book handed over by its previous throttle (:meth:`hand_over`),
+        merged with what this one already holds for it (leases adopted by a renewal)."""
+        rates, limiter, leases, inflight, b_until, b_level, b_last, granted, waiting = wire
+        b = self._site(site, limits, now)
+        if rates == [str(r) for r in limits.rates]:
+            b.limiter.restore(limiter)
+        for lid, p, inc, exp in leases:
+            b.leases.setdefault(lid, (p, inc, exp))
+        for sh, n, t in inflight:
+            if sh not in b.inflight or b.inflight[sh][1] < t:
+                b.inflight[sh] = (n, t)
+        b.backoff_until = max(b.backoff_until, b_until)
+        b.backoff_level = max(b.backoff_level, b_level)
+        b.last_backoff = max(b.last_backoff, b_last)
+        b.granted += granted
+        for p, t in waiting:
+            b.waiting[p] = max(b.waiting.get(p, 0.0), t)
+        self.bump_ids(lid for lid, *_ in leases)
+        return b
+
+    def totals(self, now: float) -> tuple[int, int, int]:
+        """``(sites, sites paused by backoff, live connection leases)``: what the metrics
+        show, without a dict per site (:meth:`snapshot` of 100,000 sites once a second was
+        most of a throttle's CPU in bench/throttle_grant.py)."""
+        paused = leases = 0
+        for b in self.sites.values():
+            if b.backoff_until > now:
+                paused += 1
+            if b.leases:
+                leases += sum(1 for _, _, exp in b.leases.values() if exp > now)
+        return len(self.sites), paused, leases
 
     def snapshot(self, now: float) -> dict[str, dict]:
         out = {}
