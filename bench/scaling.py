@@ -26,7 +26,7 @@ if __package__ in (None, ""):
 
 from bench import common as c
 
-__all__ = ["main", "run_on_nodes"]
+__all__ = ["idle_cpu", "main", "model", "run_on_nodes"]
 
 #: Ray records the last head it started here; ``address="auto"`` reads it. Put it back after.
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
@@ -36,7 +36,8 @@ WARNING = ("All nodes share ONE machine with 2 cores: more nodes means more proc
 
 
 def run_on_nodes(nodes: int, n: int, *, cpus_per_node: int = 2, timeout: float = 600.0,
-                 receiver: str = "auto", progress: bool = True) -> dict[str, Any]:
+                 receiver: str = "auto", progress: bool = True,
+                 idle_seconds: float = 10.0) -> dict[str, Any]:
     """Deliver ``n`` messages with raymta deployed on a ``nodes``-node local Ray cluster."""
     import ray
     from ray.cluster_utils import Cluster
@@ -67,12 +68,13 @@ def run_on_nodes(nodes: int, n: int, *, cpus_per_node: int = 2, timeout: float =
         mc = MailCluster(cfg, coords, handles=handles)
         startup = time.time() - t
         alive = sum(1 for nd in ray.nodes() if nd.get("Alive"))
+        idle = idle_cpu(idle_seconds)
         res = c.drive_raymta(mc, workload, recv, timeout=timeout, progress=progress,
                              label=f"raymta x{nodes} nodes")
         relays = {name: ray.get(h.stats.remote()) for name, h in handles.items()
                   if name.startswith("relay:")}
         res.update(ray_nodes=alive, cluster_address=cluster.address,
-                   startup_seconds=round(startup, 2),
+                   startup_seconds=round(startup, 2), idle_cpu=idle,
                    relay_delivered={k: v.get("delivered") for k, v in relays.items()},
                    relay_connections={k: v.get("connections") for k, v in relays.items()})
         rate = res.get("delivered_per_s")
@@ -88,6 +90,85 @@ def run_on_nodes(nodes: int, n: int, *, cpus_per_node: int = 2, timeout: float =
             dns.stop()
         recv.stop()
         shutil.rmtree(spool, ignore_errors=True)
+
+
+def idle_cpu(seconds: float) -> dict[str, Any]:
+    """CPU of this process's Ray processes over ``seconds`` with raymta deployed and no mail:
+    what the nodes cost before any message moves (cores busy, and by process name)."""
+    import os
+    me = os.getpid()
+    meter = c.CpuMeter(lambda: [p.pid for p in c.all_procs().values() if p.ppid == me]).start()
+    time.sleep(seconds)
+    out = meter.stop()
+    return {"seconds": seconds, "cores": round(out["total_s"] / seconds, 4),
+            "by_process": out["by_process"]}
+
+
+#: actor kinds in ``cpu_by_process`` (Ray names processes ``ray::<Class>``, cut at 15 chars)
+KINDS = {"relay": "ray::RelayPool", "leader": "ray::QueueCoord", "copy": "ray::ReplicaLog",
+         "throttle": "ray::SiteThrott", "gcs": "gcs_server"}
+
+
+def model(results: list[dict[str, Any]], cores: int = 2, shards: int = 2,
+          copies: int = 3) -> dict[str, Any]:
+    """The scale-out model (bench/README.md, "Scaling out"), from the 1-node run.
+
+    - **One box** (what the 2- and 3-node runs check): every node's processes share the same
+      ``cores``. A node added takes its idle cost out of them, and the work per message stays
+      the same, so ``R(N) = R(1) - (idle(N) - idle(1)) / c`` with ``c`` the CPU per message.
+    - **N real machines of K cores**: each process kind is capped by its own CPU per message,
+      one core per process (Python): a relay per node, a leader per shard, two copies per shard
+      (each takes every record of its shard), one throttle per node (``throttle_actors =
+      "auto"``), one GCS; and all of them by the N x K cores. The smallest cap is the rate, and
+      its kind is what saturates first."""
+    one = next((r for r in results if r.get("nodes") == 1 and r.get("ok")), None)
+    if one is None:
+        return {"error": "no successful 1-node run"}
+    n = one["delivered"]
+    per = {k: 1000 * one["cpu_by_process"].get(name, 0.0) / n for k, name in KINDS.items()}
+    c_ms = 1000 * (one["cpu_ray_s"] + one["cpu_client_s"]) / n
+    idle1 = one["idle_cpu"]["cores"]
+    check = []
+    for r in results:
+        if not r.get("ok") or r.get("nodes") == 1:
+            continue
+        pred = one["delivered_per_s"] - (r["idle_cpu"]["cores"] - idle1) / (c_ms / 1000)
+        check.append({"nodes": r["nodes"], "predicted_per_s": round(pred),
+                      "measured_per_s": r["delivered_per_s"],
+                      "measured_over_predicted": round(r["delivered_per_s"] / pred, 3)})
+    total_ms = sum(1000 * v / n for v in one["cpu_by_process"].values()) + \
+        1000 * one["cpu_client_s"] / n
+    proj = []
+    for k_cores in (2, 8):
+        for nodes in (1, 2, 3, 5, 10, 20):
+            caps = {"cores": nodes * k_cores * 1000 / total_ms,
+                    "relay": nodes * 1000 / per["relay"],
+                    "leader": shards * 1000 / per["leader"],
+                    "copy": shards * 1000 / (per["copy"] / (copies - 1)),
+                    "throttle": nodes * 1000 / per["throttle"],
+                    "gcs": 1000 / per["gcs"] if per["gcs"] > 0 else float("inf")}
+            first = min(caps, key=caps.get)
+            proj.append({"cores_per_node": k_cores, "nodes": nodes,
+                         "rate": round(caps[first]), "saturates": first})
+    return {"cpu_ms_per_msg": {k: round(v, 4) for k, v in per.items()},
+            "cpu_ms_per_msg_all": round(total_ms, 4), "idle_cores_1_node": idle1,
+            "check_one_box": check, "projection": proj, "shards": shards}
+
+
+def print_model(m: dict[str, Any]) -> None:
+    if "error" in m:
+        print(f"model: {m['error']}")
+        return
+    print("\nCPU ms per message by kind (1-node run):",
+          ", ".join(f"{k} {v}" for k, v in m["cpu_ms_per_msg"].items()),
+          f"; all processes {m['cpu_ms_per_msg_all']}")
+    for ch in m["check_one_box"]:
+        print(f"one box, {ch['nodes']} nodes: predicted {ch['predicted_per_s']:,}/s, measured "
+              f"{ch['measured_per_s']:,}/s ({ch['measured_over_predicted']}x)")
+    print(f"projection, {m['shards']} shards x 3 copies, one relay and one throttle per node:")
+    for p in m["projection"]:
+        print(f"  {p['nodes']:>2} nodes x {p['cores_per_node']} cores: {p['rate']:>9,}/s, "
+              f"first to saturate: {p['saturates']}")
 
 
 def _restore(path: Path, content: bytes | None) -> None:
@@ -150,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
         r["nodes"] = k
         results.append(r)
     print_scaling(results)
+    m = model(results)
+    print_model(m)
     path = c.write_result("scaling", {"machine": machine, "warning": WARNING,
-                                      "messages": args.messages, "results": results})
+                                      "messages": args.messages, "results": results,
+                                      "model": m})
     print(f"results: {path}")
     return 0 if all(r.get("ok") for r in results) else 1
 
