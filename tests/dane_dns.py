@@ -67,10 +67,14 @@ def _signed(origin: str, text: str, d: Path, stem: str) -> tuple[str, str]:
 
 class SignedDns:
     """``zones``: origin -> (zone text without SOA/NS, signed?). Each zone gets an SOA and an
-    NS (``ns.<origin>`` on 127.0.0.1) added."""
+    NS (``ns.<origin>`` on 127.0.0.1) added. ``tamper``: origin -> (owner, old, new): after
+    signing, ``old`` becomes ``new`` in that owner's records, whose signatures then fail
+    (a bogus answer, as an attacker on the path would give)."""
 
-    def __init__(self, zones: dict[str, tuple[str, bool]]) -> None:
+    def __init__(self, zones: dict[str, tuple[str, bool]],
+                 tamper: dict[str, tuple[str, str, str]] | None = None) -> None:
         self.zones = {o.rstrip(".") + ".": z for o, z in zones.items()}
+        self.tamper = {o.rstrip(".") + ".": t for o, t in (tamper or {}).items()}
         self.port = 0
         self.nsd_port = 0
         self.dir = ""
@@ -94,6 +98,16 @@ class SignedDns:
             if signed:
                 text, anchor = _signed(origin, text, d, f"z{i}")
                 anchors.append(f'  trust-anchor: "{anchor}"')
+                if origin in self.tamper:
+                    owner, old, new = self.tamper[origin]
+                    lines = text.splitlines()
+                    hit = [n for n, ln in enumerate(lines)
+                           if ln.split()[:1] == [owner] and old in ln and "RRSIG" not in ln]
+                    if not hit:
+                        raise ValueError(f"tamper: no record of {owner} holds {old!r}")
+                    for n in hit:
+                        lines[n] = lines[n].replace(old, new)
+                    text = "\n".join(lines) + "\n"
             (d / f"z{i}.zone").write_text(text)
             nsd_zones.append(f'zone:\n  name: "{origin}"\n  zonefile: "{d}/z{i}.zone"\n')
             stubs.append(f'stub-zone:\n  name: "{origin}"\n  stub-addr: {HOST}@{self.nsd_port}\n')
