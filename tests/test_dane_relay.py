@@ -147,7 +147,7 @@ def test_unsigned_zone_is_opportunistic(world, relay) -> None:
 def test_bogus_tlsa_is_not_contacted(world, relay) -> None:
     res = _deliver(relay, "bogus.sec.test", world["tls"].port, "e@bogus.test")
     assert res[1:4] == ["transient", None, "4.7.5"], res
-    assert "TLSA lookup for _%d._tcp.bogus.sec.test failed (servfail)" % world["tls"].port \
-        in res[4]
+    port = world["tls"].port
+    assert f"TLSA lookup for _{port}._tcp.bogus.sec.test failed (servfail)" in res[4]
     assert not _got(world["tls"], "e@bogus.test")
     assert relay.dane.stats()["dane_lookup_failures"] == 1

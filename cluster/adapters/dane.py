@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from cluster.adapters.dns import MxResolver
@@ -52,8 +53,8 @@ def cert_facts(ders: Sequence[bytes]) -> list[CertFacts]:
             try:
                 c.verify_directly_issued_by(certs[i + 1][1])
                 issued = True
-            except (ValueError, TypeError, Exception):   # InvalidSignature and friends
-                issued = False
+            except (InvalidSignature, ValueError, TypeError):
+                issued = False      # another key type or issuer name, or a bad signature
         spki = c.public_key().public_bytes(serialization.Encoding.DER,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
         out.append(CertFacts(der, spki, tuple(names), c.not_valid_before_utc.timestamp(),

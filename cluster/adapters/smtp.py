@@ -15,9 +15,9 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable, Mapping
-from typing import Any, Sequence
+from typing import Any
 
 import aiosmtplib
 
