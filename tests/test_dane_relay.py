@@ -11,7 +11,9 @@ certificate from a test CA.
 - an unsigned (insecure) zone with the same wrong TLSA: DANE does not apply, delivered with
   opportunistic TLS;
 - a signed MX host whose TLSA RRset is bogus (changed after signing): unbound answers
-  SERVFAIL, the host is not contacted (deferred).
+  SERVFAIL, the host is not contacted (deferred);
+- DANE-TA ``2 0 1`` naming the CA a sink sends after its leaf: delivered under the leaf's
+  name, deferred under a name the leaf does not carry.
 """
 
 from __future__ import annotations
@@ -55,20 +57,33 @@ def world(tmp_path_factory):
     ctx.load_cert_chain(cert, key)
     tls_sink = SmtpSink(HOST, tls_context=ctx, name="tls").start()
     bare_sink = SmtpSink(HOST, name="bare").start()
+    # a sink sending its chain (leaf, then the CA) for DANE-TA: 2 0 1 names the CA
+    ta_cert, ta_key = ca.server_cert("ta.sec.test", [HOST], stem="ta")
+    chain_file = d / "ta-chain.pem"
+    chain_file.write_bytes(ta_cert.read_bytes() + ca.ca_file.read_bytes())
+    ta_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ta_ctx.load_cert_chain(chain_file, ta_key)
+    ta_sink = SmtpSink(HOST, tls_context=ta_ctx, name="ta").start()
+    ca_sha256 = hashlib.sha256(ca.cert.public_bytes(serialization.Encoding.DER)).hexdigest()
     good = _spki_sha256(cert)
     wrong = hashlib.sha256(b"not the key").hexdigest()
-    p, q = tls_sink.port, bare_sink.port
+    p, q, r = tls_sink.port, bare_sink.port, ta_sink.port
     signed = (f"mx.sec.test. A {HOST}\n_{p}._tcp.mx.sec.test. TLSA 3 1 1 {good}\n"
               f"bad.sec.test. A {HOST}\n_{p}._tcp.bad.sec.test. TLSA 3 1 1 {wrong}\n"
               f"nostarttls.sec.test. A {HOST}\n_{q}._tcp.nostarttls.sec.test. TLSA 3 1 1 {good}\n"
-              f"bogus.sec.test. A {HOST}\n_{p}._tcp.bogus.sec.test. TLSA 3 1 1 {good}\n")
+              f"bogus.sec.test. A {HOST}\n_{p}._tcp.bogus.sec.test. TLSA 3 1 1 {good}\n"
+              f"ta.sec.test. A {HOST}\n_{r}._tcp.ta.sec.test. TLSA 2 0 1 {ca_sha256}\n"
+              # the same chain under a name its certificate does not carry
+              f"taname.sec.test. A {HOST}\n_{r}._tcp.taname.sec.test. TLSA 2 0 1 {ca_sha256}\n")
     unsigned = f"mx.plain.test. A {HOST}\n_{p}._tcp.mx.plain.test. TLSA 3 1 1 {wrong}\n"
     dns = SignedDns({"sec.test": (signed, True), "plain.test": (unsigned, False)},
                     tamper={"sec.test": (f"_{p}._tcp.bogus.sec.test.", good, wrong)}).start()
     try:
-        yield {"dns": dns, "tls": tls_sink, "bare": bare_sink, "spool": d / "spool"}
+        yield {"dns": dns, "tls": tls_sink, "bare": bare_sink, "ta": ta_sink,
+               "spool": d / "spool"}
     finally:
         dns.stop()
+        ta_sink.stop()
         tls_sink.stop()
         bare_sink.stop()
 
@@ -151,3 +166,17 @@ def test_bogus_tlsa_is_not_contacted(world, relay) -> None:
     assert f"TLSA lookup for _{port}._tcp.bogus.sec.test failed (servfail)" in res[4]
     assert not _got(world["tls"], "e@bogus.test")
     assert relay.dane.stats()["dane_lookup_failures"] == 1
+
+
+def test_dane_ta_checks_the_chain_and_the_name(world, relay) -> None:
+    """2 0 1 names the CA the sink sends after its leaf: the leaf it issued, valid and named
+    ta.sec.test, is accepted; the same chain reached as taname.sec.test is not (§3.2.3)."""
+    res = _deliver(relay, "ta.sec.test", world["ta"].port, "f@ta.test")
+    assert res[1] == "delivered", res
+    got = _got(world["ta"], "f@ta.test")
+    assert len(got) == 1 and got[0].tls
+    res = _deliver(relay, "taname.sec.test", world["ta"].port, "g@ta.test")
+    assert res[1:4] == ["transient", None, "4.7.5"], res
+    assert "the certificate names (ta.sec.test) do not include taname.sec.test" in res[4]
+    assert not _got(world["ta"], "g@ta.test")
+    assert relay.dane.stats()["dane_connections"] == 1
