@@ -13,7 +13,9 @@ certificate from a test CA.
 - a signed MX host whose TLSA RRset is bogus (changed after signing): unbound answers
   SERVFAIL, the host is not contacted (deferred);
 - DANE-TA ``2 0 1`` naming the CA a sink sends after its leaf: delivered under the leaf's
-  name, deferred under a name the leaf does not carry.
+  name, deferred under a name the leaf does not carry;
+- DANE wins over MTA-STS: a recipient domain whose enforced policy no MX host matches is
+  deferred by MTA-STS without DANE, delivered to the DANE host with it.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from cluster.devservers import SmtpSink
 from tests.conftest import pipeline_config
 from tests.dane_dns import SignedDns, have_signed_dns
 from tests.ingress_certs import make_ca
+from tests.mta_sts_helpers import PolicyServer, policy_text
 
 HOST = "127.0.0.1"
 
@@ -75,27 +78,41 @@ def world(tmp_path_factory):
               f"ta.sec.test. A {HOST}\n_{r}._tcp.ta.sec.test. TLSA 2 0 1 {ca_sha256}\n"
               # the same chain under a name its certificate does not carry
               f"taname.sec.test. A {HOST}\n_{r}._tcp.taname.sec.test. TLSA 2 0 1 {ca_sha256}\n")
-    unsigned = f"mx.plain.test. A {HOST}\n_{p}._tcp.mx.plain.test. TLSA 3 1 1 {wrong}\n"
+    # sts.plain.test publishes an MTA-STS policy in mode enforce that none of the MX hosts
+    # here matches
+    sts_cert, sts_key = ca.server_cert("mta-sts.sts.plain.test", [], stem="sts")
+    sts = PolicyServer(HOST, sts_cert, sts_key).start()
+    sts.serve("sts.plain.test", policy_text("enforce", ["*.nowhere.test"]))
+    unsigned = (f"mx.plain.test. A {HOST}\n_{p}._tcp.mx.plain.test. TLSA 3 1 1 {wrong}\n"
+                f'_mta-sts.sts.plain.test. TXT "v=STSv1; id=1"\n'
+                f"mta-sts.sts.plain.test. A {HOST}\n")
     dns = SignedDns({"sec.test": (signed, True), "plain.test": (unsigned, False)},
                     tamper={"sec.test": (f"_{p}._tcp.bogus.sec.test.", good, wrong)}).start()
     try:
         yield {"dns": dns, "tls": tls_sink, "bare": bare_sink, "ta": ta_sink,
-               "spool": d / "spool"}
+               "spool": d / "spool", "ca_file": str(ca.ca_file), "sts_port": sts.port}
     finally:
         dns.stop()
+        sts.stop()
         ta_sink.stop()
         tls_sink.stop()
         bare_sink.stop()
 
 
-@pytest.fixture
-def relay(world):
+def _relay(world: dict[str, Any], dane: bool) -> Any:
     from actors.relay_pool import RelayPool
     cfg = pipeline_config(str(world["spool"]), world["dns"].port, 25)
     cfg = dataclasses.replace(
         cfg, dns=dataclasses.replace(cfg.dns, ipv6=False),
-        delivery=dataclasses.replace(cfg.delivery, dane=True, idle_timeout=0.05))
+        delivery=dataclasses.replace(cfg.delivery, dane=dane, idle_timeout=0.05,
+                                     mta_sts_port=world["sts_port"],
+                                     tls_ca_file=world["ca_file"]))
     return RelayPool(cfg, "relay:test:default", cfg.egress[0])
+
+
+@pytest.fixture
+def relay(world):
+    return _relay(world, dane=True)
 
 
 def _deliver(relay: Any, host: str, port: int, rcpt: str) -> list[Any]:
@@ -180,3 +197,19 @@ def test_dane_ta_checks_the_chain_and_the_name(world, relay) -> None:
     assert "the certificate names (ta.sec.test) do not include taname.sec.test" in res[4]
     assert not _got(world["ta"], "g@ta.test")
     assert relay.dane.stats()["dane_connections"] == 1
+
+
+def test_dane_wins_over_mta_sts(world) -> None:
+    """RFC 8461 §2: sts.plain.test enforces an MTA-STS policy no MX host here matches. Without
+    DANE its mail to mx.sec.test is deferred by MTA-STS; with DANE, mx.sec.test's secure TLSA
+    records decide, and it is delivered."""
+    off = _deliver(_relay(world, dane=False), "mx.sec.test", world["tls"].port,
+                   "h@sts.plain.test")
+    assert off[1:4] == ["transient", None, "4.7.5"], off
+    assert off[4].startswith("MTA-STS: no MX host of sts.plain.test matches")
+    on = _relay(world, dane=True)
+    res = _deliver(on, "mx.sec.test", world["tls"].port, "i@sts.plain.test")
+    assert res[1] == "delivered", res
+    assert len(_got(world["tls"], "i@sts.plain.test")) == 1
+    assert on.dane.stats()["dane_connections"] == 1
+    assert on.sts.stats()["sts_lookups"] == 0      # MTA-STS not even consulted
