@@ -115,24 +115,30 @@ def relay(world):
     return _relay(world, dane=True)
 
 
-def _deliver(relay: Any, host: str, port: int, rcpt: str) -> list[Any]:
+async def _one(relay: Any, host: str, port: int, rcpt: str) -> list[Any]:
     """One message to ``rcpt`` through a connection to ``host``: the relay's result."""
     from actors.relay_pool import _Call
     from cluster.core.sites import SiteLimits, limits_to_wire
+    s = relay._site(host, {"hosts": [[10, host, [HOST]]], "port": port,
+                           "limits": limits_to_wire(SiteLimits()),
+                           "throttle": "throttle:pool:0", "items": []})
+    assert relay._guard(s) is None
+    call = _Call(relay, "coordinator:0")
+    call.expected = 1
+    s.queue.append((["m-" + rcpt, 1, "sender@origin.test", rcpt,
+                     b"Subject: dane\r\n\r\nhello\r\n", False], call))
+    await asyncio.wait_for(relay._connection(s, 1), 30)
+    return relay._outboxes["coordinator:0"].pop()
 
-    async def run() -> list[Any]:
-        s = relay._site(host, {"hosts": [[10, host, [HOST]]], "port": port,
-                               "limits": limits_to_wire(SiteLimits()),
-                               "throttle": "throttle:pool:0", "items": []})
-        assert relay._guard(s) is None
-        call = _Call(relay, "coordinator:0")
-        call.expected = 1
-        s.queue.append((["m-" + rcpt, 1, "sender@origin.test", rcpt,
-                         b"Subject: dane\r\n\r\nhello\r\n", False], call))
-        await asyncio.wait_for(relay._connection(s, 1), 30)
-        return relay._outboxes["coordinator:0"].pop()
 
-    return asyncio.run(run())
+def _deliver(relay: Any, host: str, port: int, *rcpts: str) -> Any:
+    """The results of one message per recipient, one connection each, in one event loop
+    (the relay's state is bound to it): one result, or a list of them."""
+    async def run() -> list[list[Any]]:
+        return [await _one(relay, host, port, r) for r in rcpts]
+
+    out = asyncio.run(run())
+    return out[0] if len(out) == 1 else out
 
 
 def _got(sink: SmtpSink, rcpt: str) -> list[Any]:
@@ -140,13 +146,17 @@ def _got(sink: SmtpSink, rcpt: str) -> list[Any]:
 
 
 def test_matching_tlsa_delivers_over_tls(world, relay) -> None:
-    res = _deliver(relay, "mx.sec.test", world["tls"].port, "a@good.test")
+    res, res2 = _deliver(relay, "mx.sec.test", world["tls"].port, "a@good.test",
+                         "a2@good.test")
     assert res[1] == "delivered", res
     got = _got(world["tls"], "a@good.test")
     assert len(got) == 1 and got[0].tls
+    # the second connection used the cached status (kept for the answers' TTL)
+    assert res2[1] == "delivered", res2
     st = relay.dane.stats()
-    assert (st["dane_connections"], st["dane_hosts"], st["dane_failures"]) == (1, 1, 0)
-    assert relay.tls_sites["mx.sec.test"]["dane"] == 1
+    assert (st["dane_connections"], st["dane_lookups"], st["dane_hosts"],
+            st["dane_failures"]) == (2, 1, 1, 0)
+    assert relay.tls_sites["mx.sec.test"]["dane"] == 2
 
 
 def test_wrong_tlsa_digest_defers_4_7_5(world, relay) -> None:
