@@ -27,8 +27,9 @@ one of the cluster's own (unless ``delivery.allow_networks`` allows it) bounces 
 5.4.4, without a lease and without a connection. STARTTLS follows the site's ``tls`` policy
 (``cluster.adapters.smtp``; opportunistic falls back to plaintext on the same host, required
 verifies and defers as a TLS failure), or the recipient domain's MTA-STS policy where no
-[[site]] sets ``tls`` (``actors/relay_sts.py``); ``[routes]`` hosts are guarded too (a refusal
-defers); per-site TLS figures are in :meth:`RelayPool.stats`.
+[[site]] sets ``tls`` (``actors/relay_sts.py``), and with ``delivery.dane`` an MX host's
+DNSSEC-secure TLSA records before either (``actors/relay_dane.py``); ``[routes]`` hosts are
+guarded too (a refusal defers); per-site TLS figures are in :meth:`RelayPool.stats`.
 
 Failure: if this process dies, its TCP connections die with it and the coordinators' streaming
 calls fail, so they put the messages back in their queues (at-least-once; duplicates are bounded
@@ -54,8 +55,9 @@ import msgpack
 import ray
 
 from actors.loop import LoopLag, preload, tune_gc, use_uvloop
+from actors.relay_dane import DaneGate
 from actors.relay_sts import StsGate, rcpt_domain
-from cluster.adapters.smtp import ConnectFailure, connect_site
+from cluster.adapters.smtp import ConnectFailure, TlsFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.mxguard import AddressGuard
 from cluster.core.replies import (
@@ -64,6 +66,7 @@ from cluster.core.replies import (
     address_refused,
     classify,
     connection_failure,
+    dane_failure,
     mta_sts_failure,
     route_refused,
     tls_failure,
@@ -102,7 +105,7 @@ _TLS_SITES_MAX = 500
 _OWN_REFRESH = 300.0
 #: TLS figures kept per site
 TLS_KINDS = ("tls", "plaintext", "fallback", "tls_failures", "sts_enforced",
-             "sts_testing_failures")
+             "sts_testing_failures", "dane")
 
 
 def own_addresses(cfg: Config, source: EgressSource) -> set[str]:
@@ -245,6 +248,8 @@ class RelayPool:
                                         own_addresses(config, source))
         #: MTA-STS (RFC 8461): recipient domains' policies (actors/relay_sts.py)
         self.sts = StsGate(config, lambda: self.guard)
+        #: DANE (RFC 7672): MX hosts' DNSSEC-secure TLSA records (actors/relay_dane.py)
+        self.dane = DaneGate(config)
         #: (host, port) of [routes]: guarded too, but a refusal defers (the config's fault)
         self._static = {(r.host, r.port) for r in config.routes}
         from actors.metrics import loop_lag_reporter
@@ -594,26 +599,43 @@ class RelayPool:
     async def _open(self, s: _Site) -> tuple[Any, bool | None] | None:
         """A connection for the site's queue: (connection, None when MTA-STS does not govern
         the site, else whether it was opened under an enforced policy); None when MTA-STS
-        deferred every message it was for. Raises ConnectFailure as connect_site does."""
+        deferred every message it was for. Raises ConnectFailure as connect_site does. With
+        DANE on, MX hosts with secure TLSA records are checked against them (and then MTA-STS
+        is not consulted: RFC 8461 §2); hosts whose TLSA lookup failed are left out."""
         d = self.cfg.delivery
 
-        def connect(tls: str, hosts: list[list[Any]]) -> Any:
+        def connect(tls: str, hosts: list[list[Any]], dane: Any = None) -> Any:
             return connect_site(hosts, s.port, ehlo_name=self.source.ehlo_name,
                                 bind_address=self.source.bind_address, tls=tls,
                                 connect_timeout=d.connect_timeout,
                                 command_timeout=d.command_timeout, data_timeout=d.data_timeout,
-                                tls_ca_file=s.ca_file, broken_tls=self.broken_tls)
+                                tls_ca_file=s.ca_file, broken_tls=self.broken_tls, dane=dane)
 
+        usable = s.usable_hosts
+        if self.dane.enabled and mta_sts_applies(s.name, [h[1] for h in s.hosts],
+                                                 self.cfg.sites, s.limits.tls):
+            dplan = await self.dane.plan(usable, s.port)
+            usable = dplan.hosts(usable)
+            if not usable and dplan.deferred:
+                text = next(iter(dplan.deferred.values()))
+                raise ConnectFailure(None, text, False, [], tls=TlsFailure(text, dane=True))
+            if dplan.checks:
+                # RFC 8461 §2: DANE wins over MTA-STS
+                conn = await connect(s.limits.tls, usable, dplan.checks)
+                if conn.host in dplan.checks:
+                    self.dane.counters["dane_connections"] += 1
+                    self._tls_count(s.name, "dane")
+                return conn, None
         if not self._sts_on(s.name, s.hosts, s.limits.tls):
-            return await connect(s.limits.tls, s.usable_hosts), None
+            return await connect(s.limits.tls, usable), None
         plan = await self.sts.plan(s.queue)
         s.sts_mode = "enforce" if plan.enforce else "testing" if plan.testing else ""
-        for domain, text in self.sts.unmatched(plan, s.usable_hosts).items():
+        for domain, text in self.sts.unmatched(plan, usable).items():
             self._sts_defer(s, domain, text)
         if not s.queue:
             return None
         if plan.enforce:
-            hosts = plan.hosts(s.usable_hosts)
+            hosts = plan.hosts(usable)
             try:
                 conn = await connect("required", hosts)
             except ConnectFailure as e:
@@ -632,7 +654,7 @@ class RelayPool:
             enforced = True
         elif plan.testing:
             try:    # verified TLS first: what would fail under enforce is counted
-                conn = await connect("required", s.usable_hosts)
+                conn = await connect("required", usable)
                 failed = conn.tls_failures
             except ConnectFailure as e:
                 if e.tls is None:
@@ -640,11 +662,11 @@ class RelayPool:
                 failed = e.tls_failures
                 log.warning("%s: MTA-STS testing (%s) would defer: %s", s.name,
                             ", ".join(plan.testing), e.tls.text)
-                conn = await connect(s.limits.tls, s.usable_hosts)
+                conn = await connect(s.limits.tls, usable)
             self._sts_testing_failed(s, failed)
             enforced = False
         else:
-            return await connect(s.limits.tls, s.usable_hosts), False
+            return await connect(s.limits.tls, usable), False
         misses = self.sts.testing_misses(plan, conn.host)
         if misses:
             log.warning("%s: MTA-STS testing: %s is not an MX host %s allows", s.name,
@@ -708,6 +730,10 @@ class RelayPool:
                 self.counters["tls_failures"] += e.tls_failures
                 self._tls_count(s.name, "tls_failures", e.tls_failures)
                 c = tls_failure(e.tls.text, no_starttls=e.tls.no_starttls)
+                if e.tls.dane:
+                    c = dane_failure(e.tls.text)
+                    self.dane.counters["dane_failures"] += 1
+                    self.dane.counters["dane_deferred"] += len(s.queue)
                 log.warning("%s: %s", s.name, e.tls.text)
             if e.all_421:
                 self._feedback.append((s.throttle, s.name, "backoff", e.text))
@@ -998,6 +1024,7 @@ class RelayPool:
         return {"name": self.name, "incarnation": self.incarnation, **self.counters,
                 "dkim": dkim, "egress": self.source.name, "results": self.metrics.snapshot(),
                 "loop_lag": self.loop_lag.snapshot(), "mta_sts": self.sts.stats(),
+                "dane": self.dane.stats(),
                 "tls_sites": {n: dict(t) for n, t in self.tls_sites.items()},
                 "tls_broken_hosts": len(self.broken_tls),
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,

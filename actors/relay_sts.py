@@ -38,7 +38,7 @@ from cluster.config import Config
 from cluster.core.mta_sts import StsPolicy, unmatched_text
 from cluster.core.mxguard import AddressGuard
 
-__all__ = ["StsGate", "StsPlan", "rcpt_domain"]
+__all__ = ["StsGate", "StsPlan", "rcpt_domain", "relay_resolver"]
 
 log = logging.getLogger("raymta.relay")
 
@@ -46,6 +46,15 @@ log = logging.getLogger("raymta.relay")
 _PREFETCH_CONCURRENCY = 32
 #: queued items the plan looks at (the relay's gather window)
 _PLAN_WINDOW = 200
+
+
+def relay_resolver(cfg: Config) -> MxResolver:
+    """A resolver of the relay's own (MTA-STS, DANE): the same nameservers as the MX lookups
+    (never the system resolver when they are set)."""
+    dc = cfg.dns
+    return MxResolver(list(dc.nameservers) or None, dc.port, timeout=dc.timeout,
+                      min_ttl=dc.min_ttl, max_ttl=dc.max_ttl, cache_size=10_000,
+                      max_concurrent=dc.max_concurrent, policy=dc.policy(), use_ipv6=dc.ipv6)
 
 
 def rcpt_domain(rcpt: str) -> str:
@@ -85,14 +94,9 @@ class StsGate:
 
     def fetcher(self) -> StsFetcher:
         if self._fetcher is None:
-            dc, d = self.cfg.dns, self.cfg.delivery
-            # the same nameservers as the MX lookups (never the system resolver when set)
-            resolver = MxResolver(list(dc.nameservers) or None, dc.port, timeout=dc.timeout,
-                                  min_ttl=dc.min_ttl, max_ttl=dc.max_ttl, cache_size=10_000,
-                                  max_concurrent=dc.max_concurrent, policy=dc.policy(),
-                                  use_ipv6=dc.ipv6)
-            self._fetcher = StsFetcher(resolver, self._guard(), ca_file=d.tls_ca_file,
-                                       port=d.mta_sts_port)
+            d = self.cfg.delivery
+            self._fetcher = StsFetcher(relay_resolver(self.cfg), self._guard(),
+                                       ca_file=d.tls_ca_file, port=d.mta_sts_port)
         self._fetcher.guard = self._guard()     # refreshed with the cluster's own addresses
         return self._fetcher
 

@@ -324,6 +324,7 @@ class RealDns:
     def __init__(self, zone: BenchZone) -> None:
         self.zone = zone
         self.port = 0
+        self.nsd_host = NSD_HOST
         self.nsd_port = 0
         self.dir = ""
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -343,9 +344,25 @@ class RealDns:
         origin = self.zone.origin.rstrip(".")
         t = time.time()
         Path(d, "bench.zone").write_text(self.zone.zone_text(NSD_HOST))
-        self.nsd_port = _free_udp_tcp_port(NSD_HOST)
+        self.start_nsd(NSD_HOST, {origin: f"{d}/bench.zone"}, f"ns.{origin}", timeout=120)
+        self.zone_seconds = round(time.time() - t, 2)
+        cache = "256m" if len(self.zone.mx) > 20_000 else "64m"
+        self.start_unbound(UNBOUND_HOST, [origin], f"""  module-config: "iterator"
+  msg-cache-size: {cache}
+  rrset-cache-size: {cache}
+  num-queries-per-thread: 4096
+  outgoing-range: 8192
+  domain-insecure: "{origin}"
+""", f"ns.{origin}")
+
+    def start_nsd(self, host: str, zones: dict[str, str], probe: str, *,
+                  timeout: float = 30) -> None:
+        """nsd on ``host`` (a free port), serving ``zones`` (origin -> zone file), in the
+        foreground; returns once it answers ``probe`` (a name with an A record)."""
+        d = self.dir
+        self.nsd_host, self.nsd_port = host, _free_udp_tcp_port(host)
         Path(d, "nsd.conf").write_text(f"""server:
-  ip-address: {NSD_HOST}@{self.nsd_port}
+  ip-address: {host}@{self.nsd_port}
   port: {self.nsd_port}
   do-ip6: no
   username: ""
@@ -362,19 +379,21 @@ class RealDns:
   hide-version: yes
 remote-control:
   control-enable: no
-zone:
-  name: "{origin}"
-  zonefile: "{d}/bench.zone"
-""")
+""" + "".join(f'zone:\n  name: "{o}"\n  zonefile: "{f}"\n' for o, f in zones.items()))
         self.procs.append(subprocess.Popen([NSD, "-d", "-c", f"{d}/nsd.conf"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         HELPER_PIDS.add(self.procs[-1].pid)
-        self._wait_answers(NSD_HOST, self.nsd_port, f"ns.{origin}", "nsd", timeout=120)
-        self.zone_seconds = round(time.time() - t, 2)
-        self.port = _free_udp_tcp_port(UNBOUND_HOST)
-        cache = "256m" if len(self.zone.mx) > 20_000 else "64m"
+        self._wait_answers(host, self.nsd_port, probe, "nsd", timeout=timeout)
+
+    def start_unbound(self, host: str, stubs: list[str], options: str, probe: str, *,
+                      timeout: float = 30) -> None:
+        """unbound on ``host`` (a free port), the zones ``stubs`` asked of the nsd started
+        before, with ``options`` (lines of its server: clause) added; returns once it answers
+        ``probe``."""
+        d = self.dir
+        self.host, self.port = host, _free_udp_tcp_port(host)
         Path(d, "unbound.conf").write_text(f"""server:
-  interface: {UNBOUND_HOST}@{self.port}
+  interface: {host}@{self.port}
   port: {self.port}
   do-ip6: no
   access-control: 127.0.0.0/8 allow
@@ -388,23 +407,15 @@ zone:
   num-threads: 1
   do-not-query-localhost: no
   qname-minimisation: no
-  module-config: "iterator"
-  msg-cache-size: {cache}
-  rrset-cache-size: {cache}
-  num-queries-per-thread: 4096
-  outgoing-range: 8192
   local-zone: "test." nodefault
-  domain-insecure: "{origin}"
-remote-control:
+{options}remote-control:
   control-enable: no
-stub-zone:
-  name: "{origin}"
-  stub-addr: {NSD_HOST}@{self.nsd_port}
-""")
+""" + "".join(f'stub-zone:\n  name: "{o}"\n  stub-addr: {self.nsd_host}@{self.nsd_port}\n'
+              for o in stubs))
         self.procs.append(subprocess.Popen([UNBOUND, "-d", "-c", f"{d}/unbound.conf"],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
         HELPER_PIDS.add(self.procs[-1].pid)
-        self._wait_answers(UNBOUND_HOST, self.port, f"ns.{origin}", "unbound", timeout=30)
+        self._wait_answers(host, self.port, probe, "unbound", timeout=timeout)
 
     def _wait_answers(self, host: str, port: int, name: str, what: str, timeout: float) -> None:
         import dns.exception

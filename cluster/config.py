@@ -230,6 +230,12 @@ class DeliveryConfig:
     mta_sts: bool = True
     #: the port policy hosts are fetched from (443; tests run their HTTPS server elsewhere)
     mta_sts_port: int = 443
+    #: DANE (RFC 7672): MX hosts with DNSSEC-secure TLSA records get mandatory TLS and a
+    #: certificate matching them, for sites whose TLS is not set per site; needs [dns]
+    #: nameservers to be a validating resolver on this host or loopback (cluster/core/dane.py;
+    #: README "DANE"). Off by default: with a resolver that does not validate it does nothing,
+    #: and it costs DNS queries per MX host
+    dane: bool = False
     #: a site with at least this many messages ready at a shard in one dispatch round is hot:
     #: its mail spreads over ``hot_site_relays`` relays (on distinct nodes first; rendezvous
     #: hashing, cluster/core/relay_choice.py). 0 = only sites with ``relays`` set spread.
@@ -820,7 +826,7 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             kw[f.name] = _networks(raw[f.name], key)
         elif f.name == "tls_ca_file":
             kw[f.name] = _ca_file(raw[f.name], key)
-        elif f.name == "mta_sts":
+        elif f.name in ("mta_sts", "dane"):
             kw[f.name] = _bool(raw[f.name], key)
         elif f.name == "mta_sts_port":
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=65535)

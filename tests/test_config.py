@@ -79,6 +79,7 @@ rate = "5/m"
     ({"dns": {"port": 70000}}, "dns.port", "between"),
     ({"delivery": {"smtp_port": "25"}}, "delivery.smtp_port", "integer"),
     ({"delivery": {"mta_sts": "on"}}, "delivery.mta_sts", "true or false"),
+    ({"delivery": {"dane": "yes"}}, "delivery.dane", "true or false"),
     ({"delivery": {"mta_sts_port": 0}}, "delivery.mta_sts_port", "between"),
     ({"site_defaults": {"rate": "fast"}}, "site_defaults.rate", "fast"),
     ({"site_defaults": {"tls": "maybe"}}, "site_defaults.tls", "opportunistic"),

@@ -32,6 +32,7 @@ from typing import Any, Literal, TypeVar
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
 import dns.message
 import dns.name
 import dns.nameserver
@@ -46,6 +47,7 @@ __all__ = [
     "MxHost",
     "MxResolver",
     "Route",
+    "SecureAnswer",
     "address_literal_route",
     "normalize_domain",
 ]
@@ -185,6 +187,19 @@ def _is_global(address: str) -> bool:
 
 
 @dataclass(frozen=True)
+class SecureAnswer:
+    """Outcome of :meth:`MxResolver.secure_query`."""
+
+    records: tuple[Any, ...]
+    #: the resolver set AD: it validated the answer with DNSSEC
+    secure: bool
+    #: "nxdomain", "servfail" (also: bogus), "timeout" or None (answered, maybe NODATA)
+    error: str | None
+    ttl: float
+    detail: str = ""
+
+
+@dataclass(frozen=True)
 class _Lookup:
     """Outcome of one (name, type) query."""
 
@@ -290,6 +305,8 @@ class MxResolver:
         res.timeout = min(timeout, 2.0)
         res.cache = None  # we cache routes ourselves, with the caller's clock
         self._resolver = res
+        #: asks with DO and AD (:meth:`secure_query`), made on first use
+        self._dnssec: dns.asyncresolver.Resolver | None = None
         self.timeout = timeout
         self.min_ttl = float(min_ttl)
         self.max_ttl = float(max_ttl)
@@ -352,6 +369,47 @@ class MxResolver:
         if entry.addresses:
             return entry.addresses, None
         return (), entry.error or "nxdomain"
+
+    async def secure_query(self, name: str, rdtype: str) -> SecureAnswer:
+        """The records of ``rdtype`` at ``name`` asked with the DO bit (RFC 3225) and the AD
+        bit (RFC 6840 §5.7), and whether the resolver vouched for them: ``secure`` is the AD
+        flag of its answer, which a validating resolver sets only for data it validated with
+        DNSSEC. Only as trustworthy as the path to the resolver: raymta must ask a validating
+        resolver on its own host or loopback (as Postfix requires for DANE). Not cached here
+        (DANE's cache keeps what it learns)."""
+        try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException as e:
+            return SecureAnswer((), False, f"invalid name ({e})", 0.0)
+        res = self._secure_resolver()
+        async with self._semaphore():
+            self._queries += 1
+            try:
+                ans = await res.resolve(qname, dns.rdatatype.from_text(rdtype),
+                                        raise_on_no_answer=False, search=False)
+            except dns.resolver.NXDOMAIN as e:
+                return SecureAnswer((), False, "nxdomain", _nxdomain_ttl(e))
+            except dns.exception.Timeout as e:
+                self._timeouts += 1
+                return SecureAnswer((), False, "timeout", 0.0, _short(e))
+            except (dns.exception.DNSException, OSError) as e:
+                # a validating resolver answers SERVFAIL for bogus data too
+                return SecureAnswer((), False, "servfail", 0.0, _short(e))
+        secure = bool(ans.response.flags & dns.flags.AD)
+        ttl = float(ans.chaining_result.minimum_ttl)
+        return SecureAnswer(tuple(ans.rrset) if ans.rrset is not None else (), secure, None,
+                            ttl)
+
+    def _secure_resolver(self) -> dns.asyncresolver.Resolver:
+        if self._dnssec is None:
+            res = dns.asyncresolver.Resolver(configure=False)
+            base = self._resolver
+            res.nameservers, res.port = list(base.nameservers), base.port
+            res.lifetime, res.timeout, res.cache = base.lifetime, base.timeout, None
+            res.use_edns(0, dns.flags.DO, 1232)
+            res.flags = dns.flags.RD | dns.flags.AD
+            self._dnssec = res
+        return self._dnssec
 
     def cache_info(self) -> dict[str, Any]:
         return {"routes": len(self._routes), "hosts": len(self._hosts),

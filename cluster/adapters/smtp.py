@@ -15,14 +15,19 @@ import asyncio
 import ssl
 import time
 from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import aiosmtplib
 
 from cluster.core.tls_policy import BrokenTls, tls_server_name, verify_text
 
-__all__ = ["Attempt", "ConnectFailure", "SmtpConnection", "TlsFailure", "connect_site"]
+__all__ = ["Attempt", "ConnectFailure", "DaneCheck", "SmtpConnection", "TlsFailure",
+           "connect_site"]
+
+#: judges the chain (DER, leaf first) a DANE host sent from one address: None or why not
+DaneCheck = Callable[[str, list[bytes]], "str | None"]
 
 
 @dataclass(frozen=True)
@@ -57,11 +62,14 @@ class TlsFailure(Exception):
     (``no_starttls``), or the handshake or certificate check failed (``verify`` tells the
     latter). ``text`` says which host and why, without the enhanced code."""
 
-    def __init__(self, text: str, *, no_starttls: bool = False, verify: bool = False) -> None:
+    def __init__(self, text: str, *, no_starttls: bool = False, verify: bool = False,
+                 dane: bool = False) -> None:
         super().__init__(text)
         self.text = text
         self.no_starttls = no_starttls
         self.verify = verify
+        #: the host's DANE TLSA records were not met (RFC 7672)
+        self.dane = dane
 
 
 class _TlsBroken(Exception):
@@ -447,9 +455,12 @@ class SmtpConnection:
 async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bind_address: str,
                        tls: str, connect_timeout: float, command_timeout: float,
                        data_timeout: float = 600.0, tls_ca_file: str = "",
-                       plaintext: bool = False) -> SmtpConnection:
+                       plaintext: bool = False, dane: DaneCheck | None = None
+                       ) -> SmtpConnection:
     """One session to one address. ``plaintext``: do not try STARTTLS (opportunistic TLS to a
-    host whose handshake is known to fail)."""
+    host whose handshake is known to fail). ``dane``: the host has usable TLSA records
+    (RFC 7672 §2.2): STARTTLS is mandatory, and ``dane(address, chain)`` judges the chain the
+    server sent (None: it matches; else the failure's text), whatever ``tls`` says."""
     global _TLS_CTX
     client = aiosmtplib.SMTP(hostname=address, port=port, local_hostname=ehlo_name,
                              source_address=(bind_address, 0) if bind_address else None,
@@ -459,6 +470,9 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
         await client.ehlo()
         secure = False
         offered = client.supports_extension("starttls")
+        if dane is not None:
+            return await _dane_session(client, host, address, dane, offered,
+                                       command_timeout, data_timeout)
         if tls == "required" and not offered:
             raise TlsFailure(f"TLS required: {host} [{address}] does not offer STARTTLS",
                              no_starttls=True)
@@ -482,20 +496,67 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
             # RFC 3207 §4.2: forget what the server said before TLS and ask again
             await client.ehlo()
             secure = True
-        # the session is set up: transactions go over the same transport, our protocol
-        transport = client.transport
-        if transport is None or transport.is_closing():
-            raise aiosmtplib.SMTPServerDisconnected(f"{host} closed the connection after EHLO")
-        wire = _Wire(transport, asyncio.get_running_loop())
-        transport.set_protocol(wire)
-        return SmtpConnection(wire, host, address,
-                              pipelining=client.supports_extension("pipelining"),
-                              eightbit=client.supports_extension("8bitmime"),
-                              smtputf8=client.supports_extension("smtputf8"),
-                              tls=secure, timeout=command_timeout, data_timeout=data_timeout)
+        return _session(client, host, address, secure, command_timeout, data_timeout)
     except BaseException:
         client.close()
         raise
+
+
+def _session(client: aiosmtplib.SMTP, host: str, address: str, secure: bool,
+             command_timeout: float, data_timeout: float) -> SmtpConnection:
+    # the session is set up: transactions go over the same transport, our protocol
+    transport = client.transport
+    if transport is None or transport.is_closing():
+        raise aiosmtplib.SMTPServerDisconnected(f"{host} closed the connection after EHLO")
+    wire = _Wire(transport, asyncio.get_running_loop())
+    transport.set_protocol(wire)
+    return SmtpConnection(wire, host, address,
+                          pipelining=client.supports_extension("pipelining"),
+                          eightbit=client.supports_extension("8bitmime"),
+                          smtputf8=client.supports_extension("smtputf8"),
+                          tls=secure, timeout=command_timeout, data_timeout=data_timeout)
+
+
+def _peer_chain(client: aiosmtplib.SMTP) -> list[bytes]:
+    """The certificates the server sent, leaf first, as DER. Python 3.13 has
+    ``SSLObject.get_unverified_chain()``; 3.11 and 3.12 have it on the private object."""
+    transport = client.transport
+    obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if obj is None:
+        return []
+    get = getattr(obj, "get_unverified_chain", None) or getattr(
+        getattr(obj, "_sslobj", None), "get_unverified_chain", None)
+    if get is not None:
+        chain = get() or []
+        return [c if isinstance(c, bytes) else c.public_bytes(ssl._ssl.ENCODING_DER)  # type: ignore[attr-defined]
+                for c in chain]
+    leaf = obj.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
+async def _dane_session(client: aiosmtplib.SMTP, host: str, address: str, dane: DaneCheck,
+                        offered: bool, command_timeout: float,
+                        data_timeout: float) -> SmtpConnection:
+    """RFC 7672 §2.2: with usable TLSA records TLS is mandatory (no STARTTLS, a failed
+    handshake or a chain that matches no record: the host fails, never plaintext). The
+    handshake does not verify against CAs: the TLSA records are the trust (§3.1)."""
+    global _TLS_CTX
+    if not offered:
+        raise TlsFailure(f"DANE: {host} [{address}] publishes TLSA records but does not offer "
+                         "STARTTLS", no_starttls=True, dane=True)
+    if _TLS_CTX is None:
+        _TLS_CTX = _insecure_tls()
+    try:
+        # SNI: the MX host name, the TLSA base domain (§8.1)
+        await client.starttls(tls_context=_TLS_CTX, server_hostname=tls_server_name(host))
+    except (ssl.SSLError, aiosmtplib.SMTPException, OSError, TimeoutError) as e:
+        raise TlsFailure(f"DANE: STARTTLS with {host} [{address}] failed: {_short(e)}",
+                         dane=True) from None
+    why = dane(address, _peer_chain(client))
+    if why is not None:
+        raise TlsFailure(why, verify=True, dane=True)
+    await client.ehlo()     # RFC 3207 §4.2
+    return _session(client, host, address, True, command_timeout, data_timeout)
 
 
 def _short(e: BaseException) -> str:
@@ -507,7 +568,8 @@ async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: in
                        ehlo_name: str, bind_address: str = "", tls: str = "opportunistic",
                        connect_timeout: float = 30.0, command_timeout: float = 60.0,
                        data_timeout: float = 600.0, tls_ca_file: str = "",
-                       broken_tls: BrokenTls | None = None) -> SmtpConnection:
+                       broken_tls: BrokenTls | None = None,
+                       dane: Mapping[str, DaneCheck] | None = None) -> SmtpConnection:
     """Connect to the first usable host, walking MX hosts in preference order.
 
     Fails over on connection errors, timeouts and 4xx/5xx greetings or EHLO replies, as
@@ -517,7 +579,9 @@ async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: in
     at once (and, with ``broken_tls``, goes straight to plaintext with it for a while; the
     connection then says ``tls_fallback``); "required" verifies with ``tls_ca_file`` (""
     = system CAs) and fails the host over to the next one on any TLS failure, never sending
-    in plaintext; "disabled" never starts TLS."""
+    in plaintext; "disabled" never starts TLS. ``dane``: host name -> the check of hosts with
+    usable TLSA records (RFC 7672): TLS mandatory and the chain judged by it, whatever ``tls``
+    says; a failure fails the host over like a required-TLS one."""
     last_code: int | None = None
     last_text = "no MX host has an address"
     all_421 = True
@@ -531,12 +595,13 @@ async def connect_site(hosts: Sequence[tuple[int, str, Sequence[str]]], port: in
     for _pref, host, addresses in sorted(hosts, key=lambda h: h[0]):
         for address in addresses:
             tried.append(f"{host}[{address}]")
-            fallback = (tls == "opportunistic" and broken_tls is not None
+            check = dane.get(host) if dane else None
+            fallback = (tls == "opportunistic" and broken_tls is not None and check is None
                         and broken_tls.is_broken(host, time.monotonic()))
             try:
                 try:
                     conn = await _try_address(host, address, port, plaintext=fallback,
-                                              **opts)
+                                              dane=check, **opts)
                 except _TlsBroken:
                     # Opportunistic TLS: the host offered STARTTLS and the handshake failed.
                     # Postfix tries the same host again without TLS; so do we.

@@ -36,6 +36,7 @@ __all__ = [
     "address_refused",
     "classify",
     "connection_failure",
+    "dane_failure",
     "dns_failure",
     "expired",
     "mta_sts_failure",
@@ -386,6 +387,15 @@ def mta_sts_failure(text: str) -> Classification:
     category auth-failure, never sent in plaintext or to another host instead."""
     return Classification(Outcome.TRANSIENT, "auth-failure", None, "4.7.5", text, False,
                           bounce_class="soft", rule="mta-sts")
+
+
+def dane_failure(text: str) -> Classification:
+    """An MX host with usable DNSSEC-secure TLSA records (DANE, RFC 7672 §2.2) offered no
+    STARTTLS, or its certificate matched none of them, or its TLSA records could not be had
+    securely. Transient X.7.5 (the receiver may fix its records or certificate), category
+    auth-failure, never sent in plaintext."""
+    return Classification(Outcome.TRANSIENT, "auth-failure", None, "4.7.5", text, False,
+                          bounce_class="soft", rule="dane")
 
 
 def address_refused(text: str) -> Classification:
