@@ -15,6 +15,7 @@ def test_defaults_follow_the_design_card():
     assert c.delivery.smtp_port == 25
     assert c.egress[0].name == "default"
     assert c.delivery.throttle_actors == 1
+    assert c.delivery.max_connections == 1000
 
 
 def test_full_config_parses_to_typed_values(tmp_path):
@@ -79,6 +80,8 @@ rate = "5/m"
     ({"delivery": {"smtp_port": "25"}}, "delivery.smtp_port", "integer"),
     ({"delivery": {"mta_sts": "on"}}, "delivery.mta_sts", "true or false"),
     ({"delivery": {"mta_sts_port": 0}}, "delivery.mta_sts_port", "between"),
+    ({"delivery": {"max_connections": 0}}, "delivery.max_connections", "between 1 and"),
+    ({"delivery": {"max_connections": "1000"}}, "delivery.max_connections", "integer"),
     ({"site_defaults": {"rate": "fast"}}, "site_defaults.rate", "fast"),
     ({"site_defaults": {"tls": "maybe"}}, "site_defaults.tls", "opportunistic"),
     ({"site_defaults": {"max_connections": 0}}, "site_defaults.max_connections", "between"),
