@@ -561,7 +561,7 @@ class RelayPool:
                 idle.wake.set()     # idle connections see the line and close
         try:
             await asyncio.wait_for(ev.wait(), timeout=1.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     def _give_slots(self, n: int) -> None:

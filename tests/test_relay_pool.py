@@ -137,6 +137,7 @@ def test_a_connection_closed_with_the_next_envelope_sent_ahead_loses_nothing(tmp
 def test_the_relay_cap_holds_over_many_sites_and_everything_is_delivered(tmp_path, dns_server):
     import msgpack
     import ray
+
     from actors.remote import list_relays
     from cluster.client import MailCluster
     from cluster.core.sites import SiteLimits, limits_to_wire

@@ -20,8 +20,8 @@ import os
 import signal
 import time
 import tomllib
-from pathlib import Path
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import ray
@@ -47,9 +47,9 @@ GRULE = "gmail-4.7.28-rate-limited"
 GRULE_SECONDS = 14.0
 #: before the rule: 6 connections, 2 deliveries each (so 12 queued messages call for 6)
 GCONNECTIONS = 6
-G4728 = (421, "4.7.28 [127.0.0.42] Our system has detected an unusual rate of unsolicited "
-              "mail originating from your IP address. To protect our users from spam, mail "
-              "sent from your IP address has been temporarily rate limited.")
+G4728 = (421, ("4.7.28 [127.0.0.42] Our system has detected an unusual rate of unsolicited "
+               "mail originating from your IP address. To protect our users from spam, mail "
+               "sent from your IP address has been temporarily rate limited."))
 
 
 def _shipped_rule_toml(name: str, duration: str) -> str:
