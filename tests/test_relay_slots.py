@@ -55,6 +55,17 @@ def test_relay_slots(name, cap, steps, end):
     assert s.peak <= cap
 
 
+def test_a_long_line_keeps_its_order_and_only_its_head_is_served():
+    s = RelaySlots(2)
+    assert s.take("busy", 2) == 2
+    for i in range(10_000):
+        assert s.take(f"site{i}", 1) == 0
+    assert s.take("site9999", 1) == 0 and list(s.waiting)[-1] == "site9999"   # its place kept
+    s.give(1)
+    assert s.wakeable() == ["site0"] and s.take("site5000", 1) == 0
+    assert s.take("site0", 4) == 1 and len(s.waiting) == 9_999
+
+
 @pytest.mark.parametrize("cap, give, words", [(0, 0, "max_connections must be >= 1"),
                                               (2, 3, "giving back 3 slots with 0 taken")])
 def test_bad_use_is_refused_with_a_clear_error(cap, give, words):

@@ -19,6 +19,7 @@ names. Bounded: one waiting entry per site, and the relay's site table is bounde
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import islice
 
 __all__ = ["RelaySlots"]
 
@@ -44,12 +45,15 @@ class RelaySlots:
         one kept for it. None: ``site`` joins the line (or keeps its place in it)."""
         if n <= 0:
             return 0
+        free = self.free
         ahead = 0
+        # at most ``free`` places are looked at: at the cap (the usual case while sites
+        # wait, each of them asking again when woken) this is O(1), not O(sites waiting)
         for w in self.waiting:
-            if w == site:
+            if w == site or ahead >= free:
                 break
             ahead += 1
-        k = max(0, min(n, self.free - ahead))
+        k = max(0, min(n, free - ahead))
         if k:
             self.used += k
             self.peak = max(self.peak, self.used)
@@ -70,7 +74,7 @@ class RelaySlots:
 
     def wakeable(self) -> list[str]:
         """The waiting sites a slot is free for now, longest-waiting first."""
-        return list(self.waiting)[:max(0, self.free)]
+        return list(islice(self.waiting, max(0, self.free)))
 
     def others_waiting(self, site: str) -> bool:
         return any(w != site for w in self.waiting)
