@@ -6,7 +6,8 @@ coordinators (grouped by site), keeps up to the site's connection limit open per
 connection under a lease from the site's SiteThrottle — reuses a connection for up to the site's
 deliveries-per-connection, walks MX hosts in preference order, and streams back one classified
 result per message. Replies that concern the whole site (421, "try again later") go to the
-throttle as feedback.
+throttle as feedback. All sites together never have more than ``delivery.max_connections``
+connections open from one relay (``cluster.core.relay_slots``: a site beyond it waits its turn).
 
 DKIM: when keys are configured, each message is signed here, just before DATA, with the keys
 of its From domain (``cluster.adapters.dkim_keys``; docs/dkim.md says why here): every attempt,
@@ -503,7 +504,8 @@ class RelayPool:
         """Get leases for the connections the site's queue calls for, and start a connection
         worker on each. With none open and none to be had, retry with backoff; after half the
         in-flight timeout hand the messages back (waiting longer would let the coordinator
-        time them out and send them again while they still sit here)."""
+        time them out and send them again while they still sit here). A wait for a slot of
+        this relay's own cap is not the site's: it neither defers nor counts toward that."""
         delay = _LEASE_RETRY[0]
         give_up = time.monotonic() + self.cfg.queue.inflight_timeout / 2
         try:
