@@ -197,6 +197,16 @@ def test_connections_open_when_a_set_limits_rule_fires_are_cut_to_its_cap(held, 
     assert book.acquire(OUTLOOK, lim, "relay:n1:default", "i", 3, 2.0) == []
 
 
+def test_set_limits_applied_twice_is_applied_once():
+    # the shards send limits the rule already lowered and the throttle applies the rule
+    # again: the same limits either way, or the site's rate limiter restarts (a fresh burst)
+    # each time the two disagree
+    eng = ShapingEngine(shipped_shaping_rules())
+    [a] = eng.observe(GMAIL, "", 421, "4.7.28", "unusual rate", 0.0)
+    once = apply_limits(SiteLimits(), a)
+    assert apply_limits(once, a) == once
+
+
 def test_set_limits_only_lowers():
     eng = ShapingEngine(shipped_shaping_rules())
     [a] = eng.observe(GMAIL, "", 421, "4.7.28", "unusual rate", 0.0)
