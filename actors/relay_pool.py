@@ -6,7 +6,8 @@ coordinators (grouped by site), keeps up to the site's connection limit open per
 connection under a lease from the site's SiteThrottle — reuses a connection for up to the site's
 deliveries-per-connection, walks MX hosts in preference order, and streams back one classified
 result per message. Replies that concern the whole site (421, "try again later") go to the
-throttle as feedback.
+throttle as feedback. All sites together never have more than ``delivery.max_connections``
+connections open from one relay (``cluster.core.relay_slots``: a site beyond it waits its turn).
 
 DKIM: when keys are configured, each message is signed here, just before DATA, with the keys
 of its From domain (``cluster.adapters.dkim_keys``; docs/dkim.md says why here): every attempt,
@@ -60,6 +61,7 @@ from actors.relay_sts import StsGate, rcpt_domain
 from cluster.adapters.smtp import ConnectFailure, TlsFailure, connect_site
 from cluster.config import Config, EgressSource
 from cluster.core.mxguard import AddressGuard
+from cluster.core.relay_slots import RelaySlots
 from cluster.core.replies import (
     Classification,
     Outcome,
@@ -218,6 +220,12 @@ class RelayPool:
         self._asks: dict[str, dict[str, tuple[_Site, int, asyncio.Future]]] = {}
         self._asks_due = False
         self._releases: dict[str, dict[str, list[int]]] = {}
+        #: connections open at once, all sites together (delivery.max_connections); a site
+        #: waiting for a slot waits on its event here
+        self.slots = RelaySlots(config.delivery.max_connections)
+        self._slot_freed: dict[str, asyncio.Event] = {}
+        #: sites with a connection open and idle (it closes at once when a site waits)
+        self._idle: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         from actors.metrics import RelayMetrics
@@ -501,7 +509,8 @@ class RelayPool:
         """Get leases for the connections the site's queue calls for, and start a connection
         worker on each. With none open and none to be had, retry with backoff; after half the
         in-flight timeout hand the messages back (waiting longer would let the coordinator
-        time them out and send them again while they still sit here)."""
+        time them out and send them again while they still sit here). A wait for a slot of
+        this relay's own cap is not the site's: it neither defers nor counts toward that."""
         delay = _LEASE_RETRY[0]
         give_up = time.monotonic() + self.cfg.queue.inflight_timeout / 2
         try:
@@ -509,7 +518,22 @@ class RelayPool:
                 want = ideal_connections(len(s.queue), s.limits) - s.workers
                 if want <= 0:
                     return
-                got = await self._ask_leases(s, want)
+                # this relay's own cap first (delivery.max_connections), then the site's
+                # leases: a lease is never held without a connection slot for it
+                want = self.slots.take(s.name, want)
+                if not want:
+                    if s.workers:
+                        return     # the open connections drain the queue
+                    # at the relay's cap: wait for a connection to close (not the site's
+                    # fault: neither deferred nor counted against its time to get a lease)
+                    await self._wait_slot(s)
+                    give_up = time.monotonic() + self.cfg.queue.inflight_timeout / 2
+                    continue
+                got: list[int] = []
+                try:
+                    got = await self._ask_leases(s, want)
+                finally:
+                    self._give_slots(want - len(got))   # the slots the throttle did not lease
                 for lease in got:
                     s.leases.add(lease)
                     s.workers += 1
@@ -530,6 +554,31 @@ class RelayPool:
                 delay = min(delay * 2, _LEASE_RETRY[1])
         finally:
             s.acquiring = False
+            self.slots.leave(s.name)
+            self._slot_freed.pop(s.name, None)
+
+    async def _wait_slot(self, s: _Site) -> None:
+        """Until a connection slot may be free for ``s`` (woken by :meth:`_give_slots`; the
+        timeout only guards against a lost wake-up)."""
+        ev = self._slot_freed.setdefault(s.name, asyncio.Event())
+        ev.clear()
+        for name in self._idle:
+            idle = self.sites.get(name)
+            if idle is not None:
+                idle.wake.set()     # idle connections see the line and close
+        try:
+            await asyncio.wait_for(ev.wait(), timeout=1.0)
+        except TimeoutError:
+            pass
+
+    def _give_slots(self, n: int) -> None:
+        if n <= 0:
+            return
+        self.slots.give(n)
+        for name in self.slots.wakeable():
+            ev = self._slot_freed.get(name)
+            if ev is not None:
+                ev.set()
 
     def _ask_leases(self, s: _Site, n: int) -> asyncio.Future:
         """Up to ``n`` leases for ``s``. Asks made within a few milliseconds of each other go
@@ -570,6 +619,10 @@ class RelayPool:
         try:
             while s.queue and lease not in s.refused:
                 await self._connection(s, lease)
+                if self.slots.others_waiting(s.name):
+                    # other sites wait for a slot of this relay: this one lets it go after
+                    # each connection (a busy site must not keep the line waiting for good)
+                    break
         except Exception:  # a bug here must not strand messages: fail what is queued
             log.exception("relay worker for %s crashed", s.name)
             c = connection_failure("internal relay error")
@@ -581,6 +634,7 @@ class RelayPool:
             s.leases.discard(lease)
             s.refused.discard(lease)
             self._releases.setdefault(s.throttle, {}).setdefault(s.name, []).append(lease)
+            self._give_slots(1)
             if s.queue and s.workers == 0:
                 self._start_workers(s)
 
@@ -761,11 +815,19 @@ class RelayPool:
                 if carry is not None:
                     (item, call), carry = carry, None
                 elif not s.queue:
+                    if self.slots.others_waiting(s.name):
+                        return     # an idle connection gives its slot to a waiting site
                     s.wake.clear()
+                    self._idle[s.name] = self._idle.get(s.name, 0) + 1
                     try:
                         await asyncio.wait_for(s.wake.wait(), timeout=d.idle_timeout)
                     except asyncio.TimeoutError:
                         return
+                    finally:
+                        if self._idle[s.name] <= 1:
+                            del self._idle[s.name]
+                        else:
+                            self._idle[s.name] -= 1
                     continue
                 else:
                     item, call = s.queue.popleft()
@@ -981,6 +1043,7 @@ class RelayPool:
                 for site, ids in refused.items():
                     if site in self.sites:
                         self.sites[site].refused.update(ids)
+                        self.sites[site].wake.set()   # an idle connection closes now
             self.metrics.set_state(sum(len(s.leases) for s in self.sites.values()),
                                    self.counters, self.signer and self._dkim_counters())
             if time.monotonic() - self._own_at > _OWN_REFRESH:
@@ -1027,6 +1090,9 @@ class RelayPool:
                 "dane": self.dane.stats(),
                 "tls_sites": {n: dict(t) for n, t in self.tls_sites.items()},
                 "tls_broken_hosts": len(self.broken_tls),
+                "connection_slots": {"cap": self.slots.cap, "used": self.slots.used,
+                                     "peak": self.slots.peak,
+                                     "sites_waiting": len(self.slots.waiting)},
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases),
                               **({"mta_sts": s.sts_mode} if s.sts_mode else {})}

@@ -305,6 +305,15 @@ class SiteThrottle:
                     a.until, a.text[:120])
         self.shaping_events.append({"type": "fired", "ts": now, **a.to_wire()})
         self._record(a, a.until)
+        self._expire_at(a.until)
+
+    def _expire_at(self, until: float) -> None:
+        """Look for actions that ran out just after ``until``: grants and renewals look too,
+        but a site that went quiet under a rule asks for neither, and its end (the
+        SiteResumed / SiteShapingEnded record) must not wait for the next mail. One timer
+        per action in force (bounded by the engine's max_keys)."""
+        asyncio.get_running_loop().call_later(max(0.0, until - time.time()) + 0.05,
+                                              lambda: self._expire_shaping(time.time()))
 
     def _expire_shaping(self, now: float) -> None:
         if self.shaping is None or not self._recovered:
@@ -456,6 +465,7 @@ class SiteThrottle:
             if a.until > now:
                 self.shaping.adopt(a)
                 self.shaping_events.append({"type": "recovered", "ts": now, **a.to_wire()})
+                self._expire_at(a.until)
         self._recovered = True
 
     async def shaping_state(self) -> dict[str, Any]:

@@ -247,6 +247,12 @@ class DeliveryConfig:
     #: most this many; 1 = a transaction per recipient. Not with VERP return paths or
     #: per-recipient List-Unsubscribe (the envelope or body differs per recipient)
     max_rcpts_per_transaction: int = 50
+    #: SMTP connections one relay process (one egress source on one node) has open at once,
+    #: all sites together. A site that finds the relay at this cap waits for a connection to
+    #: close (it is neither deferred nor failed): a long tail of thousands of domains must not
+    #: open more sessions than the relay's file descriptors, its egress IP's standing or the
+    #: next hop allow (smtp-sink's 1,024 were exceeded with DNS concurrency 256)
+    max_connections: int = 1000
 
     @property
     def fixed_throttles(self) -> int | None:
@@ -819,6 +825,8 @@ def _parse_delivery(raw: Mapping[str, Any]) -> DeliveryConfig:
             kw[f.name] = _int(raw[f.name], key, minimum=0)
         elif f.name == "hot_site_relays":
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=256)
+        elif f.name == "max_connections":
+            kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=100_000)
         elif f.name == "max_rcpts_per_transaction":
             # RFC 5321 §4.5.3.1.8: a server must take at least 100 recipients
             kw[f.name] = _int(raw[f.name], key, minimum=1, maximum=1000)

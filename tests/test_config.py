@@ -16,6 +16,7 @@ def test_defaults_follow_the_design_card():
     assert c.egress[0].name == "default"
     assert c.delivery.throttle_actors == "auto" and c.delivery.fixed_throttles is None
     assert parse_config({"delivery": {"throttle_actors": 3}}).delivery.fixed_throttles == 3
+    assert c.delivery.max_connections == 1000
 
 
 def test_full_config_parses_to_typed_values(tmp_path):
@@ -81,6 +82,8 @@ rate = "5/m"
     ({"delivery": {"mta_sts": "on"}}, "delivery.mta_sts", "true or false"),
     ({"delivery": {"dane": "yes"}}, "delivery.dane", "true or false"),
     ({"delivery": {"mta_sts_port": 0}}, "delivery.mta_sts_port", "between"),
+    ({"delivery": {"max_connections": 0}}, "delivery.max_connections", "between 1 and"),
+    ({"delivery": {"max_connections": "1000"}}, "delivery.max_connections", "integer"),
     ({"site_defaults": {"rate": "fast"}}, "site_defaults.rate", "fast"),
     ({"site_defaults": {"tls": "maybe"}}, "site_defaults.tls", "opportunistic"),
     ({"site_defaults": {"max_connections": 0}}, "site_defaults.max_connections", "between"),

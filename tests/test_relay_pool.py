@@ -2,12 +2,15 @@
 
 - It never sends a message it is still holding: a batch repeated by a restarted shard leader
   (which hands out again what its predecessor had sent) is skipped, not sent twice.
-- It opens connections as the backlog for a site needs them, not one per message."""
+- It opens connections as the backlog for a site needs them, not one per message.
+- It never has more than ``delivery.max_connections`` connections open, all sites together:
+  sites beyond the cap wait their turn and everything is delivered."""
 
 from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 
 import pytest
 
@@ -127,5 +130,52 @@ def test_a_connection_closed_with_the_next_envelope_sent_ahead_loses_nothing(tmp
             # the 421 and the two behind it (the site backs off) are handed back as transient
             assert done == {"delivered": 3, "transient": 3, "permanent": 0}, done
             wait_for(lambda: sink.current_sessions == 0, 10, "the session to end")
+    finally:
+        sink.stop()
+
+
+def test_the_relay_cap_holds_over_many_sites_and_everything_is_delivered(tmp_path, dns_server):
+    import msgpack
+    import ray
+
+    from actors.remote import list_relays
+    from cluster.client import MailCluster
+    from cluster.core.sites import SiteLimits, limits_to_wire
+    from cluster.devservers import SmtpSink
+
+    cap, sites, per_site = 3, 12, 20
+    sink = SmtpSink("127.0.0.2").start()
+    try:
+        cfg = pipeline_config(str(tmp_path), dns_server.port, sink.port)
+        cfg = replace(cfg, delivery=replace(cfg.delivery, max_connections=cap))
+        with MailCluster.connect(config=cfg, num_cpus=2):
+            relay = ray.get_actor(list_relays(cfg.cluster.namespace)[0],
+                                  namespace=cfg.cluster.namespace)
+            # every site alone would open 4 connections (20 queued, 5 per connection)
+            wire = limits_to_wire(SiteLimits(max_connections=4, deliveries_per_connection=5))
+            batch = {f"domain:cap{k}.test": {
+                "hosts": [[10, f"mx.cap{k}.test", ["127.0.0.2"]]], "port": sink.port,
+                "limits": wire, "throttle": "throttle:pool:0",
+                "items": [[uuid.uuid4().hex, 1, "s@origin.test", f"r{i}@cap{k}.test",
+                           raw_message(i, f"r{i}@cap{k}.test"), False]
+                          for i in range(per_site)]} for k in range(sites)}
+            t0 = time.time()
+            n = ray.get(relay.deliver.remote(msgpack.packb(batch, use_bin_type=True),
+                                             "coordinator:0"), timeout=120)
+            took = time.time() - t0
+            st = ray.get(relay.stats.remote())
+            print(f"\ncap {cap}: {n} messages to {sites} sites in {took:.1f}s over "
+                  f"{sink.sessions_total} sessions, at most {sink.max_concurrent_sessions} at "
+                  f"once; relay slots {st['connection_slots']}")
+            assert n == sites * per_site
+            assert len(sink.received) == sites * per_site
+            assert {r.rcpt_to for r in sink.received} == \
+                {f"r{i}@cap{k}.test" for k in range(sites) for i in range(per_site)}
+            assert sink.max_concurrent_sessions <= cap
+            assert st["connection_slots"]["peak"] == cap     # the cap was what held it
+            # the last connections close after the idle timeout: then every slot is back
+            wait_for(lambda: ray.get(relay.stats.remote())["connection_slots"]["used"] == 0,
+                     cfg.delivery.idle_timeout + 10, "the relay's slots to come back")
+            assert st["permanent"] == 0 and st["transient"] == 0   # nothing deferred
     finally:
         sink.stop()

@@ -174,6 +174,39 @@ def test_throttle_book_applies_suspend_and_set_limits():
     assert len(book.acquire(COMCAST, lim, "relay:n:default", "i", 5, 3601.0)) == 5
 
 
+@pytest.mark.parametrize("held, others, refused", [
+    # leases (ids) a relay holds when Outlook's "maximum number of connections" rule (2)
+    # fires; another relay's leases; which of this relay's are refused at the next renewal
+    ([1, 2, 3, 4, 5], [], [3, 4, 5]),          # the newest above the lowered cap go
+    ([1, 2], [], []),                          # within it: all kept
+    ([2, 3, 5], [1, 4], [3, 5]),               # the cap is the site's, over both relays
+    ([4, 5], [1, 2, 3], [4, 5]),
+])
+def test_connections_open_when_a_set_limits_rule_fires_are_cut_to_its_cap(held, others,
+                                                                          refused):
+    eng = ShapingEngine(shipped_shaping_rules())
+    book = ThrottleBook(shaping=eng, lease_ttl=20.0)
+    lim = SiteLimits(max_connections=10)
+    for pool, ids in (("relay:n1:default", held), ("relay:n2:default", others)):
+        if ids:
+            assert book.renew(OUTLOOK, lim, pool, "i", ids, 0.0) == []   # adopted
+    [a] = eng.observe(OUTLOOK, "", 421, "4.3.2", "The maximum number of concurrent "
+                      "connections has exceeded a limit, closing transmission channel", 1.0)
+    assert a.max_connections == 2
+    assert book.renew(OUTLOOK, lim, "relay:n1:default", "i", held, 2.0) == refused
+    assert book.acquire(OUTLOOK, lim, "relay:n1:default", "i", 3, 2.0) == []
+
+
+def test_set_limits_applied_twice_is_applied_once():
+    # the shards send limits the rule already lowered and the throttle applies the rule
+    # again: the same limits either way, or the site's rate limiter restarts (a fresh burst)
+    # each time the two disagree
+    eng = ShapingEngine(shipped_shaping_rules())
+    [a] = eng.observe(GMAIL, "", 421, "4.7.28", "unusual rate", 0.0)
+    once = apply_limits(SiteLimits(), a)
+    assert apply_limits(once, a) == once
+
+
 def test_set_limits_only_lowers():
     eng = ShapingEngine(shipped_shaping_rules())
     [a] = eng.observe(GMAIL, "", 421, "4.7.28", "unusual rate", 0.0)

@@ -172,8 +172,11 @@ def apply_limits(limits: SiteLimits, a: Action) -> SiteLimits:
     if a.deliveries_per_connection:
         kw["deliveries_per_connection"] = min(limits.deliveries_per_connection,
                                               a.deliveries_per_connection)
-    if a.rates:
-        kw["rates"] = (*limits.rates, *(RateSpec.parse(r) for r in a.rates))
+    # the rule's rates join the site's; one already there is not added again (the shards
+    # send limits a rule lowered, and the throttle applies the rule to them once more)
+    added = tuple(r for r in (RateSpec.parse(x) for x in a.rates) if r not in limits.rates)
+    if added:
+        kw["rates"] = (*limits.rates, *added)
     return replace(limits, **kw) if kw else limits
 
 

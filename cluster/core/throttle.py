@@ -226,7 +226,8 @@ class ThrottleBook:
         """Extend leases; adopt unknown ones (this book restarted) while under the cap.
 
         Returns the lease ids refused: the relay must close those connections (all of them
-        while a shaping rule suspends the site for this pool)."""
+        while a shaping rule suspends the site for this pool; the newest above the site's
+        cap when a set_limits rule lowered it while they were open)."""
         if self.shaping is not None:
             if self.shaping.suspended(site, pool.rsplit(":", 1)[-1], now) is not None:
                 ids = list(lease_ids)
@@ -244,9 +245,12 @@ class ThrottleBook:
         # the old connection still sends, one over the site's limit at the receiver
         share = self.fair_share(b, limits, pool, now) if \
             any(p != pool for p in b.waiting) else len(ids)
+        # more leases than the site's cap (a set_limits rule lowered it while they were
+        # open): the newest above it, whichever relay holds them, are not renewed
+        over = set(sorted(b.leases)[limits.max_connections:])
         for i, lid in enumerate(ids):
             cur = b.leases.get(lid)
-            if i >= share:
+            if i >= share or lid in over:
                 refused.append(lid)
             elif cur is not None and cur[0] == pool:
                 b.leases[lid] = (pool, incarnation, now + self.lease_ttl)
