@@ -91,7 +91,7 @@ def session_pids(sid: int) -> list[int]:
     return out
 
 
-def stop_session(sid: int, grace: float = 15.0) -> list[int]:
+def stop_session(sid: int, grace: float = 3.0) -> list[int]:
     """End every process of the head's session; returns those still alive after SIGKILL."""
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
         pids = session_pids(sid)
