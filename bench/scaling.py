@@ -111,33 +111,53 @@ KINDS = {"relay": "ray::RelayPool", "leader": "ray::QueueCoord", "copy": "ray::R
 
 def model(results: list[dict[str, Any]], cores: int = 2, shards: int = 2,
           copies: int = 3) -> dict[str, Any]:
-    """The scale-out model (bench/README.md, "Scaling out"), from the 1-node run.
+    """The scale-out model (bench/README.md, "Scaling out").
 
     - **One box** (what the 2- and 3-node runs check): every node's processes share the same
-      ``cores``. A node added takes its idle cost out of them, and the work per message stays
-      the same, so ``R(N) = R(1) - (idle(N) - idle(1)) / c`` with ``c`` the CPU per message.
-    - **N real machines of K cores**: each process kind is capped by its own CPU per message,
-      one core per process (Python): a relay per node, a leader per shard, two copies per shard
-      (each takes every record of its shard), one throttle per node (``throttle_actors =
-      "auto"``), one GCS; and all of them by the N x K cores. The smallest cap is the rate, and
-      its kind is what saturates first."""
-    one = next((r for r in results if r.get("nodes") == 1 and r.get("ok")), None)
+      cores. ``E = R(1) * c(1) + idle(1)`` is the CPU the 1-node run kept busy (``c``: CPU
+      seconds per message, Ray processes and client; ``idle``: the deployed, mail-less
+      cluster's cores). The naive model keeps ``c`` and takes each node's idle cost out of
+      ``E``: ``R(N) = (E - idle(N)) / c(1)``. The fitted one also lets the cost per message
+      grow by ``d`` per node added (work split over more relays and throttles: the same calls
+      carry fewer messages), ``d`` fitted on the 2-node run and checked on the others.
+    - **N real machines of K cores**: each process kind is capped by its own CPU per message
+      (taken from the run with the most nodes: the split regime), one core per process
+      (Python): a relay per node, a leader per shard, two copies per shard (each takes every
+      record of its shard), one throttle per node (``throttle_actors = "auto"``), one GCS; and
+      all of them by the N x K cores. The smallest cap is the rate, and its kind is what
+      saturates first."""
+    ok = {r["nodes"]: r for r in results if r.get("ok")}
+    one = ok.get(1)
     if one is None:
         return {"error": "no successful 1-node run"}
-    n = one["delivered"]
-    per = {k: 1000 * one["cpu_by_process"].get(name, 0.0) / n for k, name in KINDS.items()}
-    c_ms = 1000 * (one["cpu_ray_s"] + one["cpu_client_s"]) / n
-    idle1 = one["idle_cpu"]["cores"]
+
+    def c_of(r: dict[str, Any]) -> float:    # CPU s per message
+        return (r["cpu_ray_s"] + r["cpu_client_s"]) / r["delivered"]
+
+    c1 = c_of(one)
+    busy = one["delivered_per_s"] * c1 + one["idle_cpu"]["cores"]
+    d = (c_of(ok[2]) - c1) if 2 in ok else None
     check = []
-    for r in results:
-        if not r.get("ok") or r.get("nodes") == 1:
+    for k, r in sorted(ok.items()):
+        if k == 1:
             continue
-        pred = one["delivered_per_s"] - (r["idle_cpu"]["cores"] - idle1) / (c_ms / 1000)
-        check.append({"nodes": r["nodes"], "predicted_per_s": round(pred),
-                      "measured_per_s": r["delivered_per_s"],
-                      "measured_over_predicted": round(r["delivered_per_s"] / pred, 3)})
-    total_ms = sum(1000 * v / n for v in one["cpu_by_process"].values()) + \
-        1000 * one["cpu_client_s"] / n
+        spare = busy - r["idle_cpu"]["cores"]
+        naive = spare / c1
+        row = {"nodes": k, "measured_per_s": r["delivered_per_s"],
+               "cpu_ms_per_msg": round(1000 * c_of(r), 4),
+               "naive_predicted_per_s": round(naive),
+               "naive_measured_over_predicted": round(r["delivered_per_s"] / naive, 3)}
+        if d is not None:
+            fitted = spare / (c1 + d * (k - 1))
+            row.update(fitted_predicted_per_s=round(fitted),
+                       fitted_measured_over_predicted=round(r["delivered_per_s"] / fitted, 3),
+                       fitted_on_this_run=(k == 2))
+        check.append(row)
+    big = ok[max(ok)]
+    n = big["delivered"]
+    per = {k: 1000 * big["cpu_by_process"].get(name, 0.0) / n for k, name in KINDS.items()}
+    total_ms = sum(1000 * v / n for v in big["cpu_by_process"].values()) + \
+        1000 * big["cpu_client_s"] / n
     proj = []
     for k_cores in (2, 8):
         for nodes in (1, 2, 3, 5, 10, 20):
@@ -151,7 +171,9 @@ def model(results: list[dict[str, Any]], cores: int = 2, shards: int = 2,
             proj.append({"cores_per_node": k_cores, "nodes": nodes,
                          "rate": round(caps[first]), "saturates": first})
     return {"cpu_ms_per_msg": {k: round(v, 4) for k, v in per.items()},
-            "cpu_ms_per_msg_all": round(total_ms, 4), "idle_cores_1_node": idle1,
+            "cpu_ms_per_msg_all": round(total_ms, 4), "costs_from_nodes": big["nodes"],
+            "busy_cores_1_node": round(busy, 3),
+            "growth_ms_per_msg_per_node": round(1000 * d, 4) if d is not None else None,
             "check_one_box": check, "projection": proj, "shards": shards}
 
 
@@ -159,12 +181,18 @@ def print_model(m: dict[str, Any]) -> None:
     if "error" in m:
         print(f"model: {m['error']}")
         return
-    print("\nCPU ms per message by kind (1-node run):",
+    print(f"\nCPU ms per message by kind ({m['costs_from_nodes']}-node run):",
           ", ".join(f"{k} {v}" for k, v in m["cpu_ms_per_msg"].items()),
           f"; all processes {m['cpu_ms_per_msg_all']}")
+    print(f"one box: {m['busy_cores_1_node']} cores busy in the 1-node run; cost per message "
+          f"grows {m['growth_ms_per_msg_per_node']} ms per node added (fitted on 2 nodes)")
     for ch in m["check_one_box"]:
-        print(f"one box, {ch['nodes']} nodes: predicted {ch['predicted_per_s']:,}/s, measured "
-              f"{ch['measured_per_s']:,}/s ({ch['measured_over_predicted']}x)")
+        fit = (f", fitted {ch['fitted_predicted_per_s']:,}/s "
+               f"({ch['fitted_measured_over_predicted']}x"
+               f"{', the fit' if ch['fitted_on_this_run'] else ''})"
+               if "fitted_predicted_per_s" in ch else "")
+        print(f"  {ch['nodes']} nodes: measured {ch['measured_per_s']:,}/s; naive "
+              f"{ch['naive_predicted_per_s']:,}/s ({ch['naive_measured_over_predicted']}x){fit}")
     print(f"projection, {m['shards']} shards x 3 copies, one relay and one throttle per node:")
     for p in m["projection"]:
         print(f"  {p['nodes']:>2} nodes x {p['cores_per_node']} cores: {p['rate']:>9,}/s, "

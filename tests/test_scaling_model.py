@@ -15,16 +15,22 @@ def _run(nodes: int, rate: float, idle: float, *, n: int = 10_000) -> dict:
             "idle_cpu": {"cores": idle}}
 
 
-def test_one_box_check_takes_each_nodes_idle_cost_out_of_the_same_cores():
-    m = model([_run(1, 5000, 0.05), _run(2, 4500, 0.15), _run(3, 3000, 0.25)])
-    c = (2.21 + 0.5) / 10_000                 # CPU s per message, Ray processes and client
-    want2 = 5000 - 0.10 / c
-    want3 = 5000 - 0.20 / c
+def test_one_box_check_takes_idle_cost_out_and_fits_the_growth_per_node_on_two_nodes():
+    one, two, three = _run(1, 5000, 0.05), _run(2, 4000, 0.15), _run(3, 3000, 0.25)
+    two["cpu_client_s"] = 1.0          # 2 nodes: 0.321 ms a message instead of 0.271
+    three["cpu_client_s"] = 1.5        # 3 nodes: 0.371
+    m = model([one, two, three])
+    c1 = (2.21 + 0.5) / 10_000
+    busy = 5000 * c1 + 0.05
+    d = (2.21 + 1.0) / 10_000 - c1
     got = {ch["nodes"]: ch for ch in m["check_one_box"]}
-    assert got[2]["predicted_per_s"] == round(want2)
-    assert got[3]["predicted_per_s"] == round(want3)
-    assert got[3]["measured_over_predicted"] == round(3000 / want3, 3)
-    assert m["cpu_ms_per_msg"]["relay"] == 0.1 and m["cpu_ms_per_msg"]["leader"] == 0.08
+    assert got[2]["naive_predicted_per_s"] == round((busy - 0.15) / c1)
+    assert got[3]["naive_predicted_per_s"] == round((busy - 0.25) / c1)
+    assert got[3]["fitted_predicted_per_s"] == round((busy - 0.25) / (c1 + 2 * d))
+    assert got[2]["fitted_on_this_run"] and not got[3]["fitted_on_this_run"]
+    assert m["growth_ms_per_msg_per_node"] == round(1000 * d, 4)
+    # per-kind costs come from the run with the most nodes
+    assert m["costs_from_nodes"] == 3 and m["cpu_ms_per_msg"]["relay"] == 0.1
 
 
 def test_projection_names_what_saturates_first():
