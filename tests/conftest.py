@@ -7,8 +7,10 @@ authentication stays on (Ray 2.60's default).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -58,6 +60,44 @@ def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0
         if time.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(poll)
+
+
+#: Ray records the last head it started here (``address="auto"`` reads it); multi-node tests
+#: put back what was there before them
+RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
+
+
+@contextlib.contextmanager
+def multinode(namespace: str, workers: int = 0, head_cpus: int = 1,
+              worker_cpus: int = 1) -> Iterator[Any]:
+    """A ``ray.cluster_utils.Cluster`` on 127.0.0.1 with raymta's node-health settings: the
+    head plus ``workers`` nodes, this process connected to it in ``namespace``. Yields the
+    Cluster (add or remove nodes on it); shuts Ray and every node down at the end and puts back
+    the address file a leftover cluster may have left."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from cluster.deploy import NODE_HEALTH, RAY_SYSTEM_CONFIG
+    saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
+    cluster = None
+    try:
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": head_cpus, "include_dashboard": False,
+            "_system_config": {**RAY_SYSTEM_CONFIG, **NODE_HEALTH}})
+        for _ in range(workers):
+            cluster.add_node(num_cpus=worker_cpus)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address, namespace=namespace, log_to_driver=False)
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
+        if saved is None:
+            RAY_ADDRESS_FILE.unlink(missing_ok=True)
+        else:
+            RAY_ADDRESS_FILE.write_bytes(saved)
 
 
 def raw_message(i: int, rcpt: str, *, size: int = 600) -> bytes:

@@ -9,19 +9,17 @@ through the move.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import ray
 
 from cluster.core.throttle_pool import pool_owner
-from cluster.deploy import NODE_HEALTH, RAY_SYSTEM_CONFIG
-from tests.conftest import pipeline_config, raw_message, wait_for
+from tests.conftest import multinode, pipeline_config, raw_message, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
-RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 SINK, SINK_STAYS = "127.0.0.62", "127.0.0.63"
 LIMIT = 3
 #: a domain whose site moves to the fourth throttle when the pool grows from 3 to 4
@@ -41,17 +39,14 @@ def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_li
         tmp_path, dns_server):
     import time
 
-    from ray.cluster_utils import Cluster
-
     from cluster.client import MailCluster
     from cluster.config import parse_config
     from cluster.deploy import deploy
     from cluster.devservers import SmtpSink
     t0 = time.monotonic()
-    saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
+    stack = contextlib.ExitStack()
     sink = SmtpSink(SINK, 0).start()     # the moved site's MX
     other = SmtpSink(SINK_STAYS, sink.port).start()   # the other site's
-    cluster = None
     try:
         dns_server.add_a("mx.moved.test", SINK)
         dns_server.add_a("mx.stays.test", SINK_STAYS)
@@ -65,13 +60,7 @@ def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_li
                       cluster=replace(base.cluster, replicas=1),
                       delivery=replace(base.delivery, lease_ttl=3.0))
         assert cfg.delivery.throttle_actors == "auto"
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 1, "include_dashboard": False,
-            "_system_config": {**RAY_SYSTEM_CONFIG, **NODE_HEALTH}})
-        cluster.add_node(num_cpus=1)
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        ray.init(address=cluster.address, namespace=cfg.cluster.namespace, log_to_driver=False)
+        cluster = stack.enter_context(multinode(cfg.cluster.namespace, workers=2))
         ns = cfg.cluster.namespace
         print(f"cluster up {time.monotonic() - t0:.1f}s")
         handles = deploy(cfg)
@@ -120,13 +109,6 @@ def test_throttles_spread_over_nodes_and_a_new_node_adds_one_without_breaking_li
         assert 2 <= sink.max_concurrent_sessions <= LIMIT, sink.max_concurrent_sessions
         assert 1 <= other.max_concurrent_sessions <= LIMIT, other.max_concurrent_sessions
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        if saved is None:
-            RAY_ADDRESS_FILE.unlink(missing_ok=True)
-        else:
-            RAY_ADDRESS_FILE.write_bytes(saved)
+        stack.close()      # Ray and every node
         sink.stop()
         other.stop()

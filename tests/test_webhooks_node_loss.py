@@ -11,17 +11,16 @@ the event ids de-duplicate to exactly the selected events the shard holds.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import pipeline_config, pipeline_zone, raw_message, wait_for
+from tests.conftest import multinode, pipeline_config, pipeline_zone, raw_message, wait_for
 from tests.test_webhooks_cluster import HOOK_HOST, SECRET, SELECTED, Receiver
 
 pytestmark = pytest.mark.timeout(120)
 
-RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 
 
 def _node_of(hook: object) -> str:
@@ -31,13 +30,12 @@ def _node_of(hook: object) -> str:
 
 def test_dispatcher_node_removed_every_selected_event_arrives(tmp_path, dns_server, sinks):
     import ray
-    from ray.cluster_utils import Cluster
 
     from actors.remote import _affinity
     from actors.webhooks import WEBHOOKS_NAME, RemoteWebhookDispatcher
     from cluster.client import MailCluster
     from cluster.config import parse_config
-    from cluster.deploy import NODE_HEALTH, RAY_SYSTEM_CONFIG, deploy
+    from cluster.deploy import deploy
 
     rx = Receiver().start()
     hooks = parse_config({"webhooks": [{
@@ -48,13 +46,9 @@ def test_dispatcher_node_removed_every_selected_event_arrives(tmp_path, dns_serv
     base = pipeline_config(str(tmp_path / "spool"), dns_server.port, sinks.port)
     cfg = replace(base, webhooks=hooks, queue=replace(base.queue, shards=1))
     ns = cfg.cluster.namespace
-    saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
-    cluster = None
+    stack = contextlib.ExitStack()
     try:
-        cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "include_dashboard": False,
-            "_system_config": {**RAY_SYSTEM_CONFIG, **NODE_HEALTH}})
-        ray.init(address=cluster.address, namespace=ns, log_to_driver=False)
+        cluster = stack.enter_context(multinode(ns, head_cpus=2))
         handles = deploy(cfg)           # everything on the head, the dispatcher too
         mc = MailCluster(cfg, [handles["coordinator:0"]], handles=handles)
         head = ray.get_runtime_context().get_node_id()
@@ -93,12 +87,5 @@ def test_dispatcher_node_removed_every_selected_event_arrives(tmp_path, dns_serv
               f"({len(rx.received) - len(want)} repeats), {rx.requests} requests, "
               f"{rx.failed} failed")
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        if cluster is not None:
-            cluster.shutdown()
-        if saved is None:
-            RAY_ADDRESS_FILE.unlink(missing_ok=True)
-        else:
-            RAY_ADDRESS_FILE.write_bytes(saved)
+        stack.close()      # Ray and every node
         rx.stop()
