@@ -48,7 +48,11 @@ RemoteThrottle = ray.remote(**_COMMON)(SiteThrottle)
 RemoteRelay = ray.remote(**_COMMON)(RelayPool)
 RemoteReplica = ray.remote(**_COMMON)(ReplicaLog)
 RemoteBounceListener = ray.remote(**_COMMON)(BounceListener)
-RemoteIngress = ray.remote(**_COMMON)(IngressNode)
+# the one actor whose methods are all plain functions: Ray gives a threaded actor a pool of
+# max_concurrency OS threads at once (10,000 would be 10,022 threads per process, measured;
+# four ingress nodes then exceed a default pid_max of 32,768 and the fourth cannot start).
+# Its methods are short (ping, stats, reload, drain), so a few threads serve them.
+RemoteIngress = ray.remote(**{**_COMMON, "max_concurrency": 8})(IngressNode)
 RemoteExporter = ray.remote(**_COMMON)(MetricsExporter)
 
 

@@ -298,11 +298,15 @@ def _connect(src: str, dst: str, port: int) -> socket.socket:
 
 
 def _reply(s: socket.socket, timeout: float = 5.0) -> bytes:
-    """The first line the server sends, b'' when it closes without one."""
+    """The first line the server sends, b'' when it closes without one (a close with our
+    bytes still unread reaches us as a reset: also a close without a greeting)."""
     s.settimeout(timeout)
     out = b""
     while not out.endswith(b"\n"):
-        chunk = s.recv(1024)
+        try:
+            chunk = s.recv(1024)
+        except ConnectionResetError:
+            break
         if not chunk:
             break
         out += chunk

@@ -386,3 +386,21 @@ def test_a_shard_without_quorum_gives_451_and_recovers(env):
              "delivery after recovery")
     # every message the sink got was one the ingress answered 250 (or 451 outcome-unknown)
     assert {r.rcpt_to for r in env["sink"].received} <= env["accepted"]
+
+
+def test_no_raymta_process_holds_thousands_of_threads(env):
+    """Threads count against pid_max (32,768 by default): an actor process with thousands of
+    them (a threaded actor gets max_concurrency threads at once) starves every process
+    started after it — four ingress actors of 10,000 threads each could not all start."""
+    import ray
+    ns = env["cfg"].cluster.namespace
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == ns]
+    assert any(n.startswith("ingress:") for n in names) and any(
+        n.startswith("coordinator:") for n in names), names
+    threads = {}
+    for n in names:
+        pid = ray.get(ray.get_actor(n, namespace=ns).ping.remote(), timeout=30)
+        if isinstance(pid, int):
+            threads[n] = len(os.listdir(f"/proc/{pid}/task"))
+    assert threads and max(threads.values()) < 500, threads
