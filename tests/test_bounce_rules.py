@@ -183,6 +183,49 @@ def test_the_phase_a_reply_answered_decides_what_was_refused(code, text, phase, 
 
 
 @pytest.mark.parametrize("code, text, phase, category, klass", [
+    # RFC 3463 §3.3: X.2.0 and X.2.1 say the mailbox exists; "user unknown" words under them,
+    # the phase unknown, are a filter refusing this mail (sisimai: Status 5.2.0/5.2.1 is
+    # "filtered")
+    (550, "5.2.1 <a@example.net>... User Unknown", "response_text", "policy", "block"),
+    (550, "5.2.0 Unknown user a@example.net", "response_text", "policy", "block"),
+    (None, "5.2.1 No such user here", "response_text", "policy", "block"),
+    # refused at RCPT, the words keep their meaning (RFC 5321 §3.3); after DATA a filter
+    (550, "5.2.1 <a@example.net>... User Unknown", "rcpt", "invalid-recipient", "hard"),
+    (550, "5.2.1 <a@example.net>... User Unknown", "data", "policy", "block"),
+    # an address code decides, whatever the phase; without any code the words decide
+    (550, "5.1.1 <a@example.net>... User Unknown", "response_text", "invalid-recipient", "hard"),
+    (550, "<a@example.net>... User Unknown", "response_text", "invalid-recipient", "hard"),
+    # other X.2.1 texts are unchanged: a suspended or disabled mailbox may come back
+    (550, "5.2.1 The email account that you tried to reach is disabled", "response_text",
+     "inactive-mailbox", "soft"),
+    # a 4xx proves nothing permanent: a temporary failure of the recipient
+    (450, "4.2.1 <a@example.net>... User Unknown", "response_text", "invalid-recipient", "soft"),
+])
+def test_user_unknown_words_under_a_mailbox_exists_code(code, text, phase, category,
+                                                        klass) -> None:
+    c = classify(code, text, phase=phase)
+    assert (c.category, c.bounce_class) == (category, klass), c
+
+
+@pytest.mark.parametrize("code, text, category, klass", [
+    # au (KDDI): its reception filter answers "550 : User unknown" with the address left out;
+    # an address it does not have gets "550 <address>: User unknown"
+    (550, ": User unknown", "policy", "block"),
+    (None, "smtp;550 : User unknown", "policy", "block"),
+    (None, ("Sorry, we were unable to deliver your message to the following address. "
+            "<a@example.net>: 550: : User unknown"), "policy", "block"),
+    (550, "<a@example.net>: User unknown", "invalid-recipient", "hard"),
+    (None, "<a@example.net>: 550 <a@example.net>: User unknown", "invalid-recipient", "hard"),
+    # a temporary reply stays temporary
+    (450, ": User unknown", "invalid-recipient", "soft"),
+])
+def test_a_user_unknown_that_names_no_address_is_a_reception_filter(code, text, category,
+                                                                     klass) -> None:
+    c = classify(code, text, phase="response_text")
+    assert (c.category, c.bounce_class) == (category, klass), c
+
+
+@pytest.mark.parametrize("code, text, phase, category, klass", [
     # RFC 5321 §3.1, §4.1.1.1: before MAIL FROM nothing but our client was named
     (501, "5.0.0 Invalid domain name", "ehlo", "policy", "block"),
     (550, "User unknown", "greeting", "policy", "block"),

@@ -102,10 +102,11 @@ def test_reply_lines_agree_with_their_labels_at_95_percent():
     line, whole = _reply_tallies()
     print("\n" + line.report() + "\n" + whole.report())
     assert line.total > 80
-    # measured: line-level 94/98 = 95.9 %; whole-message 138/156 = 88.5 % (was 135/156 = 86.5 %;
-    # most of the rest are sisimai's "filtered" for a plain "User unknown" of unknown phase)
+    # measured: line-level 94/98 = 95.9 %; whole-message 139/156 = 89.1 % (138 before the rules
+    # for "User unknown" under X.2.0/X.2.1 and with the address left out; 135 before that; most
+    # of the rest are sisimai's "filtered" for a plain "User unknown" of unknown phase)
     assert line.rate >= 0.95, line.report()
-    assert whole.rate >= 0.87, whole.report()
+    assert whole.rate >= 0.89, whole.report()
 
 
 def test_permanence_agrees_with_the_reply_corpus():
@@ -155,13 +156,20 @@ def test_bounce_messages_agree_with_their_labels():
     classes, kinds, files = _bounce_tallies()
     print("\n" + classes.report() + "\n" + kinds.report())
     assert files > 400
-    # measured: 371/411 = 90.3 % of recipient classes (369 before a notice that returns the
-    # message and says it "could not be delivered to <address>" counted as a bounce — au/KDDI's
-    # own format; 358/411 = 87.1 % before the SMTP phase was read from Sendmail transcripts
-    # and qmail-remote texts and a 4.X.X abandonment stopped counting as hard); kinds
-    # 405/411 = 98.5 % (was 403). Most of the rest are sisimai's
-    # "filtered" for a "User unknown" whose bounce names no SMTP command: sisimai falls back to
-    # "filtered" (block) there, we to the words (hard: RFC 5321 §3.3 puts recipient refusals
-    # at RCPT). Floors against regressions, not goals: the issue's 95 % is not reached.
-    assert classes.rate >= 0.902, classes.report()
+    # measured: 377/411 = 91.7 % of recipient classes (371 before "User unknown" under
+    # X.2.0/X.2.1 with no SMTP command named became a filter's refusal (RFC 3463 §3.3: those
+    # codes say the mailbox exists), au/KDDI's "550 : User unknown" (address left out) its
+    # reception filter, and Postfix's "<a>: Recipient address rejected:" a RCPT refusal; 369
+    # before a notice that returns the message and says it "could not be delivered to
+    # <address>" counted as a bounce — au/KDDI's own format; 358/411 = 87.1 % before the SMTP
+    # phase was read from Sendmail transcripts and qmail-remote texts and a 4.X.X abandonment
+    # stopped counting as hard); kinds 405/411 = 98.5 % (was 403). 14 of the 34 left are
+    # sisimai's "filtered" for a "User unknown" that names no SMTP command (12) or that a
+    # Sendmail transcript shows refused at RCPT (2): sisimai decides those by the reporting
+    # MTA's or the remote host's own habits, and as many "User unknown" of unknown phase are
+    # labelled "userunknown" (treating every such one as filtered: 374/411, line-level 92.9 %),
+    # so no general rule separates them; we follow the words (hard: RFC 5321 §3.3 puts
+    # recipient refusals at RCPT). Floors against regressions, not goals: the issue's 95 % is
+    # not reached.
+    assert classes.rate >= 0.917, classes.report()
     assert kinds.rate >= 0.98, kinds.report()

@@ -435,6 +435,21 @@ def test_the_phase_named_in_the_notice_decides_a_bare_refusal():
     assert (r.recipients[0].category, r.recipients[0].bounce_class) == ("policy", "block")
 
 
+@pytest.mark.parametrize("diagnostic, klass", [
+    # Postfix smtpd's "<address>: Recipient address rejected: ..." is its refusal of RCPT TO
+    # (smtpd_recipient_restrictions): the address, even under an X.2.1
+    ("550 5.2.1 <a@example.net>: Recipient address rejected: User unknown", "hard"),
+    # the same X.2.1 "User Unknown" with no SMTP command named: a filter (RFC 3463 §3.3)
+    ("550 5.2.1 <a@example.net>... User Unknown", "block"),
+    # m-FILTER and Exchange after DATA name no single address: not a RCPT refusal
+    ("550 5.2.1 All recipient addresses rejected : User unknown", "block"),
+])
+def test_postfix_recipient_restrictions_name_the_rcpt_phase(diagnostic, klass):
+    r = parse_message(_report("Final-Recipient: rfc822; a@example.net\nAction: failed\n"
+                              f"Status: 5.2.1\nDiagnostic-Code: smtp; {diagnostic}\n"))
+    assert r.recipients[0].bounce_class == klass, r.recipients[0]
+
+
 SES_NOTIFICATION = (
     b'From: no-reply@sns.amazonaws.com\nTo: sender@example.com\n'
     b'Subject: AWS Notification Message\nContent-Type: text/plain; charset=UTF-8\n\n'

@@ -506,6 +506,14 @@ def _R(name: str, category: str, text: str | None = None, *, klass: str | None =
     return BounceRule(name, category, klass, text, code, enhanced, tuple(phase), backoff)
 
 
+# "User unknown", "no such user": the words of a server that has no such mailbox, and also the
+# words recipient-side filters answer a sender they refuse with. Rules below say where they do
+# not prove that the address is gone.
+_UNKNOWN_WORDS = (
+    r"\b(?:user|mailbox|recipient|address)s? (?:is )?(?:unknown|not found|does ?n[o']t exist|"
+    r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)")
+
+
 # --- band 1: texts that name their cause plainly ------------------------------------------
 _CAUSE: tuple[BounceRule, ...] = (
     # an explicit spam verdict on the message (before authentication: Gmail's auth refusals say
@@ -599,10 +607,9 @@ _CAUSE: tuple[BounceRule, ...] = (
     # RFC 5321 §3.3: recipients are accepted or refused at RCPT; a "no such user" after DATA
     # comes from a filter judging the message (sisimai "filtered"), not from a missing mailbox
     _R("recipient-refused-after-data", "policy",
-       r"\b(?:user|mailbox|recipient|address)s? (?:is )?(?:unknown|not found|does ?n[o']t exist|"
-       r"not exist|invalid)|\b(?:unknown|invalid|no such) (?:user|mailbox|recipient|address)|"
+       _UNKNOWN_WORDS +
        # "All recipient addresses rejected" read after DATA (m-FILTER, Exchange)
-       r"\brecipients?(?: address(?:es)?)? (?:were |are |is )?rejected",
+       r"|\brecipients?(?: address(?:es)?)? (?:were |are |is )?rejected",
        phase=("data",)),
     _R("recipient-code-after-data", "policy", code="5xx", enhanced="x.1.*", phase=("data",)),
     # RFC 7504 §3 (521 "Host does not accept mail") and RFC 7505 §4.1 (null MX: the domain
@@ -755,6 +762,23 @@ _TEXTS: tuple[BounceRule, ...] = (
        r"(?:disabled|deactivated|inactive)\b"),
     # greylisting (RFC 6647): retry, not a site-wide slowdown
     _R("greylisting", "policy", r"\bgrey ?list|\bgray ?list", klass="soft"),
+    # RFC 3463 §3.3: X.2.0 ("the mailbox exists, but something about the destination mailbox
+    # has caused the sending of this DSN") and X.2.1 ("the mailbox exists, but is not
+    # accepting messages"). "User unknown" words under these codes contradict them, and the
+    # code is the specific statement: when nothing shows the refusal came at RCPT (the phase
+    # unknown), it is a filter at the mailbox refusing this mail (sisimai's documented
+    # taxonomy, Sisimai::Reason::Filtered: Status 5.2.0 or 5.2.1 is reason "filtered"). At RCPT
+    # the words keep their meaning (RFC 5321 §3.3: RCPT is where addresses are refused).
+    _R("unknown-words-mailbox-exists", "policy", _UNKNOWN_WORDS, code="5xx",
+       enhanced="x.2.0", phase=("response_text",)),
+    _R("unknown-words-mailbox-disabled", "policy", _UNKNOWN_WORDS, code="5xx",
+       enhanced="x.2.1", phase=("response_text",)),
+    # au (KDDI): its reception filter refuses a sender with "550 : User unknown", the address
+    # left out, where an address it does not have gets "550 <address>: User unknown"
+    # (sisimai's documented host table for KDDI, which cites au's support page on returned
+    # mail: reasons "filtered" and "userunknown")
+    _R("unknown-words-no-address", "policy", r"^\s*:\s*user unknown\b", code="5xx"),
+    _R("unknown-words-no-address-quoted", "policy", r"\b550:?\s*:\s*user unknown\b"),
     # the address does not exist (RFC 3463 X.1.1, X.1.6)
     _R("no-such-recipient", "invalid-recipient",
        r"\b(?:user|mailbox|recipient|address|account|addressee)s? (?:is )?(?:unknown|not found|"

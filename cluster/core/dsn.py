@@ -424,7 +424,10 @@ _PHASE_HINTS = (
                 # qmail-remote: "x failed on DATA command", "x failed after I sent the message"
                 r"failed on data command|failed after i sent the message", re.IGNORECASE), "data"),
     (re.compile(r"in reply to rcpt|after rcpt|>>> rcpt|\[rcpt_to\]|"
-                r"does not like recipient", re.IGNORECASE), "rcpt"),   # (qmail-remote)
+                r"does not like recipient|"     # (qmail-remote)
+                # Postfix smtpd: "<a@b>: Recipient address rejected: ..." is the refusal of its
+                # smtpd_recipient_restrictions, which it applies to RCPT TO (SMTPD_ACCESS_README)
+                r"<[^<>\s]*>: recipient address rejected:", re.IGNORECASE), "rcpt"),
     (re.compile(r"in reply to mail|after mail from|>>> mail from|\[mail_from\]|"
                 r"but sender was rejected", re.IGNORECASE), "mail"),      # (qmail-remote)
     (re.compile(r"after initial connection|in reply to (?:the )?(?:initial )?(?:greeting|"
