@@ -100,6 +100,135 @@ def multinode(namespace: str, workers: int = 0, head_cpus: int = 1,
             RAY_ADDRESS_FILE.write_bytes(saved)
 
 
+class SharedRay:
+    """One embedded Ray for the whole test session instead of one per ``MailCluster.connect()``.
+
+    Starting and stopping a local Ray costs ~7 s of wall time and ~6.6 CPU seconds here
+    (measured), and ~37 test modules each did it. When a test calls ``MailCluster.connect()``
+    with the settings every single-node test uses (``num_cpus=2``, no dashboard, no extra Ray
+    options), the first call starts Ray and later ones deploy into the same one; ``close()``
+    then kills every raymta actor of the config's namespace (no restart), waits until their
+    names are free, and clears raymta's keys in Ray's KV store (throttle pool view, drain
+    marks), so the next test starts from an empty cluster exactly as it would on a fresh Ray.
+    Anything else — a ``ray.cluster_utils.Cluster``, other settings, a test's own
+    ``ray.shutdown()`` — stops the shared Ray first or finds it gone. The address file Ray
+    writes is put back at once, so a ``raymta`` command run by a test never finds it.
+    ``RAYMTA_TEST_SHARED_RAY=0`` turns this off (one Ray per connect, as before)."""
+
+    def __init__(self) -> None:
+        self.key: tuple[Any, ...] | None = None     # (num_cpus, namespace) of the shared Ray
+        self.gcs: str | None = None
+        self.allowed = True     # False in a module marked own_ray
+
+    def active(self) -> bool:
+        import ray
+        if self.key is None or not ray.is_initialized():
+            self.key = self.gcs = None
+            return False
+        if ray.get_runtime_context().gcs_address != self.gcs:   # someone else's Ray now
+            self.key = self.gcs = None
+            return False
+        return True
+
+    def release(self) -> None:
+        import ray
+        if self.active():
+            ray.shutdown()
+        self.key = self.gcs = None
+
+    def init(self, real: Callable[..., Any], num_cpus: Any = None, *, dashboard: bool = False,
+             namespace: str = "raymta", **kwargs: Any) -> Any:
+        import ray
+        key = (num_cpus, namespace)
+        shareable = self.allowed and num_cpus == 2 and not dashboard and not kwargs
+        if shareable and self.active() and self.key == key:
+            return None
+        self.release()
+        saved = RAY_ADDRESS_FILE.read_bytes() if RAY_ADDRESS_FILE.exists() else None
+        out = real(num_cpus, dashboard=dashboard, namespace=namespace, **kwargs)
+        if shareable:
+            self.key, self.gcs = key, ray.get_runtime_context().gcs_address
+            if saved is None:
+                RAY_ADDRESS_FILE.unlink(missing_ok=True)
+            else:
+                RAY_ADDRESS_FILE.write_bytes(saved)
+        return out
+
+    def clear(self, namespace: str) -> None:
+        """Kill every named actor of ``namespace`` and wait for the names to be free; drop
+        raymta's KV keys of that namespace."""
+        import ray
+        from ray.experimental.internal_kv import (_internal_kv_del, _internal_kv_list)
+
+        def named() -> list[str]:
+            return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["namespace"] == namespace]
+        for name in named():
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        wait_for(lambda: not named(), 60, f"the actors of namespace {namespace!r} to go")
+        kv = f"raymta:{namespace}"
+        for key in _internal_kv_list("", namespace=kv):
+            _internal_kv_del(key, namespace=kv)
+
+
+SHARED_RAY = SharedRay()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_ray_policy(request: Any) -> Iterator[None]:
+    """A module marked ``own_ray`` gets a Ray of its own: whatever Ray-wide state its tests
+    read (Ray's metrics endpoint keeps the series of actors long gone) is its own."""
+    SHARED_RAY.allowed = request.node.get_closest_marker("own_ray") is None
+    if not SHARED_RAY.allowed:
+        SHARED_RAY.release()
+    yield
+    SHARED_RAY.allowed = True
+
+
+def pytest_configure(config: Any) -> None:
+    if os.environ.get("RAYMTA_TEST_SHARED_RAY", "1") == "0":
+        return
+    import ray.cluster_utils
+
+    import cluster.deploy
+    from cluster.client import MailCluster
+    real_init = cluster.deploy.init_local_ray
+    real_close = MailCluster.close
+    real_cluster_init = ray.cluster_utils.Cluster.__init__
+
+    def init_local_ray(num_cpus: Any = None, **kwargs: Any) -> Any:
+        return SHARED_RAY.init(real_init, num_cpus, **kwargs)
+
+    def close(self: Any) -> None:
+        if self.owns_ray and SHARED_RAY.active():
+            for st in self._streams or []:
+                st.close()
+            SHARED_RAY.clear(self.cfg.cluster.namespace)
+            return
+        real_close(self)
+
+    def cluster_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        SHARED_RAY.release()
+        real_cluster_init(self, *args, **kwargs)
+
+    real_ray_init = ray.init
+
+    def ray_init(*args: Any, **kwargs: Any) -> Any:
+        # a process holds one Ray connection: any other init ends the shared one first
+        SHARED_RAY.release()
+        return real_ray_init(*args, **kwargs)
+
+    cluster.deploy.init_local_ray = init_local_ray
+    MailCluster.close = close
+    ray.cluster_utils.Cluster.__init__ = cluster_init
+    ray.init = ray_init
+
+
+def pytest_unconfigure(config: Any) -> None:
+    SHARED_RAY.release()
+
+
 def raw_message(i: int, rcpt: str, *, size: int = 600) -> bytes:
     body = (f"Line {i} of a test message.\r\n" * max(1, size // 28))
     return (f"From: Sender <sender@origin.test>\r\nTo: <{rcpt}>\r\n"

@@ -13,7 +13,8 @@ import pytest
 
 from tests.conftest import faults_reply, pipeline_config, pipeline_zone, raw_message, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+# own_ray: it reads Ray's metrics endpoint, which keeps the series of earlier tests' actors
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]
 
 
 # ------------------------------------------------------------------------------- config

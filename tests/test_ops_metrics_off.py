@@ -10,7 +10,8 @@ import pytest
 
 from tests.conftest import pipeline_config, pipeline_zone, raw_message
 
-pytestmark = pytest.mark.timeout(300)
+# own_ray: Ray's metrics endpoint keeps the series of earlier tests' actors
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]
 
 
 def test_metrics_off_deploys_no_exporter_and_exports_nothing(tmp_path, dns_server, sinks):

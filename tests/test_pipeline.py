@@ -10,7 +10,8 @@ import pytest
 from tests.conftest import (EGRESS_ADDRESS, GREET421_SINK, LIMITED_SINK, MAIN_SINKS, SECONDARY_SINK, raw_message,
                             wait_for)
 
-pytestmark = pytest.mark.timeout(300)
+# own_ray: it reads Ray's metrics endpoint, which keeps the series of earlier tests' actors
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]
 
 
 def events_for(mc, ids):
