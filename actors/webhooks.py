@@ -246,7 +246,7 @@ class WebhookDispatcher:
         c["skipped"][w.shard] = dict(gap)
         log.error("webhook %s: %s%d events of shard %d (seq %d-%d) were rotated out of the "
                   "event files before it read them; they are skipped (raise "
-                  "spool.event_files_kept / event_file_bytes, or fix the endpoint sooner)",
+                  "spool.event_retain_bytes, or fix the endpoint sooner)",
                   w.ep.name, "" if gap["exact"] else "at least ", gap["events"], w.shard,
                   gap["first_seq"], gap["last_seq"])
 
