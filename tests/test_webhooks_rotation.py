@@ -26,6 +26,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.conftest import pipeline_config, raw_message, wait_for
@@ -135,6 +136,12 @@ def test_an_endpoint_behind_rotation_within_the_cap_gets_every_event(env):
     held = _retention(leader)
     assert held["held_files"] >= 2 and 0 < held["held_bytes"] <= CAP, held
     assert held["capped_files"] == 0
+    from cluster.cli import retention_line  # what `raymta status` prints for the shard
+    assert retention_line(held) == (f"  event files held for webhook endpoints: "
+                                    f"{held['held_files']} ({held['held_bytes']} bytes of "
+                                    f"spool.event_retain_bytes)")
+    line_bytes = sum(len(orjson.dumps({k: v for k, v in e.items() if k != "shard"})) + 1
+                     for e in evs) / len(evs)
     want = {f"0:{e['seq']}" for e in evs}
     # (kept in env: a dispatcher made by this driver lives while a handle to it does)
     hook = env["hook"] = ensure_webhooks(mc.cfg)
@@ -157,8 +164,8 @@ def test_an_endpoint_behind_rotation_within_the_cap_gets_every_event(env):
     # ... while a reader of the events API still at c0 held nothing: it is told what it lost
     gone = mc.skipped({0: c0})[0]
     assert gone["first_seq"] == c0 + 1 and gone["events"] > 0, gone
-    print(f"\nretention: {N} events behind, {held['held_files']} files ({held['held_bytes']} "
-          f"bytes) held; all {len(want)} delivered, none skipped; receiver requests "
+    print(f"\nretention: {N} events behind (~{line_bytes:.0f} bytes a line), "
+          f"{held['held_files']} files ({held['held_bytes']} bytes) held; all {len(want)} delivered, none skipped; receiver requests "
           f"{rx.requests}")
 
 
@@ -182,6 +189,10 @@ def test_an_endpoint_behind_the_cap_gets_the_gap_reported_exactly(env):
     ret = _retention(leader)
     assert ret["capped_files"] > 0 and ret["last_capped"]["endpoints"] == ["crm"], ret
     assert 0 < ret["held_bytes"] <= CAP
+    from cluster.cli import retention_line
+    line = retention_line(mc.stats()["shards"][0]["event_retention"])
+    assert line is not None and line.endswith(
+        f"; {ret['capped_files']} deleted at the cap, the last before crm acknowledged them")
     # a new dispatcher resumes from the committed cursor c1: the events after it are gone
     hook = ensure_webhooks(mc.cfg)
     ray.get(hook.start.remote(), timeout=60)
