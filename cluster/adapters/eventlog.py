@@ -176,8 +176,6 @@ class EventLog:
         self._index[path.name] = ([], [])
         self._lines = 0
         files = self._files()
-        if len(files) <= self.files_kept:
-            return
         cursors = self.holds() if self.holds is not None and self.retain_bytes > 0 else {}
         plan = plan_rotation([(first, p.stat().st_size) for first, p in files],
                              self.files_kept, cursors, self.retain_bytes)
