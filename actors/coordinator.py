@@ -45,6 +45,7 @@ from cluster.config import Config
 from cluster.core import queue as q
 from cluster.core.dns_policy import TimeoutRetry
 from cluster.core.dsn_due import plan_dsns, ready_groups
+from cluster.core.event_retention import RotationPlan
 from cluster.core.message import new_message_ids
 from cluster.core.replication import compaction_due
 from cluster.core.queue_shape import queue_shape as sampled_shape
@@ -116,8 +117,12 @@ class QueueCoordinator:
         self.copy = CopyStore(copy_dir, 0, segment_bytes=sc.segment_bytes, fsync=sc.fsync)
         self.copy.recover(decode=False)
         self.log = self.copy.log
+        # files a configured webhook endpoint has not acknowledged are held back, up to
+        # spool.event_retain_bytes (cluster/core/event_retention.py)
         self.events = EventLog(copy_dir.parent / "events", file_bytes=sc.event_file_bytes,
-                               files_kept=sc.event_files_kept)
+                               files_kept=sc.event_files_kept,
+                               retain_bytes=sc.event_retain_bytes if config.webhooks else 0,
+                               holds=self._webhook_holds, on_capped=self._retention_capped)
         qc = config.queue
         self.state = q.QueueState(status_cache=qc.status_cache,
                                   idempotency_window=qc.idempotency_window)
@@ -563,8 +568,7 @@ class QueueCoordinator:
         t1 = time.perf_counter()
         finish_s = t1 - ts
         epoch = self.log.epoch_at(snap["lsn"])
-        cursors = [c for e, c in self.state.webhook_cursors.items()
-                   if any(w.name == e for w in self.cfg.webhooks)]
+        cursors = list(self._webhook_holds().values())
         loop = asyncio.get_running_loop()
         data = await loop.run_in_executor(None, self._write_snapshot_file, snap, epoch,
                                           cursors)
@@ -1434,6 +1438,20 @@ class QueueCoordinator:
         evs = await self.wait_events(since, limit, wait)
         return {"events": evs, "skipped": self.events.gap(int(since))}
 
+    def _webhook_holds(self) -> dict[str, int]:
+        """The committed cursors of the configured webhook endpoints (a removed endpoint's
+        cursor stays in the state but holds no event back)."""
+        names = {w.name for w in self.cfg.webhooks}
+        return {e: c for e, c in self.state.webhook_cursors.items() if e in names}
+
+    def _retention_capped(self, plan: RotationPlan) -> None:
+        """Event files went although endpoints had not acknowledged them: retention is full."""
+        log.error("shard %d: event retention is at spool.event_retain_bytes (%d bytes held): "
+                  "%d event file(s) from seq %d deleted before webhook endpoint(s) %s "
+                  "acknowledged them; they will be reported skipped", self.shard,
+                  plan.held_bytes, len(plan.capped), plan.capped[0], ", ".join(plan.holders))
+        self.metrics.retention_capped(plan.holders, len(plan.capped))
+
     async def webhook_cursors(self) -> dict[str, int]:
         """Per webhook endpoint, the seq up to which it acknowledged this shard's events."""
         await self._until_serving()
@@ -1475,6 +1493,7 @@ class QueueCoordinator:
                 "submit_stream_calls": (self._submit_stream.counters["requests"]
                                         if self._submit_stream is not None else 0),
                 "loop_lag": self.loop_lag.snapshot(),
+                "event_retention": dict(self.events.retention),
                 "metrics": {**self.metrics.snapshot(), "spool": spool_disk(self.copy.dir),
                             "suppressions": len(self.state.suppression)}}
 

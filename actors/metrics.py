@@ -117,6 +117,10 @@ class CoordinatorMetrics(_Base):
         self.submit_latency = m(Histogram, "raymta_submit_latency_seconds",
                                 "from a submit call's arrival at the shard leader to its "
                                 "commit", ("shard",), boundaries=list(SUBMIT_LATENCY_BOUNDS))
+        self.retention_capped_files = m(
+            Counter, "raymta_event_retention_capped_files_total",
+            "event files deleted at spool.event_retain_bytes although the webhook endpoint had "
+            "not acknowledged their events (it is told what it lost)", ("shard", "endpoint"))
         self.sites = BoundedLabels(top_sites)
         self.categories = BoundedLabels(40)
         #: (type, site label, category label) -> count: since the last flush / ever
@@ -133,6 +137,12 @@ class CoordinatorMetrics(_Base):
         raw = _Tally((ev["type"], ev.get("site") or "", ev.get("category") or "") for ev in evs)
         for (etype, site, cat), n in raw.items():
             self._pending[(etype, self.sites(site) if site else "", self.categories(cat))] += n
+
+    def retention_capped(self, endpoints: Iterable[str], files: int) -> None:
+        """Event files deleted at the retention cap before these endpoints acknowledged them
+        (rare: once per rotation at most; endpoints are the configured ones, a few)."""
+        for ep in endpoints:
+            self.retention_capped_files.inc(files, {**self.tags, "endpoint": ep})
 
     def observe_submit(self, seconds: float) -> None:
         """One submit call (not per message): arrival to commit."""

@@ -10,11 +10,12 @@ exponential backoff and jitter for ``retry_for`` (then gives it up, counted and 
 commits "endpoint E has everything of this shard up to seq C" as a ``w`` record on the shard
 (``webhook_ack``) once every batch up to C was answered 2xx. A restarted dispatcher or a new
 shard leader resumes from that committed cursor: events are delivered at least once, never
-skipped; receivers drop repeats by the events' ``event_id`` (``<shard>:<seq>``). The one
-exception is bounded and reported: an endpoint so far behind that the events after its cursor
-were rotated out of the event files (``spool.event_files_kept`` × ``event_file_bytes``) gets
-what follows, and ``stats()`` counts the events it lost (``skipped_events``, ``skipped``), with
-an error in the log.
+skipped; receivers drop repeats by the events' ``event_id`` (``<shard>:<seq>``). The shard
+leader holds back event files an endpoint has not acknowledged (up to
+``spool.event_retain_bytes``, :mod:`cluster.core.event_retention`). The one exception is
+bounded and reported: an endpoint so far behind that the events after its cursor were rotated
+out even so gets what follows, and ``stats()`` counts the events it lost (``skipped_events``,
+``skipped``), with an error in the log.
 
 An endpoint seen for the first time starts at the shard's end of log (committed at once, before
 anything is sent). Owns no state that matters beyond those records. Must not: log or show a
@@ -246,7 +247,7 @@ class WebhookDispatcher:
         c["skipped"][w.shard] = dict(gap)
         log.error("webhook %s: %s%d events of shard %d (seq %d-%d) were rotated out of the "
                   "event files before it read them; they are skipped (raise "
-                  "spool.event_files_kept / event_file_bytes, or fix the endpoint sooner)",
+                  "spool.event_retain_bytes, or fix the endpoint sooner)",
                   w.ep.name, "" if gap["exact"] else "at least ", gap["events"], w.shard,
                   gap["first_seq"], gap["last_seq"])
 

@@ -241,6 +241,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def retention_line(r: dict[str, Any]) -> str | None:
+    """The ``raymta status`` line of a shard holding event files for webhook endpoints behind
+    (the leader's ``stats()["event_retention"]``), or None when it holds none and never hit
+    the cap."""
+    if not r.get("held_files") and not r.get("capped_files"):
+        return None
+    line = (f"  event files held for webhook endpoints: {r.get('held_files', 0)} "
+            f"({r.get('held_bytes', 0)} bytes of spool.event_retain_bytes)")
+    if r.get("capped_files"):
+        eps = ", ".join((r.get("last_capped") or {}).get("endpoints") or []) or "?"
+        line += (f"; {r['capped_files']} deleted at the cap, the last before {eps} "
+                 f"acknowledged them")
+    return line
+
+
 def warmup_lines(rows: list[dict[str, Any]]) -> list[str]:
     """``raymta status`` lines for egress sources warming up: one per source with its plan's
     day and today's count / cap per provider (:meth:`MailCluster.warmup`)."""
@@ -276,6 +291,9 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"inflight={s['inflight']} deferred={s['deferred']} lsn={s['lsn']} "
               f"epoch={s['epoch']} " + ("serving" if s["serving"] else
                                        f"NOT SERVING: {s['not_serving']}"))
+        line = retention_line(s.get("event_retention") or {})
+        if line:
+            print(line)
         for c in s["replication"][1:]:
             if c["state"] != "streaming" or c["lag_seconds"] > 1:
                 print(f"  {c['name']}: {c['state']}, {c['lag_records']} records / "

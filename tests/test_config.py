@@ -98,6 +98,13 @@ rate = "5/m"
     ({"replication": {"transport": "carrier-pigeon"}}, "replication.transport", "carrier-pigeon"),
     ({"backup": {"keep": 0}}, "backup.keep", ""),
     ({"spool": {"per_node": 1}}, "spool.per_node", "true or false"),
+    ({"spool": {"event_retain_bytes": "plenty"}}, "spool.event_retain_bytes", "size"),
+    ({"spool": {"event_retain_bytes": -1}}, "spool.event_retain_bytes", "negative"),
+    ({"spool": {"event_retain_bytes": "1MiB"}}, "spool.event_retain_bytes",
+     ("must be 0 (no retention for webhook endpoints) or at least spool.event_file_bytes "
+      "(67108864), got 1048576")),
+    ({"spool": {"event_retain_bytes": 4095, "event_file_bytes": 4096}},
+     "spool.event_retain_bytes", "at least spool.event_file_bytes (4096)"),
     ({"delivery": {"throttle_actors": "many"}}, "delivery.throttle_actors", '"auto"'),
     ({"delivery": {"throttle_actors": 0}}, "delivery.throttle_actors", "between"),
     ({"delivery": {"throttle_max_sites": 5}}, "delivery.throttle_max_sites", ">= 100"),
@@ -117,6 +124,16 @@ def test_unreadable_and_invalid_files_name_the_file(tmp_path):
     bad.write_text("[queue\n")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("raw, n", [
+    ({}, 1 << 30),                                          # the default: 1 GiB a shard
+    ({"event_retain_bytes": 0}, 0),                         # no retention
+    ({"event_retain_bytes": "4KiB", "event_file_bytes": 4096}, 4096),
+    ({"event_retain_bytes": "8GiB"}, 8 << 30),
+])
+def test_event_retain_bytes(raw, n):
+    assert parse_config({"spool": raw}).spool.event_retain_bytes == n
 
 
 @pytest.mark.parametrize("text, n", [("10MB", 10_000_000), ("64MiB", 64 << 20), (1024, 1024),

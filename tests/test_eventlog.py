@@ -145,3 +145,63 @@ def test_a_reader_older_than_the_kept_seq_lists_gets_a_lower_bound(tmp_path):
     log.close()
     # the lists survive a restart
     assert EventLog(tmp_path, file_bytes=300, files_kept=2, seq_files_kept=2).gap(0) == g
+
+
+# ---------------------------------------------------------------- retention for webhook cursors
+def _held_log(tmp_path, cursors, retain_bytes, capped=None):
+    return EventLog(tmp_path, file_bytes=300, files_kept=2, seq_files_kept=100,
+                    retain_bytes=retain_bytes, holds=lambda: cursors, on_capped=capped)
+
+
+def test_files_an_endpoint_has_not_passed_are_kept_until_it_passes_them(tmp_path):
+    cursors = {"crm": 0}
+    log = _held_log(tmp_path, cursors, retain_bytes=1 << 20)
+    for i in range(1, 201):
+        log.write([ev(i)])
+    # nothing deleted: the reader at the endpoint's cursor gets every event, no gap
+    assert [e["seq"] for e in log.read(0, limit=1000)] == list(range(1, 201))
+    assert log.gap(0) is None
+    held = dict(log.retention)
+    assert held["held_files"] == len(list(tmp_path.glob("events-*.jsonl"))) - 2 > 10
+    assert held["capped_files"] == 0
+    # the endpoint acknowledges up to 150: at the next rotation the files before it go
+    cursors["crm"] = 150
+    for _ in range(20):                            # up to the next rotation
+        log.write([ev(log.last_seq + 1)])
+        if log.retention["held_files"] != held["held_files"]:
+            break
+    first = log.read(0, limit=1)[0]["seq"]
+    assert 140 < first <= 151                      # the file holding 151 stays
+    assert log.gap(150) is None
+    assert log.gap(0)["last_seq"] == first - 1     # a reader without a cursor lost them
+
+
+def test_past_retain_bytes_the_oldest_go_and_the_endpoint_is_named(tmp_path):
+    plans = []
+    log = _held_log(tmp_path, {"crm": 0, "fast": 10_000}, retain_bytes=1200,
+                    capped=plans.append)
+    for i in range(1, 201):
+        log.write([ev(i)])
+    files = sorted(tmp_path.glob("events-*.jsonl"))
+    held = sum(p.stat().st_size for p in files[:-2])
+    assert 0 < held <= 1200 and log.retention["held_bytes"] == held
+    assert plans and all(p.holders == ("crm",) for p in plans)
+    assert log.retention["capped_files"] == sum(len(p.capped) for p in plans)
+    assert log.retention["last_capped"]["endpoints"] == ["crm"]
+    # what went at the cap is reported exactly, as without retention
+    first = log.read(0, limit=1)[0]["seq"]
+    assert log.gap(0) == {"first_seq": 1, "last_seq": first - 1, "events": first - 1,
+                          "exact": True}
+
+
+def test_an_endpoint_no_longer_configured_holds_nothing(tmp_path):
+    cursors = {"crm": 0}
+    log = _held_log(tmp_path, cursors, retain_bytes=1 << 20)
+    for i in range(1, 101):
+        log.write([ev(i)])
+    assert log.retention["held_files"] > 5
+    cursors.clear()                                # (the coordinator passes configured ones)
+    log.write([ev(i) for i in range(101, 120)])
+    log.write([ev(120)])
+    assert len(list(tmp_path.glob("events-*.jsonl"))) == 2
+    assert log.retention["held_files"] == 0 and log.retention["capped_files"] == 0

@@ -3,7 +3,8 @@
 Owns: ``events-<first seq>.jsonl`` files in a shard's ``events/`` directory. An event's ``seq``
 is the log sequence number of the record that produced it, so after a crash the coordinator
 rewrites exactly the events whose records are durable but whose lines were not yet written
-(:attr:`EventLog.last_seq`). Bounded: at most ``files_kept`` files of ``file_bytes`` each.
+(:attr:`EventLog.last_seq`). Bounded: at most ``files_kept`` files of ``file_bytes`` each,
+plus at most ``retain_bytes`` of older files held back for webhook endpoints (below).
 
 A reader that falls behind rotation (a webhook endpoint down for long) must not skip events
 silently: when a file is deleted its events' seqs are kept as ``events-<first seq>.seqs`` (8
@@ -12,6 +13,13 @@ bytes an event against the ~300 of its line; at most ``seq_files_kept``, by defa
 ``events-dropped.json``), and :meth:`EventLog.gap` says how many events after a cursor are gone
 and which seqs they spanned — exactly while the cursor is within those seq lists, as a lower
 bound beyond them.
+
+Webhook endpoints hold files back (``retain_bytes``, :func:`cluster.core.event_retention.
+plan_rotation`): a file beyond ``files_kept`` is not deleted while ``holds()`` — the committed
+cursors of the configured endpoints, from the shard's replicated state — has one that has not
+passed its events, up to ``retain_bytes`` of such files; past that the oldest go as above and
+``on_capped(plan)`` is told which endpoints were still before them. Readers without a committed
+cursor (``GET /v1/events``) hold nothing.
 """
 
 from __future__ import annotations
@@ -21,12 +29,14 @@ import bisect
 import itertools
 import json
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from cluster.adapters.spool import numbered_files
+from cluster.core.event_retention import RotationPlan, plan_rotation
 
 __all__ = ["EventLog"]
 
@@ -43,8 +53,16 @@ _JSON_OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_APPEND_NEWLINE
 
 class EventLog:
     def __init__(self, directory: str | os.PathLike[str], *, file_bytes: int = 64 << 20,
-                 files_kept: int = 16, seq_files_kept: int | None = None) -> None:
+                 files_kept: int = 16, seq_files_kept: int | None = None,
+                 retain_bytes: int = 0, holds: Callable[[], Mapping[str, int]] | None = None,
+                 on_capped: Callable[[RotationPlan], None] | None = None) -> None:
         self.dir = Path(directory)
+        self.retain_bytes = retain_bytes
+        self.holds = holds
+        self.on_capped = on_capped
+        #: what the last rotation kept for webhook endpoints, and files deleted at the cap
+        self.retention: dict[str, Any] = {"held_files": 0, "held_bytes": 0, "capped_files": 0,
+                                          "last_capped": None}
         self.dir.mkdir(parents=True, exist_ok=True)
         self.file_bytes = file_bytes
         self.files_kept = files_kept
@@ -158,10 +176,23 @@ class EventLog:
         self._index[path.name] = ([], [])
         self._lines = 0
         files = self._files()
-        for first, p in files[: max(0, len(files) - self.files_kept)]:
+        cursors = self.holds() if self.holds is not None and self.retain_bytes > 0 else {}
+        plan = plan_rotation([(first, p.stat().st_size) for first, p in files],
+                             self.files_kept, cursors, self.retain_bytes)
+        paths = dict(files)
+        for first in plan.delete:
+            p = paths[first]
             self._keep_seqs(first, p)
             p.unlink()
             self._index.pop(p.name, None)
+        r = self.retention
+        r["held_files"], r["held_bytes"] = len(plan.held), plan.held_bytes
+        if plan.capped:
+            r["capped_files"] += len(plan.capped)
+            r["last_capped"] = {"files": len(plan.capped), "first_seq": plan.capped[0],
+                                "endpoints": list(plan.holders)}
+            if self.on_capped is not None:
+                self.on_capped(plan)
 
     # ------------------------------------------------------------------ rotated-away events
     def _keep_seqs(self, first: int, path: Path) -> None:
