@@ -1254,7 +1254,9 @@ class QueueCoordinator:
         for d in domains:   # any pool throttle resolves any domain: spread by domain
             groups.setdefault(pool_name(stable_hash(d) % shared), []).append(d)
         # a chunk may wait behind ~max_concurrent-sized waves of lookups at the throttle
-        waves = -(-self.RESOLVE_CHUNK * 3 // self.cfg.dns.max_concurrent)
+        # (MX, A, AAAA, and the MTA-STS TXT beside them)
+        per_domain = 4 if self.cfg.delivery.mta_sts else 3
+        waves = -(-self.RESOLVE_CHUNK * per_domain // self.cfg.dns.max_concurrent)
         call_timeout = self.cfg.dns.timeout * (3 + waves) + 5
 
         async def through(tname: str, ds: list[str]) -> None:
