@@ -192,8 +192,9 @@ class SiteThrottle:
             async with sem:
                 return await r.txt_cached(f"_mta-sts.{d}", now)
 
-        routes, *txts = await asyncio.gather(r.resolve_many(domains, now),
-                                             *(txt(d) for d in sts_for))
+        routes_task = asyncio.ensure_future(r.resolve_many(domains, now))
+        txts: list[TxtAnswer] = list(await asyncio.gather(*(txt(d) for d in sts_for)))
+        routes = await routes_task
         return routes, {d: [list(a.records), a.error, a.checked_at]
                         for d, a in zip(sts_for, txts) if a.error in (None, "nxdomain")}
 
