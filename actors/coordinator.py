@@ -74,7 +74,7 @@ class NotWritten(RuntimeError):
 
 class _Route:
     __slots__ = ("ok", "site", "hosts", "port", "expires_at", "fail_kind", "permanent", "text",
-                 "timed_out", "resolved_at")
+                 "timed_out", "resolved_at", "sts")
 
     def __init__(self, raw: list[Any], domain: str, cfg: Config, now: float = 0.0) -> None:
         self.expires_at = 0.0
@@ -86,9 +86,12 @@ class _Route:
         self.fail_kind = ""
         self.permanent = False
         self.text = ""
+        #: the domain's MTA-STS TXT answer, for the relays (SiteThrottle.resolve), or None
+        self.sts: list[Any] | None = None
         if raw[0] == "ok":
             self.ok = True
-            _, self.hosts, self.port, self.expires_at, static = raw
+            _, self.hosts, self.port, self.expires_at, static, *rest = raw
+            self.sts = rest[0] if rest else None
             self.site = site_for(domain, [h[1] for h in self.hosts], cfg.site_defaults, cfg.sites,
                                  cfg.route_for(domain) if static else None)
         else:
@@ -823,12 +826,13 @@ class QueueCoordinator:
                         sent.add(b)
                     spec = per_relay.setdefault(relay, {}).get(site)
                     if spec is None:
-                        per_relay[relay][site] = {
+                        spec = per_relay[relay][site] = {
                             "hosts": route.hosts, "port": route.port,
                             "limits": limits_to_wire(info.limits), "throttle": tname,
-                            "items": items}
+                            "items": items, "sts": {}}
                     else:   # the same relay for two egress pools' shares of the site
                         spec["items"].extend(items)
+                    self._sts_hints(spec["sts"], part)
                     taken_ids.setdefault(relay, []).extend(m.id for m in part)
                 self._site_inflight[site] = self._site_inflight.get(site, 0) + n_placed
                 self._site_reported[site] = (self._site_inflight[site], tname, info.limits)
@@ -837,6 +841,15 @@ class QueueCoordinator:
         for relay, batch in per_relay.items():
             self.counters["dispatched"] += len(taken_ids[relay])
             self._spawn(self._deliver(relay, batch, taken_ids[relay]))
+
+    def _sts_hints(self, hints: dict[str, Any], msgs: list[Any]) -> None:
+        """The MTA-STS TXT answers the throttles found beside the MX records, for the
+        recipient domains of ``msgs``: the relay needs no lookup of its own for them."""
+        for m in msgs:
+            if m.domain not in hints:
+                r = self._routes.get(m.domain)
+                if r is not None and r.sts is not None:
+                    hints[m.domain] = r.sts
 
     def _warmup_records(self, now: float) -> None:
         """Warm-up bookkeeping after a round: blocks of counts to ask the sources' home shards
@@ -1245,7 +1258,9 @@ class QueueCoordinator:
         for d in domains:   # any pool throttle resolves any domain: spread by domain
             groups.setdefault(pool_name(stable_hash(d) % shared), []).append(d)
         # a chunk may wait behind ~max_concurrent-sized waves of lookups at the throttle
-        waves = -(-self.RESOLVE_CHUNK * 3 // self.cfg.dns.max_concurrent)
+        # (MX, A, AAAA, and the MTA-STS TXT beside them)
+        per_domain = 4 if self.cfg.delivery.mta_sts else 3
+        waves = -(-self.RESOLVE_CHUNK * per_domain // self.cfg.dns.max_concurrent)
         call_timeout = self.cfg.dns.timeout * (3 + waves) + 5
 
         async def through(tname: str, ds: list[str]) -> None:

@@ -354,9 +354,13 @@ class RelayPool:
         _fill_bodies(batch)
         if self.sts.enabled:
             # the policies of the recipient domains are known before their mail is queued
-            await self.sts.prefetch(rcpt_domain(it[3]) for name, spec in batch.items()
-                                    if self._sts_on(name, spec["hosts"], spec["limits"]["tls"])
-                                    for it in spec["items"])
+            # (their TXT records mostly come with the batch: the throttle looked them up
+            # beside the MX records, once for the cluster)
+            on = [spec for name, spec in batch.items()
+                  if self._sts_on(name, spec["hosts"], spec["limits"]["tls"])]
+            await self.sts.prefetch((rcpt_domain(it[3]) for spec in on for it in spec["items"]),
+                                    {rcpt_domain(d): t for spec in on
+                                     for d, t in (spec.get("sts") or {}).items()})
         call = _Call(self, reply_to)
         mine: list[str] = []
         refused: list[tuple[list[Any], Classification]] = []

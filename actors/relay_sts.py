@@ -100,8 +100,12 @@ class StsGate:
         self._fetcher.guard = self._guard()     # refreshed with the cluster's own addresses
         return self._fetcher
 
-    async def prefetch(self, domains: Iterable[str]) -> None:
-        """Look up the policies of ``domains`` that are new or due a TXT recheck."""
+    async def prefetch(self, domains: Iterable[str],
+                       txt: dict[str, Any] | None = None) -> None:
+        """Look up the policies of ``domains`` that are new or due a TXT recheck. ``txt``:
+        domain -> its TXT answer looked up by the throttle with the MX (no query here
+        then; see :meth:`StsFetcher.policy`)."""
+        txt = txt or {}
         f = self.fetcher()
         todo = [d for d in dict.fromkeys(domains) if d and f.due(d)]
         if not todo:
@@ -111,7 +115,7 @@ class StsGate:
         async def one(d: str) -> None:
             async with sem:
                 try:
-                    await f.policy(d)
+                    await f.policy(d, txt=txt.get(d))
                 except Exception:   # a bug here must not stop delivery
                     log.exception("MTA-STS lookup for %s", d)
 

@@ -494,3 +494,42 @@ def test_global_address_helpers() -> None:
     assert h.global_addresses == ("8.8.8.8",)
     assert Route("x.test", (h,), True, NOW).has_global_address
     assert not Route("y.test", (MxHost(0, "y.test", ("::1",)),), True, NOW).has_global_address
+
+
+# ====================================================================== TXT answers (MTA-STS)
+def test_txt_answers_are_cached_with_their_ttl_and_failures_are_not() -> None:
+    """txt_cached: a record for its TTL, no record (NXDOMAIN, NODATA) for the SOA's negative
+    TTL (RFC 2308 §5), both clamped; a SERVFAIL is asked again at once. The throttle looks
+    ``_mta-sts`` records up this way beside each domain's MX, once for all shards."""
+    server = LoopbackDNS(ttl=300, negative_ttl=120).start()
+    try:
+        server.add_record("_mta-sts.pub.test", "TXT", '"v=STSv1; id=7"', ttl=600)
+        server.add_a("_mta-sts.nodata.test", "127.0.18.1")
+        server.add_record("_mta-sts.flaky.test", "TXT", '"v=STSv1; id=1"')
+        server.set_servfail("_mta-sts.flaky.test")
+        r = resolver_for(server, min_ttl=5, max_ttl=3600)
+
+        def txt(name: str, now: float) -> Any:
+            return asyncio.run(r.txt_cached(name, now))
+
+        cases = [  # name, records, error, expires after (s)
+            ("_mta-sts.pub.test", ("v=STSv1; id=7",), None, 600),
+            ("_mta-sts.gone.test", (), "nxdomain", 120),
+            ("_mta-sts.nodata.test", (), None, 120),
+        ]
+        for name, records, error, ttl in cases:
+            a = txt(name, NOW)
+            assert (a.records, a.error, a.checked_at, a.expires_at) == \
+                (records, error, NOW, NOW + ttl), name
+            again = txt(name.upper() + ".", NOW + ttl - 1)
+            assert again == a, name                       # from the cache, first time kept
+            assert server.queries[(name, "TXT")] == 1, name
+            assert txt(name, NOW + ttl).checked_at == NOW + ttl, name
+            assert server.queries[(name, "TXT")] == 2, name
+        bad = txt("_mta-sts.flaky.test", NOW)
+        assert bad.error == "servfail" and bad.records == ()
+        server.set_servfail("_mta-sts.flaky.test", False)
+        assert txt("_mta-sts.flaky.test", NOW + 1).records == ("v=STSv1; id=1",)
+        assert server.queries[("_mta-sts.flaky.test", "TXT")] >= 2
+    finally:
+        server.stop()

@@ -123,6 +123,11 @@ def test_mta_sts_enforce_and_testing_in_a_cluster(tmp_path, dns_server) -> None:
             # every policy fetched once (the deferred domains are retried from the cache)
             assert sts["sts_fetches"] == 4 == sum(web.requests.values()), (sts, web.requests)
             assert web.requests["mta-sts.override.test"] == 0   # its site's tls wins
+            # the TXT records were looked up by the throttle beside the MX, once per domain
+            # for the cluster, and came to the relay with the batches: none of its own
+            assert sts["sts_lookups"] == 0 and sts["sts_txt_given"] >= 5, sts
+            txt_asked = {d: z.queries[(f"_mta-sts.{d}", "TXT")] for d in domains}
+            assert set(txt_asked.values()) == {1}, txt_asked
             site_figs = st["tls_sites"]
             assert site_figs["mx.testing.test"]["sts_testing_failures"] >= 1, site_figs
             assert site_figs["mx.enforce.test"]["sts_enforced"] >= 1, site_figs

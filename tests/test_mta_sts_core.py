@@ -171,3 +171,16 @@ def test_mta_sts_governs_only_sites_without_an_explicit_tls(site, hosts, sites, 
     cfg = parse_config({"site": sites} if sites else {})
     assert cfg.delivery.mta_sts is True
     assert mta_sts_applies(site, hosts, cfg.sites, tls) is want
+
+
+@pytest.mark.parametrize("error, checked_at, now, usable", [
+    (None, 1000.0, 1000.0, True),          # just looked up
+    ("nxdomain", 1000.0, 1299.0, True),    # no record is an answer too
+    (None, 1000.0, 1300.0, False),         # as old as the recheck interval: look again
+    ("servfail", 1000.0, 1001.0, False),   # a failed lookup is the relay's to repeat
+    ("timeout", 1000.0, 1001.0, False),
+    (None, 1005.0, 1000.0, True),          # another node's clock ahead: counts as now
+])
+def test_a_txt_answer_from_the_throttle_stands_in_for_a_lookup(error, checked_at, now,
+                                                               usable) -> None:
+    assert StsCache(recheck=300).answer_usable(error, checked_at, now) is usable

@@ -130,3 +130,34 @@ def test_the_policy_host_goes_through_the_mx_address_guard(world) -> None:
                                   "refused (delivery.allow_networks)")
         assert srv.requests["mta-sts.good.test"] == before     # never contacted
     asyncio.run(run())
+
+
+def test_a_txt_answer_given_with_the_batch_replaces_the_relays_lookup(world) -> None:
+    """The throttle looked the TXT record up beside the MX: the relay's fetcher uses it (no
+    query of its own), still fetches the policy its id names, and looks up itself when the
+    answer given is a failure or older than the recheck interval."""
+    dns, srv, ca_file = world
+
+    async def run() -> None:
+        f = _fetcher(dns, srv, ca_file)
+        before = dns.queries[("_mta-sts.good.test", "TXT")]
+        before_none = dns.queries[("_mta-sts.none.test", "TXT")]
+        fetched = srv.requests["mta-sts.good.test"]
+        pol = await f.policy("good.test", now=2000, txt=[["v=STSv1; id=1"], None, 1990.0])
+        assert pol == StsPolicy("enforce", ("*.good.test",), 86400)
+        assert srv.requests["mta-sts.good.test"] == fetched + 1
+        # no record (NXDOMAIN given): no policy, no query, known until the recheck is due
+        assert await f.policy("none.test", now=2000, txt=[[], "nxdomain", 1995.0]) is None
+        assert f.current("none.test", now=2000) == (True, None)
+        assert f.due("none.test", now=1995 + 59) is False
+        assert f.due("none.test", now=1995 + 60) is True
+        assert dns.queries[("_mta-sts.good.test", "TXT")] == before
+        assert dns.queries[("_mta-sts.none.test", "TXT")] == before_none
+        assert (f.counters["sts_lookups"], f.counters["sts_txt_given"]) == (0, 2)
+        # a failed lookup given, or one too old: the relay asks DNS itself
+        await f.policy("gone.test", now=2000, txt=[[], "servfail", 2000.0])
+        await f.policy("huge.test", now=2000, txt=[[], "nxdomain", 1900.0])
+        assert f.counters["sts_lookups"] == 2
+        assert dns.queries[("_mta-sts.gone.test", "TXT")] >= 1
+
+    asyncio.run(run())

@@ -48,6 +48,7 @@ __all__ = [
     "MxResolver",
     "Route",
     "SecureAnswer",
+    "TxtAnswer",
     "address_literal_route",
     "normalize_domain",
 ]
@@ -212,6 +213,18 @@ class _Lookup:
 
 
 @dataclass(frozen=True)
+class TxtAnswer:
+    """The TXT records at a name (each record's strings joined), as :meth:`MxResolver.txt`,
+    with when they were looked up and until when they may be used."""
+
+    records: tuple[str, ...]
+    #: None (answered, maybe with no records), "nxdomain", "servfail", "timeout", ...
+    error: str | None
+    checked_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True)
 class _HostEntry:
     """Addresses of one MX host, cached across domains (many domains share MX hosts)."""
 
@@ -314,6 +327,7 @@ class MxResolver:
         self._rng = rng
         self._routes = _LRU(cache_size)
         self._hosts = _LRU(cache_size)
+        self._txts = _LRU(cache_size)
         self._inflight: dict[tuple[str, str], asyncio.Task[Any]] = {}
         self._hits = 0
         self._misses = 0
@@ -361,6 +375,32 @@ class MxResolver:
         res = await self._query(qname, dns.rdatatype.TXT)
         texts = [b"".join(rd.strings).decode("utf-8", "replace") for rd in res.records]
         return texts, res.error
+
+    async def txt_cached(self, name: str, now: float) -> TxtAnswer:
+        """:meth:`txt`, cached with the answer's TTL: records with their TTL, none (NODATA,
+        NXDOMAIN) with the negative TTL from the SOA (RFC 2308 §5), both clamped to
+        ``min_ttl``..``max_ttl``; a failed lookup ("servfail", "timeout", an invalid name) is
+        not cached. Concurrent asks for one name share one query. ``checked_at``: when the
+        answer came from DNS (a cached one keeps its first time)."""
+        key = name.lower().rstrip(".")
+        hit = self._txts.get(key, now, _txt_expires)
+        if hit is not None:
+            self._hits += 1
+            return hit  # type: ignore[no-any-return]
+        self._misses += 1
+        return await self._single_flight(("txt", key), lambda: self._lookup_txt(key, now))
+
+    async def _lookup_txt(self, key: str, now: float) -> TxtAnswer:
+        try:
+            qname = dns.name.from_text(key)
+        except dns.exception.DNSException as e:
+            return TxtAnswer((), f"invalid name ({e})", now, now)
+        res = await self._query(qname, dns.rdatatype.TXT)
+        texts = tuple(b"".join(rd.strings).decode("utf-8", "replace") for rd in res.records)
+        ans = TxtAnswer(texts, res.error, now, now + self._clamp(res.ttl))
+        if res.error in (None, "nxdomain"):
+            self._txts.put(key, ans)
+        return ans
 
     async def host_addresses(self, name: str, now: float) -> tuple[tuple[str, ...], str | None]:
         """A and AAAA addresses of a host name (cached with the MX hosts' addresses), and the
@@ -412,7 +452,7 @@ class MxResolver:
         return self._dnssec
 
     def cache_info(self) -> dict[str, Any]:
-        return {"routes": len(self._routes), "hosts": len(self._hosts),
+        return {"routes": len(self._routes), "hosts": len(self._hosts), "txts": len(self._txts),
                 "max_size": self._routes.size, "hits": self._hits, "misses": self._misses,
                 "queries": self._queries, "inflight": len(self._inflight),
                 "queries_active": self._queries_active, "queries_peak": self._queries_peak,
@@ -640,6 +680,10 @@ class MxResolver:
 
 
 def _expires_at(v: Route | DnsFailure) -> float:
+    return v.expires_at
+
+
+def _txt_expires(v: TxtAnswer) -> float:
     return v.expires_at
 
 

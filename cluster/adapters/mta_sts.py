@@ -19,6 +19,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -85,20 +86,29 @@ class StsFetcher:
         self.cache = StsCache(recheck, max_domains)
         self._ssl = ssl.create_default_context(cafile=ca_file or None)
         self._inflight: dict[str, asyncio.Future[StsPolicy | None]] = {}
-        self.counters = {"sts_lookups": 0, "sts_fetches": 0, "sts_fetch_failures": 0,
+        self.counters = {"sts_lookups": 0, "sts_txt_given": 0, "sts_fetches": 0, "sts_fetch_failures": 0,
                          "sts_invalid": 0}
         #: the words of the last failed fetch (for stats and tests)
         self.last_failure = ""
 
-    async def policy(self, domain: str, now: float | None = None) -> StsPolicy | None:
-        """The policy in force for ``domain`` (mode enforce or testing), or None."""
+    async def policy(self, domain: str, now: float | None = None,
+                     txt: Sequence[Any] | None = None) -> StsPolicy | None:
+        """The policy in force for ``domain`` (mode enforce or testing), or None.
+
+        ``txt``: the domain's TXT answer already looked up elsewhere (the throttle does it
+        beside the MX lookup), ``[records, error, checked_at]``; used instead of a query of
+        our own while younger than the recheck interval and an answer (error None or
+        "nxdomain"), otherwise ignored."""
         now = time.time() if now is None else now
         known, pol = self.cache.fresh(domain, now)
         if known:
             return pol
         fut = self._inflight.get(domain)
         if fut is None:
-            fut = asyncio.ensure_future(self._lookup(domain, now))
+            hint = None
+            if txt is not None and self.cache.answer_usable(txt[1], float(txt[2]), now):
+                hint = (list(txt[0]), txt[1], min(float(txt[2]), now))
+            fut = asyncio.ensure_future(self._lookup(domain, now, hint))
             self._inflight[domain] = fut
             fut.add_done_callback(lambda _f: self._inflight.pop(domain, None))
         return await asyncio.shield(fut)
@@ -114,9 +124,16 @@ class StsFetcher:
         now = time.time() if now is None else now
         return not self.cache.fresh(domain, now)[0]
 
-    async def _lookup(self, domain: str, now: float) -> StsPolicy | None:
-        self.counters["sts_lookups"] += 1
-        records, error = await self.resolver.txt(f"_mta-sts.{domain}")
+    async def _lookup(self, domain: str, now: float,
+                      hint: tuple[list[str], str | None, float] | None = None
+                      ) -> StsPolicy | None:
+        checked = now
+        if hint is None:
+            self.counters["sts_lookups"] += 1
+            records, error = await self.resolver.txt(f"_mta-sts.{domain}")
+        else:
+            self.counters["sts_txt_given"] += 1
+            records, error, checked = hint
         try:
             txt_id = parse_txt(records) if error in (None, "nxdomain") else None
         except StsPolicyError as e:
@@ -124,7 +141,7 @@ class StsFetcher:
             log.warning("MTA-STS %s: %s", domain, e)
             txt_id = None
         if not self.cache.needs_fetch(domain, txt_id, now):
-            self.cache.txt_checked(domain, now)
+            self.cache.txt_checked(domain, checked)
             return self.cache.current(domain, now)
         assert txt_id is not None
         self.counters["sts_fetches"] += 1

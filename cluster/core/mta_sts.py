@@ -213,6 +213,13 @@ class StsCache:
         e = self._d.get(domain)
         return e is None or e.txt_id != txt_id or e.policy is None or now >= e.expires_at
 
+    def answer_usable(self, error: str | None, checked_at: float, now: float) -> bool:
+        """Whether a TXT answer looked up elsewhere at ``checked_at`` (the throttle's, beside
+        the MX lookup) may stand for a lookup of our own now: it is an answer (``error`` None
+        or "nxdomain"; a failed lookup is ours to repeat) and younger than ``recheck``. A
+        time ahead of ``now`` (clocks of two nodes) counts as now."""
+        return error in (None, "nxdomain") and now - min(checked_at, now) < self.recheck
+
     def txt_checked(self, domain: str, now: float) -> None:
         """The TXT record was looked at (no record, the same id, or a failed lookup): the
         cached policy, if any, stays until it expires (§5.1: a missing record does not
