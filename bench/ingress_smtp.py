@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import smtplib
 import ssl
@@ -211,8 +212,11 @@ def _smtp_source_run(port: int, n: int, sessions: int, stats: Any, before: dict[
     from bench.peer_postfix import _inject_smtp_source
     if mode != "plain":
         raise SystemExit("smtp-source speaks neither STARTTLS nor AUTH: use --mode plain")
+    pid = before.get("pid")          # the ingress actor's process (absent: in this process)
+    cpu0 = _cpu_s(pid)
     r = _inject_smtp_source("127.0.0.1", port, n, 2000, sessions,
                             time.time() + max(60.0, seconds * 20))
+    cpu1 = _cpu_s(pid)
     after = stats()
     took = r["t_last"] - r["t_first"]
     ok = after.get("accepted", 0) - before.get("accepted", 0)
@@ -226,7 +230,19 @@ def _smtp_source_run(port: int, n: int, sessions: int, stats: Any, before: dict[
             "latency_ms_p50": None, "latency_ms_p99": None, "submit_calls": calls,
             "messages_per_call": round(sent / calls, 1) if calls else 0,
             "largest_call": after["batches"]["largest"], "injector_cpu_s": r["cpu_s"],
+            # the listener's own CPU per message: what the front end costs, whatever the
+            # machine's load (which moves msgs/s a lot on this shared machine)
+            "ingress_cpu_us_per_msg": round(1e6 * (cpu1 - cpu0) / ok) if ok and pid else None,
             "machine": c.machine_info()}
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far; 0 without one."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_then_client(start: float, *args: Any) -> None:
@@ -265,8 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("mode", "sessions", "session_errors", "seconds", "accepted", "replies",
               "accepted_per_s",
               "latency_ms_p50", "latency_ms_p99", "submit_calls", "messages_per_call",
-              "largest_call"):
-        print(f"{k:<20} {res[k]}")
+              "largest_call", "ingress_cpu_us_per_msg"):
+        if k in res:
+            print(f"{k:<20} {res[k]}")
     if "postfix" in res:
         print(f"postfix smtpd        {res['postfix']['accepted_per_s']} msgs/s accepted "
               f"({res['postfix']['accepted']} messages, same smtp-source)")

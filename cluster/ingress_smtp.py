@@ -220,6 +220,7 @@ class _Session(asyncio.Protocol):
         self._busy = False              # waiting for a commit, a password check, TLS
         self._closing = False
         self._paused = False
+        self._write_paused = False
         self._auth: tuple[str, bytes | None] | None = None   # (mechanism, login) in progress
         self._auth_failures = 0
         self._bogus = 0
@@ -265,11 +266,20 @@ class _Session(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
-        if not self._busy:
+        if not self._busy and not self._write_paused:
             self._run()
         elif self.reader.buffered > _MAX_BUFFERED and not self._paused and self.transport:
             self._paused = True
             self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        # a client that sends commands but reads no replies: answer nothing more until it does
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._busy:
+            self._run()
 
     def eof_received(self) -> bool | None:
         return None                      # close (a half-closed client sends nothing more)
@@ -277,7 +287,7 @@ class _Session(asyncio.Protocol):
     def _run(self) -> None:
         """Answer every complete command (or body) read so far, unless waiting."""
         reader = self.reader
-        while not self._busy and not self._closing:
+        while not self._busy and not self._closing and not self._write_paused:
             ev = reader.next_event()
             if ev is None:
                 break
@@ -297,7 +307,7 @@ class _Session(asyncio.Protocol):
                 self._reply("552 Error: Too much mail data" if ev.reason == "size" else
                             "500 Line too long (see RFC5321 4.5.3.1.6)")
         self._flush()
-        if self._paused and not self._busy and self.transport is not None:
+        if self._paused and not self._busy and not self._write_paused and self.transport:
             self._paused = False
             self.transport.resume_reading()
 
