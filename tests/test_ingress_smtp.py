@@ -406,6 +406,27 @@ def test_no_raymta_process_holds_thousands_of_threads(env):
     assert threads and max(threads.values()) < 500, threads
 
 
+def test_a_silent_session_is_closed_after_the_command_timeout(env):
+    """Slowloris: a client that connects (or stops mid-line) and says nothing holds a
+    connection slot until ``command_timeout``, then gets 421 and is closed."""
+    from cluster.ingress_smtp import SmtpIngress
+    settings = replace(env["cfg"].ingress, submission=("127.0.0.1:0",), submissions=(),
+                       command_timeout=1.0)
+    with SmtpIngress.from_config(env["mc"], settings) as ing:
+        with socket.create_connection(("127.0.0.1", ing.addresses[0].port), timeout=30) as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            s.sendall(b"EHLO slow.test\r\n")
+            _replies(f, 1)
+            t = time.monotonic()
+            s.sendall(b"MAIL FRO")                       # and nothing more
+            assert f.readline().startswith(b"421 4.4.2 "), "closed with a reason"
+            assert f.readline() == b"", "then closed"
+            assert 0.9 < time.monotonic() - t < 10
+        wait_for(lambda: not ing.sessions and not ing.stats()["open_connections"], 10,
+                 "its connection slot freed")
+
+
 def _replies(f, n: int) -> list[bytes]:
     """The next ``n`` replies (a multi-line reply as one, its lines joined)."""
     out = []
@@ -447,6 +468,7 @@ def test_the_session_reads_what_arrives_however_it_is_cut(env):
             s.sendall(b"MAIL FROM:<app@x.test>\r\nRCPT TO:<gone@ok.test>\r\nDATA\r\n")
             assert [r[:4] for r in _replies(f, 3)] == [b"250 ", b"250 ", b"354 "]
             s.sendall(b"Subject: gone\r\n\r\nhalf a mess")          # then the client is gone
+            f.close()                  # (the socket closes once its file is closed too)
         wait_for(lambda: not ing.sessions, 10, "the session closed")
         stats = ing.stats()
     assert stats["accepted"] == 1 and stats["batches"]["messages"] == 1, stats
