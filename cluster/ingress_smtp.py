@@ -197,7 +197,7 @@ class _Session(asyncio.Protocol):
     commit of its message, a password check, a TLS handshake — it reads on but processes
     nothing, and stops reading once :data:`_MAX_BUFFERED` bytes wait."""
 
-    def __init__(self, ingress: "SmtpIngress", listener: Listener,
+    def __init__(self, ingress: SmtpIngress, listener: Listener,
                  client: tuple[str, int] | None = None) -> None:
         self.ingress = ingress
         self.listener = listener
