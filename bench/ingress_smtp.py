@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import shutil
 import smtplib
 import ssl
@@ -111,6 +112,7 @@ def _client(port: int, mode: str, ca_file: str, threads: int, until: float, cap:
 
 def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float = 8.0,
         messages: int = 100_000, batch_window: str = "2ms", batch_max: int = 1000,
+        batch_concurrency: int = 4,
         in_process: bool = False, injector: str = "smtplib") -> dict[str, Any]:
     import ray
 
@@ -130,6 +132,7 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
         section: dict[str, Any] = {"hostname": "ingress.bench.test",
                                    "submission": ["127.0.0.1:0"], "batch_window": batch_window,
                                    "batch_max": batch_max,
+                                   "batch_concurrency": batch_concurrency,
                                    "max_connections_per_ip": 1000,
                                    "max_connections_per_user": 1000}
         if mode == "tls":
@@ -211,8 +214,15 @@ def _smtp_source_run(port: int, n: int, sessions: int, stats: Any, before: dict[
     from bench.peer_postfix import _inject_smtp_source
     if mode != "plain":
         raise SystemExit("smtp-source speaks neither STARTTLS nor AUTH: use --mode plain")
+    pid = before.get("pid")          # the ingress actor's process (absent: in this process)
+    cpu0 = _cpu_s(pid)
+    # where the machine's CPU went: this process's tree (the embedded Ray cluster: ingress,
+    # shard leaders and copies, raylet, GCS; and smtp-source)
+    meter = c.CpuMeter(lambda: [os.getpid()]).start()
     r = _inject_smtp_source("127.0.0.1", port, n, 2000, sessions,
                             time.time() + max(60.0, seconds * 20))
+    cpu1 = _cpu_s(pid)
+    used = meter.stop()
     after = stats()
     took = r["t_last"] - r["t_first"]
     ok = after.get("accepted", 0) - before.get("accepted", 0)
@@ -226,7 +236,21 @@ def _smtp_source_run(port: int, n: int, sessions: int, stats: Any, before: dict[
             "latency_ms_p50": None, "latency_ms_p99": None, "submit_calls": calls,
             "messages_per_call": round(sent / calls, 1) if calls else 0,
             "largest_call": after["batches"]["largest"], "injector_cpu_s": r["cpu_s"],
+            # the listener's own CPU per message: what the front end costs, whatever the
+            # machine's load (which moves msgs/s a lot on this shared machine)
+            "ingress_cpu_us_per_msg": round(1e6 * (cpu1 - cpu0) / ok) if ok and pid else None,
+            "cpu_us_per_msg_by_process": {k: round(1e6 * v / ok) for k, v in
+                                          used["by_process"].items()} if ok else {},
             "machine": c.machine_info()}
+
+
+def _cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) of process ``pid`` so far; 0 without one."""
+    if not pid:
+        return 0.0
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rpartition(b")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wait_then_client(start: float, *args: Any) -> None:
@@ -244,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-window", default="2ms")
     ap.add_argument("--batch-max", type=int, default=1000,
                     help="most messages per submit call (1: one commit per message)")
+    ap.add_argument("--batch-concurrency", type=int, default=4,
+                    help="submit calls in flight at once (new arrivals gather meanwhile)")
     ap.add_argument("--injector", choices=("smtplib", "smtp-source"), default="smtplib")
     ap.add_argument("--postfix", action="store_true",
                     help="also feed Postfix's smtpd the same smtp-source command")
@@ -254,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--seconds: at most 60 (the machine is shared)")
     res = run(mode=args.mode, procs=args.procs, threads=args.threads, seconds=args.seconds,
               messages=args.messages, batch_window=args.batch_window,
-              batch_max=args.batch_max, in_process=args.in_process, injector=args.injector)
+              batch_max=args.batch_max, batch_concurrency=args.batch_concurrency,
+              in_process=args.in_process, injector=args.injector)
     if args.postfix:
         from bench.peer_postfix import run_postfix
         pf = run_postfix(args.messages, connections=args.procs * args.threads,
@@ -265,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     for k in ("mode", "sessions", "session_errors", "seconds", "accepted", "replies",
               "accepted_per_s",
               "latency_ms_p50", "latency_ms_p99", "submit_calls", "messages_per_call",
-              "largest_call"):
-        print(f"{k:<20} {res[k]}")
+              "largest_call", "ingress_cpu_us_per_msg", "cpu_us_per_msg_by_process"):
+        if k in res:
+            print(f"{k:<20} {res[k]}")
     if "postfix" in res:
         print(f"postfix smtpd        {res['postfix']['accepted_per_s']} msgs/s accepted "
               f"({res['postfix']['accepted']} messages, same smtp-source)")

@@ -1,7 +1,8 @@
 """SMTP submission ingress: senders hand raymta mail over SMTP instead of the Python API.
 
-Owns the SMTP listeners of one process (aiosmtpd on one asyncio loop in a thread of its own):
-submission with STARTTLS (RFC 6409, port 587) and submissions over implicit TLS (RFC 8314,
+Owns the SMTP listeners of one process (one asyncio loop in a thread of its own) and their
+sessions: an :class:`asyncio.Protocol` per connection over :mod:`cluster.core.smtp_reader`
+(framing without I/O), replies to pipelined commands (RFC 2920) sent in one write; submission with STARTTLS (RFC 6409, port 587) and submissions over implicit TLS (RFC 8314,
 port 465), AUTH PLAIN and LOGIN offered only once the session is encrypted (RFC 4954 §4),
 what an authenticated user may do (:mod:`cluster.core.submission`: its sender domains in the
 envelope and the From/Sender fields, per-IP and per-user connection and message-rate limits),
@@ -19,8 +20,7 @@ a domain the user may not use, a loop, too big). The flags decide, never the err
 Never an open relay: without authentication configured a listener refuses to start on any
 address but loopback (:class:`IngressError`), and with it nothing is accepted before AUTH
 (530 5.7.0 on MAIL, RCPT and DATA). Passwords are checked off the loop (scrypt takes ~50 ms)
-and appear in no log line, error or repr; aiosmtpd's own debug log (which would show an AUTH
-LOGIN response) is held at INFO.
+and appear in no log line, error or repr (nothing logs what a client sends).
 
 Behind a TCP load balancer (docs: README "Behind a load balancer"), any listener — STARTTLS
 or implicit TLS — may require the PROXY protocol (v1 or v2, ``[ingress] proxy_protocol``;
@@ -34,28 +34,32 @@ balancer's own health check) keeps the connection's own address.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
 import ipaddress
 import logging
 import os
+import random
 import re
 import ssl
 import threading
 import time
 from dataclasses import dataclass
+from email._header_value_parser import get_addr_spec, get_angle_addr
+from email.errors import HeaderParseError
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
-
+from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
 from cluster.config import IngressConfig, load_users_file
 from cluster.core.addresses import AddressError, parse_address
-from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
+from cluster.core.smtp_reader import Body, Line, LineTooLong, SmtpReader
 from cluster.core.submission import (
     LimitBook,
-    completion_fields,
     SubmissionUser,
     UserTable,
+    completion_fields,
     count_hops,
     domain_allowed,
     envelope_domain,
@@ -64,19 +68,9 @@ from cluster.core.submission import (
 )
 from cluster.submit_batcher import SubmitBatcher
 
-__all__ = ["SmtpIngress", "IngressError", "Listener", "reply_for_refusal", "tls_context"]
+__all__ = ["IngressError", "Listener", "SmtpIngress", "reply_for_refusal", "tls_context"]
 
 log = logging.getLogger("raymta.ingress")
-# aiosmtpd logs what a client answers to an AUTH LOGIN challenge (base64 of the password) at
-# DEBUG, and every command line at INFO (a log record per line: measurable CPU at thousands of
-# messages a second): let only its warnings through; this module logs what matters
-logging.getLogger("mail.log").setLevel(max(logging.WARNING,
-                                           logging.getLogger("mail.log").getEffectiveLevel()))
-
-# aiosmtpd sets its deprecated Session.login_data itself on every successful AUTH, and says so
-logging.getLogger("mail.log").addFilter(
-    lambda r: not str(r.msg).startswith("Session.login_data is deprecated"))
-
 #: failed AUTH attempts a session gets before it is closed (421)
 MAX_AUTH_FAILURES = 3
 
@@ -124,8 +118,15 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+#: seeded from os.urandom once: a getrandom() system call per message was 2.6 % of the
+#: listener's samples (py-spy); the ids need to be unlikely to collide, not unpredictable
+_ids = random.Random()
+
+
 def _txid() -> str:
-    return f"{time.time_ns() // 1000:x}{os.urandom(3).hex()}".upper()
+    """A queue id: the time in microseconds and 24 random bits (also the Message-ID's token
+    when the message has none, so it must not repeat across listeners)."""
+    return f"{time.time_ns() // 1000:X}{_ids.getrandbits(24):06X}"
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -137,63 +138,124 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 #: ``<local@domain>`` with a dot-atom local part and an LDH domain: the address of nearly every
-#: MAIL and RCPT, read without aiosmtpd's RFC 5322 parser (~15 % of the listener's CPU at
-#: load, py-spy); anything else still goes through it
+#: MAIL and RCPT, read without the RFC 5322 parser of :mod:`email` (~15 % of the listener's
+#: CPU at load, py-spy); anything else still goes through it
 _ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _SIMPLE_ADDRESS = re.compile(rf"<({_ATOM}(?:\.{_ATOM})*@{_LABEL}(?:\.{_LABEL})*)>")
 
 
-class _Submission(SMTP):
-    """One SMTP session of a listener: connection limits, implicit TLS, AUTH off the loop."""
+#: what a client may send before STARTTLS on a listener that requires it (RFC 3207 §4)
+_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "STARTTLS", "QUIT"})
+#: longest command line without its line end: 512 (RFC 5321 §4.5.3.1.4), MAIL's longer by
+#: what SIZE and SMTPUTF8 add in ESMTP (RFC 1870, RFC 6531), AUTH's 12288 (RFC 4954 §4)
+_COMMAND_LINE, _MAIL_LINE, _AUTH_LINE = 512, 512 + 26 + 10, 12288
+#: unknown commands a session may send before it is closed
+_BOGUS_LIMIT = 5
+#: bytes a session waiting for its commit or a password check may hold before its socket
+#: stops being read (a pipelining client, or one that does not wait)
+_MAX_BUFFERED = 1 << 20
+_USERNAME, _PASSWORD = "334 VXNlcm5hbWU6", "334 UGFzc3dvcmQ6"   # "Username:", "Password:"
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        m = _SIMPLE_ADDRESS.match(arg)
-        if m is not None:
-            return m.group(1), arg[m.end():]
-        return super()._getaddr(arg)
 
-    def __init__(self, ingress: "SmtpIngress", handler: "_Handler", listener: Listener,
-                 client: tuple[str, int] | None = None, **kw: Any) -> None:
-        super().__init__(handler, **kw)
+def _address(text: str) -> tuple[str | None, str]:
+    """(address, the parameters after it) of a MAIL or RCPT argument; None: malformed."""
+    m = _SIMPLE_ADDRESS.match(text)
+    if m is not None:
+        return m.group(1), text[m.end():]
+    if not text:
+        return "", ""
+    try:
+        addr, rest = (get_angle_addr if text.startswith("<") else get_addr_spec)(text)
+    except HeaderParseError:
+        return None, ""
+    return addr.addr_spec, str(rest)
+
+
+def _params(options: list[str]) -> dict[str, str | bool] | None:
+    """ESMTP parameters (RFC 5321 §4.1.2 esmtp-param), None if one is malformed."""
+    out: dict[str, str | bool] = {}
+    for p in options:
+        key, eq, value = p.partition("=")
+        if not key.isalnum() or (eq and not value):
+            return None
+        out[key] = value if eq else True
+    return out
+
+
+def _b64(text: bytes | str) -> bytes | None:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+class _Session(asyncio.Protocol):
+    """One SMTP session: a :class:`SmtpReader` frames what the client sends, each command is
+    answered in order, and the replies to one read go out in one write (so a pipelining
+    client, RFC 2920, costs one send per batch of commands). While the session waits — for the
+    commit of its message, a password check, a TLS handshake — it reads on but processes
+    nothing, and stops reading once :data:`_MAX_BUFFERED` bytes wait."""
+
+    def __init__(self, ingress: SmtpIngress, listener: Listener,
+                 client: tuple[str, int] | None = None) -> None:
         self.ingress = ingress
         self.listener = listener
         #: the client a PROXY header named (cluster/adapters/proxy_listen.py), else None
         self.client = client
+        self.require_starttls = listener.mode == "starttls" and ingress.auth_required
+        self.transport: asyncio.Transport | None = None
+        self.reader = SmtpReader(max_line=_AUTH_LINE)
         self.user: SubmissionUser | None = None
         self.peer_ip = "?"
-        self._refused: str | None = None
-        self._counted = False
+        self.helo = ""                  # the last HELO/EHLO name ("": none yet)
+        self.esmtp = False
+        self.tls: ssl.SSLObject | None = None
+        self.mail_from: str | None = None
+        self.mail_options: list[str] = []
+        self.smtputf8 = False
+        self.rcpts: list[str] = []
+        self.last_active = time.monotonic()
+        self._out: list[bytes] = []
+        self._busy = False              # waiting for a commit, a password check, TLS
+        self._closing = False
+        self._paused = False
+        self._write_paused = False
+        self._auth: tuple[str, bytes | None] | None = None   # (mechanism, login) in progress
         self._auth_failures = 0
+        self._bogus = 0
+        self._counted = False
 
+    # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        upgrade = self._original_transport is not None
-        super().connection_made(transport)
-        if upgrade:
-            return
-        self.ingress.sessions.add(self)
+        # an asyncio or uvloop transport (uvloop's are not asyncio.Transport subclasses)
+        self.transport = transport  # type: ignore[assignment]
+        ing = self.ingress
+        ing.sessions.add(self)
         peer = self.client or transport.get_extra_info("peername")
         self.peer_ip = str(peer[0]) if peer else "?"
-        if self.client is not None and self.session is not None:
-            self.session.peer = self.client  # type: ignore[assignment]
-        self.ingress.count("connections")
-        self._open_ip()
-        sslobj = transport.get_extra_info("ssl_object")
-        if sslobj is not None:
-            # implicit TLS (465): the session is encrypted from the first byte; aiosmtpd only
-            # knows about STARTTLS, so tell it (AUTH is then offered, STARTTLS is not)
-            self._tls_protocol = True  # type: ignore[assignment]
-            assert self.session is not None
-            self.session.ssl = {"ssl_object": sslobj}
+        ing.count("connections")
+        # implicit TLS (465): encrypted from the first byte (AUTH offered, STARTTLS not)
+        self.tls = transport.get_extra_info("ssl_object")
+        refusal = ing.limits.open_ip(self.peer_ip)
+        reason = refusal.reason if refusal is not None else None
+        self._counted = refusal is None
+        if reason is None and ing.draining:
+            reason = "node draining"
+            ing.count("refused_draining")
+        if reason is not None:
+            # RFC 5321 §3.8: a server that cannot serve a client now says 421 and closes
+            self._reply(f"421 4.7.0 {ing.hostname} {reason}; try again later")
+            self._close()
+            return
+        self._reply(f"220 {ing.hostname} ESMTP raymta")
+        self._flush()
 
-    def _open_ip(self) -> None:
-        refusal = self.ingress.limits.open_ip(self.peer_ip)
-        if refusal is not None:
-            self._refused = refusal.reason
-        else:
-            self._counted = True
-
-    def connection_lost(self, error: Exception | None) -> None:
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is None:
+            return
+        self.transport = None
+        self._closing = True
         self.ingress.sessions.discard(self)
         if self._counted:
             self._counted = False
@@ -201,159 +263,445 @@ class _Submission(SMTP):
         if self.user is not None:
             self.ingress.limits.logout(self.user.name)
             self.user = None
-        super().connection_lost(error)
 
-    async def _handle_client(self) -> None:
-        if self._refused is None and self.ingress.draining:
-            self._refused = "node draining"
-            self.ingress.count("refused_draining")
-        if self._refused is not None:
-            # RFC 5321 §3.8: a server that cannot serve a client now says 421 and closes
-            await self.push(f"421 4.7.0 {self.ingress.hostname} {self._refused}; try again "
-                            "later")
-            assert self.transport is not None
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        if not self._busy and not self._write_paused:
+            self._run()
+        elif self.reader.buffered > _MAX_BUFFERED and not self._paused and self.transport:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        # a client that sends commands but reads no replies: answer nothing more until it does
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._busy:
+            self._run()
+
+    def eof_received(self) -> bool | None:
+        return None                      # close (a half-closed client sends nothing more)
+
+    def _run(self) -> None:
+        """Answer every complete command (or body) read so far, unless waiting."""
+        reader = self.reader
+        while not self._busy and not self._closing and not self._write_paused:
+            ev = reader.next_event()
+            if ev is None:
+                break
+            self.last_active = time.monotonic()
+            if isinstance(ev, Line):
+                if self._auth is not None:
+                    self._auth_response(ev.text)
+                else:
+                    self._command(ev.text)
+            elif isinstance(ev, Body):
+                self._message(ev.content)
+            elif isinstance(ev, LineTooLong):
+                self._auth = None
+                self._reply("500 Command line too long")
+            else:                        # BodyRefused
+                self._reset()
+                self._reply("552 Error: Too much mail data" if ev.reason == "size" else
+                            "500 Line too long (see RFC5321 4.5.3.1.6)")
+        self._flush()
+        if self._paused and not self._busy and not self._write_paused and self.transport:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _reply(self, text: str) -> None:
+        self._out.append(text.encode("utf-8", "replace") + b"\r\n")
+
+    def _flush(self) -> None:
+        if self._out and self.transport is not None:
+            self.transport.write(b"".join(self._out))
+        self._out.clear()
+
+    def _close(self) -> None:
+        self._flush()
+        self._closing = True
+        if self.transport is not None:
             self.transport.close()
-            return
-        await super()._handle_client()
+
+    def idle_timeout(self) -> None:
+        log.info("SMTP session from %s idle too long: closed", self.peer_ip)
+        self._reply(f"421 4.4.2 {self.ingress.hostname} idle too long, closing")
+        self._close()
+
+    def _reset(self) -> None:
+        self.mail_from = None
+        self.mail_options = []
+        self.smtputf8 = False
+        self.rcpts = []
 
     def tls_info(self) -> tuple[str | None, str | None]:
-        ssl_info = self.session.ssl if self.session is not None else None
-        obj = (ssl_info or {}).get("ssl_object")
-        if obj is None:
+        if self.tls is None:
             return None, None
-        cipher = obj.cipher()
-        return obj.version(), cipher[0] if cipher else None
+        cipher = self.tls.cipher()
+        return self.tls.version(), cipher[0] if cipher else None
 
-    # AUTH: aiosmtpd's mechanisms decode the exchange and call _authenticate (synchronously);
-    # that only hands the credentials back, and the scrypt check runs off the loop here.
-    _PENDING = "raymta: pending"
+    # ------------------------------------------------------------------ commands
+    def _command(self, line: bytes) -> None:
+        verb_b, _, arg_b = line.partition(b" ")
+        try:
+            verb = verb_b.decode("ascii").upper()
+        except UnicodeDecodeError:
+            verb = ""
+        if not verb:
+            return self._reply("500 Error: bad syntax")
+        limit = _MAIL_LINE if verb == "MAIL" and self.esmtp else \
+            _AUTH_LINE if verb == "AUTH" else _COMMAND_LINE
+        if len(line) > limit:
+            return self._reply("500 Command line too long")
+        if self.require_starttls and self.tls is None and verb not in _BEFORE_STARTTLS:
+            return self._reply("530 Must issue a STARTTLS command first")
+        method = _COMMANDS.get(verb)
+        if method is None:
+            self._bogus += 1
+            if self._bogus >= _BOGUS_LIMIT:
+                self._reply("502 5.5.1 Too many unrecognized commands, goodbye.")
+                return self._close()
+            return self._reply(f'500 Error: command "{verb}" not recognized')
+        method(self, arg_b.strip().decode("utf-8", "surrogateescape"))
 
-    def _authenticate(self, mechanism: str, auth_data: Any) -> AuthResult:
-        return AuthResult(success=False, handled=False, auth_data=auth_data,
-                          message=self._PENDING)
+    def _refused_before_transaction(self) -> bool:
+        if not self.helo:
+            self._reply("503 Error: send HELO first")
+            return True
+        if self.ingress.auth_required and self.user is None:
+            self._reply("530 5.7.0 Authentication required")
+            return True
+        return False
 
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._verify(await super().auth_PLAIN(_, args))
+    def smtp_HELO(self, arg: str) -> None:
+        if not arg:
+            return self._reply("501 Syntax: HELO hostname")
+        self._reset()
+        self.helo, self.esmtp = arg, False
+        self._reply(f"250 {self.ingress.hostname}")
 
-    async def auth_LOGIN(self, _: Any, args: list[str]) -> AuthResult:
-        return await self._verify(await super().auth_LOGIN(_, args))
+    def smtp_EHLO(self, arg: str) -> None:
+        if not arg:
+            return self._reply("501 Syntax: EHLO hostname")
+        self._reset()
+        self.helo, self.esmtp = arg, True
+        ing = self.ingress
+        lines = [ing.hostname, f"SIZE {ing.max_size}", "8BITMIME", "SMTPUTF8", "PIPELINING"]
+        if self.listener.mode == "starttls" and ing._tls is not None and self.tls is None:
+            lines.append("STARTTLS")
+        if self.tls is not None and len(ing.users):   # RFC 4954 §4: AUTH only encrypted
+            lines.append("AUTH LOGIN PLAIN")
+        lines.append("HELP")
+        self._reply("\r\n".join(f"250-{x}" for x in lines[:-1]) + f"\r\n250 {lines[-1]}")
 
-    async def _verify(self, res: AuthResult) -> AuthResult:
-        if res.message != self._PENDING or not isinstance(res.auth_data, LoginPassword):
-            return res
-        creds: LoginPassword = res.auth_data
+    def smtp_NOOP(self, arg: str) -> None:
+        self._reply("250 OK")
+
+    def smtp_RSET(self, arg: str) -> None:
+        if arg:
+            return self._reply("501 Syntax: RSET")
+        self._reset()
+        self._reply("250 OK")
+
+    def smtp_QUIT(self, arg: str) -> None:
+        if arg:
+            return self._reply("501 Syntax: QUIT")
+        self._reply("221 Bye")
+        self._close()
+
+    def smtp_HELP(self, arg: str) -> None:
+        self._reply("250 Supported commands: " + " ".join(sorted(_COMMANDS)))
+
+    def smtp_VRFY(self, arg: str) -> None:
+        if self.ingress.auth_required and self.user is None:
+            return self._reply("530 5.7.0 Authentication required")
+        self._reply("252 Cannot VRFY user, but will accept message and attempt delivery"
+                    if arg else "501 Syntax: VRFY <address>")
+
+    def smtp_EXPN(self, arg: str) -> None:
+        self._reply("502 EXPN not implemented")
+
+    def smtp_STARTTLS(self, arg: str) -> None:
+        if arg:
+            return self._reply("501 Syntax: STARTTLS")
+        ctx = self.ingress._tls if self.listener.mode == "starttls" else None
+        if ctx is None or self.tls is not None:
+            return self._reply("454 TLS not available")
+        self._reply("220 Ready to start TLS")
+        self._flush()
+        self.reader.discard()          # RFC 3207 §4.2: nothing sent before the handshake
+        self._busy = True
+        asyncio.get_running_loop().create_task(self._starttls(ctx))
+
+    async def _starttls(self, ctx: ssl.SSLContext) -> None:
         loop = asyncio.get_running_loop()
-        user = await loop.run_in_executor(None, self.ingress.users.authenticate,
-                                          creds.login, creds.password)
-        login = creds.login.decode("utf-8", "replace")[:64]
+        old = self.transport
+        assert old is not None
+        try:
+            new = await loop.start_tls(old, self, ctx, server_side=True,
+                                       ssl_handshake_timeout=self.ingress.settings.command_timeout)
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError, RuntimeError) as e:
+            log.info("STARTTLS with %s failed: %s", self.peer_ip, e)
+            old.close()
+            self.connection_lost(None)
+            return
+        if self._closing or new is None:
+            return
+        self.transport = new
+        self.tls = new.get_extra_info("ssl_object")
+        # RFC 3207 §4.2: forget what the client said before (its EHLO name included)
+        self.helo, self.esmtp = "", False
+        self._reset()
+        self._busy = False
+        self._run()
+
+    # ------------------------------------------------------------------ AUTH (RFC 4954)
+    def smtp_AUTH(self, arg: str) -> None:
+        if not self.helo:
+            return self._reply("503 Error: send EHLO first")
+        if not self.esmtp:
+            return self._reply("500 Error: command 'AUTH' not recognized")
+        if self.tls is None:
+            return self._reply("538 5.7.11 Encryption required for requested "
+                               "authentication mechanism")
+        if self.user is not None:
+            return self._reply("503 Already authenticated")
+        if self.mail_from is not None:
+            return self._reply("503 5.5.1 AUTH not permitted during a mail transaction")
+        args = arg.split()
+        if not args:
+            return self._reply("501 Not enough value")
+        if len(args) > 2:
+            return self._reply("501 Too many values")
+        mech = args[0].upper()
+        if mech not in ("PLAIN", "LOGIN") or not len(self.ingress.users):
+            return self._reply("504 5.5.4 Unrecognized authentication type")
+        if len(args) == 1:
+            self._auth = (mech, None)
+            return self._reply("334 " if mech == "PLAIN" else _USERNAME)
+        initial = _b64(args[1])
+        if initial is None:
+            return self._reply("501 5.5.2 Can't decode base64")
+        if mech == "PLAIN":
+            return self._plain(initial)
+        self._auth = ("LOGIN", initial)
+        self._reply(_PASSWORD)
+
+    def _auth_response(self, line: bytes) -> None:
+        mech, login = self._auth or ("", None)
+        self._auth = None
+        blob = line.strip()
+        if blob == b"*":
+            return self._reply("501 5.7.0 Auth aborted")
+        data = _b64(blob)
+        if data is None:
+            return self._reply("501 5.5.2 Can't decode base64")
+        if mech == "PLAIN":
+            return self._plain(data)
+        if login is None:
+            self._auth = ("LOGIN", data)
+            return self._reply(_PASSWORD)
+        self._check(login, data)
+
+    def _plain(self, data: bytes) -> None:
+        parts = data.split(b"\0")       # authzid NUL authcid NUL passwd (RFC 4616 §2)
+        if len(parts) != 3:
+            return self._reply("501 5.5.2 Can't split auth value")
+        self._check(parts[1], parts[2])
+
+    def _check(self, login: bytes, password: bytes) -> None:
+        # scrypt takes ~50 ms: off the loop
+        self._busy = True
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(None, self.ingress.users.authenticate, login, password)
+        fut.add_done_callback(functools.partial(self._checked, login))
+
+    def _checked(self, login_b: bytes, fut: asyncio.Future[Any]) -> None:
+        self._busy = False
+        if self._closing:
+            return
+        ing = self.ingress
+        login = login_b.decode("utf-8", "replace")[:64]
+        try:
+            user = fut.result()
+        except Exception as e:   # noqa: BLE001 - a broken users table: try again later
+            log.warning("AUTH for %r from %s could not be checked: %s", login, self.peer_ip,
+                        type(e).__name__)
+            self._reply("454 4.7.0 Temporary authentication failure")
+            return self._run()
         if user is None:
             self._auth_failures += 1
-            self.ingress.count("auth_failed")
+            ing.count("auth_failed")
             log.warning("AUTH failed for %r from %s", login, self.peer_ip)
             if self._auth_failures >= MAX_AUTH_FAILURES:
-                assert self.transport is not None
-                loop.call_soon(self.transport.close)
-                return AuthResult(success=False, handled=False,
-                                  message="421 4.7.0 too many failed authentications")
-            return AuthResult(success=False, handled=False,
-                              message="535 5.7.8 Authentication credentials invalid")
-        refusal = self.ingress.limits.login(user)
+                self._reply("421 4.7.0 too many failed authentications")
+                return self._close()
+            self._reply("535 5.7.8 Authentication credentials invalid")
+            return self._run()
+        refusal = ing.limits.login(user)
         if refusal is not None:
             # RFC 4954 §6: 454 4.7.0 temporary authentication failure
-            return AuthResult(success=False, handled=False,
-                              message=f"454 4.7.0 {refusal.reason}; try again later")
+            self._reply(f"454 4.7.0 {refusal.reason}; try again later")
+            return self._run()
         self.user = user
-        self.ingress.count("auth_ok")
-        return AuthResult(success=True, auth_data=user)
+        ing.count("auth_ok")
+        self._reply("235 2.7.0 Authentication successful")
+        self._run()
 
-
-class _Handler:
-    def __init__(self, ingress: "SmtpIngress") -> None:
-        self.ingress = ingress
-
-    async def handle_MAIL(self, server: _Submission, session: Session, envelope: Envelope,
-                          address: str, mail_options: list[str]) -> str:
+    # ------------------------------------------------------------------ the transaction
+    def smtp_MAIL(self, arg: str) -> None:
+        if self._refused_before_transaction():
+            return
+        syntax = "501 Syntax: MAIL FROM: <address>" + (" [SP <mail-parameters>]"
+                                                       if self.esmtp else "")
+        if arg[:5].upper() != "FROM:":
+            return self._reply(syntax)
+        address, rest = _address(arg[5:].strip())
+        if address is None:
+            return self._reply("553 5.1.3 Error: malformed address")
+        if not address or (rest.strip() and not self.esmtp):
+            return self._reply(syntax)
+        if self.mail_from is not None:
+            return self._reply("503 Error: nested MAIL command")
+        options = rest.upper().split()
+        params = _params(options)
+        if params is None:
+            return self._reply(syntax)
+        if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
+            return self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
+        utf8 = params.pop("SMTPUTF8", False)
+        if utf8 is not True and utf8 is not False:
+            return self._reply("501 Error: SMTPUTF8 takes no arguments")
+        size = params.pop("SIZE", None)
+        if size is not None:
+            if size is True or not str(size).isdigit():
+                return self._reply(syntax)
+            if int(size) > self.ingress.max_size:
+                return self._reply("552 Error: message size exceeds fixed maximum message "
+                                   "size")
+        if params:
+            return self._reply("555 MAIL FROM parameters not recognized or not implemented")
         ing = self.ingress
-        utf8 = "SMTPUTF8" in [o.upper() for o in mail_options]
         try:
             parse_address(address, field="sender", allow_empty=True, allow_smtputf8=utf8)
         except AddressError as e:
-            return f"553 5.1.7 {e}"
-        user = server.user
+            return self._reply(f"553 5.1.7 {e}")
+        user = self.user
         if user is not None:
             dom = envelope_domain(address)
             if not dom or not domain_allowed(dom, user.domains):
                 ing.count("refused_sender")
-                return (f"550 5.7.1 sender <{address}>: user {user.name} may not send as "
-                        f"{dom or 'the null sender'}")
-        elif ing.auth_required:   # aiosmtpd answers 530 before this; never rely on it alone
-            return "530 5.7.0 Authentication required"
-        refusal = ing.limits.take_message(server.peer_ip, user, time.monotonic())
+                return self._reply(f"550 5.7.1 sender <{address}>: user {user.name} may not "
+                                   f"send as {dom or 'the null sender'}")
+        refusal = ing.limits.take_message(self.peer_ip, user, time.monotonic())
         if refusal is not None:
             ing.count("rate_limited")
-            return (f"450 4.7.1 {refusal.reason}; try again in "
-                    f"{max(1, round(refusal.retry_after))} s")
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        return "250 2.1.0 OK"
+            return self._reply(f"450 4.7.1 {refusal.reason}; try again in "
+                               f"{max(1, round(refusal.retry_after))} s")
+        self.mail_from, self.mail_options, self.smtputf8 = address, options, utf8
+        self._reply("250 2.1.0 OK")
 
-    async def handle_RCPT(self, server: _Submission, session: Session, envelope: Envelope,
-                          address: str, rcpt_options: list[str]) -> str:
-        if server.user is None and self.ingress.auth_required:
-            return "530 5.7.0 Authentication required"
-        if len(envelope.rcpt_tos) >= self.ingress.max_recipients:
-            # RFC 5321 §4.5.3.1.10: 452 for too many recipients (the client sends the rest
-            # in another transaction)
-            return f"452 4.5.3 too many recipients (limit {self.ingress.max_recipients})"
+    def smtp_RCPT(self, arg: str) -> None:
+        if self._refused_before_transaction():
+            return
+        if self.mail_from is None:
+            return self._reply("503 Error: need MAIL command")
+        syntax = "501 Syntax: RCPT TO: <address>" + (" [SP <mail-parameters>]"
+                                                     if self.esmtp else "")
+        if arg[:3].upper() != "TO:":
+            return self._reply(syntax)
+        address, rest = _address(arg[3:].strip())
+        if address is None:
+            return self._reply("553 5.1.3 Error: malformed address")
+        if not address or (rest.strip() and not self.esmtp):
+            return self._reply(syntax)
+        params = _params(rest.upper().split())
+        if params is None:
+            return self._reply(syntax)
+        if params:
+            return self._reply("555 RCPT TO parameters not recognized or not implemented")
+        limit = self.ingress.max_recipients
+        if len(self.rcpts) >= limit:
+            # RFC 5321 §4.5.3.1.10: 452, and the client sends the rest in another transaction
+            return self._reply(f"452 4.5.3 too many recipients (limit {limit})")
         try:
-            parse_address(address, field="recipient",
-                          allow_smtputf8="SMTPUTF8" in [o.upper() for o in envelope.mail_options])
+            parse_address(address, field="recipient", allow_smtputf8=self.smtputf8)
         except AddressError as e:
-            return f"553 5.1.3 {e}"
-        envelope.rcpt_tos.append(address)
-        return "250 2.1.5 OK"
+            return self._reply(f"553 5.1.3 {e}")
+        self.rcpts.append(address)
+        self._reply("250 2.1.5 OK")
 
-    async def handle_DATA(self, server: _Submission, session: Session, envelope: Envelope) -> str:
+    def smtp_DATA(self, arg: str) -> None:
+        if self._refused_before_transaction():
+            return
+        if not self.rcpts:
+            return self._reply("503 Error: need RCPT command")
+        if arg:
+            return self._reply("501 Syntax: DATA")
+        self._reply("354 End data with <CR><LF>.<CR><LF>")
+        self.reader.begin_data(self.ingress.max_size)
+
+    def _message(self, raw: bytes) -> None:
+        """A whole body: checked, given its Received field, then queued (replied when the
+        commit carrying it returned)."""
         ing = self.ingress
-        if server.user is None and ing.auth_required:
-            return "530 5.7.0 Authentication required"
-        raw: bytes = envelope.original_content or b""
         hops = count_hops(raw)
         if hops >= ing.max_hops:
             ing.count("refused_loop")
-            return (f"554 5.4.6 too many hops: {hops} Received fields (limit {ing.max_hops}); "
-                    "a mail loop?")
-        user = server.user
+            self._reset()
+            return self._reply(f"554 5.4.6 too many hops: {hops} Received fields (limit "
+                               f"{ing.max_hops}); a mail loop?")
+        user = self.user
         if user is not None:
             problem = header_sender_problem(raw, user.domains)
             if problem:
                 ing.count("refused_sender")
-                return f"550 5.7.1 {problem}"
+                self._reset()
+                return self._reply(f"550 5.7.1 {problem}")
         txid = _txid()
-        version, cipher = server.tls_info()
-        rcpts = list(envelope.rcpt_tos)
+        version, cipher = self.tls_info()
+        rcpts = self.rcpts
+        now = time.time()
         received = received_header(
-            helo=session.host_name or "", peer_ip=server.peer_ip, by=ing.hostname,
-            queue_id=txid, now=time.time(), tls_version=version, cipher=cipher,
-            user=user.name if user else None, for_rcpt=rcpts[0] if len(rcpts) == 1 else None)
-        utf8 = "SMTPUTF8" in [o.upper() for o in envelope.mail_options]
-        added = completion_fields(raw, now=time.time(), token=txid, domain=ing.hostname)
-        msg = {"sender": envelope.mail_from or "<>", "recipients": rcpts,
-               "raw": received + added + raw, "smtputf8": utf8, "dsn": ing.dsn}
-        try:
-            res = await ing.batcher.submit(msg)
-        except Exception as e:   # cluster unreachable, timeout: the sender must retry
-            log.warning("submission %s failed: %s", txid, e)
+            helo=self.helo, peer_ip=self.peer_ip, by=ing.hostname, queue_id=txid, now=now,
+            tls_version=version, cipher=cipher, user=user.name if user else None,
+            for_rcpt=rcpts[0] if len(rcpts) == 1 else None)
+        added = completion_fields(raw, now=now, token=txid, domain=ing.hostname)
+        msg = {"sender": self.mail_from or "<>", "recipients": rcpts,
+               "raw": received + added + raw, "smtputf8": self.smtputf8, "dsn": ing.dsn}
+        self._reset()
+        self._busy = True
+        fut = ing.batcher.enqueue(msg, asyncio.get_running_loop())
+        fut.add_done_callback(functools.partial(self._queued, txid))
+
+    def _queued(self, txid: str, fut: asyncio.Future[Any]) -> None:
+        self._busy = False
+        if self._closing:
+            return
+        ing = self.ingress
+        exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+        if exc is not None:       # cluster unreachable, timeout: the sender must retry
+            log.warning("submission %s failed: %s", txid, exc)
             ing.count("tempfail")
-            return f"451 4.3.0 raymta could not queue the message, try again later: {e}"
+            self._reply(f"451 4.3.0 raymta could not queue the message, try again later: "
+                        f"{exc}".replace("\r", " ").replace("\n", " "))
+            return self._run()
+        res = fut.result()
         if res.accepted:
             ing.count("accepted")
             n = len(res.ids)
-            return (f"250 2.0.0 queued as {res.ids[0]}" +
-                    (f" (+{n - 1} more recipients)" if n > 1 else ""))
-        ing.count("tempfail" if res.retryable else "refused")
-        return reply_for_refusal(res)
+            self._reply(f"250 2.0.0 queued as {res.ids[0]}" +
+                        (f" (+{n - 1} more recipients)" if n > 1 else ""))
+        else:
+            ing.count("tempfail" if res.retryable else "refused")
+            self._reply(reply_for_refusal(res))
+        self._run()
 
+
+_COMMANDS: dict[str, Any] = {name[5:]: fn for name, fn in vars(_Session).items()
+                             if name.startswith("smtp_")}
 
 class SmtpIngress:
     """SMTP listeners that queue what they receive into raymta.
@@ -417,7 +765,8 @@ class SmtpIngress:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._servers: list[asyncio.AbstractServer] = []
-        self.sessions: set[_Submission] = set()
+        self.sessions: set[_Session] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
 
     @classmethod
     def from_config(cls, mc: Any, settings: IngressConfig, *,
@@ -464,17 +813,19 @@ class SmtpIngress:
         return self.mc.submit(msgs, timeout=120.0, retry_for=5.0)
 
     # ---------------------------------------------------------------------- running
-    def _factory(self, li: Listener, client: tuple[str, int] | None = None) -> _Submission:
-        starttls = li.mode == "starttls"
-        return _Submission(
-            self, _Handler(self), li, client, hostname=self.hostname, data_size_limit=self.max_size,
-            enable_SMTPUTF8=True, decode_data=False,
-            tls_context=self._tls if starttls else None,
-            require_starttls=starttls and self.auth_required,
-            auth_required=self.auth_required, auth_require_tls=True,
-            auth_exclude_mechanism=None if len(self.users) else ["LOGIN", "PLAIN"],
-            authenticator=lambda *a: None,   # replaced by _Submission._authenticate
-            timeout=self.settings.command_timeout, loop=self._loop)
+    def _factory(self, li: Listener, client: tuple[str, int] | None = None) -> _Session:
+        return _Session(self, li, client)
+
+    def _sweep(self) -> None:
+        """Close sessions silent for ``command_timeout`` (slow or stalled clients hold a
+        connection slot otherwise); a session waiting for its commit is not idle."""
+        assert self._loop is not None
+        timeout = self.settings.command_timeout
+        now = time.monotonic()
+        for sess in list(self.sessions):
+            if not sess._busy and now - sess.last_active > timeout:
+                sess.idle_timeout()
+        self._sweeper = self._loop.call_later(min(5.0, max(0.2, timeout / 4)), self._sweep)
 
     def start(self) -> "SmtpIngress":
         loop = _new_loop()
@@ -496,6 +847,7 @@ class SmtpIngress:
                 self._servers.append(srv)
                 port = srv.sockets[0].getsockname()[1]
                 self.addresses.append(Listener(li.host, port, li.mode, li.proxy))
+            self._sweep()
 
         def run() -> None:
             asyncio.set_event_loop(loop)
@@ -522,6 +874,8 @@ class SmtpIngress:
         loop = self._loop
         if loop is not None and self._thread is not None and self._thread.is_alive():
             async def shutdown() -> None:
+                if self._sweeper is not None:
+                    self._sweeper.cancel()
                 for srv in self._servers:
                     srv.close()
                 for sess in list(self.sessions):

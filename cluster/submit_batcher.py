@@ -46,7 +46,11 @@ class SubmitBatcher:
 
     async def submit(self, msg: dict[str, Any]) -> Any:
         """``msg``'s SubmitResult once the call carrying it returned (raises what it raised)."""
-        loop = asyncio.get_running_loop()
+        return await self.enqueue(msg, asyncio.get_running_loop())
+
+    def enqueue(self, msg: dict[str, Any], loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+        """Like :meth:`submit`, for a caller on ``loop`` that is not a coroutine (a protocol
+        callback): the future gets ``msg``'s SubmitResult or the exception."""
         fut: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((msg, fut))
         raw = msg.get("raw")
@@ -55,7 +59,7 @@ class SubmitBatcher:
             self._flush(loop)
         elif self._timer is None:
             self._timer = loop.call_later(self.window, self._flush, loop)
-        return await fut
+        return fut
 
     def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._timer is not None:

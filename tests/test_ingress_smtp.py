@@ -404,3 +404,75 @@ def test_no_raymta_process_holds_thousands_of_threads(env):
         if isinstance(pid, int):
             threads[n] = len(os.listdir(f"/proc/{pid}/task"))
     assert threads and max(threads.values()) < 500, threads
+
+
+def test_a_silent_session_is_closed_after_the_command_timeout(env):
+    """Slowloris: a client that connects (or stops mid-line) and says nothing holds a
+    connection slot until ``command_timeout``, then gets 421 and is closed."""
+    from cluster.ingress_smtp import SmtpIngress
+    settings = replace(env["cfg"].ingress, submission=("127.0.0.1:0",), submissions=(),
+                       command_timeout=1.0)
+    with SmtpIngress.from_config(env["mc"], settings) as ing:
+        with socket.create_connection(("127.0.0.1", ing.addresses[0].port), timeout=30) as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220 ")
+            s.sendall(b"EHLO slow.test\r\n")
+            _replies(f, 1)
+            t = time.monotonic()
+            s.sendall(b"MAIL FRO")                       # and nothing more
+            assert f.readline().startswith(b"421 4.4.2 "), "closed with a reason"
+            assert f.readline() == b"", "then closed"
+            assert 0.9 < time.monotonic() - t < 10
+        wait_for(lambda: not ing.sessions and not ing.stats()["open_connections"], 10,
+                 "its connection slot freed")
+
+
+def _replies(f, n: int) -> list[bytes]:
+    """The next ``n`` replies (a multi-line reply as one, its lines joined)."""
+    out = []
+    for _ in range(n):
+        lines = [f.readline()]
+        while lines[-1][3:4] == b"-":
+            lines.append(f.readline())
+        out.append(b"".join(lines))
+    return out
+
+
+def test_the_session_reads_what_arrives_however_it_is_cut(env):
+    """Pipelined commands in one write, a line and the end dot split across writes, a bare LF,
+    an overlong command line, a body over the size limit, and a client gone mid-DATA: each
+    gets its reply, and only the one whole message is committed."""
+    from cluster.ingress_smtp import SmtpIngress
+    sink = env["sink"]
+    with SmtpIngress(env["mc"], "127.0.0.1", 0, max_size=2000) as ing:
+        with socket.create_connection(("127.0.0.1", ing.addresses[0].port), timeout=30) as s:
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"220 raymta ")
+            s.sendall(b"EHLO c.test\r\nMAIL FROM:<app@x.test>\r\nRCPT TO:<cut@ok.test>\r\n"
+                      b"DATA\r\n")                                  # RFC 2920: one write
+            ehlo, *rest = _replies(f, 4)
+            assert b"250-PIPELINING" in ehlo and b"250-SIZE 2000" in ehlo, ehlo
+            assert [r[:4] for r in rest] == [b"250 ", b"250 ", b"354 "], rest
+            for part in (b"From: <app@x.test>\r\nSubj", b"ect: cut\r\n\r\n..dot\r\nend\r",
+                         b"\n.", b"\r", b"\n"):
+                s.sendall(part)
+                time.sleep(0.05)
+            assert _replies(f, 1)[0].startswith(b"250 2.0.0 queued as "), "the cut message"
+            s.sendall(b"NOOP\n")                                     # a bare LF
+            s.sendall(b"NOOP " + b"x" * 600 + b"\r\n")                # > 512 octets
+            assert [r[:4] for r in _replies(f, 2)] == [b"250 ", b"500 "]
+            s.sendall(b"MAIL FROM:<app@x.test>\r\nRCPT TO:<big@ok.test>\r\nDATA\r\n")
+            assert [r[:4] for r in _replies(f, 3)] == [b"250 ", b"250 ", b"354 "]
+            s.sendall(b"Subject: big\r\n\r\n" + b"y" * 70 * 40 + b"\r\n.\r\n")
+            assert _replies(f, 1)[0].startswith(b"552 "), "too big: refused at the end"
+            s.sendall(b"MAIL FROM:<app@x.test>\r\nRCPT TO:<gone@ok.test>\r\nDATA\r\n")
+            assert [r[:4] for r in _replies(f, 3)] == [b"250 ", b"250 ", b"354 "]
+            s.sendall(b"Subject: gone\r\n\r\nhalf a mess")          # then the client is gone
+            f.close()                  # (the socket closes once its file is closed too)
+        wait_for(lambda: not ing.sessions, 10, "the session closed")
+        stats = ing.stats()
+    assert stats["accepted"] == 1 and stats["batches"]["messages"] == 1, stats
+    env["accepted"].add("cut@ok.test")
+    got = wait_for(lambda: [r for r in sink.received if r.rcpt_to == "cut@ok.test"], 60,
+                   "the whole message delivered")
+    assert b"Subject: cut\r\n\r\n.dot\r\nend\r\n" in got[0].data      # dot-unstuffed
