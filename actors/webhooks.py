@@ -52,10 +52,6 @@ log = logging.getLogger("raymta.webhooks")
 
 WEBHOOKS_NAME = "webhooks:dispatcher"
 
-#: events a snapshot carries at most for webhook endpoints that are behind (a leader rebuilt on
-#: another node has only these from before its snapshot); past it the oldest are lost to them
-SNAPSHOT_WEBHOOK_EVENTS = 200_000
-
 #: how long a worker long-polls a shard when it has nothing out; with batches out, shorter, so
 #: that their acknowledgements are committed soon
 _POLL_IDLE = 5.0
@@ -64,23 +60,22 @@ _POLL_BUSY = 0.5
 _CALL_TIMEOUT = 30.0
 
 
-def snapshot_events_tail(events: Any, default_bytes: int, cursors: list[int],
-                         max_events: int = SNAPSHOT_WEBHOOK_EVENTS) -> bytes:
-    """The events a shard snapshot carries (JSON lines): the usual newest ``default_bytes``,
-    or, when a webhook endpoint's cursor is older than those, every event after the lowest
-    cursor (at most ``max_events``), so that no endpoint misses one after a leader moves."""
+def snapshot_events_tail(events: Any, default_bytes: int, held_bytes: int,
+                         cursors: list[int]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The events a shard snapshot carries (JSON lines, the newest ``default_bytes``; the
+    newest ``held_bytes`` when a webhook endpoint's cursor is older than those), and the holes
+    it leaves (:meth:`EventLog.hole_before`): the older events, counted at each cursor, that a
+    leader rebuilt elsewhere from it will report as skipped instead of passing them silently."""
     tail = events.tail_bytes(default_bytes)
-    if not cursors:
-        return tail
-    low = min(cursors)
-    first = tail[:tail.find(b"\n")] if tail else b""
-    if first and orjson.loads(first)["seq"] <= low + 1:
-        return tail
-    evs = events.read(low, max_events)
-    if not evs:
-        return tail
-    return b"".join(orjson.dumps(ev, default=str, option=orjson.OPT_APPEND_NEWLINE)
-                    for ev in evs)
+    if cursors and held_bytes > default_bytes and _first_seq(tail, events) > min(cursors) + 1:
+        tail = events.tail_bytes(held_bytes)
+    return tail, events.hole_before(_first_seq(tail, events), cursors)
+
+
+def _first_seq(tail: bytes, events: Any) -> int:
+    if not tail:
+        return int(events.last_seq) + 1
+    return int(orjson.loads(tail[:tail.find(b"\n")])["seq"])
 
 
 class _Worker:
