@@ -19,18 +19,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from dataclasses import replace
 from typing import Any
 
 import pytest
 
 from tests.conftest import wait_for
-from tests.test_webhooks_cluster import HOOK_HOST, SECRET, Receiver
 from tests.test_webhooks_rotation import (
     _get_events,
     _stop_dispatcher,
     _submit_later,
     _wait_acknowledged,
+    webhook_env,
 )
 
 pytestmark = pytest.mark.timeout(180)
@@ -41,25 +40,8 @@ HELD = 4096
 
 @pytest.fixture
 def env(tmp_path, dns_server, sinks):
-    from cluster.client import MailCluster
-    from cluster.config import parse_config
-    from tests.conftest import pipeline_config
-    rx = Receiver().start()
-    hooks = parse_config({"webhooks": [{
-        "name": "crm", "url": f"http://{HOOK_HOST}:{rx.port}/hook", "secret": SECRET,
-        "events": ["accepted"], "batch_size": 25, "timeout": "500ms",
-        "retry_initial": "100ms", "retry_max_delay": "400ms"}]}).webhooks
-    cfg = replace(pipeline_config(str(tmp_path / "spool"), dns_server.port, sinks.port),
-                  webhooks=hooks)
-    cfg = replace(cfg, queue=replace(cfg.queue, shards=1),
-                  spool=replace(cfg.spool, snapshot_events_bytes=2048,
-                                snapshot_held_events_bytes=HELD))
-    mc = MailCluster.connect(config=cfg, num_cpus=2)
-    try:
-        yield {"mc": mc, "rx": rx}
-    finally:
-        mc.close()
-        rx.stop()
+    yield from webhook_env(str(tmp_path / "spool"), dns_server, sinks,
+                           snapshot_events_bytes=2048, snapshot_held_events_bytes=HELD)
 
 
 def test_a_leader_without_its_event_files_reports_what_its_snapshot_left_out(env):
@@ -81,8 +63,13 @@ def test_a_leader_without_its_event_files_reports_what_its_snapshot_left_out(env
     pid = ray.get(leader.ping.remote(), timeout=60)
     shutil.rmtree(copy_directory(mc.cfg, 0, 0).parent / "events")
     os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: ray.get(leader.ping.remote(), timeout=60) != pid, 60,
-             "the leader restarted")
+
+    def restarted() -> bool:
+        try:
+            return ray.get(leader.ping.remote(), timeout=60) != pid
+        except ray.exceptions.RayActorError:     # the call met the dying process: again
+            return False
+    wait_for(restarted, 60, "the leader restarted")
     new = [e["seq"] for e in mc.events({0: c1}, 100_000)]
     first = new[0]
     lost = [s for s in old if s < first]
