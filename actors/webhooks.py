@@ -234,15 +234,20 @@ class WebhookDispatcher:
                 pass
 
     def _skipped(self, w: _Worker, gap: dict[str, Any]) -> None:
-        """Events that rotated out of the shard's event files before this endpoint read them:
-        never a silent skip — counted per endpoint (``skipped_events``, and the last gap per
-        shard in ``skipped``: seqs, count, whether exact) and logged as an error."""
+        """Events that left the shard's event files before this endpoint read them (rotated
+        away, or not carried by the snapshot a leader was rebuilt from): never a silent skip —
+        counted per endpoint (``skipped_events``, and the last gap per shard in ``skipped``:
+        seqs, count, whether exact; the same gap asked about again is not counted twice) and
+        logged as an error."""
         c = self.counters[w.ep.name]
+        if c["skipped"].get(w.shard) == gap:
+            return      # the same loss asked about again (no event after it yet): counted
         c["skipped_events"] += gap["events"]
         c["skipped"][w.shard] = dict(gap)
-        log.error("webhook %s: %s%d events of shard %d (seq %d-%d) were rotated out of the "
-                  "event files before it read them; they are skipped (raise "
-                  "spool.event_retain_bytes, or fix the endpoint sooner)",
+        log.error("webhook %s: %s%d events of shard %d (seq %d-%d) left the event files "
+                  "before it read them (rotated away, or older than the snapshot a leader was "
+                  "rebuilt from); they are skipped (raise spool.event_retain_bytes / "
+                  "spool.snapshot_held_events_bytes, or fix the endpoint sooner)",
                   w.ep.name, "" if gap["exact"] else "at least ", gap["events"], w.shard,
                   gap["first_seq"], gap["last_seq"])
 

@@ -170,3 +170,19 @@ def test_a_node_whose_files_cover_the_snapshot_installs_nothing(tmp_path):
     small = EventLog(tmp_path / "small")
     small.write(evs[:5])
     assert snapshot_events_tail(small, 2_000, 40_000, [0])[1] == []
+
+
+def test_the_dispatcher_counts_a_gap_asked_about_again_once():
+    # a hole with no event after it yet is reported at every poll from the same cursor
+    from actors.webhooks import WebhookDispatcher
+    from cluster.config import parse_config
+    d = WebhookDispatcher(parse_config({"webhooks": [
+        {"name": "crm", "url": "http://127.0.0.1:9/hook", "secret": "s" * 24}]}))
+    w = d._workers[0]
+    gap = {"first_seq": 12, "last_seq": 191, "events": 178, "exact": True}
+    for _ in range(3):
+        d._skipped(w, dict(gap))
+    assert d.counters["crm"]["skipped_events"] == 178
+    d._skipped(w, {**gap, "first_seq": 300, "last_seq": 400, "events": 7})   # a later one
+    assert d.counters["crm"]["skipped_events"] == 185
+    assert d.counters["crm"]["skipped"][0]["events"] == 7
