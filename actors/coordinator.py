@@ -286,10 +286,17 @@ class QueueCoordinator:
             # the events just before the snapshot: this copy of the log starts after them
             # (a leader rebuilt on another node has no event files of its own)
             tail = snap.get("events_tail")
+            local_last = self.events.last_seq
             if tail:
                 n = self.events.write_lines(tail)
                 if n:
                     log.info("shard %d: %d events restored from the snapshot", self.shard, n)
+            # the older events it could not carry: reported to readers, never passed silently
+            holes = snap.get("events_holes") or []
+            if self.events.install_holes(holes, local_last):
+                log.warning("shard %d: events before the snapshot's are not on this node: "
+                            "%s (readers behind them are told: skipped)", self.shard,
+                            [(h["through"], h["points"][:1]) for h in holes])
         replay_events = []
         for _epoch, lsn, rec in records:
             ev = self.state.apply_or_quarantine(rec, lsn)
@@ -541,8 +548,10 @@ class QueueCoordinator:
         from actors.webhooks import snapshot_events_tail
         # (webhook endpoints still behind: from their cursor, so a leader rebuilt elsewhere
         # has every event they have not acknowledged)
-        snap["events_tail"] = snapshot_events_tail(
-            self.events, self.cfg.spool.snapshot_events_bytes, webhook_cursors)
+        sc = self.cfg.spool
+        snap["events_tail"], snap["events_holes"] = snapshot_events_tail(
+            self.events, sc.snapshot_events_bytes, sc.snapshot_held_events_bytes,
+            webhook_cursors)
         return self.log.write_snapshot_file(snap, epoch)
 
     async def _snapshot(self) -> None:

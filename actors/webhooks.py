@@ -52,10 +52,6 @@ log = logging.getLogger("raymta.webhooks")
 
 WEBHOOKS_NAME = "webhooks:dispatcher"
 
-#: events a snapshot carries at most for webhook endpoints that are behind (a leader rebuilt on
-#: another node has only these from before its snapshot); past it the oldest are lost to them
-SNAPSHOT_WEBHOOK_EVENTS = 200_000
-
 #: how long a worker long-polls a shard when it has nothing out; with batches out, shorter, so
 #: that their acknowledgements are committed soon
 _POLL_IDLE = 5.0
@@ -64,23 +60,22 @@ _POLL_BUSY = 0.5
 _CALL_TIMEOUT = 30.0
 
 
-def snapshot_events_tail(events: Any, default_bytes: int, cursors: list[int],
-                         max_events: int = SNAPSHOT_WEBHOOK_EVENTS) -> bytes:
-    """The events a shard snapshot carries (JSON lines): the usual newest ``default_bytes``,
-    or, when a webhook endpoint's cursor is older than those, every event after the lowest
-    cursor (at most ``max_events``), so that no endpoint misses one after a leader moves."""
+def snapshot_events_tail(events: Any, default_bytes: int, held_bytes: int,
+                         cursors: list[int]) -> tuple[bytes, list[dict[str, Any]]]:
+    """The events a shard snapshot carries (JSON lines, the newest ``default_bytes``; the
+    newest ``held_bytes`` when a webhook endpoint's cursor is older than those), and the holes
+    it leaves (:meth:`EventLog.hole_before`): the older events, counted at each cursor, that a
+    leader rebuilt elsewhere from it will report as skipped instead of passing them silently."""
     tail = events.tail_bytes(default_bytes)
-    if not cursors:
-        return tail
-    low = min(cursors)
-    first = tail[:tail.find(b"\n")] if tail else b""
-    if first and orjson.loads(first)["seq"] <= low + 1:
-        return tail
-    evs = events.read(low, max_events)
-    if not evs:
-        return tail
-    return b"".join(orjson.dumps(ev, default=str, option=orjson.OPT_APPEND_NEWLINE)
-                    for ev in evs)
+    if cursors and held_bytes > default_bytes and _first_seq(tail, events) > min(cursors) + 1:
+        tail = events.tail_bytes(held_bytes)
+    return tail, events.hole_before(_first_seq(tail, events), cursors)
+
+
+def _first_seq(tail: bytes, events: Any) -> int:
+    if not tail:
+        return int(events.last_seq) + 1
+    return int(orjson.loads(tail[:tail.find(b"\n")])["seq"])
 
 
 class _Worker:
@@ -239,15 +234,20 @@ class WebhookDispatcher:
                 pass
 
     def _skipped(self, w: _Worker, gap: dict[str, Any]) -> None:
-        """Events that rotated out of the shard's event files before this endpoint read them:
-        never a silent skip — counted per endpoint (``skipped_events``, and the last gap per
-        shard in ``skipped``: seqs, count, whether exact) and logged as an error."""
+        """Events that left the shard's event files before this endpoint read them (rotated
+        away, or not carried by the snapshot a leader was rebuilt from): never a silent skip —
+        counted per endpoint (``skipped_events``, and the last gap per shard in ``skipped``:
+        seqs, count, whether exact; the same gap asked about again is not counted twice) and
+        logged as an error."""
         c = self.counters[w.ep.name]
+        if c["skipped"].get(w.shard) == gap:
+            return      # the same loss asked about again (no event after it yet): counted
         c["skipped_events"] += gap["events"]
         c["skipped"][w.shard] = dict(gap)
-        log.error("webhook %s: %s%d events of shard %d (seq %d-%d) were rotated out of the "
-                  "event files before it read them; they are skipped (raise "
-                  "spool.event_retain_bytes, or fix the endpoint sooner)",
+        log.error("webhook %s: %s%d events of shard %d (seq %d-%d) left the event files "
+                  "before it read them (rotated away, or older than the snapshot a leader was "
+                  "rebuilt from); they are skipped (raise spool.event_retain_bytes / "
+                  "spool.snapshot_held_events_bytes, or fix the endpoint sooner)",
                   w.ep.name, "" if gap["exact"] else "at least ", gap["events"], w.shard,
                   gap["first_seq"], gap["last_seq"])
 

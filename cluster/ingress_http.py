@@ -14,8 +14,8 @@ the SMTP listeners) and the mapping between HTTP and :class:`cluster.client.Mail
 - ``GET /v1/messages/{id}``, ``DELETE /v1/messages/{id}`` (cancel);
 - ``GET /v1/events?cursor=0:12,1:40&wait=10`` (keys with ``events = true``): long-poll — at
   once when there are events after the cursor, else when the first comes, at most ``wait``
-  seconds (0-30); ``skipped`` (per shard) when events after the cursor were rotated out of
-  the event files before this reader got them;
+  seconds (0-30); ``skipped`` (per shard) when events after the cursor left the event files
+  before this reader got them (rotated away, or older than a rebuilt leader's snapshot);
 - ``GET /healthz`` (process up), ``GET /readyz`` (every shard serving with a quorum);
 - ``GET /v1/openapi.json`` (the document in :mod:`cluster.ingress_openapi`).
 

@@ -120,8 +120,10 @@ def openapi_document() -> dict[str, Any]:
                 "responses": {"200": {"description": "events and the next cursor (no events "
                                       "and the same cursor when none came within wait); "
                                       "'skipped', per shard, when events after the cursor "
-                                      "were rotated out of the event files unread: "
-                                      "first_seq, last_seq, events (how many), exact"},
+                                      "left the event files unread (rotated away, or "
+                                      "older than the snapshot a leader was rebuilt from): "
+                                      "first_seq, last_seq, events (how many; a lower "
+                                      "bound unless exact), exact"},
                               "400": _err("bad cursor, limit or wait"),
                               "401": _err("no key"), "403": _err("key may not read events")}}},
             "/healthz": {"get": {"summary": "process up", "responses": {

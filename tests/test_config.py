@@ -105,6 +105,8 @@ rate = "5/m"
       "(67108864), got 1048576")),
     ({"spool": {"event_retain_bytes": 4095, "event_file_bytes": 4096}},
      "spool.event_retain_bytes", "at least spool.event_file_bytes (4096)"),
+    ({"spool": {"snapshot_held_events_bytes": "lots"}}, "spool.snapshot_held_events_bytes",
+     "size"),
     ({"delivery": {"throttle_actors": "many"}}, "delivery.throttle_actors", '"auto"'),
     ({"delivery": {"throttle_actors": 0}}, "delivery.throttle_actors", "between"),
     ({"delivery": {"throttle_max_sites": 5}}, "delivery.throttle_max_sites", ">= 100"),

@@ -23,6 +23,7 @@ What must hold:
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -40,8 +41,10 @@ FILE = 4096
 CAP = 8 * FILE
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory, dns_server, sinks):
+def webhook_env(spool_dir: str, dns_server: Any, sinks: Any,
+                **spool: Any) -> Iterator[dict[str, Any]]:
+    """One shard on a local Ray, an endpoint ``crm`` selecting Receptions posting to a
+    Receiver, ``spool`` settings replaced (shared by tests/test_webhooks_snapshot_gap.py)."""
     from cluster.client import MailCluster
     from cluster.config import parse_config
     rx = Receiver().start()
@@ -49,17 +52,20 @@ def env(tmp_path_factory, dns_server, sinks):
         "name": "crm", "url": f"http://{HOOK_HOST}:{rx.port}/hook", "secret": SECRET,
         "events": ["accepted"], "batch_size": 25, "timeout": "500ms",
         "retry_initial": "100ms", "retry_max_delay": "400ms"}]}).webhooks
-    cfg = replace(pipeline_config(str(tmp_path_factory.mktemp("spool")), dns_server.port,
-                                  sinks.port), webhooks=hooks)
-    cfg = replace(cfg, queue=replace(cfg.queue, shards=1),
-                  spool=replace(cfg.spool, event_file_bytes=FILE, event_files_kept=2,
-                                event_retain_bytes=CAP))
+    cfg = replace(pipeline_config(spool_dir, dns_server.port, sinks.port), webhooks=hooks)
+    cfg = replace(cfg, queue=replace(cfg.queue, shards=1), spool=replace(cfg.spool, **spool))
     mc = MailCluster.connect(config=cfg, num_cpus=2)
     try:
         yield {"mc": mc, "rx": rx}
     finally:
         mc.close()
         rx.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, dns_server, sinks):
+    yield from webhook_env(str(tmp_path_factory.mktemp("spool")), dns_server, sinks,
+                           event_file_bytes=FILE, event_files_kept=2, event_retain_bytes=CAP)
 
 
 def _get_events(mc: Any, cursor: str) -> tuple[int, dict[str, Any]]:
@@ -109,8 +115,8 @@ def _wait_acknowledged(mc: Any, leader: Any) -> int:
     last = mc.events({0: 0}, 100_000)[-1]["seq"]
 
     def cursor() -> int | None:
-        c = ray.get(leader.webhook_cursors.remote())["crm"]
-        return c if c >= last else None
+        c = ray.get(leader.webhook_cursors.remote()).get("crm")   # None: not opened yet
+        return c if c is not None and c >= last else None
     return wait_for(cursor, 60, "the cursor past every event", poll=0.2)
 
 

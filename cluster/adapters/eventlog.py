@@ -14,6 +14,12 @@ bytes an event against the ~300 of its line; at most ``seq_files_kept``, by defa
 and which seqs they spanned — exactly while the cursor is within those seq lists, as a lower
 bound beyond them.
 
+A leader rebuilt on another node has only the events its snapshot carried (the newest ones)
+and those of the records after it: the older ones are a **hole** (:mod:`cluster.core.
+event_holes`). The old leader counts them when it builds the snapshot (:meth:`EventLog.
+hole_before`), the new one keeps the count as ``events-holes.json`` (:meth:`EventLog.
+install_holes`), and :meth:`EventLog.gap` reports them like rotated-away events.
+
 Webhook endpoints hold files back (``retain_bytes``, :func:`cluster.core.event_retention.
 plan_rotation`): a file beyond ``files_kept`` is not deleted while ``holds()`` — the committed
 cursors of the configured endpoints, from the shard's replicated state — has one that has not
@@ -36,11 +42,13 @@ from typing import Any
 import orjson
 
 from cluster.adapters.spool import numbered_files
+from cluster.core.event_holes import MAX_HOLES, hole_gap, make_hole, merge_gaps
 from cluster.core.event_retention import RotationPlan, plan_rotation
 
 __all__ = ["EventLog"]
 
 _DROPPED = "events-dropped.json"
+_HOLES = "events-holes.json"
 #: seq lists of deleted files kept per event file kept: a reader up to this many times
 #: ``files_kept`` files behind the oldest kept file learns exactly how many events it lost
 SEQ_FILES_PER_FILE_KEPT = 4
@@ -74,6 +82,10 @@ class EventLog:
         # file name → ([seq, ...], [offset, ...]) every _STRIDE lines; old files are immutable
         self._index: dict[str, tuple[list[int], list[int]]] = {}
         self.last_seq = 0
+        try:
+            self.holes: list[dict[str, Any]] = orjson.loads((self.dir / _HOLES).read_bytes())
+        except FileNotFoundError:
+            self.holes = []
         files = self._files()
         if files:
             self.last_seq = self._last_seq_in(files[-1][1])
@@ -234,11 +246,14 @@ class EventLog:
             return {"through": 0, "events": 0}
 
     def gap(self, since: int) -> dict[str, Any] | None:
-        """The events after ``since`` that were rotated away (a reader at ``since`` will never
-        see them): ``{"first_seq", "last_seq", "events", "exact"}``, or None when nothing
-        after ``since`` is gone. ``exact`` is False when the cursor is older than the kept
-        seq lists: ``events`` then counts only the events of those lists (at least that many
-        are gone)."""
+        """The events after ``since`` that a reader at ``since`` will never see: rotated away,
+        or in a hole a snapshot could not carry (:mod:`cluster.core.event_holes`):
+        ``{"first_seq", "last_seq", "events", "exact"}``, or None when nothing after
+        ``since`` is gone. ``exact`` is False when the cursor is older than the kept seq
+        lists, or between a hole's counted points: ``events`` is then a lower bound."""
+        return merge_gaps(since, self._rotated_parts(since) + self._hole_parts(since))
+
+    def _rotated_parts(self, since: int) -> list[tuple[int, int, bool]]:
         agg = self._dropped()
         lost, last = 0, agg["through"]
         for _, p in self._seq_files():
@@ -246,10 +261,101 @@ class EventLog:
             if seqs and seqs[-1] > since:
                 lost += len(seqs) - bisect.bisect_right(seqs, since)
                 last = max(last, seqs[-1])
-        if last <= since:
-            return None
-        return {"first_seq": since + 1, "last_seq": last, "events": lost,
-                "exact": since >= agg["through"]}
+        return [(last, lost, since >= agg["through"])] if last > since else []
+
+    def _hole_parts(self, since: int) -> list[tuple[int, int, bool]]:
+        out = []
+        for h in self.holes:
+            g = hole_gap(since, h)
+            if g is not None:
+                out.append((int(h["through"]), g[0], g[1]))
+        return out
+
+    # ------------------------------------------------------------------ snapshot holes
+    def _count_upto(self, path: Path, seq: int) -> int:
+        """Lines of ``path`` with seq <= ``seq`` (the line index, then at most _STRIDE lines)."""
+        seqs, offs = self._file_index(path)
+        i = bisect.bisect_right(seqs, seq) - 1
+        if i < 0:
+            return 0
+        n = i * _STRIDE
+        with open(path, "rb") as fh:
+            fh.seek(offs[i])
+            for line in fh:
+                if not line.endswith(b"\n") or orjson.loads(line)["seq"] > seq:
+                    break
+                n += 1
+        return n
+
+    def count_between(self, after: int, through: int) -> int:
+        """Events in the files with ``after < seq <= through``."""
+        if self._fh is not None:
+            self._fh.flush()
+        files = self._files()
+        n = 0
+        for i, (first, p) in enumerate(files):
+            end = files[i + 1][0] - 1 if i + 1 < len(files) else self.last_seq
+            if end <= after or first > through:
+                continue
+            n += self._count_upto(p, through) - self._count_upto(p, after)
+        return n
+
+    def hole_before(self, first_carried: int, cursors: list[int]) -> list[dict[str, Any]]:
+        """What a snapshot whose events start at ``first_carried`` leaves out, counted here
+        (the events are here): the hole up to ``first_carried - 1`` with a count at each of
+        ``cursors`` (the committed webhook cursors) and at index seqs from the lowest of them
+        on, then this node's own holes that lie within what it carries. Blocking."""
+        through = first_carried - 1
+        out: list[dict[str, Any]] = []
+        if self._fh is not None:
+            self._fh.flush()
+        files = self._files()
+        before = [(f, p) for f, p in files if f <= through]
+        anything = bool(before) or self.gap(0) is not None
+        if anything and through >= 1:
+            cur_pts = []
+            for c in sorted(set(cursors)):
+                if c >= through:
+                    continue
+                parts = [pt for pt in self._rotated_parts(c) + self._hole_parts(c)
+                         if pt[0] <= through]
+                cur_pts.append((c, sum(pt[1] for pt in parts) + self.count_between(c, through),
+                                all(pt[2] for pt in parts)))
+            # index seqs of the files from the lowest cursor on (the ones held for it)
+            low = min(cursors) if cursors else through
+            idx_pts: list[tuple[int, int, bool]] = []
+            after_files = 0       # lines <= through in the files after the current one
+            for i in range(len(before) - 1, -1, -1):
+                p = before[i][1]
+                end = files[i + 1][0] - 1 if i + 1 < len(files) else self.last_seq
+                if end <= low:
+                    break
+                cnt = self._count_upto(p, through)
+                seqs, _ = self._file_index(p)
+                for k, s in enumerate(seqs):
+                    if low <= s < through:
+                        holes = sum(n for last, n, _ in self._hole_parts(s) if last <= through)
+                        idx_pts.append((s, cnt - (k * _STRIDE + 1) + after_files + holes, True))
+                after_files += cnt
+            hole = make_hole(through, cur_pts, idx_pts)
+            if hole is not None:
+                out.append(hole)
+        out += [dict(h) for h in self.holes if int(h["through"]) >= first_carried]
+        return out
+
+    def install_holes(self, holes: list[dict[str, Any]], local_last: int) -> int:
+        """A snapshot's holes (:meth:`hole_before`) that this node's files do not cover (its
+        last event ``local_last`` is before them), kept as ``events-holes.json``; the oldest
+        beyond :data:`MAX_HOLES` go. Returns how many were installed."""
+        new = [{**h, "after": max(int(h.get("after", 0)), local_last)} for h in holes
+               if int(h["through"]) > local_last]
+        if not new:
+            return 0
+        self.holes = (self.holes + new)[-MAX_HOLES:]
+        tmp = self.dir / (_HOLES + ".tmp")
+        tmp.write_bytes(orjson.dumps(self.holes))
+        os.replace(tmp, self.dir / _HOLES)
+        return len(new)
 
     def _file_index(self, path: Path) -> tuple[list[int], list[int]]:
         idx = self._index.get(path.name)
