@@ -221,7 +221,7 @@ def test_real_prometheus_fires_deliveries_stalled_within_60s(tmp_path, dns_serve
             sinks.greeting_code = 421     # every MX host now turns every connection away
             t_stop = time.time()
             last = max(r.at for r in list(sinks.received))
-            assert t_stop - last < 2, "deliveries were not flowing up to the stop"
+            assert t_stop - last < 5, "deliveries were not flowing up to the stop"
             fired = wait_for(lambda: prom.alert_state("RaymtaDeliveriesStalled") == "firing"
                              and time.time(), 90, "RaymtaDeliveriesStalled to fire", poll=0.5)
         finally:
