@@ -138,3 +138,20 @@ def test_a_collected_resolver_closes_its_sockets() -> None:
         while _open_fds() > before + 3 and time.monotonic() < deadline:
             time.sleep(0.05)   # destroyed on pycares' shutdown thread
         assert _open_fds() <= before + 3, (before, _open_fds())
+
+
+def test_a_name_c_ares_cannot_encode_is_a_permanent_failure_not_a_servfail() -> None:
+    """dnspython sent such names and the server said NXDOMAIN; c-ares refuses to send them.
+    Either way the mail must bounce, not wait for a SERVFAIL to clear."""
+    with LoopbackDNS() as zone:
+        r = MxResolver([HOST], zone.port, timeout=1.0)
+
+        async def run() -> tuple[Any, Any]:
+            out = await r.resolve_many(["exa mple.test"], 1.0)
+            return out["exa mple.test"], await r.txt("_mta-sts.exa mple.test")
+
+        f, txt = asyncio.run(run())
+        assert isinstance(f, DnsFailure), f
+        assert (f.kind, f.permanent) == ("nxdomain", True), f
+        assert txt == ([], "nxdomain")
+        assert zone.query_count() == 0

@@ -50,7 +50,7 @@ _A, _AAAA, _MX, _TXT = (RDTYPES[t] for t in ("A", "AAAA", "MX", "TXT"))
 _CNAME, _SOA = _lib.ARES_REC_TYPE_CNAME, _lib.ARES_REC_TYPE_SOA
 _ANSWER, _AUTHORITY = _lib.ARES_SECTION_ANSWER, _lib.ARES_SECTION_AUTHORITY
 _OK, _NODATA, _NOTFOUND = _lib.ARES_SUCCESS, _lib.ARES_ENODATA, _lib.ARES_ENOTFOUND
-_TIMEOUT = _lib.ARES_ETIMEOUT
+_TIMEOUT, _BADNAME = _lib.ARES_ETIMEOUT, _lib.ARES_EBADNAME
 _CB_TYPE = "void(*)(void *, ares_status_t, size_t, struct ares_dns_record *)"
 
 
@@ -102,6 +102,8 @@ def parse_answer(status: int, rec: Any, qname: str, rdtype: int) -> Lookup:
     records the negative TTL min(SOA TTL, SOA MINIMUM) (300 s without a SOA)."""
     if status == _TIMEOUT:
         return Lookup((), 0.0, "timeout", "no answer from the DNS server in time")
+    if status == _BADNAME:
+        return _refused(status)
     if status not in (_OK, _NODATA, _NOTFOUND) or rec == _ffi.NULL:
         err = pycares.errno.errorcode.get(status, str(status))
         return Lookup((), 0.0, "servfail", f"{err}: {_text(_lib.ares_strerror(status))}")
@@ -223,7 +225,7 @@ class AresChannel:
                                    drv.callback, _ffi.cast("void *", key), _ffi.NULL)
         if r != _OK:
             drv.pending.pop(key, None)
-            return Lookup((), 0.0, "servfail", f"c-ares: {_text(_lib.ares_strerror(r))}")
+            return _refused(r)
         drv.arm()
         deadline = loop.call_later(self.timeout, _expire, fut, self.timeout)
         try:
@@ -344,6 +346,15 @@ class _Driver:
             pycares._shutdown_manager.start()
             pycares._shutdown_manager.destroy_channel(self.chan, (self.handle, self.callback))
             self.chan = None
+
+
+def _refused(status: int) -> Lookup:
+    """c-ares would not send the query: a name it cannot encode (a space, say) can never
+    resolve (as MxResolver treats names dnspython cannot encode); anything else: servfail."""
+    why = f"c-ares: {_text(_lib.ares_strerror(status))}"
+    if status == _BADNAME:
+        return Lookup((), NEGATIVE_TTL_WITHOUT_SOA, "nxdomain", f"invalid domain name ({why})")
+    return Lookup((), 0.0, "servfail", why)
 
 
 def _expire(fut: asyncio.Future[Lookup], timeout: float) -> None:

@@ -265,8 +265,10 @@ class MxResolver:
     IP addresses, the resolver asks exactly those, on ``port``, and never reads
     ``/etc/resolv.conf`` (tests, the demo, a dedicated local resolver).
 
-    ``timeout`` bounds one whole lookup (dnspython's *lifetime*); a single UDP try waits at
-    most 2 s of it so a lost datagram is retried. ``rng``: when given, MX hosts of equal
+    ``timeout`` bounds one whole query; a single UDP try waits at most 2 s of it so a lost
+    datagram is retried. Queries go through c-ares (:mod:`cluster.adapters.cares`: the wire
+    work in C, ~0.1 ms of CPU a query against dnspython's ~0.6); DNSSEC queries
+    (:meth:`secure_query`) through dnspython. ``rng``: when given, MX hosts of equal
     preference are shuffled once per lookup (RFC 5321 §5.1 asks senders to spread load over
     equal-preference hosts); without it their order is the answer's order (deterministic).
 
