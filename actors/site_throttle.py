@@ -114,10 +114,12 @@ class SiteThrottle:
         return self._resolver
 
     def _lookups(self) -> asyncio.AbstractEventLoop:
-        """The event loop MX lookups run on, in a thread of their own. dnspython spends ~0.5 ms
+        """The event loop MX lookups run on, in a thread of their own. dnspython spent ~0.5 ms
         of CPU on each query and answer; a burst of thousands of new domains on this actor's
         loop queued grants and lease calls behind seconds of it, so every site waited for
-        the long tail's lookups. In a thread they interleave at the GIL's switch interval."""
+        the long tail's lookups. In a thread they interleave at the GIL's switch interval.
+        (c-ares now spends ~0.1 ms a query, resolver layer included: whether the thread still
+        pays for itself is not measured.)"""
         if self._dns_loop is None:
             loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="mx-lookups", daemon=True).start()

@@ -382,7 +382,8 @@ def test_explicit_nameservers_never_read_system_config(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(dns.resolver.BaseResolver, "read_resolv_conf", forbidden)
     r = MxResolver(["127.0.0.1"], 5353)
-    servers = r._resolver.nameservers
+    assert r._channel.servers() == ["127.0.0.1:5353"]  # c-ares: only the server given
+    servers = r._secure_resolver().nameservers  # dnspython (DANE's DNSSEC queries)
     assert [(s.address, s.port) for s in servers] == [("127.0.0.1", 5353)]  # type: ignore
     with pytest.raises(ValueError):
         MxResolver(["localhost"], 5353)  # a name would need the system resolver
