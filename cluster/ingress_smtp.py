@@ -551,24 +551,42 @@ class _Session(asyncio.Protocol):
         self._run()
 
     # ------------------------------------------------------------------ the transaction
-    def smtp_MAIL(self, arg: str) -> None:
-        if self._refused_before_transaction():
-            return
-        syntax = "501 Syntax: MAIL FROM: <address>" + (" [SP <mail-parameters>]"
-                                                       if self.esmtp else "")
-        if arg[:5].upper() != "FROM:":
-            return self._reply(syntax)
-        address, rest = _address(arg[5:].strip())
+    def _syntax(self, verb: str) -> str:
+        return f"501 Syntax: {verb} <address>" + (" [SP <mail-parameters>]" if self.esmtp
+                                                  else "")
+
+    def _envelope_arg(self, arg: str, verb: str
+                      ) -> tuple[str, list[str], dict[str, str | bool]] | None:
+        """``arg`` of MAIL (``verb`` "MAIL FROM:") or RCPT ("RCPT TO:"): (address, the
+        parameters as sent upper-cased, parsed), or None once the refusal is answered."""
+        syntax = self._syntax(verb)
+        keyword = verb.split()[1]
+        if arg[:len(keyword)].upper() != keyword:
+            self._reply(syntax)
+            return None
+        address, rest = _address(arg[len(keyword):].strip())
         if address is None:
-            return self._reply("553 5.1.3 Error: malformed address")
+            self._reply("553 5.1.3 Error: malformed address")
+            return None
         if not address or (rest.strip() and not self.esmtp):
-            return self._reply(syntax)
-        if self.mail_from is not None:
-            return self._reply("503 Error: nested MAIL command")
+            self._reply(syntax)
+            return None
         options = rest.upper().split()
         params = _params(options)
         if params is None:
-            return self._reply(syntax)
+            self._reply(syntax)
+            return None
+        return address, options, params
+
+    def smtp_MAIL(self, arg: str) -> None:
+        if self._refused_before_transaction():
+            return
+        parsed = self._envelope_arg(arg, "MAIL FROM:")
+        if parsed is None:
+            return
+        address, options, params = parsed
+        if self.mail_from is not None:
+            return self._reply("503 Error: nested MAIL command")
         if params.pop("BODY", "7BIT") not in ("7BIT", "8BITMIME"):
             return self._reply("501 Error: BODY can only be one of 7BIT, 8BITMIME")
         utf8 = params.pop("SMTPUTF8", False)
@@ -577,7 +595,7 @@ class _Session(asyncio.Protocol):
         size = params.pop("SIZE", None)
         if size is not None:
             if size is True or not str(size).isdigit():
-                return self._reply(syntax)
+                return self._reply(self._syntax("MAIL FROM:"))
             if int(size) > self.ingress.max_size:
                 return self._reply("552 Error: message size exceeds fixed maximum message "
                                    "size")
@@ -608,18 +626,10 @@ class _Session(asyncio.Protocol):
             return
         if self.mail_from is None:
             return self._reply("503 Error: need MAIL command")
-        syntax = "501 Syntax: RCPT TO: <address>" + (" [SP <mail-parameters>]"
-                                                     if self.esmtp else "")
-        if arg[:3].upper() != "TO:":
-            return self._reply(syntax)
-        address, rest = _address(arg[3:].strip())
-        if address is None:
-            return self._reply("553 5.1.3 Error: malformed address")
-        if not address or (rest.strip() and not self.esmtp):
-            return self._reply(syntax)
-        params = _params(rest.upper().split())
-        if params is None:
-            return self._reply(syntax)
+        parsed = self._envelope_arg(arg, "RCPT TO:")
+        if parsed is None:
+            return
+        address, _, params = parsed
         if params:
             return self._reply("555 RCPT TO parameters not recognized or not implemented")
         limit = self.ingress.max_recipients

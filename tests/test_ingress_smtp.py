@@ -191,6 +191,13 @@ def test_outsiders_are_refused(env):
         assert code >= 500, (code, text)
         c.rset()
         assert c.mail("news@a.test", ["SIZE=900000"])[0] == 552
+        # a SIZE that is not a number, a RCPT parameter we do not know
+        code, text = c.mail("news@a.test", ["SIZE=big"])
+        assert code == 501 and b"MAIL FROM: <address>" in text, (code, text)
+        assert c.mail("news@a.test")[0] == 250
+        code, text = c.rcpt("v@ok.test", ["NOTIFY=NEVER"])
+        assert code == 555 and b"RCPT TO" in text, (code, text)
+        c.rset()
     # none of it reached anyone
     time.sleep(1.0)
     assert {r.rcpt_to for r in env["sink"].received} <= env["accepted"]
