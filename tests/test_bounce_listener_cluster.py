@@ -266,7 +266,8 @@ def test_autoreply_garbage_truncated_loops_unknown_and_huge_record_nothing(env):
     assert not any(_suppressed_everywhere(mc, rcpt))
     import ray
     st = ray.get(_listener(mc).stats.remote())
-    assert st["kind_autoreply"] >= 1 and st["kind_unknown"] >= 2
+    # the garbage is unknown; the bounce of a bounce is read as a report, counted as a loop
+    assert st["kind_autoreply"] >= 1 and st["kind_unknown"] >= 1 and st["loops"] >= 1, st
 
 
 def test_listener_sigkilled_is_restarted_by_ray_and_works(env):

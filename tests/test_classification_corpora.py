@@ -156,7 +156,10 @@ def test_bounce_messages_agree_with_their_labels():
     classes, kinds, files = _bounce_tallies()
     print("\n" + classes.report() + "\n" + kinds.report())
     assert files > 400
-    # measured: 377/411 = 91.7 % of recipient classes (371 before "User unknown" under
+    # measured: 381/411 = 92.7 % of recipient classes, kinds 407/411 = 99.0 % (377 and 405
+    # before a bounce of a bounce was read as a report marked as a loop, not skipped as
+    # unknown, and "No valid recipients" / "check if address is correct" in a notice without
+    # codes became a wrong address; 371 before "User unknown" under
     # X.2.0/X.2.1 with no SMTP command named became a filter's refusal (RFC 3463 §3.3: those
     # codes say the mailbox exists), au/KDDI's "550 : User unknown" (address left out) its
     # reception filter, and Postfix's "<a>: Recipient address rejected:" a RCPT refusal; 369
@@ -167,9 +170,9 @@ def test_bounce_messages_agree_with_their_labels():
     # sisimai's "filtered" for a "User unknown" that names no SMTP command (12) or that a
     # Sendmail transcript shows refused at RCPT (2): sisimai decides those by the reporting
     # MTA's or the remote host's own habits, and as many "User unknown" of unknown phase are
-    # labelled "userunknown" (treating every such one as filtered: 374/411, line-level 92.9 %),
+    # labelled "userunknown" (treating every such one as filtered at the time: 374/411),
     # so no general rule separates them; we follow the words (hard: RFC 5321 §3.3 puts
     # recipient refusals at RCPT). Floors against regressions, not goals: the 95 % is
     # not reached.
-    assert classes.rate >= 0.917, classes.report()
+    assert classes.rate >= 0.927, classes.report()
     assert kinds.rate >= 0.98, kinds.report()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cluster.core.arf import parse_fields
+from cluster.core.bounce_intake import Claim, decide
 from cluster.core.dsn import CONTRACT_KEYS, KINDS, contract, parse_message
 
 ULID = "01JDXK5Q7Z8YB6V3N2M1P0QRST"
@@ -327,7 +328,6 @@ BAD = [
     ("empty", b"", "empty message"),
     ("not a message", b"\x00\x01\x02 binary garbage \xff\xfe", "not a message"),
     ("plain mail", b"From: a@example.com\nSubject: hi\n\nhello\n", "not a delivery report"),
-    ("bounce of a bounce", BOUNCE_OF_BOUNCE, "bounce of a bounce"),
     ("report without recipients", (b"From: MAILER-DAEMON@x.example\nSubject: failure notice\n"
                                    b"\nsomething went wrong\n"), "without any recipient"),
     ("not bytes", "a str", "not bytes"),
@@ -338,6 +338,27 @@ BAD = [
 def test_bad_input_is_unknown_with_a_reason(name, raw, reason):
     r = parse_message(raw)
     assert r.kind == "unknown" and reason in r.reason, r
+
+
+def test_a_bounce_of_a_bounce_is_read_but_marked_as_a_loop():
+    # the outer report's recipient fields are read (parse-bounce shows them), the report is
+    # marked, and the intake records nothing from it
+    status = (b"--X\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; "
+              b"mx.example.org\n\nFinal-Recipient: rfc822; postmaster@other.example\n"
+              b"Action: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 5.1.1 User unknown"
+              b"\n\n--X\nContent-Type: message/rfc822")
+    raw = BOUNCE_OF_BOUNCE.replace(b"--X\nContent-Type: message/rfc822", status, 1)
+    r = parse_message(raw)
+    assert r.kind == "dsn" and r.loop and "bounce of a bounce" in r.reason, r
+    assert r.first is not None and (r.first.recipient, r.first.category, r.first.bounce_class) \
+        == ("postmaster@other.example", "invalid-recipient", "hard")
+    d = decide(r, Claim("01JDXK5Q7Z8YB6V3N2M1P0QRST", True, "verp"), "postmaster@other.example")
+    assert d.item is None and "bounce of a bounce" in d.reason and "nothing recorded" in d.reason
+    # without a recipient it stays unknown, and still says why it is not acted on
+    r = parse_message(BOUNCE_OF_BOUNCE)
+    assert r.kind == "unknown" and r.loop and "bounce of a bounce" in r.reason, r
+    plain = parse_message(RFC3464)
+    assert not plain.loop and "bounce of a bounce" not in plain.reason
 
 
 @pytest.mark.parametrize("cut", [40, 300, 700, 900, len(RFC3464) - 5])

@@ -93,6 +93,8 @@ class _Handler:
         # parsing is CPU work of up to a few ms (1 MiB cap): not on the loop serving sessions
         report = await loop.run_in_executor(s.pool, parse_message, raw[:MAX_BYTES + 1])
         s.counters[f"kind_{report.kind}"] += 1
+        if report.loop:
+            s.counters["loops"] += 1
         if report.kind not in ("dsn", "arf"):
             why = decide(report, None, None).reason
             log.info("bounce listener: %s", why)

@@ -154,6 +154,8 @@ def decide(report: Report, claim: Claim | None, message_recipient: str | None) -
         return Decision(None, f"auto-reply ({report.reason}): nothing recorded")
     if report.kind not in ("dsn", "arf"):
         return Decision(None, f"not a bounce or complaint ({report.reason}): nothing recorded")
+    if report.loop:
+        return Decision(None, f"{report.reason}: nothing recorded")
     if claim is None:
         return Decision(None, f"{report.kind} report names no message of ours: nothing "
                         "recorded")

@@ -871,6 +871,13 @@ _FALLBACKS: tuple[BounceRule, ...] = (
     _R("code-535", "auth-failure", code="535"),                # credentials invalid (RFC 4954)
     _R("code-538", "auth-failure", code="538"),                # encryption required (RFC 4954)
     _R("temporary", "other", code="4xx", klass="soft"),
+    # notices that say only that the address is wrong, in words (no code, no status): "No valid
+    # recipients" (a carrier's MMS gateway), "Please check if address is correct" (InterScan
+    # MSS). After the subject rules, so that Postfix's "554 5.5.1 Error: no valid recipients"
+    # (every RCPT refused, for whatever reason) stays a protocol answer.
+    _R("address-wrong-in-words", "invalid-recipient",
+       r"\bno valid recipients?\b|\bcheck (?:if|that|whether) (?:the )?(?:e-?mail |recipient'?s? )?"
+       r"address(?:es)? (?:is|are) (?:correct|valid|right)\b"),
     # a 5xx that said nothing: what it refused follows from when it came (RFC 5321 §3)
     _R("refused-at-connect", "policy", code="5xx",
        phase=("connect", "connection", "greeting", "ehlo")),

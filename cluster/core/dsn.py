@@ -8,11 +8,13 @@ Role: read one received message (bytes) and say what it is (:func:`parse_message
   notices (qmail, Exim, Postfix and Sendmail without DSN, Exchange/Office 365, Gmail, Yahoo...),
   read from their text: the recipient line, the reply quoted after it, the X-Failed-Recipients
   field. Each recipient gets the category and class of :mod:`cluster.core.replies`.
+  A bounce of a bounce (the returned message is itself a report) is read the same way and
+  marked ``loop``: its ``reason`` says so, and the bounce listener records nothing from it
+  (acting on it could loop).
 - ``arf``: a complaint (RFC 5965, :mod:`cluster.core.arf`).
 - ``autoreply``: an out-of-office or other automatic answer (RFC 3834 Auto-Submitted,
   X-Autoreply, Precedence, typical subjects), which is not a bounce.
-- ``unknown``: anything else, with the reason: not a report, malformed MIME, nothing readable,
-  or a bounce of a bounce (the returned message is itself a report: acting on it could loop).
+- ``unknown``: anything else, with the reason: not a report, malformed MIME, nothing readable.
 
 It ties the report to our message: ``original_message_id`` (the returned message's Message-ID)
 and ``raymta_id`` (our queue id, a ULID, from the RFC 3461 Original-Envelope-Id, the
@@ -87,6 +89,8 @@ class Report:
     feedback: ArfReport | None = None
     truncated: bool = False
     subject: str | None = None
+    #: the returned message is itself a delivery report: nothing is recorded from it
+    loop: bool = False
 
     @property
     def first(self) -> Recipient | None:
@@ -94,6 +98,10 @@ class Report:
         failed = [r for r in self.recipients if r.action in ("failed", None)]
         return (failed or list(self.recipients) or [None])[0]
 
+
+#: What ``Report.reason`` says of a bounce of a bounce.
+LOOP_REASON = ("bounce of a bounce: the returned message is itself a delivery report "
+               "(nothing is recorded from it, acting on it could loop)")
 
 #: The keys of ``raymta parse-bounce --json`` (a stable contract, documented in the README).
 CONTRACT_KEYS = ("file", "kind", "recipient", "original_message_id", "raymta_id", "action",
@@ -802,10 +810,10 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
                           original_message_id=_header(msg, "In-Reply-To"))
         return Report("unknown", "not a delivery report, complaint or auto-reply",
                       truncated=truncated, subject=subject)
-    if returned is not None and _is_report(returned):
-        return Report("unknown", "bounce of a bounce: the returned message is itself a "
-                      "delivery report (ignored, acting on it could loop)",
-                      truncated=truncated, subject=subject)
+    # a bounce of a bounce: read like any report (what it says is true of the returned
+    # report's recipient), but marked, so that nothing is recorded from it (acting on it
+    # could loop); ``raymta parse-bounce`` still shows what it says
+    loop = returned is not None and _is_report(returned)
     ours = {a.lower() for _, a in getaddresses([_header(msg, "To") or "",
                                                 _header(msg, "From") or ""]) if a}
     if returned is not None:
@@ -837,14 +845,15 @@ def _parse(raw: bytes, max_bytes: int, rules: RuleSet | None) -> Report:
             recipients[i] = replace(r, reply_code=r.reply_code or code, category=category,
                                     bounce_class=klass)
     if not recipients:
-        return Report("unknown", "a delivery report without any recipient found",
+        why = "a delivery report without any recipient found"
+        return Report("unknown", f"{why}; {LOOP_REASON}" if loop else why, loop=loop,
                       truncated=truncated, subject=subject)
     msgid = _header(returned, "Message-ID") if returned is not None else None
     if msgid is None and returned is None:
         m = _MSGID.search(notice)
         msgid = m[1] if m else None
     return Report(
-        "dsn", fmt, tuple(recipients),
+        "dsn", f"{fmt}; {LOOP_REASON}" if loop else fmt, tuple(recipients), loop=loop,
         original_message_id=msgid,
         raymta_id=_raymta_id(msg, returned, per_message.get("original-envelope-id")),
         reporting_mta=_clean_mta(per_message.get("reporting-mta")),
