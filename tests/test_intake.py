@@ -16,8 +16,14 @@ import pytest
 
 from cluster.core import queue as q
 from cluster.core.intake import Intake, Limits, check_item, wire_item
-from cluster.core.message import (MAX_METADATA_BYTES, ValidationError, _metadata, check_metadata,
-                                  new_message_ids, prepare)
+from cluster.core.message import (
+    MAX_METADATA_BYTES,
+    ValidationError,
+    _metadata,
+    check_metadata,
+    new_message_ids,
+    prepare,
+)
 
 NOW = 1_790_000_000.0
 SHARDS = 2
