@@ -124,7 +124,10 @@ def run(*, mode: str = "tls", procs: int = 2, threads: int = 8, seconds: float =
     tmp = Path(tempfile.mkdtemp(prefix="raymta-ingress-bench-"))
     dns = mc = None
     try:
-        dns = c.start_dns(["held.bench.test"], "127.0.0.2")
+        # held.bench.test: the smtplib clients' recipients; d0.bench.test: smtp-source's
+        # (bench/peer_postfix.py). Both must resolve: an unknown domain bounces every message,
+        # and the leader's CPU would then be bounces, suppressions and DSNs, not the accept path
+        dns = c.start_dns(["held.bench.test", "d0.bench.test"], "127.0.0.2")
         # sites held: 1 message an hour to a port where nothing listens
         cfg = c.raymta_config(str(tmp / "spool"), dns.port, 9, rate="1/h", max_connections=1)
         ca = make_ca(tmp / "ca")

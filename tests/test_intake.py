@@ -16,7 +16,14 @@ import pytest
 
 from cluster.core import queue as q
 from cluster.core.intake import Intake, Limits, check_item, wire_item
-from cluster.core.message import new_message_ids, prepare
+from cluster.core.message import (
+    MAX_METADATA_BYTES,
+    ValidationError,
+    _metadata,
+    check_metadata,
+    new_message_ids,
+    prepare,
+)
 
 NOW = 1_790_000_000.0
 SHARDS = 2
@@ -270,3 +277,55 @@ def test_a_queue_lifetime_beyond_the_limit_is_refused_at_the_leader_too():
     res = _commit(intake, state, [far, old])
     assert "not_before" in res[0]["error"] and "max_age" in res[1]["error"]
     assert not state.messages
+
+
+def _verdict(fn: Any, value: Any) -> str | None:
+    try:
+        fn(value)
+    except ValidationError as e:
+        return str(e)
+    return None
+
+
+METADATA_CASES = [
+    # (what, metadata): check_metadata's shortcut must judge each exactly as _metadata does
+    ("the DSN request a front end sends", {"raymta.dsn": True}),
+    ("flat strings and numbers", {"campaign": "c-17", "n": 3, "x": 1.5, "ok": False,
+                                  "none": None}),
+    ("the DSN request not true", {"raymta.dsn": "yes"}),
+    ("the reserved dsn_of key", {"raymta.dsn_of": ["01ARZ3NDEKTSV4RRFFQ69G5FAV"]}),
+    ("a NaN", {"x": float("nan")}),
+    ("an infinity", {"x": float("-inf")}),
+    ("a huge int", {"x": 1 << 70}),
+    ("a non-string key", {1: "a"}),
+    ("a non-ASCII value", {"name": "José"}),
+    ("a lone surrogate", {"name": "\udc80"}),
+    ("a nested dict", {"a": {"b": [1, 2, {"c": "d"}]}}),
+    ("a set (not JSON)", {"a": {1, 2}}),
+    ("bytes (not JSON)", {"a": b"x"}),
+    ("just under the limit", {"k": "v" * (MAX_METADATA_BYTES - 8)}),
+    ("just over the limit", {"k": "v" * (MAX_METADATA_BYTES - 7)}),
+    ("controls that grow as JSON", {"k": "\x01" * ((MAX_METADATA_BYTES - 8) // 6)}),
+    ("controls over the limit as JSON", {"k": "\x01" * (MAX_METADATA_BYTES // 6 + 1)}),
+    ("many small entries", {f"k{i}": i for i in range(400)}),
+    ("many entries over the limit", {f"key{i}": "value" for i in range(400)}),
+]
+
+
+@pytest.mark.parametrize("what,meta", METADATA_CASES, ids=[c[0] for c in METADATA_CASES])
+def test_the_leaders_metadata_check_judges_as_the_full_check_does(what, meta):
+    assert _verdict(check_metadata, meta) == _verdict(_metadata, meta)
+
+
+def test_a_sender_checked_once_per_call_is_still_checked_per_smtputf8():
+    """The leader checks a call's sender once (the items of a call share it), but a sender
+    good with SMTPUTF8 is not thereby good without it, and a bad one is refused each time."""
+    intake, state = Intake(0, SHARDS), q.QueueState()
+    utf8 = _item(["ann@example.org"], sender="jösé@origin.test", smtputf8=True)
+    plain = _mutate(_item(["bob@example.org"], sender="s@origin.test"), (2,), "jösé@origin.test")
+    bad = _mutate(_item(["cy@example.org"]), (2,), "s@x.test\r\n")
+    results = _commit(intake, state, [utf8, plain, bad, copy.deepcopy(bad)])
+    assert results[0] == {"ids": [utf8[0]]}
+    assert results[1]["retryable"] is False and "sender" in results[1]["error"], results[1]
+    assert all("control character" in r["error"] for r in results[2:]), results
+    assert list(state.messages) == [utf8[0]]

@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable
 from cluster.core import queue as q
 from cluster.core.addresses import AddressError, canonical_plain_domain, parse_address
 from cluster.core.message import (MAX_QUEUE_LIFETIME, MAX_RECIPIENTS, PreparedMessage, ValidationError,
-                                  _idempotency_key, _metadata, _tags)
+                                  _idempotency_key, _tags, check_metadata)
 from cluster.core.suppression import normalize_address, suppressed_note
 
 __all__ = ["Intake", "Limits", "ITEM_FIELDS", "check_item", "dkim_required_check",
@@ -121,11 +121,12 @@ def _address_error(value: Any, field: str, utf8: bool, *, allow_empty: bool) -> 
     return None
 
 
-def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | None = None
-               ) -> str | None:
+def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | None = None,
+               good_senders: set[tuple[str, bool]] | None = None) -> str | None:
     """Everything about one wire item that does not depend on the queue's state; None when
     good, else ``"field: reason"``. (The ids' freshness and the limits are checked by
-    :meth:`Intake.admit`.)"""
+    :meth:`Intake.admit`.) ``good_senders``: (sender, smtputf8) pairs this call already
+    found good (the items of one call mostly share a sender): checked once, then added."""
     if type(it) is not list or len(it) != len(ITEM_FIELDS):
         return (f"item: must be a list of {len(ITEM_FIELDS)} fields "
                 f"({', '.join(ITEM_FIELDS)}), not {type(it).__name__}"
@@ -139,9 +140,12 @@ def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | Non
         return "body: must not be empty"
     if len(body) > max_size:
         return f"body: {len(body)} bytes exceeds the limit of {max_size}"
-    err = _address_error(sender, "sender", utf8, allow_empty=True)
-    if err:
-        return err
+    if good_senders is None or type(sender) is not str or (sender, utf8) not in good_senders:
+        err = _address_error(sender, "sender", utf8, allow_empty=True)
+        if err:
+            return err
+        if good_senders is not None:
+            good_senders.add((sender, utf8))   # (a str: _address_error passed it)
     if type(rcpts) is not list or not rcpts:
         return "recipients: must be a non-empty list of [id, address, domain]"
     if len(rcpts) > MAX_RECIPIENTS:
@@ -160,11 +164,13 @@ def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | Non
         if mid in seen:
             return f"{where}.id: {mid} appears twice in the message"
         seen.add(mid)
-        err = _address_error(rcpt, where, utf8, allow_empty=False)
-        if err:
-            return err
+        plain = canonical_plain_domain(rcpt) if type(rcpt) is str else None
+        if plain is None:
+            err = _address_error(rcpt, where, utf8, allow_empty=False)
+            if err:
+                return err
         if type(domain) is not str or \
-                domain != canonical_plain_domain(rcpt) and (
+                domain != plain and (
                     not domain.isascii() or
                     parse_address(rcpt, allow_smtputf8=utf8).ascii_domain != domain):
             return (f"{where}.domain: {domain!r} is not the IDNA (A-label) form of the "
@@ -180,7 +186,7 @@ def check_item(it: Any, shard: int, shards: int, max_size: int, now: float | Non
         if meta is not None:
             if type(meta) is not dict or not meta:
                 return "metadata: must be a non-empty dict or none"
-            _metadata(meta)
+            check_metadata(meta)
         if idem is not None:
             _idempotency_key(idem)
     except ValidationError as e:
@@ -248,8 +254,10 @@ class Intake:
         records: list[list[Any]] = []
         added_bytes = 0
         call_ids: set[str] = set()
+        good_senders: set[tuple[str, bool]] = set()
         for it in items:
-            err = check_item(it, self.shard, self.shards, limits.max_message_size, now)
+            err = check_item(it, self.shard, self.shards, limits.max_message_size, now,
+                             good_senders)
             if err is not None:
                 self.counters["refused"] += 1
                 results.append(_refuse(err))

@@ -485,6 +485,43 @@ def _metadata(value: object) -> dict:
     return json.loads(encoded)  # a private copy, exactly what will be stored
 
 
+#: metadata values :func:`check_metadata` judges without a JSON round trip
+_FLAT_SCALARS = (str, bool, int, float, type(None))
+#: the most bytes one ASCII character of a key or value can take as JSON (a control
+#: character becomes a six-character escape), and a bound on the rest of a flat entry's
+#: bytes (quotes, colon, comma; an int within 64 bits or a float's repr: 24 at most)
+_JSON_CHAR_MAX = 6
+_JSON_ENTRY_MAX = 32
+
+
+def check_metadata(value: object) -> None:
+    """Raise :class:`ValidationError` unless ``value`` is metadata :func:`_metadata` accepts
+    (the same verdict, same errors), without making its copy. A shard leader checks every
+    message's metadata again: a small flat dict of ASCII strings and plain numbers (what
+    front ends send, e.g. the DSN request) is judged from its types and a bound on its JSON
+    size, without ``json.dumps`` and ``json.loads`` (they were ~8 % of a leader's event loop
+    at the SMTP ingress's rate); anything else goes the whole way."""
+    if type(value) is dict and len(value) <= MAX_METADATA_BYTES // _JSON_ENTRY_MAX and \
+            DSN_OF_KEY not in value and value.get(DSN_REQUEST_KEY, True) is True:
+        size = 2
+        for k, v in value.items():
+            if type(k) is not str or not k.isascii() or type(v) not in _FLAT_SCALARS:
+                break
+            if type(v) is str:
+                if not v.isascii():
+                    break
+                size += _JSON_CHAR_MAX * (len(k) + len(v)) + _JSON_ENTRY_MAX
+            elif type(v) is float and not math.isfinite(v) or \
+                    type(v) is int and not -(1 << 63) <= v < (1 << 64):
+                break
+            else:
+                size += _JSON_CHAR_MAX * len(k) + _JSON_ENTRY_MAX
+        else:
+            if size <= MAX_METADATA_BYTES:
+                return
+    _metadata(value)
+
+
 def _idempotency_key(value: object) -> str | None:
     if value is None:
         return None
