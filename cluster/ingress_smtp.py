@@ -40,7 +40,6 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import os
 import random
 import re
 import ssl
@@ -130,11 +129,11 @@ def _txid() -> str:
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when RAYMTA_INGRESS_UVLOOP=1 (measured in bench/ingress_smtp.py), else asyncio's."""
-    if os.environ.get("RAYMTA_INGRESS_UVLOOP") == "1":
-        import uvloop
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    """The listeners' own loop (in a thread of their own, never Ray's): uvloop, as the
+    ingress actor got anyway (Ray's worker installs uvloop's event-loop policy), so that
+    ``raymta listen`` and the in-process tests run the loop production runs."""
+    import uvloop
+    return uvloop.new_event_loop()
 
 
 #: ``<local@domain>`` with a dot-atom local part and an LDH domain: the address of nearly every
@@ -295,7 +294,7 @@ class _Session(asyncio.Protocol):
             ev = reader.next_event()
             if ev is None:
                 break
-            if type(ev) is Line:
+            if isinstance(ev, Line):
                 if self._auth is not None:
                     self._auth_response(ev.text)
                 else:

@@ -28,7 +28,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["SubmitBatcher"]
 
