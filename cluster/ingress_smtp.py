@@ -40,7 +40,6 @@ import contextlib
 import functools
 import ipaddress
 import logging
-import os
 import random
 import re
 import ssl
@@ -130,11 +129,11 @@ def _txid() -> str:
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when RAYMTA_INGRESS_UVLOOP=1 (measured in bench/ingress_smtp.py), else asyncio's."""
-    if os.environ.get("RAYMTA_INGRESS_UVLOOP") == "1":
-        import uvloop
-        return uvloop.new_event_loop()
-    return asyncio.new_event_loop()
+    """The listeners' own loop (in a thread of their own, never Ray's): uvloop, as the
+    ingress actor got anyway (Ray's worker installs uvloop's event-loop policy), so that
+    ``raymta listen`` and the in-process tests run the loop production runs."""
+    import uvloop
+    return uvloop.new_event_loop()
 
 
 #: ``<local@domain>`` with a dot-atom local part and an LDH domain: the address of nearly every
@@ -225,11 +224,14 @@ class _Session(asyncio.Protocol):
         self._auth_failures = 0
         self._bogus = 0
         self._counted = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # an asyncio or uvloop transport (uvloop's are not asyncio.Transport subclasses)
         self.transport = transport  # type: ignore[assignment]
+        # asked once: get_running_loop() makes a getpid() system call each time (strace)
+        self._loop = asyncio.get_running_loop()
         ing = self.ingress
         ing.sessions.add(self)
         peer = self.client or transport.get_extra_info("peername")
@@ -287,11 +289,11 @@ class _Session(asyncio.Protocol):
     def _run(self) -> None:
         """Answer every complete command (or body) read so far, unless waiting."""
         reader = self.reader
+        self.last_active = time.monotonic()
         while not self._busy and not self._closing and not self._write_paused:
             ev = reader.next_event()
             if ev is None:
                 break
-            self.last_active = time.monotonic()
             if isinstance(ev, Line):
                 if self._auth is not None:
                     self._auth_response(ev.text)
@@ -559,22 +561,26 @@ class _Session(asyncio.Protocol):
                       ) -> tuple[str, list[str], dict[str, str | bool]] | None:
         """``arg`` of MAIL (``verb`` "MAIL FROM:") or RCPT ("RCPT TO:"): (address, the
         parameters as sent upper-cased, parsed), or None once the refusal is answered."""
-        syntax = self._syntax(verb)
-        keyword = verb.split()[1]
+        keyword = verb[verb.index(" ") + 1:]
         if arg[:len(keyword)].upper() != keyword:
-            self._reply(syntax)
+            self._reply(self._syntax(verb))
             return None
         address, rest = _address(arg[len(keyword):].strip())
         if address is None:
             self._reply("553 5.1.3 Error: malformed address")
             return None
+        if not rest:            # the usual case: no parameters
+            if not address:
+                self._reply(self._syntax(verb))
+                return None
+            return address, [], {}
         if not address or (rest.strip() and not self.esmtp):
-            self._reply(syntax)
+            self._reply(self._syntax(verb))
             return None
         options = rest.upper().split()
         params = _params(options)
         if params is None:
-            self._reply(syntax)
+            self._reply(self._syntax(verb))
             return None
         return address, options, params
 
@@ -683,7 +689,8 @@ class _Session(asyncio.Protocol):
                "raw": received + added + raw, "smtputf8": self.smtputf8, "dsn": ing.dsn}
         self._reset()
         self._busy = True
-        fut = ing.batcher.enqueue(msg, asyncio.get_running_loop())
+        assert self._loop is not None
+        fut = ing.batcher.enqueue(msg, self._loop)
         fut.add_done_callback(functools.partial(self._queued, txid))
 
     def _queued(self, txid: str, fut: asyncio.Future[Any]) -> None:

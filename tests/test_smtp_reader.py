@@ -3,6 +3,8 @@ cut into reads as given, and the events a session gets from it."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from cluster.core.smtp_reader import (
@@ -12,6 +14,7 @@ from cluster.core.smtp_reader import (
     Line,
     LineTooLong,
     SmtpReader,
+    has_long_line,
 )
 
 BIG = 100
@@ -89,6 +92,46 @@ def test_a_body_line_longer_than_the_limit_is_refused():
     r.begin_data(10_000)
     r.feed(b"w" * MAX_TEXT_LINE + b"\r\n.\r\n")
     assert r.next_event() == Body(b"w" * MAX_TEXT_LINE + b"\r\n")
+
+
+_M = MAX_TEXT_LINE
+#: (what it shows, body up to its final CRLF, has a line over MAX_TEXT_LINE)
+LONG_LINES = [
+    ("short lines", b"a\r\n" * 3000, False),
+    ("one line exactly at the limit", b"w" * _M + b"\r\n", False),
+    ("one line one past the limit", b"w" * (_M + 1) + b"\r\n", True),
+    ("a long line last", b"a\r\n" * 500 + b"w" * (_M + 1) + b"\r\n", True),
+    ("a long line first", b"w" * (_M + 1) + b"\r\n" + b"a\r\n" * 500, True),
+    ("at the limit between short lines", b"ab\r\n" + b"w" * _M + b"\r\nc\r\n", False),
+    ("lines of the limit back to back", (b"w" * _M + b"\r\n") * 5, False),
+    ("a bare LF does not end a line", b"w" * 600 + b"\n" + b"w" * 600 + b"\r\n", True),
+    ("a bare CR does not either", b"w" * 600 + b"\r" + b"w" * 600 + b"\r\n", True),
+    ("CR CR LF: the line keeps one CR", b"w" * (_M - 1) + b"\r\r\n", False),
+    ("CR CR LF one past", b"w" * _M + b"\r\r\n", True),
+    ("no CRLF at the end, short", b"w" * _M, False),
+    ("no CRLF at the end, long", b"a\r\n" + b"w" * (_M + 1), True),
+    ("empty", b"", False),
+]
+
+
+@pytest.mark.parametrize("what,raw,want", LONG_LINES, ids=[c[0] for c in LONG_LINES])
+def test_has_long_line(what, raw, want):
+    assert has_long_line(raw) is want
+    assert want == (max(map(len, raw.split(b"\r\n"))) > MAX_TEXT_LINE)   # the definition
+
+
+def test_has_long_line_agrees_with_splitting_on_crlf():
+    """Random bodies of CR, LF and letters, lines around the limit: the same answer as the
+    definition (cut at CRLF, longest piece over MAX_TEXT_LINE)."""
+    rnd = random.Random(5321)
+    for _ in range(2000):
+        parts = []
+        for _ in range(rnd.randint(0, 6)):
+            n = rnd.choice([0, 1, _M - 2, _M - 1, _M, _M + 1, rnd.randint(0, 3 * _M)])
+            parts.append(bytes(rnd.choice(b"ab\r\n") if rnd.random() < 0.01 else 97
+                               for _ in range(n)))
+        raw = b"\r\n".join(parts) + rnd.choice([b"", b"\r\n", b"\r", b"\n"])
+        assert has_long_line(raw) == (max(map(len, raw.split(b"\r\n"))) > _M), raw[:80]
 
 
 def test_memory_stays_bounded():

@@ -31,6 +31,7 @@ __all__ = [
     "Line",
     "LineTooLong",
     "SmtpReader",
+    "has_long_line",
 ]
 
 #: longest text line of a body, without its CRLF (RFC 5321 §4.5.3.1.6 says 998; aiosmtpd,
@@ -61,6 +62,22 @@ class BodyRefused:
 
 
 Event = Line | LineTooLong | Body | BodyRefused
+
+
+def has_long_line(raw: bytes) -> bool:
+    """Whether a line of ``raw`` (CRLF-terminated lines, as a body up to its final CRLF) is
+    longer than :data:`MAX_TEXT_LINE` without its CRLF, as ``raw.split(b"\\r\\n")`` would
+    cut it. Looks for the last CRLF within reach of each line start, so a body of short lines
+    costs one ``rfind`` per ~1000 bytes instead of a list of all its lines (that split was
+    ~2 % of the ingress process's CPU at load)."""
+    reach = MAX_TEXT_LINE + 2     # a line of MAX_TEXT_LINE octets has its CRLF inside this
+    start, n = 0, len(raw)
+    while n - start > MAX_TEXT_LINE:
+        end = raw.rfind(b"\r\n", start, start + reach)
+        if end < 0:    # the line at ``start`` runs past the limit
+            return True
+        start = end + 2
+    return False
 
 
 class SmtpReader:
@@ -147,7 +164,7 @@ class SmtpReader:
         limit, self._limit = self._limit, None
         if len(raw) + self._dropped > limit:
             return BodyRefused("size")
-        if len(raw) > MAX_TEXT_LINE and max(map(len, raw.split(b"\r\n"))) > MAX_TEXT_LINE:
+        if has_long_line(raw):
             return BodyRefused("line")
         # RFC 5321 §4.5.2: a line's leading dot was added by the client; take it away
         if raw[:1] == b".":
