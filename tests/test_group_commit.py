@@ -139,8 +139,12 @@ def test_a_grouped_commit_without_quorum_fails_every_call_it_carried_retryably(s
     import ray
     mc, cfg = shard
     ns = cfg.cluster.namespace
-    # warm the stream pool: each caller below has an open connection to the leader
-    _in_threads(6, lambda k: mc.submit(_msgs(f"warm{k}", 1), retry_for=0))
+    # six open connections to the leader's submit stream, one for each caller below (a new
+    # one would need the leader to answer its hello, one after the other)
+    stream = mc._streams[0]
+    conns = [stream._connect() for _ in range(6)]
+    assert all(c is not None for c in conns)
+    stream._idle.extend(conns)
     leader = _stats(mc)["pid"]
     replicas = [ray.get(ray.get_actor(f"replica:0:{s}", namespace=ns).ping.remote())
                 for s in (1, 2)]
@@ -156,7 +160,7 @@ def test_a_grouped_commit_without_quorum_fails_every_call_it_carried_retryably(s
         t = threading.Thread(target=lambda: out.extend(_in_threads(
             6, lambda k: mc.submit(_msgs(f"nq{k}", 2), retry_for=0))))
         t.start()
-        time.sleep(1.0)
+        time.sleep(2.0)                   # (their requests wait in the leader's sockets)
         os.kill(leader, signal.SIGCONT)   # ... and are admitted together
         stopped.remove(leader)
         t.join(60)
