@@ -277,10 +277,19 @@ class Replicator:
     def need_remote(self) -> int:
         return majority(self.r) - 1
 
-    async def commit(self, frames: bytes, first: int, last: int) -> None:
-        """Durable on the local copy and a quorum of the copies; raises Fenced, OSError."""
+    def commit(self, frames: bytes, first: int, last: int) -> asyncio.Future:
+        """Start committing a batch (one group commit's frames, lsns ``first``..``last``);
+        returns a future done once they are fsync'd on the local copy and on enough replicas
+        for a quorum, or failed with :class:`Fenced` or the local write's ``OSError``.
+
+        A plain future, not a task: the local write goes to the I/O thread and the drivers
+        are woken at once, and the two halves finish it through callbacks (a commit cost a
+        task and two more loop steps when this was a coroutine run as one)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         if self.fenced:
-            raise Fenced(self.fenced)
+            done.set_exception(Fenced(self.fenced))
+            return done
         now = time.time()
         self._tail.append((first, last, frames, now, zlib.crc32(frames)))
         self._tail_size += len(frames)
@@ -288,15 +297,30 @@ class Replicator:
         self._end = last
         for d in self.drivers.values():
             d.wake.set()
-        fut = asyncio.get_running_loop().create_future()
-        if self._quorum_at(last):
-            fut.set_result(None)
-        else:
-            self._waiters.append((last, fut))
-        await self._io(self.local.log.write, frames, first)
-        await fut
-        self.committed = max(self.committed, last)
-        self._trim_tail()
+        written = loop.run_in_executor(self.io, self.local.log.write, frames, first)
+        halves = [written]
+        if not self._quorum_at(last):
+            quorum = loop.create_future()
+            self._waiters.append((last, quorum))
+            halves.append(quorum)
+        left = [len(halves)]
+
+        def half_done(f: asyncio.Future) -> None:
+            exc = f.exception() if not f.cancelled() else asyncio.CancelledError()
+            if done.done():
+                return
+            if exc is not None:
+                done.set_exception(exc)
+                return
+            left[0] -= 1
+            if not left[0]:
+                self.committed = max(self.committed, last)
+                self._trim_tail()
+                done.set_result(None)
+
+        for h in halves:
+            h.add_done_callback(half_done)
+        return done
 
     def _quorum_at(self, lsn: int) -> bool:
         need = self.need_remote()

@@ -75,7 +75,7 @@ __all__ = [
     "warmup_record", "REC_DSN_OWED", "dsn_owed_record", "bad_dsn_owed_row",
     "QueuedMessage", "QueueState", "SnapshotBuild", "StateError",
     "accept_record", "body_record", "message_record", "transient_record", "delivered_record",
-    "final_record",
+    "final_record", "records_bytes",
 ]
 
 REC_BODY = "b"
@@ -99,6 +99,24 @@ INFLIGHT = "inflight"  # handed to a relay, no result yet
 
 class StateError(ValueError):
     """A record does not fit the queue (corrupt or foreign log)."""
+
+
+#: what a record costs in a log frame besides the body it may carry (header, ids, addresses,
+#: times): an estimate, for bounding a group commit's bytes before its frames are made
+RECORD_OVERHEAD = 200
+
+
+def records_bytes(records: list[list[Any]]) -> int:
+    """About how many log bytes ``records`` make: the bodies they carry (message and body
+    records) plus :data:`RECORD_OVERHEAD` each. Cheap (no encoding): the bound of a group
+    commit (cluster.core.replication.group_take) is counted with it."""
+    n = RECORD_OVERHEAD * len(records)
+    for r in records:
+        if r[0] == REC_MESSAGE or r[0] == REC_BODY:
+            b = r[2]
+            if type(b) is bytes or type(b) is str:
+                n += len(b)
+    return n
 
 
 def body_record(body_id: str, body: bytes) -> list[Any]:

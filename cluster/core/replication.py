@@ -11,6 +11,7 @@ one small state machine, so that every corner case is a table test and the actor
 - :func:`place_copies` — which node each copy of a shard should run on (distinct nodes, then
   distinct regions).
 - :func:`compaction_due` — when the log since the last snapshot is worth compacting.
+- :func:`group_take` — how many of the calls waiting to commit the next group commit carries.
 
 Pure: no I/O, no clock, no Ray.
 """
@@ -22,11 +23,34 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 __all__ = ["majority", "LogShape", "CopyInfo", "ClaimPlan", "Fence", "Refused", "plan_claim",
-           "agreement", "can_replace", "place_copies", "plan_move", "Members", "compaction_due"]
+           "agreement", "can_replace", "place_copies", "plan_move", "Members", "compaction_due",
+           "group_take"]
 
 
 def majority(r: int) -> int:
     return r // 2 + 1
+
+
+def group_take(waiting: Iterable[tuple[int, int]], max_records: int, max_bytes: int) -> int:
+    """How many of the waiting calls the next group commit takes, in arrival order.
+
+    ``waiting``: ``(records, bytes)`` of each call whose records wait for a commit (read
+    lazily, only as far as needed). A commit takes calls while their records and bytes stay
+    within ``max_records`` and ``max_bytes`` (so one commit is one bounded log append, fsync
+    and replication round, and the records it applies hold the event loop a bounded time);
+    the first call is always taken, however big, so nothing waits forever. The rest wait for
+    the next commit, which starts as soon as this one is durable. 0 when nothing waits."""
+    if max_records < 1 or max_bytes < 1:
+        raise ValueError(f"group_take: max_records ({max_records}) and max_bytes "
+                         f"({max_bytes}) must be at least 1")
+    n = records = size = 0
+    for recs, nbytes in waiting:
+        if n and (records + recs > max_records or size + nbytes > max_bytes):
+            break
+        n += 1
+        records += recs
+        size += nbytes
+    return n
 
 
 def compaction_due(since_snapshot: int, threshold: int, last_snapshot: int,
