@@ -855,12 +855,17 @@ class RelayPool:
                     # this connection takes the next one too: its envelope rides on this body
                     carry = s.queue.popleft()
                     then = (self._mail_from(carry[0]), carry[0][3], carry[0][5])
+                # the session ends after this message (its deliveries are used up, or nothing
+                # is queued and other sites wait for this relay's connection slot): QUIT rides
+                # on the body, as it does for most of a long tail's one-message sessions
+                last = then is None and (conn.sent + 1 >= limit or (
+                    not s.queue and self.slots.others_waiting(s.name)))
                 if self.cfg.unsubscribe:
                     body = self._list_unsubscribe(item, body)
                 if self._sign_pool is not None:
                     body = await asyncio.get_running_loop().run_in_executor(
                         self._sign_pool, self._sign, body)
-                a = await conn.send(sender, rcpt, body, smtputf8, then=then)
+                a = await conn.send(sender, rcpt, body, smtputf8, then=then, last=last)
                 c = self._classify(s, a)
                 self._count_result(s, item, call, c, host)
                 if c.site_backoff:
