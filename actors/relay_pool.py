@@ -568,8 +568,8 @@ class RelayPool:
         ev = self._slot_freed.setdefault(s.name, asyncio.Event())
         ev.clear()
         # the connections of the site idle longest see the line and close: one site per
-        # wait, not every idle connection (those would have to be opened again for the next
-        # mail to their sites: at 10,000 domains that was a third more sessions than sites)
+        # wait, not every idle connection (each closed for nothing is a session to open
+        # again when its site's next mail comes)
         for name in self._idle:
             idle = self.sites.get(name)
             if idle is not None and not idle.wake.is_set():    # (set: already closing)
