@@ -1,5 +1,5 @@
-"""The relay's SMTP client (cluster.adapters.smtp): session set-up with aiosmtplib, then
-transactions on raymta's own protocol, pipelined (RFC 2920) when the server offers it.
+"""The relay's SMTP client (cluster.adapters.smtp): session set-up (greeting, EHLO, STARTTLS)
+and transactions on raymta's own protocol, pipelined (RFC 2920) when the server offers it.
 
 Real sockets on loopback: the aiosmtpd sinks (with and without PIPELINING, with per-recipient
 faults and STARTTLS), and a raw asyncio server where the test needs to control every byte."""

@@ -115,6 +115,9 @@ class _Wire(asyncio.Protocol):
         self.lost: str | None = None        # why the connection ended, once it has
         self.writable = True
         self.drained: asyncio.Future | None = None
+        #: STARTTLS was sent: once its reply is in, nothing more is read as SMTP until the
+        #: handshake (RFC 3207 §4.2: what the server sends before it does not count)
+        self.tls_next = False
 
     # ---- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -137,6 +140,9 @@ class _Wire(asyncio.Protocol):
                 self._reply(bytes(buf[:end + 1]))
                 del buf[:end + 1]
                 start = 0
+                if self.tls_next:       # the reply to STARTTLS: the rest is not SMTP
+                    buf.clear()
+                    return
             else:
                 start = end + 1
         if len(buf) > _MAX_REPLY:
@@ -159,7 +165,7 @@ class _Wire(asyncio.Protocol):
     def _fail(self, why: str) -> None:
         if self.lost is None:
             self.lost = why
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
         w = self.waiter
         if w is not None and not w.done():
@@ -185,10 +191,11 @@ class _Wire(asyncio.Protocol):
 
     # ---- use
     def close(self) -> None:
-        """Drop the connection now (a session that failed to set up)."""
+        """Drop the connection now (a session that failed to set up). A transport already
+        closed is left alone: uvloop raises on it (a failed TLS handshake closes it)."""
         if self.lost is None:
             self.lost = "closed by us"
-        if self.transport is not None:
+        if self.transport is not None and not self.transport.is_closing():
             self.transport.abort()
 
     async def write(self, data: bytes) -> None:
@@ -566,16 +573,23 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
 async def _starttls(wire: _Wire, ctx: ssl.SSLContext, host: str, timeout: float) -> None:
     """STARTTLS (RFC 3207) and the handshake on the same transport; the wire then reads and
     writes through TLS."""
+    wire.tls_next = True
     code, text = await _command(wire, b"STARTTLS\r\n", timeout)
+    wire.tls_next = False
     if code != 220:
         raise _Refused(code, text)
     # §4.2: nothing the server sent before the handshake counts
     wire.buf.clear()
     wire.replies.clear()
-    assert wire.transport is not None
-    tls_transport = await wire.loop.start_tls(
-        wire.transport, wire, ctx, server_hostname=tls_server_name(host),
-        ssl_handshake_timeout=timeout)
+    transport = wire.transport
+    if wire.lost is not None or transport is None or transport.is_closing():
+        raise ConnectionError(f"connection closed before the TLS handshake ({wire.lost})")
+    try:
+        tls_transport = await wire.loop.start_tls(
+            transport, wire, ctx, server_hostname=tls_server_name(host),
+            ssl_handshake_timeout=timeout)
+    except RuntimeError as e:       # uvloop: the server closed the connection meanwhile
+        raise ConnectionError(f"TLS handshake: {e}") from None
     if tls_transport is None:
         raise ConnectionError("connection closed during the TLS handshake")
     wire.transport = tls_transport
