@@ -476,6 +476,9 @@ class RelayPool:
         permanent 5.4.4 classification every message for the site gets."""
         if s.guard_of is s.hosts:
             return s.refusal
+        if s.guard_of == s.hosts:   # every batch brings its own copy of an unchanged route
+            s.guard_of = s.hosts
+            return s.refusal
         s.guard_of = s.hosts
         s.ca_file = ca_file_for(s.name, [h[1] for h in s.hosts], self.cfg.sites,
                                 self.cfg.delivery.tls_ca_file)
