@@ -224,7 +224,8 @@ class RelayPool:
         #: waiting for a slot waits on its event here
         self.slots = RelaySlots(config.delivery.max_connections)
         self._slot_freed: dict[str, asyncio.Event] = {}
-        #: sites with a connection open and idle (it closes at once when a site waits)
+        #: sites with a connection open and idle, longest idle first (a site waiting for a
+        #: slot closes the first of them: dict order is the order they went idle)
         self._idle: dict[str, int] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
@@ -475,6 +476,9 @@ class RelayPool:
         permanent 5.4.4 classification every message for the site gets."""
         if s.guard_of is s.hosts:
             return s.refusal
+        if s.guard_of == s.hosts:   # every batch brings its own copy of an unchanged route
+            s.guard_of = s.hosts
+            return s.refusal
         s.guard_of = s.hosts
         s.ca_file = ca_file_for(s.name, [h[1] for h in s.hosts], self.cfg.sites,
                                 self.cfg.delivery.tls_ca_file)
@@ -566,10 +570,14 @@ class RelayPool:
         timeout only guards against a lost wake-up)."""
         ev = self._slot_freed.setdefault(s.name, asyncio.Event())
         ev.clear()
+        # the connections of the site idle longest see the line and close: one site per
+        # wait, not every idle connection (each closed for nothing is a session to open
+        # again when its site's next mail comes)
         for name in self._idle:
             idle = self.sites.get(name)
-            if idle is not None:
-                idle.wake.set()     # idle connections see the line and close
+            if idle is not None and not idle.wake.is_set():    # (set: already closing)
+                idle.wake.set()
+                break
         try:
             await asyncio.wait_for(ev.wait(), timeout=1.0)
         except TimeoutError:
@@ -855,12 +863,17 @@ class RelayPool:
                     # this connection takes the next one too: its envelope rides on this body
                     carry = s.queue.popleft()
                     then = (self._mail_from(carry[0]), carry[0][3], carry[0][5])
+                # the session ends after this message (its deliveries are used up, or nothing
+                # is queued and other sites wait for this relay's connection slot): QUIT rides
+                # on the body, as it does for most of a long tail's one-message sessions
+                last = then is None and (conn.sent + 1 >= limit or (
+                    not s.queue and self.slots.others_waiting(s.name)))
                 if self.cfg.unsubscribe:
                     body = self._list_unsubscribe(item, body)
                 if self._sign_pool is not None:
                     body = await asyncio.get_running_loop().run_in_executor(
                         self._sign_pool, self._sign, body)
-                a = await conn.send(sender, rcpt, body, smtputf8, then=then)
+                a = await conn.send(sender, rcpt, body, smtputf8, then=then, last=last)
                 c = self._classify(s, a)
                 self._count_result(s, item, call, c, host)
                 if c.site_backoff:

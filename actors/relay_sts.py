@@ -107,7 +107,9 @@ class StsGate:
         then; see :meth:`StsFetcher.policy`)."""
         txt = txt or {}
         f = self.fetcher()
-        todo = [d for d in dict.fromkeys(domains) if d and f.due(d)]
+        now = time.time()
+        todo = [d for d in dict.fromkeys(domains) if d and f.due(d, now)
+                and not (d in txt and f.settle(d, txt[d], now))]
         if not todo:
             return
         sem = asyncio.Semaphore(_PREFETCH_CONCURRENCY)

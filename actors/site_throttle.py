@@ -34,7 +34,6 @@ import ipaddress
 import logging
 import os
 import random
-import threading
 import time
 from collections import deque
 from typing import Any
@@ -93,7 +92,6 @@ class SiteThrottle:
         self._coords: dict[str, Any] = {}
         self._tasks: set[asyncio.Task] = set()
         self._resolver: MxResolver | None = None
-        self._dns_loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
         #: calls served, per method (operators: what the throttle spends its time on)
         self.calls = dict.fromkeys(("resolve", "grant", "acquire", "release", "renew",
@@ -112,19 +110,6 @@ class SiteThrottle:
                                         max_concurrent=dc.max_concurrent, policy=dc.policy(),
                                         use_ipv6=dc.ipv6)
         return self._resolver
-
-    def _lookups(self) -> asyncio.AbstractEventLoop:
-        """The event loop MX lookups run on, in a thread of their own. dnspython spent ~0.5 ms
-        of CPU on each query and answer; a burst of thousands of new domains on this actor's
-        loop queued grants and lease calls behind seconds of it, so every site waited for
-        the long tail's lookups. In a thread they interleave at the GIL's switch interval.
-        (c-ares now spends ~0.1 ms a query, resolver layer included: whether the thread still
-        pays for itself is not measured.)"""
-        if self._dns_loop is None:
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="mx-lookups", daemon=True).start()
-            self._dns_loop = loop
-        return self._dns_loop
 
     # ------------------------------------------------------------------ routing
     async def resolve(self, domains: list[str]) -> dict[str, list[Any]]:
@@ -158,9 +143,13 @@ class SiteThrottle:
             sts_for = [d for d in dict.fromkeys(domains)
                        if d not in out and d not in static_hosts] \
                 if self.cfg.delivery.mta_sts else []
-            # the resolver is used only on the lookups' loop (it is not thread-safe)
-            results, sts = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                self._resolve_with_sts(to_lookup, sts_for, now), self._lookups()))
+            # on this actor's loop: c-ares spends ~0.1 ms of CPU a query, resolver layer
+            # included, so a burst of new domains no longer holds grants back for seconds
+            # (dnspython's ~0.5 ms did; its lookups ran on a thread of their own then). The
+            # thread's hand-offs cost as much as they saved: throttle CPU per message at
+            # 10,000 / 100,000 domains 63-70 / 97-106 us without it, 71-74 / 107-112 with it
+            # (bench/README "Long tail", 2026-12-05 10:42-10:56)
+            results, sts = await self._resolve_with_sts(to_lookup, sts_for, now)
         for d in domains:
             if d in out:
                 continue
@@ -185,7 +174,7 @@ class SiteThrottle:
 
     async def _resolve_with_sts(self, domains: list[str], sts_for: list[str], now: float
                                 ) -> tuple[dict[str, Route | DnsFailure], dict[str, list[Any]]]:
-        """On the lookups' loop: the routes of ``domains`` and, at the same time, the MTA-STS
+        """The routes of ``domains`` and, at the same time, the MTA-STS
         TXT answers of ``sts_for`` (only those answered: a failure leaves it to the relay)."""
         r = self._dns()
         sem = asyncio.Semaphore(RESOLVE_MANY_CONCURRENCY)

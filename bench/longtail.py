@@ -116,6 +116,15 @@ def _cluster_counters(mc: Any, res: dict[str, Any]) -> None:
             thr[name] = {"calls": s.get("calls"), "granted": s.get("granted"),
                          "sites": len(s.get("sites") or {}), "dns_cache": s.get("dns_cache")}
     res["throttles"] = thr
+    relays: dict[str, Any] = {}
+    for name, h in mc.handles.items():
+        if name.startswith("relay:"):
+            s = ray.get(h.stats.remote(), timeout=30)
+            # sessions opened (one per site and connection) and how near the relay came to
+            # its connection cap (sites waiting for a slot wait for an idle one to close)
+            relays[name] = {k: s.get(k) for k in ("connections", "delivered",
+                                                   "connect_failures", "connection_slots")}
+    res["relays"] = relays
 
 
 def _cpu_times() -> tuple[float, float]:

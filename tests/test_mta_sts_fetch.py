@@ -161,3 +161,40 @@ def test_a_txt_answer_given_with_the_batch_replaces_the_relays_lookup(world) -> 
         assert dns.queries[("_mta-sts.gone.test", "TXT")] >= 1
 
     asyncio.run(run())
+
+
+@pytest.mark.parametrize("txt,settled,current", [
+    ([[], "nxdomain", 1995.0], True, (True, None)),            # no record: nothing to fetch
+    ([["v=spf1 -all"], None, 1995.0], True, (True, None)),      # records, none STS
+    ([["v=STSv1; id=1"], None, 1995.0], False, (False, None)),  # an id: the policy is fetched
+    ([["v=STSv1; id=1", "v=STSv1; id=2"], None, 1995.0], False, (False, None)),  # invalid
+    ([[], "servfail", 1995.0], False, (False, None)),           # a failure: the relay asks
+    ([[], "nxdomain", 1900.0], False, (False, None)),           # older than the recheck
+])
+def test_settle_takes_a_given_answer_without_a_task_only_when_nothing_is_fetched(
+        world, txt, settled, current) -> None:
+    dns, srv, ca_file = world
+    f = _fetcher(dns, srv, ca_file)
+    assert f.settle("quiet.test", txt, now=2000) is settled
+    assert f.current("quiet.test", now=2000) == current
+    assert f.counters["sts_txt_given"] == int(settled)
+    assert f.counters["sts_lookups"] == 0
+
+
+def test_settle_keeps_a_cached_policy_whose_id_is_unchanged(world) -> None:
+    dns, srv, ca_file = world
+
+    async def run() -> None:
+        f = _fetcher(dns, srv, ca_file)
+        pol = await f.policy("good.test", now=2000, txt=[["v=STSv1; id=1"], None, 1990.0])
+        fetched = srv.requests["mta-sts.good.test"]
+        # the recheck is due; the throttle's new answer names the same id: no fetch, in force
+        assert f.due("good.test", now=2100)
+        assert f.settle("good.test", [["v=STSv1; id=1"], None, 2095.0], now=2100)
+        assert f.current("good.test", now=2100) == (True, pol)
+        assert not f.due("good.test", now=2100)
+        # a new id: settle declines, policy() fetches it
+        assert not f.settle("good.test", [["v=STSv1; id=2"], None, 2195.0], now=2200)
+        assert srv.requests["mta-sts.good.test"] == fetched
+
+    asyncio.run(run())

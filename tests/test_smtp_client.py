@@ -1,5 +1,5 @@
-"""The relay's SMTP client (cluster.adapters.smtp): session set-up with aiosmtplib, then
-transactions on raymta's own protocol, pipelined (RFC 2920) when the server offers it.
+"""The relay's SMTP client (cluster.adapters.smtp): session set-up (greeting, EHLO, STARTTLS)
+and transactions on raymta's own protocol, pipelined (RFC 2920) when the server offers it.
 
 Real sockets on loopback: the aiosmtpd sinks (with and without PIPELINING, with per-recipient
 faults and STARTTLS), and a raw asyncio server where the test needs to control every byte."""
@@ -234,7 +234,11 @@ def test_pipelined_commands_go_in_one_write_and_split_replies_are_joined() -> No
             conn = await _connect(srv.port)
             assert conn.pipelining and conn.eightbit and not conn.smtputf8
             a = await conn.send("s@src.test", "r@dst.test", b"Subject: x\r\n\r\n.hi\r\n")
-            await conn.close()
+            await conn.close()      # QUIT, without waiting for the 221
+            for _ in range(100):
+                if len(srv.lines) > 4:
+                    break
+                await asyncio.sleep(0.02)
             return a, srv.lines
 
     a, lines = asyncio.run(run())
@@ -243,6 +247,40 @@ def test_pipelined_commands_go_in_one_write_and_split_replies_are_joined() -> No
                          b"DATA\r\n"]
     assert lines[3] == b"Subject: x\r\n\r\n..hi\r\n.\r\n"
     assert lines[4] == b"QUIT\r\n"
+
+
+def test_the_last_transaction_carries_quit_in_the_body_write() -> None:
+    async def run():
+        async with _RawServer("ahead") as srv:
+            conn = await _connect(srv.port)
+            a = await conn.send("s@src.test", "r@dst.test", BODY, last=True)
+            usable = conn.usable
+            await conn.close()
+            for _ in range(100):
+                if srv.early:
+                    break
+                await asyncio.sleep(0.02)
+            return a, usable, srv.early, srv.lines
+
+    a, usable, early, lines = asyncio.run(run())
+    assert (a.phase, a.code) == ("data", 250)
+    # the server had QUIT before it answered the body: it came in the body's write
+    assert early == [b"QUIT\r\n"]
+    assert not usable and lines[-1].endswith(b"\r\n.\r\n")
+
+
+def test_last_and_then_exclude_each_other(sink: SmtpSink) -> None:
+    async def run() -> None:
+        conn = await _connect(sink.port)
+        try:
+            await conn.send("s@src.test", "r@dst.test", BODY, last=True,
+                            then=("s@src.test", "t@dst.test", False))
+        finally:
+            await conn.close()
+
+    with pytest.raises(ValueError, match="last=True and a next transaction"):
+        asyncio.run(run())
+    assert sink.received == []
 
 
 def test_a_connection_lost_mid_transaction_is_a_connection_failure() -> None:

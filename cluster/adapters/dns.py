@@ -521,7 +521,9 @@ class MxResolver:
             if name not in prefs or pref < prefs[name]:
                 prefs[name] = pref
         names = list(prefs)
-        entries = await asyncio.gather(*(self._host(n, now) for n in names))
+        # one MX host (most of a long tail): awaited directly, no task for gather to wrap
+        entries = [await self._host(names[0], now)] if len(names) == 1 else \
+            await asyncio.gather(*(self._host(n, now) for n in names))
 
         hosts: list[MxHost] = []
         deadline = now + mx.ttl
@@ -595,8 +597,8 @@ class MxResolver:
         The error is "servfail"/"timeout" if any query failed transiently, else "nxdomain" if
         the name does not exist, else None.
         """
-        types = ["A", "AAAA"] if self.use_ipv6 else ["A"]
-        results = await asyncio.gather(*(self._query(qname, t) for t in types))
+        results = await asyncio.gather(self._query(qname, "A"), self._query(qname, "AAAA")) \
+            if self.use_ipv6 else [await self._query(qname, "A")]
         addrs = tuple(a for r in results for a in r.records)
         ttl = min(r.ttl for r in results)
         transient = [r for r in results if r.error in ("servfail", "timeout")]

@@ -113,6 +113,25 @@ class StsFetcher:
             fut.add_done_callback(lambda _f: self._inflight.pop(domain, None))
         return await asyncio.shield(fut)
 
+    def settle(self, domain: str, txt: Sequence[Any], now: float | None = None) -> bool:
+        """Take a TXT answer the throttle looked up (``[records, error, checked_at]``, as
+        :meth:`policy`'s ``txt``) without a task or any I/O when it settles the domain: an
+        answer young enough, and no policy to fetch for it (no ``v=STSv1`` record, or the id
+        of the policy already cached). True when it did; False: ask :meth:`policy`. Most of
+        a long tail publishes no policy: this is the relay's whole MTA-STS cost for them."""
+        now = time.time() if now is None else now
+        if domain in self._inflight or not self.cache.answer_usable(txt[1], float(txt[2]), now):
+            return False
+        try:
+            txt_id = parse_txt(list(txt[0])) if txt[1] in (None, "nxdomain") else None
+        except StsPolicyError:
+            return False        # :meth:`policy` counts and logs it
+        if self.cache.needs_fetch(domain, txt_id, now):
+            return False
+        self.counters["sts_txt_given"] += 1
+        self.cache.txt_checked(domain, min(float(txt[2]), now))
+        return True
+
     def current(self, domain: str, now: float | None = None) -> tuple[bool, StsPolicy | None]:
         """Without I/O: (known, policy); a cached policy holds until it expires even when
         its TXT record is due to be looked at again. Not known: ask :meth:`policy` first."""
