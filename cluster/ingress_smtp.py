@@ -51,6 +51,7 @@ from email.errors import HeaderParseError
 from typing import Any
 
 from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
+from cluster.client import SubmitResult
 from cluster.config import IngressConfig, load_users_file
 from cluster.core.addresses import Address, AddressError, parse_address
 from cluster.core.message import ValidationError, prepare_parsed
@@ -66,7 +67,6 @@ from cluster.core.submission import (
     received_header,
     scan_header,
 )
-from cluster.client import SubmitResult
 from cluster.submit_batcher import SubmitBatcher
 
 __all__ = ["IngressError", "Listener", "SmtpIngress", "reply_for_refusal", "tls_context"]

@@ -254,6 +254,7 @@ def prepare_parsed(sender: Address, recipients: Sequence[Address], raw: bytes, *
     body, sender, added = _finish_raw(plain[0], plain[1], sender, now)
     if len(body) > max_size:
         raise ValidationError("body", _too_big(len(body), max_size))
+    rcpts: tuple[Address, ...]
     if len(recipients) == 1:
         rcpts = (recipients[0],)
     else:   # RFC 5321 §2.4: the local part is case-sensitive, the domain is not
