@@ -7,8 +7,10 @@ port 465), AUTH PLAIN and LOGIN offered only once the session is encrypted (RFC 
 what an authenticated user may do (:mod:`cluster.core.submission`: its sender domains in the
 envelope and the From/Sender fields, per-IP and per-user connection and message-rate limits),
 the ``Received:`` field it prepends (RFC 5321 §4.4) and the hop count that stops a loop
-(554 5.4.6). Every DATA ends in :meth:`cluster.client.MailCluster.submit` — the same call as
-the Python client — through a :class:`cluster.submit_batcher.SubmitBatcher`, so concurrent
+(554 5.4.6). Every DATA ends in :meth:`cluster.client.MailCluster.submit_prepared` — the
+Python client's submit after its validation, which :func:`cluster.core.message.prepare_parsed`
+makes here with the addresses MAIL and RCPT parsed (the same result, the same errors, without
+parsing them twice) — through a :class:`cluster.submit_batcher.SubmitBatcher`, so concurrent
 sessions share commits, and is answered 250 only after that call returned accepted, i.e. once
 the message is on disk on a quorum of its shard's copies ("accepted means durable").
 
