@@ -28,7 +28,8 @@ from cluster.adapters.stream import BlockingStreamClient, StreamError
 from cluster.config import Config, load_config
 from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
 from cluster.core.intake import retryable_error, wire_item
-from cluster.core.message import ValidationError, new_message_ids, validate_batch
+from cluster.core.message import (PreparedMessage, ValidationError, new_message_ids,
+                                  validate_batch)
 from cluster.core.sites import stable_hash
 
 __all__ = ["MailCluster", "SubmitResult", "SubmitError"]
@@ -291,11 +292,23 @@ class MailCluster:
                     for m in msgs]
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
+        return self.submit_prepared(prepared, timeout=timeout, retry_for=retry_for, now=now)
+
+    def submit_prepared(self, prepared: list[PreparedMessage | ValidationError], *,
+                        timeout: float = 300.0, retry_for: float = 15.0,
+                        now: float | None = None) -> list[SubmitResult]:
+        """:meth:`submit` for messages a front end validated itself (``cluster.core.message``
+        ``prepare`` or ``prepare_parsed``, bounded by ``queue.max_message_size``): an SMTP
+        listener that parsed each address already. A :class:`ValidationError` in a slot is
+        that message's refusal. The DKIM policy and everything after apply as in
+        :meth:`submit`."""
+        if now is None:
+            now = time.time()
         if _requires_dkim(self.cfg):
             prepared = [_check_dkim_policy(p, self.cfg, i) for i, p in enumerate(prepared)]
         shards = len(self.coordinators)
         batch_shard = next(self._next_shard) % shards
-        results: list[SubmitResult | None] = [None] * len(msgs)
+        results: list[SubmitResult | None] = [None] * len(prepared)
         # per shard: list of (input index, item)
         per_shard: dict[int, list[tuple[int, list[Any]]]] = {}
         # ids for every recipient, made for this call's shard in one go (a message with an

@@ -7,8 +7,10 @@ port 465), AUTH PLAIN and LOGIN offered only once the session is encrypted (RFC 
 what an authenticated user may do (:mod:`cluster.core.submission`: its sender domains in the
 envelope and the From/Sender fields, per-IP and per-user connection and message-rate limits),
 the ``Received:`` field it prepends (RFC 5321 §4.4) and the hop count that stops a loop
-(554 5.4.6). Every DATA ends in :meth:`cluster.client.MailCluster.submit` — the same call as
-the Python client — through a :class:`cluster.submit_batcher.SubmitBatcher`, so concurrent
+(554 5.4.6). Every DATA ends in :meth:`cluster.client.MailCluster.submit_prepared` — the
+Python client's submit after its validation, which :func:`cluster.core.message.prepare_parsed`
+makes here with the addresses MAIL and RCPT parsed (the same result, the same errors, without
+parsing them twice) — through a :class:`cluster.submit_batcher.SubmitBatcher`, so concurrent
 sessions share commits, and is answered 250 only after that call returned accepted, i.e. once
 the message is on disk on a quorum of its shard's copies ("accepted means durable").
 
@@ -51,19 +53,21 @@ from email.errors import HeaderParseError
 from typing import Any
 
 from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
+from cluster.client import SubmitResult
 from cluster.config import IngressConfig, load_users_file
-from cluster.core.addresses import AddressError, parse_address
+from cluster.core.addresses import Address, AddressError, parse_address
+from cluster.core.message import ValidationError, prepare_parsed
 from cluster.core.smtp_reader import Body, Line, LineTooLong, SmtpReader
 from cluster.core.submission import (
     LimitBook,
     SubmissionUser,
     UserTable,
     completion_fields,
-    count_hops,
     domain_allowed,
     envelope_domain,
     header_sender_problem,
     received_header,
+    scan_header,
 )
 from cluster.submit_batcher import SubmitBatcher
 
@@ -211,9 +215,11 @@ class _Session(asyncio.Protocol):
         self.esmtp = False
         self.tls: ssl.SSLObject | None = None
         self.mail_from: str | None = None
+        self.sender: Address | None = None     # mail_from as parsed (given to the client)
         self.mail_options: list[str] = []
         self.smtputf8 = False
         self.rcpts: list[str] = []
+        self.rcpt_addresses: list[Address] = []  # rcpts as parsed
         self.last_active = time.monotonic()
         self._out: list[bytes] = []
         self._busy = False              # waiting for a commit, a password check, TLS
@@ -334,9 +340,11 @@ class _Session(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.mail_from = None
+        self.sender = None
         self.mail_options = []
         self.smtputf8 = False
         self.rcpts = []
+        self.rcpt_addresses = []
 
     def tls_info(self) -> tuple[str | None, str | None]:
         if self.tls is None:
@@ -608,10 +616,16 @@ class _Session(asyncio.Protocol):
         if params:
             return self._reply("555 MAIL FROM parameters not recognized or not implemented")
         ing = self.ingress
-        try:
-            parse_address(address, field="sender", allow_empty=True, allow_smtputf8=utf8)
-        except AddressError as e:
-            return self._reply(f"553 5.1.7 {e}")
+        sender = ing.senders.get((address, utf8))
+        if sender is None:
+            try:
+                sender = parse_address(address, field="sender", allow_empty=True,
+                                       allow_smtputf8=utf8)
+            except AddressError as e:
+                return self._reply(f"553 5.1.7 {e}")
+            if len(ing.senders) >= 256:      # bounded: the last senders seen
+                ing.senders.clear()
+            ing.senders[(address, utf8)] = sender
         user = self.user
         if user is not None:
             dom = envelope_domain(address)
@@ -625,6 +639,7 @@ class _Session(asyncio.Protocol):
             return self._reply(f"450 4.7.1 {refusal.reason}; try again in "
                                f"{max(1, round(refusal.retry_after))} s")
         self.mail_from, self.mail_options, self.smtputf8 = address, options, utf8
+        self.sender = sender
         self._reply("250 2.1.0 OK")
 
     def smtp_RCPT(self, arg: str) -> None:
@@ -643,10 +658,12 @@ class _Session(asyncio.Protocol):
             # RFC 5321 §4.5.3.1.10: 452, and the client sends the rest in another transaction
             return self._reply(f"452 4.5.3 too many recipients (limit {limit})")
         try:
-            parse_address(address, field="recipient", allow_smtputf8=self.smtputf8)
+            parsed_rcpt = parse_address(address, field="recipient",
+                                        allow_smtputf8=self.smtputf8)
         except AddressError as e:
             return self._reply(f"553 5.1.3 {e}")
         self.rcpts.append(address)
+        self.rcpt_addresses.append(parsed_rcpt)
         self._reply("250 2.1.5 OK")
 
     def smtp_DATA(self, arg: str) -> None:
@@ -663,11 +680,11 @@ class _Session(asyncio.Protocol):
         """A whole body: checked, given its Received field, then queued (replied when the
         commit carrying it returned)."""
         ing = self.ingress
-        hops = count_hops(raw)
-        if hops >= ing.max_hops:
+        scan = scan_header(raw)     # hops, Date, Message-ID: one pass over the header
+        if scan.hops >= ing.max_hops:
             ing.count("refused_loop")
             self._reset()
-            return self._reply(f"554 5.4.6 too many hops: {hops} Received fields (limit "
+            return self._reply(f"554 5.4.6 too many hops: {scan.hops} Received fields (limit "
                                f"{ing.max_hops}); a mail loop?")
         user = self.user
         if user is not None:
@@ -684,9 +701,18 @@ class _Session(asyncio.Protocol):
             helo=self.helo, peer_ip=self.peer_ip, by=ing.hostname, queue_id=txid, now=now,
             tls_version=version, cipher=cipher, user=user.name if user else None,
             for_rcpt=rcpts[0] if len(rcpts) == 1 else None)
-        added = completion_fields(raw, now=now, token=txid, domain=ing.hostname)
-        msg = {"sender": self.mail_from or "<>", "recipients": rcpts,
-               "raw": received + added + raw, "smtputf8": self.smtputf8, "dsn": ing.dsn}
+        added = completion_fields(raw, now=now, token=txid, domain=ing.hostname, scan=scan)
+        assert self.sender is not None
+        try:
+            # what MailCluster.submit's validation would make of it, without parsing the
+            # addresses MAIL and RCPT parsed again (the message gets every check)
+            msg = prepare_parsed(self.sender, self.rcpt_addresses, received + added + raw,
+                                 smtputf8=self.smtputf8, dsn=ing.dsn, now=now,
+                                 max_size=ing.queue_max_size)
+        except ValidationError as e:
+            self._reset()
+            ing.count("refused")
+            return self._reply(reply_for_refusal(SubmitResult(0, error=str(e))))
         self._reset()
         self._busy = True
         assert self._loop is not None
@@ -742,6 +768,11 @@ class SmtpIngress:
         self.max_size = max_size or s.max_message_size or mc.cfg.queue.max_message_size
         #: a bounce or expiry sends a DSN to the envelope sender ([dsn] smtp)
         self.dsn = mc.cfg.dsn.smtp
+        #: the limit MailCluster.submit checks a message's final bytes against
+        self.queue_max_size = mc.cfg.queue.max_message_size
+        #: (MAIL address, SMTPUTF8) -> the sender as parsed: most sessions send as one
+        #: sender, and each message asked parse_address again (bounded: 256, then cleared)
+        self.senders: dict[tuple[str, bool], Address] = {}
         #: set while this node is drained (``raymta drain``): a new connection gets 421
         #: and is closed, so senders and a load balancer go to another node; sessions
         #: already open go on
@@ -825,9 +856,9 @@ class SmtpIngress:
                 "listeners": [f"{a.mode}{'+proxy' if a.proxy else ''}:{a.host}:{a.port}"
                               for a in self.addresses]}
 
-    def _submit(self, msgs: list[dict[str, Any]]) -> list[Any]:
+    def _submit(self, msgs: list[Any]) -> list[Any]:
         # a short retry window: a failover longer than this is the sending MTA's to retry
-        return self.mc.submit(msgs, timeout=120.0, retry_for=5.0)
+        return self.mc.submit_prepared(msgs, timeout=120.0, retry_for=5.0)
 
     # ---------------------------------------------------------------------- running
     def _factory(self, li: Listener, client: tuple[str, int] | None = None) -> _Session:

@@ -34,12 +34,21 @@ from typing import Any
 __all__ = ["SubmitBatcher"]
 
 
+def _size(msg: Any) -> int:
+    """Bytes a waiting message holds: a dict's ``raw``, or a prepared message's ``body``."""
+    raw = msg.get("raw") if isinstance(msg, dict) else getattr(msg, "body", None)
+    return len(raw) if isinstance(raw, (bytes, str)) else 0
+
+
 class SubmitBatcher:
     """Gathers messages from coroutines on one loop into shared submit calls."""
 
-    def __init__(self, submit: Callable[[list[dict[str, Any]]], list[Any]], *,
+    def __init__(self, submit: Callable[[list[Any]], list[Any]], *,
                  window: float = 0.002, max_items: int = 1000, max_bytes: int = 32 << 20,
                  concurrency: int = 4) -> None:
+        #: ``submit`` takes a list of messages: dicts for ``MailCluster.submit`` (their size
+        #: is ``raw``'s), or anything with a ``body`` (``PreparedMessage`` for
+        #: ``MailCluster.submit_prepared``)
         self._submit = submit
         self.window = window
         self.max_items = max_items
@@ -47,7 +56,7 @@ class SubmitBatcher:
         self.concurrency = concurrency
         self._pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="raymta-submit")
-        self._waiting: list[tuple[dict[str, Any], asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[Any, asyncio.Future[Any]]] = []
         self._waiting_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
         self._due = False          # the window of what waits has passed
@@ -55,17 +64,16 @@ class SubmitBatcher:
         self._flying = 0           # messages in those calls
         self.stats = {"calls": 0, "messages": 0, "largest": 0}
 
-    async def submit(self, msg: dict[str, Any]) -> Any:
+    async def submit(self, msg: Any) -> Any:
         """``msg``'s SubmitResult once the call carrying it returned (raises what it raised)."""
         return await self.enqueue(msg, asyncio.get_running_loop())
 
-    def enqueue(self, msg: dict[str, Any], loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
+    def enqueue(self, msg: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
         """Like :meth:`submit`, for a caller on ``loop`` that is not a coroutine (a protocol
         callback): the future gets ``msg``'s SubmitResult or the exception."""
         fut: asyncio.Future[Any] = loop.create_future()
         self._waiting.append((msg, fut))
-        raw = msg.get("raw")
-        self._waiting_bytes += len(raw) if isinstance(raw, (bytes, str)) else 0
+        self._waiting_bytes += _size(msg)
         if self._due or self._full():
             self._flush(loop)
         elif self._timer is None:
@@ -88,7 +96,7 @@ class SubmitBatcher:
                 break
             batch = self._waiting[:self.max_items]
             del self._waiting[:self.max_items]
-            self._waiting_bytes = sum(len(m.get("raw") or b"") for m, _ in self._waiting) \
+            self._waiting_bytes = sum(_size(m) for m, _ in self._waiting) \
                 if self._waiting else 0
             self._in_flight += 1
             self._flying += len(batch)
@@ -105,14 +113,14 @@ class SubmitBatcher:
                 self._timer = None
 
     def _returned(self, loop: asyncio.AbstractEventLoop,
-                  batch: list[tuple[dict[str, Any], asyncio.Future[Any]]],
+                  batch: list[tuple[Any, asyncio.Future[Any]]],
                   call: concurrent.futures.Future[Any]) -> None:
         """In a pool thread (or at close): hand the answers to the loop."""
         with contextlib.suppress(RuntimeError):    # the loop is closed: nobody is waiting
             loop.call_soon_threadsafe(self._done, loop, batch, call)
 
     def _done(self, loop: asyncio.AbstractEventLoop,
-              batch: list[tuple[dict[str, Any], asyncio.Future[Any]]],
+              batch: list[tuple[Any, asyncio.Future[Any]]],
               call: concurrent.futures.Future[Any]) -> None:
         self._in_flight -= 1
         self._flying -= len(batch)

@@ -273,3 +273,28 @@ def test_the_readme_ingress_example_parses_and_its_password_matches():
     (crm,) = cfg.ingress.users
     assert verify_password("a long random password", crm.password_hash)
     assert domain_allowed("news.example.com", crm.domains)
+
+
+@pytest.mark.parametrize("raw,want", [
+    (b"From: a@b.test\r\n\r\nbody\r\n", (0, False, False)),
+    (b"Received: x\r\nreceived : y\r\nDate: d\r\nMessage-Id: <m@h>\r\n\r\n", (2, True, True)),
+    # a field named like one only when the name is whole and at the start of a line
+    (b"X-Date: d\r\nDate-Sent: d\r\nX: a\r\n Received: folded\r\n\r\n", (0, False, False)),
+    (b"DATE\t: d\r\n\r\nReceived: in the body\r\nMessage-ID: <m@h>\r\n", (0, True, False)),
+    (b"Received: a header-only message\r\n", (1, False, False)),
+])
+def test_scan_header_reads_hops_date_and_message_id_in_one_pass(
+        raw: bytes, want: tuple[int, bool, bool]) -> None:
+    from cluster.core.submission import completion_fields, scan_header
+    assert tuple(scan_header(raw)) == want
+    assert count_hops(raw) == want[0]
+    added = completion_fields(raw, now=0.0, token="T", domain="d.test")
+    assert (b"Date:" in added, b"Message-ID:" in added) == (not want[1], not want[2])
+
+
+def test_rfc5322_date_is_the_second_it_is_given() -> None:
+    from cluster.core.submission import rfc5322_date
+    assert rfc5322_date(0.0) == "Thu, 01 Jan 1970 00:00:00 +0000"
+    assert rfc5322_date(0.999) == "Thu, 01 Jan 1970 00:00:00 +0000"   # from the cache
+    assert rfc5322_date(1.0) == "Thu, 01 Jan 1970 00:00:01 +0000"
+    assert rfc5322_date(1_700_000_000.5) == "Tue, 14 Nov 2023 22:13:20 +0000"
