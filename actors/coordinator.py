@@ -800,7 +800,7 @@ class QueueCoordinator:
         # 3. the sites to consider: those with ready mail that are neither waiting for their
         # throttle's retry time nor full by our own count, in round-robin order
         idx = self._ready_sites
-        demand: dict[str, list[Any]] = {}   # site → [ready, domains, info]
+        demand: dict[str, list[Any]] = {}   # site → [ready, domains, info(, wire limits)]
         for site in idx.due(now):
             domains = list(idx.domains[site])
             ready = idx.ready[site]
@@ -818,7 +818,10 @@ class QueueCoordinator:
         # for sites with nothing ready here (ready 0: a report only)
         shared = self._throttle_pool()
         by_throttle: dict[str, list[list[Any]]] = {}
-        for site, (ready, _domains, info) in demand.items():
+        for site, d in demand.items():
+            ready, _domains, info = d
+            wire = limits_to_wire(info.limits)
+            d.append(wire)   # for the relay batches below: one lookup a site a round
             inflight = self._site_inflight.get(site, 0)
             retry = self._site_retry.get(site, 0.0)
             if retry > now or inflight >= max_inflight(info.limits):
@@ -834,7 +837,7 @@ class QueueCoordinator:
                     continue
             tname = throttle_actor_name(site, info.limits.dedicated, shared)
             by_throttle.setdefault(tname, []).append(
-                [site, ready, inflight, limits_to_wire(info.limits)])
+                [site, ready, inflight, wire])
             self._site_reported[site] = (inflight, tname, info.limits)
         for site, tname, limits, inflight in stale:
             if site not in demand:
@@ -867,7 +870,7 @@ class QueueCoordinator:
                 n = min(n, budget)
                 if n <= 0:
                     continue
-                ready, domains, info = demand[site]
+                ready, domains, info, wire = demand[site]
                 msgs = self._take(domains, n, now)
                 if not msgs:
                     continue
@@ -902,7 +905,7 @@ class QueueCoordinator:
                     if spec is None:
                         spec = per_relay[relay][site] = {
                             "hosts": route.hosts, "port": route.port,
-                            "limits": limits_to_wire(info.limits), "throttle": tname,
+                            "limits": wire, "throttle": tname,
                             "items": items, "sts": {}}
                     else:   # the same relay for two egress pools' shares of the site
                         spec["items"].extend(items)

@@ -905,7 +905,17 @@ class QueueState:
         return n
 
     def stale_inflight(self, now: float, timeout: float) -> list[str]:
-        return [mid for mid, m in self.inflight.items() if now - m.dispatched_at > timeout]
+        """In-flight messages handed out more than ``timeout`` before ``now``. The in-flight
+        dict is in the order messages were handed out (one enters it, with that time, only
+        when it is handed out), so the walk stops at the first message still within the
+        timeout: its cost is the stale ones, not every message in flight (a clock stepped
+        back only delays noticing the messages behind it)."""
+        out = []
+        for mid, m in self.inflight.items():
+            if now - m.dispatched_at <= timeout:
+                break
+            out.append(mid)
+        return out
 
     def body(self, body_id: str) -> bytes:
         return self.bodies[body_id].data

@@ -124,6 +124,8 @@ def split_counts(n: int, k: int, turn: int = 0) -> list[int]:
     first relay)."""
     if k <= 0:
         raise ValueError(f"split over {k} relays")
+    if k == 1:   # the common case (one relay a site), every site of every round
+        return [max(0, n)]
     base, extra = divmod(max(0, n), k)
     return [base + (1 if (i - turn) % k < extra else 0) for i in range(k)]
 
