@@ -198,6 +198,10 @@ class QueueCoordinator:
         self._result_rate = 0.0             # results/s, smoothed
         self._rate_at = time.monotonic()
         self._relays: list[str] = []
+        #: the candidate relays of _relays_for, per (sources allowed, sources asked for), for
+        #: the relay list _cands_of (every site of every round asks)
+        self._cands_of: list[str] | None = None
+        self._cands: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
         self._relays_checked = 0.0
         #: the shared throttle pool's size (actors/throttle_pool.py), read every few seconds
         self._pool_size, self._pool_read = 1, -1e9
@@ -1164,9 +1168,16 @@ class QueueCoordinator:
         """The relays that carry ``site`` this round (of the sources ``only``, when given): its
         top relay by rendezvous weight, or its top k on distinct nodes while it is hot
         (:mod:`cluster.core.relay_choice`)."""
-        cands = [r for r in self._relay_names()
-                 if (not limits.sources or r.rsplit(":", 1)[-1] in limits.sources)
-                 and (not only or r.rsplit(":", 1)[-1] in only)]
+        names = self._relay_names()
+        if self._cands_of is not names:   # the relays were looked up again
+            self._cands_of, self._cands = names, {}
+        # per (sources allowed, sources asked for): bounded by the config's combinations
+        cands = self._cands.get((limits.sources, only))
+        if cands is None:
+            cands = self._cands[(limits.sources, only)] = tuple(
+                r for r in names
+                if (not limits.sources or r.rsplit(":", 1)[-1] in limits.sources)
+                and (not only or r.rsplit(":", 1)[-1] in only))
         if not cands:
             log.error("no relay pool for site %s (sources %s)", site, only or limits.sources)
             return []
