@@ -29,7 +29,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import msgpack
 import ray
@@ -57,6 +57,7 @@ from cluster.core.relay_choice import (choose_relays, pool_for, split_counts, sp
                                        weighted_pick)
 from cluster.core.warmup import (DEFAULT, WarmupLedger, grant, home_shard, next_day_start,
                                  shard_status, utc_day)
+from cluster.core.ready_sites import ReadySites
 from cluster.core.throttle import max_inflight, round_interval
 from cluster.core.sites import (SiteInfo, SiteLimits, limits_to_wire, site_for, stable_hash,
                                 throttle_actor_name)
@@ -176,6 +177,15 @@ class QueueCoordinator:
         self._site_inflight: dict[str, int] = {}
         self._inflight_site: dict[str, str] = {}   # id → site, for messages out at relays
         self._site_retry: dict[str, float] = {}
+        #: ready mail by site, kept as it changes (cluster/core/ready_sites.py): a round
+        #: looks at what changed since the last one, not at every ready domain and site
+        self._ready_sites: ReadySites[SiteInfo] = ReadySites()
+        #: domains whose route changed (or whose lookup ended) since the last round
+        self._route_changed: set[str] = set()
+        #: sites whose in-flight count went down since the last round (a report is owed)
+        self._settled_sites: set[str] = set()
+        #: when a round last walked every ready domain for routes to refresh ahead
+        self._routes_walked = 0.0
         from actors.metrics import loop_lag_reporter
         self.loop_lag = LoopLag(report=loop_lag_reporter(f"coordinator:{shard}",
                                                          config.metrics.enabled))
@@ -188,6 +198,10 @@ class QueueCoordinator:
         self._result_rate = 0.0             # results/s, smoothed
         self._rate_at = time.monotonic()
         self._relays: list[str] = []
+        #: the candidate relays of _relays_for, per (sources allowed, sources asked for), for
+        #: the relay list _cands_of (every site of every round asks)
+        self._cands_of: list[str] | None = None
+        self._cands: dict[tuple[tuple[str, ...], tuple[str, ...]], tuple[str, ...]] = {}
         self._relays_checked = 0.0
         #: the shared throttle pool's size (actors/throttle_pool.py), read every few seconds
         self._pool_size, self._pool_read = 1, -1e9
@@ -764,65 +778,83 @@ class QueueCoordinator:
             self._last_housekeeping = now
             self._housekeeping(now)
         stale = self._stale_reports()
-        if not st.ready and not stale:
-            return
-        # 1. routes for domains we have none for (or whose TTL ran out)
-        need = self._routes_needed(now)
+        changed = st.take_ready_changed()
+        if self._route_changed:
+            changed |= self._route_changed
+            self._route_changed = set()
+        # 1. routes for domains we have none for (or whose TTL ran out): those that changed,
+        # the timed-out lookups due again, and once a second every ready domain (refreshed
+        # ahead of expiry, so dispatch never waits on it). Before 2, which takes the mail of
+        # domains whose lookup failed out of the ready queues
+        if now - self._routes_walked >= 1.0:
+            self._routes_walked = now
+            need = self._routes_needed(now, st.ready, prune=True)
+        else:
+            need = self._routes_needed(now, changed)
         if need:
             self._resolving.update(need)
             self._spawn(self._resolve(need))
-        # 2. domains whose lookup failed: bounce or defer what is ready for them
-        recs: list[Any] = []
-        demand: dict[str, list[Any]] = {}   # site → [ready, domains, info]
-        for domain in list(st.ready):
-            r = self._routes.get(domain)
-            if r is None:
-                continue   # first lookup under way; an expired route serves while it refreshes
-            if not r.ok:
-                recs.extend(self._dns_fail_records(domain, r, now))
-                continue
-            assert r.site is not None
-            if st.suspended and st.is_suspended(domain, r.site.key, now):
-                continue   # an operator's `raymta suspend`: the mail waits, ready
-            d = demand.get(r.site.key)
-            if d is None:
-                demand[r.site.key] = [st.ready_live[domain], [domain], r.site]
-            else:
-                d[0] += st.ready_live[domain]
-                d[1].append(domain)
+        # 2. domains whose ready count or route changed: placed under their sites (a domain
+        # whose lookup failed has its ready mail bounced or deferred)
+        recs = self._sync_ready(changed, now)
+        if not st.ready and not stale:
+            if recs:
+                self._enqueue(recs)
+            return
+        # 3. the sites to consider: those with ready mail that are neither waiting for their
+        # throttle's retry time nor full by our own count, in round-robin order
+        idx = self._ready_sites
+        demand: dict[str, list[Any]] = {}   # site → [ready, domains, info(, wire limits)]
+        for site in idx.due(now):
+            domains = list(idx.domains[site])
+            ready = idx.ready[site]
+            if st.suspended:   # an operator's `raymta suspend`: the mail waits, ready
+                domains = [d for d in domains if not st.is_suspended(d, site, now)]
+                if not domains:
+                    continue
+                ready = sum(st.ready_live[d] for d in domains)
+            demand[site] = [ready, domains, idx.info[site]]
         if recs:
             self._enqueue(recs)
         if st.shaping:   # shaping rules' set_limits in force lower their sites' limits
             self._shaped_limits(demand, now)
-        # 3. grants, one call per throttle actor; with them, in-flight counts that went down
+        # 4. grants, one call per throttle actor; with them, in-flight counts that went down
         # for sites with nothing ready here (ready 0: a report only)
         shared = self._throttle_pool()
         by_throttle: dict[str, list[list[Any]]] = {}
-        for site, (ready, _domains, info) in demand.items():
+        for site, d in demand.items():
+            ready, _domains, info = d
+            wire = limits_to_wire(info.limits)
+            d.append(wire)   # for the relay batches below: one lookup a site a round
             inflight = self._site_inflight.get(site, 0)
-            if self._site_retry.get(site, 0.0) > now or inflight >= max_inflight(info.limits):
+            retry = self._site_retry.get(site, 0.0)
+            if retry > now or inflight >= max_inflight(info.limits):
                 # not asking (paused, or full by our own count alone: the throttle could
-                # only say no); still say so when the count has gone down
+                # only say no); still say so when the count has gone down. Not considered
+                # again until the retry time, or until a message of it finishes
+                if retry > now:
+                    idx.hold(site, retry)
+                else:
+                    idx.park(site)
                 ready = 0
                 if inflight == self._site_reported.get(site, (0,))[0]:
                     continue
             tname = throttle_actor_name(site, info.limits.dedicated, shared)
             by_throttle.setdefault(tname, []).append(
-                [site, ready, inflight, limits_to_wire(info.limits)])
+                [site, ready, inflight, wire])
             self._site_reported[site] = (inflight, tname, info.limits)
         for site, tname, limits, inflight in stale:
             if site not in demand:
                 by_throttle.setdefault(tname, []).append(
                     [site, 0, inflight, limits_to_wire(limits)])
                 self._site_reported[site] = (inflight, tname, limits)
-        for site in [x for x, (n, _, _) in self._site_reported.items()
-                     if n == 0 and x not in demand]:
-            del self._site_reported[site]
+            if inflight == 0:   # nothing out there any more: the throttle knows it now
+                self._site_reported.pop(site, None)
         if not by_throttle:
             return
         names = list(by_throttle)
         replies = await asyncio.gather(*(self._grant(n, by_throttle[n]) for n in names))
-        # 4. take messages and batch them per relay
+        # 5. take messages and batch them per relay
         budget = self.cfg.queue.dispatch_batch
         per_relay: dict[str, dict[str, Any]] = {}
         taken_ids: dict[str, list[str]] = {}
@@ -835,15 +867,18 @@ class QueueCoordinator:
                     # take a while to free room; asking every round only costs Ray calls
                     retry_after = now + 4 * self.cfg.queue.dispatch_interval
                 self._site_retry[site] = retry_after
+                if retry_after > now:
+                    idx.hold(site, retry_after)
                 if site not in demand:
                     continue   # a report only
                 n = min(n, budget)
                 if n <= 0:
                     continue
-                ready, domains, info = demand[site]
+                ready, domains, info, wire = demand[site]
                 msgs = self._take(domains, n, now)
                 if not msgs:
                     continue
+                idx.served(site)
                 budget -= len(msgs)
                 placed, unplaced, held = self._place(site, info.limits, ready, msgs)
                 if unplaced:
@@ -874,7 +909,7 @@ class QueueCoordinator:
                     if spec is None:
                         spec = per_relay[relay][site] = {
                             "hosts": route.hosts, "port": route.port,
-                            "limits": limits_to_wire(info.limits), "throttle": tname,
+                            "limits": wire, "throttle": tname,
                             "items": items, "sts": {}}
                     else:   # the same relay for two egress pools' shares of the site
                         spec["items"].extend(items)
@@ -961,10 +996,34 @@ class QueueCoordinator:
         return g
 
     def _stale_reports(self) -> list[tuple[str, str, SiteLimits, int]]:
-        """Sites whose in-flight count went down since the throttle last heard it."""
-        return [(site, tname, limits, self._site_inflight.get(site, 0))
-                for site, (n, tname, limits) in self._site_reported.items()
-                if self._site_inflight.get(site, 0) < n]
+        """Sites whose in-flight count went down since the throttle last heard it (of those
+        with a message finished since the last round)."""
+        out = []
+        for site in self._settled_sites:
+            e = self._site_reported.get(site)
+            n = self._site_inflight.get(site, 0)
+            if e is not None and n < e[0]:
+                out.append((site, e[1], e[2], n))
+        self._settled_sites.clear()
+        return out
+
+    def _sync_ready(self, changed: set[str], now: float) -> list[Any]:
+        """Place each domain of ``changed`` under its site with its ready count now; the
+        records that bounce or defer the ready mail of domains whose lookup failed."""
+        st, routes, idx = self.state, self._routes, self._ready_sites
+        recs: list[Any] = []
+        for domain in changed:
+            n = st.ready_live.get(domain, 0)
+            r = routes.get(domain) if n else None
+            if r is None:   # nothing ready, or the first lookup is under way
+                idx.place(domain, None, 0)
+            elif not r.ok:
+                idx.place(domain, None, 0)
+                recs.extend(self._dns_fail_records(domain, r, now))
+            else:
+                assert r.site is not None
+                idx.place(domain, r.site.key, n, r.site)
+        return recs
 
     def _take(self, domains: list[str], n: int, now: float) -> list[q.QueuedMessage]:
         """Up to n ready messages over the site's domains, round robin so none starves."""
@@ -1109,9 +1168,16 @@ class QueueCoordinator:
         """The relays that carry ``site`` this round (of the sources ``only``, when given): its
         top relay by rendezvous weight, or its top k on distinct nodes while it is hot
         (:mod:`cluster.core.relay_choice`)."""
-        cands = [r for r in self._relay_names()
-                 if (not limits.sources or r.rsplit(":", 1)[-1] in limits.sources)
-                 and (not only or r.rsplit(":", 1)[-1] in only)]
+        names = self._relay_names()
+        if self._cands_of is not names:   # the relays were looked up again
+            self._cands_of, self._cands = names, {}
+        # per (sources allowed, sources asked for): bounded by the config's combinations
+        cands = self._cands.get((limits.sources, only))
+        if cands is None:
+            cands = self._cands[(limits.sources, only)] = tuple(
+                r for r in names
+                if (not limits.sources or r.rsplit(":", 1)[-1] in limits.sources)
+                and (not only or r.rsplit(":", 1)[-1] in only))
         if not cands:
             log.error("no relay pool for site %s (sources %s)", site, only or limits.sources)
             return []
@@ -1126,6 +1192,8 @@ class QueueCoordinator:
         site = self._inflight_site.pop(mid, None)
         if site is not None:
             self._site_inflight[site] = max(0, self._site_inflight.get(site, 0) - 1)
+            self._settled_sites.add(site)
+            self._ready_sites.wake(site)
         return site
 
     def _requeue(self, ids: list[str]) -> int:
@@ -1275,17 +1343,24 @@ class QueueCoordinator:
     #: and one call's work stays well inside its timeout however big the burst
     RESOLVE_CHUNK = 256
 
-    def _routes_needed(self, now: float) -> list[str]:
-        """Domains with ready mail to resolve now: no route yet, or one that expires soon
-        (refreshed ahead, so dispatch never waits on it); not those being resolved, nor those
-        whose lookup timed out and whose next try is not due."""
+    def _routes_needed(self, now: float, domains: Iterable[str], prune: bool = False
+                       ) -> list[str]:
+        """Of ``domains`` and those whose timed-out lookup is due again, those with ready
+        mail to resolve now: no route yet, or one that expires soon (refreshed ahead, so
+        dispatch never waits on it); not those being resolved, nor those whose lookup timed
+        out and whose next try is not due. ``prune``: forget the timed-out lookups of domains
+        with nothing queued any more (bounded by ready domains)."""
         pol, routes, retry = self._dns_policy, self._routes, self._dns_retry
+        ready = self.state.ready
+        if retry and prune:
+            for d in [d for d in retry if d not in ready]:
+                del retry[d]
         if retry:
-            for d in [d for d in retry if d not in self.state.ready]:
-                del retry[d]   # nothing queued any more: forget it (bounded by ready domains)
+            domains = set(domains)
+            domains.update(d for d, t in retry.items() if t.next_at <= now)
         need = []
-        for d in self.state.ready:
-            if d in self._resolving:
+        for d in domains:
+            if d not in ready or d in self._resolving:
                 continue
             r = routes.get(d)
             if r is not None and not pol.needs_lookup(r.resolved_at, r.expires_at, now):
@@ -1329,6 +1404,8 @@ class QueueCoordinator:
             await asyncio.gather(*(through(t, ds) for t, ds in groups.items()))
         finally:
             self._resolving.difference_update(domains)
+            # looked at again next round: placed under their sites, or asked again
+            self._route_changed.update(domains)
             assert self._dispatch_wake is not None
             self._dispatch_wake.set()
 
@@ -1336,6 +1413,7 @@ class QueueCoordinator:
         """Keep the routes a throttle returned. A lookup that timed out is asked again in
         seconds (the domain's mail stays ready, and an old route keeps serving); only timeouts
         past the policy's budget are kept as a failure, which defers the mail."""
+        self._route_changed.update(res)
         for d, raw in res.items():
             r = _Route(raw, d, self.cfg, now)
             if not r.ok and r.timed_out and not r.permanent:
@@ -1381,6 +1459,10 @@ class QueueCoordinator:
             self._spawn(self._periodic_backup())
         for d in [d for d, r in self._routes.items() if r.expires_at < now - 60]:
             del self._routes[d]
+            self._route_changed.add(d)
+        for s in [s for s, (n, _, _) in self._site_reported.items()
+                  if n == 0 and s not in self._ready_sites]:
+            del self._site_reported[s]   # bounded: the throttle heard the count was 0
         for s in [s for s, t in self._site_retry.items() if t < now - 60]:
             del self._site_retry[s]
 

@@ -334,3 +334,34 @@ def test_a_snapshot_built_in_slices_while_records_apply_equals_one_taken_at_the_
         again.apply(r, k)
     assert sorted(again.snapshot()["messages"]) == sorted(full.snapshot()["messages"])
     assert again.counts() == full.counts()
+
+
+@pytest.mark.parametrize("now, want", [
+    (150.0, []),                      # nothing out longer than the timeout
+    (161.0, ["m1"]),                  # handed out at 100: stale past 160
+    (171.0, ["m1", "m2"]),            # m2 handed out at 110
+    (181.0, ["m1", "m2", "m3"]),      # m3 went back to ready and out again at 120
+])
+def test_stale_inflight_in_hand_out_order(now, want):
+    qs = q.QueueState()
+    lsn = 1
+    for mid in ("m1", "m2", "m3"):
+        lsn, _ = accept(qs, lsn, mid)
+    qs.take_ready("a.test", 1, 100.0)
+    qs.take_ready("a.test", 2, 110.0)
+    qs.requeue(["m3"])                 # its relay died: back to the front of the ready queue
+    qs.take_ready("a.test", 1, 120.0)
+    assert qs.stale_inflight(now, 60.0) == want
+
+
+def test_ready_changed_names_domains_whose_ready_count_moved():
+    qs = q.QueueState()
+    lsn, _ = accept(qs, 1, "m1", domain="a.test")
+    lsn, _ = accept(qs, lsn, "m2", domain="b.test")
+    assert qs.take_ready_changed() == {"a.test", "b.test"}
+    assert qs.take_ready_changed() == set()
+    qs.take_ready("b.test", 1, 1.0)
+    assert qs.take_ready_changed() == {"b.test"}
+    qs.requeue(["m2"])
+    qs.apply(q.final_record("m1", 0, "cancelled", None, None, "x", "", "other", 2.0), lsn)
+    assert qs.take_ready_changed() == {"a.test", "b.test"}

@@ -428,6 +428,9 @@ class QueueState:
         self.ready: dict[str, deque[str]] = {}
         self.ready_live: dict[str, int] = {}
         self.ready_count = 0
+        #: domains whose ready count changed since :meth:`take_ready_changed` (a dispatch
+        #: round looks at these, not at every ready domain); bounded by the domains
+        self.ready_changed: set[str] = set()
         self._deferred: list[tuple[float, str]] = []    # (next_at, id), lazily cleaned
         self._expiry: list[tuple[float, str]] = []      # (expires_at, id), lazily cleaned
         self.inflight: dict[str, QueuedMessage] = {}
@@ -791,7 +794,13 @@ class QueueState:
         self.ready_count -= 1
         self._drop_live(m.domain)
 
+    def take_ready_changed(self) -> set[str]:
+        """The domains whose ready count changed since the last call (and forget them)."""
+        out, self.ready_changed = self.ready_changed, set()
+        return out
+
     def _drop_live(self, domain: str) -> None:
+        self.ready_changed.add(domain)
         n = self.ready_live[domain] - 1
         if n:
             self.ready_live[domain] = n
@@ -810,6 +819,7 @@ class QueueState:
             q.append(m.id)
         self.ready_count += 1
         self.ready_live[m.domain] = self.ready_live.get(m.domain, 0) + 1
+        self.ready_changed.add(m.domain)
 
     def _defer(self, m: QueuedMessage, next_at: float) -> None:
         m.state = DEFERRED
@@ -895,7 +905,17 @@ class QueueState:
         return n
 
     def stale_inflight(self, now: float, timeout: float) -> list[str]:
-        return [mid for mid, m in self.inflight.items() if now - m.dispatched_at > timeout]
+        """In-flight messages handed out more than ``timeout`` before ``now``. The in-flight
+        dict is in the order messages were handed out (one enters it, with that time, only
+        when it is handed out), so the walk stops at the first message still within the
+        timeout: its cost is the stale ones, not every message in flight (a clock stepped
+        back only delays noticing the messages behind it)."""
+        out = []
+        for mid, m in self.inflight.items():
+            if now - m.dispatched_at <= timeout:
+                break
+            out.append(mid)
+        return out
 
     def body(self, body_id: str) -> bytes:
         return self.bodies[body_id].data

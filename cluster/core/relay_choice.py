@@ -29,6 +29,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 __all__ = [
@@ -73,9 +74,16 @@ def relay_node(relay: str) -> str:
 def choose_relays(site: str, relays: Sequence[str], k: int) -> list[str]:
     """The ``k`` relays that carry ``site``: in rank order, one relay per node first, then the
     next ranked relays. ``k = 1`` is plain HRW (the top relay). Fewer when fewer exist."""
+    return list(_choose(site, tuple(relays), k))
+
+
+@lru_cache(maxsize=1 << 16)
+def _choose(site: str, relays: tuple[str, ...], k: int) -> tuple[str, ...]:
+    # cached (bounded): a shard leader asks for every site it sends to in every dispatch
+    # round, and ranking costs a keyed hash per relay and a sort
     ranked = rank_relays(site, relays)
     if k <= 1:
-        return ranked[:1]
+        return tuple(ranked[:1])
     out: list[str] = []
     nodes: set[str] = set()
     for r in ranked:
@@ -84,13 +92,13 @@ def choose_relays(site: str, relays: Sequence[str], k: int) -> list[str]:
             nodes.add(n)
             out.append(r)
             if len(out) == k:
-                return out
+                return tuple(out)
     for r in ranked:
         if r not in out:
             out.append(r)
             if len(out) == k:
                 break
-    return out
+    return tuple(out)
 
 
 def spread_count(*, ready: int, configured: int, hot_ready: int, hot_relays: int,
@@ -116,6 +124,8 @@ def split_counts(n: int, k: int, turn: int = 0) -> list[int]:
     first relay)."""
     if k <= 0:
         raise ValueError(f"split over {k} relays")
+    if k == 1:   # the common case (one relay a site), every site of every round
+        return [max(0, n)]
     base, extra = divmod(max(0, n), k)
     return [base + (1 if (i - turn) % k < extra else 0) for i in range(k)]
 
