@@ -186,6 +186,17 @@ def _shared_ray_policy(request: Any) -> Iterator[None]:
     SHARED_RAY.allowed = True
 
 
+def pytest_collection_modifyitems(session: Any, config: Any, items: list[Any]) -> None:
+    """Modules marked ``own_ray`` run after all the others (each keeps its place among them,
+    and every module's tests their order). Each one ends the shared Ray, so between two
+    modules that share it, it would cost the next one a fresh start (~7 s of wall time and
+    ~6.6 CPU seconds); run last, they end it once."""
+    def own_ray(item: Any) -> bool:     # the module's mark: a module's tests stay together
+        module = item.getparent(pytest.Module)
+        return module is not None and module.get_closest_marker("own_ray") is not None
+    items.sort(key=own_ray)
+
+
 def pytest_configure(config: Any) -> None:
     if os.environ.get("RAYMTA_TEST_SHARED_RAY", "1") == "0":
         return

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -391,12 +392,29 @@ def test_events_print_json_lines(submitted):
         "events", "--follow", "--address", submitted["address"], "--since", str(since)]
     proc = subprocess.Popen(cmd, cwd=submitted["work"], env=child_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    printed: list[str] = []      # its lines as they come (it flushes each event)
+
+    def read() -> None:
+        for ln in proc.stdout:   # type: ignore[union-attr]
+            printed.append(ln)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(12)      # several polls of one second each
+        # until the first poll has printed what it owes (process start and Ray connect take
+        # most of the time), then four more polls of one second each: a cursor that fell back
+        # would print old events again on the next one
+        deadline = time.time() + 60     # (if they never come, the asserts below say what did)
+        while (time.time() < deadline and proc.poll() is None
+               and not set(want) <= {(e["shard"], e["seq"], e["type"]) for e in
+                                     (json.loads(ln) for ln in list(printed) if ln.strip())}):
+            time.sleep(0.2)
+        time.sleep(4)
     finally:
         proc.terminate()
-        out, err = proc.communicate(timeout=30)
-    followed = [json.loads(ln) for ln in out.splitlines() if ln.strip()]
+        proc.wait(30)
+        reader.join(10)
+        err = proc.stderr.read()   # type: ignore[union-attr]
+    followed = [json.loads(ln) for ln in printed if ln.strip()]
     got = sorted((e["shard"], e["seq"], e["type"], e["id"]) for e in followed)
     assert all(e["seq"] > since for e in followed), (since, got, err[-2000:])
     assert len(got) == len(set(got)), got                  # nothing printed twice

@@ -2,7 +2,8 @@
 
 import pytest
 
-pytestmark = pytest.mark.timeout(300)
+# own_ray: `raymta demo` starts its own embedded Ray (default settings, not the shared one's)
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]
 
 
 def test_demo_delivers_defers_and_bounces_as_designed(tmp_path, capsys):

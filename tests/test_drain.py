@@ -36,7 +36,8 @@ from tests.test_replication import (
     _wait_all_delivered,
 )
 
-pytestmark = pytest.mark.timeout(300)
+# own_ray: a ray.cluster_utils.Cluster of its own
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]
 REPO = Path(__file__).resolve().parents[1]
 
 

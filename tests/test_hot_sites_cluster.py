@@ -19,7 +19,8 @@ import ray
 from cluster.deploy import NODE_HEALTH, RAY_SYSTEM_CONFIG
 from tests.conftest import pipeline_config, raw_message, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+# own_ray: a ray.cluster_utils.Cluster of its own
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]
 
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 SINK = "127.0.0.61"

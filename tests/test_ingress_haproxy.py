@@ -34,7 +34,8 @@ import pytest
 
 from tests.conftest import pipeline_config, wait_for
 
-pytestmark = pytest.mark.timeout(180)
+# own_ray: a ray.cluster_utils.Cluster of its own
+pytestmark = [pytest.mark.timeout(180), pytest.mark.own_ray]
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 LB = "127.0.0.20"                       # HAProxy: its frontend and its source address

@@ -29,7 +29,8 @@ from cluster.core.throttle import max_inflight
 from cluster.deploy import RAY_SYSTEM_CONFIG
 from tests.conftest import MAIN_SINKS, pipeline_config, raw_message, wait_for
 
-pytestmark = pytest.mark.timeout(900)
+# own_ray: a ray.cluster_utils.Cluster of its own
+pytestmark = [pytest.mark.timeout(900), pytest.mark.own_ray]
 
 RAY_ADDRESS_FILE = Path("/tmp/ray/ray_current_cluster")
 from cluster.deploy import NODE_HEALTH as HEALTH   # noqa: E402 - as `raymta up` runs

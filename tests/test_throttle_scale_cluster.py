@@ -18,7 +18,8 @@ import ray
 from cluster.core.throttle_pool import pool_owner
 from tests.conftest import multinode, pipeline_config, raw_message, wait_for
 
-pytestmark = pytest.mark.timeout(300)
+# own_ray: a ray.cluster_utils.Cluster of its own
+pytestmark = [pytest.mark.timeout(300), pytest.mark.own_ray]
 
 SINK, SINK_STAYS = "127.0.0.62", "127.0.0.63"
 LIMIT = 3

@@ -19,7 +19,8 @@ import pytest
 from tests.conftest import multinode, pipeline_config, pipeline_zone, raw_message, wait_for
 from tests.test_webhooks_cluster import HOOK_HOST, SECRET, SELECTED, Receiver
 
-pytestmark = pytest.mark.timeout(120)
+# own_ray: a ray.cluster_utils.Cluster of its own
+pytestmark = [pytest.mark.timeout(120), pytest.mark.own_ray]
 
 
 
