@@ -185,6 +185,9 @@ class DnsConfig:
     retry_budget: float = 120.0
     #: routes of domains with queued mail are refreshed this long before they expire
     refresh_ahead: float = 30.0
+    #: a SERVFAIL (or MX hosts without an address) is cached this long before it is asked
+    #: again: long enough to stop a storm of repeats, short enough to notice a recovered zone
+    servfail_ttl: float = 10.0
     #: ask AAAA records of MX hosts too; false where every egress source is IPv4 (as Postfix's
     #: inet_protocols = ipv4): a third fewer queries per new domain
     ipv6: bool = True
@@ -192,7 +195,8 @@ class DnsConfig:
     def policy(self) -> DnsPolicy:
         """The pure cache/retry policy these settings describe."""
         return DnsPolicy(min_ttl=self.min_ttl, max_ttl=self.max_ttl,
-                         timeout_ttl=min(1.0, self.retry_initial),
+                         transient_ttl=self.servfail_ttl,
+                         timeout_ttl=min(1.0, self.retry_initial, self.servfail_ttl),
                          retry_initial=self.retry_initial, retry_max_delay=self.retry_max_delay,
                          retry_budget=self.retry_budget, refresh_ahead=self.refresh_ahead)
 
@@ -816,6 +820,7 @@ def _parse_dns(raw: Mapping[str, Any]) -> DnsConfig:
                           positive=False),
         refresh_ahead=_dur(raw.get("refresh_ahead", d.refresh_ahead), f"{w}.refresh_ahead",
                            positive=False),
+        servfail_ttl=_dur(raw.get("servfail_ttl", d.servfail_ttl), f"{w}.servfail_ttl"),
         ipv6=_bool(raw.get("ipv6", d.ipv6), f"{w}.ipv6"),
     )
     try:

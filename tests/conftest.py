@@ -298,7 +298,8 @@ def pipeline_config(spool: str, dns_port: int, smtp_port: int, **queue: Any) -> 
     return parse_config({
         "spool": {"directory": spool},
         "queue": q,
-        "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "1s", "min_ttl": 1},
+        "dns": {"nameservers": ["127.0.0.1"], "port": dns_port, "timeout": "1s", "min_ttl": 1,
+                "servfail_ttl": "2s"},
         # the sinks are on loopback: the MX address guard must be told so
         "delivery": {"smtp_port": smtp_port, "allow_networks": ["127.0.0.0/8"],
                      "connect_timeout": "2s", "command_timeout": "10s",

@@ -78,6 +78,7 @@ rate = "5/m"
     ({"spool": {"segment_bytes": "lots"}}, "spool.segment_bytes", "size"),
     ({"dns": {"nameservers": ["resolver.example"]}}, "dns.nameservers[0]", "not an IP"),
     ({"dns": {"port": 70000}}, "dns.port", "between"),
+    ({"dns": {"servfail_ttl": "0s"}}, "dns.servfail_ttl", ""),
     ({"delivery": {"smtp_port": "25"}}, "delivery.smtp_port", "integer"),
     ({"delivery": {"mta_sts": "on"}}, "delivery.mta_sts", "true or false"),
     ({"delivery": {"dane": "yes"}}, "delivery.dane", "true or false"),
@@ -117,6 +118,16 @@ def test_bad_values_name_the_key_and_the_problem(raw, key, words):
         parse_config(raw)
     assert ei.value.key == key
     assert words in str(ei.value)
+
+
+def test_servfail_ttl_reaches_the_resolver_policy():
+    from cluster.config import parse_config
+    assert parse_config({}).dns.policy().cache_ttl("servfail") == 10.0
+    policy = parse_config({"dns": {"servfail_ttl": "2s"}}).dns.policy()
+    assert policy.cache_ttl("servfail") == 2.0
+    # a timeout is never remembered longer than a SERVFAIL
+    assert parse_config({"dns": {"servfail_ttl": "500ms"}}).dns.policy().cache_ttl("timeout") \
+        == 0.5
 
 
 def test_unreadable_and_invalid_files_name_the_file(tmp_path):
