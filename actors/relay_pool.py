@@ -1117,7 +1117,8 @@ class RelayPool:
                 "tls_broken_hosts": len(self.broken_tls),
                 "connection_slots": {"cap": self.slots.cap, "used": self.slots.used,
                                      "peak": self.slots.peak,
-                                     "sites_waiting": len(self.slots.waiting)},
+                                     "sites_waiting": len(self.slots.waiting),
+                                     "kept": self.slots.kept},
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases),
                               **({"mta_sts": s.sts_mode} if s.sts_mode else {})}
