@@ -628,13 +628,19 @@ class RelayPool:
     async def _worker(self, s: _Site, lease: int) -> None:
         """One connection slot: connections to the site under one lease, one after another
         while it has mail (a connection ends after the site's deliveries-per-connection)."""
+        kept = False
         try:
             while s.queue and lease not in s.refused:
                 await self._connection(s, lease)
-                if self.slots.others_waiting(s.name):
+                if self.slots.others_waiting(s.name) and s.queue and not kept:
                     # other sites wait for a slot of this relay: this one lets it go after
-                    # each connection (a busy site must not keep the line waiting for good)
-                    break
+                    # its connection (a busy site must not keep the line waiting for good),
+                    # unless its queue still calls for its connections and half the slots
+                    # are left to go round the line (RelaySlots.keep)
+                    kept = self.slots.keep(ideal_connections(len(s.queue), s.limits),
+                                           s.workers)
+                    if not kept:
+                        break
         except Exception:  # a bug here must not strand messages: fail what is queued
             log.exception("relay worker for %s crashed", s.name)
             c = connection_failure("internal relay error")
@@ -642,6 +648,8 @@ class RelayPool:
                 item, call = s.queue.popleft()
                 call.add(_result(item, c, ""))
         finally:
+            if kept:
+                self.slots.unkeep()
             s.workers -= 1
             s.leases.discard(lease)
             s.refused.discard(lease)
@@ -1109,7 +1117,8 @@ class RelayPool:
                 "tls_broken_hosts": len(self.broken_tls),
                 "connection_slots": {"cap": self.slots.cap, "used": self.slots.used,
                                      "peak": self.slots.peak,
-                                     "sites_waiting": len(self.slots.waiting)},
+                                     "sites_waiting": len(self.slots.waiting),
+                                     "kept": self.slots.kept},
                 "sites": {n: {"queued": len(s.queue), "connections": s.workers,
                               "leases": len(s.leases),
                               **({"mta_sts": s.sts_mode} if s.sts_mode else {})}

@@ -71,3 +71,39 @@ def test_a_long_line_keeps_its_order_and_only_its_head_is_served():
 def test_bad_use_is_refused_with_a_clear_error(cap, give, words):
     with pytest.raises(ValueError, match=words):
         RelaySlots(cap).give(give)
+
+
+# keep(): each case: cap, then (wanted, held, expected) in order (each True holds one kept
+# slot until the end), then how many are kept. A site whose queue still calls for the
+# connections it has keeps its slot for the next connection, up to half the cap kept.
+KEEP_CASES = [
+    ("a giant with a queue for its connections keeps its slot", 10,
+     [(10, 10, True)], 1),
+    ("a queue that calls for fewer connections than held lets the slot go", 10,
+     [(3, 10, False)], 0),
+    ("exactly as many as held: kept", 10, [(1, 1, True)], 1),
+    ("at most half the cap is kept: the other half goes round the line", 10,
+     [(10, 10, True)] * 5 + [(10, 10, False)], 5),
+    ("a cap of one keeps nothing (the line must move)", 1, [(5, 1, False)], 0),
+]
+
+
+@pytest.mark.parametrize("name, cap, asks, kept", KEEP_CASES, ids=[c[0] for c in KEEP_CASES])
+def test_keep(name, cap, asks, kept):
+    s = RelaySlots(cap)
+    for wanted, held, want in asks:
+        assert s.keep(wanted, held) is want, (wanted, held)
+    assert s.kept == kept <= cap // 2
+
+
+def test_unkeep_frees_a_kept_place_and_bad_use_is_refused():
+    s = RelaySlots(4)
+    assert s.keep(2, 1) and s.keep(2, 1) and not s.keep(2, 1)
+    s.unkeep()
+    assert s.keep(2, 1)
+    with pytest.raises(ValueError, match="holds at least one, got 0"):
+        s.keep(1, 0)
+    for _ in range(2):
+        s.unkeep()
+    with pytest.raises(ValueError, match="unkeep\\(\\) without a kept slot"):
+        s.unkeep()

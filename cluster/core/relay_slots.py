@@ -12,6 +12,14 @@ that frees goes to the site that has waited longest, and while any site waits, a
 that finished its deliveries is not followed by another one to the same site (the relay asks
 :meth:`RelaySlots.others_waiting`), so a busy site cannot keep the line waiting for good.
 
+Except (:meth:`RelaySlots.keep`) for a site whose queue still calls for the connections it
+has: it opens the next connection on the same slot, as long as the slots so kept are at most
+half the cap. A long tail's line is thousands of one-message sites; without this a giant
+provider's ten connections, each ending after its 100 deliveries, went to the back of that
+line one by one, and the giant's mail (most of the traffic) waited seconds for each
+(bench/README "Long tail", 2026-12-05 13:20). The other half of the slots still goes round
+the line, so every waiting site gets its turn.
+
 Pure: no I/O, no clock, no asyncio; the relay wakes the sites :meth:`RelaySlots.wakeable`
 names. Bounded: one waiting entry per site, and the relay's site table is bounded.
 """
@@ -35,6 +43,9 @@ class RelaySlots:
         self.waiting: OrderedDict[str, None] = OrderedDict()
         #: the most slots ever taken at once (operators: how close the relay came to its cap)
         self.peak = 0
+        #: slots kept past a connection's end while sites waited (:meth:`keep`), at most
+        #: half the cap
+        self.kept = 0
 
     @property
     def free(self) -> int:
@@ -78,3 +89,21 @@ class RelaySlots:
 
     def others_waiting(self, site: str) -> bool:
         return any(w != site for w in self.waiting)
+
+    def keep(self, wanted: int, held: int) -> bool:
+        """Whether a connection of a site that ended while other sites wait may be followed
+        by the next one on the same slot: its queue still calls for ``wanted`` connections,
+        at least the ``held`` it has, and the slots kept so are fewer than half the cap.
+        True counts one kept slot, until :meth:`unkeep`."""
+        if held < 1:
+            raise ValueError(f"keep(): a site keeping a slot holds at least one, got {held}")
+        if wanted < held or self.kept >= self.cap // 2:
+            return False
+        self.kept += 1
+        return True
+
+    def unkeep(self) -> None:
+        """A slot kept by :meth:`keep` is given up (its connections are over)."""
+        if self.kept <= 0:
+            raise ValueError("unkeep() without a kept slot")
+        self.kept -= 1
