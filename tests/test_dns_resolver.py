@@ -313,6 +313,21 @@ def test_transient_failures_are_cached_briefly(zone: LoopbackDNS) -> None:
     assert resolve(r, "flaky.test", f.expires_at).hosts[0].addresses == ("127.0.17.1",)
 
 
+def test_servfail_hold_follows_the_policy(zone: LoopbackDNS) -> None:
+    # [dns] servfail_ttl reaches the resolver through its policy (it was the class default)
+    from cluster.config import parse_config
+    zone.add_mx("flaky2.test", [(10, "mx.flaky2.test")])
+    zone.add_a("mx.flaky2.test", "127.0.17.2")
+    zone.set_servfail("flaky2.test")
+    policy = parse_config({"dns": {"servfail_ttl": "2s"}}).dns.policy()
+    r = resolver_for(zone, min_ttl=1, policy=policy)
+    f = failure(r, "flaky2.test", NOW)
+    assert (f.kind, f.permanent) == ("servfail", False)
+    assert NOW < f.expires_at <= NOW + 2
+    zone.set_servfail("flaky2.test", False)
+    assert resolve(r, "flaky2.test", NOW + 2).hosts[0].addresses == ("127.0.17.2",)
+
+
 def test_cache_is_lru_bounded(zone: LoopbackDNS) -> None:
     for d in ("one.test", "two.test", "three.test"):
         zone.add_a(d, "127.0.18.1")

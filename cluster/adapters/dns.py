@@ -323,6 +323,8 @@ class MxResolver:
         base = policy or DnsPolicy(transient_ttl=self.transient_ttl)
         self.policy = DnsPolicy(**{**base.__dict__, "min_ttl": self.min_ttl,
                                    "max_ttl": self.max_ttl})
+        #: a SERVFAIL or address-less answer is kept this long (``[dns] servfail_ttl``)
+        self.transient_ttl = self.policy.transient_ttl
         self._slots: asyncio.Semaphore | None = None
         self._slots_loop: asyncio.AbstractEventLoop | None = None
         #: queries sent and not yet answered now, and the most there ever were
