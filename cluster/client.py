@@ -132,7 +132,7 @@ class _SubmitStream:
             pool = self._idle[loop]
         return pool
 
-    def _connect(self, loop: Any) -> Steps:
+    def _connect(self, loop: Any, timeout: float) -> Steps:
         with self._lock:
             pool = self._pool(loop)
             if pool:
@@ -143,11 +143,11 @@ class _SubmitStream:
         for fresh in (endpoint is None, True):
             try:
                 if fresh:
-                    endpoint = yield ("endpoint", self._handle)
+                    endpoint = yield ("endpoint", self._handle, min(10.0, timeout))
                     with self._lock:
                         self._endpoint = endpoint
                 assert endpoint is not None
-                return (yield ("open", endpoint))
+                return (yield ("open", endpoint, min(2.0, timeout)))
             except (StreamError, ray.exceptions.RayError, ray.exceptions.GetTimeoutError,
                     TimeoutError):
                 if fresh:   # a leader that moved has a new endpoint: asked once, then off
@@ -158,7 +158,7 @@ class _SubmitStream:
         return None
 
     def call(self, payload: bytes, timeout: float, loop: Any = None) -> Steps:
-        conn = yield from self._connect(loop)
+        conn = yield from self._connect(loop, timeout)
         if conn is None:
             return None
         try:
@@ -190,7 +190,7 @@ class _SubmitStream:
 
 
 #: a step of a submission (see _drive): a generator that yields effects — ("endpoint",
-#: leader), ("open", endpoint), ("call", connection, payload, timeout), ("ray", [(leader,
+#: leader, timeout), ("open", endpoint, timeout), ("call", connection, payload, timeout), ("ray", [(leader,
 #: payload, n), ...], deadline), ("sleep", seconds) — is sent each one's outcome (or has the
 #: exception it raised thrown in), and returns its result. The decisions (retry, fall back,
 #: ask again) are written once; only the waiting differs between the blocking and the
@@ -237,14 +237,15 @@ async def _ray_calls_async(calls: list[tuple[Any, bytes, int]], deadline: float
     return out
 
 
-async def _endpoint_async(leader: Any) -> Any:
+async def _endpoint_async(leader: Any, timeout: float) -> Any:
     return await asyncio.wait_for(asyncio.wrap_future(leader.submit_endpoint.remote().future()),
-                                  10)
+                                  timeout)
 
 
 _BLOCKING: dict[str, Callable[..., Any]] = {
-    "endpoint": lambda leader: ray.get(leader.submit_endpoint.remote(), timeout=10),
-    "open": lambda endpoint: BlockingStreamClient.connect(*endpoint, timeout=2.0),
+    "endpoint": lambda leader, timeout: ray.get(leader.submit_endpoint.remote(),
+                                                timeout=timeout),
+    "open": lambda endpoint, timeout: BlockingStreamClient.connect(*endpoint, timeout=timeout),
     "call": lambda conn, payload, timeout: conn.call("submit", payload, timeout=timeout),
     "ray": _ray_calls,
     "sleep": time.sleep,
@@ -252,7 +253,7 @@ _BLOCKING: dict[str, Callable[..., Any]] = {
 
 _ASYNC: dict[str, Callable[..., Awaitable[Any]]] = {
     "endpoint": _endpoint_async,
-    "open": lambda endpoint: StreamClient.connect(*endpoint, timeout=2.0),
+    "open": lambda endpoint, timeout: StreamClient.connect(*endpoint, timeout=timeout),
     "call": lambda conn, payload, timeout: conn.call("submit", payload, timeout=timeout),
     "ray": _ray_calls_async,
     "sleep": asyncio.sleep,

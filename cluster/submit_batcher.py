@@ -53,7 +53,8 @@ class SubmitBatcher:
         #: is ``raw``'s), or anything with a ``body`` (``PreparedMessage`` for
         #: ``MailCluster.submit_prepared``); a coroutine function runs on the loop
         self._submit = submit
-        self._on_loop = inspect.iscoroutinefunction(submit)
+        self._on_loop = inspect.iscoroutinefunction(submit) or \
+            inspect.iscoroutinefunction(type(submit).__call__)   # an object's async __call__
         self.window = window
         self.max_items = max_items
         self.max_bytes = max_bytes
