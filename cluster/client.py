@@ -184,7 +184,10 @@ class _SubmitStream:
         the thread that uses them."""
         with self._lock:
             idle = self._idle.get(loop) or []
-            self._idle[loop] = []
+            if loop is None:
+                self._idle[None] = []
+            else:   # a loop that stops is not kept alive here
+                self._idle.pop(loop, None)
         for conn in idle:
             conn.close()
 
@@ -393,6 +396,12 @@ class MailCluster:
             st.close()
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
+
+    def close_streams(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the idle submit-stream connections :meth:`submit_prepared_async` opened on
+        ``loop`` (from that loop's thread, before it stops)."""
+        for st in self._streams or []:
+            st.close(loop)
 
     def __enter__(self) -> "MailCluster":
         return self

@@ -934,6 +934,8 @@ class SmtpIngress:
                 for t in asyncio.all_tasks():
                     if t is not asyncio.current_task():
                         t.cancel()
+                # the leaders' stream connections this loop opened (awaited submit calls)
+                self.mc.close_streams(loop)
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)
