@@ -37,8 +37,11 @@ class IngressNode:
     """Listens as ``cfg.ingress`` says on the node it was placed on."""
 
     def __init__(self, cfg: Config, name: str) -> None:
+        import gc
+
         import ray
 
+        from actors.loop import tune_gc
         from cluster.client import MailCluster
         from cluster.ingress_smtp import SmtpIngress
         self.cfg = cfg
@@ -64,6 +67,12 @@ class IngressNode:
                 return here or host.strip("[]"), int(port)
             self.http = HttpIngress(self.mc, s, tls).start(
                 [split(a) for a in s.http], proxy=[a in s.proxy_protocol for a in s.http])
+        # Every message allocates a few hundred objects that refcounting frees; at Python's
+        # default the cycle collector ran every 700 allocations, through Ray's and our own
+        # modules each time it reached the older generations. Collect rarely, and leave what
+        # start-up made (imports, config, listeners) out of every collection.
+        tune_gc()
+        gc.freeze()
 
     def ping(self) -> int:
         return os.getpid()

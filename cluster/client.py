@@ -13,18 +13,19 @@ instead of queueing it twice.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import threading
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Awaitable, Callable, Generator, Iterable, Iterator
 
 import msgpack
 import ray
 
-from cluster.adapters.stream import BlockingStreamClient, StreamError
+from cluster.adapters.stream import BlockingStreamClient, StreamClient, StreamError
 from cluster.config import Config, load_config
 from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
 from cluster.core.intake import retryable_error, wire_item
@@ -99,39 +100,56 @@ def _chunked(items: list[tuple[int, list[Any]]], max_items: int, max_bytes: int
 
 
 class _SubmitStream:
-    """A shard leader's submit stream for this sender's threads: a pool of blocking
-    connections, one per call in progress (cluster/adapters/stream.py). A submit call over it
-    costs both sides a socket write and read instead of a Ray call's ~1.5-2.5 ms of CPU each.
+    """A shard leader's submit stream for this sender: pools of connections, one per call in
+    progress (cluster/adapters/stream.py) — blocking ones for callers' threads, and asyncio
+    ones for one event loop (:meth:`MailCluster.submit_prepared_async`). A submit call over
+    it costs both sides a socket write and read instead of a Ray call's ~1.5-2.5 ms of CPU
+    each.
 
-    :meth:`call` returns None when the stream cannot be reached (nothing was sent: the caller
-    uses a Ray call, and so does every call for the next ``RETRY_AFTER`` seconds), and raises
-    ``StreamError`` when a request was sent but no answer came (it may have been committed)."""
+    :meth:`call` (steps for :func:`_drive` / :func:`_drive_async`) returns None when the
+    stream cannot be reached (nothing was sent: the caller uses a Ray call, and so does every
+    call for the next ``RETRY_AFTER`` seconds), and raises ``StreamError`` when a request was
+    sent but no answer came (it may have been committed)."""
 
     RETRY_AFTER = 30.0
+    #: idle connections kept per pool
+    KEEP = 16
 
     def __init__(self, handle: Any) -> None:
         self._handle = handle
         self._lock = threading.Lock()
         self._endpoint: list[Any] | None = None
-        self._idle: list[BlockingStreamClient] = []
+        #: idle connections: blocking ones under None, asyncio ones under their loop (one
+        #: loop at a time: another loop's connections are dropped, not used across loops)
+        self._idle: dict[Any, list[Any]] = {None: []}
         self._off_until = 0.0
 
-    def _connect(self) -> BlockingStreamClient | None:
+    def _pool(self, loop: Any) -> list[Any]:
+        """``loop``'s idle connections (None: blocking ones); the caller holds the lock."""
+        pool = self._idle.get(loop)
+        if pool is None:
+            self._idle = {None: self._idle[None], loop: []}
+            pool = self._idle[loop]
+        return pool
+
+    def _connect(self, loop: Any, timeout: float) -> Steps:
         with self._lock:
-            if self._idle:
-                return self._idle.pop()
+            pool = self._pool(loop)
+            if pool:
+                return pool.pop()
             if time.monotonic() < self._off_until:
                 return None
             endpoint = self._endpoint
         for fresh in (endpoint is None, True):
             try:
                 if fresh:
-                    endpoint = ray.get(self._handle.submit_endpoint.remote(), timeout=10)
+                    endpoint = yield ("endpoint", self._handle, min(10.0, timeout))
                     with self._lock:
                         self._endpoint = endpoint
                 assert endpoint is not None
-                return BlockingStreamClient.connect(*endpoint, timeout=2.0)
-            except (StreamError, ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                return (yield ("open", endpoint, min(2.0, timeout)))
+            except (StreamError, ray.exceptions.RayError, ray.exceptions.GetTimeoutError,
+                    TimeoutError):
                 if fresh:   # a leader that moved has a new endpoint: asked once, then off
                     break
         with self._lock:
@@ -139,32 +157,142 @@ class _SubmitStream:
             self._off_until = time.monotonic() + self.RETRY_AFTER
         return None
 
-    def call(self, payload: bytes, timeout: float) -> list[dict[str, Any]] | None:
-        conn = self._connect()
+    def call(self, payload: bytes, timeout: float, loop: Any = None) -> Steps:
+        conn = yield from self._connect(loop, timeout)
         if conn is None:
             return None
         try:
-            answers = conn.call("submit", payload, timeout=timeout)
+            answers = yield ("call", conn, payload, timeout)
         except StreamError:
             # the leader may have died or moved: ask it again next time, and drop the other
             # pooled connections to it rather than fail on each in turn
-            self.close()
+            self.close(loop)
             with self._lock:
                 self._endpoint = None
             raise
         with self._lock:
-            if len(self._idle) < 16:
-                self._idle.append(conn)
+            pool = self._pool(loop)
+            if len(pool) < self.KEEP:
+                pool.append(conn)
                 conn = None
         if conn is not None:
             conn.close()
         return answers
 
-    def close(self) -> None:
+    def close(self, loop: Any = None) -> None:
+        """Close the idle connections of ``loop``'s pool (None: the blocking one), from
+        the thread that uses them."""
         with self._lock:
-            idle, self._idle = self._idle, []
+            idle = self._idle.get(loop) or []
+            if loop is None:
+                self._idle[None] = []
+            else:   # a loop that stops is not kept alive here
+                self._idle.pop(loop, None)
         for conn in idle:
             conn.close()
+
+
+#: a step of a submission (see _drive): a generator that yields effects — ("endpoint",
+#: leader, timeout), ("open", endpoint, timeout), ("call", connection, payload, timeout), ("ray", [(leader,
+#: payload, n), ...], deadline), ("sleep", seconds) — is sent each one's outcome (or has the
+#: exception it raised thrown in), and returns its result. The decisions (retry, fall back,
+#: ask again) are written once; only the waiting differs between the blocking and the
+#: asyncio path.
+Steps = Generator[tuple[Any, ...], Any, Any]
+
+
+def _failed_answers(e: BaseException, n: int) -> list[dict[str, Any]]:
+    """What a Ray submit call that got no answer (timeout, dead leader) says for each of its
+    ``n`` items: outcome unknown, retryable."""
+    if isinstance(e, (ray.exceptions.GetTimeoutError, TimeoutError)):
+        why, reason = "the queue shard did not answer within the submit timeout", "timeout"
+    else:
+        why = f"the queue shard's call failed ({type(e).__name__})"
+        reason = "not_serving"
+    return [retryable_error(f"outcome unknown: {why}; the message may or may not be queued",
+                            reason=reason, unknown=True)] * n
+
+
+def _ray_calls(calls: list[tuple[Any, bytes, int]], deadline: float
+               ) -> list[list[dict[str, Any]]]:
+    """("ray", ...) for a blocking caller: every call in flight at once, then each answer."""
+    refs = [(leader.submit.remote(payload), n) for leader, payload, n in calls]
+    out = []
+    for ref, n in refs:
+        try:
+            out.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:
+            out.append(_failed_answers(e, n))
+    return out
+
+
+async def _ray_calls_async(calls: list[tuple[Any, bytes, int]], deadline: float
+                           ) -> list[list[dict[str, Any]]]:
+    """("ray", ...) on an event loop: the same calls, awaited instead of waited for."""
+    refs = [(asyncio.wrap_future(leader.submit.remote(payload).future()), n)
+            for leader, payload, n in calls]
+    out = []
+    for fut, n in refs:
+        try:
+            out.append(await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic())))
+        except (TimeoutError, ray.exceptions.RayError) as e:
+            out.append(_failed_answers(e, n))
+    return out
+
+
+async def _endpoint_async(leader: Any, timeout: float) -> Any:
+    return await asyncio.wait_for(asyncio.wrap_future(leader.submit_endpoint.remote().future()),
+                                  timeout)
+
+
+_BLOCKING: dict[str, Callable[..., Any]] = {
+    "endpoint": lambda leader, timeout: ray.get(leader.submit_endpoint.remote(),
+                                                timeout=timeout),
+    "open": lambda endpoint, timeout: BlockingStreamClient.connect(*endpoint, timeout=timeout),
+    "call": lambda conn, payload, timeout: conn.call("submit", payload, timeout=timeout),
+    "ray": _ray_calls,
+    "sleep": time.sleep,
+}
+
+_ASYNC: dict[str, Callable[..., Awaitable[Any]]] = {
+    "endpoint": _endpoint_async,
+    "open": lambda endpoint, timeout: StreamClient.connect(*endpoint, timeout=timeout),
+    "call": lambda conn, payload, timeout: conn.call("submit", payload, timeout=timeout),
+    "ray": _ray_calls_async,
+    "sleep": asyncio.sleep,
+}
+
+
+def _drive(steps: Steps) -> Any:
+    """Run ``steps`` in this thread, waiting for each effect."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            eff = steps.throw(error) if error is not None else steps.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply, error = None, None
+        try:
+            reply = _BLOCKING[eff[0]](*eff[1:])
+        except Exception as e:   # noqa: BLE001 - thrown into the step, which decides
+            error = e
+
+
+async def _drive_async(steps: Steps) -> Any:
+    """Run ``steps`` on the running event loop, awaiting each effect."""
+    reply: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            eff = steps.throw(error) if error is not None else steps.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply, error = None, None
+        try:
+            reply = await _ASYNC[eff[0]](*eff[1:])
+        except Exception as e:   # noqa: BLE001 - thrown into the step, which decides
+            error = e
 
 
 def _requires_dkim(cfg: Config) -> bool:
@@ -269,6 +397,12 @@ class MailCluster:
         if self.owns_ray and ray.is_initialized():
             ray.shutdown()
 
+    def close_streams(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the idle submit-stream connections :meth:`submit_prepared_async` opened on
+        ``loop`` (from that loop's thread, before it stops)."""
+        for st in self._streams or []:
+            st.close(loop)
+
     def __enter__(self) -> "MailCluster":
         return self
 
@@ -302,6 +436,19 @@ class MailCluster:
         listener that parsed each address already. A :class:`ValidationError` in a slot is
         that message's refusal. The DKIM policy and everything after apply as in
         :meth:`submit`."""
+        return _drive(self._submit_steps(prepared, timeout, retry_for, now, None))
+
+    async def submit_prepared_async(self, prepared: list[PreparedMessage | ValidationError],
+                                    *, timeout: float = 300.0, retry_for: float = 15.0,
+                                    now: float | None = None) -> list[SubmitResult]:
+        """:meth:`submit_prepared` for a caller on an event loop (a protocol front end): the
+        same calls, retries and answers, awaited on the running loop instead of blocking a
+        thread (its stream connections belong to that loop)."""
+        return await _drive_async(self._submit_steps(prepared, timeout, retry_for, now,
+                                                     asyncio.get_running_loop()))
+
+    def _submit_steps(self, prepared: list[PreparedMessage | ValidationError], timeout: float,
+                      retry_for: float, now: float | None, loop: Any) -> Steps:
         if now is None:
             now = time.time()
         if _requires_dkim(self.cfg):
@@ -332,7 +479,7 @@ class MailCluster:
         tried: set[int] = set()   # messages sent before: "duplicate" of their own ids is ours
         pause = 0.05
         while per_shard:
-            answered = self._send(per_shard, deadline)
+            answered = yield from self._send(per_shard, deadline, loop)
             again: dict[int, list[tuple[int, list[Any]]]] = {}
             for shard, chunk, answers in answered:   # a message is one item of one chunk
                 for (i, item), a in zip(chunk, answers):
@@ -356,70 +503,56 @@ class MailCluster:
                         tried.add(i)
             if not again or time.monotonic() + pause >= retry_until:
                 break
-            time.sleep(pause)
+            yield ("sleep", pause)
             pause = min(2.0, pause * 2)
             per_shard = again
         return [r if r is not None else SubmitResult(i, error="internal: no answer")
                 for i, r in enumerate(results)]
 
-    def _send(self, per_shard: dict[int, list[tuple[int, list[Any]]]], deadline: float
-              ) -> list[tuple[int, list[tuple[int, list[Any]]], list[dict[str, Any]]]]:
-        """Each shard's items in calls of at most CHUNK_MESSAGES / CHUNK_BYTES; the answers
-        of each call (a call that got none says so for each of its items)."""
+    def _send(self, per_shard: dict[int, list[tuple[int, list[Any]]]], deadline: float,
+              loop: Any) -> Steps:
+        """Each shard's items in calls of at most CHUNK_MESSAGES / CHUNK_BYTES; returns the
+        answers of each call (a call that got none says so for each of its items)."""
         chunks = [(shard, chunk) for shard, items in per_shard.items()
                   for chunk in _chunked(items, CHUNK_MESSAGES, CHUNK_BYTES)]
         if len(chunks) == 1:    # the usual call: one shard, up to 1,000 messages
             shard, chunk = chunks[0]
-            return [(shard, chunk, self._submit_chunk(shard, [it for _, it in chunk],
-                                                      deadline))]
+            answers = yield from self._submit_chunk(shard, [it for _, it in chunk], deadline,
+                                                    loop)
+            return [(shard, chunk, answers)]
         # Ray calls, all in flight at once
-        refs = [(shard, chunk, self.coordinators[shard].submit.remote(
-            msgpack.packb([it for _, it in chunk], use_bin_type=True)))
-            for shard, chunk in chunks]
-        return [(shard, chunk, self._answer(ref, deadline, len(chunk)))
-                for shard, chunk, ref in refs]
+        answers_each = yield ("ray", [(self.coordinators[shard],
+                                       msgpack.packb([it for _, it in chunk], use_bin_type=True),
+                                       len(chunk)) for shard, chunk in chunks], deadline)
+        return [(shard, chunk, answers)
+                for (shard, chunk), answers in zip(chunks, answers_each)]
 
-    @staticmethod
-    def _answer(ref: Any, deadline: float, n: int) -> list[dict[str, Any]]:
-        """A Ray call's answers; when none came in time (or the call failed), an
-        outcome-unknown answer for each of its ``n`` items."""
-        timeout = max(0.0, deadline - time.monotonic())
-        try:
-            return ray.get(ref, timeout=timeout)
-        except ray.exceptions.GetTimeoutError:
-            why, reason = "the queue shard did not answer within the submit timeout", "timeout"
-        except ray.exceptions.RayError as e:
-            why = f"the queue shard's call failed ({type(e).__name__})"
-            reason = "not_serving"
-        return [retryable_error(f"outcome unknown: {why}; the message may or may not be queued",
-                                reason=reason, unknown=True)] * n
-
-    def _submit_chunk(self, shard: int, items: list[list[Any]], deadline: float
-                      ) -> list[dict[str, Any]]:
+    def _submit_chunk(self, shard: int, items: list[list[Any]], deadline: float, loop: Any
+                      ) -> Steps:
         """One shard's answers for ``items``: over its submit stream, or by a Ray call when the
         stream is out of reach or broke. After a break the request may have reached the leader
         and be committing: the ids are the same, so the Ray call gets "duplicate" for what it
         committed, and what it still commits is asked about again until the answer is final."""
         payload = msgpack.packb(items, use_bin_type=True)
+        leader = self.coordinators[shard]
         maybe_sent = False
         if self._streams is not None:
             try:
-                answers = self._streams[shard].call(
-                    payload, max(0.001, deadline - time.monotonic()))
+                answers = yield from self._streams[shard].call(
+                    payload, max(0.001, deadline - time.monotonic()), loop)
                 if answers is not None:
                     return answers
             except StreamError:
                 maybe_sent = True
-        answers = self._answer(self.coordinators[shard].submit.remote(payload), deadline,
-                               len(items))
+        (answers,) = yield ("ray", [(leader, payload, len(items))], deadline)
         while maybe_sent and any(a.get("pending") for a in answers):
             if time.monotonic() >= deadline:
                 break   # the answers say "still being committed; retry"
-            time.sleep(0.05)
+            yield ("sleep", 0.05)
             again = [k for k, a in enumerate(answers) if a.get("pending")]
-            more = self._answer(self.coordinators[shard].submit.remote(
-                msgpack.packb([items[k] for k in again], use_bin_type=True)), deadline,
-                len(again))
+            (more,) = yield ("ray", [(leader, msgpack.packb([items[k] for k in again],
+                                                           use_bin_type=True), len(again))],
+                             deadline)
             for k, a in zip(again, more):
                 answers[k] = a
         return answers

@@ -11,7 +11,8 @@ the ``Received:`` field it prepends (RFC 5321 §4.4) and the hop count that stop
 Python client's submit after its validation, which :func:`cluster.core.message.prepare_parsed`
 makes here with the addresses MAIL and RCPT parsed (the same result, the same errors, without
 parsing them twice) — through a :class:`cluster.submit_batcher.SubmitBatcher`, so concurrent
-sessions share commits, and is answered 250 only after that call returned accepted, i.e. once
+sessions share commits (awaited on the listener's own loop), and is answered 250 only after
+that call returned accepted, i.e. once
 the message is on disk on a quorum of its shard's copies ("accepted means durable").
 
 Reply policy (RFC 5321 §4.2.1): a refusal the result marks ``retryable`` (no quorum, a leader
@@ -856,9 +857,10 @@ class SmtpIngress:
                 "listeners": [f"{a.mode}{'+proxy' if a.proxy else ''}:{a.host}:{a.port}"
                               for a in self.addresses]}
 
-    def _submit(self, msgs: list[Any]) -> list[Any]:
-        # a short retry window: a failover longer than this is the sending MTA's to retry
-        return self.mc.submit_prepared(msgs, timeout=120.0, retry_for=5.0)
+    async def _submit(self, msgs: list[Any]) -> list[Any]:
+        # on the listener's loop: no thread blocks on the call, and no hand-off to one and
+        # back per call. A short retry window: a longer failover is the sending MTA's to retry
+        return await self.mc.submit_prepared_async(msgs, timeout=120.0, retry_for=5.0)
 
     # ---------------------------------------------------------------------- running
     def _factory(self, li: Listener, client: tuple[str, int] | None = None) -> _Session:
@@ -932,6 +934,8 @@ class SmtpIngress:
                 for t in asyncio.all_tasks():
                     if t is not asyncio.current_task():
                         t.cancel()
+                # the leaders' stream connections this loop opened (awaited submit calls)
+                self.mc.close_streams(loop)
             with contextlib.suppress(Exception):
                 asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
             loop.call_soon_threadsafe(loop.stop)

@@ -3,8 +3,10 @@
 Owns the queue of messages that handlers on one asyncio loop (SMTP DATA handlers, HTTP
 requests) are waiting to have accepted, and the calls that carry them: whatever arrives within
 ``window`` seconds of the first waiting message (or ``max_items`` of them) goes to the cluster
-in one :meth:`cluster.client.MailCluster.submit` call, run on a small thread pool so the loop
-never blocks. Each handler gets its own message's :class:`SubmitResult` (a batch never fails a
+in one call: a coroutine function (:meth:`cluster.client.MailCluster.submit_prepared_async`)
+runs as a task on the loop itself, a plain one (:meth:`cluster.client.MailCluster.submit`) on
+a small thread pool, so the loop never blocks either way. The coroutine saves each call two
+thread hand-offs (the pool's wake-up and the way back to the loop) and the pool thread's CPU. Each handler gets its own message's :class:`SubmitResult` (a batch never fails a
 message for another's fault: the client validates each message on its own), or the exception
 the call raised. One submit call is one commit on a quorum, so this is what lets an SMTP
 listener take thousands of messages per second instead of one commit per message.
@@ -28,7 +30,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 __all__ = ["SubmitBatcher"]
@@ -43,19 +46,22 @@ def _size(msg: Any) -> int:
 class SubmitBatcher:
     """Gathers messages from coroutines on one loop into shared submit calls."""
 
-    def __init__(self, submit: Callable[[list[Any]], list[Any]], *,
+    def __init__(self, submit: Callable[[list[Any]], list[Any] | Awaitable[list[Any]]], *,
                  window: float = 0.002, max_items: int = 1000, max_bytes: int = 32 << 20,
                  concurrency: int = 4) -> None:
         #: ``submit`` takes a list of messages: dicts for ``MailCluster.submit`` (their size
         #: is ``raw``'s), or anything with a ``body`` (``PreparedMessage`` for
-        #: ``MailCluster.submit_prepared``)
+        #: ``MailCluster.submit_prepared``); a coroutine function runs on the loop
         self._submit = submit
+        self._on_loop = inspect.iscoroutinefunction(submit) or \
+            inspect.iscoroutinefunction(type(submit).__call__)   # an object's async __call__
         self.window = window
         self.max_items = max_items
         self.max_bytes = max_bytes
         self.concurrency = concurrency
-        self._pool = concurrent.futures.ThreadPoolExecutor(
+        self._pool = None if self._on_loop else concurrent.futures.ThreadPoolExecutor(
             max_workers=concurrency, thread_name_prefix="raymta-submit")
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._waiting: list[tuple[Any, asyncio.Future[Any]]] = []
         self._waiting_bytes = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -103,8 +109,14 @@ class SubmitBatcher:
             self.stats["calls"] += 1
             self.stats["messages"] += len(batch)
             self.stats["largest"] = max(self.stats["largest"], len(batch))
+            msgs = [m for m, _ in batch]
+            if self._pool is None:
+                task = loop.create_task(self._submit(msgs))  # type: ignore[arg-type]
+                self._tasks.add(task)     # held until done (the loop keeps weak references)
+                task.add_done_callback(functools.partial(self._landed, loop, batch))
+                continue
             # one hop back to the loop per call (no asyncio future wrapping the pool's)
-            call = self._pool.submit(self._submit, [m for m, _ in batch])
+            call = self._pool.submit(self._submit, msgs)
             call.add_done_callback(functools.partial(self._returned, loop, batch))
         if not self._waiting:
             self._due = False
@@ -119,9 +131,15 @@ class SubmitBatcher:
         with contextlib.suppress(RuntimeError):    # the loop is closed: nobody is waiting
             loop.call_soon_threadsafe(self._done, loop, batch, call)
 
+    def _landed(self, loop: asyncio.AbstractEventLoop,
+                batch: list[tuple[Any, asyncio.Future[Any]]], task: asyncio.Task[Any]) -> None:
+        """On the loop: a coroutine call returned."""
+        self._tasks.discard(task)
+        self._done(loop, batch, task)
+
     def _done(self, loop: asyncio.AbstractEventLoop,
               batch: list[tuple[Any, asyncio.Future[Any]]],
-              call: concurrent.futures.Future[Any]) -> None:
+              call: concurrent.futures.Future[Any] | asyncio.Future[Any]) -> None:
         self._in_flight -= 1
         self._flying -= len(batch)
         exc = call.exception() if not call.cancelled() else asyncio.CancelledError()
@@ -144,4 +162,8 @@ class SubmitBatcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        # calls on the loop are its owner's to cancel, from its thread (SmtpIngress.stop
+        # cancels every task of its loop): Task.cancel is not thread-safe
+        self._tasks.clear()

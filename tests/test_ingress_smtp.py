@@ -355,6 +355,9 @@ def test_a_loopback_listener_without_auth_takes_mail(env):
             code, text = send(c, "app@anywhere.test", ["plain@ok.test"],
                               message("app@anywhere.test", "plain@ok.test", "plain"))
     assert code == 250, (code, text)
+    # the submit-stream connections its loop opened went with it (only the blocking pool,
+    # under None, is left)
+    assert all(list(st._idle) == [None] for st in env["mc"]._streams)
     env["accepted"].add("plain@ok.test")
     got = wait_for(lambda: [r for r in env["sink"].received if r.rcpt_to == "plain@ok.test"],
                    60, "the loopback message delivered")

@@ -155,3 +155,52 @@ def test_a_short_answer_fails_the_unanswered_message_with_a_clear_error() -> Non
         assert isinstance(r2, RuntimeError) and "no answer for this message" in str(r2)
         b.close()
     _run(main())
+
+
+class LoopLeader:
+    """Leader's answers from a coroutine function (``MailCluster.submit_prepared_async``):
+    each call awaits its gate on the loop; which thread ran it is noted."""
+
+    def __init__(self, fail: Exception | None = None) -> None:
+        self.calls: list[list[int]] = []
+        self.gates: list[asyncio.Event] = []
+        self.threads: set[int] = set()
+        self.fail = fail
+
+    async def __call__(self, msgs: list[dict[str, Any]]) -> list[Any]:
+        gate = asyncio.Event()
+        self.calls.append([m["n"] for m in msgs])
+        self.gates.append(gate)
+        self.threads.add(threading.get_ident())
+        await asyncio.wait_for(gate.wait(), 10)
+        if self.fail is not None:
+            raise self.fail
+        return [("ok", m["n"]) for m in msgs]
+
+
+@pytest.mark.parametrize("fail", [None, ConnectionError("cluster unreachable")])
+def test_a_coroutine_submit_runs_on_the_loop_with_the_same_group_commit(fail) -> None:
+    """A coroutine function is awaited on the handlers' own loop (no thread pool, no thread
+    hand-off); arrivals while it is in flight wait for it as with a blocking one, and each
+    handler gets its answer, or the call's exception."""
+    async def main() -> None:
+        leader = LoopLeader(fail)
+        b = SubmitBatcher(leader, window=0.001, concurrency=4)
+        assert b._pool is None
+        first = [asyncio.ensure_future(b.submit({"n": n})) for n in range(3)]
+        await _until(lambda: len(leader.calls) == 1)
+        late = [asyncio.ensure_future(b.submit({"n": n})) for n in (10, 11)]
+        await asyncio.sleep(0.03)
+        assert len(leader.calls) == 1           # 2 waiting < 3 in flight: held
+        leader.gates[0].set()
+        await _until(lambda: len(leader.calls) == 2)
+        assert leader.calls == [[0, 1, 2], [10, 11]]
+        leader.gates[1].set()
+        for futs, ns in ((first, range(3)), (late, (10, 11))):
+            got = await asyncio.gather(*futs, return_exceptions=True)
+            assert got == [("ok", n) for n in ns] if fail is None else \
+                all(g is fail for g in got), got
+        assert leader.threads == {threading.get_ident()}
+        assert b.stats == {"calls": 2, "messages": 5, "largest": 3}
+        b.close()
+    _run(main())

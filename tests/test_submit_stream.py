@@ -130,12 +130,26 @@ def test_submits_go_over_the_leaders_stream_and_not_without_it(env):
         _delivered_once(env, tag, 30)
 
 
+def _submit_on_a_loop(mc: Any, msgs: list[dict[str, Any]], **kw: Any) -> list[Any]:
+    """``msgs`` through ``MailCluster.submit_prepared_async`` (the SMTP listener's path) on
+    a uvloop loop of its own, as the listener runs it."""
+    import time
+
+    import uvloop
+
+    from cluster.core.message import validate_batch
+    prepared = validate_batch(msgs, now=time.time())
+    return uvloop.run(mc.submit_prepared_async(prepared, **kw))
+
+
+@pytest.mark.parametrize("path", ["blocking", "async"])
 @pytest.mark.parametrize("wait_for_answer", [True, False], ids=["after-commit", "mid-commit"])
-def test_an_answer_lost_after_the_request_is_recovered_by_asking_again(env, wait_for_answer):
+def test_an_answer_lost_after_the_request_is_recovered_by_asking_again(env, wait_for_answer,
+                                                                       path):
     """The stream request reaches the leader but its answer never arrives (cut after the commit,
     or while it is still committing): the client falls back to a Ray call with the same ids,
     learns they are queued (duplicate; "still being committed" is asked again), and each
-    message is queued and delivered once."""
+    message is queued and delivered once — on a sender's thread and on an event loop alike."""
     import ray
 
     from cluster.client import shard_of
@@ -149,8 +163,9 @@ def test_an_answer_lost_after_the_request_is_recovered_by_asking_again(env, wait
             d = AnswerDropper((host, port), wait_for_answer=wait_for_answer)
             droppers.append(d)
             st._endpoint = ["127.0.0.1", d.port, token]
-        tag = "d" if wait_for_answer else "f"
-        res = mc.submit(_batch(tag, 40))
+        tag = ("d" if wait_for_answer else "f") + ("a" if path == "async" else "")
+        res = mc.submit(_batch(tag, 40)) if path == "blocking" else \
+            _submit_on_a_loop(mc, _batch(tag, 40))
         assert all(r.accepted for r in res), res
         assert all(r.duplicate for r in res), "the Ray call should have found them queued"
         assert sum(d.answers_dropped for d in droppers) == 1
@@ -267,3 +282,47 @@ def test_live_appends_reach_every_copy_checked_whole(env):
             assert st["appends_checked_whole"] > 0, st
     for tag in "wx":
         _delivered_once(env, tag, 10)
+
+
+def test_a_stalled_leader_is_retryable_on_the_async_path_and_the_retry_queues_once(env):
+    """Runs last: it stops shard 0's leader (SIGSTOP) for a while. A batch sent from an event
+    loop (the SMTP listener's path) while the leader cannot answer comes back retryable —
+    outcome unknown, never a permanent refusal, within the submit timeout; sent again with the
+    same idempotency keys once the leader runs again, it is accepted, and each message is
+    queued and delivered once."""
+    import os
+    import signal
+    import time
+
+    import ray
+
+    from cluster.client import shard_of
+    mc = env["mc"]
+    msgs = _batch("st", 8)
+    keys = (f"stalled-{k}" for k in range(1000))
+    for m in msgs:    # every message to shard 0, whose leader is stopped
+        m["idempotency_key"] = next(k for k in keys if shard_of(k, 2) == 0)
+    pid = ray.get(mc.coordinators[0].ping.remote())
+
+    async def stalled() -> tuple[list[Any], float]:
+        from cluster.core.message import validate_batch
+        warm = await mc.submit_prepared_async(validate_batch(_batch("warm", 2), now=time.time()))
+        assert all(r.accepted for r in warm)      # this loop's stream connections are open
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t = time.monotonic()
+            res = await mc.submit_prepared_async(validate_batch(msgs, now=time.time()),
+                                                 timeout=2.0, retry_for=0)
+            return res, time.monotonic() - t
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+    import uvloop
+    first, took = uvloop.run(stalled())
+    assert took < 6, took     # the submit timeout, not the leader's recovery
+    assert all(not r.accepted and r.retryable and r.reason in ("timeout", "not_serving")
+               for r in first), first
+    again = _submit_on_a_loop(mc, msgs, timeout=60.0, retry_for=30.0)
+    assert all(r.accepted for r in again), again
+    assert all(shard_of(r.ids[0], 2) == 0 for r in again)
+    _delivered_once(env, "st", 8)
