@@ -141,10 +141,11 @@ def test_a_grouped_commit_without_quorum_fails_every_call_it_carried_retryably(s
     ns = cfg.cluster.namespace
     # six open connections to the leader's submit stream, one for each caller below (a new
     # one would need the leader to answer its hello, one after the other)
+    from cluster.client import _drive
     stream = mc._streams[0]
-    conns = [stream._connect() for _ in range(6)]
+    conns = [_drive(stream._connect(None, 10.0)) for _ in range(6)]   # blocking connections
     assert all(c is not None for c in conns)
-    stream._idle.extend(conns)
+    stream._idle[None].extend(conns)
     leader = _stats(mc)["pid"]
     replicas = [ray.get(ray.get_actor(f"replica:0:{s}", namespace=ns).ping.remote())
                 for s in (1, 2)]
