@@ -25,9 +25,8 @@ import socket
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import pycares
 from pycares._cares import ffi as _ffi  # type: ignore[import-not-found]
@@ -57,9 +56,9 @@ _TIMEOUT, _BADNAME = _lib.ARES_ETIMEOUT, _lib.ARES_EBADNAME
 _CB_TYPE = "void(*)(void *, ares_status_t, size_t, struct ares_dns_record *)"
 
 
-@dataclass(frozen=True)
-class Lookup:
-    """Outcome of one (name, type) query."""
+class Lookup(NamedTuple):
+    """Outcome of one (name, type) query (a named tuple: one is made per query, and a frozen
+    dataclass's ``__init__`` cost several times as much)."""
 
     #: A/AAAA: address text; MX: (preference, exchange lowercased without the final dot, ""
     #: for the root); TXT: the record's strings joined, decoded as UTF-8 (errors replaced)

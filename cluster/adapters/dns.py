@@ -819,7 +819,10 @@ def _ascii_name(name: str) -> str:
     not. Names are plain ASCII here almost always: only others go through dnspython's IDNA."""
     if not name.isascii():
         return dns.name.from_text(name).to_text(omit_final_dot=True)
-    labels = name.rstrip(".").split(".")
+    short = name.rstrip(".")
+    if 0 < len(short) <= 63 and ".." not in short and short[0] != ".":
+        return short   # no label can be longer than the name: the common case, checked fast
+    labels = short.split(".")
     if len(name) > 253 or not all(0 < len(x) <= 63 for x in labels):
         dns.name.from_text(name)  # raises the precise error
         raise ValueError(f"invalid DNS name {name!r}")
