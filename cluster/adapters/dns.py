@@ -531,6 +531,19 @@ class MxResolver:
             raise v.error
         return v
 
+    def _cached_or_joined(self, cache: _LRU, key: str, now: float,
+                          expiry: Callable[[Any], float], flight: tuple[str, str],
+                          done: Callable[[Any], None], *, counted: bool = True) -> bool:
+        """True when ``done`` got the cached answer or waits on the lookup under way; False:
+        the caller starts the lookup (``done`` waits on it). ``counted``: in hits/misses."""
+        hit = cache.get(key, now, expiry)
+        if hit is not None:
+            self._hits += counted
+            done(hit)
+            return True
+        self._misses += counted
+        return self._join(flight, done)
+
     def _join(self, flight: tuple[str, str], done: Callable[[Any], None]) -> bool:
         """Wait on ``flight``: True if it was under way, False if the caller must start it."""
         waiters = self._flights.get(flight)
@@ -616,14 +629,8 @@ class MxResolver:
                             expires_at=now + self._clamp(self.negative_ttl),
                             detail=f"invalid domain name ({e})"))
             return
-        hit = self._routes.get(key, now, _expires_at)
-        if hit is not None:
-            self._hits += 1
-            done(hit)
-            return
-        self._misses += 1
         flight = ("route", key)
-        if self._join(flight, done):
+        if self._cached_or_joined(self._routes, key, now, _expires_at, flight, done):
             return
         self._send(qname, "MX",
                    lambda mx: self._guard(flight, self._on_mx, key, qname, now, mx))
@@ -709,12 +716,9 @@ class MxResolver:
                                               "no MX and no A/AAAA records"))
 
     def _host(self, name: str, now: float, done: Callable[[Any], None]) -> None:
-        hit = self._hosts.get(name, now, _valid_until)
-        if hit is not None:
-            done(hit)
-            return
         flight = ("host", name)
-        if self._join(flight, done):
+        if self._cached_or_joined(self._hosts, name, now, _valid_until, flight, done,
+                                  counted=False):
             return
         try:
             qname = _ascii_name(name)
@@ -757,14 +761,8 @@ class MxResolver:
 
     def _txt(self, name: str, now: float, done: Callable[[Any], None]) -> None:
         key = name.lower().rstrip(".")
-        hit = self._txts.get(key, now, _txt_expires)
-        if hit is not None:
-            self._hits += 1
-            done(hit)
-            return
-        self._misses += 1
         flight = ("txt", key)
-        if self._join(flight, done):
+        if self._cached_or_joined(self._txts, key, now, _txt_expires, flight, done):
             return
         try:
             qname = _ascii_name(key)
