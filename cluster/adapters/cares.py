@@ -285,12 +285,16 @@ class _Driver:
         loop, dl = self.loop, self.deadlines
         if loop is None or self.closed:
             return
-        now = loop.time()
+        now, pending = loop.time(), self.pending
         while dl and dl[0][0] <= now:
-            entry = self.pending.pop(dl.popleft()[1], None)
+            entry = pending.pop(dl.popleft()[1], None)
             if entry is not None:
                 self._hand(entry[0], Lookup((), 0.0, "timeout",
                                             f"no answer in {self.timeout} s"))
+        # the queries already answered need no wake-up: the timer waits for the oldest one
+        # still unanswered (about one wake-up per timeout, not one per query sent)
+        while dl and dl[0][1] not in pending:
+            dl.popleft()
         if dl and self.deadline_timer is None:
             self.deadline_timer = loop.call_at(dl[0][0], self._on_deadline)
 
