@@ -41,13 +41,7 @@ from typing import Any
 import msgpack
 
 from actors.loop import tune_gc, use_uvloop
-from cluster.adapters.dns import (
-    RESOLVE_MANY_CONCURRENCY,
-    DnsFailure,
-    MxResolver,
-    Route,
-    TxtAnswer,
-)
+from cluster.adapters.dns import DnsFailure, MxResolver, Route
 from cluster.config import Config
 from cluster.core.replies import parse_reply
 from cluster.core.shaping import Action, ShapingEngine
@@ -176,18 +170,11 @@ class SiteThrottle:
                                 ) -> tuple[dict[str, Route | DnsFailure], dict[str, list[Any]]]:
         """The routes of ``domains`` and, at the same time, the MTA-STS
         TXT answers of ``sts_for`` (only those answered: a failure leaves it to the relay)."""
-        r = self._dns()
-        sem = asyncio.Semaphore(RESOLVE_MANY_CONCURRENCY)
-
-        async def txt(d: str) -> TxtAnswer:
-            async with sem:
-                return await r.txt_cached(f"_mta-sts.{d}", now)
-
-        routes_task = asyncio.ensure_future(r.resolve_many(domains, now))
-        txts: list[TxtAnswer] = list(await asyncio.gather(*(txt(d) for d in sts_for)))
-        routes = await routes_task
+        names = [f"_mta-sts.{d}" for d in sts_for]
+        routes, txts = await self._dns().resolve_batch(domains, names, now)
         return routes, {d: [list(a.records), a.error, a.checked_at]
-                        for d, a in zip(sts_for, txts) if a.error in (None, "nxdomain")}
+                        for d, a in zip(sts_for, (txts[n] for n in names))
+                        if a.error in (None, "nxdomain")}
 
     # ------------------------------------------------------------------ grants and leases
     async def grant(self, shard: int, demand: bytes) -> dict[str, tuple[int, float]]:

@@ -1,7 +1,8 @@
 """CPU per DNS query of :class:`cluster.adapters.dns.MxResolver` (issue 17).
 
 A fresh resolver resolves N long-tail domains of the bench zone (MX, the MX host's A, and the
-``_mta-sts`` TXT, as the throttle asks them) against nsd + unbound on loopback, unbound's cache
+``_mta-sts`` TXT, as the throttle asks them: ``resolve_batch``, or ``resolve_many`` and
+``txt_cached`` for a copy without it) against nsd + unbound on loopback, unbound's cache
 warmed by a first pass; prints the process CPU time per query (all threads, so the resolver
 layer's asyncio work is included) and the wall time. ``--compare PATH``: also time the
 ``MxResolver`` of another copy of ``cluster/adapters/dns.py`` (e.g. dnspython's, from
@@ -42,8 +43,11 @@ async def _run(cls: Any, host: str, port: int, domains: list[str]) -> tuple[int,
     r = cls([host], port, timeout=5.0, use_ipv6=False)
     now = time.time()
     t0, c0 = time.perf_counter(), time.process_time()
-    res = await r.resolve_many(domains, now)
-    await asyncio.gather(*(r.txt_cached(f"_mta-sts.{d}", now) for d in domains))
+    if hasattr(r, "resolve_batch"):   # what the throttle calls: routes and TXT in one batch
+        res, _ = await r.resolve_batch(domains, [f"_mta-sts.{d}" for d in domains], now)
+    else:
+        res = await r.resolve_many(domains, now)
+        await asyncio.gather(*(r.txt_cached(f"_mta-sts.{d}", now) for d in domains))
     c1, t1 = time.process_time(), time.perf_counter()
     q = r.cache_info()["queries"]
     failed = sum(1 for v in res.values() if not hasattr(v, "hosts"))

@@ -155,3 +155,59 @@ def test_a_name_c_ares_cannot_encode_is_a_permanent_failure_not_a_servfail() -> 
         assert (f.kind, f.permanent) == ("nxdomain", True), f
         assert txt == ([], "nxdomain")
         assert zone.query_count() == 0
+
+
+def test_one_deadline_timer_expires_the_unanswered_and_forgets_the_answered() -> None:
+    """A query's deadline is kept in the order sent, one timer for all: the slow query times
+    out after ``timeout`` with the answered ones around it untouched, and once nothing is
+    waiting the channel holds no deadline and no timer (nothing grows with the queries)."""
+    with LoopbackDNS() as zone:
+        zone.add_record("fast.test", "TXT", '"ok"')
+        zone.add_record("slow.test", "TXT", '"late"')
+        zone.set_delay("slow.test", 3.0)
+        r = MxResolver([HOST], zone.port, timeout=0.5, use_ipv6=False)
+        drv = r._channel._driver
+
+        async def run() -> tuple[list[Any], float, Any]:
+            t0 = time.monotonic()
+            names = ["fast.test"] * 20 + ["slow.test"] + ["fast.test"] * 20
+            out = await asyncio.gather(*(r.txt(n) for n in names))
+            took = time.monotonic() - t0
+            await asyncio.sleep(0.6)   # past every deadline
+            return out, took, (len(drv.deadlines), drv.deadline_timer, len(drv.pending))
+
+        out, took, left = asyncio.run(run())
+    assert out[20] == ([], "timeout")
+    assert all(x == (["ok"], None) for i, x in enumerate(out) if i != 20), out
+    assert 0.45 <= took < 1.5, took
+    assert left == (0, None, 0)
+
+
+def test_answered_queries_cost_no_deadline_wake_ups() -> None:
+    """Queries answered at once, sent over more than a timeout: the deadline timer wakes about
+    once per timeout, not once per query sent (it skips the answered ones)."""
+    with LoopbackDNS() as zone:
+        zone.add_record("fast.test", "TXT", '"ok"')
+        r = MxResolver([HOST], zone.port, timeout=0.3, use_ipv6=False)
+        drv = r._channel._driver
+        wake_ups = []
+        expire = drv._on_deadline
+
+        def counted() -> None:
+            wake_ups.append(time.monotonic())
+            expire()
+
+        drv._on_deadline = counted  # type: ignore[method-assign]
+
+        async def run() -> list[Any]:
+            out = []
+            for _ in range(12):
+                out.append(await r.txt("fast.test"))
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.4)   # past the last deadline
+            return out
+
+        out = asyncio.run(run())
+    assert out == [(["ok"], None)] * 12
+    assert 1 <= len(wake_ups) <= 4, len(wake_ups)   # 12 with a wake-up per query
+    assert (len(drv.deadlines), drv.deadline_timer, len(drv.pending)) == (0, None, 0)

@@ -20,7 +20,15 @@ from typing import Any
 import dns.resolver
 import pytest
 
-from cluster.adapters.dns import DnsFailure, MxHost, MxResolver, Route
+from cluster.adapters.cares import Lookup
+from cluster.adapters.dns import (
+    DnsFailure,
+    MxHost,
+    MxResolver,
+    Route,
+    merge_addresses,
+    mx_preferences,
+)
 from cluster.devservers import LoopbackDNS
 from tests.conftest import CORPORA, corpus
 
@@ -549,3 +557,129 @@ def test_txt_answers_are_cached_with_their_ttl_and_failures_are_not() -> None:
         assert server.queries[("_mta-sts.flaky.test", "TXT")] >= 2
     finally:
         server.stop()
+
+
+# ====================================================================== batches by callback
+def _lk(records: tuple[Any, ...] = (), ttl: float = 300.0, error: str | None = None,
+        detail: str = "") -> Lookup:
+    return Lookup(records, ttl, error, detail)
+
+
+MX_PREFERENCE_CASES = [  # MX records (preference, exchange; "" the root) -> hosts or None
+    ("one host", [(10, "mx.a.test")], {"mx.a.test": 10}),
+    ("answer order kept", [(20, "b"), (10, "a")], {"b": 20, "a": 10}),
+    ("a host twice keeps its best preference", [(30, "a"), (10, "b"), (5, "a")],
+     {"a": 5, "b": 10}),
+    ("null MX (RFC 7505)", [(0, "")], None),
+    ("every exchange the root: no mail", [(0, ""), (10, "")], None),
+    ("a root exchange among real ones is skipped", [(0, ""), (10, "mx.a.test")],
+     {"mx.a.test": 10}),
+]
+
+
+@pytest.mark.parametrize("name, records, want", MX_PREFERENCE_CASES,
+                         ids=[c[0] for c in MX_PREFERENCE_CASES])
+def test_mx_preferences(name: str, records: list[tuple[int, str]],
+                        want: dict[str, int] | None) -> None:
+    got = mx_preferences(records)
+    assert got == want
+    if got is not None:
+        assert list(got) == list(want or {})   # answer order, for equal preferences
+
+
+MERGE_CASES = [  # A (and AAAA) outcomes -> (addresses, ttl, error, detail)
+    ("A only", [_lk(("192.0.2.1",), 60)], (("192.0.2.1",), 60, None, "")),
+    ("A then AAAA, smallest TTL", [_lk(("192.0.2.1",), 60), _lk(("2001:db8::1",), 30)],
+     (("192.0.2.1", "2001:db8::1"), 30, None, "")),
+    ("no such name", [_lk((), 90, "nxdomain"), _lk((), 90, "nxdomain")],
+     ((), 90, "nxdomain", "name does not exist")),
+    ("a timeout outranks nxdomain", [_lk((), 90, "nxdomain"), _lk((), 0, "timeout", "slow")],
+     ((), 0, "timeout", "slow")),
+    ("the first transient error is reported, addresses kept",
+     [_lk((), 0, "servfail", "sf"), _lk(("2001:db8::2",), 50)],
+     (("2001:db8::2",), 0, "servfail", "sf")),
+    ("NODATA: no addresses, no error", [_lk((), 120)], ((), 120, None, "")),
+]
+
+
+@pytest.mark.parametrize("name, results, want", MERGE_CASES, ids=[c[0] for c in MERGE_CASES])
+def test_merge_addresses(name: str, results: list[Lookup], want: tuple[Any, ...]) -> None:
+    assert merge_addresses(results) == want
+
+
+def test_a_batch_resolves_routes_and_txt_with_one_query_per_name_and_bounded_concurrency(
+        zone: LoopbackDNS) -> None:
+    """resolve_batch (what the throttle asks per batch of new domains): each name asked once
+    even when a concurrent resolve/txt_cached wants it too, at most ``max_concurrent`` queries
+    in flight, nothing left waiting, and the same answers as one-by-one lookups."""
+    zone.add_a("mx.shared.test", "127.0.21.1")
+    domains = [f"b{i}.test" for i in range(40)]
+    for d in domains:
+        zone.add_mx(d, [(10, "mx.shared.test"), (20, f"mx.{d}")])
+        zone.add_a(f"mx.{d}", "127.0.21.2")
+        zone.add_record(f"_mta-sts.{d}", "TXT", '"v=STSv1; id=3"')
+        zone.set_delay(d, 0.02)
+    zone.add_null_mx("null.test")
+    r = resolver_for(zone, max_concurrent=3, use_ipv6=False)
+    names = [f"_mta-sts.{d}" for d in domains]
+
+    async def run() -> tuple[Any, ...]:
+        batch = r.resolve_batch(domains + ["null.test", "[192.0.2.7]", domains[0]],
+                                names + ["_mta-sts.gone.test"], NOW)
+        return await asyncio.gather(batch, r.resolve(domains[5], NOW),
+                                    r.txt_cached(names[7], NOW))
+
+    (routes, txts), alone, txt7 = asyncio.run(run())
+    assert set(routes) == set(domains) | {"null.test", "[192.0.2.7]"}
+    for d in domains:
+        assert shape(routes[d]) == [(10, "mx.shared.test", ("127.0.21.1",)),
+                                    (20, f"mx.{d}", ("127.0.21.2",))], d
+        assert txts[f"_mta-sts.{d}"].records == ("v=STSv1; id=3",)
+    assert routes[domains[5]] is alone and txts[names[7]] is txt7   # one flight each
+    assert isinstance(routes["null.test"], DnsFailure) and routes["null.test"].kind == "null_mx"
+    assert shape(routes["[192.0.2.7]"]) == [(0, "[192.0.2.7]", ("192.0.2.7",))]
+    assert txts["_mta-sts.gone.test"].error == "nxdomain"
+    assert zone.query_count(rdtype="MX") == 41 and zone.query_count("mx.shared.test") == 1
+    assert zone.query_count(rdtype="TXT") == 41 and zone.query_count(rdtype="AAAA") == 0
+    info = r.cache_info()
+    assert info["queries_peak"] == 3 and info["queries_active"] == 0, info
+    assert info["queries_waiting"] == 0 and info["inflight"] == 0, info
+    # the batch again: every answer from the cache, no query
+    again, txts_again = asyncio.run(r.resolve_batch(domains, names, NOW + 1))
+    assert all(again[d] is routes[d] for d in domains)
+    assert all(txts_again[n] is txts[n] for n in names)
+    assert zone.query_count(rdtype="MX") == 41
+
+
+def test_a_caller_that_gives_up_leaves_the_shared_lookup_to_the_others(
+        zone: LoopbackDNS) -> None:
+    zone.add_mx("slowish.test", [(10, "mx.slowish.test")])
+    zone.add_a("mx.slowish.test", "127.0.22.1")
+    zone.set_delay("slowish.test", 0.3)
+    r = resolver_for(zone, use_ipv6=False)
+
+    async def run() -> Route:
+        impatient = asyncio.ensure_future(r.resolve("slowish.test", NOW))
+        patient = asyncio.ensure_future(r.resolve_many(["slowish.test"], NOW))
+        await asyncio.sleep(0.05)
+        impatient.cancel()
+        return (await patient)["slowish.test"]  # type: ignore[return-value]
+
+    route = asyncio.run(run())
+    assert shape(route) == [(10, "mx.slowish.test", ("127.0.22.1",))]
+    assert zone.query_count("slowish.test", "MX") == 1
+
+
+def test_a_bug_in_a_lookup_step_reaches_the_callers_instead_of_hanging(
+        zone: LoopbackDNS, monkeypatch: pytest.MonkeyPatch) -> None:
+    zone.add_mx("bug.test", [(10, "mx.bug.test")])
+    zone.add_a("mx.bug.test", "127.0.23.1")
+    r = resolver_for(zone, use_ipv6=False, timeout=2.0)
+
+    def broken(*a: Any) -> None:
+        raise RuntimeError("boom in a step")
+
+    monkeypatch.setattr(r, "_on_hosts", broken)
+    with pytest.raises(RuntimeError, match="boom in a step"):
+        asyncio.run(asyncio.wait_for(r.resolve_many(["bug.test"], NOW), 5))
+    assert r.cache_info()["inflight"] == 0 and r.cache_info()["routes"] == 0

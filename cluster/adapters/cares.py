@@ -23,14 +23,16 @@ import itertools
 import math
 import socket
 import weakref
-from dataclasses import dataclass
-from typing import Any
+from collections import deque
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
 
 import pycares
 from pycares._cares import ffi as _ffi  # type: ignore[import-not-found]
 from pycares._cares import lib as _lib  # type: ignore[import-not-found]
 
-__all__ = ["NEGATIVE_TTL_WITHOUT_SOA", "RDTYPES", "AresChannel", "Lookup"]
+__all__ = ["NEGATIVE_TTL_WITHOUT_SOA", "RDTYPES", "AresChannel", "Lookup", "settle"]
 
 #: ares.h's ARES_OPT_QUERY_CACHE (c-ares >= 1.23), which pycares does not export
 _OPT_QUERY_CACHE = 1 << 21
@@ -54,9 +56,9 @@ _TIMEOUT, _BADNAME = _lib.ARES_ETIMEOUT, _lib.ARES_EBADNAME
 _CB_TYPE = "void(*)(void *, ares_status_t, size_t, struct ares_dns_record *)"
 
 
-@dataclass(frozen=True)
-class Lookup:
-    """Outcome of one (name, type) query."""
+class Lookup(NamedTuple):
+    """Outcome of one (name, type) query (a named tuple: one is made per query, and a frozen
+    dataclass's ``__init__`` cost several times as much)."""
 
     #: A/AAAA: address text; MX: (preference, exchange lowercased without the final dot, ""
     #: for the root); TXT: the record's strings joined, decoded as UTF-8 (errors replaced)
@@ -159,7 +161,7 @@ class AresChannel:
                  try_timeout: float = 2.0) -> None:
         self.timeout = timeout
         per_try = min(timeout, try_timeout)
-        self._driver = drv = _Driver()
+        self._driver = drv = _Driver(timeout)
         opts = _ffi.new("struct ares_options *")
         # no SERVFAIL/REFUSED retry (one server: dnspython gave up at once too), no search list
         opts.flags = (_lib.ARES_FLAG_NOCHECKRESP | _lib.ARES_FLAG_NOSEARCH
@@ -211,46 +213,99 @@ class AresChannel:
 
     async def query(self, qname: str, rdtype: str) -> Lookup:
         """Ask ``rdtype`` ("A", "AAAA", "MX", "TXT") of ``qname`` (ASCII, no trailing dot)."""
+        fut: asyncio.Future[Lookup] = asyncio.get_running_loop().create_future()
+        self.send(qname, rdtype, partial(settle, fut))
+        return await fut
+
+    def send(self, qname: str, rdtype: str, done: Callable[[Lookup], Any]) -> None:
+        """Ask as :meth:`query` does, without a coroutine: ``done(lookup)`` is called once, on
+        the running loop's thread, with the answer or at the latest a "timeout" after
+        ``timeout`` seconds; right away with the refusal when c-ares will not send the name.
+        A query sent while the channel reads answers (from another query's ``done``) goes
+        out as soon as that read ends (c-ares is not re-entered)."""
         drv = self._driver
         if drv.chan is None:
             raise RuntimeError("c-ares channel closed")
         loop = asyncio.get_running_loop()
         if drv.loop is not loop:
             drv.move_to(loop)
-        fut: asyncio.Future[Lookup] = loop.create_future()
-        t = RDTYPES[rdtype]
-        key = next(drv.ids)
-        drv.pending[key] = (fut, qname, t)
-        r = _lib.ares_query_dnsrec(drv.chan[0], qname.encode("ascii"), _lib.ARES_CLASS_IN, t,
-                                   drv.callback, _ffi.cast("void *", key), _ffi.NULL)
-        if r != _OK:
-            drv.pending.pop(key, None)
-            return _refused(r)
+        if drv.reading:
+            drv.later.append((qname, rdtype, done))
+            return
+        drv.send(qname, rdtype, done)
         drv.arm()
-        deadline = loop.call_later(self.timeout, _expire, fut, self.timeout)
-        try:
-            return await fut
-        finally:
-            deadline.cancel()
-            drv.pending.pop(key, None)
 
 
 class _Driver:
     """A channel's sockets and timer on an asyncio loop, and the queries waiting for answers.
     Holds no reference to the :class:`AresChannel`, so that one can be collected."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
+        #: a query not answered in this many seconds ends as a "timeout"
+        self.timeout = timeout
         self.chan: Any = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.fds: dict[int, tuple[bool, bool]] = {}
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = 0.0
-        self.pending: dict[int, tuple[asyncio.Future[Lookup], str, int]] = {}
+        #: queries sent and not yet answered: id -> (done, qname, record type)
+        self.pending: dict[int, tuple[Callable[[Lookup], Any], str, int]] = {}
         self.ids = itertools.count(1)
         self.closed = False
+        #: (loop time after which a query is given up, its id), in the order sent: one
+        #: timeout per channel, so the deadlines come in order and one timer serves them all
+        self.deadlines: deque[tuple[float, int]] = deque()
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        #: inside ares_process_fd (answers being handed out): sends wait in ``later``
+        self.reading = False
+        self.later: list[tuple[str, str, Callable[[Lookup], Any]]] = []
         self._tv = _ffi.new("struct timeval *")
         self.handle = _ffi.new_handle(self._sock_state)
         self.callback = _ffi.callback(_CB_TYPE, self._on_answer)
+
+    def send(self, qname: str, rdtype: str, done: Callable[[Lookup], Any]) -> None:
+        """Hand one query to c-ares (the caller arms the timer once it has sent its lot)."""
+        t = RDTYPES[rdtype]
+        key = next(self.ids)
+        self.pending[key] = (done, qname, t)
+        r = _lib.ares_query_dnsrec(self.chan[0], qname.encode("ascii"), _lib.ARES_CLASS_IN, t,
+                                   self.callback, _ffi.cast("void *", key), _ffi.NULL)
+        if r != _OK:
+            # c-ares may already have called back with the refusal (then nothing is pending)
+            if self.pending.pop(key, None) is not None:
+                self._hand(done, _refused(r))
+            return
+        assert self.loop is not None
+        self.deadlines.append((self.loop.time() + self.timeout, key))
+        if self.deadline_timer is None:
+            self.deadline_timer = self.loop.call_at(self.deadlines[0][0], self._on_deadline)
+
+    def _on_deadline(self) -> None:
+        self.deadline_timer = None
+        loop, dl = self.loop, self.deadlines
+        if loop is None or self.closed:
+            return
+        now, pending = loop.time(), self.pending
+        while dl and dl[0][0] <= now:
+            entry = pending.pop(dl.popleft()[1], None)
+            if entry is not None:
+                self._hand(entry[0], Lookup((), 0.0, "timeout",
+                                            f"no answer in {self.timeout} s"))
+        # the queries already answered need no wake-up: the timer waits for the oldest one
+        # still unanswered (about one wake-up per timeout, not one per query sent)
+        while dl and dl[0][1] not in pending:
+            dl.popleft()
+        if dl and self.deadline_timer is None:
+            self.deadline_timer = loop.call_at(dl[0][0], self._on_deadline)
+
+    def _hand(self, done: Callable[[Lookup], Any], res: Lookup) -> None:
+        try:
+            done(res)
+        except Exception as e:  # noqa: BLE001 - the asker's bug must not stop the others
+            loop = self.loop
+            if loop is not None:
+                loop.call_exception_handler({"message": "c-ares answer handler failed",
+                                             "exception": e})
 
     def _sock_state(self, fd: int, readable: bool, writable: bool) -> None:
         # c-ares opened, changed or closed a socket (called from ares_* calls on our thread)
@@ -280,6 +335,14 @@ class _Driver:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        # the previous loop's askers are gone with it: their answers, when they come, are
+        # dropped (as a cancelled future's were)
+        self.pending.clear()
+        self.deadlines.clear()
+        self.later.clear()
         for fd, state in self.fds.items():
             if old is not None and not old.is_closed():
                 self._watch(old, fd, state, (False, False))
@@ -287,8 +350,21 @@ class _Driver:
         self.loop = loop
 
     def _process(self, rfd: int, wfd: int) -> None:
-        if self.chan is not None:
+        if self.chan is None:
+            return
+        self.reading = True
+        try:
             _lib.ares_process_fd(self.chan[0], rfd, wfd)
+        finally:
+            self.reading = False
+        if self.later:
+            # queries the answers' handlers asked for, sent now that c-ares is done
+            later, self.later = self.later, []
+            for qname, rdtype, done in later:
+                if self.chan is None:
+                    break
+                self.send(qname, rdtype, done)
+            self.arm()
 
     def arm(self) -> None:
         """(Re)start the timer for c-ares' next retry or timeout, if sooner than the one set."""
@@ -316,14 +392,12 @@ class _Driver:
         entry = self.pending.pop(int(_ffi.cast("uintptr_t", arg)), None)
         if entry is None or self.closed:
             return
-        fut, qname, rdtype = entry
-        if fut.done():
-            return
+        done, qname, rdtype = entry
         try:
             res = parse_answer(status, rec, qname, rdtype)
         except Exception as e:  # noqa: BLE001 - a response we cannot read
             res = Lookup((), 0.0, "servfail", f"unreadable response ({type(e).__name__})")
-        fut.set_result(res)
+        self._hand(done, res)
 
     def close(self) -> None:
         if self.closed:
@@ -333,6 +407,11 @@ class _Driver:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        if self.deadline_timer is not None:
+            self.deadline_timer.cancel()
+            self.deadline_timer = None
+        self.pending.clear()
+        self.later.clear()
         if loop is not None and not loop.is_closed():
             for fd, state in self.fds.items():
                 try:
@@ -357,6 +436,7 @@ def _refused(status: int) -> Lookup:
     return Lookup((), 0.0, "servfail", why)
 
 
-def _expire(fut: asyncio.Future[Lookup], timeout: float) -> None:
+def settle(fut: asyncio.Future[Any], value: Any) -> None:
+    """``fut``'s result, unless its asker has gone (cancelled)."""
     if not fut.done():
-        fut.set_result(Lookup((), 0.0, "timeout", f"no answer in {timeout} s"))
+        fut.set_result(value)

@@ -26,9 +26,10 @@ import asyncio
 import ipaddress
 import random
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from functools import partial
+from typing import Any, Literal
 
 import dns.asyncresolver
 import dns.exception
@@ -39,9 +40,10 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
-from cluster.adapters.cares import AresChannel
+from cluster.adapters.cares import AresChannel, settle
 from cluster.adapters.cares import Lookup as _Lookup
 from cluster.core.dns_policy import DnsPolicy
+from cluster.core.dns_slots import QuerySlots
 
 __all__ = [
     "DnsFailure",
@@ -52,6 +54,8 @@ __all__ = [
     "SecureAnswer",
     "TxtAnswer",
     "address_literal_route",
+    "merge_addresses",
+    "mx_preferences",
     "normalize_domain",
 ]
 
@@ -63,12 +67,8 @@ DEFAULT_NEGATIVE_TTL = 300.0
 #: negative-cache time for a transient failure (SERVFAIL, timeout, MX hosts without address):
 #: short, so a recovered zone is noticed quickly, long enough to stop a retry storm
 DEFAULT_TRANSIENT_TTL = 10.0
-#: at most this many lookups in flight per :meth:`MxResolver.resolve_many` call
-RESOLVE_MANY_CONCURRENCY = 64
 #: default bound on DNS queries in flight at once per resolver (``[dns] max_concurrent``)
 DEFAULT_MAX_CONCURRENT = 64
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -180,6 +180,44 @@ def normalize_domain(domain: str) -> str:
     if not d.isascii():
         d = dns.name.from_text(d).to_text(omit_final_dot=True).lower()
     return d
+
+
+def mx_preferences(records: Sequence[tuple[int, str]]) -> dict[str, int] | None:
+    """An MX answer's hosts with their best preference, in answer order; None for a null MX.
+
+    RFC 7505 §3: a single "0 ." MX means "no mail" (never fall back to A/AAAA). An MX set whose
+    every exchange is the root name ("") says the same, and a root exchange mixed with real
+    ones (a misconfiguration §3 forbids) is simply unusable, so it is skipped. A host named
+    twice keeps its lowest preference (RFC 5321 §5.1)."""
+    prefs: dict[str, int] = {}
+    for pref, name in records:
+        if name and (name not in prefs or pref < prefs[name]):
+            prefs[name] = pref
+    return prefs or None
+
+
+def merge_addresses(results: Sequence[Any]) -> tuple[tuple[str, ...], float, str | None, str]:
+    """The A (then AAAA) lookups of one name as (addresses, smallest TTL, worst error, detail).
+
+    The error is "servfail"/"timeout" if any query failed transiently, else "nxdomain" if the
+    name does not exist, else None."""
+    addrs = tuple(a for r in results for a in r.records)
+    ttl = min(r.ttl for r in results)
+    for r in results:
+        if r.error in ("servfail", "timeout"):
+            return addrs, ttl, r.error, r.detail
+    if any(r.error == "nxdomain" for r in results):
+        return addrs, ttl, "nxdomain", "name does not exist"
+    return addrs, ttl, None, ""
+
+
+class _Crash:
+    """A bug in a lookup's callbacks, handed to the callers waiting on it (who raise it)."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
 def _is_global(address: str) -> bool:
@@ -315,7 +353,10 @@ class MxResolver:
         self._routes = _LRU(cache_size)
         self._hosts = _LRU(cache_size)
         self._txts = _LRU(cache_size)
-        self._inflight: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        #: lookups under way (single flight): (kind, key) -> the callers waiting on it
+        self._flights: dict[tuple[str, str], list[Callable[[Any], None]]] = {}
+        #: the loop the flights and slots belong to
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._hits = 0
         self._misses = 0
         self._queries = 0
@@ -325,33 +366,64 @@ class MxResolver:
                                    "max_ttl": self.max_ttl})
         #: a SERVFAIL or address-less answer is kept this long (``[dns] servfail_ttl``)
         self.transient_ttl = self.policy.transient_ttl
-        self._slots: asyncio.Semaphore | None = None
-        self._slots_loop: asyncio.AbstractEventLoop | None = None
-        #: queries sent and not yet answered now, and the most there ever were
-        self._queries_active = 0
-        self._queries_peak = 0
+        #: queries sent and not yet answered (at most ``max_concurrent``) and those waiting
+        self._slots: QuerySlots[Callable[[], None]] = QuerySlots(max_concurrent)
         self._timeouts = 0
 
     # ------------------------------------------------------------------ public API
     async def resolve(self, domain: str, now: float) -> Route:
         """The route for ``domain``; raises :class:`DnsFailure`. Cached until ``expires_at``."""
-        res = await self._resolve_cached(domain, now)
+        res = await self._await(lambda done: self._route(domain, now, done))
         if isinstance(res, DnsFailure):
             raise res.copy()
-        return res
+        return res  # type: ignore[no-any-return]
 
     async def resolve_many(self, domains: list[str], now: float
                            ) -> dict[str, Route | DnsFailure]:
         """Resolve concurrently; keys are the domains exactly as given."""
-        sem = asyncio.Semaphore(RESOLVE_MANY_CONCURRENCY)
-        unique = list(dict.fromkeys(domains))
+        routes, _ = await self.resolve_batch(domains, [], now)
+        return routes
 
-        async def one(d: str) -> Route | DnsFailure:
-            async with sem:
-                return await self._resolve_cached(d, now)
+    async def resolve_batch(self, domains: list[str], txt_names: list[str], now: float
+                            ) -> tuple[dict[str, Route | DnsFailure], dict[str, TxtAnswer]]:
+        """The routes of ``domains`` (as :meth:`resolve_many`) and the TXT answers of
+        ``txt_names`` (as :meth:`txt_cached`), all asked at once; keys as given.
 
-        results = await asyncio.gather(*(one(d) for d in unique))
-        return dict(zip(unique, results))
+        No coroutine per lookup: each query's answer starts the next (MX → the MX hosts'
+        addresses) by callback, and one future ends the batch. What the throttle asks per
+        batch of new domains from the leaders (MX, A, ``_mta-sts`` TXT)."""
+        self._on_loop()
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+        routes: dict[str, Route | DnsFailure] = {}
+        txts: dict[str, TxtAnswer] = {}
+        crashed: list[_Crash] = []
+        left = [1]   # one more until every lookup has been started
+
+        def landed() -> None:
+            left[0] -= 1
+            if left[0] == 0 and not fut.done():
+                fut.set_result(None)
+
+        def into(table: dict[str, Any], key: str) -> Callable[[Any], None]:
+            def done(v: Any) -> None:
+                if isinstance(v, _Crash):
+                    crashed.append(v)
+                table[key] = v
+                landed()
+            return done
+
+        for d in dict.fromkeys(domains):
+            left[0] += 1
+            self._route(d, now, into(routes, d))
+        for n in dict.fromkeys(txt_names):
+            left[0] += 1
+            self._txt(n, now, into(txts, n))
+        landed()
+        await fut
+        if crashed:
+            raise crashed[0].error
+        return routes, txts
 
     async def txt(self, name: str) -> tuple[list[str], str | None]:
         """The TXT records at ``name``, each record's strings joined (RFC 7208 §3.3 style),
@@ -361,7 +433,7 @@ class MxResolver:
             qname = _ascii_name(name)
         except (ValueError, dns.exception.DNSException, UnicodeError) as e:
             return [], f"invalid name ({e})"
-        res = await self._query(qname, "TXT")
+        res = await self._await(lambda done: self._send(qname, "TXT", done))
         return list(res.records), res.error
 
     async def txt_cached(self, name: str, now: float) -> TxtAnswer:
@@ -370,29 +442,12 @@ class MxResolver:
         ``min_ttl``..``max_ttl``; a failed lookup ("servfail", "timeout", an invalid name) is
         not cached. Concurrent asks for one name share one query. ``checked_at``: when the
         answer came from DNS (a cached one keeps its first time)."""
-        key = name.lower().rstrip(".")
-        hit = self._txts.get(key, now, _txt_expires)
-        if hit is not None:
-            self._hits += 1
-            return hit  # type: ignore[no-any-return]
-        self._misses += 1
-        return await self._single_flight(("txt", key), lambda: self._lookup_txt(key, now))
-
-    async def _lookup_txt(self, key: str, now: float) -> TxtAnswer:
-        try:
-            qname = _ascii_name(key)
-        except (ValueError, dns.exception.DNSException, UnicodeError) as e:
-            return TxtAnswer((), f"invalid name ({e})", now, now)
-        res = await self._query(qname, "TXT")
-        ans = TxtAnswer(res.records, res.error, now, now + self._clamp(res.ttl))
-        if res.error in (None, "nxdomain"):
-            self._txts.put(key, ans)
-        return ans
+        return await self._await(lambda done: self._txt(name, now, done))  # type: ignore[no-any-return]
 
     async def host_addresses(self, name: str, now: float) -> tuple[tuple[str, ...], str | None]:
         """A and AAAA addresses of a host name (cached with the MX hosts' addresses), and the
         error that hid them, if any ("nxdomain", "servfail", "timeout")."""
-        entry = await self._host(name.lower().rstrip("."), now)
+        entry = await self._await(lambda done: self._host(name.lower().rstrip("."), now, done))
         if entry.addresses:
             return entry.addresses, None
         return (), entry.error or "nxdomain"
@@ -409,7 +464,8 @@ class MxResolver:
         except dns.exception.DNSException as e:
             return SecureAnswer((), False, f"invalid name ({e})", 0.0)
         res = self._secure_resolver()
-        async with self._semaphore():
+        await self._take_slot()
+        try:
             self._queries += 1
             try:
                 ans = await res.resolve(qname, dns.rdatatype.from_text(rdtype),
@@ -422,6 +478,8 @@ class MxResolver:
             except (dns.exception.DNSException, OSError) as e:
                 # a validating resolver answers SERVFAIL for bogus data too
                 return SecureAnswer((), False, "servfail", 0.0, _short(e))
+        finally:
+            self._free_slot()
         secure = bool(ans.response.flags & dns.flags.AD)
         ttl = float(ans.chaining_result.minimum_ttl)
         return SecureAnswer(tuple(ans.rrset) if ans.rrset is not None else (), secure, None,
@@ -446,15 +504,122 @@ class MxResolver:
     def cache_info(self) -> dict[str, Any]:
         return {"routes": len(self._routes), "hosts": len(self._hosts), "txts": len(self._txts),
                 "max_size": self._routes.size, "hits": self._hits, "misses": self._misses,
-                "queries": self._queries, "inflight": len(self._inflight),
-                "queries_active": self._queries_active, "queries_peak": self._queries_peak,
+                "queries": self._queries, "inflight": len(self._flights),
+                "queries_active": self._slots.active, "queries_peak": self._slots.peak,
+                "queries_waiting": len(self._slots.waiting),
                 "max_concurrent": self.max_concurrent, "timeouts": self._timeouts}
 
-    # ------------------------------------------------------------------ caching layer
-    async def _resolve_cached(self, domain: str, now: float) -> Route | DnsFailure:
+    # ------------------------------------------------------------------ callbacks' plumbing
+    # Every lookup below takes ``done``, called once with its outcome (maybe at once, from
+    # the cache), on the loop's thread. A lookup under way is a "flight": the callers of the
+    # same key wait on it (single flight). A bug in a step lands on its callers as a
+    # :class:`_Crash`, which the awaiting API raises.
+
+    def _on_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            # a new loop (a new asyncio.run): the last one's flights and waiters ended with it
+            self._loop = loop
+            self._flights.clear()
+            self._slots.reset()
+
+    async def _await(self, start: Callable[[Callable[[Any], None]], None]) -> Any:
+        self._on_loop()
+        assert self._loop is not None
+        fut: asyncio.Future[Any] = self._loop.create_future()
+        start(partial(settle, fut))
+        v = await fut
+        if isinstance(v, _Crash):
+            raise v.error
+        return v
+
+    def _cached_or_joined(self, cache: _LRU, key: str, now: float,
+                          expiry: Callable[[Any], float], flight: tuple[str, str],
+                          done: Callable[[Any], None], *, counted: bool = True) -> bool:
+        """True when ``done`` got the cached answer or waits on the lookup under way; False:
+        the caller starts the lookup (``done`` waits on it). ``counted``: in hits/misses."""
+        hit = cache.get(key, now, expiry)
+        if hit is not None:
+            self._hits += counted
+            done(hit)
+            return True
+        self._misses += counted
+        return self._join(flight, done)
+
+    def _join(self, flight: tuple[str, str], done: Callable[[Any], None]) -> bool:
+        """Wait on ``flight``: True if it was under way, False if the caller must start it."""
+        waiters = self._flights.get(flight)
+        if waiters is not None:
+            waiters.append(done)
+            return True
+        self._flights[flight] = [done]
+        return False
+
+    def _land(self, flight: tuple[str, str], value: Any) -> None:
+        for done in self._flights.pop(flight, ()):
+            try:
+                done(value)
+            except Exception as e:  # noqa: BLE001 - one waiter's bug must not strand the rest
+                assert self._loop is not None
+                self._loop.call_exception_handler({"message": "DNS lookup waiter failed",
+                                                   "exception": e})
+
+    def _guard(self, flight: tuple[str, str], step: Callable[..., None], *args: Any) -> None:
+        try:
+            step(*args)
+        except Exception as e:  # noqa: BLE001 - handed to the flight's callers
+            self._land(flight, _Crash(e))
+
+    def _send(self, qname: str, rdtype: str, done: Callable[[_Lookup], None], *,
+              first: bool = False) -> None:
+        """One query, once a slot is free (``max_concurrent``); ``first``: a follow-up, ahead
+        of the queries waiting."""
+        start = partial(self._issue, qname, rdtype, done)
+        if self._slots.ask(start, first=first):
+            start()
+
+    def _issue(self, qname: str, rdtype: str, done: Callable[[_Lookup], None]) -> None:
+        self._queries += 1
+        self._channel.send(qname, rdtype, lambda res: self._answered(done, res))
+
+    def _answered(self, done: Callable[[_Lookup], None], res: _Lookup) -> None:
+        if res.error == "timeout":
+            self._timeouts += 1
+        self._free_slot()
+        done(res)
+
+    def _free_slot(self) -> None:
+        nxt = self._slots.done()
+        if nxt is not None:
+            nxt()
+
+    async def _take_slot(self) -> None:
+        """A slot for a query not sent through c-ares (:meth:`secure_query`)."""
+        self._on_loop()
+        assert self._loop is not None
+        fut: asyncio.Future[None] = self._loop.create_future()
+
+        def go() -> None:
+            if fut.done():
+                self._free_slot()   # its asker went away: pass the slot on
+            else:
+                fut.set_result(None)
+
+        if self._slots.ask(go):
+            return
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self._free_slot()
+            raise
+
+    # ------------------------------------------------------------------ lookups
+    def _route(self, domain: str, now: float, done: Callable[[Any], None]) -> None:
         literal = address_literal_route(domain, now, self.max_ttl)
         if literal is not None:
-            return literal
+            done(literal)
+            return
         try:
             key = normalize_domain(domain)
             if not key:
@@ -462,73 +627,55 @@ class MxResolver:
             qname = _ascii_name(key)
         except (ValueError, dns.exception.DNSException, UnicodeError) as e:
             # a name that cannot be encoded can never resolve
-            return DnsFailure("nxdomain", domain, permanent=True,
-                              expires_at=now + self._clamp(self.negative_ttl),
-                              detail=f"invalid domain name ({e})")
-        hit = self._routes.get(key, now, _expires_at)
-        if hit is not None:
-            self._hits += 1
-            return hit  # type: ignore[no-any-return]
-        self._misses += 1
-        res = await self._single_flight(("route", key),
-                                        lambda: self._lookup_route(key, qname, now))
-        return res
+            done(DnsFailure("nxdomain", domain, permanent=True,
+                            expires_at=now + self._clamp(self.negative_ttl),
+                            detail=f"invalid domain name ({e})"))
+            return
+        flight = ("route", key)
+        if self._cached_or_joined(self._routes, key, now, _expires_at, flight, done):
+            return
+        self._send(qname, "MX",
+                   lambda mx: self._guard(flight, self._on_mx, key, qname, now, mx))
 
-    async def _single_flight(self, key: tuple[str, str],
-                             make: Callable[[], Awaitable[_T]]) -> _T:
-        """Run ``make()`` once for concurrent callers with the same key."""
-        loop = asyncio.get_running_loop()
-        task = self._inflight.get(key)
-        if task is None or task.get_loop() is not loop:
-            task = loop.create_task(make())  # type: ignore[arg-type]
-            self._inflight[key] = task
-
-            def done(t: asyncio.Task[Any], key: tuple[str, str] = key) -> None:
-                if self._inflight.get(key) is t:
-                    del self._inflight[key]
-                if not t.cancelled():
-                    t.exception()  # retrieved: no "never retrieved" warning
-
-            task.add_done_callback(done)
-        # shield: one caller being cancelled must not cancel the lookup the others wait on
-        return await asyncio.shield(task)
-
-    # ------------------------------------------------------------------ lookups
-    async def _lookup_route(self, key: str, qname: str,
-                            now: float) -> Route | DnsFailure:
-        res = await self._route_uncached(key, qname, now)
+    def _route_done(self, key: str, res: Route | DnsFailure) -> None:
         self._routes.put(key, res)
-        return res
+        self._land(("route", key), res)
 
-    async def _route_uncached(self, key: str, qname: str,
-                              now: float) -> Route | DnsFailure:
-        mx = await self._query(qname, "MX")
+    def _on_mx(self, key: str, qname: str, now: float, mx: _Lookup) -> None:
+        flight = ("route", key)
         if mx.error == "nxdomain":
-            return self._permanent("nxdomain", key, now, mx.ttl, "domain does not exist")
+            return self._route_done(key, self._permanent("nxdomain", key, now, mx.ttl,
+                                                         "domain does not exist"))
         if mx.error is not None:
-            return self._transient(mx.error, key, now, mx.detail)
+            return self._route_done(key, self._transient(mx.error, key, now, mx.detail))
         if not mx.records:
-            return await self._implicit_route(key, qname, now, mx.ttl)
-
-        # RFC 7505 §3: a single "0 ." MX means "no mail"; never fall back to A/AAAA. An MX set
-        # whose every exchange is the root name says the same, and a root exchange mixed with
-        # real ones (a misconfiguration §3 forbids) is simply unusable, so it is skipped.
-        real = [(pref, name) for pref, name in mx.records if name]  # "": the root
-        if not real:
-            return self._permanent("null_mx", key, now, mx.ttl,
-                                   "null MX: domain accepts no mail (RFC 7505)")
-
-        prefs: dict[str, int] = {}
-        for pref, name in real:
-            if name not in prefs or pref < prefs[name]:
-                prefs[name] = pref
+            # RFC 5321 §5.1: no MX → the domain itself is the MX, preference 0
+            return self._addresses(qname, lambda parts: self._guard(
+                flight, self._on_implicit, key, now, mx.ttl, parts))
+        prefs = mx_preferences(mx.records)
+        if prefs is None:
+            return self._route_done(key, self._permanent(
+                "null_mx", key, now, mx.ttl, "null MX: domain accepts no mail (RFC 7505)"))
         names = list(prefs)
-        # one MX host (most of a long tail): awaited directly, no task for gather to wrap
-        entries = [await self._host(names[0], now)] if len(names) == 1 else \
-            await asyncio.gather(*(self._host(n, now) for n in names))
+        entries: list[Any] = [None] * len(names)
+        left = [len(names)]
 
+        def got(i: int, entry: Any) -> None:
+            entries[i] = entry
+            left[0] -= 1
+            if left[0] == 0:
+                self._guard(flight, self._on_hosts, key, now, mx.ttl, names, prefs, entries)
+
+        for i, name in enumerate(names):
+            self._host(name, now, partial(got, i))
+
+    def _on_hosts(self, key: str, now: float, mx_ttl: float, names: list[str],
+                  prefs: dict[str, int], entries: list[Any]) -> None:
+        for e in entries:
+            if isinstance(e, _Crash):
+                raise e.error
         hosts: list[MxHost] = []
-        deadline = now + mx.ttl
+        deadline = now + mx_ttl
         errors: list[str] = []
         for name, entry in zip(names, entries):
             deadline = min(deadline, entry.deadline)
@@ -541,7 +688,8 @@ class MxResolver:
             if errors:
                 detail += " (" + "; ".join(errors) + ")"
             timed_out = any(e.error == "timeout" for e in entries)
-            return self._transient("no_address", key, now, detail, timed_out=timed_out)
+            return self._route_done(key, self._transient("no_address", key, now, detail,
+                                                         timed_out=timed_out))
         if self._rng is not None:
             self._rng.shuffle(hosts)
         hosts.sort(key=lambda h: h.preference)  # stable: ties keep answer (or shuffled) order
@@ -550,39 +698,43 @@ class MxResolver:
             # part of the answer was hidden by a transient failure: look again soon rather
             # than route to backups for a whole TTL
             expires = min(expires, now + self._transient_ttl())
-        return Route(key, tuple(hosts), False, expires)
+        self._route_done(key, Route(key, tuple(hosts), False, expires))
 
-    async def _implicit_route(self, key: str, qname: str, now: float,
-                              nodata_ttl: float) -> Route | DnsFailure:
-        """RFC 5321 §5.1: no MX → the domain itself is the MX, preference 0."""
-        addrs, ttl, error, detail = await self._addresses(qname)
+    def _on_implicit(self, key: str, now: float, nodata_ttl: float,
+                     parts: tuple[tuple[str, ...], float, str | None, str]) -> None:
+        addrs, ttl, error, detail = parts
         if addrs:
             # the route also rests on the *absence* of MX records: the negative TTL counts
             expires = now + self._clamp(min(ttl, nodata_ttl))
             if error:
                 expires = min(expires, now + self._transient_ttl())
-            return Route(key, (MxHost(0, key, addrs),), True, expires)
+            return self._route_done(key, Route(key, (MxHost(0, key, addrs),), True, expires))
         if error in ("servfail", "timeout"):
-            return self._transient(error, key, now, detail)
+            return self._route_done(key, self._transient(error, key, now, detail))
         # The domain exists (the MX query said NOERROR) but has neither MX nor an address:
         # there is nowhere to deliver (RFC 5321 §5.1, last paragraph: an error). That is a
         # property of the published zone rather than a failure of a server, so permanent.
-        return self._permanent("no_address", key, now, min(ttl, nodata_ttl),
-                               "no MX and no A/AAAA records")
+        self._route_done(key, self._permanent("no_address", key, now, min(ttl, nodata_ttl),
+                                              "no MX and no A/AAAA records"))
 
-    async def _host(self, name: str, now: float) -> _HostEntry:
-        hit = self._hosts.get(name, now, _valid_until)
-        if hit is not None:
-            return hit  # type: ignore[no-any-return]
-        return await self._single_flight(("host", name), lambda: self._lookup_host(name, now))
-
-    async def _lookup_host(self, name: str, now: float) -> _HostEntry:
+    def _host(self, name: str, now: float, done: Callable[[Any], None]) -> None:
+        flight = ("host", name)
+        if self._cached_or_joined(self._hosts, name, now, _valid_until, flight, done,
+                                  counted=False):
+            return
         try:
             qname = _ascii_name(name)
         except (ValueError, dns.exception.DNSException, UnicodeError) as e:
-            return _HostEntry((), now + self.negative_ttl, now + self._clamp(self.negative_ttl),
-                              None, str(e))
-        addrs, ttl, error, detail = await self._addresses(qname)
+            return self._land(flight, _HostEntry((), now + self.negative_ttl,
+                                                 now + self._clamp(self.negative_ttl),
+                                                 None, str(e)))
+        # a follow-up of an MX answer: ahead of new domains' queries, so begun ones finish
+        self._addresses(qname, lambda parts: self._guard(
+            flight, self._on_host_addresses, name, now, parts), first=True)
+
+    def _on_host_addresses(self, name: str, now: float,
+                           parts: tuple[tuple[str, ...], float, str | None, str]) -> None:
+        addrs, ttl, error, detail = parts
         if error == "timeout":
             valid = now + self.policy.cache_ttl("timeout")
         else:
@@ -590,48 +742,41 @@ class MxResolver:
         entry = _HostEntry(addrs, now + ttl, valid, error if error != "nxdomain" else None,
                            detail)
         self._hosts.put(name, entry)
-        return entry
+        self._land(("host", name), entry)
 
-    async def _addresses(self, qname: str
-                         ) -> tuple[tuple[str, ...], float, str | None, str]:
-        """A then AAAA of ``qname``, concurrently: (addresses, min TTL, worst error, detail).
+    def _addresses(self, qname: str,
+                   done: Callable[[tuple[tuple[str, ...], float, str | None, str]], None], *,
+                   first: bool = False) -> None:
+        """A then AAAA of ``qname``, concurrently: ``done`` gets :func:`merge_addresses`."""
+        if not self.use_ipv6:
+            self._send(qname, "A", lambda a: done(merge_addresses((a,))), first=first)
+            return
+        got: list[Any] = [None, None]
 
-        The error is "servfail"/"timeout" if any query failed transiently, else "nxdomain" if
-        the name does not exist, else None.
-        """
-        results = await asyncio.gather(self._query(qname, "A"), self._query(qname, "AAAA")) \
-            if self.use_ipv6 else [await self._query(qname, "A")]
-        addrs = tuple(a for r in results for a in r.records)
-        ttl = min(r.ttl for r in results)
-        transient = [r for r in results if r.error in ("servfail", "timeout")]
-        if transient:
-            return addrs, ttl, transient[0].error, transient[0].detail
-        if any(r.error == "nxdomain" for r in results):
-            return addrs, ttl, "nxdomain", "name does not exist"
-        return addrs, ttl, None, ""
+        def one(i: int, res: _Lookup) -> None:
+            got[i] = res
+            if got[0] is not None and got[1] is not None:
+                done(merge_addresses(got))
 
-    def _semaphore(self) -> asyncio.Semaphore:
-        loop = asyncio.get_running_loop()
-        if self._slots is None or self._slots_loop is not loop:
-            self._slots = asyncio.Semaphore(self.max_concurrent)
-            self._slots_loop = loop
-        return self._slots
+        self._send(qname, "A", partial(one, 0), first=first)
+        self._send(qname, "AAAA", partial(one, 1), first=first)
 
-    async def _query(self, qname: str, rdtype: str) -> _Lookup:
-        async with self._semaphore():
-            self._queries_active += 1
-            self._queries_peak = max(self._queries_peak, self._queries_active)
-            try:
-                res = await self._query_now(qname, rdtype)
-            finally:
-                self._queries_active -= 1
-        if res.error == "timeout":
-            self._timeouts += 1
-        return res
+    def _txt(self, name: str, now: float, done: Callable[[Any], None]) -> None:
+        key = name.lower().rstrip(".")
+        flight = ("txt", key)
+        if self._cached_or_joined(self._txts, key, now, _txt_expires, flight, done):
+            return
+        try:
+            qname = _ascii_name(key)
+        except (ValueError, dns.exception.DNSException, UnicodeError) as e:
+            return self._land(flight, TxtAnswer((), f"invalid name ({e})", now, now))
+        self._send(qname, "TXT", lambda res: self._guard(flight, self._on_txt, key, now, res))
 
-    async def _query_now(self, qname: str, rdtype: str) -> _Lookup:
-        self._queries += 1
-        return await self._channel.query(qname, rdtype)
+    def _on_txt(self, key: str, now: float, res: _Lookup) -> None:
+        ans = TxtAnswer(res.records, res.error, now, now + self._clamp(res.ttl))
+        if res.error in (None, "nxdomain"):
+            self._txts.put(key, ans)
+        self._land(("txt", key), ans)
 
     # ------------------------------------------------------------------ helpers
     def _clamp(self, ttl: float) -> float:
@@ -674,7 +819,10 @@ def _ascii_name(name: str) -> str:
     not. Names are plain ASCII here almost always: only others go through dnspython's IDNA."""
     if not name.isascii():
         return dns.name.from_text(name).to_text(omit_final_dot=True)
-    labels = name.rstrip(".").split(".")
+    short = name.rstrip(".")
+    if 0 < len(short) <= 63 and ".." not in short and short[0] != ".":
+        return short   # no label can be longer than the name: the common case, checked fast
+    labels = short.split(".")
     if len(name) > 253 or not all(0 < len(x) <= 63 for x in labels):
         dns.name.from_text(name)  # raises the precise error
         raise ValueError(f"invalid DNS name {name!r}")
