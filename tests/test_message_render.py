@@ -5,7 +5,6 @@ everything the stdlib would quote, fold, encode or split into parts. Pure: no Ra
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 
@@ -77,7 +76,7 @@ def test_random_messages_render_alike_whenever_taken():
                        "ex.test") for _ in range(rng.randint(0, 4))])
         subject = rng.choice([None, phrase(3).replace("\n", " ").replace("\r", "")])
         text = phrase(12)
-        html = rng.choice([None, None, "<p>" + phrase(3) + "</p>"]) 
+        html = rng.choice([None, None, "<p>" + phrase(3) + "</p>"])
         if rng.random() < 0.2:
             text, html = None, html or "<p>x</p>"
         from_ = _addrs((name, "news", "news.example"))
