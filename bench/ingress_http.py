@@ -5,8 +5,9 @@ listener on 127.0.0.1 (the ingress actor, as ``raymta up`` runs it); delivery he
 limited to 1 message an hour) so only the accept path runs. Two phases, each bounded by
 ``--seconds``: an open loop offering ``--rate`` messages per second (the issue's probe: 1,000
 msgs/s as 10 requests of 100 per second; p50/p99 per request), then ``--threads`` clients
-flat out (the most msgs/s the API accepts). Clients are http.client connections with
-keep-alive, in this process. Writes ``bench/results/ingress-http-<ts>.json``.
+flat out (the most msgs/s the API accepts), then as many threads of the direct Python client
+(``MailCluster.submit``) with the same batches of structured messages, beside it. HTTP clients
+are http.client connections with keep-alive, in this process. Writes ``bench/results/ingress-http-<ts>.json``.
 
     python bench/ingress_http.py --rate 1000 --seconds 8 --threads 4
 """
@@ -129,6 +130,32 @@ def run(*, rate: float = 1000.0, seconds: float = 8.0, threads: int = 4) -> dict
         for th in ts:
             th.join(180)
         elapsed = time.perf_counter() - start
+        # the direct Python client beside it: the same batches of 100 structured messages,
+        # `threads` submitters flat out through MailCluster.submit (rendered in this process)
+        batches = [json.loads(b)["messages"] for b in bodies]
+        direct: list[float] = []
+        direct_ok = [0]
+        until = time.perf_counter() + seconds
+
+        def submitter(t: int) -> None:
+            i = 0
+            while time.perf_counter() < until:
+                batch = [{**m, "recipients": [f"d{t}x{i}x{j}@held.bench.test"]}
+                         for j, m in enumerate(batches[(t * 17 + i) % len(batches)])]
+                t1 = time.perf_counter()
+                res = mc.submit(batch, timeout=60.0)
+                dt = time.perf_counter() - t1
+                i += 1
+                with lock:
+                    direct.append(dt)
+                    direct_ok[0] += sum(1 for r in res if r.accepted)
+        ts = [threading.Thread(target=submitter, args=(t,)) for t in range(threads)]
+        start = time.perf_counter()
+        for th in ts:
+            th.start()
+        for th in ts:
+            th.join(180)
+        direct_elapsed = time.perf_counter() - start
         return {
             "per_request": PER_REQUEST, "offered_msgs_per_s": rate, "seconds": seconds,
             "probe_requests": len(probe), "probe_replies": codes,
@@ -136,6 +163,9 @@ def run(*, rate: float = 1000.0, seconds: float = 8.0, threads: int = 4) -> dict
             "flat_threads": threads, "flat_replies": flat_codes,
             "flat_msgs_per_s": round(flat_codes.get(200, 0) * PER_REQUEST / elapsed, 1),
             "flat_ms_p50": _pct(done, 0.5), "flat_ms_p99": _pct(done, 0.99),
+            "client_threads": threads, "client_calls": len(direct),
+            "client_msgs_per_s": round(direct_ok[0] / direct_elapsed, 1),
+            "client_ms_p50": _pct(direct, 0.5), "client_ms_p99": _pct(direct, 0.99),
             "machine": c.machine_info()}
     finally:
         if mc is not None:
