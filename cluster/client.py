@@ -29,6 +29,7 @@ from cluster.adapters.stream import BlockingStreamClient, StreamClient, StreamEr
 from cluster.config import Config, load_config
 from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
 from cluster.core.intake import retryable_error, wire_item
+from cluster.core.templates import TemplateError, per_recipient, recipient_variables
 from cluster.core.message import (PreparedMessage, ValidationError, new_message_ids,
                                   validate_batch)
 from cluster.core.sites import stable_hash
@@ -427,6 +428,34 @@ class MailCluster:
         now = time.time()
         prepared = validate_batch(msgs, now=now, max_size=self.cfg.queue.max_message_size)
         return self.submit_prepared(prepared, timeout=timeout, retry_for=retry_for, now=now)
+
+    def submit_template(self, message: dict[str, Any], recipients: list[Any], *,
+                        timeout: float = 300.0, retry_for: float = 15.0
+                        ) -> list[SubmitResult]:
+        """One message rendered for each recipient and queued: ``message`` is a structured
+        submission (``from``, ``subject``, ``text``, ``html``, ...) whose subject, text and
+        html are sandboxed Jinja2 templates (:mod:`cluster.core.templates`); ``recipients``
+        are addresses or ``{"address": ..., "variables": {...}}``. Rendered here, in the
+        client, never in a queue leader; each recipient gets a message of its own (``To``
+        names the recipient unless ``message`` has a ``to``); an ``idempotency_key`` becomes
+        ``<key>:<n>`` for the n-th recipient. One :class:`SubmitResult` per recipient, in
+        order. A template that fails for any recipient raises :class:`ValidationError` naming
+        the part and line, and nothing of the message is queued (as the HTTP API fails it)."""
+        if not isinstance(message, dict):
+            raise ValidationError("message", f"must be a dict, not {type(message).__name__}")
+        if "recipients" in message:
+            raise ValidationError("recipients", "give them as submit_template's recipients "
+                                  "argument, each with its variables")
+        try:
+            subs = per_recipient(message, recipient_variables(recipients))
+        except TemplateError as e:
+            raise ValidationError(e.field, f"line {e.line}: {e.problem}" if e.line
+                                  else e.problem) from None
+        key = message.get("idempotency_key")
+        if isinstance(key, str) and key:
+            for n, sub in enumerate(subs):
+                sub["idempotency_key"] = f"{key}:{n}"
+        return self.submit(subs, timeout=timeout, retry_for=retry_for)
 
     def submit_prepared(self, prepared: list[PreparedMessage | ValidationError], *,
                         timeout: float = 300.0, retry_for: float = 15.0,

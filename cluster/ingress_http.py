@@ -50,7 +50,7 @@ from aiohttp import web
 from cluster.adapters.proxy_listen import ProxyGate, ProxyListener
 from cluster.config import IngressConfig
 from cluster.core.submission import ApiKey, ApiKeyTable, domain_allowed
-from cluster.core.templates import MessageTemplate, TemplateError
+from cluster.core.templates import TemplateError, per_recipient
 
 __all__ = ["HttpIngress", "MAX_BATCH"]
 
@@ -301,16 +301,14 @@ class HttpIngress:
                 owners.append(i)
                 continue
             try:
-                tpl = MessageTemplate(**{p: m.get(p) for p in ("subject", "text", "html")})
-                rendered = [tpl.render(v) for v in variables]
+                rendered = per_recipient(
+                    dict(base, **{p: m.get(p) for p in ("subject", "text", "html")}),
+                    list(zip(addrs, variables, strict=True)))
             except TemplateError as e:
                 errors[i] = {"field": f"{where}.{e.field}", "line": e.line,
                              "message": e.problem}
                 continue
-            for j, (addr, parts) in enumerate(zip(addrs, rendered, strict=True)):
-                sub = dict(base, recipients=[addr], **parts)
-                if "to" not in base:
-                    sub["to"] = addr
+            for j, sub in enumerate(rendered):
                 if idem:
                     sub["idempotency_key"] = f"{idem}:{i}:{j}"
                 subs.append(sub)

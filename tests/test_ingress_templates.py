@@ -59,3 +59,34 @@ def test_renders_per_second_for_a_typical_template():
     rate = n / max(1e-9, time.process_time() - t0)
     print(f"\n{rate:,.0f} renders/s (CPU time, one core)")
     assert rate > 1000     # a floor that only a broken sandbox setup would miss
+
+
+def test_per_recipient_renders_one_submission_each_and_fails_as_a_whole():
+    from cluster.core.templates import per_recipient, recipient_variables
+    msg = {"from": "News <news@example.com>", "subject": "Hi {{ name }}",
+           "text": "Dear {{ name }}\n", "tags": {"c": "x"}, "template": True}
+    pairs = recipient_variables(["a@example.net",
+                                 {"address": "b@example.net", "variables": {"name": "Bo"}}])
+    assert pairs == [("a@example.net", {}), ("b@example.net", {"name": "Bo"})]
+    with pytest.raises(TemplateError) as e:      # 'name' undefined for the first: none made
+        per_recipient(msg, pairs)
+    assert (e.value.field, e.value.line) == ("subject", 1)
+    pairs[0] = ("a@example.net", {"name": "Al"})
+    subs = per_recipient(msg, pairs)
+    assert subs == [
+        {"from": "News <news@example.com>", "tags": {"c": "x"}, "recipients": ["a@example.net"],
+         "to": "a@example.net", "subject": "Hi Al", "text": "Dear Al\n"},
+        {"from": "News <news@example.com>", "tags": {"c": "x"}, "recipients": ["b@example.net"],
+         "to": "b@example.net", "subject": "Hi Bo", "text": "Dear Bo\n"}]
+    assert per_recipient({**msg, "to": "List <l@example.com>"}, pairs[:1])[0]["to"] == \
+        "List <l@example.com>"
+
+
+@pytest.mark.parametrize("recipients, field", [
+    ([], "recipients"), ("a@example.net", "recipients"), ([{"variables": {}}], "recipients[0]"),
+    (["a@example.net", 7], "recipients[1]")])
+def test_recipient_variables_name_the_bad_entry(recipients, field):
+    from cluster.core.templates import recipient_variables
+    with pytest.raises(TemplateError) as e:
+        recipient_variables(recipients)
+    assert e.value.field == field

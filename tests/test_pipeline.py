@@ -402,3 +402,32 @@ def test_smtputf8_message_to_an_internationalised_address(pipeline):
     wait_for(lambda: mc.status(mid)["state"] == "delivered", 30, "SMTPUTF8 delivery")
     got = [r for r in sinks.received if r.rcpt_to == rcpt]
     assert len(got) == 1 and got[0].data == raw
+
+
+def test_submit_template_renders_per_recipient_in_the_client(pipeline):
+    from cluster.core.message import ValidationError
+    mc, sinks, domains = pipeline["mc"], pipeline["sinks"], pipeline["domains"]
+    rcpts = [f"tpl{k}@{domains[k]}" for k in range(3)]
+    msg = {"from": "News <news@origin.test>", "subject": "Hello {{ name }}",
+           "text": "Dear {{ name }},\n{% for i in items %}- {{ i }}\n{% endfor %}",
+           "idempotency_key": "tpl-run-1"}
+    people = [{"address": r, "variables": {"name": f"P{k}", "items": list(range(k + 1))}}
+              for k, r in enumerate(rcpts)]
+    # a template that fails for one recipient queues nothing of the message
+    with pytest.raises(ValidationError) as e:
+        mc.submit_template(msg, people[:2] + [{"address": "x@" + domains[0], "variables": {}}])
+    assert e.value.field == "subject" and "line 1" in str(e.value) and "'name'" in str(e.value)
+    res = mc.submit_template(msg, people)
+    assert [r.accepted for r in res] == [True] * 3, [r.error for r in res]
+    again = mc.submit_template(msg, people)        # the same key per recipient: no new mail
+    assert [r.ids for r in again] == [r.ids for r in res] and all(r.duplicate for r in again)
+    wait_for(lambda: all(sinks.counts_by_rcpt()[r] >= 1 for r in rcpts), 30,
+             "the three rendered messages")
+    got = {r.rcpt_to: r.data for r in sinks.received if r.rcpt_to in rcpts}
+    for k, r in enumerate(rcpts):
+        body = got[r]
+        assert f"Subject: Hello P{k}\r\n".encode() in body
+        assert f"To: {r}\r\n".encode() in body
+        assert body.endswith(f"Dear P{k},\r\n".encode() +
+                             b"".join(f"- {i}\r\n".encode() for i in range(k + 1)))
+    assert sum(sinks.counts_by_rcpt()[r] for r in rcpts) == 3

@@ -21,7 +21,8 @@ from typing import Any, Mapping
 import jinja2
 from jinja2.sandbox import SandboxedEnvironment
 
-__all__ = ["TemplateError", "MessageTemplate", "PARTS", "MAX_OUTPUT"]
+__all__ = ["TemplateError", "MessageTemplate", "PARTS", "MAX_OUTPUT", "per_recipient",
+           "recipient_variables"]
 
 #: the parts a template may have, in order
 PARTS = ("subject", "text", "html")
@@ -108,3 +109,40 @@ class MessageTemplate:
                                     "cannot hold one: header injection through a variable?)")
             out[part] = text
         return out
+
+
+def recipient_variables(recipients: object, field: str = "recipients"
+                        ) -> list[tuple[str, Any]]:
+    """(address, variables) for each of a templated message's recipients: an address, or
+    ``{"address": ..., "variables": {...}}``. :class:`TemplateError` names the entry that is
+    neither."""
+    if not isinstance(recipients, (list, tuple)) or not recipients:
+        raise TemplateError(field, None, "a non-empty list")
+    out: list[tuple[str, Any]] = []
+    for j, r in enumerate(recipients):
+        if isinstance(r, str):
+            out.append((r, {}))
+        elif isinstance(r, dict) and isinstance(r.get("address"), str):
+            out.append((r["address"], r.get("variables", {})))
+        else:
+            raise TemplateError(f"{field}[{j}]", None,
+                                'an address or {"address", "variables"}')
+    return out
+
+
+def per_recipient(message: Mapping[str, Any], recipients: list[tuple[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    """One submission per recipient: ``message`` (without its recipients) with subject, text
+    and html rendered from that recipient's variables, ``recipients=[address]``, and a To
+    field naming the recipient unless the message gives its own. The first failure raises
+    :class:`TemplateError` (the part and line): the message fails as a whole, never half of
+    its recipients. Rendered where the message is submitted (the HTTP ingress, the Python
+    client), never in a queue leader."""
+    tpl = MessageTemplate(**{p: message.get(p) for p in PARTS})
+    base = {k: v for k, v in message.items() if k not in ("recipients", "template", *PARTS)}
+    out = []
+    for addr, variables in recipients:
+        sub = dict(base, recipients=[addr], **tpl.render(variables))
+        sub.setdefault("to", addr)
+        out.append(sub)
+    return out
