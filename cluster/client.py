@@ -30,8 +30,8 @@ from cluster.config import Config, load_config
 from cluster.core.dkim import DkimError, dkim_refusal, from_domain, parse_headers, split_message
 from cluster.core.intake import retryable_error, wire_item
 from cluster.core.templates import TemplateError, per_recipient, recipient_variables
-from cluster.core.message import (PreparedMessage, ValidationError, new_message_ids,
-                                  validate_batch)
+from cluster.core.message import (MAX_IDEMPOTENCY_KEY, PreparedMessage, ValidationError,
+                                  new_message_ids, validate_batch)
 from cluster.core.sites import stable_hash
 
 __all__ = ["MailCluster", "SubmitResult", "SubmitError"]
@@ -453,6 +453,11 @@ class MailCluster:
                                   else e.problem) from None
         key = message.get("idempotency_key")
         if isinstance(key, str) and key:
+            longest = len(f"{key}:{len(subs) - 1}")
+            if longest > MAX_IDEMPOTENCY_KEY:   # all or none: not just the later recipients
+                raise ValidationError("idempotency_key", f"{len(key)} characters: with "
+                                      f"':<recipient number>' added it would be {longest}, "
+                                      f"over the limit of {MAX_IDEMPOTENCY_KEY}")
             for n, sub in enumerate(subs):
                 sub["idempotency_key"] = f"{key}:{n}"
         return self.submit(subs, timeout=timeout, retry_for=retry_for)

@@ -417,6 +417,10 @@ def test_submit_template_renders_per_recipient_in_the_client(pipeline):
     with pytest.raises(ValidationError) as e:
         mc.submit_template(msg, people[:2] + [{"address": "x@" + domains[0], "variables": {}}])
     assert e.value.field == "subject" and "line 1" in str(e.value) and "'name'" in str(e.value)
+    # a key that leaves no room for ":<n>" is refused for the whole message, not per recipient
+    with pytest.raises(ValidationError) as e:
+        mc.submit_template({**msg, "idempotency_key": "k" * 199}, people)
+    assert e.value.field == "idempotency_key" and "201" in str(e.value)
     res = mc.submit_template(msg, people)
     assert [r.accepted for r in res] == [True] * 3, [r.error for r in res]
     again = mc.submit_template(msg, people)        # the same key per recipient: no new mail
