@@ -441,6 +441,9 @@ def test_http_api_behind_haproxy_a_killed_node_costs_only_retries(env):
     def worker(ks: list[int]) -> None:
         for k in ks:
             post(k)
+            # paced (10 requests a second each): the API answers a request of 10 in a few ms,
+            # and unpaced the whole run ended before the kill landed (CI, 15:51)
+            time.sleep(0.1)
 
     threads = [threading.Thread(target=worker, args=(list(range(i, n_req, 3)),))
                for i in range(3)]
