@@ -63,6 +63,17 @@ def _pct(xs: list[float], q: float) -> float | None:
     return round(1000 * xs[min(len(xs) - 1, int(q * (len(xs) - 1)))], 1)
 
 
+def _in_threads(fn: Any, n: int) -> float:
+    """``fn(0)`` .. ``fn(n - 1)`` in threads at once; the seconds until all returned."""
+    ts = [threading.Thread(target=fn, args=(t,)) for t in range(n)]
+    start = time.perf_counter()
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join(180)
+    return time.perf_counter() - start
+
+
 def run(*, rate: float = 1000.0, seconds: float = 8.0, threads: int = 4) -> dict[str, Any]:
     import ray
 
@@ -123,13 +134,7 @@ def run(*, rate: float = 1000.0, seconds: float = 8.0, threads: int = 4) -> dict
                 with lock:
                     done.append(dt)
                     flat_codes[code] = flat_codes.get(code, 0) + 1
-        ts = [threading.Thread(target=flat, args=(t,)) for t in range(threads)]
-        start = time.perf_counter()
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join(180)
-        elapsed = time.perf_counter() - start
+        elapsed = _in_threads(flat, threads)
         # the direct Python client beside it: the same batches of 100 structured messages,
         # `threads` submitters flat out through MailCluster.submit (rendered in this process)
         batches = [json.loads(b)["messages"] for b in bodies]
@@ -149,13 +154,7 @@ def run(*, rate: float = 1000.0, seconds: float = 8.0, threads: int = 4) -> dict
                 with lock:
                     direct.append(dt)
                     direct_ok[0] += sum(1 for r in res if r.accepted)
-        ts = [threading.Thread(target=submitter, args=(t,)) for t in range(threads)]
-        start = time.perf_counter()
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join(180)
-        direct_elapsed = time.perf_counter() - start
+        direct_elapsed = _in_threads(submitter, threads)
         return {
             "per_request": PER_REQUEST, "offered_msgs_per_s": rate, "seconds": seconds,
             "probe_requests": len(probe), "probe_replies": codes,
