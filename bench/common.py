@@ -82,6 +82,7 @@ __all__ = [
     "free_port",
     "have_smtp_sink",
     "intake_only",
+    "machine_cpu_times",
     "machine_info",
     "make_receiver",
     "make_workload",
@@ -830,6 +831,16 @@ class CpuMeter:
                                sorted(by_name.items(), key=lambda kv: -kv[1]) if v >= 0.01}}
 
 
+def machine_cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat (every core;
+    iowait counts as idle)."""
+    with open("/proc/stat") as fh:
+        v = [float(x) for x in fh.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    idle = v[3] + (v[4] if len(v) > 4 else 0.0)
+    return (sum(v[:8]) - idle) / hz, sum(v[:8]) / hz
+
+
 class SelfCpu:
     """CPU seconds of this process, less some of its threads (in-process servers)."""
 
@@ -1129,7 +1140,10 @@ def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: in
     me = os.getpid()
     ray_cpu = CpuMeter(lambda: [p.pid for p in all_procs().values() if p.ppid == me],
                        lambda: set(receiver.exclude_pids()) | HELPER_PIDS).start()
+    # the receiver and the bench's DNS servers: the far side, on the same cores here
+    far_cpu = CpuMeter(lambda: set(receiver.exclude_pids()) | HELPER_PIDS).start()
     client_cpu = SelfCpu(receiver.exclude_tids).start()
+    machine0 = machine_cpu_times()
     base = receiver.count()
     t0 = time.time()
     sampler = Sampler(lambda: receiver.count() - base, 0.25, t0).start()
@@ -1174,7 +1188,9 @@ def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: in
         series = sampler.stop()
     t_end_wait = time.time()
     cpu = ray_cpu.stop()
+    far = far_cpu.stop()
     client_s = client_cpu.stop()
+    machine1 = machine_cpu_times()
     stats = mc.stats()
     sub = sub_box.get("r", SubmitReport())
     received = receiver.count() - base
@@ -1199,6 +1215,14 @@ def drive_raymta(mc: Any, workload: Workload, receiver: Receiver, *, threads: in
         "cpu_client_s": client_s,
         "cpu_client_s_per_1000": round(client_s / n * 1000, 3) if n else None,
         "cpu_by_process": cpu["by_process"],
+        # what else ran on these cores from the first submit until all was delivered: the
+        # receiver and DNS servers (by name), and the whole machine (busy core-seconds, and
+        # busy cores on average: near the core count, the run was CPU-bound)
+        "cpu_far_side_s": far["total_s"],
+        "cpu_far_side_by_process": far["by_process"],
+        "machine_busy_s": round(machine1[0] - machine0[0], 2),
+        "machine_busy_cores": round((machine1[0] - machine0[0]) / (t_end_wait - t0), 2)
+        if t_end_wait > t0 else None,
         "timed_out": time.time() >= deadline,
         "series": series,
     }

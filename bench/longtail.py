@@ -127,15 +127,6 @@ def _cluster_counters(mc: Any, res: dict[str, Any]) -> None:
     res["relays"] = relays
 
 
-def _cpu_times() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
-    with open("/proc/stat") as fh:
-        v = [float(x) for x in fh.readline().split()[1:]]
-    hz = os.sysconf("SC_CLK_TCK")
-    idle = v[3] + (v[4] if len(v) > 4 else 0.0)
-    return (sum(v[:8]) - idle) / hz, sum(v[:8]) / hz
-
-
 def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 300.0,
                  progress: bool = True, seed: int = 1, throttles: int | None = None,
                  ipv6: bool = False, dns_concurrency: int | None = None) -> dict[str, Any]:
@@ -144,7 +135,7 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
     average, and the share that was not this run's Ray processes, driver, receiver or DNS),
     since the machine is shared."""
     workload, zone = longtail_workload(n, domains, seed)
-    busy0, _ = _cpu_times()
+    busy0, _ = c.machine_cpu_times()
     t0 = time.time()
     used: dict[str, Any] = {}
 
@@ -168,7 +159,7 @@ def run_longtail(n: int, domains: int, *, dns: str = "auto", timeout: float = 30
                      configure=configure)
     res["throttle_actors"] = throttles or 1
     res["dns_ipv6"] = ipv6
-    busy1, _ = _cpu_times()
+    busy1, _ = c.machine_cpu_times()
     wall = time.time() - t0
     ours = (res.get("cpu_ray_s") or 0.0) + (res.get("cpu_client_s") or 0.0)
     res["machine_cpu"] = {"wall_s": round(wall, 1),
@@ -209,13 +200,47 @@ def print_rows(rows: list[dict[str, Any]], base: float | None) -> None:
                     str(r.get("deferred_dns", "-")), str(r.get("deferred_other", "-")),
                     str((r.get("dns_coordinator") or {}).get("timeouts_retried", "-")),
                     f"{r['cpu_ray_s_per_1000']:.2f}" if r.get("cpu_ray_s_per_1000") else "-",
-                    str((r.get("machine_cpu") or {}).get("busy_cores", "-")), hot))
+                    str(r.get("machine_busy_cores", "-")), hot))
     widths = [max(len(str(x)) for x in col) for col in zip(cols, *out)]
     line = "  ".join(f"{{:>{w}}}" for w in widths)
     print(line.format(*cols))
     print(line.format(*("-" * w for w in widths)))
     for o in out:
         print(line.format(*o))
+
+
+def _ours(r: dict[str, Any]) -> float:
+    return (r.get("cpu_ray_s") or 0.0) + (r.get("cpu_client_s") or 0.0)
+
+
+def extra_cpu(run: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | None:
+    """Where a long-tail run's CPU beyond the 100-domain run's went (same messages, same
+    machine, same invocation), from the first submit until all was delivered: raymta's
+    processes and the driver, the far side (receiver, DNS servers: a remote site's and a
+    resolver's work, on the same two cores here) and the rest of the machine (kernel, other
+    processes); per process kind. ``seconds_without_ours``: the run's time had raymta's extra
+    CPU cost nothing at the run's average busy cores, and the ratio to the 100-domain rate
+    it would give: an estimate of what this machine allows, not a measurement."""
+    keys = ("machine_busy_s", "cpu_far_side_s", "seconds_end_to_end", "delivered_per_s")
+    if not all(run.get(k) for k in keys) or not all(base.get(k) for k in keys):
+        return None
+    ours = _ours(run) - _ours(base)
+    far = run["cpu_far_side_s"] - base["cpu_far_side_s"]
+    machine = run["machine_busy_s"] - base["machine_busy_s"]
+    procs: dict[str, float] = {}
+    for key in ("cpu_by_process", "cpu_far_side_by_process"):
+        for name in set(run.get(key) or {}) | set(base.get(key) or {}):
+            d = (run.get(key) or {}).get(name, 0.0) - (base.get(key) or {}).get(name, 0.0)
+            if abs(d) >= 0.05:
+                procs[name] = round(d, 2)
+    busy = run.get("machine_busy_cores") or 0.0
+    without = run["seconds_end_to_end"] - max(0.0, ours) / busy if busy else None
+    rate = run["messages"] / without if without and without > 0 else None
+    return {"raymta_and_driver_s": round(ours, 2), "far_side_s": round(far, 2),
+            "rest_of_machine_s": round(machine - ours - far, 2),
+            "by_process": dict(sorted(procs.items(), key=lambda kv: -kv[1])),
+            "seconds_without_ours": round(without, 2) if without else None,
+            "ratio_without_ours": round(rate / base["delivered_per_s"], 2) if rate else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,14 +286,26 @@ def main(argv: list[str] | None = None) -> int:
         else:
             c.check_counts(res)
         rows.append(res)
-    base = next((r.get("delivered_per_s") for r in rows if r.get("domains") == 100), None)
+    base_run = next((r for r in rows if r.get("domains") == 100), None)
+    base = base_run.get("delivered_per_s") if base_run else None
     for r in rows:
         rate = r.get("delivered_per_s")
         r["ratio_to_100_domains"] = round(rate / base, 3) if rate and base else None
+        if base_run is not None and r is not base_run:
+            r["extra_cpu_vs_100_domains"] = extra_cpu(r, base_run)
     print(f"\nraymta long tail, {args.messages:,} messages per run, DNS "
           f"{rows[0].get('dns_server', {}).get('kind', '?')}, load at start "
           f"{machine['loadavg_at_start'][0]:.1f}")
     print_rows(rows, base)
+    for r in rows:
+        x = r.get("extra_cpu_vs_100_domains")
+        if x:
+            print(f"{r['domains']:,} domains, CPU beyond the 100-domain run's: raymta "
+                  f"{x['raymta_and_driver_s']} s, receiver+DNS {x['far_side_s']} s, rest "
+                  f"{x['rest_of_machine_s']} s; by process "
+                  + ", ".join(f"{k} {v:+}" for k, v in list(x["by_process"].items())[:7])
+                  + f"; had raymta's extra cost nothing: ~{x['seconds_without_ours']} s, "
+                  f"~{x['ratio_without_ours']}x")
     out = {"messages": args.messages, "machine": machine, "loadavg_at_end": list(os.getloadavg()), "wall_seconds": round(time.time() - t0, 1),
         "runs": rows}
     path = c.write_result("longtail", out)

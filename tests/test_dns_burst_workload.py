@@ -53,3 +53,24 @@ def test_workload_is_deterministic_and_bad_domain_counts_are_refused():
     assert [m["recipients"] for m in w1.messages] == [m["recipients"] for m in w2.messages]
     with pytest.raises(ValueError, match="--domains"):
         longtail_domains(5)
+
+
+def test_extra_cpu_splits_a_tail_runs_cost_beyond_the_baseline():
+    from bench.longtail import extra_cpu
+    base = {"messages": 1000, "seconds_end_to_end": 2.0, "delivered_per_s": 500.0,
+            "machine_busy_s": 4.0, "machine_busy_cores": 2.0, "cpu_ray_s": 2.0,
+            "cpu_client_s": 0.5, "cpu_far_side_s": 0.5,
+            "cpu_by_process": {"ray::RelayPool": 1.0, "ray::QueueCoord": 1.0},
+            "cpu_far_side_by_process": {"smtp-sink": 0.5}}
+    run = dict(base, seconds_end_to_end=4.0, delivered_per_s=250.0, machine_busy_s=8.0,
+               cpu_ray_s=4.0, cpu_far_side_s=1.5,
+               cpu_by_process={"ray::RelayPool": 2.5, "ray::QueueCoord": 1.5},
+               cpu_far_side_by_process={"smtp-sink": 1.0, "unbound": 0.5})
+    x = extra_cpu(run, base)
+    assert x["raymta_and_driver_s"] == 2.0 and x["far_side_s"] == 1.0
+    assert x["rest_of_machine_s"] == 1.0          # 4 s more busy, 3 s of it accounted for
+    assert x["by_process"] == {"ray::RelayPool": 1.5, "ray::QueueCoord": 0.5,
+                               "smtp-sink": 0.5, "unbound": 0.5}
+    # raymta's 2 s extra at 2 busy cores is 1 s of the 4: 3 s -> 333/s -> 0.67x of 500/s
+    assert x["seconds_without_ours"] == 3.0 and x["ratio_without_ours"] == 0.67
+    assert extra_cpu(dict(run, machine_busy_s=None), base) is None   # an older result file
