@@ -191,11 +191,17 @@ class SiteThrottle:
         if self.pooled and self.view.moving(now):
             await self._arrive([(r[0], r[3]) for r in rows], now)
         out = {}
+        # the rows' limits are mostly one and the same wire dict (the defaults): comparing it
+        # with the row before costs a fraction of limits_from_wire's key and cache look-up
+        last_wire: Any = None
+        limits: SiteLimits | None = None
         for site, ready, inflight, wire in rows:
             if not self._mine(site):   # moved to another throttle: the asker will learn it
                 out[site] = (0, now + 1.0)
                 continue
-            g = self.book.grant(shard, site, limits_from_wire(wire), ready, inflight, now)
+            if limits is None or wire != last_wire:
+                last_wire, limits = wire, limits_from_wire(wire)
+            g = self.book.grant(shard, site, limits, ready, inflight, now)
             out[site] = (g.count, g.retry_after)
             self.counters["granted"] += g.count
         self.book.evict(now)
