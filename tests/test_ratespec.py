@@ -354,3 +354,54 @@ def test_multilimiter_wait_time_is_the_longest_member_wait():
     assert m.available(0.0) == 0
     assert m.wait_time(0.0) == pytest.approx(30.0)
     assert m.available(30.0) == 1
+
+
+def _textbook_take(spec, tat, now, n):
+    """GCRA in its textbook form (TAT as an absolute time, in exact fractions): how many of
+    ``n`` events conform at ``now``, one at a time, and the TAT after them (with Gcra's
+    slack of 1e-9 cells for float rounding)."""
+    from fractions import Fraction
+    t = Fraction(spec.period) / spec.limit
+    tat, now = Fraction(tat), Fraction(now)
+    k = 0
+    while k < n and max(tat, now) + t <= now + (spec.burst + Fraction(1, 10**9)) * t:
+        tat = max(tat, now) + t
+        k += 1
+    return k, tat
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_gcra_takes_as_the_textbook_algorithm(seed):
+    # the limiter keeps its spec's burst and T at construction and answers an idle limiter
+    # without arithmetic: the counts must be exactly those of the textbook GCRA
+    rng = random.Random(seed)
+    spec = RateSpec(rng.choice([1, 3, 10, 100]), rng.choice([0.5, 1.0, 60.0]),
+                    rng.choice([1, 2, 5, 10]))
+    g, tat, t = Gcra(spec), 0, 1000.0
+    for _ in range(200):
+        t += rng.choice([0.0, 0.25, 1.0, 3.0]) * spec.emission_interval
+        want = rng.randint(0, 2 * spec.burst)
+        k, tat = _textbook_take(spec, tat, t, want)
+        assert g.take(t, want) == k, (t, want)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_multilimiter_of_one_takes_as_its_limiter_alone(seed):
+    rng = random.Random(seed)
+    spec = RateSpec(rng.choice([2, 10, 100]), 1.0, rng.choice([1, 3, 10]))
+    alone, m = Gcra(spec), MultiLimiter([Gcra(spec)])
+    t = 50.0
+    for _ in range(200):
+        t += rng.choice([0.0, 0.01, 0.3, 2.0])
+        want = rng.randint(0, 15)
+        assert m.take(t, want) == alone.take(t, want)
+        assert m.available(t) == alone.available(t)
+        assert m.wait_time(t) == alone.wait_time(t)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+@pytest.mark.parametrize("n", [-1, 1.5, True, "3"])
+def test_multilimiter_take_rejects_non_counts(members, n):
+    m = MultiLimiter(Gcra(RateSpec.parse("10/s")) for _ in range(members))
+    with pytest.raises(ValueError, match="whole number"):
+        m.take(0.0, n)

@@ -240,3 +240,20 @@ def test_totals_count_sites_paused_sites_and_live_leases():
     assert b.totals(1.0) == (3, 1, 3)
     assert b.totals(12.0) == (3, 1, 1)      # a's leases expired (not renewed)
     assert b.totals(31.0) == (3, 0, 0)
+
+
+def test_equal_limits_keep_the_book_and_new_limits_keep_what_is_real():
+    # the book is kept for limits equal to its own (the same object from the wire cache, or
+    # an equal copy); other limits rebuild the rate limiter but keep leases and in-flight counts
+    lim = SiteLimits(rates=(RateSpec.parse("10/s"),), max_connections=3)
+    b = ThrottleBook()
+    assert b.grant(0, "s", lim, ready=100, inflight=0, now=0.0).count == 10
+    lease = b.acquire("s", lim, "relay:a", "i1", 1, 0.0)
+    book = b.sites["s"]
+    same = SiteLimits(rates=(RateSpec.parse("10/s"),), max_connections=3)
+    assert same is not lim and b.grant(0, "s", same, ready=100, inflight=10, now=0.0).count == 0
+    assert b.sites["s"] is book                       # burst spent: same limiter
+    other = SiteLimits(rates=(RateSpec.parse("20/s"),), max_connections=3)
+    assert b.grant(0, "s", other, ready=5, inflight=10, now=0.0).count == 5  # a new limiter
+    assert b.sites["s"] is not book
+    assert b.sites["s"].leases.keys() == set(lease) and b.site_inflight(b.sites["s"], 0.0) == 15

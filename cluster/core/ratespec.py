@@ -232,12 +232,16 @@ class Gcra:
     Time that runs backwards (``now`` earlier than a previous call) counts as no time passing.
     """
 
-    __slots__ = ("_anchor", "_backlog", "spec")
+    __slots__ = ("_anchor", "_backlog", "_burst", "_t", "spec")
 
     def __init__(self, spec: RateSpec) -> None:
         self.spec = spec
         self._anchor = -math.inf   # time of the last take
         self._backlog = 0.0        # cells outstanding at _anchor (TAT - anchor) / T
+        # the spec's burst and T, read on every take (a throttle takes for every site of every
+        # grant round: the property's division and the attribute chain showed in profiles)
+        self._burst = spec.burst
+        self._t = spec.emission_interval
 
     def _outstanding(self, now: float) -> float:
         if self._backlog <= 0.0:
@@ -245,20 +249,25 @@ class Gcra:
         elapsed = now - self._anchor
         if elapsed <= 0.0:
             return self._backlog
-        return max(0.0, self._backlog - elapsed / self.spec.emission_interval)
+        return max(0.0, self._backlog - elapsed / self._t)
 
     def available(self, now: float) -> int:
         """How many events could be taken at ``now`` without waiting."""
-        free = self.spec.burst - self._outstanding(now)
-        return max(0, min(self.spec.burst, math.floor(free + _EPS)))
+        return self._available(self._outstanding(now))
+
+    def _available(self, outstanding: float) -> int:
+        if outstanding <= 0.0:   # idle: the whole burst (as the general formula gives)
+            return self._burst
+        return max(0, min(self._burst, math.floor(self._burst - outstanding + _EPS)))
 
     def take(self, now: float, n: int = 1) -> int:
         """Take up to ``n`` events at ``now``; returns how many were taken (0..n)."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"can only take a whole number >= 0 of events, got {n!r}")
-        k = min(n, self.available(now))
+        out = self._outstanding(now)
+        k = min(n, self._available(out))
         if k > 0:
-            self._backlog = self._outstanding(now) + k
+            self._backlog = out + k
             self._anchor = max(self._anchor, now)
         return k
 
@@ -305,6 +314,8 @@ class MultiLimiter:
         return min((g.available(now) for g in self.members), default=UNLIMITED)
 
     def take(self, now: float, n: int = 1) -> int:
+        if len(self.members) == 1:   # the usual case: the member's own take is all-or-nothing
+            return self.members[0].take(now, n)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"can only take a whole number >= 0 of events, got {n!r}")
         k = min(n, self.available(now))

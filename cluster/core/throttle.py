@@ -123,7 +123,9 @@ class ThrottleBook:
 
     def _site(self, site: str, limits: SiteLimits, now: float) -> SiteBook:
         b = self.sites.get(site)
-        if b is None or b.limits != limits:
+        # the limits of a grant row come from a cache (limits_from_wire): usually the very
+        # object the book holds, and comparing identity first saves the dataclass __eq__
+        if b is None or (b.limits is not limits and b.limits != limits):
             old = b
             b = SiteBook(limits, MultiLimiter([Gcra(r) for r in limits.rates]))
             if old is not None:  # limits changed: keep what is real (leases, in flight, backoff)
@@ -160,9 +162,16 @@ class ThrottleBook:
 
     def site_inflight(self, b: SiteBook, now: float) -> int:
         """Messages out at relays for the site, by the shards' recent reports."""
-        for shard in [s for s, (_, t) in b.inflight.items() if now - t > self.report_ttl]:
-            del b.inflight[shard]
-        return sum(n for n, _ in b.inflight.values())
+        total, stale = 0, None
+        for shard, (n, t) in b.inflight.items():
+            if now - t > self.report_ttl:
+                stale = [shard] if stale is None else stale + [shard]
+            else:
+                total += n
+        if stale is not None:
+            for shard in stale:
+                del b.inflight[shard]
+        return total
 
     # ------------------------------------------------------------------ connection leases
     def _expire_leases(self, b: SiteBook, now: float) -> None:
