@@ -55,7 +55,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import LoopLag, preload, tune_gc, use_uvloop
+from actors.loop import LoopLag, preload, tune_gc, unwrap_private, use_uvloop
 from actors.relay_dane import DaneGate
 from actors.relay_sts import StsGate, rcpt_domain
 from cluster.adapters.smtp import ConnectFailure, TlsFailure, connect_site
@@ -207,6 +207,7 @@ class RelayPool:
         use_uvloop()
         tune_gc()
         preload("actors.coordinator", "actors.site_throttle")
+        unwrap_private(self, RelayPool)
         self.cfg = config
         self.name = name
         self.source = source
@@ -579,7 +580,8 @@ class RelayPool:
                 idle.wake.set()
                 break
         try:
-            await asyncio.wait_for(ev.wait(), timeout=1.0)
+            async with asyncio.timeout(1.0):    # (no task of its own, as wait_for makes)
+                await ev.wait()
         except TimeoutError:
             pass
 
@@ -840,8 +842,10 @@ class RelayPool:
                     s.wake.clear()
                     self._idle[s.name] = self._idle.get(s.name, 0) + 1
                     try:
-                        await asyncio.wait_for(s.wake.wait(), timeout=d.idle_timeout)
-                    except asyncio.TimeoutError:
+                        # asyncio.timeout, not wait_for: no task of its own per idle spell
+                        async with asyncio.timeout(d.idle_timeout):
+                            await s.wake.wait()
+                    except TimeoutError:
                         return
                     finally:
                         if self._idle[s.name] <= 1:

@@ -526,9 +526,12 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
     loop = asyncio.get_running_loop()
     wire = _Wire(None, loop)
     try:
-        await asyncio.wait_for(loop.create_connection(
-            lambda: wire, address, port,
-            local_addr=(bind_address, 0) if bind_address else None), connect_timeout)
+        # asyncio.timeout, not wait_for: wait_for runs the connect as a task of its own, one
+        # more per session (a long tail opens a session for nearly every message)
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(
+                lambda: wire, address, port,
+                local_addr=(bind_address, 0) if bind_address else None)
     except BaseException:
         wire.close()
         raise
