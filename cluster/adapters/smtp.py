@@ -155,8 +155,11 @@ class _Wire(asyncio.Protocol):
         except ValueError:
             self._fail(f"malformed reply {raw[:80]!r}")
             return
-        text = "\n".join(ln[4:].strip(b" \t\r").decode("utf-8", "surrogateescape")
-                         for ln in lines if ln)
+        if len(lines) <= 2 and not lines[-1]:     # one line (most replies): no join
+            text = lines[0][4:].strip(b" \t\r").decode("utf-8", "surrogateescape")
+        else:
+            text = "\n".join(ln[4:].strip(b" \t\r").decode("utf-8", "surrogateescape")
+                             for ln in lines if ln)
         self.replies.append((code, text))
         w = self.waiter
         if w is not None and not w.done():
