@@ -7,17 +7,19 @@
 - :class:`LoopLag`: how late the loop runs (actor stats and a metrics gauge).
 - :func:`preload`: import the modules of the actors an actor will call, at start.
 - :func:`tune_gc`: collect the young generation every 50,000 allocations, not 700.
+- :func:`unwrap_private`: an actor's own (underscore) methods called without Ray's tracing shim.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import time
 from collections import deque
 from typing import Any, Callable
 
-__all__ = ["LoopLag", "preload", "tune_gc", "use_uvloop"]
+__all__ = ["LoopLag", "preload", "tune_gc", "unwrap_private", "use_uvloop"]
 
 #: young-generation allocations between collections in raymta's actors (Python's default: 700)
 GC_THRESHOLDS = (50_000, 20, 10)
@@ -30,6 +32,22 @@ def use_uvloop() -> bool:
         return False
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     return True
+
+
+def unwrap_private(obj: Any, cls: type) -> None:
+    """Bind ``cls``'s own private methods (``_name``, not dunders) to ``obj`` as they are.
+
+    ``ray.remote`` replaces every method of an actor class with a tracing shim (Ray's
+    ``_inject_tracing_into_class``: one more Python call, with ``*args``/``**kwargs``
+    repacked, per call, and one more coroutine per await of an async method), also the ones
+    only the actor itself calls. With tracing off the shim does nothing else. In the relay
+    they run per message and per SMTP session (``_connection``, ``_classify``,
+    ``_count_result``, ...): ~3 % of its CPU in the long-tail bench (py-spy). Remote calls
+    name public methods only, so they keep Ray's shim; a plain instance (tests) is unchanged
+    in behaviour."""
+    for name, fn in vars(cls).items():
+        if name.startswith("_") and not name.startswith("__") and inspect.isfunction(fn):
+            setattr(obj, name, fn.__get__(obj, type(obj)))
 
 
 #: per generation: [collections, seconds in all, longest pause in seconds] (coordinator stats)

@@ -55,7 +55,7 @@ from typing import Any
 import msgpack
 import ray
 
-from actors.loop import LoopLag, preload, tune_gc, use_uvloop
+from actors.loop import LoopLag, preload, tune_gc, unwrap_private, use_uvloop
 from actors.relay_dane import DaneGate
 from actors.relay_sts import StsGate, rcpt_domain
 from cluster.adapters.smtp import ConnectFailure, TlsFailure, connect_site
@@ -193,6 +193,11 @@ def _fill_bodies(batch: dict[str, Any]) -> None:
                     bodies.setdefault(item[6], item[4])
 
 
+def _wake(fut: asyncio.Future | None) -> None:
+    if fut is not None and not fut.done():
+        fut.set_result(None)
+
+
 def _result(item: list[Any], c: Classification, host: str) -> list[Any]:
     # [id, outcome, code, enhanced, text, category, host]
     return [item[0], c.outcome.value, c.code, c.enhanced, c.text, c.category, host]
@@ -207,6 +212,7 @@ class RelayPool:
         use_uvloop()
         tune_gc()
         preload("actors.coordinator", "actors.site_throttle")
+        unwrap_private(self, RelayPool)
         self.cfg = config
         self.name = name
         self.source = source
@@ -223,10 +229,17 @@ class RelayPool:
         #: connections open at once, all sites together (delivery.max_connections); a site
         #: waiting for a slot waits on its event here
         self.slots = RelaySlots(config.delivery.max_connections)
-        self._slot_freed: dict[str, asyncio.Event] = {}
+        self._slot_freed: dict[str, asyncio.Future] = {}
+        self._wake_due = False      # a pass of :meth:`_wake_waiting` is scheduled
         #: sites with a connection open and idle, longest idle first (a site waiting for a
         #: slot closes the first of them: dict order is the order they went idle)
         self._idle: dict[str, int] = {}
+        #: the sites of ``_idle`` a waiting site has not yet woken, in the same order; an
+        #: entry found stale (its site woken otherwise, or no longer idle) is dropped when
+        #: met, so each wait looks at O(1) entries, not at every idle site (a burst of
+        #: sites at the cap made that quadratic: each one passed over all the ones woken
+        #: before it in the same loop iteration)
+        self._idle_line: dict[str, None] = {}
         self._tasks: set[asyncio.Task] = set()
         self._started = False
         from actors.metrics import RelayMetrics
@@ -568,29 +581,44 @@ class RelayPool:
     async def _wait_slot(self, s: _Site) -> None:
         """Until a connection slot may be free for ``s`` (woken by :meth:`_give_slots`; the
         timeout only guards against a lost wake-up)."""
-        ev = self._slot_freed.setdefault(s.name, asyncio.Event())
-        ev.clear()
+        loop = asyncio.get_running_loop()
+        fut = self._slot_freed[s.name] = loop.create_future()
         # the connections of the site idle longest see the line and close: one site per
         # wait, not every idle connection (each closed for nothing is a session to open
         # again when its site's next mail comes)
-        for name in self._idle:
+        line = self._idle_line
+        while line:
+            name = next(iter(line))
+            del line[name]
             idle = self.sites.get(name)
-            if idle is not None and not idle.wake.is_set():    # (set: already closing)
-                idle.wake.set()
+            if name in self._idle and idle is not None and not idle.wake.is_set():
+                idle.wake.set()             # (set: already closing, or busy again)
                 break
+        # a future and a timer, as _Wire.reply waits: an Event with asyncio.timeout (or
+        # wait_for) costs several times as much per wait, and sites at the cap wait often
+        timer = loop.call_later(1.0, _wake, fut)
         try:
-            await asyncio.wait_for(ev.wait(), timeout=1.0)
-        except TimeoutError:
-            pass
+            await fut
+        finally:
+            timer.cancel()
+            if self._slot_freed.get(s.name) is fut:
+                del self._slot_freed[s.name]
 
     def _give_slots(self, n: int) -> None:
         if n <= 0:
             return
         self.slots.give(n)
+        if self.slots.waiting and not self._wake_due:
+            # once per loop iteration, after every slot given back in it: connections
+            # closing in a burst each listed the (growing) front of the line again
+            self._wake_due = True
+            asyncio.get_running_loop().call_soon(self._wake_waiting)
+
+    def _wake_waiting(self) -> None:
+        """Wake the waiting sites a slot is free for now."""
+        self._wake_due = False
         for name in self.slots.wakeable():
-            ev = self._slot_freed.get(name)
-            if ev is not None:
-                ev.set()
+            _wake(self._slot_freed.get(name))
 
     def _ask_leases(self, s: _Site, n: int) -> asyncio.Future:
         """Up to ``n`` leases for ``s``. Asks made within a few milliseconds of each other go
@@ -839,13 +867,17 @@ class RelayPool:
                         return     # an idle connection gives its slot to a waiting site
                     s.wake.clear()
                     self._idle[s.name] = self._idle.get(s.name, 0) + 1
+                    self._idle_line[s.name] = None
                     try:
-                        await asyncio.wait_for(s.wake.wait(), timeout=d.idle_timeout)
-                    except asyncio.TimeoutError:
+                        # asyncio.timeout, not wait_for: no task of its own per idle spell
+                        async with asyncio.timeout(d.idle_timeout):
+                            await s.wake.wait()
+                    except TimeoutError:
                         return
                     finally:
                         if self._idle[s.name] <= 1:
                             del self._idle[s.name]
+                            self._idle_line.pop(s.name, None)
                         else:
                             self._idle[s.name] -= 1
                     continue

@@ -155,8 +155,11 @@ class _Wire(asyncio.Protocol):
         except ValueError:
             self._fail(f"malformed reply {raw[:80]!r}")
             return
-        text = "\n".join(ln[4:].strip(b" \t\r").decode("utf-8", "surrogateescape")
-                         for ln in lines if ln)
+        if len(lines) <= 2 and not lines[-1]:     # one line (most replies): no join
+            text = lines[0][4:].strip(b" \t\r").decode("utf-8", "surrogateescape")
+        else:
+            text = "\n".join(ln[4:].strip(b" \t\r").decode("utf-8", "surrogateescape")
+                             for ln in lines if ln)
         self.replies.append((code, text))
         w = self.waiter
         if w is not None and not w.done():
@@ -526,9 +529,12 @@ async def _try_address(host: str, address: str, port: int, *, ehlo_name: str, bi
     loop = asyncio.get_running_loop()
     wire = _Wire(None, loop)
     try:
-        await asyncio.wait_for(loop.create_connection(
-            lambda: wire, address, port,
-            local_addr=(bind_address, 0) if bind_address else None), connect_timeout)
+        # asyncio.timeout, not wait_for: wait_for runs the connect as a task of its own, one
+        # more per session (a long tail opens a session for nearly every message)
+        async with asyncio.timeout(connect_timeout):
+            await loop.create_connection(
+                lambda: wire, address, port,
+                local_addr=(bind_address, 0) if bind_address else None)
     except BaseException:
         wire.close()
         raise
