@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cluster.core.ratespec import RateSpec
+# (at import, not per call: a leader names the throttle of every site of every round)
+from cluster.core.throttle_pool import pool_owner
 
 __all__ = ["SiteLimits", "SiteOverride", "StaticRoute", "SiteInfo", "site_key", "site_for",
            "throttle_actor_name", "stable_hash", "limits_to_wire", "limits_from_wire"]
@@ -138,5 +140,4 @@ def throttle_actor_name(site: str, dedicated: bool, shared_actors: int) -> str:
     process costs ~50 MiB (:mod:`cluster.core.throttle_pool`)."""
     if dedicated:
         return f"throttle:{site}"
-    from cluster.core.throttle_pool import pool_owner
     return pool_owner(site, shared_actors)
