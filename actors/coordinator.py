@@ -1094,11 +1094,14 @@ class QueueCoordinator:
         message overflows to another source with room or is held. Over the relays of the
         allowed sources, the site's rendezvous choice (:meth:`_relays_for`) and, for a hot
         site, an even split."""
-        groups: dict[tuple[str, ...], list[q.QueuedMessage]] = {}
         unplaced: list[q.QueuedMessage] = []
         held: list[q.QueuedMessage] = []
         pools = self.cfg.egress_pools
         warm = self._warmup
+        if not pools and warm is None:
+            # the usual case, every site of every round: no egress pool nor warm-up to weigh
+            return self._split(site, limits, ready, (), msgs, [], unplaced), unplaced, held
+        groups: dict[tuple[str, ...], list[q.QueuedMessage]] = {}
         now = time.time()
         prov = (self.cfg.shaping.rules.provider_of(site) or DEFAULT) if warm else ""
         natural: dict[str, float] = {}
@@ -1144,24 +1147,34 @@ class QueueCoordinator:
                           site)
         out: list[tuple[str, list[q.QueuedMessage]]] = []
         for only, part in groups.items():
-            relays = self._relays_for(site, limits, ready, only)
-            if not relays:
-                unplaced.extend(part)
-                continue
-            key = site if not only else f"{site}|{only[0]}"
-            turn = self._spread_turn.get(key, 0) if len(relays) > 1 else 0
-            at = 0
-            for relay, k in zip(relays, split_counts(len(part), len(relays), turn)):
-                if k > 0:
-                    out.append((relay, part[at:at + k]))
-                    at += k
-            if len(relays) > 1:
-                if key not in self._spread_turn and len(self._spread_turn) >= 10_000:
-                    self._spread_turn.clear()   # bounded: a turn is only a tie-breaker
-                self._spread_turn[key] = (turn + len(part)) % len(relays)
-            else:
-                self._spread_turn.pop(key, None)
+            self._split(site, limits, ready, only, part, out, unplaced)
         return out, unplaced, held
+
+    def _split(self, site: str, limits: SiteLimits, ready: int, only: tuple[str, ...],
+               part: list[q.QueuedMessage], out: list[tuple[str, list[q.QueuedMessage]]],
+               unplaced: list[q.QueuedMessage]) -> list[tuple[str, list[q.QueuedMessage]]]:
+        """``part`` (of the sources ``only``, or any) over the site's relays, appended to
+        ``out`` as (relay, messages); to ``unplaced`` when no relay can take them."""
+        relays = self._relays_for(site, limits, ready, only)
+        if not relays:
+            unplaced.extend(part)
+            return out
+        key = site if not only else f"{site}|{only[0]}"
+        if len(relays) == 1:   # one relay a site (not hot): no turn to keep
+            out.append((relays[0], part))
+            if self._spread_turn:
+                self._spread_turn.pop(key, None)
+            return out
+        turn = self._spread_turn.get(key, 0)
+        at = 0
+        for relay, k in zip(relays, split_counts(len(part), len(relays), turn)):
+            if k > 0:
+                out.append((relay, part[at:at + k]))
+                at += k
+        if key not in self._spread_turn and len(self._spread_turn) >= 10_000:
+            self._spread_turn.clear()   # bounded: a turn is only a tie-breaker
+        self._spread_turn[key] = (turn + len(part)) % len(relays)
+        return out
 
     def _relays_for(self, site: str, limits: SiteLimits, ready: int,
                     only: tuple[str, ...] = ()) -> list[str]:
