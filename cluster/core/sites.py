@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cluster.core.ratespec import RateSpec
-# (at import, not per call: a leader names the throttle of every site of every round)
-from cluster.core.throttle_pool import pool_owner
+from cluster.core.throttle_pool import pool_owner   # at import: not per site per round
 
 __all__ = ["SiteLimits", "SiteOverride", "StaticRoute", "SiteInfo", "site_key", "site_for",
            "throttle_actor_name", "stable_hash", "limits_to_wire", "limits_from_wire"]
