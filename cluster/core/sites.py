@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cluster.core.ratespec import RateSpec
-from cluster.core.throttle_pool import pool_owner   # at import: not per site per round
+from cluster.core.throttle_pool import pool_owner  # at import: not per site per round
 
 __all__ = ["SiteLimits", "SiteOverride", "StaticRoute", "SiteInfo", "site_key", "site_for",
            "throttle_actor_name", "stable_hash", "limits_to_wire", "limits_from_wire"]
