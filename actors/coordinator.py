@@ -25,6 +25,7 @@ import concurrent.futures
 import functools
 import gc
 import logging
+import math
 import os
 import random
 import time
@@ -75,11 +76,13 @@ class NotWritten(RuntimeError):
 
 class _Route:
     __slots__ = ("ok", "site", "hosts", "port", "expires_at", "fail_kind", "permanent", "text",
-                 "timed_out", "resolved_at", "sts")
+                 "timed_out", "resolved_at", "sts", "refresh_at")
 
     def __init__(self, raw: list[Any], domain: str, cfg: Config, now: float = 0.0) -> None:
         self.expires_at = 0.0
         self.resolved_at = now
+        #: from when it is looked up again (DnsPolicy.refresh_at; set by _apply_routes)
+        self.refresh_at = -math.inf
         self.timed_out = False
         self.site: SiteInfo | None = None
         self.hosts: list[Any] = []
@@ -1363,7 +1366,7 @@ class QueueCoordinator:
         dispatch never waits on it); not those being resolved, nor those whose lookup timed
         out and whose next try is not due. ``prune``: forget the timed-out lookups of domains
         with nothing queued any more (bounded by ready domains)."""
-        pol, routes, retry = self._dns_policy, self._routes, self._dns_retry
+        routes, retry = self._routes, self._dns_retry
         ready = self.state.ready
         if retry and prune:
             for d in [d for d in retry if d not in ready]:
@@ -1376,7 +1379,7 @@ class QueueCoordinator:
             if d not in ready or d in self._resolving:
                 continue
             r = routes.get(d)
-            if r is not None and not pol.needs_lookup(r.resolved_at, r.expires_at, now):
+            if r is not None and now < r.refresh_at:   # pol.needs_lookup, kept with the route
                 continue
             t = retry.get(d)
             if t is not None and t.next_at > now:
@@ -1429,6 +1432,7 @@ class QueueCoordinator:
         self._route_changed.update(res)
         for d, raw in res.items():
             r = _Route(raw, d, self.cfg, now)
+            r.refresh_at = self._dns_policy.refresh_at(r.resolved_at, r.expires_at)
             if not r.ok and r.timed_out and not r.permanent:
                 nxt = self._dns_policy.timeout_retry_at(self._dns_retry.get(d), now)
                 if nxt is not None:
