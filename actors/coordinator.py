@@ -25,6 +25,7 @@ import concurrent.futures
 import functools
 import gc
 import logging
+import math
 import os
 import random
 import time
@@ -75,11 +76,13 @@ class NotWritten(RuntimeError):
 
 class _Route:
     __slots__ = ("ok", "site", "hosts", "port", "expires_at", "fail_kind", "permanent", "text",
-                 "timed_out", "resolved_at", "sts")
+                 "timed_out", "resolved_at", "sts", "refresh_at")
 
     def __init__(self, raw: list[Any], domain: str, cfg: Config, now: float = 0.0) -> None:
         self.expires_at = 0.0
         self.resolved_at = now
+        #: from when it is looked up again (DnsPolicy.refresh_at; set by _apply_routes)
+        self.refresh_at = -math.inf
         self.timed_out = False
         self.site: SiteInfo | None = None
         self.hosts: list[Any] = []
@@ -1094,11 +1097,14 @@ class QueueCoordinator:
         message overflows to another source with room or is held. Over the relays of the
         allowed sources, the site's rendezvous choice (:meth:`_relays_for`) and, for a hot
         site, an even split."""
-        groups: dict[tuple[str, ...], list[q.QueuedMessage]] = {}
         unplaced: list[q.QueuedMessage] = []
         held: list[q.QueuedMessage] = []
         pools = self.cfg.egress_pools
         warm = self._warmup
+        if not pools and warm is None:
+            # the usual case, every site of every round: no egress pool nor warm-up to weigh
+            return self._split(site, limits, ready, (), msgs, [], unplaced), unplaced, held
+        groups: dict[tuple[str, ...], list[q.QueuedMessage]] = {}
         now = time.time()
         prov = (self.cfg.shaping.rules.provider_of(site) or DEFAULT) if warm else ""
         natural: dict[str, float] = {}
@@ -1144,24 +1150,34 @@ class QueueCoordinator:
                           site)
         out: list[tuple[str, list[q.QueuedMessage]]] = []
         for only, part in groups.items():
-            relays = self._relays_for(site, limits, ready, only)
-            if not relays:
-                unplaced.extend(part)
-                continue
-            key = site if not only else f"{site}|{only[0]}"
-            turn = self._spread_turn.get(key, 0) if len(relays) > 1 else 0
-            at = 0
-            for relay, k in zip(relays, split_counts(len(part), len(relays), turn)):
-                if k > 0:
-                    out.append((relay, part[at:at + k]))
-                    at += k
-            if len(relays) > 1:
-                if key not in self._spread_turn and len(self._spread_turn) >= 10_000:
-                    self._spread_turn.clear()   # bounded: a turn is only a tie-breaker
-                self._spread_turn[key] = (turn + len(part)) % len(relays)
-            else:
-                self._spread_turn.pop(key, None)
+            self._split(site, limits, ready, only, part, out, unplaced)
         return out, unplaced, held
+
+    def _split(self, site: str, limits: SiteLimits, ready: int, only: tuple[str, ...],
+               part: list[q.QueuedMessage], out: list[tuple[str, list[q.QueuedMessage]]],
+               unplaced: list[q.QueuedMessage]) -> list[tuple[str, list[q.QueuedMessage]]]:
+        """``part`` (of the sources ``only``, or any) over the site's relays, appended to
+        ``out`` as (relay, messages); to ``unplaced`` when no relay can take them."""
+        relays = self._relays_for(site, limits, ready, only)
+        if not relays:
+            unplaced.extend(part)
+            return out
+        key = site if not only else f"{site}|{only[0]}"
+        if len(relays) == 1:   # one relay a site (not hot): no turn to keep
+            out.append((relays[0], part))
+            if self._spread_turn:
+                self._spread_turn.pop(key, None)
+            return out
+        turn = self._spread_turn.get(key, 0)
+        at = 0
+        for relay, k in zip(relays, split_counts(len(part), len(relays), turn)):
+            if k > 0:
+                out.append((relay, part[at:at + k]))
+                at += k
+        if key not in self._spread_turn and len(self._spread_turn) >= 10_000:
+            self._spread_turn.clear()   # bounded: a turn is only a tie-breaker
+        self._spread_turn[key] = (turn + len(part)) % len(relays)
+        return out
 
     def _relays_for(self, site: str, limits: SiteLimits, ready: int,
                     only: tuple[str, ...] = ()) -> list[str]:
@@ -1350,7 +1366,7 @@ class QueueCoordinator:
         dispatch never waits on it); not those being resolved, nor those whose lookup timed
         out and whose next try is not due. ``prune``: forget the timed-out lookups of domains
         with nothing queued any more (bounded by ready domains)."""
-        pol, routes, retry = self._dns_policy, self._routes, self._dns_retry
+        routes, retry = self._routes, self._dns_retry
         ready = self.state.ready
         if retry and prune:
             for d in [d for d in retry if d not in ready]:
@@ -1363,7 +1379,7 @@ class QueueCoordinator:
             if d not in ready or d in self._resolving:
                 continue
             r = routes.get(d)
-            if r is not None and not pol.needs_lookup(r.resolved_at, r.expires_at, now):
+            if r is not None and now < r.refresh_at:   # pol.needs_lookup, kept with the route
                 continue
             t = retry.get(d)
             if t is not None and t.next_at > now:
@@ -1416,6 +1432,7 @@ class QueueCoordinator:
         self._route_changed.update(res)
         for d, raw in res.items():
             r = _Route(raw, d, self.cfg, now)
+            r.refresh_at = self._dns_policy.refresh_at(r.resolved_at, r.expires_at)
             if not r.ok and r.timed_out and not r.permanent:
                 nxt = self._dns_policy.timeout_retry_at(self._dns_retry.get(d), now)
                 if nxt is not None:

@@ -313,19 +313,53 @@ def test_the_domain_cache_keeps_results_exact_and_bounded() -> None:
     assert 0 < len(addresses._DOMAINS) <= addresses._DOMAINS_MAX
 
 
-def test_the_plain_address_fast_path_agrees_with_the_full_parser(
-        corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every corpus address (valid or not) and the unit tables: where the one-regex fast path
-    answers, the full parser gives the same Address; invalid ones never pass it."""
-    from cluster.core import addresses
-    fast_path = addresses._parse_plain
+def _fast_path_texts(corpus: Path) -> list[str]:
     with open(corpus / "isemail_tests.csv", encoding="utf-8") as f:
         texts = [ast.literal_eval(r["address_decoded_repr"]) for r in csv.DictReader(f)]
     texts += [r["input"] for r in _pev_rows(corpus)]
     texts += ["user@example.com", "<user@example.com>", "<user@example.com", "user@example.com>",
               "a.b-c+d@sub.example.org", ".a@example.com", "a.@example.com", "a..b@example.com",
               "x" * 64 + "@example.com", "x" * 65 + "@example.com",
-              "u@" + ".".join(["d" * 63] * 3) + ".com", "u@EXAMPLE.com", "u@example.com."]
+              "u@" + ".".join(["d" * 63] * 3) + ".com", "u@EXAMPLE.com", "u@example.com.",
+              "u@-a.example", "u@a-.example", "u@ab--c.example", "u@xn--bcher-kva.example",
+              "u@xn--zz.example", "u@" + "d" * 64 + ".example", "u@example", "u@example.123",
+              "u@a_b.example", "u@" + ".".join(["d" * 60] * 5) + ".com"]
+    return texts
+
+
+def test_a_new_domain_takes_the_fast_path_with_the_full_parsers_answer(
+        corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain address whose domain is not cached yet (the long tail: each new recipient
+    domain) is answered by the fast paths, which check and cache the domain alone: the same
+    Address as the full parser, the same canonical domain, and nothing invalid passes."""
+    from cluster.core import addresses
+    fast_path = addresses._parse_plain
+    answered = canonical = 0
+    for text in _fast_path_texts(corpus):
+        monkeypatch.setattr(addresses, "_parse_plain", lambda t: None)  # the full parser
+        addresses._DOMAINS.clear()
+        ok, full = _accepts(text)
+        monkeypatch.setattr(addresses, "_parse_plain", fast_path)
+        addresses._DOMAINS.clear()
+        fast = fast_path(text)
+        if fast is not None:
+            answered += 1
+            assert ok and fast == full, text
+        addresses._DOMAINS.clear()
+        plain = addresses.canonical_plain_domain(text)
+        if plain is not None:
+            canonical += 1
+            assert ok and str(full) == text and plain == full.ascii_domain, text
+    assert answered > 25 and canonical > 20, (answered, canonical)
+
+
+def test_the_plain_address_fast_path_agrees_with_the_full_parser(
+        corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every corpus address (valid or not) and the unit tables: where the one-regex fast path
+    answers, the full parser gives the same Address; invalid ones never pass it."""
+    from cluster.core import addresses
+    fast_path = addresses._parse_plain
+    texts = _fast_path_texts(corpus)
     answered = 0
     for text in texts:
         for smtputf8 in (False, True):

@@ -52,6 +52,8 @@ def test_unknown_outcome_is_an_error_naming_it():
 ])
 def test_routes_are_refreshed_ahead_of_expiry(resolved_at, expires_at, now, needed):
     assert P.needs_lookup(resolved_at, expires_at, now) is needed
+    # the time a leader keeps with the route says the same
+    assert (now >= P.refresh_at(resolved_at, expires_at)) is needed
 
 
 def test_timeout_retry_schedule_doubles_to_the_cap_then_gives_up_at_the_budget():

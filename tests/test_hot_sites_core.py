@@ -74,6 +74,14 @@ def test_hot_site_takes_top_k_on_distinct_nodes_first(relays, k, want_nodes):
         assert got[0] == rank_relays(site, relays)[0]
 
 
+@pytest.mark.parametrize("relays", [[], ["relay:n0:a"]])
+@pytest.mark.parametrize("k", [1, 3])
+def test_with_one_relay_or_none_every_site_gets_what_there_is(relays, k):
+    """A one-node cluster's long tail: no ranking, the same answer as the ranked choice."""
+    for site in SITES[:50]:
+        assert choose_relays(site, relays, k) == relays == rank_relays(site, relays)
+
+
 def test_top_k_is_stable_when_an_unrelated_relay_leaves():
     relays = _relays(6)
     for site in SITES[:300]:

@@ -106,6 +106,8 @@ BAD_ITEMS = [
      "IDNA (A-label)"),
     ("address not canonical", _mutate(GOOD, (3, 0, 1), "<ann@example.org>"),
      "not in canonical form"),
+    ("address with a stray '>' (its domain known)", _mutate(GOOD, (3, 0, 1), "ann@example.org>"),
+     "unbalanced angle brackets"),
     ("body id not the first id", _mutate(GOOD, (0,), GOOD[3][1][0]), "body_id: must be"),
     ("tags not strings", _mutate(GOOD, (4,), {"a": 1}), "tags['a']"),
     ("tag with a line break", _mutate(GOOD, (4,), {"a": "x\r\ny"}), "line breaks"),

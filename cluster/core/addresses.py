@@ -160,7 +160,7 @@ def _parse_plain(text: str) -> Address | None:
     if m is None or (text[0] == "<") != (text[-1] == ">"):
         return None
     local, domain_given = m.groups()
-    parsed = _DOMAINS.get(domain_given)
+    parsed = _DOMAINS.get(domain_given) or _check_new_domain(domain_given)
     if parsed is None or len(local) > MAX_LOCAL_OCTETS or \
             len(local) + 1 + len(parsed[1]) > MAX_ADDRESS_OCTETS:
         return None
@@ -173,10 +173,11 @@ def canonical_plain_domain(text: str) -> str | None:
     the usual recipient in one regex match and a dict lookup. None means "not known to be":
     use :func:`parse_address`."""
     m = _PLAIN_ADDRESS.match(text)
-    if m is None or text[0] == "<":
+    if m is None or text[0] == "<" or text[-1] == ">":   # the regex allows either bracket
         return None
     local, domain = m.groups()
-    if _DOMAINS.get(domain) != (domain, domain) or len(local) > MAX_LOCAL_OCTETS or \
+    if (_DOMAINS.get(domain) or _check_new_domain(domain)) != (domain, domain) or \
+            len(local) > MAX_LOCAL_OCTETS or \
             len(text) > MAX_ADDRESS_OCTETS:
         return None
     return domain
@@ -413,6 +414,29 @@ _DOMAINS: dict[str, tuple[str, str]] = {}
 _DOMAINS_MAX = 4096
 
 
+def _domain_error(reason: str) -> AddressError:
+    return AddressError("domain", reason, "")
+
+
+def _check_new_domain(domain_given: str) -> tuple[str, str] | None:
+    """A domain of the plain-address regex not yet in the cache: checked and cached when it
+    is good (the long tail: each new recipient domain once, not the whole address through the
+    full parser twice), else None (the full parser then says what is wrong with it)."""
+    try:
+        parsed = _parse_domain(domain_given, _domain_error)
+    except AddressError:
+        return None
+    if len(_DOMAINS) >= _DOMAINS_MAX:
+        _DOMAINS.clear()
+    _DOMAINS[domain_given] = parsed
+    return parsed
+
+
+#: an all-ASCII domain whose labels are letters, digits and hyphens only (lowercased): the
+#: per-character check of _parse_domain has nothing to find
+_LDH_DOMAIN = re.compile(r"[a-z0-9-]+(?:\.[a-z0-9-]+)*\Z")
+
+
 def _parse_domain(d: str, fail: _Fail) -> tuple[str, str]:
     """Validate a dot-separated domain name; returns (domain lowercased, A-label form)."""
     if d.startswith("."):
@@ -427,10 +451,12 @@ def _parse_domain(d: str, fail: _Fail) -> tuple[str, str]:
         domain = unicodedata.normalize("NFC", domain)
     labels = domain.split(".")
     ascii_labels = []
+    plain = _LDH_DOMAIN.match(domain) is not None
     for label in labels:
-        for ch in label:
-            if ch.isascii() and ch not in _LDH:
-                raise fail(_bad_char(ch, "domain"))
+        if not plain:
+            for ch in label:
+                if ch.isascii() and ch not in _LDH:
+                    raise fail(_bad_char(ch, "domain"))
         if label.isascii():
             ascii_label = label
         else:

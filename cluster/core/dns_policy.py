@@ -95,11 +95,17 @@ class DnsPolicy:
         """Whether a domain with queued mail should be (re)resolved now: it has no route, or
         its route expires within ``refresh_ahead`` (at most half the route's lifetime, so a
         short-TTL route is not asked for on every round)."""
+        return now >= self.refresh_at(resolved_at, expires_at)
+
+    def refresh_at(self, resolved_at: float | None, expires_at: float | None) -> float:
+        """From when :meth:`needs_lookup` says yes for this route (-inf: it has none). A
+        leader keeps it with the route: it looks at every domain with queued mail once a
+        second, and at 10,000 domains thousands of them are waiting."""
         if expires_at is None:
-            return True
+            return -math.inf
         life = expires_at - (resolved_at if resolved_at is not None else expires_at)
         ahead = min(self.refresh_ahead, max(0.0, life) / 2)
-        return now >= expires_at - ahead
+        return expires_at - ahead
 
     # ------------------------------------------------------------------ timeouts
     def timeout_retry_at(self, prev: TimeoutRetry | None, now: float) -> TimeoutRetry | None:

@@ -74,6 +74,10 @@ def relay_node(relay: str) -> str:
 def choose_relays(site: str, relays: Sequence[str], k: int) -> list[str]:
     """The ``k`` relays that carry ``site``: in rank order, one relay per node first, then the
     next ranked relays. ``k = 1`` is plain HRW (the top relay). Fewer when fewer exist."""
+    if len(relays) <= 1:
+        # one relay (one node, one source): nothing to rank, and no cache entry (nor keyed
+        # hash) for each of the long tail's thousands of sites
+        return list(relays)
     return list(_choose(site, tuple(relays), k))
 
 

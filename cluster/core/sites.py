@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from cluster.core.ratespec import RateSpec
+from cluster.core.throttle_pool import pool_owner  # at import: not per site per round
 
 __all__ = ["SiteLimits", "SiteOverride", "StaticRoute", "SiteInfo", "site_key", "site_for",
            "throttle_actor_name", "stable_hash", "limits_to_wire", "limits_from_wire"]
@@ -138,5 +139,4 @@ def throttle_actor_name(site: str, dedicated: bool, shared_actors: int) -> str:
     process costs ~50 MiB (:mod:`cluster.core.throttle_pool`)."""
     if dedicated:
         return f"throttle:{site}"
-    from cluster.core.throttle_pool import pool_owner
     return pool_owner(site, shared_actors)
