@@ -43,8 +43,9 @@ def unwrap_private(obj: Any, cls: type) -> None:
     only the actor itself calls. With tracing off the shim does nothing else. In the relay
     they run per message and per SMTP session (``_connection``, ``_classify``,
     ``_count_result``, ...): ~3 % of its CPU in the long-tail bench (py-spy). Remote calls
-    name public methods only, so they keep Ray's shim; a plain instance (tests) is unchanged
-    in behaviour."""
+    name public methods only, so they keep Ray's shim. The methods are bound when the actor
+    starts: a subclass overriding one of them, or a test patching one on the class after the
+    instance exists, would not be seen by that instance (neither is done today)."""
     for name, fn in vars(cls).items():
         if name.startswith("_") and not name.startswith("__") and inspect.isfunction(fn):
             setattr(obj, name, fn.__get__(obj, type(obj)))
