@@ -243,6 +243,31 @@ def extra_cpu(run: dict[str, Any], base: dict[str, Any]) -> dict[str, Any] | Non
             "ratio_without_ours": round(rate / base["delivered_per_s"], 2) if rate else None}
 
 
+def _ratios(round_rows: list[dict[str, Any]]) -> None:
+    """Each run's ratio to its round's 100-domain run, and its extra CPU beyond it."""
+    base_run = next((r for r in round_rows if r.get("domains") == 100), None)
+    base = base_run.get("delivered_per_s") if base_run else None
+    for r in round_rows:
+        rate = r.get("delivered_per_s")
+        r["ratio_to_100_domains"] = round(rate / base, 3) if rate and base else None
+        if base_run is not None and r is not base_run:
+            r["extra_cpu_vs_100_domains"] = extra_cpu(r, base_run)
+
+
+def median_ratios(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per domain count over the rounds: the median delivered rate, the median of the
+    ratios (each to its own round's 100-domain run) and the ratios themselves."""
+    out: dict[int, dict[str, Any]] = {}
+    for k in dict.fromkeys(r.get("domains") for r in rows):
+        mine = [r for r in rows if r.get("domains") == k and r.get("ok")]
+        ratios = [r["ratio_to_100_domains"] for r in mine if r.get("ratio_to_100_domains")]
+        rates = [r["delivered_per_s"] for r in mine if r.get("delivered_per_s")]
+        out[k] = {"delivered_per_s": c.median(rates) if rates else None,
+                  "ratio_to_100_domains": round(c.median(ratios), 3) if ratios else None,
+                  "ratios": ratios}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-n", "--messages", type=int, default=30_000)
@@ -260,8 +285,15 @@ def main(argv: list[str] | None = None) -> int:
                          "the bench's egress and MX hosts are IPv4)")
     ap.add_argument("--dns-concurrency", type=int, default=None,
                     help="[dns] max_concurrent (default: the config's, 64)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every domain count this many times, interleaved (100, 10,000, "
+                         "100,000, 100, ...): each ratio is to its own round's 100-domain "
+                         "run, and the median ratio per count is printed (the machine's "
+                         "noise moves one run's ratio by several hundredths)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
+    if not 1 <= args.rounds <= 9:
+        ap.error(f"--rounds: 1 to 9, got {args.rounds}")
     try:
         counts = [int(x) for x in args.domains.split(",") if x.strip()]
     except ValueError:
@@ -274,40 +306,52 @@ def main(argv: list[str] | None = None) -> int:
     machine = c.machine_info()
     t0 = time.time()
     rows = []
-    for k in counts:
-        print(f"\n=== long tail: {args.messages:,} messages over {k:,} domains ===", flush=True)
-        try:
-            res = run_longtail(args.messages, k, dns=args.dns, timeout=args.timeout,
-                               progress=not args.quiet, throttles=args.throttles,
-                               ipv6=args.ipv6, dns_concurrency=args.dns_concurrency)
-        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
-            print(c.banner(f"{k} domains FAILED: {type(e).__name__}: {e}"), file=sys.stderr)
-            res = {"domains": k, "ok": False, "error": f"{type(e).__name__}: {e}"}
-        else:
-            c.check_counts(res)
-        rows.append(res)
-    base_run = next((r for r in rows if r.get("domains") == 100), None)
-    base = base_run.get("delivered_per_s") if base_run else None
-    for r in rows:
-        rate = r.get("delivered_per_s")
-        r["ratio_to_100_domains"] = round(rate / base, 3) if rate and base else None
-        if base_run is not None and r is not base_run:
-            r["extra_cpu_vs_100_domains"] = extra_cpu(r, base_run)
+    for rnd in range(1, args.rounds + 1):
+        round_rows = []
+        for k in counts:
+            print(f"\n=== long tail: {args.messages:,} messages over {k:,} domains"
+                  + (f", round {rnd} of {args.rounds}" if args.rounds > 1 else "") + " ===",
+                  flush=True)
+            try:
+                res = run_longtail(args.messages, k, dns=args.dns, timeout=args.timeout,
+                                   progress=not args.quiet, throttles=args.throttles,
+                                   ipv6=args.ipv6, dns_concurrency=args.dns_concurrency)
+            except Exception as e:  # noqa: BLE001 - one failed run must not lose the others
+                print(c.banner(f"{k} domains FAILED: {type(e).__name__}: {e}"),
+                      file=sys.stderr)
+                res = {"domains": k, "ok": False, "error": f"{type(e).__name__}: {e}"}
+            else:
+                c.check_counts(res)
+            res["round"] = rnd
+            round_rows.append(res)
+        _ratios(round_rows)
+        rows += round_rows
     print(f"\nraymta long tail, {args.messages:,} messages per run, DNS "
           f"{rows[0].get('dns_server', {}).get('kind', '?')}, load at start "
           f"{machine['loadavg_at_start'][0]:.1f}")
-    print_rows(rows, base)
-    for r in rows:
-        x = r.get("extra_cpu_vs_100_domains")
-        if x:
-            print(f"{r['domains']:,} domains, CPU beyond the 100-domain run's: raymta "
-                  f"{x['raymta_and_driver_s']} s, receiver+DNS {x['far_side_s']} s, rest "
-                  f"{x['rest_of_machine_s']} s; by process "
-                  + ", ".join(f"{k} {v:+}" for k, v in list(x["by_process"].items())[:7])
-                  + f"; had raymta's extra cost nothing: ~{x['seconds_without_ours']} s, "
-                  f"~{x['ratio_without_ours']}x")
-    out = {"messages": args.messages, "machine": machine, "loadavg_at_end": list(os.getloadavg()), "wall_seconds": round(time.time() - t0, 1),
-        "runs": rows}
+    for rnd in range(1, args.rounds + 1):
+        round_rows = [r for r in rows if r["round"] == rnd]
+        if args.rounds > 1:
+            print(f"round {rnd}:")
+        base_run = next((r for r in round_rows if r.get("domains") == 100), None)
+        print_rows(round_rows, base_run.get("delivered_per_s") if base_run else None)
+        for r in round_rows:
+            x = r.get("extra_cpu_vs_100_domains")
+            if x:
+                print(f"{r['domains']:,} domains, CPU beyond the 100-domain run's: raymta "
+                      f"{x['raymta_and_driver_s']} s, receiver+DNS {x['far_side_s']} s, rest "
+                      f"{x['rest_of_machine_s']} s; by process "
+                      + ", ".join(f"{k} {v:+}" for k, v in list(x["by_process"].items())[:7])
+                      + f"; had raymta's extra cost nothing: ~{x['seconds_without_ours']} s, "
+                      f"~{x['ratio_without_ours']}x")
+    medians = median_ratios(rows)
+    if args.rounds > 1:
+        print("median over the rounds: " + ", ".join(
+            f"{k:,} domains {m['delivered_per_s'] or 0:,.0f}/s, {m['ratio_to_100_domains']}x "
+            f"(rounds {', '.join(str(x) for x in m['ratios'])})" for k, m in medians.items()))
+    out = {"messages": args.messages, "rounds": args.rounds, "machine": machine,
+           "loadavg_at_end": list(os.getloadavg()), "wall_seconds": round(time.time() - t0, 1),
+           "runs": rows, "medians": {str(k): m for k, m in medians.items()}}
     path = c.write_result("longtail", out)
     print(f"results: {path}")
     return 0 if all(r.get("ok") for r in rows) else 1

@@ -74,3 +74,20 @@ def test_extra_cpu_splits_a_tail_runs_cost_beyond_the_baseline():
     # raymta's 2 s extra at 2 busy cores is 1 s of the 4: 3 s -> 333/s -> 0.67x of 500/s
     assert x["seconds_without_ours"] == 3.0 and x["ratio_without_ours"] == 0.67
     assert extra_cpu(dict(run, machine_busy_s=None), base) is None   # an older result file
+
+
+def test_median_ratios_take_each_rounds_own_baseline():
+    from bench.longtail import _ratios, median_ratios
+    rounds = [[{"domains": 100, "delivered_per_s": b, "ok": True},
+               {"domains": 10_000, "delivered_per_s": t, "ok": True}]
+              for b, t in ((5000.0, 3500.0), (4000.0, 3000.0), (6000.0, 3600.0))]
+    for r in rounds:
+        _ratios(r)
+    rows = [x for r in rounds for x in r]
+    m = median_ratios(rows)
+    assert m[10_000]["ratios"] == [0.7, 0.75, 0.6]        # each to its own round's 100
+    assert m[10_000]["ratio_to_100_domains"] == 0.7
+    assert m[10_000]["delivered_per_s"] == 3500.0
+    assert m[100]["ratio_to_100_domains"] == 1.0
+    failed = rows + [{"domains": 10_000, "ok": False, "error": "boom"}]
+    assert median_ratios(failed)[10_000]["ratios"] == [0.7, 0.75, 0.6]   # a failed run is left out
