@@ -264,36 +264,37 @@ _ASYNC: dict[str, Callable[..., Awaitable[Any]]] = {
 }
 
 
+def _advance(steps: Steps, reply: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Hand ``steps`` the last effect's reply (or its error): (False, the next effect) or
+    (True, the steps' result). The drivers below differ only in how they run an effect."""
+    try:
+        return False, steps.throw(error) if error is not None else steps.send(reply)
+    except StopIteration as stop:
+        return True, stop.value
+
+
 def _drive(steps: Steps) -> Any:
     """Run ``steps`` in this thread, waiting for each effect."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
+    done, eff = _advance(steps, None, None)
+    while not done:
         try:
-            eff = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as stop:
-            return stop.value
-        reply, error = None, None
-        try:
-            reply = _BLOCKING[eff[0]](*eff[1:])
+            reply, error = _BLOCKING[eff[0]](*eff[1:]), None
         except Exception as e:   # noqa: BLE001 - thrown into the step, which decides
-            error = e
+            reply, error = None, e
+        done, eff = _advance(steps, reply, error)
+    return eff
 
 
 async def _drive_async(steps: Steps) -> Any:
     """Run ``steps`` on the running event loop, awaiting each effect."""
-    reply: Any = None
-    error: BaseException | None = None
-    while True:
+    done, eff = _advance(steps, None, None)
+    while not done:
         try:
-            eff = steps.throw(error) if error is not None else steps.send(reply)
-        except StopIteration as stop:
-            return stop.value
-        reply, error = None, None
-        try:
-            reply = await _ASYNC[eff[0]](*eff[1:])
+            reply, error = await _ASYNC[eff[0]](*eff[1:]), None
         except Exception as e:   # noqa: BLE001 - thrown into the step, which decides
-            error = e
+            reply, error = None, e
+        done, eff = _advance(steps, reply, error)
+    return eff
 
 
 def _requires_dkim(cfg: Config) -> bool:
