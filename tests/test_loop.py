@@ -1,4 +1,5 @@
-"""actors.loop.LoopLag: how late an actor's event loop runs (shown in relay and leader stats)."""
+"""actors.loop: LoopLag (how late an actor's event loop runs, shown in relay and leader stats) and
+unwrap_private (an actor's own helpers called without Ray's tracing shim)."""
 
 from __future__ import annotations
 
@@ -72,3 +73,42 @@ def test_gc_pauses_are_timed_per_generation():
     n, total, longest = GC_PAUSES[2]
     assert n == before[0] + 1 and total > before[1] and 0 < longest <= total
     del keep
+
+
+def test_unwrap_private_binds_the_classs_own_private_methods_past_a_wrapping_subclass():
+    from actors.loop import unwrap_private
+
+    calls: list[str] = []
+
+    class Actor:
+        def __init__(self) -> None:
+            unwrap_private(self, Actor)
+
+        def _helper(self, x: int) -> int:
+            return x + 1
+
+        async def _loop(self) -> str:
+            return "ran"
+
+        def public(self) -> int:
+            return self._helper(1)
+
+        def __repr__(self) -> str:
+            return "actor"
+
+    # what ray.remote does: a generated subclass whose methods wrap the class's own
+    class Wrapped(Actor):
+        pass
+
+    for name in ("_helper", "_loop", "public", "__repr__"):
+        def shim(self, *a, _f=getattr(Actor, name), _n=name, **kw):
+            calls.append(_n)
+            return _f(self, *a, **kw)
+        setattr(Wrapped, name, shim)
+
+    a = Wrapped()
+    assert a.public() == 2
+    assert calls == ["public"]               # the private helper bypassed the shim
+    assert a._helper.__func__ is Actor._helper
+    assert asyncio.run(a._loop()) == "ran" and calls == ["public"]
+    assert repr(a) == "actor" and calls == ["public", "__repr__"]   # dunders keep the shim
